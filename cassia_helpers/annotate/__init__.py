@@ -1,0 +1,92 @@
+"""Cell-type annotation of clusters from their ranked marker genes.
+
+Every annotator takes the same input (one :class:`ClusterMarkers` per cluster) and returns one
+:class:`ClusterAnnotation` per cluster, so the offline reference annotator and the LLM agents are
+interchangeable in the template notebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+UNKNOWN = "Unknown"
+
+
+@dataclass
+class ClusterMarkers:
+    """The ranked marker genes of one cluster, as sent to an annotator.
+
+    ``genes`` is ranked best first (already filtered by adjusted p-value and log fold change).
+    ``logfoldchanges``, ``pct_in`` and ``pct_out`` are aligned with ``genes`` (may be empty).
+    """
+
+    cluster: str
+    genes: list[str]
+    logfoldchanges: list[float] = field(default_factory=list)
+    pct_in: list[float] = field(default_factory=list)
+    pct_out: list[float] = field(default_factory=list)
+    n_cells: int = 0
+
+
+@dataclass
+class ClusterAnnotation:
+    """One cluster's call.
+
+    ``status`` is ``"ok"`` for a real call and ``"unknown"`` when no valid answer was obtained;
+    then ``main_cell_type`` is ``"Unknown"`` and ``reason`` says why (e.g. ``"budget"``).
+    ``transcript`` holds the readable turns (``{"agent": ..., "content": ...}``) for the annotation text.
+    """
+
+    cluster: str
+    main_cell_type: str
+    sub_cell_types: list[str] = field(default_factory=list)
+    mixed_cell_types: list[str] = field(default_factory=list)
+    confidence: float = 0.0
+    key_markers: list[str] = field(default_factory=list)
+    reasoning: str = ""
+    status: str = "ok"
+    reason: str = ""
+    iterations: int = 0
+    markers_sent: list[str] = field(default_factory=list)
+    transcript: list[dict] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def unknown(cls, cluster: str, reason: str, markers_sent: list[str] | None = None) -> ClusterAnnotation:
+        return cls(
+            cluster=cluster,
+            main_cell_type=UNKNOWN,
+            status="unknown",
+            reason=reason,
+            reasoning=f"No valid annotation: {reason}",
+            markers_sent=list(markers_sent or []),
+        )
+
+
+class Annotator(Protocol):
+    """What the template notebook needs from an annotator."""
+
+    name: str
+
+    def annotate(
+        self,
+        clusters: list[ClusterMarkers],
+        *,
+        tissue: str,
+        species: str,
+        context: str = "",
+    ) -> list[ClusterAnnotation]:
+        """Return one annotation per input cluster, in the same order."""
+        ...
+
+    def describe(self) -> dict:
+        """Provenance recorded in ``uns`` (annotator name, model, versions, ...)."""
+        ...
+
+
+__all__ = ["UNKNOWN", "Annotator", "ClusterAnnotation", "ClusterMarkers"]
