@@ -1,0 +1,291 @@
+"""CASSIA-style agents: an annotator that reasons over a cluster's ranked markers, a formatter that
+returns a structured answer, and a validator (an LLM check plus a deterministic one) that may send the
+annotator back with feedback for a bounded number of rounds.
+
+Calls per cluster are bounded whatever the model says: at most ``max_rounds`` rounds of
+(annotator 1 + formatter ≤ 3 + validator 1) logical calls, each with at most ``max_attempts`` requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
+from pathlib import Path
+
+from ..ledger import Ledger, PriceTable
+from . import ClusterAnnotation, ClusterMarkers
+from .llm import BudgetExceeded, FatalLLMError, LLMClient, LLMError, RequestRejected, endpoint_label
+from .throttle import RunBudget, RunThrottle
+
+ANNOTATOR_SYSTEM = """You are the annotator agent of a cell-type annotation team, an expert in single-cell \
+RNA-seq biology. You receive the ranked marker genes (best first) of one cluster, with the species and \
+tissue. Reason step by step:
+1. Name the key functional markers among them and what they indicate.
+2. Name the canonical cell-type markers among them.
+3. Compare with what is known of this tissue's cell types (marker databases and literature).
+4. Decide the most likely general cell type.
+5. Give up to three more specific sub types, most likely first.
+6. Say whether the markers suggest a mixture of cell types, and which.
+Cite only genes that appear in the marker list you were given. End with one line:
+FINAL ANNOTATION: <main cell type>"""
+
+FORMATTER_SYSTEM = """You are the formatter agent of a cell-type annotation team. Turn the annotator's \
+analysis into JSON with exactly these fields: main_cell_type (string), sub_cell_types (list of up to 3 \
+strings, most likely first), mixed_cell_types (list of strings), confidence (integer 0-100), key_markers \
+(list of genes from the marker list that support the call), reasoning (one or two sentences). Reply with \
+the JSON object only."""
+
+VALIDATOR_SYSTEM = """You are the validator agent of a cell-type annotation team. Check the annotation \
+against the cluster's marker genes, the species and the tissue: are the cited markers really in the list, \
+do they support the call, is a more likely cell type ignored? Reply with VALIDATION PASSED or \
+VALIDATION FAILED on the first line, then specific feedback in a few sentences."""
+
+ANSWER_FIELDS = ("main_cell_type", "sub_cell_types", "mixed_cell_types", "confidence", "key_markers", "reasoning")
+ANSWER_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "cell_type_annotation",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "main_cell_type": {"type": "string"},
+                "sub_cell_types": {"type": "array", "items": {"type": "string"}},
+                "mixed_cell_types": {"type": "array", "items": {"type": "string"}},
+                "confidence": {"type": "integer"},
+                "key_markers": {"type": "array", "items": {"type": "string"}},
+                "reasoning": {"type": "string"},
+            },
+            "required": list(ANSWER_FIELDS),
+            "additionalProperties": False,
+        },
+    },
+}
+PROMPT_VERSION = hashlib.sha256(
+    "\n".join([ANNOTATOR_SYSTEM, FORMATTER_SYSTEM, VALIDATOR_SYSTEM, json.dumps(ANSWER_SCHEMA)]).encode()
+).hexdigest()[:12]
+UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
+FINAL_LINE = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
+
+
+def cluster_prompt(markers: ClusterMarkers, *, tissue: str, species: str, context: str) -> str:
+    """The user message every agent sees for one cluster."""
+    lines = [f"Species: {species}", f"Tissue: {tissue}",
+             f"Cluster: {markers.cluster} ({markers.n_cells} cells)"]
+    if context:
+        lines.append(f"Context: {context}")
+    lines.append(f"Ranked markers (best first): {', '.join(markers.genes)}")
+    return "\n".join(lines)
+
+
+def parse_answer(text: str) -> dict | None:
+    """The structured answer from JSON, a fenced JSON block, a JSON object inside prose, or a
+    ``FINAL ANNOTATION:`` line; ``None`` when no cell type can be found."""
+    candidates = [text]
+    candidates += re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        candidates.append(text[start:end + 1])
+    for candidate in candidates:
+        try:
+            data = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and str(data.get("main_cell_type", "")).strip():
+            return _normalise(data)
+    match = FINAL_LINE.search(text)
+    if match:
+        label = match.group(1).strip().strip("*").strip()
+        if label and not label.startswith("<"):
+            return _normalise({"main_cell_type": label, "confidence": 50,
+                               "reasoning": "Parsed from the annotator's final line."})
+    return None
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[;,]", value)]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def _normalise(data: dict) -> dict:
+    try:
+        confidence = float(data.get("confidence", 50))
+    except (TypeError, ValueError):
+        confidence = 50.0
+    if 0 < confidence <= 1:
+        confidence *= 100
+    return {
+        "main_cell_type": str(data.get("main_cell_type", "")).strip(),
+        "sub_cell_types": _as_list(data.get("sub_cell_types"))[:3],
+        "mixed_cell_types": _as_list(data.get("mixed_cell_types")),
+        "confidence": max(0.0, min(100.0, confidence)),
+        "key_markers": _as_list(data.get("key_markers")),
+        "reasoning": str(data.get("reasoning", "")).strip(),
+    }
+
+
+def marker_problems(answer: dict, genes: list[str]) -> list[str]:
+    """The deterministic check: every marker the answer cites must be in the list sent."""
+    sent = {g.upper() for g in genes}
+    foreign = [m for m in answer["key_markers"] if m.upper() not in sent]
+    problems = []
+    if foreign:
+        problems.append(f"These cited markers are not in the marker list: {', '.join(foreign)}.")
+    if not answer["main_cell_type"]:
+        problems.append("No main cell type was given.")
+    return problems
+
+
+class LLMAnnotator:
+    """CASSIA-style LLM annotation of clusters through any OpenAI-compatible endpoint.
+
+    Clusters are annotated concurrently (``concurrency`` threads; the run-wide request limit is shared
+    by all dataset workers). Every request is written to the ledger at ``ledger_path``.
+    """
+
+    name = "llm"
+
+    def __init__(self, *, species: str = "human", model: str, base_url: str = "", concurrency: int = 8,
+                 timeout: float = 120.0, max_attempts: int = 4, use_cache: bool = True, cache_dir: str = "",
+                 max_cost: float = 0.0, price_file: str = "", input_price: float | None = None,
+                 output_price: float | None = None, ledger_path: str | Path | None = None,
+                 dataset: str = "", tissue: str = "", run_dir: str = "", max_rounds: int = 2,
+                 seed: int = 0) -> None:
+        self.species = species
+        self.max_rounds = max(1, int(max_rounds))
+        self.concurrency = max(1, int(concurrency))
+        self.ledger = Ledger(ledger_path)
+        prices = PriceTable.load(price_file or None, model=model, input_price=input_price,
+                                 output_price=output_price)
+        self.client = LLMClient(
+            model=model, base_url=base_url, ledger=self.ledger, prices=prices,
+            throttle=RunThrottle(self.concurrency, run_dir or None),
+            budget=RunBudget(max_cost, run_dir or None, local_spent=self.ledger.spent),
+            dataset=dataset, tissue=tissue, timeout=timeout, max_attempts=max_attempts,
+            cache_dir=cache_dir or None, use_cache=use_cache, seed=seed,
+        )
+        self.price_known = prices.lookup(model).known
+
+    def describe(self) -> dict:
+        return {
+            "annotator": "llm",
+            "model": self.client.model,
+            "provider": endpoint_label(self.client.base_url).split("://", 1)[-1].split("/", 1)[0],
+            "endpoint_host": endpoint_label(self.client.base_url),
+            "prompt_version": PROMPT_VERSION,
+            "temperature": 0,
+            "seed": self.client.seed,
+            "max_rounds": self.max_rounds,
+            "price_known": self.price_known,
+            "system_fingerprint": ", ".join(sorted(self.client.fingerprints)),
+            "openai_version": version("openai"),
+        }
+
+    def annotate(self, clusters: list[ClusterMarkers], *, tissue: str, species: str,
+                 context: str = "") -> list[ClusterAnnotation]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda m: self._annotate_safely(m, tissue, species, context), clusters))
+
+    def _annotate_safely(self, markers, tissue, species, context) -> ClusterAnnotation:
+        try:
+            result = self._annotate_one(markers, tissue, species, context)
+        except BudgetExceeded:
+            result = ClusterAnnotation.unknown(markers.cluster, "budget", markers.genes)
+        except FatalLLMError as exc:
+            result = ClusterAnnotation.unknown(markers.cluster, f"endpoint refused the request ({exc})",
+                                               markers.genes)
+        except LLMError as exc:
+            result = ClusterAnnotation.unknown(markers.cluster, f"request failed ({exc})", markers.genes)
+        tokens = [r for r in self.ledger.records if r.cluster == markers.cluster]
+        result.input_tokens = sum(r.input_tokens for r in tokens)
+        result.output_tokens = sum(r.output_tokens for r in tokens)
+        return result
+
+    def _format(self, prompt: str, analysis: str, cluster: str, transcript: list[dict]) -> dict | None:
+        messages = [{"role": "system", "content": FORMATTER_SYSTEM},
+                    {"role": "user", "content": f"{prompt}\n\nAnnotator's analysis:\n{analysis}"}]
+        for feature, response_format in (("json_schema", ANSWER_SCHEMA), ("json_object", {"type": "json_object"}),
+                                         ("prose", None)):
+            if response_format is not None and not self.client.supports(feature):
+                continue
+            try:
+                reply = self.client.chat(messages, cluster=cluster, agent="formatter",
+                                         response_format=response_format)
+            except RequestRejected:
+                if response_format is None:
+                    raise
+                self.client.mark_unsupported(feature)
+                continue
+            transcript.append({"agent": f"formatter ({feature})", "content": reply.content})
+            return parse_answer(reply.content) or parse_answer(analysis)
+        return parse_answer(analysis)
+
+    def _annotate_one(self, markers: ClusterMarkers, tissue: str, species: str, context: str) -> ClusterAnnotation:
+        prompt = cluster_prompt(markers, tissue=tissue, species=species, context=context)
+        conversation = [{"role": "system", "content": ANNOTATOR_SYSTEM}, {"role": "user", "content": prompt}]
+        transcript: list[dict] = []
+        best: dict | None = None
+        last_problem = "no answer"
+        for round_number in range(1, self.max_rounds + 1):
+            analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator").content
+            transcript.append({"agent": f"annotator (round {round_number})", "content": analysis})
+            conversation.append({"role": "assistant", "content": analysis})
+            answer = self._format(prompt, analysis, markers.cluster, transcript)
+            if answer is None:
+                last_problem = "the model gave no recognisable cell type"
+                conversation.append({"role": "user", "content": "Your feedback: the answer named no cell type. "
+                                     "Analyse again and end with 'FINAL ANNOTATION: <main cell type>'."})
+                continue
+            problems = marker_problems(answer, markers.genes)
+            review = self.client.chat(
+                [{"role": "system", "content": VALIDATOR_SYSTEM},
+                 {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
+                                             f"Structured answer:\n{json.dumps(answer)}"}],
+                cluster=markers.cluster, agent="validator").content
+            transcript.append({"agent": f"validator (round {round_number})", "content": review})
+            if problems:
+                transcript.append({"agent": "marker check", "content": " ".join(problems)})
+            passed = "VALIDATION PASSED" in review.upper() and not problems
+            cleaned = dict(answer, key_markers=[m for m in answer["key_markers"]
+                                                if m.upper() in {g.upper() for g in markers.genes}])
+            best = cleaned
+            if passed:
+                return self._result(markers, cleaned, transcript, round_number, validated=True)
+            last_problem = "validation did not pass"
+            conversation.append({"role": "user", "content": "Validator feedback: " + " ".join(problems + [review])
+                                 + "\nRevise your analysis and end with 'FINAL ANNOTATION: <main cell type>'."})
+        if best is not None:
+            return self._result(markers, best, transcript, self.max_rounds, validated=False)
+        unknown = ClusterAnnotation.unknown(markers.cluster, f"{last_problem} after {self.max_rounds} rounds",
+                                           markers.genes)
+        unknown.transcript, unknown.iterations = transcript, self.max_rounds
+        return unknown
+
+    def _result(self, markers, answer, transcript, rounds, *, validated: bool) -> ClusterAnnotation:
+        if UNKNOWN_ANSWER.match(answer["main_cell_type"]):
+            unknown = ClusterAnnotation.unknown(markers.cluster, "the model could not identify the cell type",
+                                               markers.genes)
+            unknown.reasoning, unknown.transcript, unknown.iterations = answer["reasoning"], transcript, rounds
+            return unknown
+        reasoning = answer["reasoning"]
+        if not validated:
+            reasoning = (reasoning + " (The validator did not confirm this call.)").strip()
+        return ClusterAnnotation(
+            cluster=markers.cluster,
+            main_cell_type=answer["main_cell_type"],
+            sub_cell_types=answer["sub_cell_types"],
+            mixed_cell_types=answer["mixed_cell_types"],
+            confidence=answer["confidence"],
+            key_markers=answer["key_markers"],
+            reasoning=reasoning,
+            status="ok",
+            iterations=rounds,
+            markers_sent=list(markers.genes),
+            transcript=transcript,
+        )

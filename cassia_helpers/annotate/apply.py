@@ -1,0 +1,119 @@
+"""Run an annotator over a dataset's clusters and write the calls into ``adata``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import anndata as ad
+import pandas as pd
+
+from ..io import provenance, timed
+from . import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers
+
+
+def llm_configured(base_url: str = "") -> bool:
+    """An LLM is configured when an API key or a base URL is available."""
+    return bool(os.environ.get("OPENAI_API_KEY") or base_url or os.environ.get("OPENAI_BASE_URL"))
+
+
+def resolve_annotator_kind(kind: str, base_url: str = "") -> str:
+    """``"auto"`` becomes ``"llm"`` when an LLM is configured and ``"reference"`` otherwise."""
+    if kind == "auto":
+        return "llm" if llm_configured(base_url) else "reference"
+    if kind not in ("reference", "llm"):
+        raise ValueError(f"unknown annotator {kind!r}: use reference, llm or auto")
+    return kind
+
+
+def make_annotator(kind: str, *, species: str = "human", **llm_options) -> Annotator:
+    """Build the annotator the batch asked for.
+
+    ``kind`` is ``"reference"`` (offline marker reference) or ``"llm"`` (CASSIA-style agents on an
+    OpenAI-compatible endpoint; ``llm_options`` are passed to :class:`~cassia_helpers.annotate.agents.LLMAnnotator`).
+    """
+    if kind == "reference":
+        from .reference import ReferenceAnnotator
+
+        return ReferenceAnnotator(species=species)
+    if kind == "llm":
+        from .agents import LLMAnnotator
+
+        return LLMAnnotator(species=species, **llm_options)
+    raise ValueError(f"unknown annotator {kind!r}: use reference or llm")
+
+
+@timed("annotation")
+def annotate_clusters(
+    adata: ad.AnnData,
+    clusters: list[ClusterMarkers],
+    *,
+    annotator: Annotator,
+    tissue: str,
+    species: str = "human",
+    context: str = "",
+    groupby: str = "leiden",
+    key_added: str = "cell_type",
+) -> list[ClusterAnnotation]:
+    """Annotate every cluster and label every cell.
+
+    Writes ``obs[key_added]`` (categorical main cell type; ``"Unknown"`` is a label),
+    ``obs[f"{key_added}_sub"]`` (best sub type or empty), ``obs[f"{key_added}_mixed"]`` (possible
+    mixed types, ``"; "``-joined), ``obs[f"{key_added}_confidence"]`` (0–100), and
+    ``uns['cassia_batch']['annotation']`` with the per-cluster table (``clusters``), the full results
+    as JSON (``results_json``) and the annotator's provenance (``provenance``).
+    """
+    start = time.perf_counter()
+    results = annotator.annotate(clusters, tissue=tissue, species=species, context=context)
+    by_cluster = {r.cluster: r for r in results}
+    for markers in clusters:
+        if markers.cluster not in by_cluster:
+            by_cluster[markers.cluster] = ClusterAnnotation.unknown(
+                markers.cluster, "annotator returned no answer", markers.genes
+            )
+    labels = adata.obs[groupby].astype(str)
+    # A cluster with no markers at all (never sent) is still labelled.
+    for cluster in labels.unique():
+        by_cluster.setdefault(cluster, ClusterAnnotation.unknown(cluster, "no marker genes"))
+
+    def column(getter):
+        return labels.map({c: getter(r) for c, r in by_cluster.items()})
+
+    main = column(lambda r: r.main_cell_type or UNKNOWN)
+    adata.obs[key_added] = pd.Categorical(main)
+    adata.obs[f"{key_added}_sub"] = pd.Categorical(column(lambda r: r.sub_cell_types[0] if r.sub_cell_types else ""))
+    adata.obs[f"{key_added}_mixed"] = pd.Categorical(column(lambda r: "; ".join(r.mixed_cell_types)))
+    adata.obs[f"{key_added}_confidence"] = column(lambda r: float(r.confidence)).astype("float32")
+
+    ordered = [by_cluster[c.cluster] for c in clusters] + [
+        r for c, r in by_cluster.items() if c not in {m.cluster for m in clusters}
+    ]
+    table = pd.DataFrame([
+        {
+            "cluster": r.cluster,
+            "main_cell_type": r.main_cell_type,
+            "sub_cell_types": "; ".join(r.sub_cell_types),
+            "mixed_cell_types": "; ".join(r.mixed_cell_types),
+            "confidence": float(r.confidence),
+            "key_markers": ", ".join(r.key_markers),
+            "status": r.status,
+            "reason": r.reason,
+            "iterations": int(r.iterations),
+            "n_cells": int((labels == r.cluster).sum()),
+        }
+        for r in ordered
+    ])
+    table.index = table["cluster"].astype(str).to_numpy()
+    description = {k: ("" if v is None else v) for k, v in annotator.describe().items()}
+    provenance(adata)["annotation"] = {
+        "key_added": key_added,
+        "tissue": tissue,
+        "species": species,
+        "context": context,
+        "clusters": table,
+        "results_json": json.dumps([r.to_dict() for r in ordered], ensure_ascii=False),
+        "provenance": {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in description.items()},
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return ordered

@@ -1,0 +1,248 @@
+"""Write one dataset's outputs: the files of the contract plus the records the driver aggregates.
+
+Every file is written atomically; ``{dataset}_result.json`` is written last, so its presence means the
+notebook finished all of its outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import platform
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import scanpy as sc  # noqa: E402
+
+from .annotate import ClusterAnnotation  # noqa: E402
+from .io import atomic_path, provenance, write_json, write_text  # noqa: E402
+from .layout import DatasetPaths  # noqa: E402
+
+CASSIA_COLUMNS = [
+    "Cluster ID",
+    "Predicted General Cell Type",
+    "Predicted Detailed Cell Type",
+    "Possible Mixed Cell Types",
+    "Marker Number",
+    "Marker List",
+    "Iterations",
+    "Model",
+    "Provider",
+    "Tissue",
+    "Species",
+]
+PREPROCESSING_STEPS = ("load", "qc", "normalize", "pca", "neighbors", "leiden", "umap", "markers")
+PACKAGES = ("cassia-batch", "scanpy", "anndata", "numpy", "scipy", "pandas", "leidenalg", "igraph", "openai")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the results (recorded in ``uns`` and the summary)."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def write_markers(markers: pd.DataFrame, paths: DatasetPaths) -> Path:
+    """``{dataset}_markers.csv``: one row per cluster × gene."""
+    with atomic_path(paths.markers_csv) as tmp:
+        markers.to_csv(tmp, index=False)
+    return paths.markers_csv
+
+
+def write_annotated(adata: ad.AnnData, paths: DatasetPaths) -> Path:
+    """``{dataset}_annotated.h5ad`` (gzip-free for speed; ``obs``, ``obsm``, ``layers`` and ``uns`` kept)."""
+    provenance(adata)["versions"] = package_versions()
+    with atomic_path(paths.annotated_h5ad) as tmp:
+        adata.write_h5ad(tmp)
+    return paths.annotated_h5ad
+
+
+def save_umap(adata: ad.AnnData, paths: DatasetPaths, *, color: tuple[str, ...] = ("cell_type", "leiden")) -> Path:
+    """UMAP coloured by cell type (and cluster), saved as ``{dataset}_umap.png``."""
+    fig = sc.pl.umap(adata, color=list(color), show=False, return_fig=True, frameon=False,
+                     legend_fontsize=7, wspace=0.6)
+    with atomic_path(paths.umap_png) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return paths.umap_png
+
+
+def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: str, species: str,
+                    annotator: dict) -> str:
+    """The readable CASSIA-style text: per cluster the markers sent, each agent's turn and the call."""
+    lines = [
+        f"CASSIA-style annotation of {dataset}",
+        f"Tissue: {tissue}    Species: {species}",
+        f"Annotator: {annotator.get('annotator', '?')}"
+        + (f"    Model: {annotator['model']}" if annotator.get("model") else ""),
+    ]
+    if annotator.get("annotator") == "reference":
+        lines.append("The offline marker reference was used: no API calls were made.")
+    lines.append("")
+    for r in results:
+        lines += [
+            "=" * 78,
+            f"Cluster {r.cluster}: {r.main_cell_type}"
+            + (f"  (confidence {r.confidence:.0f}/100)" if r.status == "ok" else f"  [{r.reason}]"),
+            "=" * 78,
+            f"Markers sent ({len(r.markers_sent)}): {', '.join(r.markers_sent) or '-'}",
+        ]
+        for turn in r.transcript:
+            lines += ["", f"--- {turn.get('agent', 'turn')} ---", str(turn.get("content", "")).rstrip()]
+        lines += [
+            "",
+            "Final answer:",
+            f"  main cell type:   {r.main_cell_type}",
+            f"  sub cell types:   {', '.join(r.sub_cell_types) or '-'}",
+            f"  mixed cell types: {', '.join(r.mixed_cell_types) or '-'}",
+            f"  confidence:       {r.confidence:.0f}",
+            f"  key markers:      {', '.join(r.key_markers) or '-'}",
+            f"  reasoning:        {r.reasoning}",
+        ]
+        if r.status != "ok":
+            lines.append(f"  status:           Unknown ({r.reason})")
+        if r.iterations or r.input_tokens or r.output_tokens:
+            lines.append(f"  iterations: {r.iterations}    tokens: {r.input_tokens} in, {r.output_tokens} out")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cassia_table(results: list[ClusterAnnotation], *, tissue: str, species: str, annotator: dict) -> str:
+    """CASSIA's batch CSV columns, so CASSIA's own tools can read our results."""
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CASSIA_COLUMNS)
+    for r in results:
+        writer.writerow([
+            r.cluster,
+            r.main_cell_type,
+            ", ".join(r.sub_cell_types),
+            ", ".join(r.mixed_cell_types),
+            len(r.markers_sent),
+            ", ".join(r.markers_sent),
+            r.iterations,
+            annotator.get("model") or annotator.get("annotator", ""),
+            annotator.get("provider") or annotator.get("annotator", ""),
+            tissue,
+            species,
+        ])
+    return buffer.getvalue()
+
+
+def write_annotation(results: list[ClusterAnnotation], paths: DatasetPaths, *, tissue: str, species: str,
+                     annotator: dict) -> Path:
+    """``{dataset}_annotation.txt`` and the CASSIA-compatible ``{dataset}_cassia.csv``."""
+    write_text(paths.annotation_txt, annotation_text(results, dataset=paths.dataset, tissue=tissue,
+                                                     species=species, annotator=annotator))
+    write_text(paths.cassia_csv, cassia_table(results, tissue=tissue, species=species, annotator=annotator))
+    return paths.annotation_txt
+
+
+def _timing_split(timings: dict) -> tuple[float, float]:
+    preprocessing = sum(float(timings.get(s, 0.0)) for s in PREPROCESSING_STEPS)
+    return round(preprocessing, 3), round(float(timings.get("annotation", 0.0)), 3)
+
+
+def summary_text(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> str:
+    """``{dataset}_summary.txt``: parameters, counts before/after QC, timings, warnings."""
+    record = provenance(adata)
+    qc = record.get("qc", {})
+    timings = record.get("timings", {})
+    annotation = record.get("annotation", {})
+    described = annotation.get("provenance", {})
+    preprocessing, annotating = _timing_split(timings)
+    lines = [
+        f"Dataset: {paths.dataset}",
+        f"Tissue: {paths.tissue}",
+        f"Input: {record.get('input', {}).get('file', '')}",
+        f"Written: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        "",
+        "Input",
+        f"  gene symbols from: {record.get('input', {}).get('symbol_source', '')}",
+        f"  raw counts found:  {record.get('input', {}).get('is_counts')} "
+        f"({record.get('input', {}).get('counts_source', '')})",
+        f"  normalisation:     {record.get('normalized', '')}",
+        "",
+        "Cells and genes",
+        f"  before QC: {qc.get('cells_before', '?')} cells x {qc.get('genes_before', '?')} genes",
+        f"  after QC:  {qc.get('cells_after', '?')} cells x {qc.get('genes_after', '?')} genes",
+        f"  clusters:  {record.get('leiden', {}).get('n_clusters', '?')}",
+        "",
+        "Annotation",
+        f"  annotator: {described.get('annotator', '?')}",
+    ]
+    if described.get("annotator") == "reference":
+        lines.append("  The offline marker reference was used: no API calls were made.")
+    else:
+        for key in ("model", "provider", "endpoint_host", "prompt_version"):
+            if described.get(key):
+                lines.append(f"  {key}: {described[key]}")
+    table = annotation.get("clusters")
+    if isinstance(table, pd.DataFrame) and len(table):
+        unknown = int((table["status"] != "ok").sum())
+        lines.append(f"  clusters labelled: {len(table) - unknown}, Unknown: {unknown}")
+        for _, row in table.iterrows():
+            reason = f" [{row['reason']}]" if row["status"] != "ok" else ""
+            lines.append(f"    {row['cluster']:>4}  {row['n_cells']:>7} cells  {row['main_cell_type']}{reason}")
+    lines += ["", "Timings (seconds)"]
+    lines += [f"  {step:<11} {seconds:9.2f}" for step, seconds in timings.items()]
+    lines += [f"  {'preprocessing':<11} {preprocessing:9.2f}", f"  {'annotation':<11} {annotating:9.2f}"]
+    warnings = list(record.get("warnings", []))
+    lines += ["", f"Warnings ({len(warnings)})"] + [f"  - {w}" for w in warnings]
+    lines += ["", "Parameters"] + [f"  {k} = {v!r}" for k, v in params.items()]
+    lines += ["", "Versions"] + [f"  {k} {v}" for k, v in package_versions().items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> Path:
+    """``{dataset}_summary.txt``."""
+    write_text(paths.summary_txt, summary_text(adata, paths, params))
+    return paths.summary_txt
+
+
+def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
+    """``{dataset}_result.json``: the notebook's record for the run summaries, written last."""
+    record = provenance(adata)
+    preprocessing, annotating = _timing_split(record.get("timings", {}))
+    table = record.get("annotation", {}).get("clusters")
+    described = record.get("annotation", {}).get("provenance", {})
+    result = {
+        "dataset": paths.dataset,
+        "tissue": paths.tissue,
+        "n_cells": int(adata.n_obs),
+        "n_genes": int(adata.n_vars),
+        "n_clusters": int(adata.obs["leiden"].nunique()) if "leiden" in adata.obs else 0,
+        "n_cells_input": record.get("qc", {}).get("cells_before"),
+        "n_genes_input": record.get("qc", {}).get("genes_before"),
+        "preprocessing_time": preprocessing,
+        "annotation_time": annotating,
+        "timings": dict(record.get("timings", {})),
+        "annotator": described.get("annotator", ""),
+        "model": described.get("model", ""),
+        "unknown_clusters": int((table["status"] != "ok").sum()) if isinstance(table, pd.DataFrame) else 0,
+        "cell_types": {str(k): int(v) for k, v in adata.obs["cell_type"].value_counts().items()}
+        if "cell_type" in adata.obs else {},
+        "warnings": list(record.get("warnings", [])),
+    }
+    write_json(paths.result_json, result)
+    return paths.result_json
+
+
+def read_result(paths: DatasetPaths) -> dict | None:
+    """The notebook's result record, or ``None`` when the notebook did not finish."""
+    try:
+        return json.loads(paths.result_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None

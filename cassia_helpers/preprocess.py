@@ -1,0 +1,151 @@
+"""QC, normalisation, HVG, PCA, neighbours, leiden and UMAP: scanpy's standard path, made lean.
+
+Each function takes ``adata`` first, works in place, records its wall time in
+``uns['cassia_batch']['timings']`` and its settings in ``uns['cassia_batch']``.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+
+from .io import InputError, provenance, timed, warn
+
+MITO_PREFIX = "MT-"
+
+
+@timed("qc")
+def qc(
+    adata: ad.AnnData,
+    *,
+    min_genes: int = 200,
+    min_cells: int = 3,
+    max_pct_mt: float = 20.0,
+) -> None:
+    """Filter cells and genes, in place.
+
+    Cells need ``min_genes`` detected genes and at most ``max_pct_mt`` percent mitochondrial counts
+    (genes starting ``MT-``/``mt-``, matched case-insensitively so human and mouse both work); genes
+    need ``min_cells`` cells. When ``X`` holds counts they are kept in ``layers['counts']``.
+
+    Writes ``obs['n_genes_by_counts']``, ``obs['total_counts']``, ``obs['pct_counts_mt']``,
+    ``var['mt']``, ``layers['counts']`` and ``uns['cassia_batch']['qc']``.
+
+    Raises
+    ------
+    InputError
+        No cell or no gene is left after filtering.
+    """
+    record = provenance(adata)
+    before = (int(adata.n_obs), int(adata.n_vars))
+    adata.var["mt"] = adata.var_names.str.upper().str.startswith(MITO_PREFIX)
+    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    keep = (adata.obs["n_genes_by_counts"].to_numpy() >= min_genes) & (
+        adata.obs["pct_counts_mt"].to_numpy() <= max_pct_mt
+    )
+    if not keep.all():
+        adata._inplace_subset_obs(keep)
+    if adata.n_obs == 0:
+        raise InputError(
+            f"{_file(adata)}: no cells left after QC (min_genes={min_genes}, max_pct_mt={max_pct_mt}; "
+            f"{before[0]} cells before)"
+        )
+    gene_keep, _ = sc.pp.filter_genes(adata.X, min_cells=min_cells, inplace=False)
+    if not gene_keep.all():
+        adata._inplace_subset_var(gene_keep)
+    if adata.n_vars == 0:
+        raise InputError(f"{_file(adata)}: no genes left after QC (min_cells={min_cells})")
+    if record["input"].get("is_counts", True):
+        adata.layers["counts"] = adata.X.copy()
+    record["qc"] = {
+        "min_genes": min_genes,
+        "min_cells": min_cells,
+        "max_pct_mt": max_pct_mt,
+        "cells_before": before[0],
+        "genes_before": before[1],
+        "cells_after": int(adata.n_obs),
+        "genes_after": int(adata.n_vars),
+        "mito_genes": int(adata.var["mt"].sum()),
+    }
+    if record["qc"]["mito_genes"] == 0:
+        warn(adata, "no mitochondrial genes (MT-/mt-) found: the mitochondrial filter removed nothing")
+
+
+@timed("normalize")
+def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
+    """``normalize_total`` then ``log1p``, in place; skipped when ``X`` is already log-normalised.
+
+    Writes ``uns['cassia_batch']['normalized']`` (``"log1p(total={target_sum})"`` or ``"input"``).
+    """
+    record = provenance(adata)
+    if not record["input"].get("is_counts", True):
+        record["normalized"] = "input (already log-normalised)"
+        return
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    record["normalized"] = f"log1p(normalize_total(target_sum={target_sum:g}))"
+
+
+@timed("pca")
+def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int = 50, seed: int = 0) -> None:
+    """Highly variable genes, then PCA on them without densifying or scaling the matrix.
+
+    Writes ``var['highly_variable']``, ``obsm['X_pca']``, ``varm['PCs']`` and ``uns['pca']``.
+    """
+    n_top = min(n_top_genes, adata.n_vars)
+    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat")
+    n_hvg = int(adata.var["highly_variable"].sum())
+    n_comps = max(1, min(n_pcs, adata.n_obs - 1, n_hvg - 1))
+    sc.pp.pca(
+        adata,
+        n_comps=n_comps,
+        mask_var="highly_variable",
+        svd_solver="covariance_eigh",
+        random_state=seed,
+    )
+    adata.obsm["X_pca"] = adata.obsm["X_pca"].astype(np.float32)
+    provenance(adata)["pca"] = {"n_top_genes": n_hvg, "n_pcs": n_comps, "solver": "covariance_eigh"}
+
+
+@timed("neighbors")
+def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0) -> None:
+    """kNN graph on ``obsm['X_pca']``. Writes ``obsp['distances']``, ``obsp['connectivities']``."""
+    k = max(2, min(n_neighbors, adata.n_obs - 1))
+    sc.pp.neighbors(adata, n_neighbors=k, use_rep="X_pca", random_state=seed)
+    provenance(adata)["neighbors"] = {"n_neighbors": k}
+
+
+@timed("leiden")
+def cluster(adata: ad.AnnData, *, resolution: float = 1.0, seed: int = 0, key_added: str = "leiden") -> None:
+    """Leiden clustering (igraph flavour). Writes ``obs[key_added]`` (categorical, labels ``"0"``, ``"1"``, …)."""
+    sc.tl.leiden(
+        adata,
+        resolution=resolution,
+        flavor="igraph",
+        n_iterations=2,
+        directed=False,
+        random_state=seed,
+        key_added=key_added,
+    )
+    n_clusters = int(adata.obs[key_added].nunique())
+    provenance(adata)["leiden"] = {"resolution": resolution, "n_clusters": n_clusters, "key": key_added}
+    if n_clusters == 1:
+        warn(adata, "clustering found a single cluster: markers are its most highly expressed genes")
+
+
+@timed("umap")
+def umap(adata: ad.AnnData, *, seed: int = 0) -> None:
+    """UMAP of the kNN graph. Writes ``obsm['X_umap']``.
+
+    Large datasets use fewer epochs (scanpy's own default rule: 500 below 10,000 cells, 200 above).
+    """
+    if adata.n_obs < 3:
+        adata.obsm["X_umap"] = np.zeros((adata.n_obs, 2), dtype=np.float32)
+        return
+    sc.tl.umap(adata, random_state=seed)
+    adata.obsm["X_umap"] = adata.obsm["X_umap"].astype(np.float32)
+
+
+def _file(adata: ad.AnnData) -> str:
+    return provenance(adata).get("input", {}).get("file", "dataset")

@@ -1,0 +1,218 @@
+"""Run-level summaries: ``batch_summary.csv``, ``batch_summary.txt`` and ``token_tracking.json``.
+
+Everything is read back from the run folder (manifest, each dataset's status, result and ledger), so a
+run can be re-aggregated at any time; the user's own files in the folder are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from .io import atomic_path, write_json, write_text
+from .layout import (
+    AGGREGATE_NOTEBOOK,
+    BATCH_SUMMARY_CSV,
+    BATCH_SUMMARY_TXT,
+    RUN_MANIFEST,
+    TOKEN_TRACKING_JSON,
+    DatasetPaths,
+)
+from .ledger import CACHE_HIT, ERROR, SENT, SKIPPED_BUDGET, read_ledger
+from .outputs import read_result
+from .runner import INTERRUPTED, read_status
+
+SUMMARY_COLUMNS = [
+    "dataset", "tissue", "file_path", "n_cells", "n_genes", "n_clusters",
+    "preprocessing_time", "annotation_time", "total_time", "status", "output_dir", "error",
+]
+
+
+def load_manifest(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / RUN_MANIFEST).read_text(encoding="utf-8"))
+
+
+def collect(run_dir: str | Path) -> pd.DataFrame:
+    """One row per dataset of the run, with the columns of ``batch_summary.csv`` plus ``annotator``,
+    ``unknown_clusters`` and ``warnings``."""
+    run_dir = Path(run_dir)
+    rows = []
+    for entry in load_manifest(run_dir)["datasets"]:
+        paths = DatasetPaths(run_dir, entry["tissue"], entry["name"])
+        status = read_status(paths) or {"status": INTERRUPTED, "error": "never started", "duration_s": 0.0}
+        result = read_result(paths) if status["status"] == "success" else None
+        result = result or {}
+        rows.append({
+            "dataset": entry["name"],
+            "tissue": entry["tissue"],
+            "file_path": entry["path"],
+            "n_cells": result.get("n_cells"),
+            "n_genes": result.get("n_genes"),
+            "n_clusters": result.get("n_clusters"),
+            "preprocessing_time": result.get("preprocessing_time"),
+            "annotation_time": result.get("annotation_time"),
+            "total_time": status.get("duration_s"),
+            "status": status["status"],
+            "output_dir": str(paths.folder.resolve()),
+            "error": status.get("error", ""),
+            "annotator": result.get("annotator", ""),
+            "unknown_clusters": result.get("unknown_clusters"),
+            "warnings": len(result.get("warnings", [])),
+        })
+    table = pd.DataFrame(rows)
+    for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters"):
+        table[column] = table[column].astype("Int64")
+    return table
+
+
+def token_tracking(run_dir: str | Path) -> dict:
+    """Merge every dataset's ledger into the run's token record."""
+    run_dir = Path(run_dir)
+    calls, hits, skipped = [], [], []
+    for entry in load_manifest(run_dir)["datasets"]:
+        for record in read_ledger(DatasetPaths(run_dir, entry["tissue"], entry["name"]).llm_calls_jsonl):
+            {CACHE_HIT: hits, SKIPPED_BUDGET: skipped}.get(record.get("status"), calls).append(record)
+    calls = [c for c in calls if c.get("status") in SENT]
+    calls.sort(key=lambda c: c.get("timestamp", ""))
+
+    def totals(records: list[dict]) -> dict:
+        input_tokens = sum(int(r.get("input_tokens") or 0) for r in records)
+        output_tokens = sum(int(r.get("output_tokens") or 0) for r in records)
+        return {
+            "calls": len(records),
+            "failed_calls": sum(r.get("status") == ERROR for r in records),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
+            "cost": round(sum(float(r.get("cost") or 0.0) for r in records), 6),
+        }
+
+    by_dataset, by_model = defaultdict(list), defaultdict(list)
+    for call in calls:
+        by_dataset[f"{call.get('tissue')}/{call.get('dataset')}"].append(call)
+        by_model[call.get("model", "")].append(call)
+    unknown_price = sorted({c.get("model", "") for c in calls if not c.get("price_known", True)})
+    overall = totals(calls)
+    return {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "total_calls": overall["calls"],
+        "failed_calls": overall["failed_calls"],
+        "total_input_tokens": overall["input_tokens"],
+        "total_output_tokens": overall["output_tokens"],
+        "total_tokens": overall["total_tokens"],
+        "total_cost": overall["cost"],
+        "currency": "USD",
+        "cache_hits": len(hits),
+        "budget_skipped": len(skipped),
+        "unknown_price_models": unknown_price,
+        "by_dataset": {k: totals(v) for k, v in sorted(by_dataset.items())},
+        "by_model": {k: {**totals(v), "price_known": k not in unknown_price} for k, v in sorted(by_model.items())},
+        "api_calls": calls,
+        "cache_hit_calls": hits,
+    }
+
+
+def _fmt_seconds(value) -> str:
+    return "-" if value is None or pd.isna(value) else f"{float(value):.1f}s"
+
+
+def summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifest: dict) -> str:
+    """The human-readable ``batch_summary.txt``."""
+    counts = table["status"].value_counts()
+    created = manifest.get("created_at", "")
+    elapsed = ""
+    try:
+        start = datetime.fromisoformat(created)
+        elapsed = f"{(datetime.now(UTC) - start).total_seconds():.1f}s (wall clock since the run began)"
+    except ValueError:
+        pass
+    annotators = sorted({a for a in table.get("annotator", pd.Series(dtype=str)).dropna() if a})
+    lines = [
+        "CASSIA batch summary",
+        f"Run folder: {run_dir.name}",
+        f"Started: {created}",
+        f"Summarised: {datetime.now(UTC).isoformat(timespec='seconds')}",
+        "",
+        "Processing statistics",
+        f"  Datasets processed: {len(table)}",
+        f"  Succeeded: {int(counts.get('success', 0))}",
+        f"  Failed: {int(counts.get('failed', 0))}",
+        f"  Interrupted: {int(counts.get('interrupted', 0))}",
+        f"  Time elapsed: {elapsed}",
+        f"  Dataset time (sum): {table['total_time'].fillna(0).sum():.1f}s",
+        "",
+        "Annotation",
+        f"  Annotator(s): {', '.join(annotators) or '-'}",
+    ]
+    if annotators == ["reference"]:
+        lines.append("  The offline marker reference was used: no API calls were made.")
+    unknown = table["unknown_clusters"].fillna(0).sum() if "unknown_clusters" in table else 0
+    lines += [
+        f"  Clusters labelled Unknown: {int(unknown)}",
+        "",
+        "Token usage",
+        f"  API calls: {tracking['total_calls']} ({tracking['failed_calls']} failed, "
+        f"{tracking['cache_hits']} served from cache)",
+        f"  Input tokens: {tracking['total_input_tokens']:,}",
+        f"  Output tokens: {tracking['total_output_tokens']:,}",
+        f"  Total tokens: {tracking['total_tokens']:,}",
+        "",
+        "Cost breakdown",
+        f"Total cost: ${tracking['total_cost']:.2f}",
+    ]
+    if tracking["budget_skipped"]:
+        lines.append(f"  Budget reached: {tracking['budget_skipped']} request(s) not sent (--max-cost); "
+                     "those clusters are Unknown with reason 'budget'")
+    if tracking["unknown_price_models"]:
+        lines.append(f"  WARNING: no known price for {', '.join(tracking['unknown_price_models'])}: their calls "
+                     "are counted at $0 (set prices with --price-file or --input-price/--output-price)")
+    for name, part in tracking["by_model"].items():
+        flag = "" if part["price_known"] else "  (price unknown)"
+        lines.append(f"  model {name}: {part['calls']} calls, {part['input_tokens']:,} in, "
+                     f"{part['output_tokens']:,} out, ${part['cost']:.4f}{flag}")
+    for name, part in tracking["by_dataset"].items():
+        lines.append(f"  dataset {name}: {part['calls']} calls, {part['input_tokens']:,} in, "
+                     f"{part['output_tokens']:,} out, ${part['cost']:.4f}")
+    lines += ["", "Per-file status"]
+    for row in table.itertuples():
+        detail = f"{row.n_cells} cells, {row.n_clusters} clusters, {_fmt_seconds(row.total_time)}" \
+            if row.status == "success" else (row.error or "")
+        lines.append(f"  {row.status:<11} {row.tissue}/{row.dataset}: {detail}")
+    return "\n".join(lines) + "\n"
+
+
+def write_run_summaries(run_dir: str | Path) -> pd.DataFrame:
+    """Write ``batch_summary.csv``, ``batch_summary.txt`` and ``token_tracking.json``; return the table."""
+    run_dir = Path(run_dir)
+    manifest = load_manifest(run_dir)
+    table = collect(run_dir)
+    tracking = token_tracking(run_dir)
+    with atomic_path(run_dir / BATCH_SUMMARY_CSV) as tmp:
+        table[SUMMARY_COLUMNS].to_csv(tmp, index=False)
+    write_json(run_dir / TOKEN_TRACKING_JSON, tracking)
+    write_text(run_dir / BATCH_SUMMARY_TXT, summary_text(run_dir, table, tracking, manifest))
+    return table
+
+
+def aggregate(run_dir: str | Path, *, kernel_name: str = "python3") -> Path:
+    """Execute the aggregation notebook for a run folder (saved there as its audit trail)."""
+    import papermill as pm
+
+    from .runner import template_path
+
+    run_dir = Path(run_dir)
+    output = run_dir / AGGREGATE_NOTEBOOK
+    pm.execute_notebook(
+        str(template_path("aggregate_run.ipynb")),
+        str(output),
+        parameters={"run_dir": str(run_dir.resolve())},
+        kernel_name=kernel_name,
+        cwd=str(run_dir),
+        progress_bar=False,
+        log_output=False,
+    )
+    return output
