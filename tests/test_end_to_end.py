@@ -1,0 +1,203 @@
+"""The whole path: a multi-tissue data folder → run_batch.py → a run folder that honours the contract.
+
+Every Python and bash example of docs/batch_output_structure.md is then executed against the run, with
+only the run path (and the date in it) replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anndata as ad
+import nbformat
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+from tests.synthetic import BRAIN_TYPES, BREAST_TYPES, make_counts, write
+
+SPEC = REPO / "docs" / "batch_output_structure.md"
+SPEC_RUN = "run_brain_20260216_151425"
+CONTRACT_FILES = ("_markers.csv", "_annotated.h5ad", "_annotation.txt", "_summary.txt")
+GOOD = {
+    ("brain", "Data_Choudhury2022_Brain"),
+    ("brain", "Data_Filbin2018_Brain"),
+    ("breast", "Data_Bassez2021_Breast"),
+}
+
+
+def offline_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, script: str = "run_batch.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=offline_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    data = root / "data"
+    write(make_counts(400, cell_types=BRAIN_TYPES, seed=1), data / "brain" / "Data_Filbin2018_Brain.h5ad")
+    write(make_counts(350, cell_types=BRAIN_TYPES, seed=2), data / "brain" / "Data_Choudhury2022_Brain.h5ad")
+    write(make_counts(300, cell_types=BREAST_TYPES, seed=3), data / "breast" / "Data_Bassez2021_Breast.h5ad")
+    (data / "brain" / "Data_Text_Brain.h5ad").write_text("gene,cell\nGFAP,3\n")
+    good = (data / "brain" / "Data_Filbin2018_Brain.h5ad").read_bytes()
+    (data / "breast" / "Data_Truncated_Breast.h5ad").write_bytes(good[: len(good) // 2])
+    multi = run_cli(["--tissues", "brain", "breast", "--workers", "2"], cwd=root)
+    brain = run_cli(["--tissues", "brain"], cwd=root)
+    return root, multi, brain
+
+
+def run_dirs(root: Path) -> dict[str, Path]:
+    return {re.sub(r"_\d{8}_\d{6}$", "", p.name): p for p in (root / "batch_results").iterdir()}
+
+
+def test_exit_status_and_run_folder_names(workspace):
+    root, multi, brain = workspace
+    assert multi.returncode == 1, multi.stderr  # two broken inputs failed, the rest succeeded
+    assert brain.returncode == 1, brain.stderr
+    names = sorted(p.name for p in (root / "batch_results").iterdir())
+    assert len(names) == 2
+    assert re.fullmatch(r"run_brain_breast_\d{8}_\d{6}", names[1]) or re.fullmatch(
+        r"run_brain_breast_\d{8}_\d{6}", names[0])
+    assert any(re.fullmatch(r"run_brain_\d{8}_\d{6}", n) for n in names)
+    # the run folder is printed on stdout for scripts
+    assert multi.stdout.strip().endswith(str(run_dirs(root)["run_brain_breast"].name))
+
+
+def test_contract_layout_and_summary(workspace):
+    root, _, _ = workspace
+    run = run_dirs(root)["run_brain_breast"]
+    for name in ("batch_summary.txt", "batch_summary.csv", "token_tracking.json"):
+        assert (run / name).is_file()
+    summary = pd.read_csv(run / "batch_summary.csv")
+    assert list(summary.columns) == [
+        "dataset", "tissue", "file_path", "n_cells", "n_genes", "n_clusters",
+        "preprocessing_time", "annotation_time", "total_time", "status", "output_dir", "error",
+    ]
+    statuses = {(r.tissue, r.dataset): r.status for r in summary.itertuples()}
+    assert {k for k, v in statuses.items() if v == "success"} == GOOD
+    failed = summary[summary["status"] == "failed"].set_index("dataset")
+    assert set(failed.index) == {"Data_Text_Brain", "Data_Truncated_Breast"}
+    for dataset, row in failed.iterrows():
+        assert "\n" not in row["error"] and f"{dataset}.h5ad" in row["error"]
+    assert "not an HDF5" in failed.loc["Data_Text_Brain", "error"]
+    for tissue, dataset in GOOD:
+        folder = run / tissue / dataset
+        for suffix in CONTRACT_FILES:
+            assert (folder / f"{dataset}{suffix}").is_file(), f"{dataset}{suffix} missing"
+        assert (folder / f"{dataset}_notebook.ipynb").is_file()
+        assert (folder / f"{dataset}_umap.png").stat().st_size > 1000
+        row = summary[summary["dataset"] == dataset].iloc[0]
+        assert row["n_clusters"] >= 2 and row["n_cells"] > 0 and row["total_time"] > 0
+    # the failed dataset's executed notebook stays for debugging
+    assert (run / "brain" / "Data_Text_Brain" / "Data_Text_Brain_notebook.ipynb").is_file()
+    text = (run / "batch_summary.txt").read_text()
+    assert "Total cost: $0.00" in text
+    assert "no API calls were made" in text
+    assert "Succeeded: 3" in text and "Failed: 2" in text
+    assert "Data_Text_Brain" in text and "not an HDF5" in text
+
+
+def test_annotated_h5ad_and_markers(workspace):
+    root, _, _ = workspace
+    run = run_dirs(root)["run_brain_breast"]
+    folder = run / "brain" / "Data_Filbin2018_Brain"
+    adata = ad.read_h5ad(folder / "Data_Filbin2018_Brain_annotated.h5ad")
+    assert {"leiden", "cell_type", "truth"} <= set(adata.obs.columns)
+    assert isinstance(adata.obs["cell_type"].dtype, pd.CategoricalDtype)
+    assert adata.obs["cell_type"].notna().all()
+    assert {"X_pca", "X_umap"} <= set(adata.obsm)
+    assert "counts" in adata.layers and float(adata.layers["counts"].sum()) > 0
+    # each true type's cells get the matching label from the offline reference
+    expected = {"Astrocyte": "astrocyte", "Oligodendrocyte": "oligodendrocyte", "Microglia": "microglia"}
+    for truth, word in expected.items():
+        called = adata.obs.loc[adata.obs["truth"] == truth, "cell_type"].value_counts().index[0]
+        assert word in called.lower(), (truth, called)
+    markers = pd.read_csv(folder / "Data_Filbin2018_Brain_markers.csv")
+    assert list(markers.columns) == ["cluster", "rank", "gene", "score", "logfoldchange", "pval", "pval_adj",
+                                     "pct_in_cluster", "pct_out_cluster"]
+    assert not markers.duplicated(["cluster", "gene"]).any()
+    assert set(markers["cluster"].astype(str)) == set(adata.obs["leiden"].astype(str))
+    annotation = (folder / "Data_Filbin2018_Brain_annotation.txt").read_text()
+    for cluster in adata.obs["leiden"].cat.categories:
+        assert f"Cluster {cluster}:" in annotation
+    summary = (folder / "Data_Filbin2018_Brain_summary.txt").read_text()
+    assert "before QC: 400 cells" in summary and "resolution = 1.0" in summary and "min_genes = 200" in summary
+
+
+def test_executed_notebook_records_parameters_and_no_key(workspace):
+    root, _, _ = workspace
+    run = run_dirs(root)["run_brain_breast"]
+    notebook = nbformat.read(run / "breast" / "Data_Bassez2021_Breast" / "Data_Bassez2021_Breast_notebook.ipynb",
+                             as_version=4)
+    parameters = notebook.metadata["papermill"]["parameters"]
+    assert parameters["species"] == "human" and parameters["min_genes"] == 200
+    assert parameters["tissue"] == "breast" and parameters["annotator"] == "reference"
+    assert not any("key" in name.lower() for name in parameters)
+    tracking = json.loads((run / "token_tracking.json").read_text())
+    assert tracking["total_calls"] == 0 and tracking["api_calls"] == [] and tracking["total_cost"] == 0
+
+
+def spec_blocks(language: str) -> list[str]:
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)^ *```", SPEC.read_text(), flags=re.DOTALL | re.MULTILINE)
+    return [textwrap.dedent(code) for _, code in blocks]
+
+
+def localise(code: str, run: Path) -> str:
+    """Point the spec's example run at ours: the run name and its date are the only changes."""
+    stamp = re.search(r"(\d{8})_(\d{6})$", run.name)
+    code = code.replace(SPEC_RUN, run.name).replace("run_20260216_151425", run.name)
+    return code.replace("20260216", stamp.group(1))
+
+
+def test_spec_python_examples_run_verbatim(workspace):
+    root, _, _ = workspace
+    run = run_dirs(root)["run_brain"]
+    blocks = spec_blocks("python")
+    assert len(blocks) >= 4
+    program = "\n".join(localise(block, run) for block in blocks)
+    result = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Processed 3 datasets" in result.stdout
+    assert "Total API calls: 0" in result.stdout and "Total cost: $0.00" in result.stdout
+    assert re.search(r"Combined: [\d,]+ cells from 2 datasets", result.stdout)
+    assert "Data_Text_Brain" in result.stdout  # the failures example lists the broken input
+
+
+def test_spec_bash_examples_run_verbatim(workspace):
+    root, _, _ = workspace
+    runs = run_dirs(root)
+    for block in spec_blocks("bash"):
+        if "batch_process_all_tissues.py" in block:
+            continue  # exercised on its own below
+        script = localise(block, runs["run_brain"])
+        result = subprocess.run(["bash", "-e", "-c", script], cwd=root, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, (block, result.stderr)
+        if "Total cost:" in block:
+            assert result.stdout.count("Total cost: $0.00") == 2
+    assert (runs["run_brain"] / "NOTES.txt").read_text().startswith("Testing resolution=0.8")
+
+
+def test_spec_all_tissues_script(workspace):
+    root, _, _ = workspace
+    (block,) = [b for b in spec_blocks("bash") if "batch_process_all_tissues.py" in b]
+    command = block.strip().splitlines()[-1].split()
+    assert command[:2] == ["python", "batch_process_all_tissues.py"]
+    result = run_cli(command[2:], cwd=root, script="batch_process_all_tissues.py")
+    assert result.returncode == 1, result.stderr
+    (run,) = (root / "batch_results_pilot_study").iterdir()
+    assert re.fullmatch(r"run_all_\d{8}_\d{6}", run.name)
+    assert len(pd.read_csv(run / "batch_summary.csv")) == 5
