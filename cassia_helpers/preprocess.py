@@ -56,7 +56,9 @@ def qc(
         adata._inplace_subset_var(gene_keep)
     if adata.n_vars == 0:
         raise InputError(f"{_file(adata)}: no genes left after QC (min_cells={min_cells})")
-    if record["input"].get("is_counts", True):
+    # subsetting in place rebuilds the AnnData and copies ``uns``: fetch the record again
+    record = provenance(adata)
+    if record.get("input", {}).get("is_counts", True):
         adata.layers["counts"] = adata.X.copy()
     record["qc"] = {
         "min_genes": min_genes,
@@ -79,7 +81,7 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
     Writes ``uns['cassia_batch']['normalized']`` (``"log1p(total={target_sum})"`` or ``"input"``).
     """
     record = provenance(adata)
-    if not record["input"].get("is_counts", True):
+    if not record.get("input", {}).get("is_counts", True):
         record["normalized"] = "input (already log-normalised)"
         return
     sc.pp.normalize_total(adata, target_sum=target_sum)

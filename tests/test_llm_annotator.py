@@ -1,0 +1,183 @@
+"""The CASSIA-style agents through the real openai client against the scripted server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cassia_helpers.annotate import ClusterMarkers
+from cassia_helpers.annotate.agents import LLMAnnotator, parse_answer
+from cassia_helpers.ledger import read_ledger
+from tests.conftest import API_KEY
+
+CLUSTERS = [
+    ClusterMarkers("0", ["CD3E", "CD8A", "CD8B", "GZMK", "CCL5"], n_cells=120),
+    ClusterMarkers("1", ["MS4A1", "CD79A", "CD19", "BANK1"], n_cells=80),
+    ClusterMarkers("2", ["CD14", "LYZ", "FCN1", "S100A8"], n_cells=60),
+]
+# rounds x (annotator + up to 3 formatter + validator)
+MAX_LOGICAL_CALLS = 2 * 5
+
+
+def annotator(server, tmp_path: Path, name: str = "ledger", **options) -> LLMAnnotator:
+    settings = dict(model="scripted-model", base_url=server.base_url, cache_dir=str(tmp_path / "cache"),
+                    ledger_path=tmp_path / f"{name}.jsonl", dataset="pbmc", tissue="blood", concurrency=4)
+    settings.update(options)
+    return LLMAnnotator(**settings)
+
+
+def sent(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["status"] in ("ok", "error")]
+
+
+def test_labels_and_ledger_equal_the_servers_count(llm_env, tmp_path):
+    results = annotator(llm_env, tmp_path).annotate(CLUSTERS, tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell", "Monocyte"]
+    for result, markers in zip(results, CLUSTERS):
+        assert result.status == "ok" and 0 <= result.confidence <= 100
+        assert result.key_markers and set(result.key_markers) <= set(markers.genes)
+        assert result.markers_sent == markers.genes
+        assert [t["agent"].split()[0] for t in result.transcript] == ["annotator", "formatter", "validator"]
+    records = read_ledger(tmp_path / "ledger.jsonl")
+    stats = llm_env.stats()
+    assert len(sent(records)) == stats["requests"] == 9
+    assert sum(r["input_tokens"] for r in records) == stats["prompt_tokens"]
+    assert sum(r["output_tokens"] for r in records) == stats["completion_tokens"]
+    assert sum(r.input_tokens for r in results) == stats["prompt_tokens"]
+    assert {r["agent"] for r in records} == {"annotator", "formatter", "validator"}
+    assert all(r["dataset"] == "pbmc" and r["tissue"] == "blood" and r["model"] == "scripted-model" for r in records)
+    # structured outputs were asked for with a JSON schema naming the six fields
+    formatter = [b for b in llm_env.received if b["_agent"] == "formatter"][0]
+    assert formatter["response_format"]["type"] == "json_schema"
+    assert set(formatter["response_format"]["json_schema"]["schema"]["required"]) == {
+        "main_cell_type", "sub_cell_types", "mixed_cell_types", "confidence", "key_markers", "reasoning"}
+    assert all(b["temperature"] == 0 and b["seed"] == 0 for b in llm_env.received)
+
+
+def test_rerun_is_served_from_the_cache(llm_env, tmp_path):
+    first = annotator(llm_env, tmp_path).annotate(CLUSTERS, tissue="blood", species="human")
+    llm_env.reset_stats()
+    again = annotator(llm_env, tmp_path, name="rerun").annotate(CLUSTERS, tissue="blood", species="human")
+    assert llm_env.stats()["requests"] == 0
+    assert [r.main_cell_type for r in again] == [r.main_cell_type for r in first]
+    records = read_ledger(tmp_path / "rerun.jsonl")
+    assert records and all(r["status"] == "cache_hit" and r["input_tokens"] == 0 and r["cost"] == 0
+                           for r in records)
+    llm_env.reset_stats()
+    annotator(llm_env, tmp_path, name="nocache", use_cache=False).annotate(CLUSTERS[:1], tissue="blood",
+                                                                           species="human")
+    assert llm_env.stats()["requests"] == 3
+
+
+def test_json_schema_refused_falls_back_to_json_object(llm_env, tmp_path):
+    llm_env.reject_json_schema = True
+    results = annotator(llm_env, tmp_path, concurrency=1).annotate(CLUSTERS, tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell", "Monocyte"]
+    formats = [b.get("response_format", {}).get("type") for b in llm_env.received if b["_agent"] == "formatter"]
+    # refused once, then json_object for every cluster
+    assert formats == ["json_schema", "json_object", "json_object", "json_object"]
+    assert len(sent(read_ledger(tmp_path / "ledger.jsonl"))) == llm_env.stats()["requests"]
+
+
+def test_no_response_format_at_all_falls_back_to_prose(llm_env, tmp_path):
+    llm_env.reject_response_format = True
+    results = annotator(llm_env, tmp_path, concurrency=1).annotate(CLUSTERS, tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell", "Monocyte"]
+    formats = [b.get("response_format", {}).get("type") for b in llm_env.received if b["_agent"] == "formatter"]
+    assert formats == ["json_schema", "json_object", None, None, None]
+
+
+def test_calls_stay_bounded_when_the_model_talks_garbage(llm_env, tmp_path):
+    llm_env.garbage = True
+    results = annotator(llm_env, tmp_path).annotate(CLUSTERS, tissue="blood", species="human")
+    assert all(r.main_cell_type == "Unknown" and r.status == "unknown" and r.reason for r in results)
+    per_cluster = {}
+    for record in read_ledger(tmp_path / "ledger.jsonl"):
+        per_cluster[record["cluster"]] = per_cluster.get(record["cluster"], 0) + 1
+    assert set(per_cluster) == {"0", "1", "2"}
+    assert max(per_cluster.values()) <= MAX_LOGICAL_CALLS
+    assert sum(per_cluster.values()) == llm_env.stats()["requests"]
+
+
+def test_rate_limits_and_server_errors_are_retried_and_each_attempt_recorded(llm_env, tmp_path):
+    llm_env.fail_next(2, status=429, retry_after=0.2)
+    results = annotator(llm_env, tmp_path, concurrency=1).annotate(CLUSTERS[:1], tissue="blood", species="human")
+    assert results[0].main_cell_type == "CD8+ T cell"
+    llm_env.fail_next(1, status=500)
+    annotator(llm_env, tmp_path, name="second", concurrency=1).annotate(CLUSTERS[1:2], tissue="blood",
+                                                                        species="human")
+    records = read_ledger(tmp_path / "ledger.jsonl") + read_ledger(tmp_path / "second.jsonl")
+    errors = [r for r in records if r["status"] == "error"]
+    assert len(errors) == 3 and all(r["input_tokens"] == 0 and r["cost"] == 0 for r in errors)
+    assert "RateLimitError 429" in errors[0]["error"] and "500" in errors[2]["error"]
+    assert [r["attempt"] for r in records if r["agent"] == "annotator"][:3] == [1, 2, 3]
+    assert len(sent(records)) == llm_env.stats()["requests"]
+
+
+def test_timeouts_and_unreadable_bodies_end_in_unknown_not_a_crash(llm_env, tmp_path):
+    llm_env.fault_rates(p_timeout=1.0, timeout_s=3.0)
+    results = annotator(llm_env, tmp_path, timeout=0.3, max_attempts=2, concurrency=1).annotate(
+        CLUSTERS[:1], tissue="blood", species="human")
+    assert results[0].main_cell_type == "Unknown" and "request failed" in results[0].reason
+    records = read_ledger(tmp_path / "ledger.jsonl")
+    assert [r["status"] for r in records] == ["error", "error"] and "Timeout" in records[0]["error"]
+    llm_env.fault_rates()
+    llm_env.malformed_body_next(1)
+    results = annotator(llm_env, tmp_path, name="malformed").annotate(CLUSTERS[1:2], tissue="blood",
+                                                                      species="human")
+    assert results[0].main_cell_type == "B cell"
+    assert read_ledger(tmp_path / "malformed.jsonl")[0]["error"].startswith("unreadable response")
+
+
+def test_wrong_key_stops_early_with_a_clear_reason(llm_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
+    results = annotator(llm_server, tmp_path).annotate(CLUSTERS, tissue="blood", species="human")
+    assert all(r.main_cell_type == "Unknown" and "AuthenticationError 401" in r.reason for r in results)
+    assert llm_server.stats()["requests"] <= len(CLUSTERS)
+
+
+def test_budget_stops_requests(llm_env, tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"scripted-model": {"input": 1000.0, "output": 1000.0}}))
+    results = annotator(llm_env, tmp_path, concurrency=1, max_cost=0.5, price_file=str(prices)).annotate(
+        CLUSTERS, tissue="blood", species="human")
+    # one annotator call (~200 tokens at $1000/1M = ~$0.2) ... then the budget is reached
+    assert results[-1].main_cell_type == "Unknown" and results[-1].reason == "budget"
+    records = read_ledger(tmp_path / "ledger.jsonl")
+    spent = sum(r["cost"] for r in sent(records))
+    assert len(sent(records)) == llm_env.stats()["requests"]
+    before_last = sum(r["cost"] for r in sent(records)[:-1])
+    assert before_last < 0.5 <= spent  # nothing was sent once the budget was reached
+    assert any(r["status"] == "budget" for r in records)
+
+
+def test_seed_refused_is_dropped(llm_env, tmp_path):
+    llm_env.reject_seed = True
+    results = annotator(llm_env, tmp_path, concurrency=1).annotate(CLUSTERS[:2], tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell"]
+    assert sum("seed" in b for b in llm_env.received) == 1
+
+
+def test_key_never_written(llm_env, tmp_path):
+    annotator(llm_env, tmp_path).annotate(CLUSTERS, tissue="blood", species="human")
+    llm_env.fail_next(1, status=429)
+    annotator(llm_env, tmp_path, name="again", use_cache=False).annotate(CLUSTERS[:1], tissue="blood",
+                                                                         species="human")
+    assert llm_env.headers_seen[0]["Authorization"] == f"Bearer {API_KEY}"
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 3
+    for path in files:
+        assert API_KEY not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"main_cell_type": "NK cell", "confidence": 0.9}', ("NK cell", 90.0)),
+    ('Sure!\n```json\n{"main_cell_type": "B cell", "key_markers": "MS4A1, CD79A"}\n```', ("B cell", 50.0)),
+    ("Reasoning...\nFINAL ANNOTATION: **Astrocyte**", ("Astrocyte", 50.0)),
+    ("I cannot tell.", None),
+])
+def test_tolerant_parsing(text, expected):
+    parsed = parse_answer(text)
+    assert (parsed["main_cell_type"], parsed["confidence"]) == expected if expected else parsed is None
