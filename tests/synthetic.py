@@ -53,7 +53,7 @@ def make_counts(
         profile[[index[g] for g in type_markers]] *= 60
         profiles[name] = profile / profile.sum()
     library = rng.integers(1500, 3500, n_cells)
-    rows = np.stack([rng.poisson(profiles[label] * size) for label, size in zip(labels, library)])
+    rows = np.stack([rng.poisson(profiles[label] * size) for label, size in zip(labels, library, strict=True)])
     if mouse:
         genes = [g.capitalize() if not g.startswith("MT-") else "mt-" + g[3:].capitalize() for g in genes]
     return ad.AnnData(

@@ -35,7 +35,7 @@ def sent(records: list[dict]) -> list[dict]:
 def test_labels_and_ledger_equal_the_servers_count(llm_env, tmp_path):
     results = annotator(llm_env, tmp_path).annotate(CLUSTERS, tissue="blood", species="human")
     assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell", "Monocyte"]
-    for result, markers in zip(results, CLUSTERS):
+    for result, markers in zip(results, CLUSTERS, strict=True):
         assert result.status == "ok" and 0 <= result.confidence <= 100
         assert result.key_markers and set(result.key_markers) <= set(markers.genes)
         assert result.markers_sent == markers.genes

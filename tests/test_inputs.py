@@ -1,0 +1,554 @@
+"""Bad and unusual inputs: every one is either processed correctly or answered with a one-line InputError.
+
+Inputs are tiny synthetic count matrices written to ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cassia_helpers import io as cio
+from cassia_helpers import preprocess as pp
+from cassia_helpers.io import InputError, read_dataset
+from cassia_helpers.markers import rank_markers
+
+HUMAN_MARKERS = [["CD3E", "CD3D", "IL7R"], ["CD19", "MS4A1", "CD79A"], ["LYZ", "CD14", "S100A8"]]
+HUMAN_MITO = ["MT-CO1", "MT-ND1", "MT-ATP6"]
+MOUSE_MARKERS = [["Cd3e", "Cd3d", "Il7r"], ["Cd19", "Ms4a1", "Cd79a"], ["Lyz2", "Cd14", "S100a8"]]
+MOUSE_MITO = ["mt-Co1", "mt-Nd1", "mt-Atp6"]
+QC = {"min_genes": 20, "min_cells": 3, "max_pct_mt": 20.0}
+
+
+def make_counts(
+    n_cells: int = 300,
+    n_genes: int = 400,
+    *,
+    n_types: int = 3,
+    mouse: bool = False,
+    seed: int = 0,
+) -> ad.AnnData:
+    """Poisson counts drawn from ``n_types`` cell-type programs (CSR, float32).
+
+    The first genes are mitochondrial genes, then three markers per type; the rest are ``GENE<i>``
+    (``Gene<i>`` for mouse). ``obs['truth']`` is the program each cell was drawn from.
+    """
+    rng = np.random.default_rng(seed)
+    mito, markers = (MOUSE_MITO, MOUSE_MARKERS) if mouse else (HUMAN_MITO, HUMAN_MARKERS)
+    named = mito + [gene for genes in markers for gene in genes]
+    stem = "Gene" if mouse else "GENE"
+    names = named + [f"{stem}{i}" for i in range(len(named), n_genes)]
+    base = rng.gamma(1.0, 0.6, size=n_genes)
+    base[: len(mito)] = 1.5
+    programs = []
+    for t in range(n_types):
+        rates = base.copy()
+        start = len(mito) + 3 * (t % len(markers))
+        rates[start : start + 3] += 8.0
+        block = len(named) + np.arange(t * 40, (t + 1) * 40) % (n_genes - len(named))
+        rates[block] *= 8.0
+        programs.append(rates)
+    truth = rng.integers(0, n_types, n_cells)
+    x = rng.poisson(np.stack([programs[t] for t in truth])).astype(np.float32)
+    return ad.AnnData(
+        X=sp.csr_matrix(x),
+        obs=pd.DataFrame({"truth": pd.Categorical(truth.astype(str))}, index=[f"cell{i}" for i in range(n_cells)]),
+        var=pd.DataFrame(index=names),
+    )
+
+
+def write(adata: ad.AnnData, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(path)
+    return path
+
+
+def lognorm(x) -> sp.csr_matrix:
+    x = sp.csr_matrix(x, dtype=np.float32)
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    scaled = sp.diags(1e4 / np.maximum(totals, 1)) @ x
+    scaled.data = np.log1p(scaled.data)
+    return sp.csr_matrix(scaled, dtype=np.float32)
+
+
+def warnings_of(adata: ad.AnnData) -> list[str]:
+    return list(adata.uns["cassia_batch"]["warnings"])
+
+
+def assert_one_line_error(excinfo, path: Path, *phrases: str) -> str:
+    message = str(excinfo.value)
+    assert message.startswith(str(path)), message
+    assert "\n" not in message and "\r" not in message, message
+    assert "Traceback" not in message, message
+    assert len(message) <= len(str(path)) + 300, message
+    for phrase in phrases:
+        assert phrase in message, message
+    return message
+
+
+def run_pipeline(adata: ad.AnnData) -> pd.DataFrame:
+    pp.qc(adata, **QC)
+    pp.normalize(adata)
+    pp.reduce_dimensions(adata, n_top_genes=200, n_pcs=20)
+    pp.neighbors(adata, n_neighbors=10)
+    pp.cluster(adata)
+    pp.umap(adata)
+    return rank_markers(adata, n_genes=20)
+
+
+# --- files that are not readable h5ad -------------------------------------------------------------------------
+
+
+def _truncated(path: Path) -> None:
+    write(make_counts(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _text(path: Path) -> None:
+    path.write_text("gene,cell1,cell2\nCD3E,1,0\n")
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _plain_hdf5(path: Path) -> None:
+    with h5py.File(path, "w") as handle:
+        handle["values"] = np.arange(10)
+
+
+def _tenx_h5(path: Path) -> None:
+    with h5py.File(path, "w") as handle:
+        group = handle.create_group("matrix")
+        group["data"] = np.arange(3)
+
+
+@pytest.mark.parametrize(
+    ("make", "phrase"),
+    [
+        (_truncated, "corrupt or truncated h5ad ("),
+        (_text, "not an HDF5/h5ad file"),
+        (_empty, "empty file (0 bytes)"),
+        (_plain_hdf5, "not an AnnData h5ad"),
+        (_tenx_h5, "10x Genomics"),
+    ],
+    ids=["truncated", "text", "empty", "hdf5-not-anndata", "10x-h5"],
+)
+def test_unreadable_files_raise_one_line_input_error(tmp_path, make, phrase):
+    path = tmp_path / "bad input.h5ad"
+    make(path)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, phrase)
+    assert excinfo.value.__suppress_context__ or excinfo.value.__context__ is None
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.h5ad"
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "file not found")
+
+
+def test_input_error_message_is_always_one_line():
+    assert str(InputError("a.h5ad: first\nsecond\r\n\tthird")) == "a.h5ad: first second third"
+
+
+def test_long_reader_error_is_collapsed_and_shortened(tmp_path, monkeypatch):
+    path = write(make_counts(50, 60), tmp_path / "x.h5ad")
+
+    def explode(*_args, **_kwargs):
+        raise KeyError("line one\n" + "very long detail " * 100)
+
+    monkeypatch.setattr(ad, "read_h5ad", explode)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    message = assert_one_line_error(excinfo, path, "corrupt or truncated h5ad (", "line one very long detail")
+    assert len(message) <= len(str(path)) + 250
+
+
+# --- empty datasets -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "phrase"), [((0, 50), "no cells (0 observations)"), ((40, 0), "no genes (0 variables)")]
+)
+def test_zero_cells_or_genes_before_qc(tmp_path, shape, phrase):
+    adata = ad.AnnData(
+        X=np.zeros(shape, dtype=np.float32),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(shape[0])]),
+        var=pd.DataFrame(index=[f"G{i}" for i in range(shape[1])]),
+    )
+    path = write(adata, tmp_path / "empty data.h5ad")
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, phrase)
+
+
+def test_no_cells_left_after_qc(tmp_path):
+    path = write(make_counts(60, 100), tmp_path / "few genes.h5ad")
+    adata = read_dataset(path)
+    with pytest.raises(InputError) as excinfo:
+        pp.qc(adata, min_genes=10_000, min_cells=3, max_pct_mt=20.0)
+    assert_one_line_error(excinfo, path, "no cells left after QC", "min_genes=10000", "max_pct_mt=20.0")
+
+
+def test_no_cells_left_after_mito_filter(tmp_path):
+    path = write(make_counts(60, 100), tmp_path / "mito.h5ad")
+    adata = read_dataset(path)
+    with pytest.raises(InputError) as excinfo:
+        pp.qc(adata, min_genes=1, min_cells=1, max_pct_mt=0.0)
+    assert_one_line_error(excinfo, path, "no cells left after QC", "max_pct_mt=0.0")
+
+
+def test_no_genes_left_after_qc(tmp_path):
+    path = write(make_counts(60, 100), tmp_path / "few cells.h5ad")
+    adata = read_dataset(path)
+    with pytest.raises(InputError) as excinfo:
+        pp.qc(adata, min_genes=1, min_cells=1000, max_pct_mt=100.0)
+    assert_one_line_error(excinfo, path, "no genes left after QC", "min_cells=1000")
+
+
+# --- counts, log-normalised and scaled values ----------------------------------------------------------------------
+
+
+def test_log_normalised_input_skips_normalisation(tmp_path):
+    adata = make_counts()
+    adata.X = lognorm(adata.X)
+    adata = read_dataset(write(adata, tmp_path / "lognorm.h5ad"))
+    assert adata.uns["cassia_batch"]["input"]["is_counts"] is False
+    assert any("already log-normalised" in w for w in warnings_of(adata))
+    pp.qc(adata, **QC)
+    before = adata.X.copy()
+    pp.normalize(adata)
+    assert adata.uns["cassia_batch"]["normalized"].startswith("input")
+    assert (adata.X != before).nnz == 0
+    assert "counts" not in adata.layers
+
+
+@pytest.mark.parametrize("where", ["layer", "raw"])
+def test_log_normalised_x_with_counts_uses_counts(tmp_path, where):
+    adata = make_counts()
+    counts = adata.X.copy()
+    if where == "layer":
+        adata.layers["counts"] = counts.copy()
+    else:
+        adata.raw = adata.copy()
+    adata.X = lognorm(counts)
+    adata = read_dataset(write(adata, tmp_path / f"lognorm with {where}.h5ad"))
+    record = adata.uns["cassia_batch"]["input"]
+    assert record["is_counts"] is True
+    assert record["counts_source"] == {"layer": "layers['counts']", "raw": "raw.X"}[where]
+    assert (adata.X != counts).nnz == 0
+    assert not any("log-normalised" in w for w in warnings_of(adata))
+    pp.qc(adata, **QC)
+    pp.normalize(adata)
+    assert adata.uns["cassia_batch"]["normalized"].startswith("log1p")
+    assert (adata.layers["counts"].data % 1 == 0).all()
+
+
+def test_raw_counts_with_more_genes_than_x_uses_all_raw_genes(tmp_path):
+    adata = make_counts()
+    adata.raw = adata.copy()
+    hvg = adata[:, 100:].copy()  # X keeps a gene subset (as after HVG selection), scaled
+    dense = lognorm(hvg.X).toarray()
+    hvg.X = (dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-6)
+    adata = read_dataset(write(hvg, tmp_path / "scaled with raw.h5ad"))
+    assert adata.n_vars == 400
+    assert "CD3E" in adata.var_names
+    assert adata.uns["cassia_batch"]["input"]["counts_source"] == "raw.X"
+    assert adata.uns["cassia_batch"]["input"]["n_genes"] == 400
+
+
+@pytest.mark.parametrize("x_values", ["scaled", "lognorm"])
+def test_log_normalised_raw_with_more_genes_is_used(tmp_path, x_values):
+    adata = make_counts()
+    adata.X = lognorm(adata.X)
+    adata.raw = adata.copy()
+    subset = adata[:, 100:].copy()
+    if x_values == "scaled":
+        dense = subset.X.toarray()
+        subset.X = (dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-6)
+    adata = read_dataset(write(subset, tmp_path / "lognorm raw.h5ad"))
+    assert adata.n_vars == 400
+    assert adata.uns["cassia_batch"]["input"]["is_counts"] is False
+    assert adata.uns["cassia_batch"]["input"]["counts_source"] == "none (log-normalised raw.X)"
+    assert any("raw.X is already log-normalised" in w for w in warnings_of(adata))
+
+
+def test_scaled_data_raises(tmp_path):
+    adata = make_counts()
+    dense = lognorm(adata.X).toarray()
+    adata.X = (dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-6)
+    path = write(adata, tmp_path / "scaled.h5ad")
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "negative values (scaled data)")
+
+
+def test_non_finite_values_raise(tmp_path):
+    adata = make_counts(50, 60)
+    dense = adata.X.toarray()
+    dense[0, 0] = np.nan
+    adata.X = dense
+    path = write(adata, tmp_path / "nan.h5ad")
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "NaN")
+
+
+# --- gene names ------------------------------------------------------------------------------------------------------
+
+
+def with_ensembl_ids(adata: ad.AnnData, mouse: bool = False) -> ad.AnnData:
+    prefix = "ENSMUSG" if mouse else "ENSG"
+    symbols = adata.var_names.to_numpy()
+    adata.var_names = [f"{prefix}{i:011d}.{i % 3 + 1}" for i in range(adata.n_vars)]
+    adata.var["symbols_kept_for_test"] = symbols
+    return adata
+
+
+@pytest.mark.parametrize("column", ["gene_symbols", "feature_name", "Gene_Name", "categorical"])
+def test_ensembl_ids_with_symbol_column_use_symbols(tmp_path, column):
+    adata = with_ensembl_ids(make_counts())
+    symbols = adata.var.pop("symbols_kept_for_test")
+    if column == "categorical":  # CELLxGENE stores feature_name as a categorical
+        column, symbols = "feature_name", pd.Categorical(symbols)
+    adata.var[column] = symbols
+    adata = read_dataset(write(adata, tmp_path / "ensembl.h5ad"))
+    assert "CD3E" in adata.var_names and "MT-CO1" in adata.var_names
+    assert adata.var.loc["CD3E", "gene_ids"].startswith("ENSG")
+    assert adata.uns["cassia_batch"]["input"]["symbol_source"] == f"var['{column}']"
+    pp.qc(adata, **QC)
+    assert adata.uns["cassia_batch"]["qc"]["mito_genes"] == 3
+
+
+def test_missing_symbols_fall_back_to_ids(tmp_path):
+    adata = with_ensembl_ids(make_counts())
+    symbols = adata.var.pop("symbols_kept_for_test").astype(object)
+    symbols.iloc[10] = None
+    symbols.iloc[11] = ""
+    adata.var["gene_symbols"] = symbols
+    adata = read_dataset(write(adata, tmp_path / "ensembl.h5ad"))
+    assert adata.var_names[10].startswith("ENSG") and adata.var_names[11].startswith("ENSG")
+    assert adata.var_names.is_unique
+
+
+def test_ensembl_ids_without_symbols_warn_and_proceed(tmp_path):
+    adata = with_ensembl_ids(make_counts())
+    del adata.var["symbols_kept_for_test"]
+    adata.var["feature_biotype"] = "gene"
+    adata = read_dataset(write(adata, tmp_path / "ids only.h5ad"))
+    assert adata.uns["cassia_batch"]["input"]["symbol_source"] == "ensembl_ids"
+    assert any("Ensembl ids" in w for w in warnings_of(adata))
+    pp.qc(adata, **QC)
+    pp.normalize(adata)
+    assert adata.n_obs > 0
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_duplicated_gene_names_made_unique(tmp_path):
+    adata = make_counts()
+    names = adata.var_names.to_list()
+    names[20] = names[21] = names[22] = "CD3E"
+    adata.var_names = names
+    adata = read_dataset(write(adata, tmp_path / "dups.h5ad"))
+    assert adata.var_names.is_unique
+    assert {"CD3E", "CD3E-1", "CD3E-2", "CD3E-3"} <= set(adata.var_names)
+    assert any("3 duplicated gene names" in w for w in warnings_of(adata))
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_duplicated_cell_names_made_unique(tmp_path):
+    adata = make_counts()
+    adata.obs_names = ["AAACCTG"] * 10 + adata.obs_names[10:].to_list()
+    adata = read_dataset(write(adata, tmp_path / "dup cells.h5ad"))
+    assert adata.obs_names.is_unique
+    assert any("9 duplicated cell names" in w for w in warnings_of(adata))
+    pp.qc(adata, **QC)
+
+
+# --- clustering ----------------------------------------------------------------------------------------------------
+
+
+def test_multi_cluster_pipeline(tmp_path):
+    adata = read_dataset(write(make_counts(), tmp_path / "three types.h5ad"))
+    markers = run_pipeline(adata)
+    assert adata.obs["leiden"].nunique() > 1
+    assert markers["cluster"].nunique() == adata.obs["leiden"].nunique()
+    assert not any("single cluster" in w for w in warnings_of(adata))
+
+
+def test_single_cluster_pipeline_still_gives_markers(tmp_path):
+    adata = read_dataset(write(make_counts(60, 200, n_types=1), tmp_path / "one type.h5ad"))
+    pp.qc(adata, **QC)
+    pp.normalize(adata)
+    pp.reduce_dimensions(adata, n_top_genes=100, n_pcs=10)
+    pp.neighbors(adata, n_neighbors=10)
+    pp.cluster(adata, resolution=0.05)
+    pp.umap(adata)
+    markers = rank_markers(adata, n_genes=20)
+    assert adata.obs["leiden"].nunique() == 1
+    assert len(markers) == 20 and markers["gene"].notna().all()
+    assert any("single cluster" in w for w in warnings_of(adata))
+
+
+# --- species -------------------------------------------------------------------------------------------------------
+
+
+def test_mouse_mito_genes_detected_by_qc(tmp_path):
+    adata = make_counts(mouse=True)
+    x = adata.X.toarray()
+    x[:5, :3] = 500  # five cells dominated by mitochondrial counts
+    adata.X = sp.csr_matrix(x)
+    adata = read_dataset(write(adata, tmp_path / "mouse.h5ad"), species="mouse")
+    assert not any("species" in w for w in warnings_of(adata))
+    pp.qc(adata, **QC)
+    record = adata.uns["cassia_batch"]["qc"]
+    assert record["mito_genes"] == 3
+    assert adata.var.loc[MOUSE_MITO, "mt"].all()
+    assert record["cells_after"] == record["cells_before"] - 5
+    assert not any(name in adata.obs_names for name in [f"cell{i}" for i in range(5)])
+
+
+def test_human_symbols_with_species_mouse_warn(tmp_path):
+    adata = read_dataset(write(make_counts(), tmp_path / "human.h5ad"), species="mouse")
+    assert any("upper case (human style) but species is mouse" in w for w in warnings_of(adata))
+
+
+def test_mouse_symbols_with_species_human_warn(tmp_path):
+    adata = read_dataset(write(make_counts(mouse=True), tmp_path / "mouse.h5ad"), species="human")
+    assert any("look like mouse symbols" in w for w in warnings_of(adata))
+
+
+def test_mouse_ensembl_ids_do_not_trigger_case_warning(tmp_path):
+    adata = with_ensembl_ids(make_counts(mouse=True), mouse=True)
+    del adata.var["symbols_kept_for_test"]
+    adata = read_dataset(write(adata, tmp_path / "mouse ids.h5ad"), species="mouse")
+    assert not any("species is mouse" in w for w in warnings_of(adata))
+
+
+# --- paths ---------------------------------------------------------------------------------------------------------
+
+
+def test_path_with_spaces_and_non_ascii(tmp_path):
+    path = write(make_counts(), tmp_path / "Tissue Ø" / "Data Ünïcode 2024.h5ad")
+    adata = read_dataset(path)
+    assert adata.uns["cassia_batch"]["input"]["file"] == str(path)
+    pp.qc(adata, **QC)
+    bad = tmp_path / "Tissue Ø" / "Brøken Ünïcode.h5ad"
+    _text(bad)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(str(bad))
+    assert_one_line_error(excinfo, bad, "not an HDF5/h5ad file")
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+
+
+def test_memory_limit_rejects_before_reading(tmp_path, monkeypatch):
+    path = write(make_counts(), tmp_path / "big.h5ad")
+
+    def must_not_read(*_args, **_kwargs):
+        raise AssertionError("read_h5ad called for a dataset that does not fit")
+
+    monkeypatch.setattr(ad, "read_h5ad", must_not_read)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path, memory_limit=1000)
+    assert_one_line_error(excinfo, path, "too large for memory", "available")
+
+
+def test_default_memory_limit_is_available_memory(tmp_path, monkeypatch):
+    path = write(make_counts(), tmp_path / "big.h5ad")
+    monkeypatch.setattr(cio, "available_memory_bytes", lambda: 2048)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "too large for memory", "2.0 KiB available")
+    monkeypatch.setattr(cio, "available_memory_bytes", lambda: None)  # unknown memory: no check
+    assert read_dataset(path).n_obs == 300
+    assert read_dataset(path, memory_limit=10 * 2**20).n_obs == 300
+
+
+def test_memory_estimate_reads_metadata_only(tmp_path):
+    """A 400 GB X (declared, never written) is rejected at once from HDF5 metadata, with real MemAvailable."""
+    path = write(make_counts(), tmp_path / "huge.h5ad")
+    n_obs, n_vars = 1_000_000, 100_000
+    with h5py.File(path, "r+") as handle:
+        del handle["X"]
+        x = handle.create_dataset("X", shape=(n_obs, n_vars), dtype="float32", chunks=(1000, 1000))
+        x.attrs["encoding-type"] = "array"
+        x.attrs["encoding-version"] = "0.2.0"
+    assert path.stat().st_size < 5 * 2**20
+    assert cio.estimate_memory_bytes(path) >= 3 * n_obs * n_vars * 4
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "too large for memory", "GiB")
+
+
+def test_memory_estimate_counts_raw_and_layers(tmp_path):
+    adata = make_counts()
+    plain = cio.estimate_memory_bytes(write(adata, tmp_path / "plain.h5ad"))
+    adata.layers["counts"] = adata.X.copy()
+    adata.raw = adata.copy()
+    assert cio.estimate_memory_bytes(write(adata, tmp_path / "more.h5ad")) > plain + 2 * adata.X.data.nbytes
+
+
+def test_file_is_read_once(tmp_path, monkeypatch):
+    path = write(make_counts(), tmp_path / "once.h5ad")
+    calls = []
+    real = ad.read_h5ad
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ad, "read_h5ad", counting)
+    read_dataset(path)
+    assert len(calls) == 1
+
+
+def test_previous_run_record_is_replaced(tmp_path):
+    adata = make_counts()
+    adata.uns["cassia_batch"] = {"warnings": ["stale warning"], "timings": {"qc": 9.0}, "leiden": {"n_clusters": 7}}
+    adata = read_dataset(write(adata, tmp_path / "rerun.h5ad"))
+    assert "stale warning" not in warnings_of(adata)
+    assert "leiden" not in adata.uns["cassia_batch"]
+
+
+# --- matrix storage ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+@pytest.mark.parametrize("layout", ["dense", "csr", "csc"])
+def test_matrix_layouts_and_dtypes(tmp_path, layout, dtype):
+    adata = make_counts(120, 150)
+    x = adata.X.toarray().astype(dtype)
+    adata.X = {"dense": x, "csr": sp.csr_matrix(x), "csc": sp.csc_matrix(x)}[layout]
+    adata = read_dataset(write(adata, tmp_path / f"{layout}.h5ad"))
+    assert adata.X.dtype == np.float32
+    if layout == "dense":
+        assert isinstance(adata.X, np.ndarray)
+    else:
+        assert sp.issparse(adata.X) and adata.X.format == "csr"
+    assert adata.uns["cassia_batch"]["input"]["is_counts"] is True
+    np.testing.assert_array_equal(np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X), x)
+    pp.qc(adata, **QC)
+    pp.normalize(adata)
+    pp.reduce_dimensions(adata, n_top_genes=100, n_pcs=10)
+    assert adata.obsm["X_pca"].shape == (adata.n_obs, 10)
+
+
+def test_x_missing_uses_counts_layer(tmp_path):
+    adata = make_counts(50, 60)
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = None
+    adata = read_dataset(write(adata, tmp_path / "no x.h5ad"))
+    assert adata.uns["cassia_batch"]["input"]["counts_source"] == "layers['counts']"
+    assert adata.X.shape == (50, 60)

@@ -1,0 +1,409 @@
+"""Tests of the offline reference annotator and its packaged marker reference."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from cassia_helpers.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
+from cassia_helpers.annotate.reference import (
+    ReferenceAnnotator,
+    ReferenceDataError,
+    load_reference,
+)
+
+PBMC_NOISE = ["LDHB", "NPM1", "EEF1A1", "RPL3", "TPT1"]
+
+
+def cm(name: str, genes: list[str], **kwargs) -> ClusterMarkers:
+    return ClusterMarkers(cluster=name, genes=list(genes), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def human() -> ReferenceAnnotator:
+    return ReferenceAnnotator(species="human")
+
+
+@pytest.fixture(scope="module")
+def raw_json() -> dict:
+    text = resources.files("cassia_helpers.annotate").joinpath("data", "markers.json").read_text("utf-8")
+    return json.loads(text)
+
+
+# ---------------------------------------------------------------- known answers (human)
+
+
+@pytest.mark.parametrize(
+    ("tissue", "genes", "expected"),
+    [
+        ("pbmc", ["CD3E", "CD8A", "CD8B", "GZMK", "CCL5", "CD3D", "NKG7"], {"CD8+ T cell",
+                                                                             "Effector memory CD8+ T cell"}),
+        ("pbmc", ["MS4A1", "CD79A", "CD79B", "BANK1", "CD19"], {"B cell"}),
+        ("blood", ["CD14", "LYZ", "VCAN", "S100A8", "S100A9", "FCN1"], {"Classical monocyte"}),
+        ("blood", ["FCGR3A", "MS4A7", "CDKN1C", "LST1", "RHOC"], {"Non-classical monocyte"}),
+        ("pbmc", ["GNLY", "NKG7", "KLRF1", "KLRD1", "PRF1", "NCR1"], {"NK cell"}),
+        ("pbmc", ["FOXP3", "IL2RA", "CTLA4", "CD4", "RTKN2", "IKZF2"], {"Regulatory T cell"}),
+        ("pbmc", ["CCR7", "LEF1", "SELL", "CD4", "CD3E", "TCF7"], {"Naive CD4+ T cell"}),
+        ("pbmc", ["LILRA4", "CLEC4C", "IL3RA", "TCF4", "IRF7"], {"Plasmacytoid dendritic cell"}),
+        ("pbmc", ["CD1C", "FCER1A", "CLEC10A", "HLA-DQA1", "CD1E"], {"Conventional dendritic cell type 2"}),
+        ("pbmc", ["PPBP", "PF4", "GP9", "ITGA2B", "TUBB1"], {"Megakaryocyte/platelet"}),
+        ("pbmc", ["HBB", "HBA1", "HBA2", "ALAS2"], {"Erythrocyte"}),
+        ("pbmc", ["CD34", "SPINK2", "PRSS57", "CRHBP", "AVP"], {"Hematopoietic stem/progenitor cell"}),
+        ("pbmc", ["TNFRSF17", "MZB1", "JCHAIN", "SDC1", "DERL3"], {"Plasma cell"}),
+        ("brain", ["GFAP", "AQP4", "SLC1A2", "ALDH1L1", "GJA1"], {"Astrocyte"}),
+        ("brain", ["MOG", "MBP", "PLP1", "MOBP", "MAG"], {"Oligodendrocyte"}),
+        ("brain", ["P2RY12", "TMEM119", "CX3CR1", "CSF1R", "C1QA"], {"Microglia"}),
+        ("brain", ["GAD1", "GAD2", "SLC32A1", "SST", "LHX6"], {"Inhibitory neuron"}),
+        ("lung", ["SFTPC", "SFTPA1", "NAPSA", "LAMP3", "ABCA3"], {"Alveolar type 2 cell"}),
+        ("lung", ["MARCO", "FABP4", "INHBA", "MCEMP1", "C1QA"], {"Alveolar macrophage"}),
+        ("liver", ["ALB", "APOA1", "FGB", "AHSG", "APOH"], {"Hepatocyte"}),
+        ("kidney", ["NPHS1", "NPHS2", "PODXL", "PTPRO", "WT1"], {"Podocyte"}),
+        ("pancreas", ["INS", "IAPP", "MAFA", "NKX6-1", "G6PC2"], {"Pancreatic beta cell"}),
+        ("Breast", ["KRT14", "KRT5", "TP63", "OXTR", "KRT17"], {"Basal/myoepithelial cell"}),
+        ("heart", ["TNNT2", "MYH7", "MYL2", "ACTC1", "TNNI3"], {"Cardiomyocyte", "Ventricular cardiomyocyte"}),
+        ("skin", ["PMEL", "MLANA", "TYRP1", "DCT", "TYR"], {"Melanocyte"}),
+        ("intestine", ["MUC2", "CLCA1", "SPINK4", "ZG16", "TFF3"], {"Goblet cell"}),
+        ("bone_marrow", ["MPO", "ELANE", "AZU1", "PRTN3", "CTSG"], {"Myeloid progenitor"}),
+        ("lung", ["CDH5", "PECAM1", "VWF", "CLDN5", "EMCN"], {"Endothelial cell", "Venous endothelial cell",
+                                                              "Capillary endothelial cell"}),
+        ("skin", ["DCN", "LUM", "PDGFRA", "COL1A2", "FBLN1"], {"Fibroblast"}),
+    ],
+)
+def test_known_answers(human, tissue, genes, expected):
+    (call,) = human.annotate([cm("c", genes + PBMC_NOISE)], tissue=tissue, species="human")
+    assert call.status == "ok"
+    assert call.main_cell_type in expected, call.reasoning
+    assert call.confidence > 0
+
+
+def test_cd8_beats_cd4_and_nk(human):
+    (call,) = human.annotate(
+        [cm("cd8", ["CD3E", "CD8A", "CD8B", "GZMK", "CCL5", "CD3D"])], tissue="pbmc", species="human"
+    )
+    assert "CD8" in call.main_cell_type
+    assert call.main_cell_type not in {"CD4+ T cell", "NK cell"}
+
+
+def test_marker_rank_matters(human):
+    # the same genes in a different order: whichever type's markers lead the list wins
+    t_first = ["CD3E", "CD3D", "CD2", "TRAC", "MS4A1", "CD79A"]
+    b_first = ["MS4A1", "CD79A", "CD79B", "CD19", "CD3E", "CD3D"]
+    a, b = human.annotate([cm("t", t_first), cm("b", b_first)], tissue="blood", species="human")
+    assert a.main_cell_type.endswith("T cell")
+    assert b.main_cell_type == "B cell"
+
+
+def test_mixed_population_is_reported(human):
+    genes = ["MS4A1", "CD3E", "CD79A", "CD3D", "CD79B", "CD2", "CD19", "CD3G"]
+    (call,) = human.annotate([cm("mix", genes)], tissue="pbmc", species="human")
+    assert call.status == "ok"
+    lineages = {call.main_cell_type, *call.mixed_cell_types}
+    assert any("B cell" in x for x in lineages) and any("T cell" in x for x in lineages), call
+
+
+def test_pct_specificity_changes_the_call(human):
+    # S100A8/9 and LYZ lead, but are expressed as much outside the cluster as inside: the DC markers win
+    genes = ["S100A9", "S100A8", "LYZ", "CD14", "VCAN", "FCER1A", "CLEC10A", "CD1C", "FCN1", "CD1E"]
+    pct_in = [1.0, 1.0, 1.0, 0.9, 0.9, 0.9, 0.9, 0.8, 0.9, 0.7]
+    pct_out = [0.9, 0.9, 0.95, 0.8, 0.8, 0.05, 0.05, 0.02, 0.85, 0.01]
+    plain, with_pct = human.annotate(
+        [cm("a", genes), cm("b", genes, pct_in=pct_in, pct_out=pct_out)], tissue="pbmc", species="human"
+    )
+    assert "monocyte" in plain.main_cell_type.lower()
+    assert "dendritic" in with_pct.main_cell_type.lower()
+
+
+def test_aliases_match_old_symbols(human):
+    (call,) = human.annotate([cm("pc", ["IGJ", "MZB1", "TNFRSF17", "DERL3"])], tissue="pbmc", species="human")
+    assert call.main_cell_type == "Plasma cell"
+    assert "IGJ" in call.key_markers
+
+
+# ---------------------------------------------------------------- unknowns, invariants
+
+
+def test_random_genes_are_unknown(human):
+    genes = [f"FAKEGENE{i}" for i in range(40)]
+    (call,) = human.annotate([cm("x", genes)], tissue="pbmc", species="human")
+    assert call.status == "unknown"
+    assert call.main_cell_type == UNKNOWN
+    assert call.reason == "no reference cell type matched the markers"
+    assert call.markers_sent == genes
+
+
+def test_single_weak_marker_is_unknown(human):
+    genes = ["ACTB", "GAPDH", "LTB"] + [f"NOISE{i}" for i in range(20)]
+    (call,) = human.annotate([cm("x", genes)], tissue="pbmc", species="human")
+    assert call.status == "unknown"
+
+
+def test_empty_cluster_is_unknown(human):
+    (call,) = human.annotate([cm("empty", [])], tissue="pbmc", species="human")
+    assert call.status == "unknown"
+
+
+def test_order_preserved_and_key_markers_subset(human):
+    clusters = [
+        cm("z", ["MS4A1", "CD79A", "CD79B"]),
+        cm("a", [f"NOPE{i}" for i in range(5)]),
+        cm("m", ["CD14", "LYZ", "S100A8", "S100A9", "VCAN"]),
+        cm("7", ["CD3E", "CD3D", "IL7R", "CCR7", "LEF1"]),
+    ]
+    calls = human.annotate(clusters, tissue="blood", species="human")
+    assert [c.cluster for c in calls] == ["z", "a", "m", "7"]
+    for c, call in zip(clusters, calls, strict=True):
+        assert isinstance(call, ClusterAnnotation)
+        assert set(call.key_markers) <= set(c.genes)
+        assert call.markers_sent == c.genes
+        assert 0.0 <= call.confidence <= 100.0
+        assert len(call.sub_cell_types) <= 3
+        assert call.main_cell_type not in call.sub_cell_types
+        if call.status == "ok":
+            assert call.key_markers
+            assert call.reasoning.startswith("Top markers")
+            assert call.main_cell_type in call.reasoning
+
+
+def test_confidence_reflects_margin(human):
+    clear, ambiguous = human.annotate(
+        [
+            cm("clear", ["MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "PAX5"]),
+            cm("ambiguous", ["MS4A1", "CD3E", "CD79A", "CD3D", "CD79B", "CD2"]),
+        ],
+        tissue="pbmc",
+        species="human",
+    )
+    assert clear.confidence > ambiguous.confidence
+
+
+def test_describe(human):
+    d = human.describe()
+    assert d["annotator"] == "reference"
+    assert d["api_calls"] == 0
+    assert d["species"] == "human"
+    assert d["reference_version"] == load_reference().version
+    assert human.name == "reference"
+
+
+# ---------------------------------------------------------------- mouse
+
+
+def test_mouse_symbols_match():
+    ann = ReferenceAnnotator(species="mouse")
+    (call,) = ann.annotate([cm("astro", ["Gfap", "Aqp4", "Slc1a3", "Aldh1l1"])], tissue="brain", species="mouse")
+    assert call.main_cell_type == "Astrocyte"
+    assert set(call.key_markers) <= {"Gfap", "Aqp4", "Slc1a3", "Aldh1l1"}
+    assert ann.describe()["species"] == "mouse"
+
+
+def test_human_case_symbols_do_not_match_in_mouse():
+    ann = ReferenceAnnotator(species="mouse")
+    (call,) = ann.annotate([cm("astro", ["GFAP", "AQP4", "SLC1A3", "ALDH1L1"])], tissue="brain", species="mouse")
+    assert call.status == "unknown"
+
+
+def test_mouse_symbols_do_not_match_in_human(human):
+    (call,) = human.annotate([cm("astro", ["Gfap", "Aqp4", "Slc1a3", "Aldh1l1"])], tissue="brain",
+                             species="human")
+    assert call.status == "unknown"
+
+
+def test_mouse_uses_explicit_orthologs():
+    ann = ReferenceAnnotator(species="mouse")
+    calls = ann.annotate(
+        [
+            cm("ncm", ["Fcgr4", "Treml4", "Ace", "Nr4a1", "Cx3cr1"]),
+            cm("dc", ["H2-Ab1", "H2-Aa", "H2-Eb1", "Cd209a", "Clec4a4", "Mgl2"]),
+            cm("mg", ["P2ry12", "Tmem119", "Fcrls", "Sall1", "Hexb"]),
+        ],
+        tissue="blood",
+        species="mouse",
+    )
+    assert calls[0].main_cell_type == "Non-classical monocyte"
+    assert "dendritic" in calls[1].main_cell_type.lower()
+    # microglia are brain-only: not a candidate for blood
+    assert calls[2].main_cell_type != "Microglia"
+    ref = load_reference()
+    ncm = ref.by_name("Non-classical monocyte")
+    assert "Fcgr4" in ncm.symbols("mouse") and "Fcgr3a" not in ncm.symbols("mouse")
+    # without an explicit list, mouse symbols are the title-cased human ones
+    b = ref.by_name("B cell")
+    assert b.symbols("mouse")[:2] == ("Ms4a1", "Cd79a")
+
+
+def test_species_argument_overrides_default(human):
+    (call,) = human.annotate([cm("astro", ["Gfap", "Aqp4", "Slc1a3"])], tissue="brain", species="Mus musculus")
+    assert call.main_cell_type == "Astrocyte"
+    human.annotate([], tissue="brain", species="human")  # reset the recorded species
+
+
+def test_unsupported_species_raises(human):
+    with pytest.raises(ValueError, match="unsupported species"):
+        human.annotate([cm("x", ["CD3E"])], tissue="pbmc", species="zebrafish")
+    with pytest.raises(ValueError, match="unsupported species"):
+        ReferenceAnnotator(species="rat")
+
+
+# ---------------------------------------------------------------- tissues
+
+
+ISSUE_TISSUES = [
+    "immune", "blood", "pbmc", "PBMC", "brain", "Breast", "breast", "lung", "liver", "kidney", "pancreas",
+    "intestine", "colon", "skin", "heart", "bone_marrow", "Bone Marrow",
+]
+
+
+@pytest.mark.parametrize("tissue", ISSUE_TISSUES)
+def test_issue_tissues_resolve(tissue):
+    ref = load_reference()
+    keys = ref.resolve_tissue(tissue)
+    assert keys, tissue
+    cands = ref.candidates(tissue)
+    assert cands
+    assert len(cands) < len(ref.cell_types)
+    # the immune / stromal types found everywhere are always candidates
+    names = {c.name for c in cands}
+    assert {"T cell", "B cell", "NK cell", "Monocyte"} <= names
+
+
+def test_tissue_restricts_candidates():
+    ref = load_reference()
+    blood = {c.name for c in ref.candidates("pbmc")}
+    brain = {c.name for c in ref.candidates("brain")}
+    assert "Astrocyte" in brain and "Astrocyte" not in blood
+    assert "Classical monocyte" in blood and "Hepatocyte" not in blood
+    assert "Fibroblast" in brain and "Microglia" in brain
+
+
+def test_tissue_synonyms_and_unknown_tissue():
+    ref = load_reference()
+    assert ref.resolve_tissue("human_pbmc_10x") == ("blood",)
+    assert ref.resolve_tissue("BoneMarrow") == ("bone_marrow",)
+    assert ref.resolve_tissue("cerebral-cortex") == ("brain",)
+    assert ref.resolve_tissue("mammary_gland") == ("breast",)
+    assert ref.resolve_tissue("small intestine") == ("intestine",)
+    assert ref.resolve_tissue("xenograft") == ()
+    assert len(ref.candidates("xenograft")) == len(ref.cell_types)
+    assert len(ref.candidates("")) == len(ref.cell_types)
+
+
+def test_unknown_tissue_still_annotates(human):
+    (call,) = human.annotate([cm("a", ["GFAP", "AQP4", "SLC1A2", "ALDH1L1"])], tissue="organoid", species="human")
+    assert call.main_cell_type == "Astrocyte"
+
+
+# ---------------------------------------------------------------- the reference file
+
+
+def test_reference_file_structure(raw_json):
+    assert isinstance(raw_json["version"], str) and raw_json["version"]
+    sources = raw_json["sources"]
+    for key in ("PanglaoDB", "CellMarker2", "HLCA", "TabulaSapiens", "Azimuth"):
+        assert key in sources
+    assert "Franzén" in sources["PanglaoDB"] and "2019" in sources["PanglaoDB"]
+    assert "Nucleic Acids Res" in sources["CellMarker2"] and "2023" in sources["CellMarker2"]
+    names = [ct["name"] for ct in raw_json["cell_types"]]
+    assert len(names) == len(set(names))
+    for ct in raw_json["cell_types"]:
+        assert ct["sources"], ct["name"]
+        assert all(s in sources for s in ct["sources"]), ct["name"]
+        assert 5 <= len(ct["markers"]) <= 15, ct["name"]
+        assert ct["tissues"] == "all" or all(t in raw_json["tissues"] for t in ct["tissues"]), ct["name"]
+        if "parent" in ct:
+            assert ct["parent"] in names
+
+
+def test_reference_covers_the_required_types():
+    ref = load_reference()
+    names = {ct.name for ct in ref.cell_types}
+    required = {
+        "T cell", "CD4+ T cell", "CD8+ T cell", "Regulatory T cell", "Naive CD4+ T cell", "Memory CD4+ T cell",
+        "NK cell", "B cell", "Plasma cell", "Classical monocyte", "Non-classical monocyte", "Macrophage",
+        "Conventional dendritic cell type 1", "Conventional dendritic cell type 2", "Plasmacytoid dendritic cell",
+        "Mast cell", "Neutrophil", "Megakaryocyte/platelet", "Erythrocyte", "Hematopoietic stem/progenitor cell",
+        "Fibroblast", "Smooth muscle cell", "Pericyte", "Endothelial cell", "Lymphatic endothelial cell",
+        "Astrocyte", "Hepatocyte", "Cardiomyocyte", "Alveolar type 2 cell", "Podocyte", "Pancreatic beta cell",
+    }
+    assert required <= names
+    assert ref.by_name("CD8+ T cell").parent == "T cell"
+    assert ref.ancestors("Regulatory T cell") == ["CD4+ T cell", "T cell"]
+
+
+def test_mouse_lists_avoid_human_only_symbols():
+    ref = load_reference()
+    for ct in ref.cell_types:
+        mouse = ct.symbols("mouse")
+        assert not any(sym.upper().startswith("HLA-") for sym in mouse), ct.name
+        assert "Gnly" not in mouse and "Fcgr3a" not in mouse, ct.name
+
+
+# ---------------------------------------------------------------- loader errors
+
+
+def test_loader_reports_clear_errors(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ReferenceDataError, match="not valid JSON"):
+        load_reference(bad_json)
+
+    with pytest.raises(ReferenceDataError, match="cannot read"):
+        load_reference(tmp_path / "missing.json")
+
+    doc = {
+        "version": "t",
+        "sources": {"X": "a source"},
+        "tissues": {"blood": {"synonyms": ["pbmc"]}},
+        "cell_types": [
+            {"name": "A", "lineage": "l", "tissues": "all", "markers": ["G1", "G2"], "sources": ["X"]},
+        ],
+    }
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ReferenceDataError, match=r"cell_types\[0\] \(A\).*'markers' must have 5-15"):
+        load_reference(few)
+
+    doc["cell_types"][0]["markers"] = ["G1", "G2", "G3", "G4", "G5"]
+    doc["cell_types"][0]["sources"] = ["Nowhere"]
+    nosrc = tmp_path / "nosrc.json"
+    nosrc.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ReferenceDataError, match="unknown source"):
+        load_reference(nosrc)
+
+    doc["cell_types"][0]["sources"] = ["X"]
+    doc["cell_types"][0]["parent"] = "Missing"
+    orphan = tmp_path / "orphan.json"
+    orphan.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ReferenceDataError, match="parent 'Missing'"):
+        load_reference(orphan)
+
+    del doc["version"]
+    nover = tmp_path / "nover.json"
+    nover.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ReferenceDataError, match="version"):
+        load_reference(nover)
+
+
+def test_custom_reference_path(tmp_path):
+    doc = {
+        "version": "custom-1",
+        "sources": {"X": "a source"},
+        "tissues": {"blood": {"synonyms": ["pbmc"]}},
+        "cell_types": [
+            {"name": "Widget cell", "lineage": "w", "tissues": "all",
+             "markers": ["WID1", "WID2", "WID3", "WID4", "WID5"], "sources": ["X"]},
+        ],
+    }
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    ann = ReferenceAnnotator(reference_path=path)
+    assert ann.describe()["reference_version"] == "custom-1"
+    (call,) = ann.annotate([cm("w", ["WID2", "WID1", "OTHER"])], tissue="pbmc", species="human")
+    assert call.main_cell_type == "Widget cell"
+    mouse = ann.reference.by_name("Widget cell").symbols("mouse")
+    assert mouse[0] == "Wid1"
+
+
+def test_loader_reads_once():
+    assert load_reference() is load_reference()
