@@ -1,0 +1,36 @@
+# Two commands: `make run` (the example batch, offline) and `make test` (the test suite).
+# Both create .venv on first use and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXAMPLE_DATA ?= example_data
+OUTPUT_DIR ?= batch_results
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m cassia_helpers.datasets $(EXAMPLE_DATA)
+	$(BIN)/python run_batch.py --data-dir $(EXAMPLE_DATA) --tissues all --output-dir $(OUTPUT_DIR) \
+		--annotator reference --min-genes 100
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/reference_accuracy.py
+
+clean:
+	rm -rf $(VENV) $(EXAMPLE_DATA) .pytest_cache
