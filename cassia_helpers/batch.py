@@ -217,8 +217,11 @@ def run_batch(config: BatchConfig) -> BatchResult:
             result.interrupted = True
             for job in running:
                 _stop(job)
-                result.statuses[(job.dataset.tissue, job.dataset.name)] = _finish(
-                    run_dir, job, forced=INTERRUPTED, reason="interrupted by the user")
+                # A worker that recorded its status before it was stopped had finished its dataset.
+                recorded = read_status(DatasetPaths(run_dir, job.dataset.tissue, job.dataset.name))
+                result.statuses[(job.dataset.tissue, job.dataset.name)] = (
+                    recorded["status"] if recorded else
+                    _finish(run_dir, job, forced=INTERRUPTED, reason="interrupted by the user"))
             for dataset in queue:
                 paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
                 paths.folder.mkdir(parents=True, exist_ok=True)

@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = run_batch(config)
     except UsageError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc} (see --help)", file=sys.stderr)
         return 2
     print(result.run_dir)
     return result.exit_code

@@ -444,7 +444,12 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._read_body()
         if self._path() == "/v1/chat/completions":
             headers = _Headers((k.lower(), v) for k, v in self.headers.items())
-            self._send(self.server.owner._handle_chat(raw, headers))
+            owner = self.server.owner
+            owner._in_flight_change(+1)
+            try:
+                self._send(owner._handle_chat(raw, headers))
+            finally:
+                owner._in_flight_change(-1)
         else:
             self._send(_not_found(self.command, self.path))
 
@@ -636,6 +641,13 @@ class ScriptedLLMServer:
         self._by_agent: Counter[str] = Counter()
         self._by_status: Counter[int] = Counter()
         self._faults: Counter[str] = Counter()
+        self._in_flight = 0
+        self._max_in_flight = 0
+
+    def _in_flight_change(self, delta: int) -> None:
+        with self._lock:
+            self._in_flight += delta
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
 
     def stats(self) -> dict:
         """A snapshot: requests, ok, errors, prompt_tokens, completion_tokens, by_agent, by_status, faults."""
@@ -650,6 +662,7 @@ class ScriptedLLMServer:
                 "by_agent": dict(self._by_agent),
                 "by_status": dict(self._by_status),
                 "faults": dict(self._faults),
+                "max_in_flight": self._max_in_flight,
             }
 
     def reset_stats(self) -> None:

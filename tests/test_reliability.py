@@ -1,0 +1,216 @@
+"""What a long batch meets: Ctrl-C and resume, a killed kernel, a dataset timeout, a spending budget and a
+rate limit shared by parallel workers. Real signals to real subprocesses; the scripted server for the LLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+from tests.synthetic import BLOOD_TYPES, make_counts, write
+
+DATASETS = ("Data_A_Blood", "Data_B_Blood", "Data_C_Blood")
+
+
+@pytest.fixture
+def blood_dir(tmp_path) -> Path:
+    for seed, name in enumerate(DATASETS):
+        write(make_counts(300, cell_types=BLOOD_TYPES, seed=20 + seed), tmp_path / "data" / "blood" / f"{name}.h5ad")
+    return tmp_path / "data"
+
+
+def keep_only(data: Path, count: int) -> None:
+    for name in DATASETS[count:]:
+        (data / "blood" / f"{name}.h5ad").unlink()
+
+
+def start(tmp_path: Path, *args: str, offline: bool = True) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if offline:
+        env.pop("OPENAI_API_KEY", None)
+        env.pop("OPENAI_BASE_URL", None)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(tmp_path / "data"),
+         "--output-dir", str(tmp_path / "out"), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def status(run: Path, dataset: str) -> dict | None:
+    try:
+        return json.loads((run / "blood" / dataset / f"{dataset}_status.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for(predicate, timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not reached in time")
+
+
+def the_run(tmp_path: Path) -> Path:
+    return wait_for(lambda: next(iter((tmp_path / "out").glob("run_*")), None) if (tmp_path / "out").exists()
+                    else None)
+
+
+def interrupt_after_first_dataset(tmp_path: Path, *args: str, offline: bool = True) -> Path:
+    process = start(tmp_path, "--tissues", "blood", *args, offline=offline)
+    run = the_run(tmp_path)
+    wait_for(lambda: (status(run, DATASETS[0]) or {}).get("status") == "success")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"--resume {run}" in err
+    return run
+
+
+def resume(tmp_path: Path, run: Path, offline: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if offline:
+        env.pop("OPENAI_API_KEY", None)
+        env.pop("OPENAI_BASE_URL", None)
+    return subprocess.run([sys.executable, str(REPO / "run_batch.py"), "--resume", str(run)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_ctrl_c_writes_honest_summaries_and_resume_finishes_in_place(blood_dir, tmp_path):
+    run = interrupt_after_first_dataset(tmp_path)
+    summary = pd.read_csv(run / "batch_summary.csv").set_index("dataset")
+    assert summary.loc[DATASETS[0], "status"] == "success"
+    assert set(summary.loc[list(DATASETS[1:]), "status"]) == {"interrupted"}
+    assert "Interrupted: 2" in (run / "batch_summary.txt").read_text()
+    # the user documents the run; completed work must stay untouched by the resume
+    (run / "NOTES.txt").write_text("pilot, resolution 1.0\n")
+    first = run / "blood" / DATASETS[0] / f"{DATASETS[0]}_annotated.h5ad"
+    before = first.stat().st_mtime_ns
+
+    finished = resume(tmp_path, run)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == str(run)
+    summary = pd.read_csv(run / "batch_summary.csv")
+    assert list(summary["status"]) == ["success"] * 3
+    assert (run / "NOTES.txt").read_text() == "pilot, resolution 1.0\n"
+    assert first.stat().st_mtime_ns == before
+    assert len(list((tmp_path / "out").iterdir())) == 1  # resumed in place, no new run folder
+
+
+def kernel_pids_under(pid: int) -> list[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            parents[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), b"ipykernel" in cmdline)
+
+    def descends(child: int) -> bool:
+        while child in parents and child != pid:
+            child = parents[child][0]
+        return child == pid
+
+    return [p for p, (_, kernel) in parents.items() if kernel and descends(p)]
+
+
+def test_a_killed_kernel_fails_its_dataset_only(blood_dir, tmp_path):
+    process = start(tmp_path, "--tissues", "blood")
+    kernels = wait_for(lambda: kernel_pids_under(process.pid))
+    time.sleep(2.0)  # let it get into the notebook
+    os.kill(kernels[0], signal.SIGKILL)
+    _, err = process.communicate(timeout=400)
+    assert process.returncode == 1, err
+    run = the_run(tmp_path)
+    summary = pd.read_csv(run / "batch_summary.csv").set_index("dataset")
+    assert summary.loc[DATASETS[0], "status"] == "failed"
+    assert "kernel died" in summary.loc[DATASETS[0], "error"]
+    assert status(run, DATASETS[0])["error_type"] == "DeadKernelError"
+    assert set(summary.loc[list(DATASETS[1:]), "status"]) == {"success"}
+    assert not (run / "blood" / DATASETS[0] / f"{DATASETS[0]}_result.json").exists()
+
+
+def test_dataset_timeout(blood_dir, tmp_path):
+    keep_only(blood_dir, 1)
+    process = start(tmp_path, "--tissues", "blood", "--dataset-timeout", "2")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1, err
+    summary = pd.read_csv(the_run(tmp_path) / "batch_summary.csv")
+    assert summary.loc[0, "status"] == "failed" and "timed out after 2 s" in summary.loc[0, "error"]
+
+
+def llm_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model", "scripted-model", "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def test_llm_run_resumes_without_repeating_a_request(llm_env, blood_dir, tmp_path):
+    llm_env.latency = 0.05
+    run = interrupt_after_first_dataset(tmp_path, *llm_args(tmp_path), offline=False)
+    finished = resume(tmp_path, run, offline=False)
+    assert finished.returncode == 0, finished.stderr
+    bodies = [json.dumps(b, sort_keys=True) for b in llm_env.received]
+    assert len(bodies) == len(set(bodies)), "a request was sent twice"
+    tracking = json.loads((run / "token_tracking.json").read_text())
+    stats = llm_env.stats()
+    assert tracking["total_calls"] == stats["requests"]
+    assert tracking["total_input_tokens"] == stats["prompt_tokens"]
+    assert list(pd.read_csv(run / "batch_summary.csv")["status"]) == ["success"] * 3
+
+
+@pytest.mark.parametrize("limit, expect_at_most", [(1, 1), (3, 3)])
+def test_request_limit_holds_across_parallel_workers(llm_env, blood_dir, tmp_path, limit, expect_at_most):
+    keep_only(blood_dir, 2)
+    llm_env.latency = 0.1
+    process = start(tmp_path, "--tissues", "blood", "--workers", "2", "--llm-concurrency", str(limit),
+                    *llm_args(tmp_path, "--no-cache"), offline=False)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert llm_env.stats()["max_in_flight"] <= expect_at_most
+    if limit > 1:
+        assert llm_env.stats()["max_in_flight"] > 1  # the limit is a limit, not serialisation
+
+
+def test_rate_limit_storm_across_parallel_datasets(llm_env, blood_dir, tmp_path):
+    keep_only(blood_dir, 2)
+    llm_env.fail_next(12, status=429, retry_after=0.3)
+    process = start(tmp_path, "--tissues", "blood", "--workers", "2", *llm_args(tmp_path, "--no-cache"),
+                    offline=False)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    run = the_run(tmp_path)
+    tracking = json.loads((run / "token_tracking.json").read_text())
+    assert tracking["total_calls"] == llm_env.stats()["requests"]
+    assert tracking["failed_calls"] == 12
+    assert all("429" in c["error"] for c in tracking["api_calls"] if c["status"] == "error")
+
+
+def test_budget_stops_spending_and_is_reported(llm_env, blood_dir, tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"scripted-model": {"input": 2000.0, "output": 2000.0}}))
+    keep_only(blood_dir, 2)
+    # one request at a time, so the budget check sees every earlier request's cost
+    process = start(tmp_path, "--tissues", "blood", "--llm-concurrency", "1",
+                    *llm_args(tmp_path, "--max-cost", "1.0", "--price-file", str(prices)), offline=False)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    run = the_run(tmp_path)
+    tracking = json.loads((run / "token_tracking.json").read_text())
+    sent = [c["cost"] for c in tracking["api_calls"]]
+    assert sum(sent[:-1]) < 1.0 <= tracking["total_cost"]
+    assert tracking["budget_skipped"] > 0
+    text = (run / "batch_summary.txt").read_text()
+    assert "Budget reached" in text
+    annotation = (run / "blood" / DATASETS[1] / f"{DATASETS[1]}_annotation.txt").read_text()
+    assert "[budget]" in annotation
