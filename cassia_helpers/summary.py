@@ -7,7 +7,10 @@ run can be re-aggregated at any time; the user's own files in the folder are nev
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -206,13 +209,32 @@ def aggregate(run_dir: str | Path, *, kernel_name: str = "python3") -> Path:
 
     run_dir = Path(run_dir)
     output = run_dir / AGGREGATE_NOTEBOOK
-    pm.execute_notebook(
-        str(template_path("aggregate_run.ipynb")),
-        str(output),
-        parameters={"run_dir": str(run_dir.resolve())},
-        kernel_name=kernel_name,
-        cwd=str(run_dir),
-        progress_bar=False,
-        log_output=False,
-    )
+    try:
+        with _quiet_children():
+            pm.execute_notebook(
+                str(template_path("aggregate_run.ipynb")),
+                str(output),
+                parameters={"run_dir": str(run_dir.resolve())},
+                kernel_name=kernel_name,
+                cwd=str(run_dir),
+                progress_bar=False,
+                log_output=False,
+            )
+    except Exception as exc:  # noqa: BLE001 - the summaries must exist even when no kernel can start
+        print(f"warning: the aggregation notebook failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+              "writing the summaries directly", file=sys.stderr)
+        write_run_summaries(run_dir)
     return output
+
+
+@contextmanager
+def _quiet_children():
+    """Send the kernel's own start-up chatter (written to the inherited stderr) to /dev/null."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

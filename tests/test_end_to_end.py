@@ -201,3 +201,16 @@ def test_spec_all_tissues_script(workspace):
     (run,) = (root / "batch_results_pilot_study").iterdir()
     assert re.fullmatch(r"run_all_\d{8}_\d{6}", run.name)
     assert len(pd.read_csv(run / "batch_summary.csv")) == 5
+
+
+def test_explore_notebook_opens_the_run(workspace, tmp_path):
+    import papermill as pm
+
+    root, _, _ = workspace
+    run = run_dirs(root)["run_brain_breast"]
+    output = tmp_path / "explored.ipynb"
+    pm.execute_notebook(str(REPO / "notebooks" / "explore_run.ipynb"), str(output), parameters={"run_dir": str(run)},
+                        kernel_name="python3", progress_bar=False, cwd=str(REPO / "notebooks"))
+    notebook = nbformat.read(output, as_version=4)
+    text = json.dumps([c.get("outputs", []) for c in notebook.cells])
+    assert "Data_Filbin2018_Brain" in text and "image/png" in text and "Data_Text_Brain" in text
