@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL", "")
+    if args.annotator == "llm" and not (os.environ.get("OPENAI_API_KEY") or base_url):
+        raise UsageError("--annotator llm needs OPENAI_API_KEY in the environment, or --base-url for a local "
+                         "server that needs no key")
     values = {f.name: getattr(args, f.name) for f in fields(AnalysisParams) if hasattr(args, f.name)}
     values.update(
         annotator=resolve_annotator_kind(args.annotator, base_url),
@@ -158,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{parser.prog}: error: {exc} (see --help)", file=sys.stderr)
         return 2
+    counts = Counter(result.statuses.values())
+    tally = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"{tally}. Summary: {result.run_dir / 'batch_summary.txt'}", file=sys.stderr)
     print(result.run_dir)
     return result.exit_code
 
