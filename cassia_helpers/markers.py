@@ -57,10 +57,20 @@ def rank_markers(
         record["method"] = "mean expression (single cluster)"
         return _single_cluster_markers(adata, groups[0], n_genes)
 
+    sizes = labels.value_counts()
+    testable = [g for g in groups if sizes[g] >= 2]
+    if len(testable) < len(groups):
+        skipped = [g for g in groups if g not in testable]
+        warn(adata, f"clusters {', '.join(skipped)} have a single cell: no marker test, labelled Unknown")
+    if len(testable) < 2:
+        record["method"] = "mean expression (single testable cluster)"
+        return _single_cluster_markers(adata[labels == testable[0]], testable[0], n_genes) if testable else \
+            pd.DataFrame(columns=MARKER_COLUMNS)
     view = adata[subset]
     work = ad.AnnData(X=view.X, obs=pd.DataFrame({groupby: pd.Categorical(labels[subset], groups)},
                                                  index=view.obs_names), var=pd.DataFrame(index=adata.var_names))
-    sc.tl.rank_genes_groups(work, groupby, method=method, pts=True, use_raw=False, key_added="ranked")
+    sc.tl.rank_genes_groups(work, groupby, groups=testable, reference="rest", method=method, pts=True,
+                            use_raw=False, key_added="ranked")
     table = sc.get.rank_genes_groups_df(work, group=None, key="ranked")
     table = table.rename(columns={"group": "cluster", "names": "gene", "scores": "score",
                                   "logfoldchanges": "logfoldchange", "pvals": "pval",

@@ -1,0 +1,177 @@
+"""Unit tests of the pieces: discovery, run naming, the markers table, annotation into obs, prices and the
+merge of ledgers into token_tracking.json."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cassia_helpers import io, markers, preprocess
+from cassia_helpers.annotate import ClusterAnnotation, ClusterMarkers
+from cassia_helpers.annotate.apply import annotate_clusters
+from cassia_helpers.discovery import UsageError, discover
+from cassia_helpers.layout import DatasetPaths, new_run_dir, run_label
+from cassia_helpers.ledger import PriceTable
+from cassia_helpers.summary import token_tracking
+from tests.synthetic import BLOOD_TYPES, make_counts
+
+
+def touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_discovery_selects_tissues_and_names_datasets_by_stem(tmp_path):
+    touch(tmp_path / "brain" / "Data_A_Brain.h5ad")
+    touch(tmp_path / "brain" / "Data B ü.h5ad")
+    touch(tmp_path / "brain" / "notes.txt")
+    touch(tmp_path / "breast" / "Data_C_Breast.h5ad")
+    (tmp_path / "empty").mkdir()
+    found = discover(tmp_path, ["brain"])
+    assert [(d.tissue, d.name) for d in found] == [("brain", "Data B ü"), ("brain", "Data_A_Brain")]
+    assert {d.tissue for d in discover(tmp_path, ["all"])} == {"brain", "breast"}
+    assert len(discover(tmp_path, ["brain", "breast", "brain"])) == 3
+
+
+@pytest.mark.parametrize("tissues", [["lung"], []])
+def test_unknown_or_empty_selection_lists_the_tissues_found(tmp_path, tissues):
+    touch(tmp_path / "brain" / "x.h5ad")
+    touch(tmp_path / "breast" / "y.h5ad")
+    with pytest.raises(UsageError, match="brain, breast"):
+        discover(tmp_path, tissues)
+
+
+def test_run_folder_names_and_no_reuse(tmp_path):
+    assert run_label(["brain"], all_tissues=False) == "brain"
+    assert run_label(["brain", "breast"], all_tissues=False) == "brain_breast"
+    assert run_label(["brain"], all_tissues=True) == "all"
+    moment = datetime(2026, 2, 16, 15, 14, 25)
+    first = new_run_dir(tmp_path, "brain", now=moment)
+    second = new_run_dir(tmp_path, "brain", now=moment)
+    assert first.name == "run_brain_20260216_151425"
+    assert second != first and second.name.startswith("run_brain_20260216_1514")
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    adata = make_counts(400, cell_types=BLOOD_TYPES, seed=5)
+    io.provenance(adata)["input"] = {"is_counts": True, "file": "synthetic.h5ad"}
+    preprocess.qc(adata, min_genes=50)
+    preprocess.normalize(adata)
+    preprocess.reduce_dimensions(adata, n_pcs=20)
+    preprocess.neighbors(adata)
+    preprocess.cluster(adata, resolution=0.3)
+    return adata
+
+
+def test_markers_table_is_tidy_and_ranked(clustered):
+    table = markers.rank_markers(clustered, n_genes=25)
+    assert list(table.columns) == markers.MARKER_COLUMNS
+    assert set(table["cluster"]) == set(clustered.obs["leiden"].astype(str))
+    for _, rows in table.groupby("cluster"):
+        assert list(rows["rank"]) == list(range(1, 26))
+        assert rows["score"].is_monotonic_decreasing
+    assert table[["pct_in_cluster", "pct_out_cluster"]].stack().between(0, 1).all()
+    assert "rank_genes_groups" not in clustered.uns  # kept out of uns: it breaks h5ad writes at scale
+    # each true type's cluster ranks its own markers first
+    lists = {c.cluster: c for c in markers.cluster_markers(clustered, table, n_top=10)}
+    for truth, genes in BLOOD_TYPES.items():
+        cluster = clustered.obs.loc[clustered.obs["truth"] == truth, "leiden"].value_counts().index[0]
+        assert set(lists[str(cluster)].genes[:4]) <= set(genes)
+
+
+def test_marker_filters_and_single_cell_clusters(clustered):
+    adata = clustered.copy()
+    labels = adata.obs["leiden"].astype(str).to_numpy().copy()
+    labels[0] = "lonely"
+    adata.obs["leiden"] = pd.Categorical(labels)
+    table = markers.rank_markers(adata, n_genes=30)
+    assert "lonely" not in set(table["cluster"])
+    assert any("single cell" in w for w in io.provenance(adata)["warnings"])
+    strict = markers.cluster_markers(adata, table, n_top=50, max_pval_adj=1e-300, min_logfc=100.0)
+    assert all(len(c.genes) == 30 for c in strict)  # nothing passed: the top ranked genes are sent instead
+    assert any("fewer than 5 markers" in w for w in io.provenance(adata)["warnings"])
+
+
+def test_neighbors_beyond_8192_cells():
+    # scanpy 1.11 + scipy 1.17 broke here ('csr_array' object has no attribute 'getnnz')
+    adata = make_counts(8400, cell_types=BLOOD_TYPES, n_background=150, seed=9)
+    io.provenance(adata)["input"] = {"is_counts": True}
+    preprocess.normalize(adata)
+    preprocess.reduce_dimensions(adata, n_pcs=10)
+    preprocess.neighbors(adata)
+    preprocess.cluster(adata)
+    assert adata.obsp["connectivities"].shape == (8400, 8400)
+    assert adata.obs["leiden"].nunique() >= 3
+
+
+class FixedAnnotator:
+    name = "fixed"
+
+    def annotate(self, clusters, *, tissue, species, context=""):
+        return [ClusterAnnotation(c.cluster, f"type {c.cluster}", confidence=80, key_markers=c.genes[:1])
+                for c in clusters[:-1]]
+
+    def describe(self):
+        return {"annotator": "fixed"}
+
+
+def test_annotate_clusters_labels_every_cell(clustered):
+    adata = clustered.copy()
+    clusters = [ClusterMarkers(str(c), ["G"]) for c in adata.obs["leiden"].cat.categories]
+    results = annotate_clusters(adata, clusters, annotator=FixedAnnotator(), tissue="blood")
+    assert adata.obs["cell_type"].notna().all()
+    missing = clusters[-1].cluster
+    assert set(adata.obs.loc[adata.obs["leiden"] == missing, "cell_type"]) == {"Unknown"}
+    assert results[-1].reason == "annotator returned no answer"
+    table = io.provenance(adata)["annotation"]["clusters"]
+    assert list(table["n_cells"]) == [int((adata.obs["leiden"] == c.cluster).sum()) for c in clusters]
+    assert adata.obs["cell_type_confidence"].max() == 80
+
+
+def test_price_table_matches_snapshots_and_prefixes_and_flags_unknown(tmp_path):
+    table = PriceTable()
+    assert table.lookup("gpt-4o-mini").input_per_1m == 0.15
+    assert table.lookup("gpt-4o-mini-2024-07-18").output_per_1m == 0.60
+    assert table.lookup("openai/gpt-4o").input_per_1m == 2.50
+    assert table.lookup("my-local-llama").known is False
+    assert table.lookup("gpt-4o-mini").cost(1_000_000, 1_000_000) == pytest.approx(0.75)
+    custom = tmp_path / "prices.json"
+    custom.write_text(json.dumps({"my-local-llama": {"input": 0.1, "output": 0.2}}))
+    assert PriceTable.load(custom).lookup("my-local-llama").known
+    assert PriceTable.load(None, model="gpt-4o", input_price=1.0).lookup("gpt-4o").input_per_1m == 1.0
+    custom.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="prices.json"):
+        PriceTable.load(custom)
+
+
+def test_token_tracking_merges_ledgers_counting_each_request_once(tmp_path):
+    manifest = {"datasets": [{"name": "A", "tissue": "t", "path": "a.h5ad"},
+                             {"name": "B", "tissue": "t", "path": "b.h5ad"}]}
+    (tmp_path / "run_manifest.json").write_text(json.dumps(manifest))
+
+    def record(status, tokens_in, tokens_out, cost, model="m1", dataset="A"):
+        return json.dumps({"timestamp": f"2026-01-01T00:00:0{tokens_in % 10}", "dataset": dataset, "tissue": "t",
+                           "cluster": "0", "agent": "annotator", "model": model, "input_tokens": tokens_in,
+                           "output_tokens": tokens_out, "cost": cost, "status": status, "price_known": model == "m1"})
+
+    ledger_a = DatasetPaths(tmp_path, "t", "A").llm_calls_jsonl
+    ledger_a.parent.mkdir(parents=True)
+    ledger_a.write_text("\n".join([record("ok", 100, 10, 0.5), record("error", 0, 0, 0.0),
+                                   record("cache_hit", 0, 0, 0.0)]) + '\n{"torn')
+    ledger_b = DatasetPaths(tmp_path, "t", "B").llm_calls_jsonl
+    ledger_b.parent.mkdir(parents=True)
+    ledger_b.write_text(record("ok", 7, 3, 0.0, model="m2", dataset="B") + "\n" + record("budget", 0, 0, 0))
+    tracking = token_tracking(tmp_path)
+    assert tracking["total_calls"] == 3 and tracking["failed_calls"] == 1
+    assert tracking["total_input_tokens"] == 107 and tracking["total_output_tokens"] == 13
+    assert tracking["total_tokens"] == 120 and tracking["total_cost"] == 0.5
+    assert tracking["cache_hits"] == 1 and tracking["budget_skipped"] == 1
+    assert tracking["unknown_price_models"] == ["m2"]
+    assert tracking["by_dataset"]["t/A"]["calls"] == 2 and tracking["by_model"]["m2"]["price_known"] is False
+    assert np.all([c["status"] in ("ok", "error") for c in tracking["api_calls"]])
