@@ -197,8 +197,8 @@ def summary_text(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> str:
             reason = f" [{row['reason']}]" if row["status"] != "ok" else ""
             lines.append(f"    {row['cluster']:>4}  {row['n_cells']:>7} cells  {row['main_cell_type']}{reason}")
     lines += ["", "Timings (seconds)"]
-    lines += [f"  {step:<11} {seconds:9.2f}" for step, seconds in timings.items()]
-    lines += [f"  {'preprocessing':<11} {preprocessing:9.2f}", f"  {'annotation':<11} {annotating:9.2f}"]
+    lines += [f"  {step:<19} {seconds:9.2f}" for step, seconds in timings.items()]
+    lines += [f"  {'preprocessing total':<19} {preprocessing:9.2f}"]
     warnings = list(record.get("warnings", []))
     lines += ["", f"Warnings ({len(warnings)})"] + [f"  - {w}" for w in warnings]
     lines += ["", "Parameters"] + [f"  {k} = {v!r}" for k, v in params.items()]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import scanpy as sc
+import scipy.sparse as sp
 
-from .io import InputError, provenance, timed, warn
+from .io import InputError, available_memory_bytes, provenance, timed, warn
 
 MITO_PREFIX = "MT-"
 
@@ -59,7 +60,12 @@ def qc(
     # subsetting in place rebuilds the AnnData and copies ``uns``: fetch the record again
     record = provenance(adata)
     if record.get("input", {}).get("is_counts", True):
-        adata.layers["counts"] = adata.X.copy()
+        if _fits_twice(adata.X):
+            adata.layers["counts"] = adata.X.copy()
+        else:
+            # A second copy of a very large matrix would not fit; counts stay recoverable from X.
+            warn(adata, "counts layer not kept (a second copy of the matrix would not fit in memory): "
+                        "recover counts as round(expm1(X) * obs['total_counts'] / target_sum)")
     record["qc"] = {
         "min_genes": min_genes,
         "min_cells": min_cells,
@@ -147,6 +153,18 @@ def umap(adata: ad.AnnData, *, seed: int = 0) -> None:
         return
     sc.tl.umap(adata, random_state=seed)
     adata.obsm["X_umap"] = adata.obsm["X_umap"].astype(np.float32)
+
+
+def _matrix_bytes(matrix) -> int:
+    if sp.issparse(matrix):
+        return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
+    return int(np.asarray(matrix).nbytes)
+
+
+def _fits_twice(matrix, *, share: float = 0.35) -> bool:
+    """Whether one more copy of ``matrix`` keeps us under ``share`` of the memory still available."""
+    available = available_memory_bytes()
+    return available is None or _matrix_bytes(matrix) <= share * available
 
 
 def _file(adata: ad.AnnData) -> str:

@@ -175,3 +175,17 @@ def test_token_tracking_merges_ledgers_counting_each_request_once(tmp_path):
     assert tracking["unknown_price_models"] == ["m2"]
     assert tracking["by_dataset"]["t/A"]["calls"] == 2 and tracking["by_model"]["m2"]["price_known"] is False
     assert np.all([c["status"] in ("ok", "error") for c in tracking["api_calls"]])
+
+
+def test_counts_layer_is_dropped_with_a_warning_when_a_copy_would_not_fit(monkeypatch):
+    adata = make_counts(200, seed=3)
+    io.provenance(adata)["input"] = {"is_counts": True, "file": "big.h5ad"}
+    monkeypatch.setattr(preprocess, "available_memory_bytes", lambda: 1000)
+    preprocess.qc(adata, min_genes=50)
+    assert "counts" not in adata.layers
+    assert any("counts layer not kept" in w for w in io.provenance(adata)["warnings"])
+    monkeypatch.undo()
+    other = make_counts(200, seed=3)
+    io.provenance(other)["input"] = {"is_counts": True, "file": "small.h5ad"}
+    preprocess.qc(other, min_genes=50)
+    assert "counts" in other.layers
