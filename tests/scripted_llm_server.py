@@ -511,6 +511,8 @@ class ScriptedLLMServer:
         self.reject_json_schema = False
         self.reject_response_format = False
         self.reject_seed = False
+        self.reject_temperature = False
+        self.reasoning_only = False
         self.omit_usage = False
         self._fail_queue: list[tuple[int, float | None]] = []
         self._malformed_left = 0
@@ -628,7 +630,7 @@ class ScriptedLLMServer:
             self._validator_fails = 0
             self._validator_seen = 0
         self.garbage = self.reject_json_schema = self.reject_response_format = False
-        self.reject_seed = self.omit_usage = False
+        self.reject_seed = self.omit_usage = self.reject_temperature = self.reasoning_only = False
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -771,6 +773,12 @@ class ScriptedLLMServer:
                     "response_format.type",
                     "invalid_value",
                 )
+        if self.reject_temperature and body.get("temperature", 1) != 1:
+            return bad(
+                "Unsupported value: 'temperature' does not support 0 with this model. Only the default (1) "
+                "value is supported.",
+                "temperature",
+            )
         if self.reject_seed and "seed" in body:
             return bad(
                 "Unsupported parameter: 'seed' is not supported with this model",
@@ -816,7 +824,11 @@ class ScriptedLLMServer:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "message": (
+                        {"role": "assistant", "content": None, "reasoning_content": f"<think>hmm</think>{content}"}
+                        if self.reasoning_only
+                        else {"role": "assistant", "content": content, "refusal": None}
+                    ),
                     "logprobs": None,
                     "finish_reason": "stop",
                 }

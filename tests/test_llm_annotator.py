@@ -181,3 +181,12 @@ def test_key_never_written(llm_env, tmp_path):
 def test_tolerant_parsing(text, expected):
     parsed = parse_answer(text)
     assert (parsed["main_cell_type"], parsed["confidence"]) == expected if expected else parsed is None
+
+
+def test_reasoning_models_without_temperature_and_with_reasoning_content(llm_env, tmp_path):
+    llm_env.reject_temperature = True
+    llm_env.reasoning_only = True
+    results = annotator(llm_env, tmp_path, concurrency=1).annotate(CLUSTERS[:2], tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell"]
+    assert sum("temperature" in b for b in llm_env.received) == 1  # refused once, then left out
+    assert len(sent(read_ledger(tmp_path / "ledger.jsonl"))) == llm_env.stats()["requests"]

@@ -68,6 +68,7 @@ PROMPT_VERSION = hashlib.sha256(
     "\n".join([ANNOTATOR_SYSTEM, FORMATTER_SYSTEM, VALIDATOR_SYSTEM, json.dumps(ANSWER_SCHEMA)]).encode()
 ).hexdigest()[:12]
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
+THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 FINAL_LINE = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
 
 
@@ -84,6 +85,7 @@ def cluster_prompt(markers: ClusterMarkers, *, tissue: str, species: str, contex
 def parse_answer(text: str) -> dict | None:
     """The structured answer from JSON, a fenced JSON block, a JSON object inside prose, or a
     ``FINAL ANNOTATION:`` line; ``None`` when no cell type can be found."""
+    text = THINKING.sub("", text)
     candidates = [text]
     candidates += re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
     start, end = text.find("{"), text.rfind("}")

@@ -77,11 +77,33 @@ def default_cache_dir() -> Path:
 
 def _retry_after(exc: BaseException) -> float | None:
     response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+    if response is None:
         return None
+    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = response.headers.get(header)
+        try:
+            if value is not None:
+                return max(0.0, float(value) * scale)
+        except ValueError:
+            continue
+    return None
+
+
+def _refused_option(exc: openai.APIStatusError, options: dict) -> str:
+    """The optional request field (``seed``, ``temperature``) a 400 complains about, if any."""
+    if exc.status_code != 400:
+        return ""
+    text = str(exc).lower()
+    for option in ("seed", "temperature"):
+        if option in options and option in text:
+            return option
+    return ""
+
+
+def _reasoning_text(message) -> str:
+    """Some servers (reasoning models) put the whole answer in ``reasoning_content``."""
+    extra = getattr(message, "model_extra", None) or {}
+    return str(extra.get("reasoning_content") or extra.get("reasoning") or "")
 
 
 def _safe_message(exc: BaseException) -> str:
@@ -241,7 +263,9 @@ class LLMClient:
         return answer
 
     def _send_once(self, messages, *, cluster, agent, response_format, attempt) -> ChatAnswer:
-        options = {"model": self.model, "messages": messages, "temperature": 0}
+        options = {"model": self.model, "messages": messages}
+        if self.supports("temperature"):
+            options["temperature"] = 0
         if response_format is not None:
             options["response_format"] = response_format
         if self.supports("seed"):
@@ -252,7 +276,7 @@ class LLMClient:
                 raw = self._client.chat.completions.with_raw_response.create(**options)
                 completion = raw.parse()
                 choice = completion.choices[0]
-                content = choice.message.content or ""
+                content = choice.message.content or _reasoning_text(choice.message)
             except openai.APIStatusError as exc:
                 latency = time.perf_counter() - start
                 message = _safe_message(exc)
@@ -263,8 +287,10 @@ class LLMClient:
                     if exc.status_code == 429:
                         self.throttle.back_off(retry_after if retry_after is not None else 1.0)
                     raise _Retryable(message, retry_after) from None
-                if exc.status_code == 400 and "seed" in str(exc).lower() and "seed" in options:
-                    self.mark_unsupported("seed")
+                refused = _refused_option(exc, options)
+                if refused:
+                    # e.g. reasoning models accept only the default temperature; some servers reject seed
+                    self.mark_unsupported(refused)
                     raise _Retryable(message, 0.0) from None
                 if exc.status_code in (401, 403, 404):
                     with self._lock:
