@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .config import BatchConfig
+from .config import AnalysisParams, BatchConfig, dataset_params
 from .discovery import Dataset, UsageError, discover
 from .io import write_json
 from .layout import RUN_MANIFEST, DatasetPaths, new_run_dir, run_label
@@ -83,22 +83,17 @@ def prepare_run(config: BatchConfig) -> tuple[Path, list[Dataset], dict]:
     return run_dir, datasets, manifest
 
 
-def _start(config: BatchConfig, manifest: dict, run_dir: Path, dataset: Dataset) -> _Running:
-    from .config import AnalysisParams
-    from .config import BatchConfig as _Config
-
-    analysis = AnalysisParams(**manifest["analysis"])
-    params = _Config(analysis=analysis).dataset_params(
-        dataset=dataset.name, tissue=dataset.tissue, input_path=dataset.path, run_dir=run_dir.resolve()
-    )
+def _start(config: BatchConfig, analysis: AnalysisParams, run_dir: Path, dataset: Dataset) -> _Running:
+    params = dataset_params(analysis, dataset=dataset.name, tissue=dataset.tissue, input_path=dataset.path,
+                            run_dir=run_dir.resolve())
     paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
     paths.folder.mkdir(parents=True, exist_ok=True)
     # Whatever status is found after the worker ends was written by this worker.
     paths.status_json.unlink(missing_ok=True)
     job = {
         "parameters": params.to_parameters(),
-        "kernel_name": manifest.get("kernel_name", config.kernel_name),
-        "cell_timeout": manifest.get("cell_timeout", 0.0),
+        "kernel_name": config.kernel_name,
+        "cell_timeout": config.cell_timeout,
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "cassia_helpers.runner", json.dumps(job)],
@@ -187,8 +182,9 @@ def run_batch(config: BatchConfig) -> BatchResult:
         print(f"Resuming: {len(datasets) - len(todo)} dataset(s) already complete, {len(todo)} to run",
               file=sys.stderr)
 
-    workers = max(1, int(manifest.get("workers", config.workers) if config.resume else config.workers))
-    timeout = float(manifest.get("dataset_timeout", 0.0) if config.resume else config.dataset_timeout)
+    # The analysis settings are the run's own (a resumed run keeps them); how to execute may change.
+    analysis = AnalysisParams(**manifest["analysis"])
+    workers, timeout = max(1, config.workers), config.dataset_timeout
     running: list[_Running] = []
     queue = list(todo)
     with _Interrupts() as interrupts, tqdm(total=len(todo), unit="dataset", desc="datasets",
@@ -196,7 +192,7 @@ def run_batch(config: BatchConfig) -> BatchResult:
         try:
             while (queue or running) and not interrupts.count:
                 while queue and len(running) < workers and not interrupts.count:
-                    running.append(_start(config, manifest, run_dir, queue.pop(0)))
+                    running.append(_start(config, analysis, run_dir, queue.pop(0)))
                 time.sleep(0.2)
                 for job in list(running):
                     if job.process.poll() is not None:
@@ -231,7 +227,7 @@ def run_batch(config: BatchConfig) -> BatchResult:
     if interrupts.count >= 2:
         print(f"Stopped at once. Resume with: python run_batch.py --resume {run_dir}", file=sys.stderr)
         return result
-    aggregate(run_dir, kernel_name=manifest.get("kernel_name", config.kernel_name))
+    aggregate(run_dir, kernel_name=config.kernel_name)
     if result.interrupted:
         print(f"Resume with: python run_batch.py --resume {run_dir}", file=sys.stderr)
     return result

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--species", choices=["human", "mouse"], default=DEFAULTS.species,
                     help="species of every dataset in the batch")
     io.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                    help="finish an interrupted run folder in place (its original settings are used)")
+                    help="finish an interrupted run folder in place (its analysis settings are kept; "
+                    "--workers and timeouts may be given anew)")
     io.add_argument("--dry-run", action="store_true",
                     help="list the datasets that would run and estimate API calls, tokens and cost; send nothing")
 

@@ -84,11 +84,11 @@ class BatchConfig:
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
 
     def dataset_params(self, *, dataset: str, tissue: str, input_path: Path, run_dir: Path) -> DatasetParams:
-        values = {f.name: getattr(self.analysis, f.name) for f in fields(AnalysisParams)}
-        return DatasetParams(
-            **values,
-            dataset=dataset,
-            tissue=tissue,
-            input_path=str(input_path),
-            run_dir=str(run_dir),
-        )
+        return dataset_params(self.analysis, dataset=dataset, tissue=tissue, input_path=input_path, run_dir=run_dir)
+
+
+def dataset_params(analysis: AnalysisParams, *, dataset: str, tissue: str, input_path: Path,
+                   run_dir: Path) -> DatasetParams:
+    """The template's parameters for one dataset of a batch."""
+    values = {f.name: getattr(analysis, f.name) for f in fields(AnalysisParams)}
+    return DatasetParams(**values, dataset=dataset, tissue=tissue, input_path=str(input_path), run_dir=str(run_dir))
