@@ -53,6 +53,8 @@ def workspace(tmp_path_factory):
     (data / "brain" / "Data_Text_Brain.h5ad").write_text("gene,cell\nGFAP,3\n")
     good = (data / "brain" / "Data_Filbin2018_Brain.h5ad").read_bytes()
     (data / "breast" / "Data_Truncated_Breast.h5ad").write_bytes(good[: len(good) // 2])
+    (data / "breast" / "Data_Empty_Breast.h5ad").write_bytes(b"")
+    write(make_counts(300, cell_types=BREAST_TYPES, seed=6)[:0].copy(), data / "breast" / "Data_NoCells_Breast.h5ad")
     multi = run_cli(["--tissues", "brain", "breast", "--workers", "2"], cwd=root)
     brain = run_cli(["--tissues", "brain"], cwd=root)
     return root, multi, brain
@@ -88,10 +90,14 @@ def test_contract_layout_and_summary(workspace):
     statuses = {(r.tissue, r.dataset): r.status for r in summary.itertuples()}
     assert {k for k, v in statuses.items() if v == "success"} == GOOD
     failed = summary[summary["status"] == "failed"].set_index("dataset")
-    assert set(failed.index) == {"Data_Text_Brain", "Data_Truncated_Breast"}
+    assert set(failed.index) == {"Data_Text_Brain", "Data_Truncated_Breast", "Data_Empty_Breast",
+                                 "Data_NoCells_Breast"}
     for dataset, row in failed.iterrows():
         assert "\n" not in row["error"] and f"{dataset}.h5ad" in row["error"]
     assert "not an HDF5" in failed.loc["Data_Text_Brain", "error"]
+    assert "truncated" in failed.loc["Data_Truncated_Breast", "error"]
+    assert "empty file" in failed.loc["Data_Empty_Breast", "error"]
+    assert "no cells" in failed.loc["Data_NoCells_Breast", "error"]
     for tissue, dataset in GOOD:
         folder = run / tissue / dataset
         for suffix in CONTRACT_FILES:
@@ -105,7 +111,7 @@ def test_contract_layout_and_summary(workspace):
     text = (run / "batch_summary.txt").read_text()
     assert "Total cost: $0.00" in text
     assert "no API calls were made" in text
-    assert "Succeeded: 3" in text and "Failed: 2" in text
+    assert "Succeeded: 3" in text and "Failed: 4" in text
     assert "Data_Text_Brain" in text and "not an HDF5" in text
 
 

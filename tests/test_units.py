@@ -189,3 +189,19 @@ def test_counts_layer_is_dropped_with_a_warning_when_a_copy_would_not_fit(monkey
     io.provenance(other)["input"] = {"is_counts": True, "file": "small.h5ad"}
     preprocess.qc(other, min_genes=50)
     assert "counts" in other.layers
+
+
+def test_dry_run_lists_datasets_and_estimates_without_sending(tmp_path, capsys, monkeypatch, llm_server):
+    from cassia_helpers.cli import main
+
+    data = tmp_path / "data"
+    make_counts(300, seed=1).write_h5ad(touch(data / "blood" / "Data_A.h5ad"))
+    (data / "blood" / "Broken.h5ad").write_text("nope")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-dry")
+    code = main(["--data-dir", str(data), "--tissues", "blood", "--dry-run", "--base-url", llm_server.base_url,
+                 "--output-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0 and "Dry run: 2 dataset(s)" in out
+    assert "Data_A" in out and "300" in out and "unreadable" in out
+    assert "Estimated API calls:" in out and "Estimated cost: $" in out
+    assert llm_server.stats()["requests"] == 0 and not (tmp_path / "out").exists()
