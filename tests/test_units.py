@@ -104,9 +104,16 @@ def test_neighbors_beyond_8192_cells():
     io.provenance(adata)["input"] = {"is_counts": True}
     preprocess.normalize(adata)
     preprocess.reduce_dimensions(adata, n_pcs=10)
-    preprocess.neighbors(adata)
+    preprocess.neighbors(adata, exact_max_cells=0)  # the approximate search is where it broke
+    assert io.provenance(adata)["neighbors"]["search"] == "pynndescent"
     preprocess.cluster(adata)
     assert adata.obsp["connectivities"].shape == (8400, 8400)
+    approximate = adata.obsp["connectivities"].copy()
+    preprocess.neighbors(adata)
+    assert io.provenance(adata)["neighbors"]["search"] == "exact"
+    # both searches find (nearly) the same graph
+    overlap = (approximate > 0).multiply(adata.obsp["connectivities"] > 0).sum() / (approximate > 0).sum()
+    assert overlap > 0.9
     assert adata.obs["leiden"].nunique() >= 3
 
 
