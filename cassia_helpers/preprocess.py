@@ -181,12 +181,13 @@ def cluster(adata: ad.AnnData, *, resolution: float = 1.0, seed: int = 0, key_ad
 
 
 @timed("umap")
-def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 100_000) -> None:
+def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
     """UMAP of the kNN graph. Writes ``obsm['X_umap']`` and ``uns['cassia_batch']['umap']``.
 
     The layout starts from the first two principal components instead of a spectral embedding of the graph
     (the spectral start is ~40% of UMAP's time at 100k cells, for no better separation of cell types;
-    ``bench/pipeline_variants.py``), and datasets above ``large`` cells run 100 epochs instead of 200.
+    ``bench/pipeline_variants.py``), and datasets above ``large`` cells run 100 epochs instead of 200
+    (the embedding is for looking at; clustering does not use it).
     """
     if adata.n_obs < 3:
         adata.obsm["X_umap"] = np.zeros((adata.n_obs, 2), dtype=np.float32)
