@@ -190,3 +190,13 @@ def test_reasoning_models_without_temperature_and_with_reasoning_content(llm_env
     assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell"]
     assert sum("temperature" in b for b in llm_env.received) == 1  # refused once, then left out
     assert len(sent(read_ledger(tmp_path / "ledger.jsonl"))) == llm_env.stats()["requests"]
+
+
+def test_an_answer_is_kept_when_the_validator_cannot_be_reached(llm_env, tmp_path):
+    prices = tmp_path / "prices.json"
+    # the budget runs out after the annotator and formatter calls of the first cluster
+    prices.write_text(json.dumps({"scripted-model": {"input": 1000.0, "output": 1000.0}}))
+    results = annotator(llm_env, tmp_path, concurrency=1, max_cost=0.35, price_file=str(prices)).annotate(
+        CLUSTERS[:2], tissue="blood", species="human")
+    assert results[0].main_cell_type == "CD8+ T cell" and "not confirm" in results[0].reasoning
+    assert results[1].main_cell_type == "Unknown" and results[1].reason == "budget"

@@ -235,39 +235,63 @@ class LLMAnnotator:
         best: dict | None = None
         last_problem = "no answer"
         for round_number in range(1, self.max_rounds + 1):
-            analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator").content
-            transcript.append({"agent": f"annotator (round {round_number})", "content": analysis})
-            conversation.append({"role": "assistant", "content": analysis})
-            answer = self._format(prompt, analysis, markers.cluster, transcript)
-            if answer is None:
+            try:
+                outcome = self._round(markers, prompt, conversation, transcript, round_number)
+            except LLMError as exc:
+                if best is None:
+                    raise
+                # An answer already paid for is kept when a later call cannot be made.
+                transcript.append({"agent": "note", "content": f"stopped early: {exc}"})
+                return self._result(markers, best, transcript, round_number, validated=False)
+            if outcome is None:
                 last_problem = "the model gave no recognisable cell type"
-                conversation.append({"role": "user", "content": "Your feedback: the answer named no cell type. "
-                                     "Analyse again and end with 'FINAL ANNOTATION: <main cell type>'."})
                 continue
-            problems = marker_problems(answer, markers.genes)
-            review = self.client.chat(
-                [{"role": "system", "content": VALIDATOR_SYSTEM},
-                 {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
-                                             f"Structured answer:\n{json.dumps(answer)}"}],
-                cluster=markers.cluster, agent="validator").content
-            transcript.append({"agent": f"validator (round {round_number})", "content": review})
-            if problems:
-                transcript.append({"agent": "marker check", "content": " ".join(problems)})
-            passed = "VALIDATION PASSED" in review.upper() and not problems
-            cleaned = dict(answer, key_markers=[m for m in answer["key_markers"]
-                                                if m.upper() in {g.upper() for g in markers.genes}])
+            cleaned, passed = outcome
             best = cleaned
             if passed:
                 return self._result(markers, cleaned, transcript, round_number, validated=True)
             last_problem = "validation did not pass"
-            conversation.append({"role": "user", "content": "Validator feedback: " + " ".join(problems + [review])
-                                 + "\nRevise your analysis and end with 'FINAL ANNOTATION: <main cell type>'."})
         if best is not None:
             return self._result(markers, best, transcript, self.max_rounds, validated=False)
         unknown = ClusterAnnotation.unknown(markers.cluster, f"{last_problem} after {self.max_rounds} rounds",
                                            markers.genes)
         unknown.transcript, unknown.iterations = transcript, self.max_rounds
         return unknown
+
+    def _round(self, markers: ClusterMarkers, prompt: str, conversation: list[dict], transcript: list[dict],
+               round_number: int) -> tuple[dict, bool] | None:
+        """One annotator → formatter → validator round; ``None`` when no cell type could be read.
+
+        Adds the feedback for the next round to ``conversation`` when the answer is missing or not validated.
+        """
+        analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator").content
+        transcript.append({"agent": f"annotator (round {round_number})", "content": analysis})
+        conversation.append({"role": "assistant", "content": analysis})
+        answer = self._format(prompt, analysis, markers.cluster, transcript)
+        if answer is None:
+            conversation.append({"role": "user", "content": "Your feedback: the answer named no cell type. "
+                                 "Analyse again and end with 'FINAL ANNOTATION: <main cell type>'."})
+            return None
+        problems = marker_problems(answer, markers.genes)
+        cleaned = dict(answer, key_markers=[m for m in answer["key_markers"]
+                                            if m.upper() in {g.upper() for g in markers.genes}])
+        try:
+            review = self.client.chat(
+                [{"role": "system", "content": VALIDATOR_SYSTEM},
+                 {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
+                                             f"Structured answer:\n{json.dumps(answer)}"}],
+                cluster=markers.cluster, agent="validator").content
+        except LLMError as exc:
+            # The answer stands, unconfirmed; a later round (if any) may still confirm it.
+            review = f"validator unavailable ({exc})"
+        transcript.append({"agent": f"validator (round {round_number})", "content": review})
+        if problems:
+            transcript.append({"agent": "marker check", "content": " ".join(problems)})
+        passed = "VALIDATION PASSED" in review.upper() and not problems
+        if not passed:
+            conversation.append({"role": "user", "content": "Validator feedback: " + " ".join(problems + [review])
+                                 + "\nRevise your analysis and end with 'FINAL ANNOTATION: <main cell type>'."})
+        return cleaned, passed
 
     def _result(self, markers, answer, transcript, rounds, *, validated: bool) -> ClusterAnnotation:
         if UNKNOWN_ANSWER.match(answer["main_cell_type"]):
