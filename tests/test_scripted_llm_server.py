@@ -12,32 +12,15 @@ import urllib.request
 import openai
 import pytest
 
+from cassia_helpers.annotate.agents import ANSWER_SCHEMA
 from tests.scripted_llm_server import FORMATTER_KEYS, MALFORMED_BODY, ScriptedLLMServer
 
 ANNOTATOR_SYSTEM = "You are the Annotator Agent, an expert in single-cell biology."
 VALIDATOR_SYSTEM = "You are the Validator Agent. Check the annotation."
 FORMATTER_SYSTEM = "You are the Formatter Agent. Summarise the annotation as JSON."
 
-SCHEMA = {
-    "type": "json_schema",
-    "json_schema": {
-        "name": "cell_annotation",
-        "strict": True,
-        "schema": {
-            "type": "object",
-            "properties": {
-                "main_cell_type": {"type": "string"},
-                "sub_cell_types": {"type": "array", "items": {"type": "string"}},
-                "mixed_cell_types": {"type": "array", "items": {"type": "string"}},
-                "confidence": {"type": "integer"},
-                "key_markers": {"type": "array", "items": {"type": "string"}},
-                "reasoning": {"type": "string"},
-            },
-            "required": list(FORMATTER_KEYS),
-            "additionalProperties": False,
-        },
-    },
-}
+# the schema our formatter agent sends
+SCHEMA = ANSWER_SCHEMA
 
 
 def user_prompt(markers: str, tissue: str = "blood") -> str:
