@@ -21,7 +21,7 @@ from .config import AnalysisParams, BatchConfig, dataset_params
 from .discovery import Dataset, UsageError, discover
 from .io import write_json
 from .layout import RUN_MANIFEST, DatasetPaths, new_run_dir, run_label
-from .runner import FAILED, INTERRUPTED, SKIPPED, SUCCESS, now_iso, read_status, write_status
+from .runner import FAILED, INTERRUPTED, SUCCESS, now_iso, read_status, write_status
 
 
 @dataclass
@@ -36,7 +36,7 @@ class BatchResult:
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
-        return 0 if all(s in (SUCCESS, SKIPPED) for s in self.statuses.values()) else 1
+        return 0 if all(s == SUCCESS for s in self.statuses.values()) else 1
 
 
 @dataclass

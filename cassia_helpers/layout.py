@@ -16,7 +16,6 @@ BATCH_SUMMARY_CSV = "batch_summary.csv"
 TOKEN_TRACKING_JSON = "token_tracking.json"
 AGGREGATE_NOTEBOOK = "aggregate_notebook.ipynb"
 RUN_MANIFEST = "run_manifest.json"
-DRIVER_LOG = "driver.log"
 
 
 def run_label(tissues: list[str], *, all_tissues: bool) -> str:
@@ -110,9 +109,3 @@ class DatasetPaths:
     def kernel_log(self) -> Path:
         return self._file("_kernel.log")
 
-
-def iter_dataset_dirs(run_dir: Path):
-    """Yield ``(tissue, dataset)`` for every dataset folder of a run, sorted."""
-    for tissue_dir in sorted(p for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for dataset_dir in sorted(p for p in tissue_dir.iterdir() if p.is_dir()):
-            yield tissue_dir.name, dataset_dir.name

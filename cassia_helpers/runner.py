@@ -17,7 +17,7 @@ from pathlib import Path
 from .io import write_json
 from .layout import DatasetPaths
 
-SUCCESS, FAILED, INTERRUPTED, SKIPPED = "success", "failed", "interrupted", "skipped"
+SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "annotate_dataset.ipynb"
 REQUIRED_OUTPUTS = ("markers_csv", "annotated_h5ad", "annotation_txt", "summary_txt", "result_json")
 
