@@ -24,7 +24,7 @@ REQUIRED_OUTPUTS = ("markers_csv", "annotated_h5ad", "annotation_txt", "summary_
 
 def template_path(name: str = "annotate_dataset.ipynb") -> Path:
     """A template notebook shipped with the project (``templates/`` beside the package)."""
-    candidates = [TEMPLATE.parent / name, Path(__file__).resolve().parent / "templates" / name]
+    candidates = [TEMPLATE.parent / name, Path(sys.prefix) / "share" / "cassia-batch" / "templates" / name]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
