@@ -51,3 +51,13 @@ def test_template_parameters_match_the_batch_parameters():
     source = next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     names = set(re.findall(r"^(\w+) = ", source, flags=re.MULTILINE))
     assert names == set(DatasetParams.__dataclass_fields__)
+
+
+def test_spec_copy_matches_the_shared_contract():
+    """docs/ carries the output contract the tests run; it must not drift from the shared original."""
+    import pytest
+
+    shared = REPO.parent / "shared" / "spec" / "batch_output_structure.md"
+    if not shared.is_file():
+        pytest.skip("no shared/ folder beside this checkout")
+    assert (REPO / "docs" / "batch_output_structure.md").read_text() == shared.read_text()
