@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BatchConfig:
     from .annotate.apply import resolve_annotator_kind
+    from .annotate.llm import endpoint_label
 
     if args.resume is None and not args.tissues:
         raise UsageError("choose tissues with --tissues NAME [NAME ...] or --tissues all (or --resume RUN_DIR)")
@@ -111,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
     values = {f.name: getattr(args, f.name) for f in fields(AnalysisParams) if hasattr(args, f.name)}
     values.update(
         annotator=resolve_annotator_kind(args.annotator, base_url),
-        base_url=_without_credentials(base_url),
+        base_url=endpoint_label(base_url) if base_url else "",
         use_cache=not args.no_cache,
         cache_dir=str(args.cache_dir.resolve()) if args.cache_dir else "",
         price_file=str(args.price_file.resolve()) if args.price_file else "",
@@ -130,18 +131,6 @@ def config_from_args(args: argparse.Namespace) -> BatchConfig:
         kernel_name=args.kernel_name,
         analysis=AnalysisParams(**values),
     )
-
-
-def _without_credentials(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    if not url:
-        return ""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def main(argv: list[str] | None = None) -> int:
