@@ -97,12 +97,35 @@ def _start(config: BatchConfig, analysis: AnalysisParams, run_dir: Path, dataset
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "cassia_helpers.runner", json.dumps(job)],
+        env=worker_environment(config.workers),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     return _Running(dataset, process, time.monotonic(), now_iso())
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def worker_environment(workers: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker: the driver's, with BLAS/OpenMP/numba threads shared out among workers.
+
+    Each worker gets ``cores // workers`` threads (at least one), or fewer if the user asked for fewer,
+    so that ``--workers 2`` on two cores runs two single-threaded kernels instead of four threads
+    fighting over two cores.
+    """
+    env = dict(os.environ if environ is None else environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, workers))
+    for name in THREAD_VARIABLES:
+        try:
+            asked = int(env[name])
+        except (KeyError, ValueError):
+            asked = share
+        env[name] = str(max(1, min(asked, share)))
+    return env
 
 
 def _stop(running: _Running) -> None:

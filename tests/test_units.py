@@ -212,3 +212,19 @@ def test_dry_run_lists_datasets_and_estimates_without_sending(tmp_path, capsys, 
     assert "Data_A" in out and "300" in out and "unreadable" in out
     assert "Estimated API calls:" in out and "Estimated cost: $" in out
     assert llm_server.stats()["requests"] == 0 and not (tmp_path / "out").exists()
+
+
+def test_workers_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
+    from cassia_helpers.batch import THREAD_VARIABLES, worker_environment
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    one = worker_environment(1, {"PATH": "/bin"})
+    two = worker_environment(2, {"PATH": "/bin", "OMP_NUM_THREADS": "4"})
+    many = worker_environment(8, {})
+    fewer = worker_environment(1, {"OPENBLAS_NUM_THREADS": "1"})
+    assert one["PATH"] == "/bin"
+    assert {one[v] for v in THREAD_VARIABLES} == {"4"}
+    assert {two[v] for v in THREAD_VARIABLES} == {"2"}
+    assert {many[v] for v in THREAD_VARIABLES} == {"1"}
+    # a user's smaller setting is kept
+    assert fewer["OPENBLAS_NUM_THREADS"] == "1" and fewer["OMP_NUM_THREADS"] == "4"
