@@ -22,8 +22,7 @@ Part B — four equal datasets (``--datasets`` × ``--cells``, default 4 × 3,00
 wall time, per-dataset time (from the ``*_status.json`` files), speed-up, and peak memory of the whole
 process tree (sum of RSS over the driver and all its descendants, polled every 0.2 s).
 
-The annotator is ``--annotator reference`` (the offline one); ``cassia_helpers/annotate/reference.py`` is
-written by someone else — if it is missing or failing, the status column says so.
+The annotator is ``--annotator reference`` (the offline one), so no request leaves the machine.
 
 Usage::
 
@@ -288,8 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     import scale_data
 
     _common.print_machine()
-    ref = _common.ROOT / "cassia_helpers" / "annotate" / "reference.py"
-    print(f"reference annotator module: {'present' if ref.is_file() else 'MISSING'} ({ref})\n")
     tmp = Path(tempfile.mkdtemp(prefix="batch_overhead_"))
     tiny = scale_data.dataset_path(args.tiny_cells, out=args.out, seed=7)
     if not args.skip_a:

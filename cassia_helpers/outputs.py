@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 import scanpy as sc  # noqa: E402
 
 from .annotate import ClusterAnnotation  # noqa: E402
+from .counts import write_counts_layer  # noqa: E402
 from .io import atomic_path, provenance, write_json, write_text  # noqa: E402
 from .layout import DatasetPaths  # noqa: E402
 
@@ -62,10 +63,15 @@ def write_markers(markers: pd.DataFrame, paths: DatasetPaths) -> Path:
 
 
 def write_annotated(adata: ad.AnnData, paths: DatasetPaths) -> Path:
-    """``{dataset}_annotated.h5ad`` (gzip-free for speed; ``obs``, ``obsm``, ``layers`` and ``uns`` kept)."""
+    """``{dataset}_annotated.h5ad`` (gzip-free for speed; ``obs``, ``obsm``, ``layers`` and ``uns`` kept).
+
+    When ``X`` was normalised from counts, the counts are rebuilt from it and streamed into
+    ``layers['counts']`` of the file (:func:`cassia_helpers.counts.write_counts_layer`).
+    """
     provenance(adata)["versions"] = package_versions()
     with atomic_path(paths.annotated_h5ad) as tmp:
         adata.write_h5ad(tmp)
+        write_counts_layer(adata, tmp)
     return paths.annotated_h5ad
 
 

@@ -6,12 +6,18 @@ Each function takes ``adata`` first, works in place, records its wall time in
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections.abc import Iterator
+
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .io import InputError, available_memory_bytes, provenance, timed, warn
+from .counts import LIBRARY_SIZE_KEY, ROWS_PER_BLOCK
+from .io import InputError, provenance, timed, warn
 
 MITO_PREFIX = "MT-"
 
@@ -28,10 +34,10 @@ def qc(
 
     Cells need ``min_genes`` detected genes and at most ``max_pct_mt`` percent mitochondrial counts
     (genes starting ``MT-``/``mt-``, matched case-insensitively so human and mouse both work); genes
-    need ``min_cells`` cells. When ``X`` holds counts they are kept in ``layers['counts']``.
+    need ``min_cells`` cells.
 
     Writes ``obs['n_genes_by_counts']``, ``obs['total_counts']``, ``obs['pct_counts_mt']``,
-    ``var['mt']``, ``layers['counts']`` and ``uns['cassia_batch']['qc']``.
+    ``var['mt']`` and ``uns['cassia_batch']['qc']``.
 
     Raises
     ------
@@ -45,27 +51,18 @@ def qc(
     keep = (adata.obs["n_genes_by_counts"].to_numpy() >= min_genes) & (
         adata.obs["pct_counts_mt"].to_numpy() <= max_pct_mt
     )
-    if not keep.all():
-        adata._inplace_subset_obs(keep)
-    if adata.n_obs == 0:
+    if not keep.any():
         raise InputError(
             f"{_file(adata)}: no cells left after QC (min_genes={min_genes}, max_pct_mt={max_pct_mt}; "
             f"{before[0]} cells before)"
         )
-    gene_keep, _ = sc.pp.filter_genes(adata.X, min_cells=min_cells, inplace=False)
-    if not gene_keep.all():
-        adata._inplace_subset_var(gene_keep)
-    if adata.n_vars == 0:
+    gene_keep = _cells_per_gene(adata.X, keep) >= min_cells
+    if not gene_keep.any():
         raise InputError(f"{_file(adata)}: no genes left after QC (min_cells={min_cells})")
+    if not (keep.all() and gene_keep.all()):
+        subset_in_place(adata, keep, gene_keep)
     # subsetting in place rebuilds the AnnData and copies ``uns``: fetch the record again
     record = provenance(adata)
-    if record.get("input", {}).get("is_counts", True):
-        if _fits_twice(adata.X):
-            adata.layers["counts"] = adata.X.copy()
-        else:
-            # A second copy of a very large matrix would not fit; counts stay recoverable from X.
-            warn(adata, "counts layer not kept (a second copy of the matrix would not fit in memory): "
-                        "recover counts as round(expm1(X) * obs['total_counts'] / target_sum)")
     record["qc"] = {
         "min_genes": min_genes,
         "min_cells": min_cells,
@@ -84,15 +81,35 @@ def qc(
 def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
     """``normalize_total`` then ``log1p``, in place; skipped when ``X`` is already log-normalised.
 
-    Writes ``uns['cassia_batch']['normalized']`` (``"log1p(total={target_sum})"`` or ``"input"``).
+    No copy of the counts is kept in memory: they are exactly recoverable from ``X`` and each cell's library
+    size, and :func:`cassia_helpers.write_annotated` writes them to the h5ad's ``layers['counts']``
+    (:mod:`cassia_helpers.counts`).
+
+    Writes ``obs['library_size']`` (each cell's counts summed over the genes kept by QC),
+    ``uns['cassia_batch']['normalized']`` (``"log1p(total={target_sum})"`` or ``"input"``) and
+    ``uns['cassia_batch']['normalize']`` (``target_sum``).
     """
     record = provenance(adata)
     if not record.get("input", {}).get("is_counts", True):
         record["normalized"] = "input (already log-normalised)"
         return
-    sc.pp.normalize_total(adata, target_sum=target_sum)
-    sc.pp.log1p(adata)
+    library = np.asarray(adata.X.sum(axis=1, dtype=np.float64)).ravel()
+    adata.obs[LIBRARY_SIZE_KEY] = library
+    scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0).astype(np.float32)
+    # in place, a block of rows at a time: sc.pp.normalize_total would allocate a second matrix
+    x = adata.X
+    for start in range(0, x.shape[0], ROWS_PER_BLOCK):
+        stop = min(start + ROWS_PER_BLOCK, x.shape[0])
+        if sp.issparse(x):
+            lo, hi = x.indptr[start], x.indptr[stop]
+            x.data[lo:hi] *= np.repeat(scale[start:stop], np.diff(x.indptr[start:stop + 1]))
+            np.log1p(x.data[lo:hi], out=x.data[lo:hi])
+        else:
+            x[start:stop] *= scale[start:stop, None]
+            np.log1p(x[start:stop], out=x[start:stop])
+    adata.uns["log1p"] = {"base": None}
     record["normalized"] = f"log1p(normalize_total(target_sum={target_sum:g}))"
+    record["normalize"] = {"target_sum": float(target_sum), "library_size": LIBRARY_SIZE_KEY}
 
 
 @timed("pca")
@@ -107,15 +124,11 @@ def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int 
     Writes ``var['highly_variable']``, ``obsm['X_pca']``, ``varm['PCs']`` and ``uns['pca']``
     (``variance``, ``variance_ratio``).
     """
-    n_top = min(n_top_genes, adata.n_vars)
-    sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat")
-    mask = adata.var["highly_variable"].to_numpy()
+    mask = highly_variable_genes(adata, n_top_genes=n_top_genes)
     n_comps = max(1, min(n_pcs, adata.n_obs - 1, int(mask.sum()) - 1))
-    x = adata.X[:, mask]
-    x = x.tocsr() if sp.issparse(x) else np.asarray(x)
-    variance, components, mean, total_variance = _covariance_pca(x, n_comps)
-    projected = x @ components.astype(np.float32)
-    adata.obsm["X_pca"] = (np.asarray(projected) - (mean @ components).astype(np.float32)).astype(np.float32)
+    variance, components, mean, total_variance = _covariance_pca(adata.X, mask, n_comps)
+    components32, offset = components.astype(np.float32), (mean @ components).astype(np.float32)
+    adata.obsm["X_pca"] = np.concatenate([rows @ components32 - offset for rows in _hvg_blocks(adata.X, mask)])
     loadings = np.zeros((adata.n_vars, n_comps), dtype=np.float32)
     loadings[mask] = components
     adata.varm["PCs"] = loadings
@@ -127,15 +140,142 @@ def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int 
     provenance(adata)["pca"] = {"n_top_genes": int(mask.sum()), "n_pcs": n_comps, "solver": "blocked covariance"}
 
 
-def _covariance_pca(x, n_comps: int, *, block: int = 10_000) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Top eigenpairs of the column covariance of ``x`` (variances, loadings, column means, total variance)."""
-    n_obs, n_vars = x.shape
+def subset_in_place(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> None:
+    """Keep the ``cells`` × ``genes`` (boolean masks) of ``adata``, in place.
+
+    A CSR ``X`` is compacted inside its own buffers a block of rows at a time, so the peak is one block
+    instead of a second matrix (``adata[cells, genes].copy()`` holds both). Other ``X`` types and all
+    annotations are subset by anndata.
+    """
+    x = adata.X
+    buffers = (_owner(x.data), _owner(x.indices)) if sp.issparse(x) and x.format == "csr" else (None, None)
+    if buffers[0] is None or buffers[1] is None:
+        adata._inplace_subset_obs(cells)
+        adata._inplace_subset_var(genes)
+        return
+    adata.X = None
+    adata._inplace_subset_obs(cells)
+    adata._inplace_subset_var(genes)
+    adata.X = _compact_csr(*buffers, x.indptr, x.shape, cells, genes)
+
+
+def _owner(array: np.ndarray) -> np.ndarray | None:
+    """The array owning ``array``'s whole buffer (itself, or a base it merely re-wraps), else ``None``."""
+    if array.flags.owndata:
+        return array
+    base = array.base
+    if (isinstance(base, np.ndarray) and base.flags.owndata and base.shape == array.shape
+            and base.dtype == array.dtype and base.ctypes.data == array.ctypes.data):
+        return base
+    return None
+
+
+def _compact_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int],
+                 rows: np.ndarray, columns: np.ndarray) -> sp.csr_matrix:
+    new_column = (np.cumsum(columns) - 1).astype(indices.dtype)
+    new_indptr = np.zeros(int(rows.sum()) + 1, dtype=indptr.dtype)
+    written = row_out = 0
+    for start in range(0, shape[0], ROWS_PER_BLOCK):
+        stop = min(start + ROWS_PER_BLOCK, shape[0])
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        row_of_entry = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
+        keep = rows[start:stop][row_of_entry] & columns[indices[lo:hi]]
+        kept = int(keep.sum())
+        # the write position never passes the read position, so earlier entries are never overwritten
+        data[written:written + kept] = data[lo:hi][keep]
+        indices[written:written + kept] = new_column[indices[lo:hi][keep]]
+        per_row = np.bincount(row_of_entry[keep], minlength=stop - start)[rows[start:stop]]
+        new_indptr[row_out + 1:row_out + 1 + len(per_row)] = written + np.cumsum(per_row)
+        written += kept
+        row_out += len(per_row)
+    data.resize(written, refcheck=False)
+    indices.resize(written, refcheck=False)
+    return sp.csr_matrix((data, indices, new_indptr), shape=(row_out, int(columns.sum())))
+
+
+def _cells_per_gene(x, cells: np.ndarray) -> np.ndarray:
+    """How many of the ``cells`` (boolean mask) express each gene."""
+    if sp.issparse(x) and x.format == "csr":
+        counts = np.zeros(x.shape[1], dtype=np.int64)
+        for start in range(0, x.shape[0], ROWS_PER_BLOCK):
+            stop = min(start + ROWS_PER_BLOCK, x.shape[0])
+            lo, hi = x.indptr[start], x.indptr[stop]
+            expressed = np.repeat(cells[start:stop], np.diff(x.indptr[start:stop + 1])) & (x.data[lo:hi] != 0)
+            counts += np.bincount(x.indices[lo:hi][expressed], minlength=x.shape[1])
+        return counts
+    return np.asarray((x[cells] != 0).sum(axis=0)).ravel()
+
+
+def highly_variable_genes(adata: ad.AnnData, *, n_top_genes: int = 2000, n_bins: int = 20) -> np.ndarray:
+    """Seurat's highly variable genes (scanpy's ``flavor="seurat"``), without a copy of ``X``.
+
+    Per gene, the mean and variance of ``expm1(X)`` are accumulated over blocks of rows; the log dispersion
+    is z-scored within ``n_bins`` bins of log mean expression and the ``n_top_genes`` highest are kept
+    (ties at the cut-off included), as ``sc.pp.highly_variable_genes(flavor="seurat")`` does after
+    copying the whole matrix to take ``expm1``.
+
+    Writes ``var['highly_variable']``, ``var['means']``, ``var['dispersions']``, ``var['dispersions_norm']``;
+    returns the mask.
+    """
+    n_obs = adata.n_obs
+    totals, squares = _expm1_column_sums(adata.X)
+    mean = totals / n_obs
+    variance = (squares / n_obs - mean**2) * (n_obs / max(n_obs - 1, 1))
+    mean[mean == 0] = 1e-12
+    dispersion = variance / mean
+    dispersion[dispersion <= 0] = np.nan
+    dispersion = np.log(dispersion)
+    log_mean = np.log1p(mean)
+    table = pd.DataFrame({"means": log_mean, "dispersions": dispersion}, index=adata.var_names)
+    bins = pd.cut(table["means"], bins=n_bins)
+    grouped = table.groupby(bins, observed=True)["dispersions"]
+    average, spread = grouped.transform("mean"), grouped.transform("std")
+    # a bin holding a single gene has no spread: that gene's normalised dispersion is set to 1
+    single = spread.isna() & table["dispersions"].notna()
+    spread[single], average[single] = average[single], 0.0
+    table["dispersions_norm"] = (table["dispersions"] - average) / spread
+    ranked = np.sort(table["dispersions_norm"].dropna().to_numpy())[::-1]
+    cut = ranked[min(n_top_genes, len(ranked)) - 1] if len(ranked) else np.inf
+    table["highly_variable"] = np.nan_to_num(table["dispersions_norm"].to_numpy()) >= cut
+    for column in ("highly_variable", "means", "dispersions", "dispersions_norm"):
+        adata.var[column] = table[column].to_numpy()
+    adata.uns["hvg"] = {"flavor": "seurat"}
+    return adata.var["highly_variable"].to_numpy()
+
+
+def _expm1_column_sums(x) -> tuple[np.ndarray, np.ndarray]:
+    """Per column, the sum of ``expm1(x)`` and of its square (float64), a block of rows at a time."""
+    totals, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    step = ROWS_PER_BLOCK if sp.issparse(x) else max(1, 2**26 // (8 * max(1, x.shape[1])))
+    for start in range(0, x.shape[0], step):
+        stop = min(start + step, x.shape[0])
+        if sp.issparse(x):
+            block = x[start:stop]
+            values = np.expm1(block.data, dtype=np.float64)
+            totals += np.bincount(block.indices, weights=values, minlength=x.shape[1])
+            squares += np.bincount(block.indices, weights=np.square(values), minlength=x.shape[1])
+        else:
+            values = np.expm1(np.asarray(x[start:stop]), dtype=np.float64)
+            totals += values.sum(axis=0)
+            squares += np.square(values).sum(axis=0)
+    return totals, squares
+
+
+def _hvg_blocks(x, mask: np.ndarray, *, block_bytes: int = 64 * 2**20) -> Iterator[np.ndarray]:
+    """Dense float32 blocks of rows of ``x`` restricted to the ``mask`` columns: never a copy of all of ``x``."""
+    block = max(1, block_bytes // (4 * max(1, int(mask.sum()))))
+    for start in range(0, x.shape[0], block):
+        rows = x[start:start + block]
+        rows = rows[:, mask].toarray() if sp.issparse(rows) else np.asarray(rows)[:, mask]
+        yield rows.astype(np.float32, copy=False)
+
+
+def _covariance_pca(x, mask: np.ndarray, n_comps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Top eigenpairs of the covariance of the ``mask`` columns (variances, loadings, column means, total variance)."""
+    n_obs, n_vars = x.shape[0], int(mask.sum())
     gram = np.zeros((n_vars, n_vars))
     totals = np.zeros(n_vars)
-    for start in range(0, n_obs, block):
-        rows = x[start:start + block]
-        rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows, dtype=np.float32)
-        rows = rows.astype(np.float32, copy=False)
+    for rows in _hvg_blocks(x, mask):
         gram += rows.T @ rows
         totals += rows.sum(axis=0, dtype=np.float64)
     mean = totals / n_obs
@@ -164,20 +304,52 @@ def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0, exact_
 
 @timed("leiden")
 def cluster(adata: ad.AnnData, *, resolution: float = 1.0, seed: int = 0, key_added: str = "leiden") -> None:
-    """Leiden clustering (igraph flavour). Writes ``obs[key_added]`` (categorical, labels ``"0"``, ``"1"``, …)."""
-    sc.tl.leiden(
-        adata,
-        resolution=resolution,
-        flavor="igraph",
-        n_iterations=2,
-        directed=False,
-        random_state=seed,
-        key_added=key_added,
-    )
-    n_clusters = int(adata.obs[key_added].nunique())
+    """Leiden clustering of ``obsp['connectivities']`` with igraph (modularity, 2 iterations).
+
+    The same algorithm and settings as ``sc.tl.leiden(flavor="igraph", n_iterations=2)``, but the igraph
+    graph is built from the CSR arrays in chunks and the weights are passed as an array: scanpy's builder
+    holds every edge as a Python tuple and every weight as a Python float (about 0.9 GB extra at 78k cells,
+    tens of GB at 1M). Labels are ``"0"``, ``"1"``, … (largest cluster first, as igraph numbers them).
+
+    Writes ``obs[key_added]`` (categorical) and ``uns[key_added]['params']``.
+    """
+    import igraph
+
+    adjacency = adata.obsp["connectivities"].tocsr()
+    graph, weights = _igraph_from_adjacency(adjacency)
+    igraph.set_random_number_generator(random.Random(seed))
+    try:
+        membership = graph.community_leiden(objective_function="modularity", weights=weights,
+                                            resolution=resolution, n_iterations=2).membership
+    finally:
+        igraph.set_random_number_generator(random)
+    groups = np.asarray(membership)
+    labels = np.unique(groups).astype(str)
+    adata.obs[key_added] = pd.Categorical(groups.astype(str), categories=sorted(labels, key=int))
+    adata.uns[key_added] = {"params": {"resolution": resolution, "random_state": seed, "n_iterations": 2}}
+    n_clusters = len(labels)
     provenance(adata)["leiden"] = {"resolution": resolution, "n_clusters": n_clusters, "key": key_added}
     if n_clusters == 1:
         warn(adata, "clustering found a single cluster: markers are its most highly expressed genes")
+
+
+def _igraph_from_adjacency(adjacency: sp.csr_matrix, *, chunk: int = 200_000):
+    """An undirected igraph graph with one edge per stored non-zero of ``adjacency``, and its weights.
+
+    Like scanpy's builder, both (i, j) and (j, i) of a symmetric matrix become edges. Edges are fed to
+    igraph from a generator so that only one chunk exists as Python objects at a time.
+    """
+    import igraph
+
+    keep = adjacency.data != 0
+    sources = np.repeat(np.arange(adjacency.shape[0], dtype=np.int64), np.diff(adjacency.indptr))[keep]
+    targets = adjacency.indices[keep]
+    edges = itertools.chain.from_iterable(
+        zip(sources[i:i + chunk].tolist(), targets[i:i + chunk].tolist(), strict=True)
+        for i in range(0, len(sources), chunk)
+    )
+    graph = igraph.Graph(n=adjacency.shape[0], edges=edges, directed=False)
+    return graph, adjacency.data[keep].astype(np.float64)
 
 
 @timed("umap")
@@ -204,18 +376,6 @@ def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
         del adata.obsm["_umap_start"]
     adata.obsm["X_umap"] = adata.obsm["X_umap"].astype(np.float32)
     provenance(adata)["umap"] = {"init": "first two PCs", "epochs": epochs or "scanpy default"}
-
-
-def _matrix_bytes(matrix) -> int:
-    if sp.issparse(matrix):
-        return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
-    return int(np.asarray(matrix).nbytes)
-
-
-def _fits_twice(matrix, *, share: float = 0.35) -> bool:
-    """Whether one more copy of ``matrix`` keeps us under ``share`` of the memory still available."""
-    available = available_memory_bytes()
-    return available is None or _matrix_bytes(matrix) <= share * available
 
 
 def _file(adata: ad.AnnData) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -184,18 +185,29 @@ def test_token_tracking_merges_ledgers_counting_each_request_once(tmp_path):
     assert np.all([c["status"] in ("ok", "error") for c in tracking["api_calls"]])
 
 
-def test_counts_layer_is_dropped_with_a_warning_when_a_copy_would_not_fit(monkeypatch):
-    adata = make_counts(200, seed=3)
-    io.provenance(adata)["input"] = {"is_counts": True, "file": "big.h5ad"}
-    monkeypatch.setattr(preprocess, "available_memory_bytes", lambda: 1000)
+@pytest.mark.parametrize("dense", [False, True])
+def test_written_counts_layer_equals_the_filtered_input_counts(tmp_path, dense):
+    from cassia_helpers.counts import write_counts_layer
+    from cassia_helpers.outputs import write_annotated
+
+    adata = make_counts(300, seed=4)
+    adata.X[0, 0] = 70_000  # a very high count must survive the float32 round trip too
+    if dense:
+        adata.X = adata.X.toarray()
+    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
     preprocess.qc(adata, min_genes=50)
-    assert "counts" not in adata.layers
-    assert any("counts layer not kept" in w for w in io.provenance(adata)["warnings"])
-    monkeypatch.undo()
-    other = make_counts(200, seed=3)
-    io.provenance(other)["input"] = {"is_counts": True, "file": "small.h5ad"}
-    preprocess.qc(other, min_genes=50)
-    assert "counts" in other.layers
+    expected = adata.copy()
+    preprocess.normalize(adata)
+    assert "counts" not in adata.layers  # no second copy of the matrix while the pipeline runs
+    paths = DatasetPaths(tmp_path, "blood", "d")
+    paths.folder.mkdir(parents=True)
+    written = ad.read_h5ad(write_annotated(adata, paths))
+    counts = written.layers["counts"]
+    assert type(counts) is type(expected.X)
+    difference = counts - expected.X
+    assert np.abs(difference).max() == 0
+    assert np.allclose(written.X.toarray() if not dense else written.X, adata.X.toarray() if not dense else adata.X)
+    assert not write_counts_layer(adata, paths.annotated_h5ad)  # never overwrites a layer already there
 
 
 def test_dry_run_lists_datasets_and_estimates_without_sending(tmp_path, capsys, monkeypatch, llm_server):
@@ -228,3 +240,66 @@ def test_workers_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
     assert {many[v] for v in THREAD_VARIABLES} == {"1"}
     # a user's smaller setting is kept
     assert fewer["OPENBLAS_NUM_THREADS"] == "1" and fewer["OMP_NUM_THREADS"] == "4"
+
+
+def test_blocked_pca_matches_scanpy_pca_on_the_same_genes_sparse_and_dense():
+    import scanpy as sc
+
+    adata = make_counts(600, seed=5)
+    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
+    preprocess.qc(adata, min_genes=50)
+    preprocess.normalize(adata)
+    dense = adata.copy()
+    dense.X = dense.X.toarray()
+    preprocess.reduce_dimensions(adata, n_top_genes=150, n_pcs=10)
+    preprocess.reduce_dimensions(dense, n_top_genes=150, n_pcs=10)
+    reference = adata.copy()
+    sc.pp.pca(reference, n_comps=10, mask_var="highly_variable", svd_solver="covariance_eigh")
+    ours, theirs = adata.obsm["X_pca"], reference.obsm["X_pca"]
+    signs = np.sign((ours * theirs).sum(axis=0))
+    np.testing.assert_allclose(ours, theirs * signs, atol=1e-3 * np.abs(theirs).max())
+    np.testing.assert_allclose(adata.uns["pca"]["variance"], reference.uns["pca"]["variance"], rtol=1e-3)
+    np.testing.assert_allclose(dense.obsm["X_pca"], ours, atol=1e-4 * np.abs(ours).max())
+
+
+def test_highly_variable_genes_match_scanpy_seurat_flavour():
+    import scanpy as sc
+
+    adata = make_counts(500, seed=6)
+    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
+    preprocess.qc(adata, min_genes=50)
+    preprocess.normalize(adata)
+    for n_top in (50, 200):
+        reference = adata.copy()
+        sc.pp.highly_variable_genes(reference, n_top_genes=n_top, flavor="seurat")
+        mask = preprocess.highly_variable_genes(adata, n_top_genes=n_top)
+        assert mask.sum() >= n_top
+        np.testing.assert_array_equal(mask, reference.var["highly_variable"].to_numpy())
+        np.testing.assert_allclose(adata.var["dispersions_norm"], reference.var["dispersions_norm"], rtol=1e-4)
+
+
+def test_in_place_qc_subset_and_normalisation_equal_scanpys():
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    adata = make_counts(400, seed=7)
+    rng = np.random.default_rng(0)
+    cells, genes = rng.random(adata.n_obs) < 0.7, rng.random(adata.n_vars) < 0.6
+    expected = adata[cells, genes].copy()
+    preprocess.subset_in_place(adata, cells, genes)
+    assert adata.shape == expected.shape and adata.obs_names.equals(expected.obs_names)
+    assert adata.var_names.equals(expected.var_names)
+    assert adata.X.has_sorted_indices and (adata.X != expected.X).nnz == 0
+    assert np.array_equal(adata.X.indptr, expected.X.indptr)
+
+    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
+    dense = adata.copy()
+    dense.X = dense.X.toarray()
+    preprocess.normalize(adata, target_sum=1e4)
+    preprocess.normalize(dense, target_sum=1e4)
+    sc.pp.normalize_total(expected, target_sum=1e4)
+    sc.pp.log1p(expected)
+    assert sp.issparse(adata.X)
+    np.testing.assert_allclose(adata.X.toarray(), expected.X.toarray(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense.X, expected.X.toarray(), rtol=1e-5, atol=1e-6)
+    assert adata.uns["log1p"] == expected.uns["log1p"]
