@@ -122,31 +122,6 @@ def gib(n: float) -> float:
     return n / 2**30
 
 
-def patch_knn_sparse_type() -> str:
-    """Work around ``sc.pp.neighbors`` failing at >= 8,192 cells in this environment.
-
-    pynndescent 0.7's ``PyNNDescentTransformer.transform`` returns a ``scipy.sparse.csr_array``; scanpy
-    1.11's ``_ind_dist_shortcut`` calls ``.getnnz(axis=1)``, which ``csr_array`` does not have
-    (``AttributeError: 'csr_array' object has no attribute 'getnnz'``). Below 8,192 cells scanpy uses its
-    exact sklearn path and never gets there. The patch converts the transformer's result to
-    ``csr_matrix`` (what older pynndescent returned); it changes no numbers. Returns a one-line note.
-    """
-    import scipy.sparse as sp
-    from pynndescent import PyNNDescentTransformer
-
-    if getattr(PyNNDescentTransformer.transform, "_bench_patched", False):
-        return "patched"
-    original = PyNNDescentTransformer.transform
-
-    def transform(self, X, y=None):
-        return sp.csr_matrix(original(self, X, y))
-
-    transform._bench_patched = True
-    PyNNDescentTransformer.transform = transform
-    return ("bench patch: PyNNDescentTransformer.transform returns csr_matrix (pynndescent 0.7 csr_array breaks "
-            "scanpy 1.11 neighbors at >= 8,192 cells)")
-
-
 class HelpFormatter:
     """argparse formatter: the module docstring as written, plus defaults in the flag help."""
 

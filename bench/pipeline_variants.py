@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     sc.settings.n_jobs = threads
     sc.settings.verbosity = 0
     _common.print_machine()
-    print(_common.patch_knn_sparse_type())
     path = scale_data.dataset_path(args.cells, out=args.out, seed=args.seed)
     t = Timer()
     results: list[list] = []

@@ -42,19 +42,19 @@ How to read the output:
 Threads: OMP/OpenBLAS/MKL/NUMBA_NUM_THREADS and ``sc.settings.n_jobs`` are set to the usable cores
 (2 here) in both subprocesses (override with ``--threads``).
 
-kNN workaround (both pipelines, unless ``--no-knn-patch``): in this environment ``sc.pp.neighbors``
-fails at >= 8,192 cells (pynndescent 0.7 returns ``csr_array``; scanpy 1.11 calls ``.getnnz`` on it).
-The subprocesses patch ``PyNNDescentTransformer.transform`` to return ``csr_matrix``; no number changes.
+Width: ``--extra-genes 19235`` runs both on datasets widened to 20,000 genes (``scale_data.py``), the
+width of real 10x data, where the matrix-bound costs (memory above all) show as they would in practice.
 
 The tutorial is skipped for a size when its estimated peak memory (extrapolated linearly from a smaller
-size measured in the same run, else ~ cells × genes × 12 bytes for the dense scaled matrix and its
-temporaries, plus the sparse copies) exceeds 85% of MemAvailable, or when ``--tutorial-max-cells``
+size measured in the same run, else ~ cells × min(genes, 5000) × 12 bytes for the dense scaled HVG matrix
+and its temporaries, plus the sparse copies) exceeds 85% of MemAvailable, or when ``--tutorial-max-cells``
 is below the size; the output says which.
 
 Usage::
 
     python bench/pipeline_vs_tutorial.py --cells 10000 100000
     python bench/pipeline_vs_tutorial.py --cells 1000000 --tutorial-max-cells 100000
+    python bench/pipeline_vs_tutorial.py --cells 100000 --extra-genes 19235
 """
 
 from __future__ import annotations
@@ -199,14 +199,12 @@ def _adata_bytes(adata) -> dict:
     return out
 
 
-def worker(kind: str, path: str, result: str, threads: int, patch_knn: bool = True) -> int:
+def worker(kind: str, path: str, result: str, threads: int) -> int:
     import numpy as np
     import scanpy as sc
 
     sc.settings.n_jobs = threads
     sc.settings.verbosity = 0
-    if patch_knn:
-        print(_common.patch_knn_sparse_type(), flush=True)
     steps = _Steps()
     adata, key, top, extra = (_ours if kind == "ours" else _tutorial)(path, steps)
     index = adata.obs_names.str.replace("cell", "", regex=False).astype(np.int64).to_numpy()
@@ -221,10 +219,10 @@ def worker(kind: str, path: str, result: str, threads: int, patch_knn: bool = Tr
 # --------------------------------------------------------------------------- driver side
 
 
-def _run_child(kind: str, path: Path, result: Path, threads: int, log: Path, patch_knn: bool = True) -> dict:
+def _run_child(kind: str, path: Path, result: Path, threads: int, log: Path) -> dict:
     env = dict(os.environ)
     cmd = [sys.executable, __file__, "--_worker", kind, "--_data", str(path), "--_result", str(result),
-           "--threads", str(threads)] + (["--no-knn-patch"] if not patch_knn else [])
+           "--threads", str(threads)]
     start = time.perf_counter()
     with open(log, "w") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -251,7 +249,9 @@ def _estimate_tutorial_bytes(n_cells: int, path: Path, measured: dict[int, int])
     with h5py.File(path, "r") as f:
         nnz = f["X"]["data"].shape[0]
         n_genes = int(f["X"].attrs["shape"][1])
-    return int(n_cells * n_genes * 12 + nnz * 8 * 4), "cells x genes x 12 B + 4 sparse copies"
+    # the dense scaled matrix holds the highly variable genes only (a few thousand at most)
+    dense_genes = min(n_genes, 5000)
+    return int(n_cells * dense_genes * 12 + nnz * 8 * 4), "cells x min(genes, 5000) x 12 B + 4 sparse copies"
 
 
 def _available() -> int:
@@ -394,9 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tutorial-max-cells", type=int, default=0,
                         help="skip the tutorial above this many cells (0: only the memory check decides)")
     parser.add_argument("--only", choices=["both", "ours", "tutorial"], default="both")
-    parser.add_argument("--no-knn-patch", action="store_true",
-                        help="do not apply the csr_array->csr_matrix workaround (sc.pp.neighbors then fails at "
-                             ">= 8,192 cells with pynndescent 0.7 + scanpy 1.11)")
+    parser.add_argument("--extra-genes", type=int, default=0,
+                        help="synthetic genes added to the 765 real ones (scale_data.py; 19235: 20,000 genes)")
     parser.add_argument("--_worker", choices=["ours", "tutorial"], help=argparse.SUPPRESS)
     parser.add_argument("--_data", help=argparse.SUPPRESS)
     parser.add_argument("--_result", help=argparse.SUPPRESS)
@@ -404,28 +403,25 @@ def main(argv: list[str] | None = None) -> int:
     threads = _common.set_threads(args.threads or None)
     _common.ensure_path()
     if args._worker:
-        return worker(args._worker, args._data, args._result, threads, patch_knn=not args.no_knn_patch)
+        return worker(args._worker, args._data, args._result, threads)
 
     import scale_data
 
     _common.print_machine()
     print(f"threads per pipeline: {threads} (OMP/OPENBLAS/MKL/NUMBA_NUM_THREADS, sc.settings.n_jobs)")
-    if not args.no_knn_patch:
-        print("kNN workaround in both subprocesses: PyNNDescentTransformer.transform returns csr_matrix "
-              "(pynndescent 0.7 returns csr_array, which scanpy 1.11's neighbors cannot read at >= 8,192 cells; "
-              "--no-knn-patch to see the failure)")
     print()
     results_dir = args.out / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     measured_tut: dict[int, int] = {}
     for n in sorted(args.cells):
-        path = scale_data.dataset_path(n, out=args.out, seed=args.seed)
+        path = scale_data.dataset_path(n, out=args.out, seed=args.seed, extra_genes=args.extra_genes)
+        tag = f"{n}_genes{765 + args.extra_genes}" if args.extra_genes else str(n)
         ours = tut = None
         skip = ""
         if args.only in ("both", "ours"):
             print(f"[{n:,} cells] ours ...", flush=True)
-            ours = _run_child("ours", path, results_dir / f"ours_{n}.json", threads, results_dir / f"ours_{n}.log",
-                              patch_knn=not args.no_knn_patch)
+            ours = _run_child("ours", path, results_dir / f"ours_{tag}.json", threads,
+                              results_dir / f"ours_{tag}.log")
             print(f"[{n:,} cells] ours done in {ours['wall']:.1f} s", flush=True)
         if args.only in ("both", "tutorial"):
             need, how = _estimate_tutorial_bytes(n, path, measured_tut)
@@ -438,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{_common.gib(avail):.1f} GiB available")
             else:
                 print(f"[{n:,} cells] tutorial ...", flush=True)
-                tut = _run_child("tutorial", path, results_dir / f"tutorial_{n}.json", threads,
-                                 results_dir / f"tutorial_{n}.log", patch_knn=not args.no_knn_patch)
+                tut = _run_child("tutorial", path, results_dir / f"tutorial_{tag}.json", threads,
+                                 results_dir / f"tutorial_{tag}.log")
                 print(f"[{n:,} cells] tutorial done in {tut['wall']:.1f} s", flush=True)
                 if not tut.get("failed"):
                     measured_tut[n] = tut["peak_rss"]

@@ -29,10 +29,19 @@ far fewer than real 10x data (~20-30k genes, 1-3k detected), so the matrix-bound
 normalisation, markers, counts layer) are 5-10x cheaper here than on real data of the same cell
 count; the graph-bound steps (PCA on 50 components, kNN, leiden, UMAP) scale with cells, not genes.
 
+``--extra-genes N`` widens the matrix to real-data proportions with N synthetic genes (named
+``XG00001``, …): each gene gets a base weight drawn log-normal (sigma 2, so most are rarely detected) and
+a per-cell-type factor exp(N(0, 0.5)) (so they carry some cell-type signal); each cell draws
+Poisson(4 × its library size) extra counts spread over them in proportion to its type's weights. With
+N = 19,235 (20,000 genes in all) a cell has ~1,700 detected genes and ~3,300 counts. Only the 765 real genes come from
+real cells: figures on the wide sets measure cost, and quality is still judged on the real genes' signal.
+Files: ``pbmcmix_{cells}_seed{seed}_genes{total}.h5ad``.
+
 Usage::
 
     python bench/scale_data.py --cells 10000 100000 1000000
     python bench/scale_data.py --cells 3000 --out /tmp/data --seed 1
+    python bench/scale_data.py --cells 100000 --extra-genes 19235
 
 As a module: ``from scale_data import dataset_path; path = dataset_path(100_000)`` (builds if missing).
 """
@@ -56,6 +65,8 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 LIB_JITTER = 0.1
+EXTRA_COUNTS_PER_REAL_COUNT = 4.0
+EXTRA_CELLS_AT_A_TIME = 5_000
 
 
 def load_source():
@@ -124,7 +135,34 @@ def synth_chunk(rng, profiles: np.ndarray, sources: np.ndarray, weights: np.ndar
     return sp.csr_matrix(out)
 
 
-def build(n_cells: int, path: Path, *, seed: int = 0, chunk: int = 100_000) -> dict:
+def extra_gene_sampler(n_genes: int, n_types: int, seed: int) -> np.ndarray:
+    """Per cell type, the cumulative distribution of extra counts over the ``n_genes`` synthetic genes."""
+    rng = np.random.default_rng(seed + 2)
+    base = rng.lognormal(0.0, 2.0, size=n_genes)
+    weights = base[None, :] * np.exp(rng.normal(0.0, 0.5, size=(n_types, n_genes)))
+    cdf = np.cumsum(weights, axis=1)
+    return cdf / cdf[:, -1:]
+
+
+def synth_extra(rng, cdf: np.ndarray, type_codes: np.ndarray, lib: np.ndarray) -> sp.csr_matrix:
+    """Counts of the synthetic genes for one chunk of cells (float32 CSR)."""
+    parts = []
+    for lo in range(0, len(lib), EXTRA_CELLS_AT_A_TIME):
+        hi = min(len(lib), lo + EXTRA_CELLS_AT_A_TIME)
+        totals = rng.poisson(EXTRA_COUNTS_PER_REAL_COUNT * lib[lo:hi].astype(np.float64))
+        rows = np.repeat(np.arange(hi - lo), totals)
+        codes = type_codes[lo:hi][rows]
+        genes = np.empty(len(rows), dtype=np.int64)
+        for t in np.unique(codes):
+            draw = codes == t
+            genes[draw] = np.searchsorted(cdf[t], rng.random(int(draw.sum())), side="right")
+        genes = np.minimum(genes, cdf.shape[1] - 1)
+        ones = np.ones(len(rows), dtype=np.float32)
+        parts.append(sp.csr_matrix((ones, (rows, genes)), shape=(hi - lo, cdf.shape[1])))
+    return sp.vstack(parts, format="csr")
+
+
+def build(n_cells: int, path: Path, *, seed: int = 0, chunk: int = 100_000, extra_genes: int = 0) -> dict:
     """Build one dataset into ``path`` (written to a temporary file, then renamed). Returns stats."""
     from anndata.io import sparse_dataset, write_elem
 
@@ -136,6 +174,10 @@ def build(n_cells: int, path: Path, *, seed: int = 0, chunk: int = 100_000) -> d
         {"cell_type": pd.Categorical(cell_type, categories=sorted(set(labels))), "n_mixed": k.astype(np.int8)},
         index=pd.Index([f"cell{i}" for i in range(n_cells)], dtype=object),
     )
+    type_names = sorted(set(labels))
+    type_codes = pd.Categorical(cell_type, categories=type_names).codes
+    cdf = extra_gene_sampler(extra_genes, len(type_names), seed) if extra_genes else None
+    genes = np.concatenate([genes, [f"XG{i + 1:05d}" for i in range(extra_genes)]])
     var = pd.DataFrame(index=pd.Index(genes, dtype=object))
     rng = np.random.default_rng(seed + 1)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +195,8 @@ def build(n_cells: int, path: Path, *, seed: int = 0, chunk: int = 100_000) -> d
             for lo in range(0, n_cells, chunk):
                 hi = min(n_cells, lo + chunk)
                 x = synth_chunk(rng, profiles, sources[lo:hi], weights[lo:hi], lib[lo:hi])
+                if cdf is not None:
+                    x = sp.hstack([x, synth_extra(rng, cdf, type_codes[lo:hi], lib[lo:hi])], format="csr")
                 nnz += x.nnz
                 if dataset is None:
                     write_elem(f, "X", x)
@@ -174,12 +218,18 @@ def build(n_cells: int, path: Path, *, seed: int = 0, chunk: int = 100_000) -> d
     }
 
 
+def file_name(n_cells: int, seed: int, extra_genes: int = 0) -> str:
+    wide = f"_genes{765 + extra_genes}" if extra_genes else ""
+    return f"pbmcmix_{n_cells}_seed{seed}{wide}.h5ad"
+
+
 def dataset_path(n_cells: int, *, out: str | Path = _common.DEFAULT_DATA, seed: int = 0, force: bool = False,
-                 chunk: int = 100_000) -> Path:
+                 chunk: int = 100_000, extra_genes: int = 0) -> Path:
     """The cached dataset of ``n_cells`` cells, built first when missing (or ``force``)."""
-    path = Path(out) / f"pbmcmix_{n_cells}_seed{seed}.h5ad"
+    path = Path(out) / file_name(n_cells, seed, extra_genes)
     if force or not path.is_file():
-        build(n_cells, path, seed=seed, chunk=chunk)
+        build(n_cells, path, seed=seed, chunk=chunk if not extra_genes else min(chunk, 20_000),
+              extra_genes=extra_genes)
     return path
 
 
@@ -198,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=100_000, help="cells generated and appended at a time")
     parser.add_argument("--force", action="store_true", help="rebuild even when the file exists")
+    parser.add_argument("--extra-genes", type=int, default=0,
+                        help="synthetic genes added to the 765 real ones (19235 gives 20,000 genes)")
     args = parser.parse_args(argv)
 
     _common.print_machine()
@@ -205,14 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [["source (real)", src["cells"], src["genes"], src["nnz_per_cell"], src["median_library"],
              "", "", "", "pbmc68k_reduced"]]
     for n in args.cells:
-        path = args.out / f"pbmcmix_{n}_seed{args.seed}.h5ad"
+        path = args.out / file_name(n, args.seed, args.extra_genes)
         if path.is_file() and not args.force:
             with h5py.File(path, "r") as f:
                 nnz = f["X"]["data"].shape[0]
                 n_vars = f["X"].attrs["shape"][1]
             rows.append(["cached", n, int(n_vars), nnz / n, "", "", "", _common.gib(path.stat().st_size), str(path)])
             continue
-        s = build(n, path, seed=args.seed, chunk=args.chunk)
+        s = build(n, path, seed=args.seed, chunk=args.chunk if not args.extra_genes else min(args.chunk, 20_000),
+                  extra_genes=args.extra_genes)
         rows.append(["built", n, s["genes"], s["nnz_per_cell"], s["median_library"], s["seconds"],
                      s["peak_rss_gib"], s["file_gib"], s["path"]])
         print(f"built {n:,} cells in {s['seconds']:.1f} s", file=sys.stderr, flush=True)

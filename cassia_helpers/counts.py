@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from .blocks import dense_blocks, sparse_blocks
 from .io import provenance
 
 LIBRARY_SIZE_KEY = "library_size"
-ROWS_PER_BLOCK = 20_000
 
 
 def counts_recoverable(adata: ad.AnnData) -> bool:
@@ -57,7 +57,7 @@ def counts_layer(adata: ad.AnnData) -> sp.csr_matrix | np.ndarray:
     return rebuild_counts(np.asarray(x), library[:, None], target_sum)
 
 
-def write_counts_layer(adata: ad.AnnData, h5ad: str | Path, *, rows_per_block: int = ROWS_PER_BLOCK) -> bool:
+def write_counts_layer(adata: ad.AnnData, h5ad: str | Path) -> bool:
     """Add ``layers/counts`` to an h5ad just written from ``adata``, rebuilding counts from ``X`` block by block.
 
     Memory stays at one block of rows. Nothing is written (and ``False`` returned) when ``X`` does not hold
@@ -73,14 +73,13 @@ def write_counts_layer(adata: ad.AnnData, h5ad: str | Path, *, rows_per_block: i
             return False
         source = handle["X"]
         if isinstance(source, h5py.Group):
-            _write_sparse(source, layers, library, target_sum, rows_per_block)
+            _write_sparse(source, layers, library, target_sum)
         else:
-            _write_dense(source, layers, library, target_sum, rows_per_block)
+            _write_dense(source, layers, library, target_sum)
     return True
 
 
-def _write_sparse(source: h5py.Group, layers: h5py.Group, library: np.ndarray, target_sum: float,
-                  rows_per_block: int) -> None:
+def _write_sparse(source: h5py.Group, layers: h5py.Group, library: np.ndarray, target_sum: float) -> None:
     if source.attrs["encoding-type"] != "csr_matrix":
         raise ValueError(f"X is stored as {source.attrs['encoding-type']}, expected csr_matrix")
     target = layers.create_group("counts")
@@ -90,18 +89,15 @@ def _write_sparse(source: h5py.Group, layers: h5py.Group, library: np.ndarray, t
     source.file.copy(source["indptr"], target, "indptr")
     indptr = source["indptr"][:]
     data = target.create_dataset("data", shape=source["data"].shape, dtype=np.float32)
-    for start in range(0, len(indptr) - 1, rows_per_block):
-        stop = min(start + rows_per_block, len(indptr) - 1)
+    for start, stop in sparse_blocks(indptr):
         lo, hi = int(indptr[start]), int(indptr[stop])
         per_value = np.repeat(library[start:stop], np.diff(indptr[start:stop + 1]))
         data[lo:hi] = rebuild_counts(source["data"][lo:hi], per_value, target_sum)
 
 
-def _write_dense(source: h5py.Dataset, layers: h5py.Group, library: np.ndarray, target_sum: float,
-                 rows_per_block: int) -> None:
+def _write_dense(source: h5py.Dataset, layers: h5py.Group, library: np.ndarray, target_sum: float) -> None:
     target = layers.create_dataset("counts", shape=source.shape, dtype=np.float32)
     target.attrs["encoding-type"] = "array"
     target.attrs["encoding-version"] = "0.2.0"
-    for start in range(0, source.shape[0], rows_per_block):
-        stop = min(start + rows_per_block, source.shape[0])
+    for start, stop in dense_blocks(source.shape):
         target[start:stop] = rebuild_counts(source[start:stop], library[start:stop, None], target_sum)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
+from scipy import stats
 
 from .annotate import ClusterMarkers
+from .blocks import row_blocks
 from .io import provenance, timed, warn
 
 MARKER_COLUMNS = [
@@ -32,14 +36,21 @@ def rank_markers(
     method: str = "wilcoxon",
     n_genes: int = 100,
     max_cells_per_cluster: int | None = 1000,
+    min_pct: float = 0.1,
+    gene_chunk: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Rank marker genes of every cluster against all other cells.
 
     Tests run on log-normalised ``X``. Clusters larger than ``max_cells_per_cluster`` are represented by
     a random sample of that many cells (the ranking of strong markers is stable under such sampling and
-    the test cost falls from minutes to seconds on large data); ``None`` uses every cell. Results are
-    not left in ``uns['rank_genes_groups']`` (with many clusters it breaks the h5ad write).
+    the test cost falls from minutes to seconds on large data); ``None`` uses every cell. As Seurat's
+    ``FindAllMarkers`` does by default (``min.pct = 0.1``), only genes detected in at least ``min_pct`` of
+    the (sampled) cells of some cluster are tested: the others cannot be useful markers, and leaving them
+    out shrinks the copy of the matrix the test works on (0 tests every gene). Genes are tested
+    ``gene_chunk`` at a time, so memory stays at a fraction of ``X`` whatever its width; the adjusted
+    p-values (Benjamini-Hochberg) are computed over all genes tested. Results are not left in
+    ``uns['rank_genes_groups']`` (with many clusters it breaks the h5ad write).
 
     Returns
     -------
@@ -51,7 +62,8 @@ def rank_markers(
     groups = sorted(labels.unique(), key=_natural_key)
     subset = _sample_cells(labels, max_cells_per_cluster, seed)
     record = {"method": method, "groupby": groupby, "n_genes": n_genes,
-              "max_cells_per_cluster": max_cells_per_cluster or 0, "cells_tested": int(subset.sum())}
+              "max_cells_per_cluster": max_cells_per_cluster or 0, "cells_tested": int(subset.sum()),
+              "min_pct": min_pct}
     provenance(adata)["markers"] = record
     if len(groups) == 1:
         record["method"] = "mean expression (single cluster)"
@@ -66,23 +78,81 @@ def rank_markers(
         record["method"] = "mean expression (single testable cluster)"
         return _single_cluster_markers(adata[labels == testable[0]], testable[0], n_genes) if testable else \
             pd.DataFrame(columns=MARKER_COLUMNS)
-    view = adata[subset]
-    work = ad.AnnData(X=view.X, obs=pd.DataFrame({groupby: pd.Categorical(labels[subset], groups)},
-                                                 index=view.obs_names), var=pd.DataFrame(index=adata.var_names))
-    sc.tl.rank_genes_groups(work, groupby, groups=testable, reference="rest", method=method, pts=True,
-                            use_raw=False, key_added="ranked")
-    table = sc.get.rank_genes_groups_df(work, group=None, key="ranked")
+    codes = pd.Categorical(labels[subset], groups)
+    genes = _detected_genes(adata.X, subset, codes.codes, len(groups), min_pct)
+    record["genes_tested"] = int(genes.sum())
+    obs = pd.DataFrame({groupby: codes}, index=adata.obs_names[subset])
+    # Every statistic but the adjusted p-value is per gene, so genes are tested a chunk at a time (scanpy
+    # copies the matrix it tests once per cluster) and the Benjamini-Hochberg step runs over all of them.
+    tables = []
+    for chunk in np.array_split(np.flatnonzero(genes), max(1, -(-int(genes.sum()) // gene_chunk))):
+        columns = np.zeros(adata.n_vars, dtype=bool)
+        columns[chunk] = True
+        work = ad.AnnData(X=_submatrix(adata.X, subset, columns), obs=obs,
+                          var=pd.DataFrame(index=adata.var_names[columns]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+            sc.tl.rank_genes_groups(work, groupby, groups=testable, reference="rest", method=method, pts=True,
+                                    use_raw=False, key_added="ranked", n_genes=len(chunk))
+        tables.append(sc.get.rank_genes_groups_df(work, group=None, key="ranked"))
+        del work
+    table = pd.concat(tables, ignore_index=True)
     table = table.rename(columns={"group": "cluster", "names": "gene", "scores": "score",
                                   "logfoldchanges": "logfoldchange", "pvals": "pval",
                                   "pvals_adj": "pval_adj", "pct_nz_group": "pct_in_cluster",
                                   "pct_nz_reference": "pct_out_cluster"})
     table["cluster"] = table["cluster"].astype(str)
+    table["pval_adj"] = table.groupby("cluster", sort=False)["pval"].transform(
+        lambda p: stats.false_discovery_control(p.fillna(1.0).to_numpy(), method="bh"))
+    table = table.sort_values(["cluster", "score"], ascending=[True, False], kind="stable")
     table["rank"] = table.groupby("cluster", sort=False).cumcount() + 1
     table = table[table["rank"] <= n_genes]
     table["cluster"] = pd.Categorical(table["cluster"], groups)
     table = table.sort_values(["cluster", "rank"]).reset_index(drop=True)
     table["cluster"] = table["cluster"].astype(str)
     return table[MARKER_COLUMNS]
+
+
+def _detected_genes(x, cells: np.ndarray, codes: np.ndarray, n_groups: int, min_pct: float) -> np.ndarray:
+    """Genes detected in at least ``min_pct`` of the ``cells`` of some group (``codes``: group per kept cell)."""
+    if min_pct <= 0:
+        return np.ones(x.shape[1], dtype=bool)
+    group_of_row = np.full(x.shape[0], -1)
+    group_of_row[cells] = codes
+    detected = np.zeros((n_groups, x.shape[1]), dtype=np.int64)
+    for start, stop in row_blocks(x):
+        groups = group_of_row[start:stop]
+        if sp.issparse(x):
+            lo, hi = x.indptr[start], x.indptr[stop]
+            entry_group = np.repeat(groups, np.diff(x.indptr[start:stop + 1]))
+            keep = (entry_group >= 0) & (x.data[lo:hi] != 0)
+            flat = entry_group[keep] * x.shape[1] + x.indices[lo:hi][keep]
+            detected += np.bincount(flat, minlength=detected.size).reshape(detected.shape)
+        else:
+            block = np.asarray(x[start:stop]) != 0
+            for group in np.unique(groups[groups >= 0]):
+                detected[group] += block[groups == group].sum(axis=0)
+    sizes = np.maximum(np.bincount(codes, minlength=n_groups), 1)
+    return (detected / sizes[:, None] >= min_pct).any(axis=0)
+
+
+def _submatrix(x, cells: np.ndarray, genes: np.ndarray):
+    """``x[cells][:, genes]`` in one pass over blocks of rows, without a copy of all of ``x``'s selected rows."""
+    if not sp.issparse(x):
+        return np.asarray(x)[np.flatnonzero(cells)][:, genes]
+    x = x.tocsr()
+    new_column = (np.cumsum(genes) - 1).astype(np.int64)
+    data, indices, per_row = [], [], []
+    for start, stop in row_blocks(x):
+        lo, hi = x.indptr[start], x.indptr[stop]
+        rows = np.repeat(np.arange(stop - start), np.diff(x.indptr[start:stop + 1]))
+        kept = cells[start:stop][rows] & genes[x.indices[lo:hi]]
+        data.append(x.data[lo:hi][kept])
+        indices.append(new_column[x.indices[lo:hi][kept]])
+        per_row.append(np.bincount(rows[kept], minlength=stop - start)[cells[start:stop]])
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(per_row))])
+    return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr),
+                         shape=(int(cells.sum()), int(genes.sum())))
 
 
 def _natural_key(label: str):

@@ -16,7 +16,8 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .counts import LIBRARY_SIZE_KEY, ROWS_PER_BLOCK
+from .blocks import dense_blocks, row_blocks, sparse_blocks
+from .counts import LIBRARY_SIZE_KEY
 from .io import InputError, provenance, timed, warn
 
 MITO_PREFIX = "MT-"
@@ -47,7 +48,7 @@ def qc(
     record = provenance(adata)
     before = (int(adata.n_obs), int(adata.n_vars))
     adata.var["mt"] = adata.var_names.str.upper().str.startswith(MITO_PREFIX)
-    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    qc_metrics(adata, mito=adata.var["mt"].to_numpy())
     keep = (adata.obs["n_genes_by_counts"].to_numpy() >= min_genes) & (
         adata.obs["pct_counts_mt"].to_numpy() <= max_pct_mt
     )
@@ -98,8 +99,7 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0).astype(np.float32)
     # in place, a block of rows at a time: sc.pp.normalize_total would allocate a second matrix
     x = adata.X
-    for start in range(0, x.shape[0], ROWS_PER_BLOCK):
-        stop = min(start + ROWS_PER_BLOCK, x.shape[0])
+    for start, stop in row_blocks(x):
         if sp.issparse(x):
             lo, hi = x.indptr[start], x.indptr[stop]
             x.data[lo:hi] *= np.repeat(scale[start:stop], np.diff(x.indptr[start:stop + 1]))
@@ -140,6 +140,47 @@ def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int 
     provenance(adata)["pca"] = {"n_top_genes": int(mask.sum()), "n_pcs": n_comps, "solver": "blocked covariance"}
 
 
+def qc_metrics(adata: ad.AnnData, *, mito: np.ndarray) -> None:
+    """Scanpy's QC metrics (``sc.pp.calculate_qc_metrics(qc_vars=["mt"], percent_top=None, log1p=False)``).
+
+    Computed a block of rows at a time: scanpy's version allocates temporaries the size of ``X``.
+    Writes ``obs``: ``n_genes_by_counts``, ``total_counts``, ``total_counts_mt``, ``pct_counts_mt``;
+    ``var``: ``n_cells_by_counts``, ``mean_counts``, ``pct_dropout_by_counts``, ``total_counts``.
+    """
+    x = adata.X
+    n_obs, n_vars = x.shape
+    genes_per_cell = np.zeros(n_obs, dtype=np.int64)
+    counts_per_cell, mito_per_cell = np.zeros(n_obs), np.zeros(n_obs)
+    cells_per_gene, counts_per_gene = np.zeros(n_vars, dtype=np.int64), np.zeros(n_vars)
+    for start, stop in row_blocks(x):
+        if sp.issparse(x):
+            lo, hi = x.indptr[start], x.indptr[stop]
+            values, genes = x.data[lo:hi].astype(np.float64), x.indices[lo:hi]
+            cells = np.repeat(np.arange(stop - start), np.diff(x.indptr[start:stop + 1]))
+            expressed = values > 0
+            genes_per_cell[start:stop] = np.bincount(cells[expressed], minlength=stop - start)
+            counts_per_cell[start:stop] = np.bincount(cells, weights=values, minlength=stop - start)
+            mito_per_cell[start:stop] = np.bincount(cells, weights=values * mito[genes], minlength=stop - start)
+            cells_per_gene += np.bincount(genes[expressed], minlength=n_vars)
+            counts_per_gene += np.bincount(genes, weights=values, minlength=n_vars)
+        else:
+            values = np.asarray(x[start:stop], dtype=np.float64)
+            genes_per_cell[start:stop] = (values > 0).sum(axis=1)
+            counts_per_cell[start:stop] = values.sum(axis=1)
+            mito_per_cell[start:stop] = values[:, mito].sum(axis=1)
+            cells_per_gene += (values > 0).sum(axis=0)
+            counts_per_gene += values.sum(axis=0)
+    adata.obs["n_genes_by_counts"] = genes_per_cell
+    adata.obs["total_counts"] = counts_per_cell
+    adata.obs["total_counts_mt"] = mito_per_cell
+    adata.obs["pct_counts_mt"] = np.divide(mito_per_cell * 100, counts_per_cell, out=np.full(n_obs, np.nan),
+                                           where=counts_per_cell > 0)
+    adata.var["n_cells_by_counts"] = cells_per_gene
+    adata.var["mean_counts"] = counts_per_gene / max(n_obs, 1)
+    adata.var["pct_dropout_by_counts"] = (1 - cells_per_gene / max(n_obs, 1)) * 100
+    adata.var["total_counts"] = counts_per_gene
+
+
 def subset_in_place(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> None:
     """Keep the ``cells`` × ``genes`` (boolean masks) of ``adata``, in place.
 
@@ -175,8 +216,7 @@ def _compact_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shap
     new_column = (np.cumsum(columns) - 1).astype(indices.dtype)
     new_indptr = np.zeros(int(rows.sum()) + 1, dtype=indptr.dtype)
     written = row_out = 0
-    for start in range(0, shape[0], ROWS_PER_BLOCK):
-        stop = min(start + ROWS_PER_BLOCK, shape[0])
+    for start, stop in sparse_blocks(indptr):
         lo, hi = int(indptr[start]), int(indptr[stop])
         row_of_entry = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
         keep = rows[start:stop][row_of_entry] & columns[indices[lo:hi]]
@@ -197,8 +237,7 @@ def _cells_per_gene(x, cells: np.ndarray) -> np.ndarray:
     """How many of the ``cells`` (boolean mask) express each gene."""
     if sp.issparse(x) and x.format == "csr":
         counts = np.zeros(x.shape[1], dtype=np.int64)
-        for start in range(0, x.shape[0], ROWS_PER_BLOCK):
-            stop = min(start + ROWS_PER_BLOCK, x.shape[0])
+        for start, stop in sparse_blocks(x.indptr):
             lo, hi = x.indptr[start], x.indptr[stop]
             expressed = np.repeat(cells[start:stop], np.diff(x.indptr[start:stop + 1])) & (x.data[lo:hi] != 0)
             counts += np.bincount(x.indices[lo:hi][expressed], minlength=x.shape[1])
@@ -246,14 +285,12 @@ def highly_variable_genes(adata: ad.AnnData, *, n_top_genes: int = 2000, n_bins:
 def _expm1_column_sums(x) -> tuple[np.ndarray, np.ndarray]:
     """Per column, the sum of ``expm1(x)`` and of its square (float64), a block of rows at a time."""
     totals, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    step = ROWS_PER_BLOCK if sp.issparse(x) else max(1, 2**26 // (8 * max(1, x.shape[1])))
-    for start in range(0, x.shape[0], step):
-        stop = min(start + step, x.shape[0])
+    for start, stop in row_blocks(x):
         if sp.issparse(x):
-            block = x[start:stop]
-            values = np.expm1(block.data, dtype=np.float64)
-            totals += np.bincount(block.indices, weights=values, minlength=x.shape[1])
-            squares += np.bincount(block.indices, weights=np.square(values), minlength=x.shape[1])
+            lo, hi = x.indptr[start], x.indptr[stop]
+            values = np.expm1(x.data[lo:hi], dtype=np.float64)
+            totals += np.bincount(x.indices[lo:hi], weights=values, minlength=x.shape[1])
+            squares += np.bincount(x.indices[lo:hi], weights=np.square(values, out=values), minlength=x.shape[1])
         else:
             values = np.expm1(np.asarray(x[start:stop]), dtype=np.float64)
             totals += values.sum(axis=0)
@@ -261,11 +298,10 @@ def _expm1_column_sums(x) -> tuple[np.ndarray, np.ndarray]:
     return totals, squares
 
 
-def _hvg_blocks(x, mask: np.ndarray, *, block_bytes: int = 64 * 2**20) -> Iterator[np.ndarray]:
+def _hvg_blocks(x, mask: np.ndarray) -> Iterator[np.ndarray]:
     """Dense float32 blocks of rows of ``x`` restricted to the ``mask`` columns: never a copy of all of ``x``."""
-    block = max(1, block_bytes // (4 * max(1, int(mask.sum()))))
-    for start in range(0, x.shape[0], block):
-        rows = x[start:start + block]
+    for start, stop in dense_blocks((x.shape[0], int(mask.sum()))):
+        rows = x[start:stop]
         rows = rows[:, mask].toarray() if sp.issparse(rows) else np.asarray(rows)[:, mask]
         yield rows.astype(np.float32, copy=False)
 

@@ -86,6 +86,27 @@ def test_markers_table_is_tidy_and_ranked(clustered):
         assert set(lists[str(cluster)].genes[:4]) <= set(genes)
 
 
+def test_markers_tested_in_gene_chunks_equal_one_scanpy_call(clustered):
+    import scanpy as sc
+
+    chunked = markers.rank_markers(clustered, n_genes=40, min_pct=0, gene_chunk=37)
+    whole = clustered.copy()
+    sc.tl.rank_genes_groups(whole, "leiden", reference="rest", method="wilcoxon", pts=True, use_raw=False)
+    expected = sc.get.rank_genes_groups_df(whole, group=None)
+    for cluster, rows in chunked.groupby("cluster"):
+        reference = expected[expected["group"] == cluster].head(40)
+        # the same scores in the same order (genes with tied scores may come in another order)
+        np.testing.assert_allclose(rows["score"], reference["scores"], rtol=1e-5)
+        merged = rows.merge(reference, left_on="gene", right_on="names")
+        assert len(merged) >= 30
+        np.testing.assert_allclose(merged["score"], merged["scores"], rtol=1e-5)
+        np.testing.assert_allclose(merged["pval_adj"], merged["pvals_adj"], rtol=1e-6, atol=1e-300)
+        np.testing.assert_allclose(merged["pct_out_cluster"], merged["pct_nz_reference"], rtol=1e-6)
+    # the detection filter drops genes nobody expresses, and says how many were tested
+    markers.rank_markers(clustered, n_genes=40)
+    assert 0 < io.provenance(clustered)["markers"]["genes_tested"] <= clustered.n_vars
+
+
 def test_marker_filters_and_single_cell_clusters(clustered):
     adata = clustered.copy()
     labels = adata.obs["leiden"].astype(str).to_numpy().copy()
@@ -303,3 +324,23 @@ def test_in_place_qc_subset_and_normalisation_equal_scanpys():
     np.testing.assert_allclose(adata.X.toarray(), expected.X.toarray(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dense.X, expected.X.toarray(), rtol=1e-5, atol=1e-6)
     assert adata.uns["log1p"] == expected.uns["log1p"]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_qc_metrics_equal_scanpys(dense):
+    import scanpy as sc
+
+    adata = make_counts(300, seed=8)
+    adata.var_names = [f"MT-{name}" if i < 5 else name for i, name in enumerate(adata.var_names)]
+    adata.X[:3] = 0  # empty cells
+    if dense:
+        adata.X = adata.X.toarray()
+    mito = adata.var_names.str.startswith("MT-")
+    expected = adata.copy()
+    expected.var["mt"] = mito
+    sc.pp.calculate_qc_metrics(expected, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    preprocess.qc_metrics(adata, mito=np.asarray(mito))
+    for frame, reference in ((adata.obs, expected.obs), (adata.var, expected.var)):
+        for column in reference.columns.difference(["mt", "truth"]):
+            np.testing.assert_allclose(frame[column].to_numpy(float), reference[column].to_numpy(float),
+                                       rtol=1e-6, equal_nan=True, err_msg=column)
