@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .blocks import dense_blocks, sparse_blocks
 from .io import provenance
+from .matrix import dense_blocks, sparse_blocks
 
 LIBRARY_SIZE_KEY = "library_size"
 

@@ -12,8 +12,8 @@ import scipy.sparse as sp
 from scipy import stats
 
 from .annotate import ClusterMarkers
-from .blocks import row_blocks
 from .io import provenance, timed, warn
+from .matrix import row_blocks
 
 MARKER_COLUMNS = [
     "cluster",

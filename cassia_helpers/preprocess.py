@@ -16,9 +16,9 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
-from .blocks import dense_blocks, row_blocks, sparse_blocks
 from .counts import LIBRARY_SIZE_KEY
 from .io import InputError, provenance, timed, warn
+from .matrix import cells_per_gene, dense_blocks, row_blocks, subset_in_place
 
 MITO_PREFIX = "MT-"
 
@@ -57,7 +57,7 @@ def qc(
             f"{_file(adata)}: no cells left after QC (min_genes={min_genes}, max_pct_mt={max_pct_mt}; "
             f"{before[0]} cells before)"
         )
-    gene_keep = _cells_per_gene(adata.X, keep) >= min_cells
+    gene_keep = cells_per_gene(adata.X, keep) >= min_cells
     if not gene_keep.any():
         raise InputError(f"{_file(adata)}: no genes left after QC (min_cells={min_cells})")
     if not (keep.all() and gene_keep.all()):
@@ -179,70 +179,6 @@ def qc_metrics(adata: ad.AnnData, *, mito: np.ndarray) -> None:
     adata.var["mean_counts"] = counts_per_gene / max(n_obs, 1)
     adata.var["pct_dropout_by_counts"] = (1 - cells_per_gene / max(n_obs, 1)) * 100
     adata.var["total_counts"] = counts_per_gene
-
-
-def subset_in_place(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> None:
-    """Keep the ``cells`` × ``genes`` (boolean masks) of ``adata``, in place.
-
-    A CSR ``X`` is compacted inside its own buffers a block of rows at a time, so the peak is one block
-    instead of a second matrix (``adata[cells, genes].copy()`` holds both). Other ``X`` types and all
-    annotations are subset by anndata.
-    """
-    x = adata.X
-    buffers = (_owner(x.data), _owner(x.indices)) if sp.issparse(x) and x.format == "csr" else (None, None)
-    if buffers[0] is None or buffers[1] is None:
-        adata._inplace_subset_obs(cells)
-        adata._inplace_subset_var(genes)
-        return
-    adata.X = None
-    adata._inplace_subset_obs(cells)
-    adata._inplace_subset_var(genes)
-    adata.X = _compact_csr(*buffers, x.indptr, x.shape, cells, genes)
-
-
-def _owner(array: np.ndarray) -> np.ndarray | None:
-    """The array owning ``array``'s whole buffer (itself, or a base it merely re-wraps), else ``None``."""
-    if array.flags.owndata:
-        return array
-    base = array.base
-    if (isinstance(base, np.ndarray) and base.flags.owndata and base.shape == array.shape
-            and base.dtype == array.dtype and base.ctypes.data == array.ctypes.data):
-        return base
-    return None
-
-
-def _compact_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int],
-                 rows: np.ndarray, columns: np.ndarray) -> sp.csr_matrix:
-    new_column = (np.cumsum(columns) - 1).astype(indices.dtype)
-    new_indptr = np.zeros(int(rows.sum()) + 1, dtype=indptr.dtype)
-    written = row_out = 0
-    for start, stop in sparse_blocks(indptr):
-        lo, hi = int(indptr[start]), int(indptr[stop])
-        row_of_entry = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
-        keep = rows[start:stop][row_of_entry] & columns[indices[lo:hi]]
-        kept = int(keep.sum())
-        # the write position never passes the read position, so earlier entries are never overwritten
-        data[written:written + kept] = data[lo:hi][keep]
-        indices[written:written + kept] = new_column[indices[lo:hi][keep]]
-        per_row = np.bincount(row_of_entry[keep], minlength=stop - start)[rows[start:stop]]
-        new_indptr[row_out + 1:row_out + 1 + len(per_row)] = written + np.cumsum(per_row)
-        written += kept
-        row_out += len(per_row)
-    data.resize(written, refcheck=False)
-    indices.resize(written, refcheck=False)
-    return sp.csr_matrix((data, indices, new_indptr), shape=(row_out, int(columns.sum())))
-
-
-def _cells_per_gene(x, cells: np.ndarray) -> np.ndarray:
-    """How many of the ``cells`` (boolean mask) express each gene."""
-    if sp.issparse(x) and x.format == "csr":
-        counts = np.zeros(x.shape[1], dtype=np.int64)
-        for start, stop in sparse_blocks(x.indptr):
-            lo, hi = x.indptr[start], x.indptr[stop]
-            expressed = np.repeat(cells[start:stop], np.diff(x.indptr[start:stop + 1])) & (x.data[lo:hi] != 0)
-            counts += np.bincount(x.indices[lo:hi][expressed], minlength=x.shape[1])
-        return counts
-    return np.asarray((x[cells] != 0).sum(axis=0)).ravel()
 
 
 def highly_variable_genes(adata: ad.AnnData, *, n_top_genes: int = 2000, n_bins: int = 20) -> np.ndarray:
