@@ -29,9 +29,10 @@ SYMBOL_COLUMNS = (
     "gene_symbols", "gene_symbol", "feature_name", "feature_names", "gene_name", "gene_names",
     "gene_short_name", "symbol", "symbols",
 )
-# A dataset needs about this many times its matrix's size while it is processed (counts layer,
-# normalised copy, kNN search, marker tests).
-MEMORY_OVERHEAD = 3.0
+# A dataset needs about this many times its matrix's size while it is processed: the pipeline holds one
+# copy of the matrix, plus the marker tests' sample of it and block-sized scratch (``bench/`` measures
+# about 1.6 times the matrix with the libraries included, at 100k cells × 20k genes).
+MEMORY_OVERHEAD = 2.0
 # Rows (and at most this many values of a dense matrix) sampled to decide whether a matrix holds counts,
 # log-normalised or scaled values.
 SAMPLE_ROWS = 2000

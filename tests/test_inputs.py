@@ -488,7 +488,7 @@ def test_memory_estimate_reads_metadata_only(tmp_path):
         x.attrs["encoding-type"] = "array"
         x.attrs["encoding-version"] = "0.2.0"
     assert path.stat().st_size < 5 * 2**20
-    assert cio.estimate_memory_bytes(path) >= 3 * n_obs * n_vars * 4
+    assert cio.estimate_memory_bytes(path) >= cio.MEMORY_OVERHEAD * n_obs * n_vars * 4
     with pytest.raises(InputError) as excinfo:
         read_dataset(path)
     assert_one_line_error(excinfo, path, "too large for memory", "GiB")
