@@ -211,7 +211,7 @@ def highly_variable_genes(adata: ad.AnnData, *, n_top_genes: int = 2000, n_bins:
     table["dispersions_norm"] = (table["dispersions"] - average) / spread
     ranked = np.sort(table["dispersions_norm"].dropna().to_numpy())[::-1]
     cut = ranked[min(n_top_genes, len(ranked)) - 1] if len(ranked) else np.inf
-    table["highly_variable"] = np.nan_to_num(table["dispersions_norm"].to_numpy()) >= cut
+    table["highly_variable"] = np.nan_to_num(table["dispersions_norm"].to_numpy(), nan=-np.inf) >= cut
     for column in ("highly_variable", "means", "dispersions", "dispersions_norm"):
         adata.var[column] = table[column].to_numpy()
     adata.uns["hvg"] = {"flavor": "seurat"}
