@@ -5,6 +5,7 @@ Each helper touches one block of rows at a time, so its temporaries stay small w
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import anndata as ad
@@ -49,24 +50,35 @@ def subset_in_place(adata: ad.AnnData, cells: np.ndarray, genes: np.ndarray) -> 
     annotations are subset by anndata.
     """
     x = adata.X
-    buffers = (_owner(x.data), _owner(x.indices)) if sp.issparse(x) and x.format == "csr" else (None, None)
-    if buffers[0] is None or buffers[1] is None:
-        adata._inplace_subset_obs(cells)
-        adata._inplace_subset_var(genes)
-        return
-    adata.X = None
+    if sp.issparse(x) and x.format == "csr":
+        adata.X = None
+        # Compacting rewrites the buffers, so only when nothing else holds the matrix or its arrays
+        # (a reference count of 2 is getrefcount's own argument and the local name).
+        data, indices = _owner(x.data), _owner(x.indices)
+        if sys.getrefcount(x) == 2 and data is not None and indices is not None:
+            adata._inplace_subset_obs(cells)
+            adata._inplace_subset_var(genes)
+            adata.X = _compact_csr(data, indices, x.indptr, x.shape, cells, genes)
+            return
+        adata.X = x
     adata._inplace_subset_obs(cells)
     adata._inplace_subset_var(genes)
-    adata.X = _compact_csr(*buffers, x.indptr, x.shape, cells, genes)
 
 
 def _owner(array: np.ndarray) -> np.ndarray | None:
-    """The array owning ``array``'s whole buffer (itself, or a base it merely re-wraps), else ``None``."""
+    """The array owning ``array``'s whole buffer (itself, or a base only it re-wraps), else ``None``.
+
+    ``None`` too when anything but the matrix holds ``array`` (3 references: the matrix's attribute, this
+    parameter and getrefcount's argument) or its base (the view, the local name, getrefcount's argument).
+    """
+    if sys.getrefcount(array) != 3:
+        return None
     if array.flags.owndata:
         return array
     base = array.base
     if (isinstance(base, np.ndarray) and base.flags.owndata and base.shape == array.shape
-            and base.dtype == array.dtype and base.ctypes.data == array.ctypes.data):
+            and base.dtype == array.dtype and base.ctypes.data == array.ctypes.data
+            and sys.getrefcount(base) == 3):
         return base
     return None
 

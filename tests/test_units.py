@@ -314,6 +314,15 @@ def test_in_place_qc_subset_and_normalisation_equal_scanpys():
     assert adata.X.has_sorted_indices and (adata.X != expected.X).nnz == 0
     assert np.array_equal(adata.X.indptr, expected.X.indptr)
 
+    # a matrix (or array) still held elsewhere is left intact: the subset is then a copy
+    for held_part in ("matrix", "data"):
+        other = make_counts(400, seed=7)
+        held = other.X if held_part == "matrix" else other.X.data
+        before = held.copy()
+        preprocess.subset_in_place(other, cells, genes)
+        assert (held != before).nnz == 0 if held_part == "matrix" else np.array_equal(held, before)
+        assert (other.X != expected.X).nnz == 0
+
     io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
     dense = adata.copy()
     dense.X = dense.X.toarray()
