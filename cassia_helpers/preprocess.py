@@ -98,6 +98,8 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
     adata.obs[LIBRARY_SIZE_KEY] = library
     scale = np.divide(target_sum, library, out=np.zeros_like(library), where=library > 0).astype(np.float32)
     # in place, a block of rows at a time: sc.pp.normalize_total would allocate a second matrix
+    if not np.issubdtype(adata.X.dtype, np.floating):
+        adata.X = adata.X.astype(np.float32)
     x = adata.X
     for start, stop in row_blocks(x):
         if sp.issparse(x):
