@@ -21,7 +21,7 @@ from .config import AnalysisParams, BatchConfig, dataset_params
 from .discovery import Dataset, UsageError, discover
 from .io import write_json
 from .layout import RUN_MANIFEST, DatasetPaths, new_run_dir, run_label
-from .runner import FAILED, INTERRUPTED, SUCCESS, now_iso, read_status, write_status
+from .runner import FAILED, INTERRUPTED, SUCCESS, now_iso, read_status, rejected_and_unchanged, write_status
 
 
 @dataclass
@@ -193,17 +193,23 @@ def run_batch(config: BatchConfig) -> BatchResult:
     manifest.setdefault("sessions", []).append({"started_at": now_iso(), "resumed": config.resume is not None})
     write_json(run_dir / RUN_MANIFEST, manifest)
 
-    todo = []
+    todo, rejected = [], []
     for dataset in datasets:
         status = read_status(DatasetPaths(run_dir, dataset.tissue, dataset.name))
         if status and status.get("status") == SUCCESS:
             result.statuses[(dataset.tissue, dataset.name)] = SUCCESS
+        elif rejected_and_unchanged(status, dataset.path):
+            # the same file would be rejected again: it runs once it has been replaced or fixed
+            result.statuses[(dataset.tissue, dataset.name)] = FAILED
+            rejected.append(f"{dataset.path}: {status.get('error', '')}")
         else:
             todo.append(dataset)
     print(f"Run folder: {run_dir}", file=sys.stderr)
     if len(todo) < len(datasets):
-        print(f"Resuming: {len(datasets) - len(todo)} dataset(s) already complete, {len(todo)} to run",
-              file=sys.stderr)
+        done = len(datasets) - len(todo) - len(rejected)
+        print(f"Resuming: {done} dataset(s) already complete, {len(todo)} to run", file=sys.stderr)
+    for line in rejected:
+        print(f"Not re-run (input unchanged since it was rejected): {line}", file=sys.stderr)
 
     # The analysis settings are the run's own (a resumed run keeps them); how to execute may change.
     analysis = AnalysisParams(**manifest["analysis"])

@@ -36,8 +36,12 @@ def now_iso() -> str:
 
 
 def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_type: str = "",
-                 duration: float = 0.0, started_at: str = "") -> dict:
-    """Write ``{dataset}_status.json`` atomically and return it."""
+                 duration: float = 0.0, started_at: str = "", input_file: dict | None = None) -> dict:
+    """Write ``{dataset}_status.json`` atomically and return it.
+
+    ``input_file`` (the input's ``path``, ``size`` and ``mtime_ns``) is recorded when the input itself was
+    rejected, so that ``--resume`` can leave it alone until the file changes.
+    """
     record = {
         "dataset": paths.dataset,
         "tissue": paths.tissue,
@@ -48,8 +52,27 @@ def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_typ
         "started_at": started_at,
         "finished_at": now_iso(),
     }
+    if input_file:
+        record["input_file"] = input_file
     write_json(paths.status_json, record)
     return record
+
+
+def input_fingerprint(path: str | Path) -> dict | None:
+    """The input file's path, size and modification time, or ``None`` when it cannot be read."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def rejected_and_unchanged(record: dict | None, path: str | Path) -> bool:
+    """Whether a status records an input rejected as unreadable or invalid that has not changed since."""
+    if not record or record.get("status") != FAILED or record.get("error_type") != "InputError":
+        return False
+    seen, now = record.get("input_file"), input_fingerprint(path)
+    return bool(seen and now) and (seen["size"], seen["mtime_ns"]) == (now["size"], now["mtime_ns"])
 
 
 def read_status(paths: DatasetPaths) -> dict | None:
@@ -107,7 +130,8 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
                             duration=time.perf_counter() - start, started_at=started_at)
     except Exception as exc:  # noqa: BLE001 - every failure of one dataset is recorded, never raised
         reason, kind = describe_failure(exc)
-        return write_status(paths, FAILED, error=reason, error_type=kind,
+        rejected = input_fingerprint(parameters["input_path"]) if kind == "InputError" else None
+        return write_status(paths, FAILED, error=reason, error_type=kind, input_file=rejected,
                             duration=time.perf_counter() - start, started_at=started_at)
     missing = missing_outputs(paths)
     if missing:

@@ -214,3 +214,27 @@ def test_budget_stops_spending_and_is_reported(llm_env, blood_dir, tmp_path):
     assert "Budget reached" in text
     annotation = (run / "blood" / DATASETS[1] / f"{DATASETS[1]}_annotation.txt").read_text()
     assert "[budget]" in annotation
+
+
+def test_resume_leaves_a_rejected_input_alone_until_the_file_changes(blood_dir, tmp_path):
+    keep_only(blood_dir, 1)
+    broken = blood_dir / "blood" / "Data_Z_Blood.h5ad"
+    broken.write_text("not an h5ad\n")
+    first = subprocess.run([sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(blood_dir),
+                            "--output-dir", str(tmp_path / "out"), "--tissues", "blood", "--annotator", "reference"],
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 1, first.stderr
+    run = Path(first.stdout.strip())
+    rejected = status(run, "Data_Z_Blood")
+    assert rejected["status"] == "failed" and rejected["error_type"] == "InputError"
+
+    again = resume(tmp_path, run)
+    assert again.returncode == 1
+    assert f"Not re-run (input unchanged since it was rejected): {broken}" in again.stderr
+    assert status(run, "Data_Z_Blood")["finished_at"] == rejected["finished_at"]  # no worker ran for it
+    assert "Data_Z_Blood" in pd.read_csv(run / "batch_summary.csv")["dataset"].tolist()
+
+    write(make_counts(300, cell_types=BLOOD_TYPES, seed=29), broken)  # the user replaces the file
+    fixed = resume(tmp_path, run)
+    assert fixed.returncode == 0, fixed.stderr
+    assert status(run, "Data_Z_Blood")["status"] == "success"
