@@ -133,7 +133,8 @@ def _detected_genes(x, cells: np.ndarray, codes: np.ndarray, n_groups: int, min_
             for group in np.unique(groups[groups >= 0]):
                 detected[group] += block[groups == group].sum(axis=0)
     sizes = np.maximum(np.bincount(codes, minlength=n_groups), 1)
-    return (detected / sizes[:, None] >= min_pct).any(axis=0)
+    kept = (detected / sizes[:, None] >= min_pct).any(axis=0)
+    return kept if kept.any() else np.ones(x.shape[1], dtype=bool)  # nothing passes: test every gene
 
 
 def _submatrix(x, cells: np.ndarray, genes: np.ndarray):
