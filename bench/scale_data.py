@@ -26,7 +26,7 @@ Stored: float32 CSR counts in ``X``, ``obs['cell_type']`` (categorical, the sour
 
 Caveat for reading the benchmarks: these cells have 765 genes and ~250 detected genes per cell,
 far fewer than real 10x data (~20-30k genes, 1-3k detected), so the matrix-bound steps (load, QC,
-normalisation, markers, counts layer) are 5-10x cheaper here than on real data of the same cell
+normalisation, markers) are 5-10x cheaper here than on real data of the same cell
 count; the graph-bound steps (PCA on 50 components, kNN, leiden, UMAP) scale with cells, not genes.
 
 ``--extra-genes N`` widens the matrix to real-data proportions with N synthetic genes (named
