@@ -6,61 +6,64 @@ The template notebook reads like a scanpy tutorial::
     adata = ch.read_dataset(input_path, species=species)
     ch.pp.qc(adata, min_genes=200)
     ...
+
+Importing the package loads nothing heavy and changes no global state (no plotting backend is chosen):
+each name below is imported from its module on first use.
 """
 
-from . import preprocess as pp
-from .annotate import ClusterAnnotation, ClusterMarkers
-from .annotate.apply import annotate_clusters, make_annotator
-from .config import AnalysisParams, BatchConfig, DatasetParams
-from .io import InputError, read_dataset
-from .layout import DatasetPaths
-from .markers import cluster_markers, rank_markers
-from .outputs import save_umap, write_annotated, write_annotation, write_markers, write_result, write_summary
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# public name -> module that defines it (relative to this package)
+_EXPORTS = {
+    "Settings": ".settings",
+    "DatasetPaths": ".contract",
+    "InputError": ".read",
+    "read_dataset": ".read",
+    "ClusterAnnotation": ".annotate",
+    "ClusterMarkers": ".annotate",
+    "annotate_clusters": ".annotate.apply",
+    "make_annotator": ".annotate.factory",
+    "rank_markers": ".markers",
+    "cluster_markers": ".markers",
+    "write_markers": ".outputs",
+    "write_annotated": ".outputs",
+    "write_annotation": ".outputs",
+    "write_summary": ".outputs",
+    "write_result": ".outputs",
+    "save_umap": ".outputs",
+    "run_batch": ".driver",
+}
+_SUBMODULES = {"pp": ".pp"}
 
 __all__ = [
-    "AnalysisParams",
-    "BatchConfig",
-    "ClusterAnnotation",
-    "ClusterMarkers",
-    "DatasetParams",
-    "DatasetPaths",
-    "InputError",
-    "annotate_clusters",
-    "annotator_for",
-    "cluster_markers",
-    "make_annotator",
-    "pp",
-    "rank_markers",
-    "read_dataset",
-    "save_umap",
-    "write_annotated",
-    "write_annotation",
-    "write_markers",
-    "write_result",
-    "write_summary",
+    "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
+    "cluster_markers", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch", "save_umap",
+    "write_annotated", "write_annotation", "write_markers", "write_result", "write_summary",
 ]
 
+if TYPE_CHECKING:
+    from . import pp
+    from .annotate import ClusterAnnotation, ClusterMarkers
+    from .annotate.apply import annotate_clusters
+    from .annotate.factory import make_annotator
+    from .contract import DatasetPaths
+    from .driver import run_batch
+    from .markers import cluster_markers, rank_markers
+    from .outputs import save_umap, write_annotated, write_annotation, write_markers, write_result, write_summary
+    from .read import InputError, read_dataset
+    from .settings import Settings
 
-def annotator_for(params: DatasetParams, paths: DatasetPaths):
-    """The annotator a template run asked for, wired to the dataset's ledger, cache and run budget."""
-    if params.annotator != "llm":
-        return make_annotator("reference", species=params.species)
-    return make_annotator(
-        "llm",
-        species=params.species,
-        model=params.model,
-        base_url=params.base_url,
-        concurrency=params.llm_concurrency,
-        timeout=params.llm_timeout,
-        max_attempts=params.llm_max_attempts,
-        use_cache=params.use_cache,
-        cache_dir=params.cache_dir,
-        max_cost=params.max_cost,
-        price_file=params.price_file,
-        input_price=params.input_price,
-        output_price=params.output_price,
-        ledger_path=paths.llm_calls_jsonl,
-        dataset=params.dataset,
-        tissue=params.tissue,
-        run_dir=params.run_dir,
-    )
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(_SUBMODULES[name], __name__)
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .io import provenance
 from .matrix import dense_blocks, sparse_blocks
+from .record import provenance
 
 LIBRARY_SIZE_KEY = "library_size"
 

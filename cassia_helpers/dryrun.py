@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import math
 
-import h5py
-
 from .annotate import ClusterMarkers
 from .annotate.agents import ANNOTATOR_SYSTEM, FORMATTER_SYSTEM, VALIDATOR_SYSTEM, cluster_prompt
-from .config import BatchConfig
-from .discovery import discover
+from .discovery import discover, single_input
+from .inputs import InputError, check_input
 from .ledger import PriceTable
+from .settings import Settings
 
 # Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.
 OUTPUT_TOKENS = {"annotator": 450, "formatter": 150, "validator": 120}
 CHARS_PER_TOKEN = 4
-
-
-def _shape(path) -> tuple[int, int] | str:
-    try:
-        with h5py.File(path, "r") as handle:
-            n_obs = len(handle["obs"][handle["obs"].attrs.get("_index", "_index")])
-            n_vars = len(handle["var"][handle["var"].attrs.get("_index", "_index")])
-            return n_obs, n_vars
-    except Exception as exc:  # noqa: BLE001 - reported, not raised: the real run will fail it cleanly
-        return f"unreadable ({type(exc).__name__})"
 
 
 def cluster_range(n_cells: int) -> tuple[int, int]:
@@ -49,26 +38,31 @@ def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, max_rounds:
             "output": (best_out, max_rounds * best_out + 300)}
 
 
-def dry_run(config: BatchConfig) -> str:
-    """A table of the datasets that would run, with an estimate of calls, tokens and cost."""
-    datasets = discover(config.data_dir, config.tissues)
-    analysis = config.analysis
-    llm = analysis.annotator == "llm"
-    price = PriceTable.load(analysis.price_file or None, model=analysis.model, input_price=analysis.input_price,
-                            output_price=analysis.output_price).lookup(analysis.model)
-    lines = [f"Dry run: {len(datasets)} dataset(s) would be processed; nothing is sent or written.",
-             f"Annotator: {analysis.annotator}" + (f" (model {analysis.model})" if llm else
+def dry_run(settings: Settings) -> tuple[str, bool]:
+    """A table of the datasets that would run, with an estimate of calls, tokens and cost, and whether every
+    input can run (each is checked from its header, as the real run does before starting a kernel)."""
+    found = (single_input(settings.input, settings.tissue) if settings.input is not None
+             else discover(settings.data_dir, settings.tissues))
+    llm = settings.annotator == "llm"
+    price = PriceTable.load(settings.price_file or None, model=settings.model, input_price=settings.input_price,
+                            output_price=settings.output_price).lookup(settings.model)
+    lines = [f"Dry run: {len(found.datasets)} dataset(s) would be processed; nothing is sent or written.",
+             f"Annotator: {settings.annotator}" + (f" (model {settings.model})" if llm else
                                                     " (offline reference: no API calls)"), ""]
     header = f"{'tissue':<14} {'dataset':<36} {'cells':>9} {'genes':>7} {'clusters':>9} {'calls':>11} {'tokens':>17}"
     lines += [header, "-" * len(header)]
     totals = [0, 0, 0, 0, 0.0, 0.0]
-    for dataset in datasets:
-        shape = _shape(dataset.path)
-        if isinstance(shape, str):
-            lines.append(f"{dataset.tissue:<14} {dataset.name:<36} {shape}")
+    problems = []
+    for dataset in found.datasets:
+        try:
+            shape = check_input(dataset.path)
+        except InputError as exc:
+            problems.append(str(exc))
+            lines.append(f"{dataset.tissue:<14} {dataset.name:<36} cannot run: see below")
             continue
-        low, high = cluster_range(shape[0])
-        per = tokens_per_cluster(analysis.n_markers, tissue=dataset.tissue, species=analysis.species)
+        n_obs, n_vars = shape["n_obs"] or 0, shape["n_vars"] or 0
+        low, high = cluster_range(n_obs)
+        per = tokens_per_cluster(settings.n_markers, tissue=dataset.tissue, species=settings.species)
         calls = (low * per["calls"][0], high * per["calls"][1]) if llm else (0, 0)
         tokens = ((low * (per["input"][0] + per["output"][0]), high * (per["input"][1] + per["output"][1]))
                   if llm else (0, 0))
@@ -76,12 +70,16 @@ def dry_run(config: BatchConfig) -> str:
                 price.cost(high * per["input"][1], high * per["output"][1])) if llm else (0.0, 0.0)
         for i, value in enumerate((*calls, *tokens, *cost)):
             totals[i] += value
-        lines.append(f"{dataset.tissue:<14} {dataset.name:<36} {shape[0]:>9,} {shape[1]:>7,} {f'{low}-{high}':>9} "
+        lines.append(f"{dataset.tissue:<14} {dataset.name:<36} {n_obs:>9,} {n_vars:>7,} {f'{low}-{high}':>9} "
                      f"{f'{calls[0]}-{calls[1]}':>11} {f'{tokens[0]:,}-{tokens[1]:,}':>17}")
     lines += ["", f"Estimated API calls: {totals[0]:,}-{totals[1]:,} (before retries; cached answers cost nothing)",
               f"Estimated tokens: {totals[2]:,}-{totals[3]:,}",
               f"Estimated cost: ${totals[4]:.2f}-${totals[5]:.2f}"
-              + ("" if price.known or not llm else f" (no known price for {analysis.model}: set --price-file)")]
-    if analysis.max_cost:
-        lines.append(f"Budget (--max-cost): ${analysis.max_cost:.2f}")
-    return "\n".join(lines)
+              + ("" if price.known or not llm else f" (no known price for {settings.model}: set --price-file)")]
+    if settings.max_cost:
+        lines.append(f"Budget (--max-cost): ${settings.max_cost:.2f}")
+    if found.skipped:
+        lines += ["", "Skipped entries:"] + [f"  {line}" for line in found.skipped]
+    if problems:
+        lines += ["", f"{len(problems)} input(s) cannot run:"] + [f"  {line}" for line in problems]
+    return "\n".join(lines), not problems

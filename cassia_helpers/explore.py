@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .layout import BATCH_SUMMARY_CSV, RUN_PREFIX, TOKEN_TRACKING_JSON, DatasetPaths
-from .outputs import read_result
+from .contract import BATCH_SUMMARY_CSV, RUN_PREFIX, TOKEN_TRACKING_JSON, DatasetPaths, read_result
 
 
 def latest_run(output_dir: str | Path = "batch_results") -> Path:

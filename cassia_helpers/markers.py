@@ -12,8 +12,8 @@ import scipy.sparse as sp
 from scipy import stats
 
 from .annotate import ClusterMarkers
-from .io import provenance, timed, warn
 from .matrix import row_blocks
+from .record import cluster_key, provenance, timed, warn
 
 MARKER_COLUMNS = [
     "cluster",
@@ -32,7 +32,7 @@ MARKER_COLUMNS = [
 def rank_markers(
     adata: ad.AnnData,
     *,
-    groupby: str = "leiden",
+    groupby: str | None = None,
     method: str = "wilcoxon",
     n_genes: int = 100,
     max_cells_per_cluster: int | None = 1000,
@@ -58,6 +58,7 @@ def rank_markers(
     ``cluster, rank, gene, score, logfoldchange, pval, pval_adj, pct_in_cluster, pct_out_cluster``.
     Writes ``uns['cassia_batch']['markers']`` (settings).
     """
+    groupby = groupby or cluster_key(adata)
     labels = adata.obs[groupby].astype(str)
     groups = sorted(labels.unique(), key=_natural_key)
     subset = _sample_cells(labels, max_cells_per_cluster, seed)
@@ -196,7 +197,7 @@ def cluster_markers(
     adata: ad.AnnData,
     markers: pd.DataFrame,
     *,
-    groupby: str = "leiden",
+    groupby: str | None = None,
     n_top: int = 50,
     max_pval_adj: float = 0.05,
     min_logfc: float = 0.25,
@@ -207,6 +208,7 @@ def cluster_markers(
     ``n_top`` passing genes are kept in rank order. A cluster with fewer than 5 passing genes keeps its
     top ranked genes instead (recorded as a warning). Writes ``uns['cassia_batch']['marker_filter']``.
     """
+    groupby = groupby or cluster_key(adata)
     sizes = adata.obs[groupby].astype(str).value_counts()
     result = []
     relaxed = []

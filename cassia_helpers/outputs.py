@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import platform
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import scanpy as sc  # noqa: E402
-
-from .annotate import ClusterAnnotation  # noqa: E402
-from .counts import write_counts_layer  # noqa: E402
-from .io import atomic_path, provenance, write_json, write_text  # noqa: E402
-from .layout import DatasetPaths  # noqa: E402
+from .annotate import REFERENCE_NOTE, ClusterAnnotation
+from .contract import DatasetPaths
+from .counts import write_counts_layer
+from .files import atomic_path, write_json, write_text
+from .record import cluster_key, label_key, phase_times, provenance
+from .settings import Settings
 
 CASSIA_COLUMNS = [
     "Cluster ID",
@@ -40,7 +36,6 @@ CASSIA_COLUMNS = [
     "Tissue",
     "Species",
 ]
-PREPROCESSING_STEPS = ("load", "qc", "normalize", "pca", "neighbors", "leiden", "umap", "markers")
 PACKAGES = ("cassia-batch", "scanpy", "anndata", "numpy", "scipy", "pandas", "leidenalg", "igraph", "openai")
 
 
@@ -75,10 +70,13 @@ def write_annotated(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     return paths.annotated_h5ad
 
 
-def save_umap(adata: ad.AnnData, paths: DatasetPaths, *, color: tuple[str, ...] = ("cell_type", "leiden")) -> Path:
+def save_umap(adata: ad.AnnData, paths: DatasetPaths, *, color: tuple[str, ...] | None = None) -> Path:
     """UMAP coloured by cell type (and cluster), saved as ``{dataset}_umap.png``."""
-    fig = sc.pl.umap(adata, color=list(color), show=False, return_fig=True, frameon=False,
-                     legend_fontsize=7, wspace=0.6)
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    color = list(color or (label_key(adata), cluster_key(adata)))
+    fig = sc.pl.umap(adata, color=color, show=False, return_fig=True, frameon=False, legend_fontsize=7, wspace=0.6)
     with atomic_path(paths.umap_png) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -95,7 +93,7 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
         + (f"    Model: {annotator['model']}" if annotator.get("model") else ""),
     ]
     if annotator.get("annotator") == "reference":
-        lines.append("The offline marker reference was used: no API calls were made.")
+        lines.append(REFERENCE_NOTE)
     lines.append("")
     for r in results:
         lines += [
@@ -156,19 +154,14 @@ def write_annotation(results: list[ClusterAnnotation], paths: DatasetPaths, *, t
     return paths.annotation_txt
 
 
-def _timing_split(timings: dict) -> tuple[float, float]:
-    preprocessing = sum(float(timings.get(s, 0.0)) for s in PREPROCESSING_STEPS)
-    return round(preprocessing, 3), round(float(timings.get("annotation", 0.0)), 3)
-
-
-def summary_text(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> str:
+def dataset_summary_text(adata: ad.AnnData, paths: DatasetPaths, settings: Settings) -> str:
     """``{dataset}_summary.txt``: parameters, counts before/after QC, timings, warnings."""
     record = provenance(adata)
     qc = record.get("qc", {})
     timings = record.get("timings", {})
     annotation = record.get("annotation", {})
     described = annotation.get("provenance", {})
-    preprocessing, annotating = _timing_split(timings)
+    preprocessing = phase_times(timings)["preprocessing"]
     lines = [
         f"Dataset: {paths.dataset}",
         f"Tissue: {paths.tissue}",
@@ -179,7 +172,7 @@ def summary_text(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> str:
         f"  gene symbols from: {record.get('input', {}).get('symbol_source', '')}",
         f"  raw counts found:  {record.get('input', {}).get('is_counts')} "
         f"({record.get('input', {}).get('counts_source', '')})",
-        f"  normalisation:     {record.get('normalized', '')}",
+        f"  normalisation:     {record.get('normalize', {}).get('method', '')}",
         "",
         "Cells and genes",
         f"  before QC: {qc.get('cells_before', '?')} cells x {qc.get('genes_before', '?')} genes",
@@ -190,7 +183,7 @@ def summary_text(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> str:
         f"  annotator: {described.get('annotator', '?')}",
     ]
     if described.get("annotator") == "reference":
-        lines.append("  The offline marker reference was used: no API calls were made.")
+        lines.append(f"  {REFERENCE_NOTE}")
     else:
         for key in ("model", "provider", "endpoint_host", "prompt_version"):
             if described.get(key):
@@ -207,21 +200,22 @@ def summary_text(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> str:
     lines += [f"  {'preprocessing total':<19} {preprocessing:9.2f}"]
     warnings = list(record.get("warnings", []))
     lines += ["", f"Warnings ({len(warnings)})"] + [f"  - {w}" for w in warnings]
-    lines += ["", "Parameters"] + [f"  {k} = {v!r}" for k, v in params.items()]
+    lines += ["", "Settings"] + [f"  {k} = {v!r}" for k, v in settings.values().items()]
     lines += ["", "Versions"] + [f"  {k} {v}" for k, v in package_versions().items()]
     return "\n".join(lines) + "\n"
 
 
-def write_summary(adata: ad.AnnData, paths: DatasetPaths, params: dict) -> Path:
+def write_summary(adata: ad.AnnData, paths: DatasetPaths, settings: Settings) -> Path:
     """``{dataset}_summary.txt``."""
-    write_text(paths.summary_txt, summary_text(adata, paths, params))
+    write_text(paths.summary_txt, dataset_summary_text(adata, paths, settings))
     return paths.summary_txt
 
 
 def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     """``{dataset}_result.json``: the notebook's record for the run summaries, written last."""
     record = provenance(adata)
-    preprocessing, annotating = _timing_split(record.get("timings", {}))
+    phases = phase_times(record.get("timings", {}))
+    clusters, labels = cluster_key(adata), label_key(adata)
     table = record.get("annotation", {}).get("clusters")
     described = record.get("annotation", {}).get("provenance", {})
     result = {
@@ -229,26 +223,18 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "tissue": paths.tissue,
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
-        "n_clusters": int(adata.obs["leiden"].nunique()) if "leiden" in adata.obs else 0,
+        "n_clusters": int(adata.obs[clusters].nunique()) if clusters in adata.obs else 0,
         "n_cells_input": record.get("qc", {}).get("cells_before"),
         "n_genes_input": record.get("qc", {}).get("genes_before"),
-        "preprocessing_time": preprocessing,
-        "annotation_time": annotating,
+        "preprocessing_time": phases["preprocessing"],
+        "annotation_time": phases["annotation"],
         "timings": dict(record.get("timings", {})),
         "annotator": described.get("annotator", ""),
         "model": described.get("model", ""),
         "unknown_clusters": int((table["status"] != "ok").sum()) if isinstance(table, pd.DataFrame) else 0,
-        "cell_types": {str(k): int(v) for k, v in adata.obs["cell_type"].value_counts().items()}
-        if "cell_type" in adata.obs else {},
+        "cell_types": {str(k): int(v) for k, v in adata.obs[labels].value_counts().items()}
+        if labels in adata.obs else {},
         "warnings": list(record.get("warnings", [])),
     }
     write_json(paths.result_json, result)
     return paths.result_json
-
-
-def read_result(paths: DatasetPaths) -> dict | None:
-    """The notebook's result record, or ``None`` when the notebook did not finish."""
-    try:
-        return json.loads(paths.result_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None

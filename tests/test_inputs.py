@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from cassia_helpers import io as cio
-from cassia_helpers import preprocess as pp
+from cassia_helpers import inputs as cio
+from cassia_helpers import pp
 from cassia_helpers.counts import counts_layer
-from cassia_helpers.io import InputError, read_dataset
+from cassia_helpers.read import InputError, read_dataset
 from cassia_helpers.markers import rank_markers
 
 HUMAN_MARKERS = [["CD3E", "CD3D", "IL7R"], ["CD19", "MS4A1", "CD79A"], ["LYZ", "CD14", "S100A8"]]
@@ -229,7 +229,7 @@ def test_log_normalised_input_skips_normalisation(tmp_path):
     pp.qc(adata, **QC)
     before = adata.X.copy()
     pp.normalize(adata)
-    assert adata.uns["cassia_batch"]["normalized"].startswith("input")
+    assert adata.uns["cassia_batch"]["normalize"]["method"].startswith("input")
     assert (adata.X != before).nnz == 0
     assert "counts" not in adata.layers
 
@@ -251,7 +251,7 @@ def test_log_normalised_x_with_counts_uses_counts(tmp_path, where):
     assert not any("log-normalised" in w for w in warnings_of(adata))
     pp.qc(adata, **QC)
     pp.normalize(adata)
-    assert adata.uns["cassia_batch"]["normalized"].startswith("log1p")
+    assert adata.uns["cassia_batch"]["normalize"]["method"].startswith("log1p")
     rebuilt = counts_layer(adata)
     assert (rebuilt.data % 1 == 0).all() and rebuilt.sum() == adata.obs["library_size"].sum()
 
@@ -292,7 +292,7 @@ def test_scaled_data_raises(tmp_path):
     path = write(adata, tmp_path / "scaled.h5ad")
     with pytest.raises(InputError) as excinfo:
         read_dataset(path)
-    assert_one_line_error(excinfo, path, "negative values (scaled data)")
+    assert_one_line_error(excinfo, path, "negative values", "(scaled data)")
 
 
 def test_non_finite_values_raise(tmp_path):

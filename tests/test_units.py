@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cassia_helpers import io, markers, preprocess
+from cassia_helpers import markers, record
+from cassia_helpers import pp as preprocess
 from cassia_helpers.annotate import ClusterAnnotation, ClusterMarkers
 from cassia_helpers.annotate.apply import annotate_clusters
 from cassia_helpers.discovery import UsageError, discover
-from cassia_helpers.layout import DatasetPaths, new_run_dir, run_label
+from cassia_helpers.contract import DatasetPaths, new_run_dir, run_label
 from cassia_helpers.ledger import PriceTable
-from cassia_helpers.summary import token_tracking
+from cassia_helpers.aggregate import token_tracking
 from tests.synthetic import BLOOD_TYPES, make_counts
 
 
@@ -33,10 +34,24 @@ def test_discovery_selects_tissues_and_names_datasets_by_stem(tmp_path):
     touch(tmp_path / "brain" / "notes.txt")
     touch(tmp_path / "breast" / "Data_C_Breast.h5ad")
     (tmp_path / "empty").mkdir()
-    found = discover(tmp_path, ["brain"])
+    found = discover(tmp_path, ["brain"]).datasets
     assert [(d.tissue, d.name) for d in found] == [("brain", "Data B ü"), ("brain", "Data_A_Brain")]
-    assert {d.tissue for d in discover(tmp_path, ["all"])} == {"brain", "breast"}
-    assert len(discover(tmp_path, ["brain", "breast", "brain"])) == 3
+    assert {d.tissue for d in discover(tmp_path, ["all"]).datasets} == {"brain", "breast"}
+    assert len(discover(tmp_path, ["brain", "breast", "brain"]).datasets) == 3
+
+
+def test_discovery_names_every_entry_it_skips_and_reads_upper_case_suffixes(tmp_path):
+    touch(tmp_path / "lung" / "Upper.H5AD")
+    for name in ("packed.h5ad.gz", "store.zarr", "cells.loom", "trailing.h5ad "):
+        touch(tmp_path / "lung" / name)
+    (tmp_path / "lung" / "gone.h5ad").symlink_to(tmp_path / "nowhere.h5ad")
+    found = discover(tmp_path, ["all"])
+    assert [d.name for d in found.datasets] == ["Upper"]
+    skipped = "\n".join(found.skipped)
+    assert len(found.skipped) == 5
+    for name, reason in [("packed.h5ad.gz", "compressed"), ("store.zarr", "zarr"), ("cells.loom", "loom"),
+                         ("trailing.h5ad ", "space"), ("gone.h5ad", "broken symbolic link")]:
+        assert any(name in line and reason in line for line in found.skipped), (name, skipped)
 
 
 @pytest.mark.parametrize("tissues", [["lung"], []])
@@ -61,7 +76,7 @@ def test_run_folder_names_and_no_reuse(tmp_path):
 @pytest.fixture(scope="module")
 def clustered():
     adata = make_counts(400, cell_types=BLOOD_TYPES, seed=5)
-    io.provenance(adata)["input"] = {"is_counts": True, "file": "synthetic.h5ad"}
+    record.provenance(adata)["input"] = {"is_counts": True, "file": "synthetic.h5ad"}
     preprocess.qc(adata, min_genes=50)
     preprocess.normalize(adata)
     preprocess.reduce_dimensions(adata, n_pcs=20)
@@ -104,7 +119,7 @@ def test_markers_tested_in_gene_chunks_equal_one_scanpy_call(clustered):
         np.testing.assert_allclose(merged["pct_out_cluster"], merged["pct_nz_reference"], rtol=1e-6)
     # the detection filter drops genes nobody expresses, and says how many were tested
     markers.rank_markers(clustered, n_genes=40)
-    assert 0 < io.provenance(clustered)["markers"]["genes_tested"] <= clustered.n_vars
+    assert 0 < record.provenance(clustered)["markers"]["genes_tested"] <= clustered.n_vars
 
 
 def test_marker_filters_and_single_cell_clusters(clustered):
@@ -114,25 +129,25 @@ def test_marker_filters_and_single_cell_clusters(clustered):
     adata.obs["leiden"] = pd.Categorical(labels)
     table = markers.rank_markers(adata, n_genes=30)
     assert "lonely" not in set(table["cluster"])
-    assert any("single cell" in w for w in io.provenance(adata)["warnings"])
+    assert any("single cell" in w for w in record.provenance(adata)["warnings"])
     strict = markers.cluster_markers(adata, table, n_top=50, max_pval_adj=1e-300, min_logfc=100.0)
     assert all(len(c.genes) == 30 for c in strict)  # nothing passed: the top ranked genes are sent instead
-    assert any("fewer than 5 markers" in w for w in io.provenance(adata)["warnings"])
+    assert any("fewer than 5 markers" in w for w in record.provenance(adata)["warnings"])
 
 
 def test_neighbors_beyond_8192_cells():
     # scanpy 1.11 + scipy 1.17 broke here ('csr_array' object has no attribute 'getnnz')
     adata = make_counts(8400, cell_types=BLOOD_TYPES, n_background=150, seed=9)
-    io.provenance(adata)["input"] = {"is_counts": True}
+    record.provenance(adata)["input"] = {"is_counts": True}
     preprocess.normalize(adata)
     preprocess.reduce_dimensions(adata, n_pcs=10)
     preprocess.neighbors(adata, exact_max_cells=0)  # the approximate search is where it broke
-    assert io.provenance(adata)["neighbors"]["search"] == "pynndescent"
+    assert record.provenance(adata)["neighbors"]["search"] == "pynndescent"
     preprocess.cluster(adata)
     assert adata.obsp["connectivities"].shape == (8400, 8400)
     approximate = adata.obsp["connectivities"].copy()
     preprocess.neighbors(adata)
-    assert io.provenance(adata)["neighbors"]["search"] == "exact"
+    assert record.provenance(adata)["neighbors"]["search"] == "exact"
     # both searches find (nearly) the same graph
     overlap = (approximate > 0).multiply(adata.obsp["connectivities"] > 0).sum() / (approximate > 0).sum()
     assert overlap > 0.9
@@ -158,7 +173,7 @@ def test_annotate_clusters_labels_every_cell(clustered):
     missing = clusters[-1].cluster
     assert set(adata.obs.loc[adata.obs["leiden"] == missing, "cell_type"]) == {"Unknown"}
     assert results[-1].reason == "annotator returned no answer"
-    table = io.provenance(adata)["annotation"]["clusters"]
+    table = record.provenance(adata)["annotation"]["clusters"]
     assert list(table["n_cells"]) == [int((adata.obs["leiden"] == c.cluster).sum()) for c in clusters]
     assert adata.obs["cell_type_confidence"].max() == 80
 
@@ -215,7 +230,7 @@ def test_written_counts_layer_equals_the_filtered_input_counts(tmp_path, dense):
     adata.X[0, 0] = 70_000  # a very high count must survive the float32 round trip too
     if dense:
         adata.X = adata.X.toarray()
-    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
+    record.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
     preprocess.qc(adata, min_genes=50)
     expected = adata.copy()
     preprocess.normalize(adata)
@@ -241,14 +256,14 @@ def test_dry_run_lists_datasets_and_estimates_without_sending(tmp_path, capsys, 
     code = main(["--data-dir", str(data), "--tissues", "blood", "--dry-run", "--base-url", llm_server.base_url,
                  "--output-dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert code == 0 and "Dry run: 2 dataset(s)" in out
-    assert "Data_A" in out and "300" in out and "unreadable" in out
+    assert code == 1 and "Dry run: 2 dataset(s)" in out  # an input that cannot run makes the dry run fail
+    assert "Data_A" in out and "300" in out and "Broken.h5ad: not an HDF5/h5ad file" in out
     assert "Estimated API calls:" in out and "Estimated cost: $" in out
     assert llm_server.stats()["requests"] == 0 and not (tmp_path / "out").exists()
 
 
 def test_workers_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
-    from cassia_helpers.batch import THREAD_VARIABLES, worker_environment
+    from cassia_helpers.worker import THREAD_VARIABLES, worker_environment
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     one = worker_environment(1, {"PATH": "/bin"})
@@ -267,7 +282,7 @@ def test_blocked_pca_matches_scanpy_pca_on_the_same_genes_sparse_and_dense():
     import scanpy as sc
 
     adata = make_counts(600, seed=5)
-    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
+    record.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
     preprocess.qc(adata, min_genes=50)
     preprocess.normalize(adata)
     dense = adata.copy()
@@ -287,7 +302,7 @@ def test_highly_variable_genes_match_scanpy_seurat_flavour():
     import scanpy as sc
 
     adata = make_counts(500, seed=6)
-    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
+    record.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
     preprocess.qc(adata, min_genes=50)
     preprocess.normalize(adata)
     adata.X[:, :3] = 0  # genes never expressed: no dispersion, never highly variable
@@ -323,7 +338,7 @@ def test_in_place_qc_subset_and_normalisation_equal_scanpys():
         assert (held != before).nnz == 0 if held_part == "matrix" else np.array_equal(held, before)
         assert (other.X != expected.X).nnz == 0
 
-    io.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
+    record.provenance(adata)["input"] = {"is_counts": True, "file": "in.h5ad"}
     dense = adata.copy()
     dense.X = dense.X.toarray()
     preprocess.normalize(adata, target_sum=1e4)

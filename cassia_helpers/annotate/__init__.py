@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 UNKNOWN = "Unknown"
+# Said wherever a dataset or run was annotated by the offline reference.
+REFERENCE_NOTE = "The offline marker reference was used: no API calls were made."
 
 
 @dataclass
@@ -89,4 +91,4 @@ class Annotator(Protocol):
         ...
 
 
-__all__ = ["UNKNOWN", "Annotator", "ClusterAnnotation", "ClusterMarkers"]
+__all__ = ["REFERENCE_NOTE", "UNKNOWN", "Annotator", "ClusterAnnotation", "ClusterMarkers"]

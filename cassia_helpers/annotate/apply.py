@@ -3,48 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import anndata as ad
 import pandas as pd
 
-from ..io import provenance, timed
+from ..record import cluster_key, provenance, timed
 from . import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers
 
 
-def llm_configured(base_url: str = "") -> bool:
-    """An LLM is configured when an API key or a base URL is available."""
-    return bool(os.environ.get("OPENAI_API_KEY") or base_url or os.environ.get("OPENAI_BASE_URL"))
-
-
-def resolve_annotator_kind(kind: str, base_url: str = "") -> str:
-    """``"auto"`` becomes ``"llm"`` when an LLM is configured and ``"reference"`` otherwise."""
-    if kind == "auto":
-        return "llm" if llm_configured(base_url) else "reference"
-    if kind not in ("reference", "llm"):
-        raise ValueError(f"unknown annotator {kind!r}: use reference, llm or auto")
-    return kind
-
-
-def make_annotator(kind: str, *, species: str = "human", **llm_options) -> Annotator:
-    """Build the annotator the batch asked for.
-
-    ``kind`` is ``"reference"`` (offline marker reference) or ``"llm"`` (CASSIA-style agents on an
-    OpenAI-compatible endpoint; ``llm_options`` are passed to :class:`~cassia_helpers.annotate.agents.LLMAnnotator`).
-    """
-    if kind == "reference":
-        from .reference import ReferenceAnnotator
-
-        return ReferenceAnnotator(species=species)
-    if kind == "llm":
-        from .agents import LLMAnnotator
-
-        return LLMAnnotator(species=species, **llm_options)
-    raise ValueError(f"unknown annotator {kind!r}: use reference or llm")
-
-
-@timed("annotation")
+@timed("annotation", phase="annotation")
 def annotate_clusters(
     adata: ad.AnnData,
     clusters: list[ClusterMarkers],
@@ -53,7 +21,7 @@ def annotate_clusters(
     tissue: str,
     species: str = "human",
     context: str = "",
-    groupby: str = "leiden",
+    groupby: str | None = None,
     key_added: str = "cell_type",
 ) -> list[ClusterAnnotation]:
     """Annotate every cluster and label every cell.
@@ -72,6 +40,7 @@ def annotate_clusters(
             by_cluster[markers.cluster] = ClusterAnnotation.unknown(
                 markers.cluster, "annotator returned no answer", markers.genes
             )
+    groupby = groupby or cluster_key(adata)
     labels = adata.obs[groupby].astype(str)
     # A cluster with no markers at all (never sent) is still labelled.
     for cluster in labels.unique():

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from ..io import write_json
+from ..files import write_json
 from ..ledger import CACHE_HIT, ERROR, OK, SKIPPED_BUDGET, CallRecord, Ledger, PriceTable
 from .throttle import RunBudget, RunThrottle
 

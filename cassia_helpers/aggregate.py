@@ -6,28 +6,27 @@ run can be re-aggregated at any time; the user's own files in the folder are nev
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from collections import defaultdict
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from .io import atomic_path, write_json, write_text
-from .layout import (
-    AGGREGATE_NOTEBOOK,
+from .annotate import REFERENCE_NOTE
+from .contract import (
     BATCH_SUMMARY_CSV,
     BATCH_SUMMARY_TXT,
+    INTERRUPTED,
     RUN_MANIFEST,
+    SUCCESS,
     TOKEN_TRACKING_JSON,
     DatasetPaths,
+    read_manifest,
+    read_result,
+    read_status,
 )
+from .files import atomic_path, write_json, write_text
 from .ledger import CACHE_HIT, ERROR, SENT, SKIPPED_BUDGET, read_ledger
-from .outputs import read_result
-from .runner import INTERRUPTED, read_status
 
 SUMMARY_COLUMNS = [
     "dataset", "tissue", "file_path", "n_cells", "n_genes", "n_clusters",
@@ -35,8 +34,12 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def load_manifest(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / RUN_MANIFEST).read_text(encoding="utf-8"))
+def load_manifest(run_dir: str | Path) -> dict:
+    """The run's manifest; a one-line ``ValueError`` when it is missing or damaged."""
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise ValueError(f"{Path(run_dir) / RUN_MANIFEST}: missing or damaged run manifest")
+    return manifest
 
 
 def collect(run_dir: str | Path) -> pd.DataFrame:
@@ -47,7 +50,7 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
     for entry in load_manifest(run_dir)["datasets"]:
         paths = DatasetPaths(run_dir, entry["tissue"], entry["name"])
         status = read_status(paths) or {"status": INTERRUPTED, "error": "never started", "duration_s": 0.0}
-        result = read_result(paths) if status["status"] == "success" else None
+        result = read_result(paths) if status["status"] == SUCCESS else None
         result = result or {}
         rows.append({
             "dataset": entry["name"],
@@ -123,7 +126,7 @@ def _fmt_seconds(value) -> str:
     return "-" if value is None or pd.isna(value) else f"{float(value):.1f}s"
 
 
-def summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifest: dict) -> str:
+def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifest: dict) -> str:
     """The human-readable ``batch_summary.txt``."""
     counts = table["status"].value_counts()
     created = manifest.get("created_at", "")
@@ -152,7 +155,7 @@ def summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifest: d
         f"  Annotator(s): {', '.join(annotators) or '-'}",
     ]
     if annotators == ["reference"]:
-        lines.append("  The offline marker reference was used: no API calls were made.")
+        lines.append(f"  {REFERENCE_NOTE}")
     unknown = table["unknown_clusters"].fillna(0).sum() if "unknown_clusters" in table else 0
     lines += [
         f"  Clusters labelled Unknown: {int(unknown)}",
@@ -197,44 +200,5 @@ def write_run_summaries(run_dir: str | Path) -> pd.DataFrame:
     with atomic_path(run_dir / BATCH_SUMMARY_CSV) as tmp:
         table[SUMMARY_COLUMNS].to_csv(tmp, index=False)
     write_json(run_dir / TOKEN_TRACKING_JSON, tracking)
-    write_text(run_dir / BATCH_SUMMARY_TXT, summary_text(run_dir, table, tracking, manifest))
+    write_text(run_dir / BATCH_SUMMARY_TXT, run_summary_text(run_dir, table, tracking, manifest))
     return table
-
-
-def aggregate(run_dir: str | Path, *, kernel_name: str = "python3") -> Path:
-    """Execute the aggregation notebook for a run folder (saved there as its audit trail)."""
-    import papermill as pm
-
-    from .runner import template_path
-
-    run_dir = Path(run_dir)
-    output = run_dir / AGGREGATE_NOTEBOOK
-    try:
-        with _quiet_children():
-            pm.execute_notebook(
-                str(template_path("aggregate_run.ipynb")),
-                str(output),
-                parameters={"run_dir": str(run_dir.resolve())},
-                kernel_name=kernel_name,
-                cwd=str(run_dir),
-                progress_bar=False,
-                log_output=False,
-            )
-    except Exception as exc:  # noqa: BLE001 - the summaries must exist even when no kernel can start
-        print(f"warning: the aggregation notebook failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
-              "writing the summaries directly", file=sys.stderr)
-        write_run_summaries(run_dir)
-    return output
-
-
-@contextmanager
-def _quiet_children():
-    """Send the kernel's own start-up chatter (written to the inherited stderr) to /dev/null."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as sink:
-            os.dup2(sink.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)

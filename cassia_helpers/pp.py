@@ -17,8 +17,9 @@ import scanpy as sc
 import scipy.sparse as sp
 
 from .counts import LIBRARY_SIZE_KEY
-from .io import InputError, provenance, timed, warn
 from .matrix import cells_per_gene, dense_blocks, row_blocks, subset_in_place
+from .read import InputError
+from .record import provenance, timed, warn
 
 MITO_PREFIX = "MT-"
 
@@ -87,12 +88,11 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
     (:mod:`cassia_helpers.counts`).
 
     Writes ``obs['library_size']`` (each cell's counts summed over the genes kept by QC),
-    ``uns['cassia_batch']['normalized']`` (``"log1p(total={target_sum})"`` or ``"input"``) and
-    ``uns['cassia_batch']['normalize']`` (``target_sum``).
+    ``uns['cassia_batch']['normalize']`` (``method``: what was done, ``target_sum``, ``library_size``).
     """
     record = provenance(adata)
     if not record.get("input", {}).get("is_counts", True):
-        record["normalized"] = "input (already log-normalised)"
+        record["normalize"] = {"method": "input (already log-normalised)"}
         return
     library = np.asarray(adata.X.sum(axis=1, dtype=np.float64)).ravel()
     adata.obs[LIBRARY_SIZE_KEY] = library
@@ -110,8 +110,8 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
             x[start:stop] *= scale[start:stop, None]
             np.log1p(x[start:stop], out=x[start:stop])
     adata.uns["log1p"] = {"base": None}
-    record["normalized"] = f"log1p(normalize_total(target_sum={target_sum:g}))"
-    record["normalize"] = {"target_sum": float(target_sum), "library_size": LIBRARY_SIZE_KEY}
+    record["normalize"] = {"method": f"log1p(normalize_total(target_sum={target_sum:g}))",
+                           "target_sum": float(target_sum), "library_size": LIBRARY_SIZE_KEY}
 
 
 @timed("pca")

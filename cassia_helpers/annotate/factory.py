@@ -1,0 +1,69 @@
+"""Which annotator a run uses, built from its settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import Annotator
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+
+def llm_configured(base_url: str = "") -> bool:
+    """An LLM is configured when an API key or a base URL is available."""
+    return bool(os.environ.get("OPENAI_API_KEY") or base_url)
+
+
+def make_annotator(settings: Settings, *, dataset: str = "", tissue: str = "", run_dir: str | Path = "",
+                   ledger_path: str | Path | None = None) -> Annotator:
+    """The annotator ``settings.annotator`` names: ``"reference"`` (the offline marker reference) or ``"llm"``
+    (CASSIA-style agents on an OpenAI-compatible endpoint, writing every request to ``ledger_path`` and
+    sharing the run's request limit and budget through ``run_dir``). ``"auto"`` picks ``"llm"`` when an API
+    key or a base URL is configured."""
+    kind = settings.annotator
+    if kind == "auto":
+        kind = "llm" if llm_configured(settings.base_url) else "reference"
+    if kind == "reference":
+        from .reference import ReferenceAnnotator
+
+        return ReferenceAnnotator(species=settings.species)
+    from .agents import LLMAnnotator
+
+    return LLMAnnotator(
+        species=settings.species, model=settings.model, base_url=settings.base_url,
+        concurrency=settings.llm_concurrency, timeout=settings.llm_timeout,
+        max_attempts=settings.llm_max_attempts, use_cache=settings.use_cache, cache_dir=settings.cache_dir,
+        max_cost=settings.max_cost, price_file=settings.price_file, input_price=settings.input_price,
+        output_price=settings.output_price, ledger_path=ledger_path, dataset=dataset, tissue=tissue,
+        run_dir=str(run_dir), seed=settings.seed,
+    )
+
+
+def check_llm_setup(settings: Settings) -> None:
+    """The checks every run (fresh or resumed) makes before it starts: an LLM run can reach a model, and a
+    budget can be held.
+
+    Raises
+    ------
+    UsageError
+        ``annotator="llm"`` with neither ``OPENAI_API_KEY`` nor a base URL, or ``max_cost`` for a model
+        without a known price.
+    """
+    from ..settings import UsageError
+
+    if settings.annotator != "llm":
+        return
+    if not llm_configured(settings.base_url):
+        raise UsageError("--annotator llm needs OPENAI_API_KEY in the environment, or --base-url for a local "
+                         "server that needs no key")
+    if settings.max_cost:
+        from ..ledger import PriceTable
+
+        prices = PriceTable.load(settings.price_file or None, model=settings.model,
+                                 input_price=settings.input_price, output_price=settings.output_price)
+        if not prices.lookup(settings.model).known:
+            raise UsageError(f"--max-cost needs a price for {settings.model}, and none is built in: give "
+                             "--input-price and --output-price, or --price-file")

@@ -1,0 +1,185 @@
+"""The output contract: the run folder's layout, its file names, and the records passed between stages.
+
+See ``batch_output_structure.md``: ``{output_dir}/run_{tissues}_{YYYYMMDD_HHMMSS}/{tissue}/{dataset}/``.
+Records are small JSON files: the run manifest (written by the driver), each dataset's status (written by
+the driver's worker: the authoritative state) and result (written last by the dataset's notebook).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .files import read_json, write_json
+
+RUN_PREFIX = "run_"
+BATCH_SUMMARY_TXT = "batch_summary.txt"
+BATCH_SUMMARY_CSV = "batch_summary.csv"
+TOKEN_TRACKING_JSON = "token_tracking.json"
+AGGREGATE_NOTEBOOK = "aggregate_notebook.ipynb"
+RUN_MANIFEST = "run_manifest.json"
+RUN_LOCK = ".run.lock"
+SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
+STATUSES = (SUCCESS, FAILED, INTERRUPTED)
+
+
+def run_label(tissues: list[str], *, all_tissues: bool) -> str:
+    """Tissue part of a run folder name: ``brain``, ``brain_breast`` or ``all``."""
+    if all_tissues:
+        return "all"
+    return "_".join(_safe_component(t) for t in tissues)
+
+
+def new_run_dir(output_dir: Path, label: str, *, now: datetime | None = None) -> Path:
+    """Create and return a fresh ``run_{label}_{YYYYMMDD_HHMMSS}`` folder; never reuse an existing one.
+
+    Two runs started in the same second get a later timestamp rather than sharing a folder.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stamp = now or datetime.now()
+    while True:
+        candidate = output_dir / f"{RUN_PREFIX}{label}_{stamp:%Y%m%d_%H%M%S}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            stamp = stamp.replace(microsecond=0)
+            stamp = datetime.fromtimestamp(stamp.timestamp() + 1)
+
+
+def _safe_component(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", name, flags=re.UNICODE).strip("-") or "tissue"
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Every output path of one dataset inside a run folder."""
+
+    run_dir: Path
+    tissue: str
+    dataset: str
+
+    @property
+    def folder(self) -> Path:
+        return self.run_dir / self.tissue / self.dataset
+
+    def _file(self, suffix: str) -> Path:
+        return self.folder / f"{self.dataset}{suffix}"
+
+    @property
+    def markers_csv(self) -> Path:
+        return self._file("_markers.csv")
+
+    @property
+    def annotated_h5ad(self) -> Path:
+        return self._file("_annotated.h5ad")
+
+    @property
+    def annotation_txt(self) -> Path:
+        return self._file("_annotation.txt")
+
+    @property
+    def summary_txt(self) -> Path:
+        return self._file("_summary.txt")
+
+    @property
+    def cassia_csv(self) -> Path:
+        """CASSIA-compatible batch table, for users of CASSIA's own tools."""
+        return self._file("_cassia.csv")
+
+    @property
+    def umap_png(self) -> Path:
+        return self._file("_umap.png")
+
+    @property
+    def notebook(self) -> Path:
+        return self._file("_notebook.ipynb")
+
+    @property
+    def result_json(self) -> Path:
+        """Written by the dataset's notebook when its outputs are complete."""
+        return self._file("_result.json")
+
+    @property
+    def status_json(self) -> Path:
+        """Written by the driver: the authoritative state of the dataset."""
+        return self._file("_status.json")
+
+    @property
+    def llm_calls_jsonl(self) -> Path:
+        """The ledger: one JSON record per request sent to the model server (or cache hit)."""
+        return self._file("_llm_calls.jsonl")
+
+    @property
+    def kernel_log(self) -> Path:
+        return self._file("_kernel.log")
+
+    @property
+    def progress_jsonl(self) -> Path:
+        """Each pipeline step's start and end, appended by the kernel as it runs (for the driver's display)."""
+        return self._file("_progress.jsonl")
+
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_manifest(run_dir: str | Path) -> dict | None:
+    """The run's manifest, or ``None`` when it is missing or unreadable."""
+    manifest = read_json(Path(run_dir) / RUN_MANIFEST)
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("datasets"), list) else None
+
+
+def read_status(paths: DatasetPaths) -> dict | None:
+    """The driver's status record of a dataset, or ``None``."""
+    record = read_json(paths.status_json)
+    return record if isinstance(record, dict) and record.get("status") in STATUSES else None
+
+
+def read_result(paths: DatasetPaths) -> dict | None:
+    """The notebook's result record, or ``None`` when the notebook did not finish."""
+    record = read_json(paths.result_json)
+    return record if isinstance(record, dict) else None
+
+
+def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_type: str = "",
+                 duration: float = 0.0, started_at: str = "", input_file: dict | None = None) -> dict:
+    """Write ``{dataset}_status.json`` atomically and return it.
+
+    ``input_file`` (the input's ``path``, ``size`` and ``mtime_ns``) is recorded when the input itself was
+    rejected, so that ``--resume`` can leave it alone until the file changes.
+    """
+    record = {
+        "dataset": paths.dataset,
+        "tissue": paths.tissue,
+        "status": status,
+        "error_type": error_type,
+        "error": " ".join(str(error).split()),
+        "duration_s": round(duration, 3),
+        "started_at": started_at,
+        "finished_at": now_iso(),
+    }
+    if input_file:
+        record["input_file"] = input_file
+    write_json(paths.status_json, record)
+    return record
+
+
+def input_fingerprint(path: str | Path) -> dict | None:
+    """The input file's path, size and modification time, or ``None`` when it cannot be read."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def rejected_and_unchanged(record: dict | None, path: str | Path) -> bool:
+    """Whether a status records an input rejected as unreadable or invalid that has not changed since."""
+    if not record or record.get("status") != FAILED or record.get("error_type") != "InputError":
+        return False
+    seen, now = record.get("input_file"), input_fingerprint(path)
+    return bool(seen and now) and (seen["size"], seen["mtime_ns"]) == (now["size"], now["mtime_ns"])

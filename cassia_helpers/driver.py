@@ -1,0 +1,295 @@
+"""The batch driver: make (or resume) the run folder, run every dataset, then aggregate.
+
+The driver takes the function that runs one dataset (the *launcher*, by default
+:func:`cassia_helpers.worker.run_dataset`), so scheduling, statuses, resume and interrupts are the same
+whatever runs the datasets, and tests can pass a fast fake. A run folder is locked while a driver works
+in it: a second driver on the same run is a usage error, and the lock of a killed driver is released by
+the operating system, so ``--resume`` takes it over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .contract import (
+    FAILED,
+    INTERRUPTED,
+    RUN_LOCK,
+    RUN_MANIFEST,
+    SUCCESS,
+    DatasetPaths,
+    input_fingerprint,
+    new_run_dir,
+    now_iso,
+    read_manifest,
+    read_status,
+    rejected_and_unchanged,
+    run_label,
+    write_status,
+)
+from .discovery import Dataset, discover, single_input
+from .files import write_json
+from .settings import RUN, Settings, UsageError, notebook_parameters
+
+log = logging.getLogger("cassia_helpers")
+Launcher = Callable[[dict, Callable[[], bool]], dict]
+
+
+@dataclass
+class BatchResult:
+    """What a batch did: its folder and each dataset's final status."""
+
+    run_dir: Path
+    statuses: dict[tuple[str, str], str] = field(default_factory=dict)
+    errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if all(s == SUCCESS for s in self.statuses.values()) else 1
+
+
+def _lock(run_dir: Path):
+    """Hold the run folder's lock for this process's lifetime; a usage error if another driver holds it."""
+    try:
+        handle = open(run_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the whole run
+    except OSError as exc:
+        raise UsageError(f"{run_dir}: cannot write in the run folder ({exc.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UsageError(f"{run_dir}: another driver is working on this run (wait for it, or stop it first)") from None
+    return handle
+
+
+def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings]:
+    """Create a new run folder, or reopen ``settings.resume``; return it with its datasets, manifest and the
+    settings the datasets run with (a resumed run keeps its analysis settings)."""
+    if settings.resume is not None:
+        run_dir = Path(settings.resume)
+        manifest = read_manifest(run_dir)
+        if manifest is None:
+            reason = "no" if not (run_dir / RUN_MANIFEST).exists() else "an unreadable"
+            raise UsageError(f"{run_dir}: not a run folder ({reason} {RUN_MANIFEST})")
+        try:
+            datasets = [Dataset(d["name"], d["tissue"], Path(d["path"])) for d in manifest["datasets"]]
+            run_settings = Settings.with_analysis(manifest.get("analysis", {}), **settings.values(RUN))
+        except (KeyError, TypeError) as exc:
+            raise UsageError(f"{run_dir / RUN_MANIFEST}: damaged manifest ({exc})") from None
+        from .annotate.factory import check_llm_setup
+
+        check_llm_setup(run_settings)
+        return run_dir, datasets, manifest, run_settings
+    if settings.input is not None:
+        found = single_input(settings.input, settings.tissue)
+        label = run_label([settings.tissue], all_tissues=False)
+    else:
+        found = discover(settings.data_dir, settings.tissues)
+        tissues = list(dict.fromkeys(d.tissue for d in found.datasets))
+        label = run_label(tissues, all_tissues="all" in settings.tissues)
+    for line in found.skipped:
+        log.warning(line)
+    try:
+        run_dir = new_run_dir(settings.output_dir, label)
+    except OSError as exc:
+        raise UsageError(f"{settings.output_dir}: cannot create the run folder there ({exc.strerror})") from None
+    manifest = {
+        "run_dir": str(run_dir),
+        "created_at": now_iso(),
+        "data_dir": str(settings.data_dir),
+        "tissues": settings.tissues or [settings.tissue],
+        "analysis": settings.values(),
+        "datasets": [{"name": d.name, "tissue": d.tissue, "path": str(d.path)} for d in found.datasets],
+        "skipped_inputs": found.skipped,
+        "sessions": [],
+    }
+    write_json(run_dir / RUN_MANIFEST, manifest)
+    return run_dir, found.datasets, manifest, settings
+
+
+class _Interrupts:
+    """First Ctrl-C / SIGTERM / SIGHUP: stop starting datasets and stop the running ones; second Ctrl-C:
+    stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.count = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        self.event.set()
+        if self.count == 1:
+            log.warning("Interrupted (%s): stopping the running datasets and writing the summaries "
+                        "(press Ctrl-C again to stop at once).", signal.Signals(signum).name)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+
+def _job(settings: Settings, run_dir: Path, dataset: Dataset) -> dict:
+    return {
+        "parameters": notebook_parameters(settings, dataset=dataset.name, tissue=dataset.tissue,
+                                          input_path=dataset.path, run_dir=run_dir.resolve()),
+        "kernel_name": settings.kernel_name,
+        "cell_timeout": settings.cell_timeout,
+        "dataset_timeout": settings.dataset_timeout,
+        "workers": settings.workers,
+    }
+
+
+def _pending(run_dir: Path, datasets: list[Dataset], result: BatchResult) -> list[Dataset]:
+    """Datasets still to run; completed ones and inputs rejected and unchanged since are recorded as they are."""
+    todo = []
+    for dataset in datasets:
+        key = (dataset.tissue, dataset.name)
+        status = read_status(DatasetPaths(run_dir, dataset.tissue, dataset.name))
+        if status and status["status"] == SUCCESS:
+            result.statuses[key] = SUCCESS
+        elif rejected_and_unchanged(status, dataset.path):
+            result.statuses[key], result.errors[key] = FAILED, status.get("error", "")
+            log.warning("Not re-run (input unchanged since it was rejected): %s", status.get("error", ""))
+        else:
+            todo.append(dataset)
+    if len(todo) < len(datasets):
+        log.info("Resuming: %d dataset(s) already complete or rejected, %d to run", len(datasets) - len(todo),
+                 len(todo))
+    return todo
+
+
+def run_batch(settings: Settings, *, launcher: Launcher | None = None) -> BatchResult:
+    """Run every selected dataset, then the aggregation. The API behind ``run_batch.py``.
+
+    ``launcher(job, should_stop)`` runs one dataset and returns its status record (default:
+    :func:`cassia_helpers.worker.run_dataset`).
+    """
+    if launcher is None:
+        from .worker import run_dataset as launcher
+    run_dir, datasets, manifest, settings = prepare_run(settings)
+    lock = _lock(run_dir)
+    try:
+        return _run_locked(settings, run_dir, datasets, manifest, launcher)
+    finally:
+        lock.close()
+
+
+def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
+                launcher: Launcher) -> BatchResult:
+    from .progress import Progress
+
+    result = BatchResult(run_dir=run_dir)
+    manifest.setdefault("sessions", []).append({"started_at": now_iso(), "resumed": settings.resume is not None})
+    write_json(run_dir / RUN_MANIFEST, manifest)
+    log.info("Run folder: %s", run_dir)
+    todo = _pending(run_dir, datasets, result)
+    progress = Progress(run_dir, todo, quiet=settings.quiet)
+
+    def finished(dataset: Dataset, record: dict) -> None:
+        key = (dataset.tissue, dataset.name)
+        result.statuses[key], result.errors[key] = record["status"], record.get("error", "")
+        progress.done(dataset, record)
+
+    with _Interrupts() as interrupts:
+        try:
+            _run_all(settings, run_dir, todo, launcher, interrupts.event, progress, finished)
+        except KeyboardInterrupt:
+            interrupts.count = max(interrupts.count, 2)
+        if interrupts.count:
+            result.interrupted = True
+            for dataset in todo:
+                key = (dataset.tissue, dataset.name)
+                if key not in result.statuses:
+                    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
+                    record = read_status(paths) or write_status(
+                        paths, INTERRUPTED, error="not started: the run was interrupted", error_type="Interrupted")
+                    result.statuses[key] = record["status"]
+    progress.close()
+    if interrupts.count >= 2:
+        log.warning("Stopped at once. Resume with: python run_batch.py --resume %s", run_dir)
+        return result
+    _aggregate(run_dir, settings.kernel_name)
+    progress.table(result)
+    if result.interrupted:
+        log.warning("Resume with: python run_batch.py --resume %s", run_dir)
+    return result
+
+
+def _run_all(settings: Settings, run_dir: Path, todo: list[Dataset], launcher: Launcher,
+             stop: threading.Event, progress, finished: Callable[[Dataset, dict], None]) -> None:
+    """Run ``todo`` with ``settings.workers`` at once until done or ``stop`` is set."""
+    queue = list(todo)
+    with ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="dataset") as pool:
+        running: dict = {}
+        while queue or running:
+            while queue and len(running) < settings.workers and not stop.is_set():
+                dataset = queue.pop(0)
+                progress.started(dataset)
+                rejected = _check_header(run_dir, dataset)
+                if rejected:
+                    finished(dataset, rejected)
+                    continue
+                running[pool.submit(launcher, _job(settings, run_dir, dataset), stop.is_set)] = dataset
+            if not running:
+                break
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            progress.poll()
+            for future in done:
+                dataset = running.pop(future)
+                try:
+                    record = future.result()
+                except Exception as exc:  # noqa: BLE001 - a launcher bug fails its dataset, not the batch
+                    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
+                    record = write_status(paths, FAILED, error=f"{type(exc).__name__}: {exc}",
+                                          error_type="LauncherError")
+                finished(dataset, record)
+
+
+def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:
+    """The failed status of an input its header already rejects (no kernel is started for it), else ``None``."""
+    from .inputs import InputError, check_input
+
+    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        check_input(dataset.path, memory_limit=0)  # memory is checked by the kernel, when it reads the file
+    except InputError as exc:
+        return write_status(paths, FAILED, error=str(exc), error_type="InputError",
+                            input_file=input_fingerprint(dataset.path))
+    return None
+
+
+def _aggregate(run_dir: Path, kernel_name: str) -> None:
+    """The run-level summaries: through the aggregation notebook, else directly; never a traceback."""
+    from .worker import execute_aggregation
+
+    problem = execute_aggregation(run_dir, kernel_name=kernel_name)
+    if not problem:
+        return
+    log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)
+    try:
+        from .aggregate import write_run_summaries
+
+        write_run_summaries(run_dir)
+    except OSError as exc:
+        log.error("%s: could not write the run summaries (%s: %s)", run_dir, type(exc).__name__, exc.strerror or exc)

@@ -1,0 +1,83 @@
+"""Atomic file writes that follow the user's umask, and the one reader of the project's JSON records.
+
+Every output is written to a temporary name beside its target and renamed onto it, so a reader never
+sees half a file. The temporary file is created private by :func:`tempfile.mkstemp`; before the rename
+it gets the mode a plain ``open()`` would have given (``0o666`` less the umask), so results are shared as
+the user's other files are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read from ``/proc`` where possible, so no other thread sees it change)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode of a new regular file under the current umask."""
+    return 0o666 & ~current_umask()
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it gets the umask's mode and replaces ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, file_mode())
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(target: str | Path, text: str) -> None:
+    """Write text atomically (UTF-8)."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(target: str | Path, payload: Any) -> None:
+    """Write JSON atomically (UTF-8, indented)."""
+    write_text(target, json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any | None:
+    """A JSON record, or ``None`` when it is missing or unreadable (e.g. cut short by a full disk)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars, without importing numpy here
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

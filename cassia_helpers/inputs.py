@@ -1,0 +1,158 @@
+"""What an input file is, from its HDF5 header alone (no matrix is read).
+
+The driver checks every input this way before any kernel starts, the dry run reports it, and
+:func:`cassia_helpers.read.read_dataset` starts with it: a text file named ``.h5ad``, a truncated file,
+an HDF5 file that is not AnnData or an input too large for memory is rejected at once, with a one-line
+reason naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+# A dataset needs about this many times its matrix's size while it is processed: the pipeline holds one
+# copy of the matrix, plus the marker tests' sample of it and block-sized scratch (``bench/`` measures
+# about 1.6 times the matrix with the libraries included, at 100k cells × 20k genes).
+MEMORY_OVERHEAD = 2.0
+MAX_DETAIL = 200
+
+
+class InputError(ValueError):
+    """The input file cannot be processed; the message is one line naming the file."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(re.sub(r"[\r\n\t\f\v]+", " ", str(message)).strip())
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo``; ``None`` where that is not readable."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def estimate_memory_bytes(path: str | Path) -> int:
+    """Memory needed to read and process an h5ad, from its HDF5 metadata only (no matrix is read).
+
+    Everything ``anndata.read_h5ad`` loads (the sum of all stored arrays, uncompressed) plus
+    ``MEMORY_OVERHEAD - 1`` working copies of the largest expression matrix (``X``, ``raw/X`` or a layer).
+    """
+    with h5py.File(path, "r") as handle:
+        return _inspect(handle, Path(path))["needed_bytes"]
+
+
+def _inspect(handle: h5py.File, path: Path) -> dict:
+    """Check the file is an AnnData h5ad and read its shape and size from metadata."""
+    keys = sorted(handle.keys())
+    if "obs" not in handle or "var" not in handle:
+        hint = ""
+        if "matrix" in handle:
+            hint = "; it looks like a 10x Genomics .h5 (convert it with scanpy.read_10x_h5 and write_h5ad)"
+        shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+        raise InputError(
+            f"{path}: HDF5 file but not an AnnData h5ad (no obs/var; top-level keys: {shown or 'none'}){hint}"
+        )
+    loaded = 0
+
+    def add(_name: str, node: Any) -> None:
+        nonlocal loaded
+        if isinstance(node, h5py.Dataset):
+            loaded += _dataset_bytes(node)
+
+    handle.visititems(add)
+    matrices = [handle[name] for name in ("X", "raw/X") if name in handle]
+    if isinstance(handle.get("layers"), h5py.Group):
+        matrices += list(handle["layers"].values())
+    if not matrices:
+        raise InputError(f"{path}: no expression matrix (no X, no layers, no raw)")
+    working = max((_matrix_bytes(node) for node in matrices), default=0)
+    return {
+        "n_obs": _axis_length(handle["obs"]),
+        "n_vars": _axis_length(handle["var"]),
+        "needed_bytes": int(loaded + (MEMORY_OVERHEAD - 1) * working),
+    }
+
+
+def _dataset_bytes(node: h5py.Dataset) -> int:
+    return int(node.size) * int(node.dtype.itemsize)
+
+
+def _matrix_bytes(node: Any) -> int:
+    if isinstance(node, h5py.Dataset):
+        return _dataset_bytes(node)
+    if isinstance(node, h5py.Group):
+        return sum(_dataset_bytes(node[key]) for key in ("data", "indices", "indptr")
+                   if isinstance(node.get(key), h5py.Dataset))
+    return 0
+
+
+def _axis_length(node: Any) -> int | None:
+    if isinstance(node, h5py.Dataset):  # anndata < 0.7 stored obs/var as one compound dataset
+        return int(node.shape[0]) if node.shape else None
+    index = node.attrs.get("_index")
+    if isinstance(index, bytes):
+        index = index.decode()
+    if isinstance(index, str) and isinstance(node.get(index), h5py.Dataset):
+        return int(node[index].shape[0])
+    return None
+
+
+def check_input(path: str | Path, *, memory_limit: int | None = None) -> dict:
+    """Check an input from its header: an AnnData h5ad with cells, genes and a matrix, that fits in memory.
+
+    Returns ``n_obs``, ``n_vars`` and ``needed_bytes``; raises :class:`InputError` with a one-line reason.
+    ``memory_limit`` is the bytes the dataset may use (``None``: the memory available now; 0: no check).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not an HDF5/h5ad file")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({one_line(exc)})") from None
+    if not is_hdf5:
+        raise InputError(f"{path}: not an HDF5/h5ad file")
+    try:
+        with h5py.File(path, "r") as handle:
+            layout = _inspect(handle, path)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any h5py failure here means a damaged file
+        raise InputError(f"{path}: corrupt or truncated h5ad ({one_line(exc)})") from None
+    if layout["n_obs"] == 0:
+        raise InputError(f"{path}: no cells (0 observations)")
+    if layout["n_vars"] == 0:
+        raise InputError(f"{path}: no genes (0 variables)")
+    limit = memory_limit if memory_limit is not None else available_memory_bytes()
+    if limit and layout["needed_bytes"] > limit:
+        raise InputError(
+            f"{path}: too large for memory: reading and processing it needs about "
+            f"{_size(layout['needed_bytes'])}, {_size(limit)} available"
+        )
+    return layout
+
+
+def one_line(exc: BaseException) -> str:
+    detail = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc  # KeyError str() is a repr
+    text = " ".join(str(detail).split()) or type(exc).__name__
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.1f} GiB"

@@ -1,0 +1,85 @@
+"""What the terminal shows while a batch runs: a line per dataset step as it happens, each failure's reason
+when it happens, and a closing table. Messages go through :mod:`logging` (logger ``cassia_helpers``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from .contract import SUCCESS, DatasetPaths
+
+log = logging.getLogger("cassia_helpers")
+STEP_NAMES = {"load": "loading", "qc": "QC", "normalize": "normalising", "pca": "HVG + PCA",
+              "neighbors": "neighbours", "leiden": "leiden", "umap": "UMAP", "markers": "marker genes",
+              "annotation": "annotating"}
+
+
+class Progress:
+    """Follows the datasets of one session of a run (``todo``), tailing each one's progress file."""
+
+    def __init__(self, run_dir: Path, todo: list, *, quiet: bool = False) -> None:
+        self.run_dir, self.quiet = run_dir, quiet
+        self.total = len(todo)
+        self.index = {(d.tissue, d.name): i + 1 for i, d in enumerate(todo)}
+        self.running: dict[tuple[str, str], tuple[DatasetPaths, float, int]] = {}
+        self.finished = 0
+
+    def _label(self, tissue: str, name: str) -> str:
+        return f"[{self.index.get((tissue, name), '?')}/{self.total}] {tissue}/{name}"
+
+    def _say(self, message: str) -> None:
+        if not self.quiet:
+            log.info(message)
+
+    def started(self, dataset) -> None:
+        paths = DatasetPaths(self.run_dir, dataset.tissue, dataset.name)
+        self.running[(dataset.tissue, dataset.name)] = (paths, time.monotonic(), 0)
+        self._say(f"{self._label(dataset.tissue, dataset.name)}  started")
+
+    def poll(self) -> None:
+        """Print the steps that running datasets finished since the last poll."""
+        for key, (paths, started, seen) in list(self.running.items()):
+            try:
+                lines = paths.progress_jsonl.read_text(encoding="utf-8").splitlines()
+            except OSError:
+                continue
+            for line in lines[seen:]:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") == "end":
+                    step = STEP_NAMES.get(event.get("step"), event.get("step"))
+                    self._say(f"{self._label(*key)}  {step} ({event.get('seconds', 0):.0f} s)")
+            self.running[key] = (paths, started, len(lines))
+
+    def done(self, dataset, record: dict) -> None:
+        self.poll()
+        key = (dataset.tissue, dataset.name)
+        self.running.pop(key, None)
+        self.finished += 1
+        seconds = float(record.get("duration_s") or 0)
+        if record["status"] == SUCCESS:
+            self._say(f"{self._label(*key)}  done in {seconds:.0f} s")
+        else:
+            log.warning("%s  %s: %s", self._label(*key), record["status"], record.get("error", ""))
+
+    def close(self) -> None:
+        self.running.clear()
+
+    def table(self, result) -> None:
+        """The closing table: one line per dataset of the run, then the summary's path."""
+        if not result.statuses:
+            return
+        width = max(len(f"{t}/{n}") for t, n in result.statuses)
+        lines = [f"{'dataset':<{width}}  status"]
+        for (tissue, name), status in result.statuses.items():
+            error = result.errors.get((tissue, name), "")
+            lines.append(f"{tissue + '/' + name:<{width}}  {status}" + (f": {error}" if error and status != SUCCESS
+                                                                          else ""))
+        counts = {s: list(result.statuses.values()).count(s) for s in dict.fromkeys(result.statuses.values())}
+        lines.append(", ".join(f"{n} {s}" for s, n in counts.items())
+                     + f". Summary: {self.run_dir / 'batch_summary.txt'}")
+        log.log(logging.WARNING if self.quiet else logging.INFO, "\n".join(lines))

@@ -1,0 +1,227 @@
+"""Every setting of a batch, declared once.
+
+:data:`SETTINGS` is the one declaration (name, default, type, valid range, help). The command-line flags
+(:mod:`cassia_helpers.cli`), the run manifest, the template notebook's parameters and the validation all
+come from it; a test checks the template's ``parameters`` cell against it, names and defaults.
+
+Two scopes: ``analysis`` settings shape the results; they are recorded in the run manifest, kept by
+``--resume`` and passed to every dataset's notebook. ``run`` settings say how to execute (which inputs,
+how many workers, timeouts); they may change when a run is resumed and never reach a notebook.
+API keys are never a setting: they are read from the environment by the process that sends requests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ANALYSIS, RUN = "analysis", "run"
+DEFAULT_MODEL = "gpt-4o-mini"
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its flag is ``--name-with-dashes`` unless ``flag`` says otherwise."""
+
+    name: str
+    default: Any
+    help: str
+    group: str
+    scope: str = ANALYSIS
+    type: Callable[[str], Any] | None = None
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None  # exclusive minimum
+    flag: str = ""
+    nargs: str | None = None
+    env: str = ""  # environment variable that gives the default
+    metavar: str | None = None
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted and checked against the declared range; :class:`UsageError` otherwise."""
+        if value is None or (self.nargs and isinstance(value, list)):
+            return value
+        kind = self.type or (type(self.default) if self.default is not None else None)
+        if kind is bool and not isinstance(value, bool):
+            raise UsageError(f"{self.option}: expected true or false, got {value!r}")
+        if kind in (int, float) and isinstance(value, bool | str):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise UsageError(f"{self.option}: expected a number, got {value!r}") from None
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise UsageError(f"{self.option}: expected a whole number, got {value!r}")
+            value = int(value)
+        if self.choices and value not in self.choices:
+            raise UsageError(f"{self.option}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise UsageError(f"{self.option}: must be a finite number, got {value!r}")
+            if self.minimum is not None and value < self.minimum:
+                raise UsageError(f"{self.option}: must be at least {self.minimum:g}, got {value:g}")
+            if self.maximum is not None and value > self.maximum:
+                raise UsageError(f"{self.option}: must be at most {self.maximum:g}, got {value:g}")
+            if self.above is not None and value <= self.above:
+                raise UsageError(f"{self.option}: must be greater than {self.above:g}, got {value:g}")
+        return value
+
+
+_IO, _EXEC, _QC, _MARKERS, _LLM, _COST = (
+    "inputs and outputs", "execution", "QC and clustering", "marker genes", "annotation", "cost control")
+_GRAPH = _QC
+
+SETTINGS: tuple[Setting, ...] = (
+    # inputs and outputs (run scope)
+    Setting("data_dir", Path("data"), "folder with one sub-folder per tissue", _IO, RUN, type=Path),
+    Setting("tissues", None, "tissues to process (sub-folder names), or 'all'", _IO, RUN, type=str, nargs="+",
+            metavar="TISSUE"),
+    Setting("input", None, "one input file to run without a tissue folder (with --tissue NAME)", _IO, RUN,
+            type=Path, metavar="FILE"),
+    Setting("tissue", "", "tissue of --input", _IO, RUN, type=str),
+    Setting("output_dir", Path("batch_results"), "where run_{tissues}_{timestamp} folders are created", _IO, RUN,
+            type=Path),
+    Setting("resume", None, "finish an interrupted run folder in place (its analysis settings are kept; "
+            "--workers and timeouts may be given anew)", _IO, RUN, type=Path, metavar="RUN_DIR"),
+    Setting("dry_run", False, "list the datasets that would run and estimate API calls, tokens and cost; "
+            "send nothing; exit 1 when an input cannot run", _IO, RUN),
+    # execution (run scope)
+    Setting("workers", 1, "datasets processed at once (processes)", _EXEC, RUN, minimum=1),
+    Setting("dataset_timeout", 0.0, "seconds one dataset may take before it is stopped and marked failed (0: none)",
+            _EXEC, RUN, minimum=0),
+    Setting("cell_timeout", 0.0, "seconds one notebook cell may take (0: none)", _EXEC, RUN, minimum=0),
+    Setting("kernel_name", "python3", "Jupyter kernel for the notebooks", _EXEC, RUN),
+    Setting("quiet", False, "print only failures and the closing table", _EXEC, RUN),
+    # analysis
+    Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
+    Setting("min_genes", 200, "minimum genes per cell", _QC, minimum=0),
+    Setting("min_cells", 3, "minimum cells per gene", _QC, minimum=0),
+    Setting("max_pct_mt", 20.0, "maximum percent of counts from mitochondrial genes", _QC, minimum=0, maximum=100),
+    Setting("target_sum", 1e4, "normalize_total target", _QC, above=0),
+    Setting("n_top_genes", 2000, "highly variable genes", _GRAPH, minimum=2),
+    Setting("n_pcs", 50, "principal components", _GRAPH, minimum=2),
+    Setting("n_neighbors", 15, "kNN graph neighbours", _GRAPH, minimum=2),
+    Setting("resolution", 1.0, "leiden resolution", _GRAPH, above=0),
+    Setting("seed", 0, "random seed (PCA, leiden, UMAP, sampling)", _GRAPH, minimum=0),
+    Setting("marker_method", "wilcoxon", "rank_genes_groups method", _MARKERS,
+            choices=("wilcoxon", "t-test", "t-test_overestim_var", "logreg")),
+    Setting("n_markers", 50, "top ranked markers sent to the annotator per cluster", _MARKERS, minimum=1,
+            maximum=500),
+    Setting("marker_max_pval_adj", 0.05, "markers need an adjusted p-value at most this", _MARKERS, minimum=0,
+            maximum=1),
+    Setting("marker_min_logfc", 0.25, "markers need a log fold change at least this", _MARKERS),
+    Setting("max_cells_per_cluster", 1000, "cells sampled per cluster for the marker tests (0: all cells)",
+            _MARKERS, minimum=0),
+    Setting("annotator", "auto", "auto: llm when OPENAI_API_KEY or a base URL is set, else the offline "
+            "reference", _LLM, choices=("auto", "reference", "llm")),
+    Setting("model", DEFAULT_MODEL, "model name for --annotator llm (env CASSIA_MODEL)", _LLM, env="CASSIA_MODEL"),
+    Setting("base_url", "", "OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 (env OPENAI_BASE_URL); "
+            "credentials go in OPENAI_API_KEY, never in the URL", _LLM, env="OPENAI_BASE_URL"),
+    Setting("context", "", "free-text context sent with every cluster", _LLM),
+    Setting("llm_concurrency", 8, "requests in flight at once to the model server, for the whole run", _LLM,
+            minimum=1, maximum=256),
+    Setting("llm_timeout", 120.0, "seconds one request may take in all before it is abandoned (then retried)",
+            _LLM, above=0),
+    Setting("llm_max_attempts", 4, "attempts per request on 429/5xx/timeouts", _LLM, minimum=1, maximum=20),
+    Setting("use_cache", True, "do not use the on-disk response cache", _LLM, flag="--no-cache"),
+    Setting("cache_dir", "", "response cache folder (default: ~/.cache/cassia-batch/llm)", _LLM, metavar="DIR"),
+    Setting("max_cost", 0.0, "USD budget for the run: no request is sent once it is reached (0: none)", _COST,
+            minimum=0),
+    Setting("price_file", "", 'JSON prices {"model": {"input": USD per 1M, "output": USD per 1M}}', _COST,
+            metavar="FILE"),
+    Setting("input_price", None, "USD per 1M input tokens for --model", _COST, type=float, minimum=0),
+    Setting("output_price", None, "USD per 1M output tokens for --model", _COST, type=float, minimum=0),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+ANALYSIS_NAMES = tuple(s.name for s in SETTINGS if s.scope == ANALYSIS)
+# What identifies one dataset's notebook run, beside the analysis settings.
+DATASET_PARAMETERS = ("dataset", "tissue", "input_path", "run_dir")
+
+
+def default(setting: Setting) -> Any:
+    """The default of a setting, from its environment variable when one is set."""
+    if setting.env and os.environ.get(setting.env):
+        return os.environ[setting.env]
+    return setting.default
+
+
+class Settings:
+    """The values of every setting, checked against :data:`SETTINGS`; read them as attributes.
+
+    >>> Settings(resolution=0.8).resolution
+    0.8
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, **values: Any) -> None:
+        unknown = sorted(set(values) - set(BY_NAME))
+        if unknown:
+            raise UsageError(f"unknown setting(s): {', '.join(unknown)}")
+        checked = {s.name: s.default for s in SETTINGS}
+        checked.update({name: BY_NAME[name].check(value) for name, value in values.items()})
+        object.__setattr__(self, "_values", checked)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Settings are read-only: use replace()")
+
+    def __repr__(self) -> str:
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in self.changed(scope=None).items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._values == other._values
+
+    def replace(self, **changes: Any) -> Settings:
+        return Settings(**{**self._values, **changes})
+
+    def values(self, scope: str | None = ANALYSIS) -> dict[str, Any]:
+        """Every value of ``scope`` (``None``: all), JSON-able for the analysis scope."""
+        return {s.name: self._values[s.name] for s in SETTINGS if scope is None or s.scope == scope}
+
+    def changed(self, scope: str | None = ANALYSIS) -> dict[str, Any]:
+        """The values of ``scope`` that differ from their declared defaults."""
+        return {k: v for k, v in self.values(scope).items() if v != BY_NAME[k].default}
+
+    @classmethod
+    def from_namespace(cls, namespace: dict) -> Settings:
+        """The analysis settings a notebook holds as variables (its ``globals()``), read once."""
+        return cls(**{name: namespace[name] for name in ANALYSIS_NAMES if name in namespace})
+
+    @classmethod
+    def with_analysis(cls, analysis: dict, **run_values: Any) -> Settings:
+        """A run's recorded analysis settings (e.g. from its manifest) with this session's run settings."""
+        known = {k: v for k, v in analysis.items() if k in BY_NAME and BY_NAME[k].scope == ANALYSIS}
+        return cls(**known, **run_values)
+
+
+def notebook_parameters(settings: Settings, *, dataset: str, tissue: str, input_path: str | Path,
+                        run_dir: str | Path) -> dict[str, Any]:
+    """What papermill injects into the template: the dataset's identity and the settings that differ from the
+    template's defaults (so the executed notebook's injected cell shows only what changed)."""
+    identity = {"dataset": dataset, "tissue": tissue, "input_path": str(input_path), "run_dir": str(run_dir)}
+    return {**identity, **settings.changed()}
+
+
+def declared(names: Iterable[str] = ANALYSIS_NAMES) -> dict[str, Any]:
+    """Declared defaults by name (the template's parameters cell must hold exactly these)."""
+    return {name: BY_NAME[name].default for name in names}

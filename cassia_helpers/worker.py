@@ -1,0 +1,282 @@
+"""Run one dataset: the launcher the driver calls, and the worker process that executes the notebook.
+
+:func:`run_dataset` is the launcher: it starts ``python -m cassia_helpers.worker JOB`` in its own process
+group (the notebook's kernel joins that group), waits for it while watching the stop request and the
+dataset timeout, and returns the dataset's status record. It never raises for a dataset's failure.
+The worker process runs papermill (:func:`execute_dataset`) and writes ``{dataset}_status.json``:
+``success`` only when the notebook ran to its end *and* wrote every required output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+
+from .contract import (
+    FAILED,
+    INTERRUPTED,
+    SUCCESS,
+    DatasetPaths,
+    input_fingerprint,
+    now_iso,
+    read_status,
+    write_status,
+)
+from .record import PROGRESS_ENV
+
+REQUIRED_OUTPUTS = ("markers_csv", "annotated_h5ad", "annotation_txt", "summary_txt", "result_json")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+# Variables the kernel must not inherit: the endpoint travels as a notebook parameter, and plots must use
+# the kernel's own inline backend so that the executed notebook shows them.
+KERNEL_UNSET = ("OPENAI_BASE_URL", "MPLBACKEND")
+STOP_GRACE_S = 10.0
+
+
+def template_path(name: str = "annotate_dataset.ipynb") -> Path:
+    """A template notebook shipped inside the package (``cassia_helpers/templates``)."""
+    return Path(str(files("cassia_helpers") / "templates" / name))
+
+
+def papermill_path(path: str | Path) -> str:
+    """``path`` escaped for papermill, which formats paths with the notebook's parameters."""
+    return str(path).replace("{", "{{").replace("}", "}}")
+
+
+def worker_environment(workers: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a dataset's worker: the driver's, with BLAS/OpenMP/numba threads shared out.
+
+    Each worker gets ``cores // workers`` threads (at least one), or fewer if the user asked for fewer,
+    so that ``--workers 2`` on two cores runs two single-threaded kernels instead of four threads
+    fighting over two cores.
+    """
+    env = dict(os.environ if environ is None else environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, workers))
+    for name in THREAD_VARIABLES:
+        try:
+            asked = int(env[name])
+        except (KeyError, ValueError):
+            asked = share
+        env[name] = str(max(1, min(asked, share)))
+    for name in KERNEL_UNSET:
+        env.pop(name, None)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the launcher dies (Linux), so no worker outlives its driver."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the worker's process group (worker and kernel), then SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            # the kernel may outlive the worker by a moment: make sure the group is gone
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def run_dataset(job: dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Run one dataset's notebook in a worker process; return its status record.
+
+    ``job`` holds ``parameters`` (the notebook's), ``kernel_name``, ``cell_timeout``, ``dataset_timeout``
+    and ``workers`` (to share the cores). The dataset is stopped and marked ``interrupted`` as soon as
+    ``should_stop()`` is true, and ``failed`` when it runs past ``dataset_timeout`` seconds.
+    """
+    parameters = job["parameters"]
+    paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    paths.status_json.unlink(missing_ok=True)  # whatever status is found afterwards was written by this worker
+    started, started_at = time.monotonic(), now_iso()
+    timeout = float(job.get("dataset_timeout") or 0)
+    paths.progress_jsonl.unlink(missing_ok=True)
+    env = worker_environment(int(job.get("workers", 1)))
+    env[PROGRESS_ENV] = str(paths.progress_jsonl)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cassia_helpers.worker"],
+        env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=_die_with_parent,
+    )
+    # the job goes through a pipe, never the command line (a process listing shows arguments)
+    process.stdin.write(json.dumps(job).encode())
+    process.stdin.close()
+    forced = reason = ""
+    while process.poll() is None:
+        if should_stop():
+            forced, reason = INTERRUPTED, "interrupted by the user"
+        elif timeout and time.monotonic() - started > timeout:
+            forced, reason = FAILED, f"dataset timed out after {timeout:g} s (--dataset-timeout)"
+        if forced:
+            _stop_group(process)
+            break
+        time.sleep(0.2)
+    duration = time.monotonic() - started
+    recorded = read_status(paths)
+    if recorded is not None and not (forced and recorded["status"] != SUCCESS):
+        return recorded  # the worker finished its dataset (possibly just before it was stopped)
+    if forced:
+        return write_status(paths, forced, error=reason, error_type=forced.capitalize(), duration=duration,
+                            started_at=started_at)
+    code = process.returncode
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+    hint = " (often out of memory)" if code == -signal.SIGKILL else ""
+    return write_status(paths, FAILED, error=f"dataset worker {how}{hint} before recording a status",
+                        error_type="WorkerDied", duration=duration, started_at=started_at)
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """A one-line reason and an error type for a failed execution."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        evalue = " ".join(str(exc.evalue).split())
+        if exc.ename in ("InputError", "AnnotationFailed"):
+            return evalue, exc.ename
+        return f"{exc.ename}: {evalue} (notebook cell {exc.exec_count})", exc.ename
+    if isinstance(exc, DeadKernelError):
+        return "the notebook's kernel died (often out of memory)", "DeadKernelError"
+    if isinstance(exc, CellTimeoutError):
+        return f"a notebook cell timed out ({' '.join(str(exc).split())[:200]})", "CellTimeoutError"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{type(exc).__name__}: {exc.strerror} ({exc.filename or ''})", type(exc).__name__
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", type(exc).__name__
+
+
+def missing_outputs(paths: DatasetPaths) -> list[str]:
+    return [getattr(paths, name).name for name in REQUIRED_OUTPUTS if not getattr(paths, name).is_file()]
+
+
+def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_timeout: float = 0.0) -> dict:
+    """Run the template for one dataset into its folder; write and return its status record."""
+    import papermill as pm
+
+    paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    started_at, start = now_iso(), time.perf_counter()
+
+    def status(state: str, **details) -> dict:
+        return write_status(paths, state, duration=time.perf_counter() - start, started_at=started_at, **details)
+
+    try:
+        paths.result_json.unlink(missing_ok=True)
+        with open(paths.kernel_log, "w", encoding="utf-8") as log:
+            pm.execute_notebook(
+                papermill_path(template_path()),
+                papermill_path(paths.notebook),
+                parameters=parameters,
+                kernel_name=kernel_name,
+                cwd=str(paths.folder),
+                progress_bar=False,
+                log_output=False,
+                stdout_file=log,
+                stderr_file=log,
+                execution_timeout=cell_timeout or None,
+            )
+    except KeyboardInterrupt:
+        return status(INTERRUPTED, error="interrupted by the user", error_type="KeyboardInterrupt")
+    except Exception as exc:  # noqa: BLE001 - every failure of one dataset is recorded, never raised
+        reason, kind = describe_failure(exc)
+        rejected = input_fingerprint(parameters["input_path"]) if kind == "InputError" else None
+        return status(FAILED, error=reason, error_type=kind, input_file=rejected)
+    missing = missing_outputs(paths)
+    if missing:
+        return status(FAILED, error=f"notebook finished without writing {', '.join(missing)}",
+                      error_type="MissingOutputs")
+    return status(SUCCESS)
+
+
+def execute_aggregation(run_dir: str | Path, *, kernel_name: str = "python3") -> str:
+    """Execute the aggregation notebook for a run folder (kept there as its audit trail).
+
+    Returns ``""`` on success, else a one-line reason; the driver then writes the summaries directly.
+    """
+    import papermill as pm
+
+    from .contract import AGGREGATE_NOTEBOOK
+    from .files import atomic_path
+
+    run_dir = Path(run_dir)
+    executed = run_dir / f".{AGGREGATE_NOTEBOOK}.{os.getpid()}.ipynb"
+    try:
+        with _quiet_stderr():
+            pm.execute_notebook(
+                papermill_path(template_path("aggregate_run.ipynb")),
+                papermill_path(executed),
+                parameters={"run_dir": str(run_dir.resolve())},
+                kernel_name=kernel_name,
+                cwd=str(run_dir),
+                progress_bar=False,
+                log_output=False,
+            )
+        with atomic_path(run_dir / AGGREGATE_NOTEBOOK) as tmp:
+            tmp.write_bytes(executed.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - the summaries must exist even when no kernel can start
+        return describe_failure(exc)[0]
+    finally:
+        executed.unlink(missing_ok=True)
+    return ""
+
+
+class _quiet_stderr:
+    """Send the kernel's start-up chatter (written to the inherited stderr) to /dev/null."""
+
+    def __enter__(self) -> None:
+        self._saved = os.dup(2)
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+
+    def __exit__(self, *exc) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+
+
+def _stop_on_signal(signum, frame) -> None:
+    # the driver (or its death) stops this worker: take the kernel down with it
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    """The worker process: read the job from stdin, execute the dataset, exit 0 on success."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_on_signal)
+    job = json.loads(sys.stdin.read())
+    try:
+        record = execute_dataset(job["parameters"], kernel_name=job.get("kernel_name", "python3"),
+                                 cell_timeout=job.get("cell_timeout", 0.0))
+    finally:
+        if os.getpgrp() == os.getpid():  # started by run_dataset: the group is this worker and its kernel
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                os.killpg(os.getpgrp(), signal.SIGTERM)  # the kernel, if papermill left it behind
+            except OSError:
+                pass
+    return 0 if record["status"] == SUCCESS else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
