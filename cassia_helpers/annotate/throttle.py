@@ -129,10 +129,12 @@ class CircuitBreaker:
                         state = dict(self._state, **json.loads(stream.read() or "{}"))
                     except ValueError:
                         state = dict(self._state)
+                    before = dict(state)
                     yield state
-                    stream.seek(0)
-                    stream.truncate()
-                    stream.write(json.dumps(state))
+                    if state != before:
+                        stream.seek(0)
+                        stream.truncate()
+                        stream.write(json.dumps(state))
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
                 os.close(handle)
