@@ -509,6 +509,8 @@ class ScriptedLLMServer:
     request from ``random.Random(seed)``) -> 429, 500, garbage or a ``timeout_s`` delay; otherwise
     the scripted answer (garbage if ``garbage`` is set).  ``latency`` is added to every answer.
     Stats are updated when the answer is decided, i.e. also for answers a timed-out client never reads.
+    Reply faults (``hang``, ``trickle_s``, ``empty_answer``, ``huge_answer_chars``, ``echo_authorization``,
+    ``tricky_verdict``) then change how a decided answer is delivered (see ``_reply_faults``).
     """
 
     def __init__(
