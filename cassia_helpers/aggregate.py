@@ -6,7 +6,6 @@ run can be re-aggregated at any time; the user's own files in the folder are nev
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .contract import (
     read_status,
 )
 from .files import atomic_path, write_json, write_text
-from .ledger import CACHE_HIT, ERROR, SENT, SKIPPED_BUDGET, read_ledger
+from .ledger import tracking_from_ledgers
 
 SUMMARY_COLUMNS = [
     "dataset", "tissue", "file_path", "n_cells", "n_genes", "n_clusters",
@@ -76,50 +75,11 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
 
 
 def token_tracking(run_dir: str | Path) -> dict:
-    """Merge every dataset's ledger into the run's token record."""
+    """Merge every dataset's ledger into the run's token record (``token_tracking.json``)."""
     run_dir = Path(run_dir)
-    calls, hits, skipped = [], [], []
-    for entry in load_manifest(run_dir)["datasets"]:
-        for record in read_ledger(DatasetPaths(run_dir, entry["tissue"], entry["name"]).llm_calls_jsonl):
-            {CACHE_HIT: hits, SKIPPED_BUDGET: skipped}.get(record.get("status"), calls).append(record)
-    calls = [c for c in calls if c.get("status") in SENT]
-    calls.sort(key=lambda c: c.get("timestamp", ""))
-
-    def totals(records: list[dict]) -> dict:
-        input_tokens = sum(int(r.get("input_tokens") or 0) for r in records)
-        output_tokens = sum(int(r.get("output_tokens") or 0) for r in records)
-        return {
-            "calls": len(records),
-            "failed_calls": sum(r.get("status") == ERROR for r in records),
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "total_tokens": input_tokens + output_tokens,
-            "cost": round(sum(float(r.get("cost") or 0.0) for r in records), 6),
-        }
-
-    by_dataset, by_model = defaultdict(list), defaultdict(list)
-    for call in calls:
-        by_dataset[f"{call.get('tissue')}/{call.get('dataset')}"].append(call)
-        by_model[call.get("model", "")].append(call)
-    unknown_price = sorted({c.get("model", "") for c in calls if not c.get("price_known", True)})
-    overall = totals(calls)
-    return {
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "total_calls": overall["calls"],
-        "failed_calls": overall["failed_calls"],
-        "total_input_tokens": overall["input_tokens"],
-        "total_output_tokens": overall["output_tokens"],
-        "total_tokens": overall["total_tokens"],
-        "total_cost": overall["cost"],
-        "currency": "USD",
-        "cache_hits": len(hits),
-        "budget_skipped": len(skipped),
-        "unknown_price_models": unknown_price,
-        "by_dataset": {k: totals(v) for k, v in sorted(by_dataset.items())},
-        "by_model": {k: {**totals(v), "price_known": k not in unknown_price} for k, v in sorted(by_model.items())},
-        "api_calls": calls,
-        "cache_hit_calls": hits,
-    }
+    datasets = load_manifest(run_dir)["datasets"]
+    ledgers = [DatasetPaths(run_dir, d["tissue"], d["name"]).llm_calls_jsonl for d in datasets]
+    return {"generated_at": datetime.now(UTC).isoformat(timespec="seconds"), **tracking_from_ledgers(ledgers)}
 
 
 def _fmt_seconds(value) -> str:
@@ -173,6 +133,14 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     if tracking["budget_skipped"]:
         lines.append(f"  Budget reached: {tracking['budget_skipped']} request(s) not sent (--max-cost); "
                      "those clusters are Unknown with reason 'budget'")
+    if tracking.get("tokens_estimated"):
+        lines.append(f"  Estimated: {tracking['estimated_tokens']:,} tokens of {tracking['estimated_calls']} call(s) "
+                     "are local estimates (the server reported no usage, or the call was cut off)")
+    if tracking.get("interrupted_calls"):
+        lines.append(f"  Interrupted: {tracking['interrupted_calls']} request(s) were cut off mid-flight; they are "
+                     "counted as sent")
+    for event in tracking.get("circuit_breaker", []):
+        lines.append(f"  Server unreachable: requests stopped at {event['timestamp']} ({event['error']})")
     if tracking["unknown_price_models"]:
         lines.append(f"  WARNING: no known price for {', '.join(tracking['unknown_price_models'])}: their calls "
                      "are counted at $0 (set prices with --price-file or --input-price/--output-price)")

@@ -235,6 +235,7 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "cell_types": {str(k): int(v) for k, v in adata.obs[labels].value_counts().items()}
         if labels in adata.obs else {},
         "warnings": list(record.get("warnings", [])),
+        "annotation_failure": record.get("annotation", {}).get("failure", ""),
     }
     write_json(paths.result_json, result)
     return paths.result_json

@@ -134,8 +134,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("context", "", "free-text context sent with every cluster", _LLM),
     Setting("llm_concurrency", 8, "requests in flight at once to the model server, for the whole run", _LLM,
             minimum=1, maximum=256),
-    Setting("llm_timeout", 120.0, "seconds one request may take in all before it is abandoned (then retried)",
-            _LLM, above=0),
+    Setting("llm_timeout", 120.0, "seconds to connect, and the longest silence while a reply arrives", _LLM, above=0),
+    Setting("llm_deadline", 300.0, "wall-clock seconds for one call to the model, every retry included (a server "
+            "that trickles bytes cannot extend it)", _LLM, above=0),
+    Setting("llm_max_tokens", 4096, "longest reply asked of the model (max_tokens): bounds each reply's cost and size",
+            _LLM, minimum=1, maximum=100_000),
+    Setting("llm_breaker_failures", 3, "consecutive connection failures or timeouts, across the run, after which "
+            "requests stop for the cool-down (0: never)", _LLM, minimum=0),
+    Setting("llm_breaker_cooldown", 60.0, "seconds requests stay stopped before one probe request", _LLM, minimum=0),
     Setting("llm_max_attempts", 4, "attempts per request on 429/5xx/timeouts", _LLM, minimum=1, maximum=20),
     Setting("use_cache", True, "do not use the on-disk response cache", _LLM, flag="--no-cache"),
     Setting("cache_dir", "", "response cache folder (default: ~/.cache/cassia-batch/llm)", _LLM, metavar="DIR"),

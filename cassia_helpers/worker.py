@@ -26,6 +26,7 @@ from .contract import (
     DatasetPaths,
     input_fingerprint,
     now_iso,
+    read_result,
     read_status,
     write_status,
 )
@@ -207,6 +208,9 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
     if missing:
         return status(FAILED, error=f"notebook finished without writing {', '.join(missing)}",
                       error_type="MissingOutputs")
+    failure = (read_result(paths) or {}).get("annotation_failure")
+    if failure:  # the outputs are kept, with each cluster's reason, but the dataset did not get its calls
+        return status(FAILED, error=failure, error_type="AnnotationFailed")
     return status(SUCCESS)
 
 

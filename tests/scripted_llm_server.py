@@ -359,7 +359,7 @@ class _Headers(dict):
 
 
 class _Reply:
-    __slots__ = ("status", "payload", "raw", "headers", "delay")
+    __slots__ = ("status", "payload", "raw", "headers", "delay", "trickle", "hang")
 
     def __init__(
         self,
@@ -374,6 +374,8 @@ class _Reply:
         self.raw = raw
         self.headers = headers or {}
         self.delay = delay
+        self.trickle = 0.0  # seconds between body bytes (a stalling proxy)
+        self.hang = False  # headers never sent: the connection stays open until the server stops
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -415,6 +417,9 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay > 0 and owner._stopping.wait(reply.delay):
             self.close_connection = True
             return
+        if reply.hang or reply.trickle > 0:
+            self._send_stalling(reply)
+            return
         data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
         try:
             self.send_response(reply.status)
@@ -427,6 +432,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:  # client gave up (timeout) or the server is stopping
             self.close_connection = True
+
+    def _send_stalling(self, reply: _Reply) -> None:
+        """Hang (never answer) or send the body one byte every ``reply.trickle`` seconds."""
+        owner = self.server.owner
+        self.close_connection = True
+        if reply.hang:
+            owner._stopping.wait()
+            return
+        data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.flush()
+            for index in range(len(data)):
+                self.wfile.write(data[index:index + 1])
+                self.wfile.flush()
+                if owner._stopping.wait(reply.trickle):
+                    return
+        except OSError:  # the client gave up
+            pass
 
     def do_GET(self) -> None:
         owner = self.server.owner
@@ -482,6 +509,8 @@ class ScriptedLLMServer:
     request from ``random.Random(seed)``) -> 429, 500, garbage or a ``timeout_s`` delay; otherwise
     the scripted answer (garbage if ``garbage`` is set).  ``latency`` is added to every answer.
     Stats are updated when the answer is decided, i.e. also for answers a timed-out client never reads.
+    Reply faults (``hang``, ``trickle_s``, ``empty_answer``, ``huge_answer_chars``, ``echo_authorization``,
+    ``tricky_verdict``) then change how a decided answer is delivered (see ``_reply_faults``).
     """
 
     def __init__(
@@ -514,6 +543,13 @@ class ScriptedLLMServer:
         self.reject_temperature = False
         self.reasoning_only = False
         self.omit_usage = False
+        # reply faults (see ``_reply_faults``)
+        self.trickle_s = 0.0
+        self.hang = False
+        self.empty_answer = False
+        self.huge_answer_chars = 0
+        self.echo_authorization = False
+        self.tricky_verdict = False
         self._fail_queue: list[tuple[int, float | None]] = []
         self._malformed_left = 0
         self._rates = (0.0, 0.0, 0.0, 0.0)
@@ -631,6 +667,8 @@ class ScriptedLLMServer:
             self._validator_seen = 0
         self.garbage = self.reject_json_schema = self.reject_response_format = False
         self.reject_seed = self.omit_usage = self.reject_temperature = self.reasoning_only = False
+        self.trickle_s, self.huge_answer_chars = 0.0, 0
+        self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -699,6 +737,7 @@ class ScriptedLLMServer:
             self.received.append(record)
             self.headers_seen.append(headers)
         reply = self._decide(body, parse_error, agent, headers)
+        reply = self._reply_faults(reply, agent, headers)
         reply.delay += self.latency
         self._account(reply, agent)
         return reply
@@ -737,6 +776,47 @@ class ScriptedLLMServer:
         if garbage:
             self._note_fault("garbage")
         return _Reply(200, self._completion(body, agent, garbage), delay=delay)
+
+    def _reply_faults(self, reply: _Reply, agent: str, headers: _Headers) -> _Reply:
+        """Misbehaviour of a reachable server, applied to a decided answer.
+
+        ``hang``: accept the request, never answer. ``trickle_s``: send the body one byte every
+        ``trickle_s`` seconds. On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
+        -> the content padded to that many characters; ``echo_authorization`` -> the request's
+        Authorization header appended to the content; ``tricky_verdict`` -> a validator answer that
+        fails but mentions "VALIDATION PASSED" later in its first line.
+        """
+        if self.hang:
+            self._note_fault("hang")
+            reply.hang = True
+            return reply
+        if self.trickle_s > 0:
+            self._note_fault("trickle")
+            reply.trickle = float(self.trickle_s)
+        if reply.status != 200 or not reply.payload:
+            return reply
+        message = reply.payload["choices"][0]["message"]
+        content = message.get("content") or ""
+        if self.tricky_verdict and agent == "validator":
+            self._note_fault("tricky_verdict")
+            content = ("VALIDATION FAILED: the annotation would only be VALIDATION PASSED if the cited markers "
+                       "were lineage-defining.\nFeedback: re-check the markers.")
+        if self.echo_authorization:
+            self._note_fault("echo_authorization")
+            content += f"\nDebug: Authorization: {headers.get('authorization', '')}"
+        if self.huge_answer_chars:
+            self._note_fault("huge")
+            filler = " lorem ipsum"
+            content += "\n" + filler * max(0, (self.huge_answer_chars - len(content)) // len(filler))
+        if self.empty_answer:
+            self._note_fault("empty")
+            content = ""
+        message["content"] = content
+        usage = reply.payload.get("usage")
+        if usage:
+            usage["completion_tokens"] = count_words(content)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return reply
 
     def _validate(self, body: dict) -> _Reply | None:
         def bad(message: str, param: str | None, code: str | None = None) -> _Reply:

@@ -144,7 +144,7 @@ def test_budget_stops_requests(llm_env, tmp_path):
     results = annotator(llm_env, tmp_path, concurrency=1, max_cost=0.5, price_file=str(prices)).annotate(
         CLUSTERS, tissue="blood", species="human")
     # one annotator call (~200 tokens at $1000/1M = ~$0.2) ... then the budget is reached
-    assert results[-1].main_cell_type == "Unknown" and results[-1].reason == "budget"
+    assert results[-1].main_cell_type == "Unknown" and results[-1].reason_kind == "budget"
     records = read_ledger(tmp_path / "ledger.jsonl")
     spent = sum(r["cost"] for r in sent(records))
     assert len(sent(records)) == llm_env.stats()["requests"]
@@ -199,4 +199,4 @@ def test_an_answer_is_kept_when_the_validator_cannot_be_reached(llm_env, tmp_pat
     results = annotator(llm_env, tmp_path, concurrency=1, max_cost=0.35, price_file=str(prices)).annotate(
         CLUSTERS[:2], tissue="blood", species="human")
     assert results[0].main_cell_type == "CD8+ T cell" and "not confirm" in results[0].reasoning
-    assert results[1].main_cell_type == "Unknown" and results[1].reason == "budget"
+    assert results[1].main_cell_type == "Unknown" and results[1].reason_kind == "budget"

@@ -13,12 +13,12 @@ import pytest
 
 from cassia_helpers import markers, record
 from cassia_helpers import pp as preprocess
+from cassia_helpers.aggregate import token_tracking
 from cassia_helpers.annotate import ClusterAnnotation, ClusterMarkers
 from cassia_helpers.annotate.apply import annotate_clusters
-from cassia_helpers.discovery import UsageError, discover
 from cassia_helpers.contract import DatasetPaths, new_run_dir, run_label
+from cassia_helpers.discovery import UsageError, discover
 from cassia_helpers.ledger import PriceTable
-from cassia_helpers.aggregate import token_tracking
 from tests.synthetic import BLOOD_TYPES, make_counts
 
 

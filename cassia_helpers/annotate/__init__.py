@@ -36,7 +36,8 @@ class ClusterAnnotation:
     """One cluster's call.
 
     ``status`` is ``"ok"`` for a real call and ``"unknown"`` when no valid answer was obtained;
-    then ``main_cell_type`` is ``"Unknown"`` and ``reason`` says why (e.g. ``"budget"``).
+    then ``main_cell_type`` is ``"Unknown"``, ``reason`` says why in words and ``reason_kind`` in one
+    of :data:`REASON_KINDS` (empty for a real call).
     ``transcript`` holds the readable turns (``{"agent": ..., "content": ...}``) for the annotation text.
     """
 
@@ -49,6 +50,7 @@ class ClusterAnnotation:
     reasoning: str = ""
     status: str = "ok"
     reason: str = ""
+    reason_kind: str = ""
     iterations: int = 0
     markers_sent: list[str] = field(default_factory=list)
     transcript: list[dict] = field(default_factory=list)
@@ -59,15 +61,46 @@ class ClusterAnnotation:
         return asdict(self)
 
     @classmethod
-    def unknown(cls, cluster: str, reason: str, markers_sent: list[str] | None = None) -> ClusterAnnotation:
+    def unknown(cls, cluster: str, reason: str, markers_sent: list[str] | None = None,
+                kind: str = "error") -> ClusterAnnotation:
         return cls(
             cluster=cluster,
             main_cell_type=UNKNOWN,
             status="unknown",
             reason=reason,
+            reason_kind=kind,
             reasoning=f"No valid annotation: {reason}",
             markers_sent=list(markers_sent or []),
         )
+
+
+# Why a cluster is Unknown. The first group means the service gave no answer at all.
+SERVICE_FAILURES = {
+    "auth": "the model server refused the API key",
+    "no_key": "no API key is set (OPENAI_API_KEY) and the server requires one",
+    "unreachable": "the model server could not be reached",
+    "timeout": "the model server did not answer in time",
+    "budget": "the --max-cost budget was reached or cannot be enforced",
+    "model_not_found": "the model server does not know the model",
+}
+REASON_KINDS = (*SERVICE_FAILURES, "rejected", "invalid_answer", "model_unknown", "no_markers", "error")
+
+
+def annotation_failure(results: list[ClusterAnnotation]) -> str | None:
+    """A one-line dataset-level reason when more than half of the clusters got no answer because of the
+    service (auth, no key, unreachable or silent server, budget, unknown model), else ``None``.
+
+    The most frequent service cause is named, with one example of its per-cluster message.
+    """
+    failed = [r for r in results if r.status != "ok" and r.reason_kind in SERVICE_FAILURES]
+    if not results or len(failed) * 2 <= len(results):
+        return None
+    kinds = [r.reason_kind for r in failed]
+    kind = max(SERVICE_FAILURES, key=kinds.count)
+    example = next(r.reason for r in failed if r.reason_kind == kind)
+    example = " ".join(example.split())[:200]
+    return (f"annotation failed for {len(failed)} of {len(results)} clusters: {SERVICE_FAILURES[kind]} "
+            f"[{kind}] ({example})")
 
 
 class Annotator(Protocol):
@@ -91,4 +124,5 @@ class Annotator(Protocol):
         ...
 
 
-__all__ = ["REFERENCE_NOTE", "UNKNOWN", "Annotator", "ClusterAnnotation", "ClusterMarkers"]
+__all__ = ["REASON_KINDS", "REFERENCE_NOTE", "SERVICE_FAILURES", "UNKNOWN", "Annotator", "ClusterAnnotation",
+           "ClusterMarkers", "annotation_failure"]

@@ -17,8 +17,18 @@ from pathlib import Path
 
 from ..ledger import Ledger, PriceTable
 from . import ClusterAnnotation, ClusterMarkers
-from .llm import BudgetExceeded, FatalLLMError, LLMClient, LLMError, RequestRejected, endpoint_label
-from .throttle import RunBudget, RunThrottle
+from .llm import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_TOKENS,
+    BudgetExceeded,
+    FatalLLMError,
+    LLMClient,
+    LLMError,
+    RequestRejected,
+    endpoint_label,
+)
+from .throttle import CircuitBreaker, RunBudget, RunThrottle
+from .untrusted import sanitize_label, sanitize_text
 
 ANNOTATOR_SYSTEM = """You are the annotator agent of a cell-type annotation team, an expert in single-cell \
 RNA-seq biology. You receive the ranked marker genes (best first) of one cluster, with the species and \
@@ -70,6 +80,18 @@ PROMPT_VERSION = hashlib.sha256(
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 FINAL_LINE = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
+VERDICT = re.compile(r"^[\s*_#>`]*VALIDATION\s+(PASSED|FAILED)\b", re.IGNORECASE)
+
+
+def validator_verdict(text: str) -> bool | None:
+    """The validator's verdict from the first non-empty line only: ``True`` for a line that starts with
+    ``VALIDATION PASSED`` and says nothing of failing, ``False`` for ``VALIDATION FAILED``, ``None`` when
+    the first line holds no verdict. "VALIDATION FAILED ... would only be VALIDATION PASSED if" fails."""
+    lines = [line for line in THINKING.sub("", text).splitlines() if line.strip()]
+    match = VERDICT.match(lines[0]) if lines else None
+    if match is None:
+        return None
+    return match.group(1).upper() == "PASSED" and "FAIL" not in lines[0].upper()
 
 
 def cluster_prompt(markers: ClusterMarkers, *, tissue: str, species: str, context: str) -> str:
@@ -96,11 +118,11 @@ def parse_answer(text: str) -> dict | None:
             data = json.loads(candidate)
         except ValueError:
             continue
-        if isinstance(data, dict) and str(data.get("main_cell_type", "")).strip():
+        if isinstance(data, dict) and sanitize_label(data.get("main_cell_type", "")):
             return _normalise(data)
     match = FINAL_LINE.search(text)
     if match:
-        label = match.group(1).strip().strip("*").strip()
+        label = sanitize_label(match.group(1))
         if label and not label.startswith("<"):
             return _normalise({"main_cell_type": label, "confidence": 50,
                                "reasoning": "Parsed from the annotator's final line."})
@@ -112,7 +134,9 @@ def _as_list(value) -> list[str]:
         return []
     if isinstance(value, str):
         value = [v for v in re.split(r"[;,]", value)]
-    return [str(v).strip() for v in value if str(v).strip()]
+    elif not isinstance(value, list | tuple):
+        value = [value]
+    return [label for label in (sanitize_label(v) for v in value[:20]) if label]
 
 
 def _normalise(data: dict) -> dict:
@@ -123,12 +147,12 @@ def _normalise(data: dict) -> dict:
     if 0 < confidence <= 1:
         confidence *= 100
     return {
-        "main_cell_type": str(data.get("main_cell_type", "")).strip(),
+        "main_cell_type": sanitize_label(data.get("main_cell_type", "")),
         "sub_cell_types": _as_list(data.get("sub_cell_types"))[:3],
         "mixed_cell_types": _as_list(data.get("mixed_cell_types")),
         "confidence": max(0.0, min(100.0, confidence)),
         "key_markers": _as_list(data.get("key_markers")),
-        "reasoning": str(data.get("reasoning", "")).strip(),
+        "reasoning": sanitize_text(data.get("reasoning", "")),
     }
 
 
@@ -158,7 +182,8 @@ class LLMAnnotator:
                  max_cost: float = 0.0, price_file: str = "", input_price: float | None = None,
                  output_price: float | None = None, ledger_path: str | Path | None = None,
                  dataset: str = "", tissue: str = "", run_dir: str = "", max_rounds: int = 2,
-                 seed: int = 0) -> None:
+                 seed: int = 0, deadline: float = DEFAULT_DEADLINE_S, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 breaker_failures: int = 3, breaker_cooldown: float = 60.0) -> None:
         self.species = species
         self.max_rounds = max(1, int(max_rounds))
         self.concurrency = max(1, int(concurrency))
@@ -169,8 +194,10 @@ class LLMAnnotator:
             model=model, base_url=base_url, ledger=self.ledger, prices=prices,
             throttle=RunThrottle(self.concurrency, run_dir or None),
             budget=RunBudget(max_cost, run_dir or None, local_spent=self.ledger.spent),
+            breaker=CircuitBreaker(breaker_failures, breaker_cooldown, run_dir or None),
             dataset=dataset, tissue=tissue, timeout=timeout, max_attempts=max_attempts,
-            cache_dir=cache_dir or None, use_cache=use_cache, seed=seed,
+            cache_dir=cache_dir or None, use_cache=use_cache, seed=seed, deadline=deadline,
+            max_tokens=max_tokens,
         )
         self.price_known = prices.lookup(model).known
 
@@ -184,6 +211,8 @@ class LLMAnnotator:
             "temperature": 0,
             "seed": self.client.seed,
             "max_rounds": self.max_rounds,
+            "max_tokens": self.client.max_tokens,
+            "deadline_s": self.client.deadline,
             "price_known": self.price_known,
             "system_fingerprint": ", ".join(sorted(self.client.fingerprints)),
             "openai_version": version("openai"),
@@ -197,13 +226,14 @@ class LLMAnnotator:
     def _annotate_safely(self, markers, tissue, species, context) -> ClusterAnnotation:
         try:
             result = self._annotate_one(markers, tissue, species, context)
-        except BudgetExceeded:
-            result = ClusterAnnotation.unknown(markers.cluster, "budget", markers.genes)
+        except BudgetExceeded as exc:
+            result = ClusterAnnotation.unknown(markers.cluster, f"budget ({exc})", markers.genes, "budget")
         except FatalLLMError as exc:
             result = ClusterAnnotation.unknown(markers.cluster, f"endpoint refused the request ({exc})",
-                                               markers.genes)
+                                               markers.genes, exc.kind)
         except LLMError as exc:
-            result = ClusterAnnotation.unknown(markers.cluster, f"request failed ({exc})", markers.genes)
+            result = ClusterAnnotation.unknown(markers.cluster, f"request failed ({exc})", markers.genes,
+                                               exc.kind)
         tokens = [r for r in self.ledger.records if r.cluster == markers.cluster]
         result.input_tokens = sum(r.input_tokens for r in tokens)
         result.output_tokens = sum(r.output_tokens for r in tokens)
@@ -218,7 +248,8 @@ class LLMAnnotator:
                 continue
             try:
                 reply = self.client.chat(messages, cluster=cluster, agent="formatter",
-                                         response_format=response_format)
+                                         response_format=response_format,
+                                         accept=lambda text: parse_answer(text) is not None)
             except RequestRejected:
                 if response_format is None:
                     raise
@@ -254,7 +285,7 @@ class LLMAnnotator:
         if best is not None:
             return self._result(markers, best, transcript, self.max_rounds, validated=False)
         unknown = ClusterAnnotation.unknown(markers.cluster, f"{last_problem} after {self.max_rounds} rounds",
-                                           markers.genes)
+                                           markers.genes, "invalid_answer")
         unknown.transcript, unknown.iterations = transcript, self.max_rounds
         return unknown
 
@@ -264,7 +295,8 @@ class LLMAnnotator:
 
         Adds the feedback for the next round to ``conversation`` when the answer is missing or not validated.
         """
-        analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator").content
+        analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator",
+                                    accept=lambda text: parse_answer(text) is not None).content
         transcript.append({"agent": f"annotator (round {round_number})", "content": analysis})
         conversation.append({"role": "assistant", "content": analysis})
         answer = self._format(prompt, analysis, markers.cluster, transcript)
@@ -280,14 +312,15 @@ class LLMAnnotator:
                 [{"role": "system", "content": VALIDATOR_SYSTEM},
                  {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
                                              f"Structured answer:\n{json.dumps(answer)}"}],
-                cluster=markers.cluster, agent="validator").content
+                cluster=markers.cluster, agent="validator",
+                accept=lambda text: validator_verdict(text) is not None).content
         except LLMError as exc:
             # The answer stands, unconfirmed; a later round (if any) may still confirm it.
             review = f"validator unavailable ({exc})"
         transcript.append({"agent": f"validator (round {round_number})", "content": review})
         if problems:
             transcript.append({"agent": "marker check", "content": " ".join(problems)})
-        passed = "VALIDATION PASSED" in review.upper() and not problems
+        passed = validator_verdict(review) is True and not problems
         if not passed:
             conversation.append({"role": "user", "content": "Validator feedback: " + " ".join(problems + [review])
                                  + "\nRevise your analysis and end with 'FINAL ANNOTATION: <main cell type>'."})
@@ -296,7 +329,7 @@ class LLMAnnotator:
     def _result(self, markers, answer, transcript, rounds, *, validated: bool) -> ClusterAnnotation:
         if UNKNOWN_ANSWER.match(answer["main_cell_type"]):
             unknown = ClusterAnnotation.unknown(markers.cluster, "the model could not identify the cell type",
-                                               markers.genes)
+                                               markers.genes, "model_unknown")
             unknown.reasoning, unknown.transcript, unknown.iterations = answer["reasoning"], transcript, rounds
             return unknown
         reasoning = answer["reasoning"]

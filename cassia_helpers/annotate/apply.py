@@ -9,7 +9,7 @@ import anndata as ad
 import pandas as pd
 
 from ..record import cluster_key, provenance, timed
-from . import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers
+from . import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers, annotation_failure
 
 
 @timed("annotation", phase="annotation")
@@ -30,7 +30,9 @@ def annotate_clusters(
     ``obs[f"{key_added}_sub"]`` (best sub type or empty), ``obs[f"{key_added}_mixed"]`` (possible
     mixed types, ``"; "``-joined), ``obs[f"{key_added}_confidence"]`` (0–100), and
     ``uns['cassia_batch']['annotation']`` with the per-cluster table (``clusters``), the full results
-    as JSON (``results_json``) and the annotator's provenance (``provenance``).
+    as JSON (``results_json``), the annotator's provenance (``provenance``) and ``failure``: a one-line
+    reason when most clusters got no answer because of the model service (empty otherwise), which makes
+    the dataset ``failed``.
     """
     start = time.perf_counter()
     results = annotator.annotate(clusters, tissue=tissue, species=species, context=context)
@@ -38,13 +40,13 @@ def annotate_clusters(
     for markers in clusters:
         if markers.cluster not in by_cluster:
             by_cluster[markers.cluster] = ClusterAnnotation.unknown(
-                markers.cluster, "annotator returned no answer", markers.genes
+                markers.cluster, "annotator returned no answer", markers.genes, kind="error"
             )
     groupby = groupby or cluster_key(adata)
     labels = adata.obs[groupby].astype(str)
     # A cluster with no markers at all (never sent) is still labelled.
     for cluster in labels.unique():
-        by_cluster.setdefault(cluster, ClusterAnnotation.unknown(cluster, "no marker genes"))
+        by_cluster.setdefault(cluster, ClusterAnnotation.unknown(cluster, "no marker genes", kind="no_markers"))
 
     def column(getter):
         return labels.map({c: getter(r) for c, r in by_cluster.items()})
@@ -68,6 +70,7 @@ def annotate_clusters(
             "key_markers": ", ".join(r.key_markers),
             "status": r.status,
             "reason": r.reason,
+            "reason_kind": r.reason_kind,
             "iterations": int(r.iterations),
             "n_cells": int((labels == r.cluster).sum()),
         }
@@ -84,5 +87,6 @@ def annotate_clusters(
         "results_json": json.dumps([r.to_dict() for r in ordered], ensure_ascii=False),
         "provenance": {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in description.items()},
         "seconds": round(time.perf_counter() - start, 3),
+        "failure": annotation_failure(ordered) or "",
     }
     return ordered

@@ -38,7 +38,9 @@ def make_annotator(settings: Settings, *, dataset: str = "", tissue: str = "", r
         max_attempts=settings.llm_max_attempts, use_cache=settings.use_cache, cache_dir=settings.cache_dir,
         max_cost=settings.max_cost, price_file=settings.price_file, input_price=settings.input_price,
         output_price=settings.output_price, ledger_path=ledger_path, dataset=dataset, tissue=tissue,
-        run_dir=str(run_dir), seed=settings.seed,
+        run_dir=str(run_dir), seed=settings.seed, deadline=settings.llm_deadline,
+        max_tokens=settings.llm_max_tokens, breaker_failures=settings.llm_breaker_failures,
+        breaker_cooldown=settings.llm_breaker_cooldown,
     )
 
 
@@ -59,11 +61,9 @@ def check_llm_setup(settings: Settings) -> None:
     if not llm_configured(settings.base_url):
         raise UsageError("--annotator llm needs OPENAI_API_KEY in the environment, or --base-url for a local "
                          "server that needs no key")
-    if settings.max_cost:
-        from ..ledger import PriceTable
+    from ..ledger import check_budget_prices
 
-        prices = PriceTable.load(settings.price_file or None, model=settings.model,
-                                 input_price=settings.input_price, output_price=settings.output_price)
-        if not prices.lookup(settings.model).known:
-            raise UsageError(f"--max-cost needs a price for {settings.model}, and none is built in: give "
-                             "--input-price and --output-price, or --price-file")
+    problem = check_budget_prices(settings.model, settings.max_cost, settings.price_file or None,
+                                  settings.input_price, settings.output_price)
+    if problem:
+        raise UsageError(problem)

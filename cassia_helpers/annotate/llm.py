@@ -1,19 +1,22 @@
-"""OpenAI-compatible chat calls: our own retries, an on-disk response cache, and one ledger record per
-request sent.
+"""OpenAI-compatible chat calls: our own retries within a deadline, a circuit breaker, an on-disk cache
+of checked answers, and a write-ahead ledger record per request sent.
 
 The ``openai`` client's hidden retries are off (``max_retries=0``) so that every attempt is seen and
 recorded; tenacity retries 429, 5xx, timeouts, connection errors and unreadable bodies with jittered
-exponential back-off, honouring ``Retry-After``. The API key is read from ``OPENAI_API_KEY`` by this
-process and is never stored, logged or put in a cache key.
+exponential back-off, honouring ``Retry-After``, as long as the logical call's ``deadline`` allows.
+The reply body is read in chunks against a wall-clock deadline, so a server that trickles bytes
+cannot hold a request open past it. The API key is read from ``OPENAI_API_KEY`` by this process and
+is scrubbed from every reply and error before anything is stored.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,34 +25,79 @@ from urllib.parse import urlsplit
 import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from ..files import write_json
-from ..ledger import CACHE_HIT, ERROR, OK, SKIPPED_BUDGET, CallRecord, Ledger, PriceTable
-from .throttle import RunBudget, RunThrottle
+from ..ledger import (
+    BREAKER_OPEN,
+    CACHE_HIT,
+    ERROR,
+    INTERRUPTED,
+    OK,
+    SKIPPED_BUDGET,
+    CallRecord,
+    Ledger,
+    PriceTable,
+    estimate_tokens,
+)
+from .cache import CAPABILITIES_FILE, ResponseCache, default_cache_dir
+from .throttle import CircuitBreaker, RunBudget, RunThrottle
+from .untrusted import scrub_secrets, untrusted_reply
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-CAPABILITIES_FILE = "capabilities.json"
+DEFAULT_MAX_TOKENS = 4096  # room for a reasoning model's thinking; an annotation needs a few hundred
+DEFAULT_DEADLINE_S = 300.0
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read to the end
+MIN_ATTEMPT_S = 1.0  # no new attempt with less time than this left before the deadline
+
+__all__ = ["CAPABILITIES_FILE", "DEFAULT_BASE_URL", "DEFAULT_DEADLINE_S", "DEFAULT_MAX_TOKENS", "BudgetExceeded",
+           "ChatAnswer", "FatalLLMError", "LLMClient", "LLMError", "RequestRejected", "ServiceUnavailable",
+           "default_cache_dir", "endpoint_label"]
 
 
 class LLMError(RuntimeError):
-    """No usable answer for one logical call; the message is safe to show (no credentials)."""
+    """No usable answer for one logical call; the message is safe to show (no credentials).
+
+    ``kind`` says why, machine-readably: ``timeout``, ``unreachable``, ``budget``, ``auth``, ``no_key``,
+    ``model_not_found``, ``rejected``, ``invalid_answer`` or ``error``.
+    """
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class BudgetExceeded(LLMError):
-    """The run's ``--max-cost`` budget is reached: nothing more is sent."""
+    """The run's ``--max-cost`` budget is reached (or cannot be enforced): nothing more is sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "budget")
 
 
 class RequestRejected(LLMError):
     """The endpoint rejected this request as invalid (400/422), e.g. an unsupported response_format."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "rejected")
 
 
 class FatalLLMError(LLMError):
     """The endpoint refuses us outright (bad key, unknown model): no point trying other clusters."""
 
 
+class ServiceUnavailable(LLMError):
+    """The circuit breaker is open: the server kept failing, nothing is sent during the cool-down."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unreachable")
+
+
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, kind: str = "error") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.kind = kind
+
+
+class _DeadlineExceeded(Exception):
+    pass
 
 
 @dataclass
@@ -59,6 +107,7 @@ class ChatAnswer:
     output_tokens: int
     from_cache: bool
     system_fingerprint: str = ""
+    estimated: bool = False
 
 
 def endpoint_label(base_url: str) -> str:
@@ -68,11 +117,6 @@ def endpoint_label(base_url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return f"{parts.scheme}://{host}{parts.path.rstrip('/')}"
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "cassia-batch" / "llm"
 
 
 def _retry_after(exc: BaseException) -> float | None:
@@ -90,30 +134,37 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 def _refused_option(exc: openai.APIStatusError, options: dict) -> str:
-    """The optional request field (``seed``, ``temperature``) a 400 complains about, if any."""
+    """The optional request field (``seed``, ``temperature``, ``max_tokens``...) a 400 complains about."""
     if exc.status_code != 400:
         return ""
     text = str(exc).lower()
-    for option in ("seed", "temperature"):
+    for option in ("max_completion_tokens", "max_tokens", "seed", "temperature"):
         if option in options and option in text:
             return option
     return ""
 
 
-def _reasoning_text(message) -> str:
-    """Some servers (reasoning models) put the whole answer in ``reasoning_content``."""
-    extra = getattr(message, "model_extra", None) or {}
-    return str(extra.get("reasoning_content") or extra.get("reasoning") or "")
-
-
 def _safe_message(exc: BaseException) -> str:
     """A one-line error without anything that could carry a credential."""
     status = getattr(exc, "status_code", None)
-    text = " ".join(str(getattr(exc, "message", "") or exc).split())[:240]
-    key = os.environ.get("OPENAI_API_KEY")
-    if key:
-        text = text.replace(key, "***")
+    text = scrub_secrets(" ".join(str(getattr(exc, "message", "") or exc).split()))[:240]
     return f"{type(exc).__name__}{f' {status}' if status else ''}: {text}"
+
+
+def _messages_text(messages: list[dict]) -> str:
+    return "\n".join(str(m.get("content") or "") for m in messages)
+
+
+def _reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
+    """(content, usage, id, system_fingerprint) of a chat completion body; raises on a malformed one."""
+    message = data["choices"][0]["message"]
+    # Some servers (reasoning models) put the whole answer in ``reasoning_content``.
+    content = message.get("content") or message.get("reasoning_content") or message.get("reasoning") or ""
+    if not isinstance(content, str):
+        raise TypeError("message content is not text")
+    usage = data.get("usage")
+    return content, usage if isinstance(usage, dict) else None, str(data.get("id") or ""), \
+        str(data.get("system_fingerprint") or "")
 
 
 class LLMClient:
@@ -124,29 +175,39 @@ class LLMClient:
     model, base_url
         Model name and OpenAI-compatible endpoint (``OPENAI_BASE_URL`` or OpenAI when empty).
     ledger
-        Where every request (and cache hit) is recorded.
-    throttle, budget
-        Run-wide concurrency/back-off and the ``--max-cost`` budget.
+        Where every request (and cache hit) is recorded, before it is sent and when it completes.
+    throttle, budget, breaker
+        Run-wide concurrency/back-off, the ``--max-cost`` budget and the circuit breaker.
+    timeout
+        Seconds to connect, and seconds of silence while waiting for the reply.
+    deadline
+        Wall-clock seconds for one logical call, all attempts and back-off waits included.
+    max_tokens
+        The reply length asked for (``max_tokens``, or ``max_completion_tokens`` where that is refused).
     """
 
     def __init__(self, *, model: str, base_url: str = "", ledger: Ledger, prices: PriceTable,
-                 throttle: RunThrottle, budget: RunBudget, dataset: str = "", tissue: str = "",
-                 timeout: float = 120.0, max_attempts: int = 4, cache_dir: str | Path | None = None,
-                 use_cache: bool = True, seed: int = 0, max_wait_s: float = 30.0) -> None:
+                 throttle: RunThrottle, budget: RunBudget, breaker: CircuitBreaker | None = None,
+                 dataset: str = "", tissue: str = "", timeout: float = 120.0, max_attempts: int = 4,
+                 cache_dir: str | Path | None = None, use_cache: bool = True, seed: int = 0,
+                 max_wait_s: float = 30.0, deadline: float = DEFAULT_DEADLINE_S,
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.model = model
-        self.base_url = os.environ.get("OPENAI_BASE_URL") or base_url or DEFAULT_BASE_URL
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         self.endpoint = endpoint_label(self.base_url)
         self.ledger, self.prices, self.throttle, self.budget = ledger, prices, throttle, budget
+        self.breaker = breaker or CircuitBreaker(0)
         self.dataset, self.tissue = dataset, tissue
         self.max_attempts = max(1, int(max_attempts))
         self.max_wait_s = max_wait_s
+        self.timeout = float(timeout)
+        self.deadline = float(deadline)
+        self.max_tokens = int(max_tokens)
         self.seed = seed
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.use_cache = use_cache
+        self.cache = ResponseCache(cache_dir, endpoint=self.endpoint, model=model, enabled=use_cache)
         self.fingerprints: set[str] = set()
-        self._fatal: str = ""
+        self._fatal: LLMError | None = None
         self._lock = threading.Lock()
-        self._capabilities = self._load_capabilities()
         self._client = openai.OpenAI(
             api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
             base_url=self.base_url,
@@ -154,115 +215,101 @@ class LLMClient:
             max_retries=0,
         )
 
-    # capabilities: what this endpoint+model refused before (seed, json_schema, json_object)
-    def _capability_key(self) -> str:
-        return f"{self.endpoint}|{self.model}"
-
-    def _load_capabilities(self) -> dict:
-        try:
-            data = json.loads((self.cache_dir / CAPABILITIES_FILE).read_text(encoding="utf-8"))
-            return dict(data.get(self._capability_key(), {}))
-        except (OSError, ValueError):
-            return {}
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache.directory
 
     def supports(self, feature: str) -> bool:
-        with self._lock:
-            return self._capabilities.get(feature, True)
+        return self.cache.supports(feature)
 
     def mark_unsupported(self, feature: str) -> None:
-        with self._lock:
-            self._capabilities[feature] = False
-            if not self.use_cache:
-                return
-            path = self.cache_dir / CAPABILITIES_FILE
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = {}
-            data[self._capability_key()] = dict(self._capabilities)
-            write_json(path, data)
-
-    # cache
-    def _cache_key(self, messages: list[dict], response_format: dict | None) -> str:
-        material = json.dumps({"endpoint": self.endpoint, "model": self.model, "messages": messages,
-                               "temperature": 0, "response_format": response_format}, sort_keys=True)
-        return hashlib.sha256(material.encode("utf-8")).hexdigest()
-
-    def _cache_path(self, key: str) -> Path:
-        return self.cache_dir / key[:2] / f"{key}.json"
-
-    def _cache_get(self, key: str) -> dict | None:
-        if not self.use_cache:
-            return None
-        try:
-            return json.loads(self._cache_path(key).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-
-    def _cache_put(self, key: str, answer: ChatAnswer) -> None:
-        if self.use_cache:
-            write_json(self._cache_path(key), {"model": self.model, "endpoint": self.endpoint,
-                                               "content": answer.content,
-                                               "usage": [answer.input_tokens, answer.output_tokens],
-                                               "system_fingerprint": answer.system_fingerprint})
+        self.cache.mark_unsupported(feature)
 
     def _record(self, *, cluster: str, agent: str, status: str, input_tokens: int = 0, output_tokens: int = 0,
-                latency: float = 0.0, error: str = "", attempt: int = 1, request_id: str = "") -> None:
+                latency: float = 0.0, error: str = "", attempt: int = 1, request_id: str = "",
+                call_id: str = "", estimated: bool = False, pending: bool = False) -> None:
         price = self.prices.lookup(self.model)
-        cost = price.cost(input_tokens, output_tokens) if status in (OK, ERROR) else 0.0
-        self.ledger.add(CallRecord(
+        cost = price.cost(input_tokens, output_tokens) if status in (OK, ERROR, INTERRUPTED) or pending else 0.0
+        record = CallRecord(
             timestamp=datetime.now(UTC).isoformat(timespec="milliseconds"),
             dataset=self.dataset, tissue=self.tissue, cluster=cluster, agent=agent, model=self.model,
             input_tokens=input_tokens, output_tokens=output_tokens, cost=round(cost, 8),
-            latency_s=round(latency, 3), status=status, error=error, attempt=attempt,
-            price_known=price.known, endpoint_host=self.endpoint, request_id=request_id,
-        ))
+            latency_s=round(latency, 3), status=status, error=scrub_secrets(error), attempt=attempt,
+            price_known=price.known, endpoint_host=self.endpoint, request_id=request_id, call_id=call_id,
+            estimated=estimated,
+        )
+        self.ledger.begin(record) if pending else self.ledger.add(record)
 
-    def chat(self, messages: list[dict], *, cluster: str, agent: str,
-             response_format: dict | None = None) -> ChatAnswer:
-        """One logical call: served from the cache, or sent (with retries) and recorded.
+    def chat(self, messages: list[dict], *, cluster: str, agent: str, response_format: dict | None = None,
+             accept: Callable[[str], bool] | None = None) -> ChatAnswer:
+        """One logical call: served from the cache, or sent (with retries within ``deadline``) and recorded.
+
+        Only a non-empty answer that ``accept`` (when given) approves is cached, and only such an answer
+        is served from the cache: a bad reply is asked again on the next run.
 
         Raises
         ------
-        BudgetExceeded, FatalLLMError, LLMError
+        BudgetExceeded, FatalLLMError, ServiceUnavailable, LLMError
         """
-        key = self._cache_key(messages, response_format)
-        cached = self._cache_get(key)
-        if cached is not None:
+
+        def good(text: str) -> bool:
+            return bool(text.strip()) and (accept is None or bool(accept(text)))
+
+        key = self.cache.key(messages, response_format)
+        cached = self.cache.get(key)
+        if cached is not None and good(cached["content"]):
             self._record(cluster=cluster, agent=agent, status=CACHE_HIT)
             return ChatAnswer(cached["content"], 0, 0, True, cached.get("system_fingerprint", ""))
-        if self._fatal:
-            raise FatalLLMError(self._fatal)
+        if self._fatal is not None:
+            raise FatalLLMError(str(self._fatal), self._fatal.kind)
+        price = self.prices.lookup(self.model)
+        if self.budget.enabled and not price.known:
+            message = (f"--max-cost is set but model {self.model!r} has no known price, so the budget "
+                       "cannot be enforced: nothing is sent")
+            self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET, error=message)
+            raise BudgetExceeded(message)
 
+        give_up_at = time.monotonic() + self.deadline
         attempt = 0
 
         def send() -> ChatAnswer:
             nonlocal attempt
             attempt += 1
+            refused = self.breaker.check()
+            if refused:
+                raise ServiceUnavailable(refused)
             if self.budget.exhausted():
                 self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET,
                              error=f"budget of ${self.budget.max_cost:.2f} reached")
                 raise BudgetExceeded(f"budget of ${self.budget.max_cost:.2f} reached")
-            return self._send_once(messages, cluster=cluster, agent=agent,
-                                   response_format=response_format, attempt=attempt)
+            left = give_up_at - time.monotonic()
+            if left < MIN_ATTEMPT_S:
+                raise LLMError(f"no answer within the {self.deadline:g} s deadline "
+                               f"after {attempt - 1} attempts", "timeout")
+            return self._send_once(messages, cluster=cluster, agent=agent, response_format=response_format,
+                                   attempt=attempt, limit=left)
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             hinted = getattr(exc, "retry_after", None)
             if hinted is not None:
-                return min(hinted, self.max_wait_s)
-            return wait_random_exponential(multiplier=0.5, max=min(20.0, self.max_wait_s))(state)
+                delay = min(hinted, self.max_wait_s)
+            else:
+                delay = wait_random_exponential(multiplier=0.5, max=min(20.0, self.max_wait_s))(state)
+            return max(0.0, min(delay, give_up_at - time.monotonic() - MIN_ATTEMPT_S))
 
         retrying = Retrying(stop=stop_after_attempt(self.max_attempts), wait=wait, reraise=True,
                             retry=retry_if_exception(lambda e: isinstance(e, _Retryable)))
         try:
             answer = retrying(send)
         except _Retryable as exc:
-            raise LLMError(f"no answer after {attempt} attempts ({exc})") from None
-        self._cache_put(key, answer)
+            raise LLMError(f"no answer after {attempt} attempts ({exc})", exc.kind) from None
+        if good(answer.content):
+            self.cache.put(key, content=answer.content, usage=(answer.input_tokens, answer.output_tokens),
+                           system_fingerprint=answer.system_fingerprint)
         return answer
 
-    def _send_once(self, messages, *, cluster, agent, response_format, attempt) -> ChatAnswer:
+    def _options(self, messages: list[dict], response_format: dict | None) -> dict:
         options = {"model": self.model, "messages": messages}
         if self.supports("temperature"):
             options["temperature"] = 0
@@ -270,56 +317,112 @@ class LLMClient:
             options["response_format"] = response_format
         if self.supports("seed"):
             options["seed"] = self.seed
+        if self.max_tokens > 0:
+            if self.supports("max_tokens"):
+                options["max_tokens"] = self.max_tokens
+            elif self.supports("max_completion_tokens"):
+                options["max_completion_tokens"] = self.max_tokens
+        return options
+
+    def _post(self, options: dict, limit: float) -> tuple[dict, int]:
+        """Send one request and read its body, all within ``limit`` wall-clock seconds."""
+        until = time.monotonic() + limit
+        timeout = openai.Timeout(min(self.timeout, limit), connect=min(self.timeout, limit, 30.0))
+        chunks, size = [], 0
+        with self._client.chat.completions.with_streaming_response.create(**options, timeout=timeout) as raw:
+            for chunk in raw.iter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > until:
+                    raise _DeadlineExceeded(f"reply not complete within {limit:.0f} s ({size} bytes read)")
+                if size > MAX_BODY_BYTES:
+                    raise ValueError(f"reply body larger than {MAX_BODY_BYTES} bytes")
+        return json.loads(b"".join(chunks)), size
+
+    def _fail_to_reach(self, message: str, kind: str, cluster: str, agent: str) -> _Retryable:
+        """A timeout or connection failure: count it for the circuit breaker, announce an opening once."""
+        if self.breaker.failure(message):
+            self._record(cluster=cluster, agent=agent, status=BREAKER_OPEN,
+                         error=f"circuit breaker opened after repeated failures ({message}); further "
+                               f"requests fail fast for {self.breaker.cooldown_s:g} s")
+        return _Retryable(message, kind=kind)
+
+    def _send_once(self, messages, *, cluster, agent, response_format, attempt, limit) -> ChatAnswer:
+        options = self._options(messages, response_format)
+        estimated_input = estimate_tokens(_messages_text(messages))
+        call_id = uuid.uuid4().hex
         with self.throttle.slot():
+            self._record(cluster=cluster, agent=agent, status=OK, input_tokens=estimated_input, attempt=attempt,
+                         call_id=call_id, estimated=True, pending=True)
             start = time.perf_counter()
+
+            def done(status: str, error: str = "", **fields) -> None:
+                self._record(cluster=cluster, agent=agent, status=status, error=error, attempt=attempt,
+                             latency=time.perf_counter() - start, call_id=call_id, **fields)
+
             try:
-                raw = self._client.chat.completions.with_raw_response.create(**options)
-                completion = raw.parse()
-                choice = completion.choices[0]
-                content = choice.message.content or _reasoning_text(choice.message)
+                data, size = self._post(options, limit)
+                content, usage, request_id, fingerprint = _reply_fields(data)
             except openai.APIStatusError as exc:
-                latency = time.perf_counter() - start
+                self.breaker.success()  # the server answered
                 message = _safe_message(exc)
-                self._record(cluster=cluster, agent=agent, status=ERROR, latency=latency, error=message,
-                             attempt=attempt)
-                retry_after = _retry_after(exc)
-                if exc.status_code == 429 or exc.status_code >= 500 or exc.status_code == 408:
-                    if exc.status_code == 429:
-                        self.throttle.back_off(retry_after if retry_after is not None else 1.0)
-                    raise _Retryable(message, retry_after) from None
-                refused = _refused_option(exc, options)
-                if refused:
-                    # e.g. reasoning models accept only the default temperature; some servers reject seed
-                    self.mark_unsupported(refused)
-                    raise _Retryable(message, 0.0) from None
-                if exc.status_code in (401, 403, 404):
-                    with self._lock:
-                        self._fatal = message
-                    raise FatalLLMError(message) from None
-                if exc.status_code in (400, 422):
-                    raise RequestRejected(message) from None
-                raise LLMError(message) from None
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                done(ERROR, message)
+                raise self._status_error(exc, message, options) from None
+            except (openai.APITimeoutError, _DeadlineExceeded) as exc:
+                # The server has the request and may bill it: its input is counted, as an estimate.
                 message = _safe_message(exc)
-                self._record(cluster=cluster, agent=agent, status=ERROR,
-                             latency=time.perf_counter() - start, error=message, attempt=attempt)
-                raise _Retryable(message) from None
-            except (ValueError, AttributeError, IndexError, TypeError) as exc:
+                done(ERROR, message, input_tokens=estimated_input, estimated=True)
+                raise self._fail_to_reach(message, "timeout", cluster, agent) from None
+            except openai.APIConnectionError as exc:
+                message = _safe_message(exc)
+                done(ERROR, message)
+                raise self._fail_to_reach(message, "unreachable", cluster, agent) from None
+            except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
                 # An unreadable body: the request was sent and may have been billed, but nothing is known.
-                message = f"unreadable response ({type(exc).__name__})"
-                self._record(cluster=cluster, agent=agent, status=ERROR,
-                             latency=time.perf_counter() - start, error=message, attempt=attempt)
-                raise _Retryable(message) from None
-        latency = time.perf_counter() - start
-        usage = completion.usage
-        input_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-        output_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        fingerprint = getattr(completion, "system_fingerprint", "") or ""
+                message = scrub_secrets(f"unreadable response ({type(exc).__name__}: {exc})"[:240])
+                done(ERROR, message, input_tokens=estimated_input, estimated=True)
+                raise _Retryable(message, kind="invalid_answer") from None
+            except BaseException:
+                done(INTERRUPTED, "interrupted while waiting for the reply", input_tokens=estimated_input,
+                     estimated=True)
+                raise
+        self.breaker.success()
+        estimated = usage is None
+        if estimated:
+            input_tokens, output_tokens = estimated_input, estimate_tokens(content)
+        else:
+            input_tokens = int(usage.get("prompt_tokens") or 0)
+            output_tokens = int(usage.get("completion_tokens") or 0)
         if fingerprint:
             with self._lock:
                 self.fingerprints.add(fingerprint)
-        self._record(cluster=cluster, agent=agent, status=OK, input_tokens=input_tokens,
-                     output_tokens=output_tokens, latency=latency, attempt=attempt,
-                     request_id=str(getattr(completion, "id", "") or ""),
-                     error="" if usage is not None else "no usage reported")
-        return ChatAnswer(content, input_tokens, output_tokens, False, fingerprint)
+        stored = untrusted_reply(content)
+        notes = [n for n in ("no usage reported: tokens estimated from characters" if estimated else "",
+                             f"reply of {len(content)} characters cut to {len(stored)}" if len(stored) < len(content)
+                             else "") if n]
+        done(OK, "; ".join(notes), input_tokens=input_tokens, output_tokens=output_tokens,
+             request_id=scrub_secrets(request_id)[:200], estimated=estimated)
+        return ChatAnswer(stored, input_tokens, output_tokens, False, scrub_secrets(fingerprint)[:200], estimated)
+
+    def _status_error(self, exc: openai.APIStatusError, message: str, options: dict) -> Exception:
+        retry_after = _retry_after(exc)
+        status = exc.status_code
+        if status in (408, 429) or status >= 500:
+            if status == 429:
+                self.throttle.back_off(retry_after if retry_after is not None else 1.0)
+            return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "error")
+        refused = _refused_option(exc, options)
+        if refused:
+            # e.g. reasoning models accept only the default temperature and max_completion_tokens
+            self.mark_unsupported(refused)
+            return _Retryable(message, 0.0)
+        if status in (401, 403, 404):
+            kind = "model_not_found" if status == 404 else (
+                "auth" if os.environ.get("OPENAI_API_KEY") else "no_key")
+            fatal = FatalLLMError(message, kind)
+            with self._lock:
+                self._fatal = fatal
+            return fatal
+        if status in (400, 422):
+            return RequestRejected(message)
+        return LLMError(message)
