@@ -178,24 +178,26 @@ def _pending(run_dir: Path, datasets: list[Dataset], result: BatchResult) -> lis
     return todo
 
 
-def run_batch(settings: Settings, *, launcher: Launcher | None = None) -> BatchResult:
+def run_batch(settings: Settings, *, launcher: Launcher | None = None,
+              aggregate: Callable[[Path, str], None] | None = None) -> BatchResult:
     """Run every selected dataset, then the aggregation. The API behind ``run_batch.py``.
 
     ``launcher(job, should_stop)`` runs one dataset and returns its status record (default:
-    :func:`cassia_helpers.worker.run_dataset`).
+    :func:`cassia_helpers.worker.run_dataset`); ``aggregate(run_dir, kernel_name)`` writes the run-level
+    summaries (default: the aggregation notebook, or the summaries directly when it fails).
     """
     if launcher is None:
         from .worker import run_dataset as launcher
     run_dir, datasets, manifest, settings = prepare_run(settings)
     lock = _lock(run_dir)
     try:
-        return _run_locked(settings, run_dir, datasets, manifest, launcher)
+        return _run_locked(settings, run_dir, datasets, manifest, launcher, aggregate or _aggregate)
     finally:
         lock.close()
 
 
 def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
-                launcher: Launcher) -> BatchResult:
+                launcher: Launcher, aggregate: Callable[[Path, str], None]) -> BatchResult:
     from .progress import Progress
 
     result = BatchResult(run_dir=run_dir)
@@ -228,7 +230,7 @@ def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], mani
     if interrupts.count >= 2:
         log.warning("Stopped at once. Resume with: python run_batch.py --resume %s", run_dir)
         return result
-    _aggregate(run_dir, settings.kernel_name)
+    aggregate(run_dir, settings.kernel_name)
     progress.table(result)
     if result.interrupted:
         log.warning("Resume with: python run_batch.py --resume %s", run_dir)

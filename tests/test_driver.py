@@ -1,0 +1,205 @@
+"""The driver's scheduling, statuses, resume, interrupts and lock, with a fast fake launcher in place of
+the real notebook runs (the real ones are covered end to end in test_end_to_end and test_reliability)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cassia_helpers.aggregate import write_run_summaries
+from cassia_helpers.contract import FAILED, SUCCESS, DatasetPaths, read_status, write_status
+from cassia_helpers.driver import run_batch
+from cassia_helpers.settings import Settings, UsageError
+from tests.synthetic import make_counts, write
+
+
+def summaries_only(run_dir: Path, kernel_name: str) -> None:
+    write_run_summaries(run_dir)
+
+
+class FakeLauncher:
+    """Records each job and writes the status a real worker would, after ``delay`` seconds."""
+
+    def __init__(self, *, delay: float = 0.0, fail: tuple[str, ...] = (), on_start=None) -> None:
+        self.jobs: list[dict] = []
+        self.delay, self.fail, self.on_start = delay, fail, on_start
+        self.running = self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, job: dict, should_stop) -> dict:
+        parameters = job["parameters"]
+        with self._lock:
+            self.jobs.append(job)
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        if self.on_start:
+            self.on_start(parameters["dataset"])
+        paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
+        try:
+            deadline = time.monotonic() + self.delay
+            while time.monotonic() < deadline:
+                if should_stop():
+                    return write_status(paths, "interrupted", error="interrupted by the user")
+                time.sleep(0.01)
+            if parameters["dataset"] in self.fail:
+                return write_status(paths, FAILED, error=f"{parameters['input_path']}: broken", error_type="X")
+            return write_status(paths, SUCCESS, duration=self.delay)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    for i, name in enumerate(("A", "B {x} \u00fc", "C")):
+        write(make_counts(60, seed=i, n_background=30), tmp_path / "data" / "blood" / f"{name}.h5ad")
+    (tmp_path / "data" / "blood" / "not_h5ad.h5ad").write_text("a text file, not HDF5")
+    (tmp_path / "data" / "blood" / "packed.h5ad.gz").write_bytes(b"\x1f\x8b")
+    return tmp_path / "data"
+
+
+def settings_for(tmp_path: Path, **values) -> Settings:
+    return Settings(data_dir=tmp_path / "data", tissues=["blood"], output_dir=tmp_path / "out",
+                    annotator="reference", **values)
+
+
+def test_statuses_exit_code_and_summaries(data, tmp_path, caplog):
+    launcher = FakeLauncher(fail=("C",))
+    caplog.set_level("INFO", logger="cassia_helpers")
+    result = run_batch(settings_for(tmp_path, workers=2), launcher=launcher, aggregate=summaries_only)
+    assert result.exit_code == 1
+    assert result.statuses == {("blood", "A"): SUCCESS, ("blood", "B {x} \u00fc"): SUCCESS, ("blood", "C"): FAILED,
+                               ("blood", "not_h5ad"): FAILED}
+    # the text file is rejected from its header: no worker is ever started for it
+    assert sorted(j["parameters"]["dataset"] for j in launcher.jobs) == ["A", "B {x} \u00fc", "C"]
+    rejected = read_status(DatasetPaths(result.run_dir, "blood", "not_h5ad"))
+    assert rejected["error_type"] == "InputError" and "not an HDF5/h5ad file" in rejected["error"]
+    assert rejected["input_file"]["size"] > 0
+    summary = pd.read_csv(result.run_dir / "batch_summary.csv").set_index("dataset")
+    assert summary.loc["C", "status"] == "failed" and summary.loc["C", "error"].endswith("C.h5ad: broken")
+    assert "packed.h5ad.gz: skipped: compressed h5ad" in caplog.text
+    manifest = json.loads((result.run_dir / "run_manifest.json").read_text())
+    assert any("packed.h5ad.gz" in line for line in manifest["skipped_inputs"])
+
+
+def test_only_changed_settings_reach_the_notebook_and_never_a_key(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-a-parameter")
+    launcher = FakeLauncher()
+    run_batch(settings_for(tmp_path, resolution=0.6, n_pcs=30), launcher=launcher, aggregate=summaries_only)
+    parameters = launcher.jobs[0]["parameters"]
+    assert set(parameters) == {"dataset", "tissue", "input_path", "run_dir", "annotator", "resolution", "n_pcs"}
+    assert parameters["resolution"] == 0.6 and "sk-never" not in json.dumps(launcher.jobs)
+
+
+def test_workers_bound_the_datasets_running_at_once(data, tmp_path):
+    launcher = FakeLauncher(delay=0.3)
+    run_batch(settings_for(tmp_path, workers=2), launcher=launcher, aggregate=summaries_only)
+    assert launcher.most_at_once == 2
+
+
+def test_resume_runs_only_what_is_not_done_and_keeps_the_analysis_settings(data, tmp_path):
+    first = run_batch(settings_for(tmp_path, resolution=0.7), launcher=FakeLauncher(fail=("C",)),
+                      aggregate=summaries_only)
+    notes = first.run_dir / "NOTES.txt"
+    notes.write_text("pilot\n")
+    again = FakeLauncher()
+    resumed = run_batch(Settings(resume=first.run_dir, workers=3), launcher=again, aggregate=summaries_only)
+    assert resumed.run_dir == first.run_dir and resumed.exit_code == 1  # the text file is still rejected
+    assert [j["parameters"]["dataset"] for j in again.jobs] == ["C"]
+    assert again.jobs[0]["parameters"]["resolution"] == 0.7 and again.jobs[0]["workers"] == 3
+    assert notes.read_text() == "pilot\n"
+    assert len(list((tmp_path / "out").iterdir())) == 1
+
+
+def test_interrupt_stops_running_datasets_and_marks_the_rest(data, tmp_path):
+    def press_ctrl_c(dataset: str) -> None:
+        if dataset == "A":
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+    launcher = FakeLauncher(delay=5, on_start=press_ctrl_c)
+    started = time.monotonic()
+    result = run_batch(settings_for(tmp_path), launcher=launcher, aggregate=summaries_only)
+    assert time.monotonic() - started < 4
+    assert result.interrupted and result.exit_code == 130
+    statuses = pd.read_csv(result.run_dir / "batch_summary.csv").set_index("dataset")["status"]
+    assert statuses["A"] == "interrupted" and set(statuses.drop("A")) == {"interrupted"}
+    assert len(launcher.jobs) == 1
+
+
+def test_sighup_is_an_interrupt_too(data, tmp_path):
+    def hang_up(dataset: str) -> None:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGHUP)).start()
+
+    result = run_batch(settings_for(tmp_path), launcher=FakeLauncher(delay=5, on_start=hang_up),
+                       aggregate=summaries_only)
+    assert result.exit_code == 130
+
+
+def test_a_second_driver_on_the_same_run_is_a_usage_error(data, tmp_path):
+    inner: list[BaseException] = []
+
+    def second_driver(dataset: str) -> None:
+        if dataset == "A":
+            try:
+                run_batch(Settings(resume=next((tmp_path / "out").iterdir())), launcher=FakeLauncher(),
+                          aggregate=summaries_only)
+            except UsageError as exc:
+                inner.append(exc)
+
+    run_batch(settings_for(tmp_path), launcher=FakeLauncher(on_start=second_driver), aggregate=summaries_only)
+    assert inner and "another driver is working on this run" in str(inner[0])
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_resume_of_a_folder_without_a_sound_manifest_is_a_usage_error(tmp_path, damage):
+    run = tmp_path / "run_x"
+    run.mkdir()
+    if damage == "corrupt":
+        (run / "run_manifest.json").write_text('{"datasets": [')
+    with pytest.raises(UsageError, match="not a run folder"):
+        run_batch(Settings(resume=run), launcher=FakeLauncher())
+
+
+def test_an_unusable_output_folder_is_a_usage_error(data, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="cannot create the run folder"):
+        run_batch(settings_for(tmp_path).replace(output_dir=tmp_path / "file" / "out"), launcher=FakeLauncher())
+
+
+def test_outputs_follow_the_umask(data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        result = run_batch(settings_for(tmp_path), launcher=FakeLauncher(), aggregate=summaries_only)
+    finally:
+        os.umask(old)
+    for name in ("batch_summary.csv", "batch_summary.txt", "token_tracking.json", "run_manifest.json",
+                 "blood/A/A_status.json"):
+        mode = stat.S_IMODE((result.run_dir / name).stat().st_mode)
+        assert mode == 0o644, (name, oct(mode))
+
+
+@pytest.mark.parametrize("flag, value", [("--resolution", "-1"), ("--n-pcs", "0"), ("--dataset-timeout", "-1"),
+                                         ("--max-cells-per-cluster", "-1"), ("--target-sum", "0"),
+                                         ("--n-markers", "-3"), ("--workers", "0")])
+def test_bad_settings_are_usage_errors(tmp_path, capsys, flag, value):
+    from cassia_helpers.cli import main
+
+    code = main(["--data-dir", str(tmp_path), "--tissues", "all", flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and flag in err and "Traceback" not in err
+
+
+def test_max_cost_without_a_price_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from cassia_helpers.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    code = main(["--data-dir", str(tmp_path), "--tissues", "all", "--model", "my-local-model", "--max-cost", "1"])
+    assert code == 2 and "cannot be enforced" in capsys.readouterr().err
