@@ -6,7 +6,7 @@ Part A — overhead on one tiny dataset (``--tiny-cells``, default 3,000 synthet
 
 * ``run_batch.py``: ``python run_batch.py --workers 1 --annotator reference`` (driver process, one worker
   process, papermill + a Jupyter kernel for the dataset, then the aggregation notebook in a second kernel);
-* ``execute_dataset``: ``cassia_helpers.runner.execute_dataset`` in a fresh process (papermill + kernel
+* ``execute_dataset``: ``cassia_helpers.worker.execute_dataset`` in a fresh process (papermill + kernel
   for the dataset only; no driver, no aggregation);
 * ``direct (cold)``: the template's code cells executed with ``exec`` in a fresh process — the same
   helper calls and outputs without papermill or a kernel (python start and imports included);
@@ -108,7 +108,7 @@ def statuses(run_root: Path) -> list[dict]:
 
 
 def template_code() -> list[str]:
-    from cassia_helpers.runner import template_path
+    from cassia_helpers.worker import template_path
 
     nb = json.loads(Path(template_path()).read_text())
     cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -119,11 +119,13 @@ def direct(params: dict) -> float:
     """Run the template's code cells in this process (no papermill, no kernel); seconds."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # this benchmark process only: no screen
     import matplotlib.pyplot as plt
 
+    from cassia_helpers.settings import declared
+
     start = time.perf_counter()
-    namespace = dict(params)
+    namespace = {**declared(), **params}  # the parameters cell's defaults, then what papermill would inject
     Path(params["run_dir"]).mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
     for code in template_code():
@@ -134,11 +136,10 @@ def direct(params: dict) -> float:
 
 
 def dataset_params(input_path: Path, run_dir: Path, name: str) -> dict:
-    from cassia_helpers.config import AnalysisParams, BatchConfig
+    from cassia_helpers.settings import Settings, notebook_parameters
 
-    config = BatchConfig(analysis=AnalysisParams(annotator="reference"))
-    return config.dataset_params(dataset=name, tissue="blood", input_path=input_path,
-                                 run_dir=run_dir).to_parameters()
+    return notebook_parameters(Settings(annotator="reference"), dataset=name, tissue="blood",
+                               input_path=input_path, run_dir=run_dir)
 
 
 def _child(mode: str, params_file: str) -> int:
@@ -148,7 +149,7 @@ def _child(mode: str, params_file: str) -> int:
         warm = direct(job["warm"])
         print(json.dumps({"cold_inner": cold, "warm": warm}))
         return 0
-    from cassia_helpers.runner import execute_dataset
+    from cassia_helpers.worker import execute_dataset
 
     start = time.perf_counter()
     record = execute_dataset(job["cold"])

@@ -4,7 +4,7 @@
 What runs (each pipeline in its own subprocess, one after the other, so that peak RSS is per pipeline
 and neither warms the other's caches):
 
-ours (``cassia_helpers``, the template's order, defaults of ``config.AnalysisParams``; annotation
+ours (``cassia_helpers``, the template's order, defaults of ``settings.SETTINGS``; annotation
 excluded): ``read_dataset`` → ``pp.qc`` (min_genes 200, min_cells 3, max_pct_mt 20; subset in place) →
 ``pp.normalize`` (1e4, log1p, in place) → ``pp.reduce_dimensions`` (2000 HVG seurat, PCA 50 comps from
 a blocked covariance, no scaling) → ``pp.neighbors`` (15) → ``pp.cluster`` (leiden igraph, res 1) →
@@ -110,9 +110,9 @@ def _cpu() -> float:
 
 def _ours(path: str, steps: _Steps):
     import cassia_helpers as ch
-    from cassia_helpers.config import AnalysisParams
+    from cassia_helpers.settings import Settings
 
-    p = AnalysisParams()
+    p = Settings()
     adata = steps.run("load", ch.read_dataset, path, species=p.species)
     steps.run("qc", ch.pp.qc, adata, min_genes=p.min_genes, min_cells=p.min_cells, max_pct_mt=p.max_pct_mt)
     steps.run("normalize", ch.pp.normalize, adata, target_sum=p.target_sum)
