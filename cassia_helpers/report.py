@@ -13,6 +13,8 @@ import base64
 import io
 import json
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def thumbnail_uri(path: Path, *, width: int, colors: int = 64) -> str:
             image = image.resize((width, max(1, round(image.height * width / image.width))), Image.LANCZOS)
         quantised = image.quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
         buffer = io.BytesIO()
-        quantised.save(buffer, format="PNG", optimize=True)
+        quantised.save(buffer, format="PNG", compress_level=7)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -128,7 +130,7 @@ def _format_value(value) -> str:
     return _one_line(value)
 
 
-def _dataset(run_dir: Path, row: dict, tracking: dict) -> dict:
+def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor) -> dict:
     tissue, name = row["tissue"], row["dataset"]
     folder = run_dir / tissue / name
     status = _read_json(folder / f"{name}_status.json")
@@ -138,7 +140,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict) -> dict:
     for key, suffix, caption, width in FIGURES:
         path = folder / f"{name}{suffix}"
         if path.is_file():
-            figures.append({"key": key, "caption": caption, "src": thumbnail_uri(path, width=width),
+            figures.append({"key": key, "caption": caption, "src": pool.submit(thumbnail_uri, path, width=width),
                             "file": f"{tissue}/{name}/{path.name}"})
     usage = tracking.get("by_dataset", {}).get(f"{tissue}/{name}", {})
     return {
@@ -201,7 +203,12 @@ def report_context(run_dir: str | Path) -> dict:
     summary = load_summary(run_dir)
     tracking = _read_json(run_dir / TOKEN_TRACKING_JSON)
     manifest = _read_json(run_dir / RUN_MANIFEST)
-    datasets = [_dataset(run_dir, row, tracking) for row in summary.to_dict("records")]
+    # thumbnails are made on a few threads (Pillow releases the GIL while decoding, resizing and encoding)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        datasets = [_dataset(run_dir, row, tracking, pool) for row in summary.to_dict("records")]
+        for dataset in datasets:
+            for figure in dataset["figures"]:
+                figure["src"] = figure["src"].result()
     statuses = [_read_json(run_dir / d["tissue"] / d["name"] / f"{d['name']}_status.json") for d in datasets]
     counts = summary["status"].value_counts().to_dict()
     bars, colors = _composition([d for d in datasets if d["status"] == "success"])
