@@ -155,7 +155,8 @@ def qc_figure(adata, *, distributions: Mapping | None = None):
                         xytext=(3, -2), textcoords="offset points", va="top", fontsize=8, color="#d62728")
         ax.set_ylabel("cells", fontsize=9)
         ax.tick_params(labelsize=8)
-    axes[1].legend(fontsize=8, frameon=False, loc="upper right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     if before_n is not None:
         figure.suptitle(f"QC: {int(before_n):,} cells before, {int(after_n):,} kept "
                         f"({int(before_n) - int(after_n):,} removed)", fontsize=11)
