@@ -33,26 +33,30 @@ _EXPORTS = {
     "write_annotation": ".outputs",
     "write_summary": ".outputs",
     "write_result": ".outputs",
-    "save_umap": ".outputs",
+    "save_dataset_figures": ".figures",
+    "write_cluster_table": ".clusters",
     "run_batch": ".driver",
 }
-_SUBMODULES = {"pp": ".pp"}
+_SUBMODULES = {"pp": ".pp", "figures": ".figures"}
 
 __all__ = [
     "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
-    "cluster_markers", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch", "save_umap",
-    "write_annotated", "write_annotation", "write_markers", "write_result", "write_summary",
+    "cluster_markers", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
+    "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
+    "write_result", "write_summary",
 ]
 
 if TYPE_CHECKING:
-    from . import pp
+    from . import figures, pp
     from .annotate import ClusterAnnotation, ClusterMarkers
     from .annotate.apply import annotate_clusters
     from .annotate.factory import make_annotator
+    from .clusters import write_cluster_table
     from .contract import DatasetPaths
     from .driver import run_batch
+    from .figures import save_dataset_figures
     from .markers import cluster_markers, rank_markers
-    from .outputs import save_umap, write_annotated, write_annotation, write_markers, write_result, write_summary
+    from .outputs import write_annotated, write_annotation, write_markers, write_result, write_summary
     from .read import InputError, read_dataset
     from .settings import Settings
 

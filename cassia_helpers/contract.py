@@ -20,6 +20,7 @@ BATCH_SUMMARY_CSV = "batch_summary.csv"
 TOKEN_TRACKING_JSON = "token_tracking.json"
 AGGREGATE_NOTEBOOK = "aggregate_notebook.ipynb"
 RUN_MANIFEST = "run_manifest.json"
+REPORT_HTML = "report.html"
 RUN_LOCK = ".run.lock"
 SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
 STATUSES = (SUCCESS, FAILED, INTERRUPTED)
@@ -92,6 +93,23 @@ class DatasetPaths:
     @property
     def umap_png(self) -> Path:
         return self._file("_umap.png")
+
+    @property
+    def qc_png(self) -> Path:
+        return self._file("_qc.png")
+
+    @property
+    def dotplot_png(self) -> Path:
+        return self._file("_dotplot.png")
+
+    @property
+    def cluster_sizes_png(self) -> Path:
+        return self._file("_cluster_sizes.png")
+
+    @property
+    def clusters_csv(self) -> Path:
+        """One row per cluster: its call, size, scores and markers (what the report's tables show)."""
+        return self._file("_clusters.csv")
 
     @property
     def notebook(self) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 from .contract import (
     FAILED,
     INTERRUPTED,
+    REPORT_HTML,
     RUN_LOCK,
     RUN_MANIFEST,
     SUCCESS,
@@ -232,6 +233,8 @@ def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], mani
         return result
     aggregate(run_dir, settings.kernel_name)
     progress.table(result)
+    if (run_dir / REPORT_HTML).is_file():
+        log.info("Report: %s", run_dir / REPORT_HTML)
     if result.interrupted:
         log.warning("Resume with: python run_batch.py --resume %s", run_dir)
     return result
@@ -291,7 +294,9 @@ def _aggregate(run_dir: Path, kernel_name: str) -> None:
     log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)
     try:
         from .aggregate import write_run_summaries
+        from .report import write_report
 
         write_run_summaries(run_dir)
+        write_report(run_dir)
     except OSError as exc:
         log.error("%s: could not write the run summaries (%s: %s)", run_dir, type(exc).__name__, exc.strerror or exc)

@@ -70,19 +70,6 @@ def write_annotated(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     return paths.annotated_h5ad
 
 
-def save_umap(adata: ad.AnnData, paths: DatasetPaths, *, color: tuple[str, ...] | None = None) -> Path:
-    """UMAP coloured by cell type (and cluster), saved as ``{dataset}_umap.png``."""
-    import matplotlib.pyplot as plt
-    import scanpy as sc
-
-    color = list(color or (label_key(adata), cluster_key(adata)))
-    fig = sc.pl.umap(adata, color=color, show=False, return_fig=True, frameon=False, legend_fontsize=7, wspace=0.6)
-    with atomic_path(paths.umap_png) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return paths.umap_png
-
-
 def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: str, species: str,
                     annotator: dict) -> str:
     """The readable CASSIA-style text: per cluster the markers sent, each agent's turn and the call."""

@@ -39,7 +39,8 @@ def qc(
     need ``min_cells`` cells.
 
     Writes ``obs['n_genes_by_counts']``, ``obs['total_counts']``, ``obs['pct_counts_mt']``,
-    ``var['mt']`` and ``uns['cassia_batch']['qc']``.
+    ``var['mt']`` and ``uns['cassia_batch']['qc']`` (thresholds, sizes before and after, and histograms of
+    the metrics before and after filtering under ``distributions``).
 
     Raises
     ------
@@ -58,6 +59,9 @@ def qc(
             f"{_file(adata)}: no cells left after QC (min_genes={min_genes}, max_pct_mt={max_pct_mt}; "
             f"{before[0]} cells before)"
         )
+    from .figures import qc_distributions
+
+    distributions = qc_distributions(adata.obs, keep)  # the removed cells' metrics, for the QC figure
     gene_keep = cells_per_gene(adata.X, keep) >= min_cells
     if not gene_keep.any():
         raise InputError(f"{_file(adata)}: no genes left after QC (min_cells={min_cells})")
@@ -74,6 +78,7 @@ def qc(
         "cells_after": int(adata.n_obs),
         "genes_after": int(adata.n_vars),
         "mito_genes": int(adata.var["mt"].sum()),
+        "distributions": distributions,
     }
     if record["qc"]["mito_genes"] == 0:
         warn(adata, "no mitochondrial genes (MT-/mt-) found: the mitochondrial filter removed nothing")

@@ -32,7 +32,7 @@ from .contract import (
 )
 from .record import PROGRESS_ENV
 
-REQUIRED_OUTPUTS = ("markers_csv", "annotated_h5ad", "annotation_txt", "summary_txt", "result_json")
+REQUIRED_OUTPUTS = ("markers_csv", "annotated_h5ad", "annotation_txt", "summary_txt", "clusters_csv", "result_json")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 # Variables the kernel must not inherit: the endpoint travels as a notebook parameter, and plots must use
 # the kernel's own inline backend so that the executed notebook shows them.

@@ -1,0 +1,127 @@
+"""The per-cluster table of one dataset, ``{dataset}_clusters.csv``: what the run report shows per cluster.
+
+One row per cluster: its label (``"3: NK cell"``), cell type, size, the annotator's confidence and flags,
+key markers, top ranked markers, the agents' reasoning and the cell type's colour. Built from
+``uns['cassia_batch']['annotation']`` (written by :func:`cassia_helpers.annotate_clusters`), so the report
+never has to open the h5ad.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .contract import DatasetPaths
+from .files import write_text
+from .palette import run_palette
+from .record import KEY as PROVENANCE_KEY
+
+CLUSTERS_SUFFIX = "_clusters.csv"
+#: Columns always present, in this order; any other column of the annotation table (e.g. ``score``,
+#: ``evidence``) follows them.
+COLUMNS = [
+    "cluster", "label", "cell_type", "n_cells", "pct_cells", "confidence", "status", "reason",
+    "sub_cell_types", "mixed_cell_types", "key_markers", "top_markers", "reasoning", "color",
+]
+
+
+def cluster_label(cluster: str, cell_type: str) -> str:
+    """``"3: NK cell"``."""
+    return f"{cluster}: {cell_type}"
+
+
+def clusters_path(paths: DatasetPaths) -> Path:
+    """``{dataset}_clusters.csv`` in the dataset's folder."""
+    return paths.clusters_csv
+
+
+def cluster_table(
+    adata,
+    *,
+    markers: pd.DataFrame | None = None,
+    groupby: str = "leiden",
+    key: str = "cell_type",
+    n_markers: int = 5,
+) -> pd.DataFrame:
+    """One row per cluster of ``obs[groupby]``, in cluster order.
+
+    Parameters
+    ----------
+    adata
+        Annotated data: reads ``obs[groupby]``, ``obs[key]``, ``uns[f'{key}_colors']`` when set, and
+        ``uns['cassia_batch']['annotation']`` (``clusters`` table and ``results_json``) when present.
+    markers
+        The ranked marker table of :func:`cassia_helpers.rank_markers` (``cluster, rank, gene, ...``);
+        its first ``n_markers`` genes per cluster fill ``top_markers``.
+
+    Returns
+    -------
+    A DataFrame with :data:`COLUMNS` (plus any extra column of the annotation table).
+    """
+    clusters = adata.obs[groupby].astype(str)
+    cell_types = adata.obs[key].astype(str) if key in adata.obs else pd.Series("Unknown", index=adata.obs_names)
+    order = list(adata.obs[groupby].cat.categories) if hasattr(adata.obs[groupby], "cat") else sorted(set(clusters))
+    sizes = clusters.value_counts()
+    first_type = cell_types.groupby(clusters.to_numpy()).agg(lambda s: s.value_counts().index[0])
+    annotation = adata.uns.get(PROVENANCE_KEY, {}).get("annotation", {})
+    table = annotation.get("clusters")
+    table = table.set_index(table["cluster"].astype(str)) if isinstance(table, pd.DataFrame) and len(table) else None
+    results = {}
+    try:
+        results = {str(r["cluster"]): r for r in json.loads(annotation.get("results_json") or "[]")}
+    except (TypeError, ValueError):
+        pass
+    top = {}
+    if markers is not None and len(markers):
+        ranked = markers.sort_values(["cluster", "rank"]) if "rank" in markers else markers
+        top = {str(c): ", ".join(rows["gene"].astype(str).head(n_markers)) for c, rows in ranked.groupby("cluster")}
+    colors = _colors(adata, key)
+    rows = []
+    for cluster in map(str, order):
+        if cluster not in sizes.index:
+            continue
+        cell_type = str(first_type.get(cluster, "Unknown"))
+        row = table.loc[cluster].to_dict() if table is not None and cluster in table.index else {}
+        result = results.get(cluster, {})
+        rows.append({
+            **{k: v for k, v in row.items() if k not in ("main_cell_type",)},
+            "cluster": cluster,
+            "label": cluster_label(cluster, cell_type),
+            "cell_type": cell_type,
+            "n_cells": int(sizes[cluster]),
+            "pct_cells": round(100.0 * sizes[cluster] / max(adata.n_obs, 1), 2),
+            "confidence": row.get("confidence", result.get("confidence")),
+            "status": row.get("status", result.get("status", "")),
+            "reason": row.get("reason", result.get("reason", "")),
+            "sub_cell_types": row.get("sub_cell_types", "; ".join(result.get("sub_cell_types", []))),
+            "mixed_cell_types": row.get("mixed_cell_types", "; ".join(result.get("mixed_cell_types", []))),
+            "key_markers": row.get("key_markers", ", ".join(result.get("key_markers", []))),
+            "top_markers": top.get(cluster, ""),
+            "reasoning": str(result.get("reasoning", "")),
+            "color": colors.get(cell_type, ""),
+        })
+    frame = pd.DataFrame(rows)
+    extra = [c for c in frame.columns if c not in COLUMNS and c != "iterations"]
+    return frame.reindex(columns=COLUMNS + extra)
+
+
+def _colors(adata, key: str) -> dict[str, str]:
+    """The colour of each label: ``uns[f'{key}_colors']`` when it matches the categories, else the run palette."""
+    column = adata.obs[key] if key in adata.obs else None
+    if column is None:
+        return {}
+    categories = list(column.cat.categories) if hasattr(column, "cat") else sorted(set(column.astype(str)))
+    stored = adata.uns.get(f"{key}_colors")
+    if stored is not None and len(stored) == len(categories):
+        return {str(c): str(v) for c, v in zip(categories, stored, strict=True)}
+    return run_palette(map(str, categories))
+
+
+def write_cluster_table(adata, paths: DatasetPaths, *, markers: pd.DataFrame | None = None,
+                        groupby: str = "leiden", key: str = "cell_type") -> Path:
+    """Write ``{dataset}_clusters.csv`` (see :func:`cluster_table`) and return its path."""
+    path = clusters_path(paths)
+    write_text(path, cluster_table(adata, markers=markers, groupby=groupby, key=key).to_csv(index=False))
+    return path

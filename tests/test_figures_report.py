@@ -1,0 +1,283 @@
+"""Per-dataset figures, run-wide colours, the per-cluster table, report.html and the explore notebook."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cassia_helpers import figures
+from cassia_helpers.clusters import cluster_table, write_cluster_table
+from cassia_helpers.contract import DatasetPaths
+from cassia_helpers.palette import PALETTE, UNKNOWN_COLOR, run_palette
+from cassia_helpers.report import load_summary, write_report
+from tests.synthetic import BLOOD_TYPES, make_counts
+
+REPO = Path(__file__).resolve().parent.parent
+SCREENSHOT = REPO / "tools" / "report_screenshot.py"
+FAILURE = "bad_sample.h5ad: not an HDF5 file (the first bytes are text); is it an h5ad? (OSError)"
+
+
+def annotated(n_cells: int = 300, *, seed: int = 0):
+    """A tiny dataset as the template leaves it: log-normalised X, QC metrics and distributions, leiden,
+    cell types (one cluster Unknown), a UMAP (one blob per cluster) and the annotation record."""
+    from cassia_helpers.pp import qc_metrics
+
+    adata = make_counts(n_cells, cell_types={**BLOOD_TYPES, "NK cell": ["NKG7", "GNLY", "PRF1", "GZMB"]}, seed=seed)
+    qc_metrics(adata, mito=np.asarray(adata.var_names.str.startswith("MT-")))
+    keep = adata.obs["n_genes_by_counts"].to_numpy() >= np.quantile(adata.obs["n_genes_by_counts"], 0.1)
+    distributions = figures.qc_distributions(adata.obs, keep)
+    adata = adata[keep].copy()
+    adata.X = adata.X.log1p()
+    truth = adata.obs["truth"].astype(str).to_numpy()
+    names = sorted(set(truth))
+    clusters = np.array([str(names.index(t)) for t in truth])
+    adata.obs["leiden"] = pd.Categorical(clusters, categories=[str(i) for i in range(len(names))])
+    calls = {str(i): ("Unknown" if name == "Monocyte" else name) for i, name in enumerate(names)}
+    adata.obs["cell_type"] = pd.Categorical([calls[c] for c in clusters])
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-10, 10, (len(names), 2))
+    adata.obsm["X_umap"] = centres[[int(c) for c in clusters]] + rng.normal(0, 0.8, (adata.n_obs, 2))
+    table = pd.DataFrame([{
+        "cluster": c, "main_cell_type": t, "sub_cell_types": "", "mixed_cell_types": "",
+        "confidence": 0.0 if t == "Unknown" else 87.5, "key_markers": ", ".join(BLOOD_TYPES.get(t, ["NKG7"])[:3]),
+        "status": "unknown" if t == "Unknown" else "ok", "reason": "no valid answer" if t == "Unknown" else "",
+        "iterations": 1, "n_cells": int((clusters == c).sum())} for c, t in calls.items()])
+    results = [{"cluster": c, "reasoning": f"<b>{t}</b> markers are high in cluster {c}."} for c, t in calls.items()]
+    adata.uns["cassia_batch"] = {
+        "qc": {"min_genes": 120, "max_pct_mt": 20.0, "cells_before": n_cells, "cells_after": int(adata.n_obs),
+               "distributions": distributions},
+        "annotation": {"clusters": table, "results_json": json.dumps(results)},
+        "warnings": ["no mitochondrial genes (MT-/mt-) found"],
+    }
+    return adata
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return annotated()
+
+
+def make_run(root: Path, adata, *, n_success: int = 1, n_failed: int = 1) -> Path:
+    """A run folder as the driver leaves it: summaries, statuses, results, figures and clusters tables."""
+    run = root / "run_blood_20260216_151425"
+    rows, by_dataset = [], {}
+    drawn = None
+    for i in range(n_success + n_failed):
+        ok = i < n_success
+        name = f"Data_{'Good' if ok else 'Bad'}{i:03d}_Blood"
+        paths = DatasetPaths(run, "blood", name)
+        paths.folder.mkdir(parents=True)
+        status = {"dataset": name, "tissue": "blood", "status": "success" if ok else "failed",
+                  "error_type": "" if ok else "InputError", "error": "" if ok else FAILURE, "duration_s": 38.3,
+                  "started_at": "2026-02-16T15:14:25+00:00", "finished_at": "2026-02-16T15:16:25+00:00"}
+        paths.status_json.write_text(json.dumps(status))
+        if ok:
+            if drawn is None:
+                drawn = figures.save_dataset_figures(adata, paths)
+                write_cluster_table(adata, paths)
+            else:  # the same figures again: drawing 100 datasets would make the test slow
+                for key, path in drawn.items():
+                    shutil.copy(path, figures.figure_paths(paths)[key])
+                shutil.copy(drawn["umap"].parent / f"{drawn['umap'].parent.name}_clusters.csv",
+                            paths.folder / f"{name}_clusters.csv")
+            paths.result_json.write_text(json.dumps({
+                "dataset": name, "tissue": "blood", "n_cells": adata.n_obs, "n_cells_input": 300,
+                "annotator": "llm", "model": "gpt-4o-mini", "unknown_clusters": 1, "warnings": ["a warning"],
+                "cell_types": {str(k): int(v) for k, v in adata.obs["cell_type"].value_counts().items()}}))
+            by_dataset[f"blood/{name}"] = {"calls": 8, "input_tokens": 9000, "output_tokens": 1000,
+                                           "total_tokens": 10000, "cost": 0.0123}
+        rows.append({"dataset": name, "tissue": "blood", "file_path": f"/data/blood/{name}.h5ad",
+                     "n_cells": adata.n_obs if ok else None, "n_genes": adata.n_vars if ok else None,
+                     "n_clusters": 4 if ok else None, "preprocessing_time": 20.0 if ok else None,
+                     "annotation_time": 10.0 if ok else None, "total_time": 38.3, "status": status["status"],
+                     "output_dir": str(paths.folder), "error": status["error"]})
+    pd.DataFrame(rows).to_csv(run / "batch_summary.csv", index=False)
+    (run / "batch_summary.txt").write_text("CASSIA batch summary\n")
+    (run / "token_tracking.json").write_text(json.dumps({
+        "total_calls": 8 * n_success, "failed_calls": 0, "total_input_tokens": 9000 * n_success,
+        "total_output_tokens": 1000 * n_success, "total_tokens": 10000 * n_success,
+        "total_cost": 0.0123 * n_success, "currency": "USD", "cache_hits": 0, "by_dataset": by_dataset}))
+    return run
+
+
+# --- colours ---------------------------------------------------------------------------------------------
+
+def test_run_palette_is_stable_distinct_and_unknown_is_grey():
+    labels = ["NK cell", "B cell", "CD4+ T cell", "Unknown", "Monocyte"] + [f"type {i}" for i in range(35)]
+    colors = run_palette(labels)
+    assert colors == run_palette(list(reversed(labels)) + ["B cell"])  # order and duplicates do not matter
+    assert colors["Unknown"] == UNKNOWN_COLOR and UNKNOWN_COLOR not in PALETTE
+    named = [c for label, c in colors.items() if label != "Unknown"]
+    assert len(set(named)) == len(named)  # no two cell types of a dataset share a colour
+    # a label keeps its colour in another dataset with other labels
+    assert run_palette(["NK cell", "Fibroblast"])["NK cell"] == colors["NK cell"] == run_palette(["NK cell"])["NK cell"]
+
+
+def test_set_colors_writes_scanpy_colours(tiny):
+    adata = tiny.copy()
+    colors = figures.set_colors(adata, "cell_type")
+    stored = list(adata.uns["cell_type_colors"])
+    categories = list(adata.obs["cell_type"].cat.categories)
+    assert len(stored) == len(categories) and stored[categories.index("Unknown")] == UNKNOWN_COLOR
+    assert dict(zip(categories, stored, strict=True)) == colors == run_palette(categories)
+
+
+# --- figures ---------------------------------------------------------------------------------------------
+
+def test_dataset_figures_are_sane_pngs_without_pyplot(tiny, tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    backend = matplotlib.get_backend()
+    open_before = plt.get_fignums()
+    adata = tiny.copy()
+    paths = DatasetPaths(tmp_path, "blood", "Tiny")
+    saved = figures.save_dataset_figures(adata, paths)
+    assert set(saved) == set(figures.FIGURE_SUFFIXES)
+    for name, path in saved.items():
+        assert path == paths.folder / f"Tiny{figures.FIGURE_SUFFIXES[name]}"
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert 400 <= image.width <= 2500 and 200 <= image.height <= 1600, (name, image.size)
+        assert 5_000 < path.stat().st_size < 600_000, name
+    # the run's colours are in the UMAP: every cell type, and Unknown grey
+    with Image.open(saved["umap"]) as image:
+        rgb = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    pixels = {"#{:02x}{:02x}{:02x}".format(*p) for p in np.unique(rgb, axis=0)}
+    assert set(figures.label_colors(adata, "cell_type").values()) <= pixels
+    assert UNKNOWN_COLOR in pixels
+    # explicit Figures: pyplot knows none of them and the backend is untouched
+    assert isinstance(figures.dotplot_figure(adata), Figure)
+    assert plt.get_fignums() == open_before and matplotlib.get_backend() == backend
+    # a returned figure shows itself in a notebook
+    assert figures.cluster_sizes_figure(adata)._repr_png_().startswith(b"\x89PNG")
+
+
+def test_qc_distributions_keep_the_removed_cells():
+    obs = pd.DataFrame({"n_genes_by_counts": [50, 300, 400, 2000], "total_counts": [60, 900, 1000, 8000],
+                        "pct_counts_mt": [40.0, 2.0, 3.0, 1.0]})
+    keep = np.array([False, True, True, True])
+    found = figures.qc_distributions(obs, keep, bins=10)
+    assert set(found) == set(obs.columns)
+    for part in found.values():
+        assert part["before"].sum() == 4 and part["after"].sum() == 3 and len(part["edges"]) == 11
+    assert found["pct_counts_mt"]["before"][-1] == 1 and found["pct_counts_mt"]["after"][-1] == 0
+
+
+def test_cluster_table_labels_scores_and_reasoning(tiny, tmp_path):
+    table = cluster_table(tiny)
+    assert list(table["cluster"]) == list(tiny.obs["leiden"].cat.categories)
+    unknown = table[table["cell_type"] == "Unknown"].iloc[0]
+    assert unknown["label"] == f"{unknown['cluster']}: Unknown" and unknown["reason"] == "no valid answer"
+    assert unknown["color"] == UNKNOWN_COLOR
+    assert table["n_cells"].sum() == tiny.n_obs and table["reasoning"].str.contains("markers are high").all()
+    path = write_cluster_table(tiny, DatasetPaths(tmp_path, "blood", "Tiny"))
+    assert path.name == "Tiny_clusters.csv" and len(pd.read_csv(path)) == len(table)
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+def test_report_is_self_contained(tiny, tmp_path):
+    run = make_run(tmp_path, tiny)
+    html = write_report(run).read_text(encoding="utf-8")
+    assert "<title>Cell-type annotation report: run_blood_20260216_151425</title>" in html
+    assert "Run overview" in html and "Cell-type composition" in html
+    assert FAILURE in html  # the failure's one-line reason, in full
+    assert html.count("data:image/png;base64,") == 4  # the successful dataset's four figures
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)  # nothing fetched at view time
+    assert "<link" not in html and "@import" not in html and "<script" not in html
+    assert "&lt;b&gt;" in html and "markers are high" in html  # reasoning escaped, folded in <details>
+    assert "0.01 USD" in html and "10,000" in html  # cost and tokens from token_tracking.json
+    assert not re.search(r">\s*\d+\.0\s*<", html)  # counts are integers, not 700.0
+    assert load_summary(run)["n_cells"].dtype == "Int64"
+
+
+def test_report_stays_small_for_100_datasets(tiny, tmp_path):
+    run = make_run(tmp_path, tiny, n_success=100, n_failed=3)
+    size = write_report(run).stat().st_size
+    figure_bytes = sum(p.stat().st_size for p in run.glob("blood/*/*.png"))
+    print(f"report.html for 100 datasets: {size / 1e6:.1f} MB (figures on disk {figure_bytes / 1e6:.1f} MB)")
+    assert size < 8e6 and size < figure_bytes / 3
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (CI installs it with `apt-get install -y chromium`)")
+def test_report_renders_in_a_headless_browser(tiny, tmp_path):
+    from PIL import Image, ImageStat
+
+    run = make_run(tmp_path, tiny)
+    write_report(run)
+    shot = tmp_path / "shot.png"
+    done = subprocess.run([sys.executable, str(SCREENSHOT), str(run), "--output", str(shot), "--width", "1200",
+                           "--height", "1600"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    with Image.open(shot) as image:
+        assert image.size == (1200, 1600)
+        spread = ImageStat.Stat(image.convert("L")).stddev[0]
+    assert spread > 20  # text, tables and figures, not a blank page
+    sys.path.insert(0, str(SCREENSHOT.parent))
+    try:
+        from report_screenshot import dump_dom
+    finally:
+        sys.path.remove(str(SCREENSHOT.parent))
+    dom = dump_dom(run / "report.html")
+    assert "<title>Cell-type annotation report: run_blood_20260216_151425</title>" in dom
+    assert dom.count("<img") == 4 and FAILURE in dom
+
+
+# --- notebooks (real kernel) -----------------------------------------------------------------------------
+
+def test_notebook_importing_the_package_shows_plots(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import anndata as ad, numpy as np, pandas as pd\n"
+                                  "import scanpy as sc\n"
+                                  "from cassia_helpers import figures"),
+        nbformat.v4.new_code_cell("adata = ad.AnnData(np.ones((60, 3), dtype=np.float32))\n"
+                                  "adata.obsm['X_umap'] = np.random.default_rng(0).normal(size=(60, 2))\n"
+                                  "adata.obs['cell_type'] = pd.Categorical(['B cell', 'Unknown', 'NK cell'] * 20)\n"
+                                  "adata.obs['leiden'] = pd.Categorical(adata.obs['cell_type'].cat.codes.astype(str))\n"
+                                  "figures.set_colors(adata, 'cell_type')"),
+        nbformat.v4.new_code_cell("sc.pl.umap(adata, color='cell_type')"),
+        nbformat.v4.new_code_cell("figures.umap_figure(adata)"),
+    ])
+    NotebookClient(notebook, kernel_name="python3", timeout=180,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    for cell in notebook.cells[2:]:
+        assert any("image/png" in output.get("data", {}) for output in cell.outputs), cell.source
+
+
+def test_explore_notebook_plots_a_dataset(tiny, tmp_path):
+    import nbformat
+    import papermill as pm
+
+    run = make_run(tmp_path, tiny)
+    tiny.write_h5ad(DatasetPaths(run, "blood", "Data_Good000_Blood").annotated_h5ad)
+    output = tmp_path / "explored.ipynb"
+    pm.execute_notebook(str(REPO / "notebooks" / "explore_run.ipynb"), str(output),
+                        parameters={"run_dir": str(run)}, kernel_name="python3", progress_bar=False,
+                        cwd=str(REPO / "notebooks"))
+    notebook = nbformat.read(output, as_version=4)
+
+    def outputs(fragment: str) -> str:
+        (cell,) = [c for c in notebook.cells if c.cell_type == "code" and c.source.startswith(fragment)]
+        return json.dumps(cell.outputs)
+
+    assert "image/png" in outputs("sc.pl.umap") and "image/png" in outputs("figures.dotplot_figure")
+    summary = outputs("explore.summary_table")
+    assert f">{tiny.n_obs}<" in summary and f">{tiny.n_obs}.0<" not in summary  # numbers as numbers
+    assert FAILURE.replace("'", "&#39;") in outputs("explore.failures") or FAILURE in outputs("explore.failures")
+    scores = outputs("explore.cluster_scores")
+    assert "87.5" in scores and "no valid answer" in scores and "no mitochondrial genes" in scores
