@@ -13,26 +13,28 @@ MIN_CELLS = 20
 
 
 def subcluster_cells(adata: ad.AnnData, mask: np.ndarray, *, resolution: float = 0.5, n_top_genes: int = 2000,
-                     n_pcs: int = 30, n_neighbors: int = 15, seed: int = 0) -> ad.AnnData:
-    """The masked cells, re-clustered on their own: HVG (``seurat`` flavour on log-normalised ``X``), PCA,
-    neighbours and leiden; ``obs['subcluster']`` holds the new clusters."""
+                     n_pcs: int = 30, n_neighbors: int = 15, method: str = "umap", seed: int = 0) -> ad.AnnData:
+    """The masked cells, re-clustered on their own with the dataset's own steps: highly variable genes and
+    PCA (:func:`~cassia_helpers.preprocess.reduce_dimensions`), exact kNN (``method`` gives the
+    connectivities: ``"umap"`` as for the whole dataset, or ``"gauss"``) and leiden
+    (:func:`~cassia_helpers.preprocess.cluster`); ``obs['subcluster']`` holds the new clusters."""
     import scanpy as sc
+
+    from ..preprocess import cluster, reduce_dimensions
 
     sub = ad.AnnData(X=adata.X[np.flatnonzero(mask)], obs=pd.DataFrame(index=adata.obs_names[mask]),
                      var=pd.DataFrame(index=adata.var_names))
-    n_hvg = min(n_top_genes, sub.n_vars)
-    sc.pp.highly_variable_genes(sub, n_top_genes=n_hvg, flavor="seurat")
-    comps = max(2, min(n_pcs, sub.n_obs - 1, int(sub.var["highly_variable"].sum()) - 1))
-    sc.pp.pca(sub, n_comps=comps, mask_var="highly_variable", random_state=seed)
-    sc.pp.neighbors(sub, n_neighbors=min(n_neighbors, sub.n_obs - 1), use_rep="X_pca", random_state=seed)
-    sc.tl.leiden(sub, resolution=resolution, flavor="igraph", n_iterations=2, directed=False,
-                 random_state=seed, key_added="subcluster")
+    reduce_dimensions(sub, n_top_genes=min(n_top_genes, sub.n_vars), n_pcs=n_pcs, seed=seed)
+    sc.pp.neighbors(sub, n_neighbors=max(2, min(n_neighbors, sub.n_obs - 1)), use_rep="X_pca", method=method,
+                    random_state=seed, transformer="sklearn")
+    cluster(sub, resolution=resolution, seed=seed, key_added="subcluster")
     return sub
 
 
 def annotate_subclusters(adata: ad.AnnData, parent: str, *, annotator: Annotator, tissue: str,
                          species: str = "human", context: str = "", key_added: str = "cell_type",
-                         resolution: float = 0.5, n_top: int = 50, seed: int = 0) -> list[ClusterAnnotation]:
+                         resolution: float = 0.5, n_top: int = 50, method: str = "umap",
+                         seed: int = 0) -> list[ClusterAnnotation]:
     """Re-cluster the cells of ``obs[key_added] == parent``, rank markers within the parent and annotate
     the subclusters with the parent type as context.
 
@@ -52,7 +54,7 @@ def annotate_subclusters(adata: ad.AnnData, parent: str, *, annotator: Annotator
     if mask.sum() < MIN_CELLS:
         warn(adata, f"subclusters of {parent!r}: {int(mask.sum())} cells, fewer than {MIN_CELLS}; not re-clustered")
         return []
-    sub = subcluster_cells(adata, mask, resolution=resolution, seed=seed)
+    sub = subcluster_cells(adata, mask, resolution=resolution, method=method, seed=seed)
     sub.obs["subcluster"] = pd.Categorical([f"{parent} / {c}" for c in sub.obs["subcluster"].astype(str)])
     if sub.obs["subcluster"].nunique() < 2:
         warn(adata, f"subclusters of {parent!r}: re-clustering found a single cluster; not annotated")
