@@ -136,6 +136,20 @@ def test_merge_from_a_reference_hierarchy():
     assert results[1].merged_groupings == ["Unknown"] * 3
 
 
+def test_reference_annotator_fills_score_and_levels_from_its_hierarchy():
+    from cassia_helpers.annotate.merging import fill_from_reference
+    from cassia_helpers.annotate.reference import ReferenceAnnotator
+
+    reference = ReferenceAnnotator(species="human")
+    child = next(ct for ct in reference.reference.cell_types if ct.parent is not None)
+    results = [ClusterAnnotation("0", child.name, confidence=70.0), ClusterAnnotation.unknown("1", "no markers")]
+    fill_from_reference(results, reference.reference)
+    top = reference.reference.ancestors(child.name)[-1]
+    assert results[0].score == 70.0 and "reference" in results[0].score_reasoning
+    assert results[0].merged_groupings == [top, child.name, child.name]
+    assert results[1].score is None and results[1].merged_groupings == ["Unknown"] * 3
+
+
 def test_subclusters_are_annotated_with_the_parent_as_context(llm_env, tmp_path):
     types = {"CD8 T": ["CD3E", "CD3D", "CD8A", "CD8B", "GZMK", "CCL5"],
              "CD4 T": ["CD3E", "CD3D", "CD4", "IL7R", "TRAC", "CD3G"],

@@ -127,5 +127,20 @@ def merge_from_hierarchy(results: list[ClusterAnnotation],
     return results
 
 
-__all__ = ["LEVELS", "MERGER_SYSTEM", "merge_annotations", "merge_from_hierarchy", "merging_prompt",
-           "parse_groupings"]
+def fill_from_reference(results: list[ClusterAnnotation], reference) -> list[ClusterAnnotation]:
+    """What the offline reference annotator can fill of the full pipeline's columns (in place).
+
+    ``reference`` is a :class:`~cassia_helpers.annotate.reference.MarkerReference` (``ReferenceAnnotator
+    .reference``). ``score`` is the reference's own marker-match confidence (said so in ``score_reasoning``;
+    not an LLM judgement) and the merged levels come from the reference's parent types. Boost, consensus
+    and the agreement stay empty: they need an LLM.
+    """
+    for r in results:
+        if r.main_cell_type != UNKNOWN:
+            r.score = float(r.confidence)
+            r.score_reasoning = "marker-match confidence of the offline reference (no LLM scoring)"
+    return merge_from_hierarchy(results, lambda name: next(iter(reference.ancestors(name)), None))
+
+
+__all__ = ["LEVELS", "MERGER_SYSTEM", "fill_from_reference", "merge_annotations", "merge_from_hierarchy",
+           "merging_prompt", "parse_groupings"]
