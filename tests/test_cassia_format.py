@@ -16,7 +16,7 @@ from cassia_helpers import cassia_format as cf
 from cassia_helpers.annotate import ClusterAnnotation
 from cassia_helpers.annotate.agents import LLMAnnotator
 from cassia_helpers.annotate.boost import GeneLookup
-from cassia_helpers.annotate.columns import write_pipeline_columns
+from cassia_helpers.annotate.columns import pipeline_text_lines, write_pipeline_columns
 from cassia_helpers.annotate.merging import merge_from_hierarchy
 from cassia_helpers.annotate.subclusters import annotate_subclusters
 from cassia_helpers.markers import rank_markers, store_rank_genes_groups, top_markers
@@ -107,6 +107,9 @@ def test_pipeline_columns_honour_key_added(tmp_path):
     assert np.allclose(adata.obs["ct_agreement"], [2 / 3, 2 / 3, 1.0, 1.0])
     assert adata.obs["ct_disputed"].tolist() == [True, True, False, False]
     assert adata.obs["ct_broad"].tolist() == ["Immune cell"] * 4 and adata.obs["ct_fine"].iloc[0] == "CD8+ T cell"
+    text = "\n".join(pipeline_text_lines(results[0]))
+    assert "quality score:    82/100" in text and "agreement 67%" in text and "DISPUTED" in text
+    assert "Immune cell > T cell > CD8+ T cell" in text
     adata.write_h5ad(tmp_path / "p.h5ad")
     table = ad.read_h5ad(tmp_path / "p.h5ad").uns["cassia_batch"]["pipeline"]["clusters"]
     assert table.loc["0", "runners_up"] == "NK cell" and table.loc["0", "score_reasoning"] == "good"

@@ -67,4 +67,23 @@ def write_pipeline_columns(adata: ad.AnnData, results: list[ClusterAnnotation], 
     return table
 
 
-__all__ = ["pipeline_table", "write_pipeline_columns"]
+def pipeline_text_lines(r: ClusterAnnotation) -> list[str]:
+    """The pipeline's lines for one cluster in ``{dataset}_annotation.txt`` (empty for a fast run)."""
+    lines = []
+    if r.score is not None:
+        lines.append(f"  quality score:    {r.score:.0f}/100 ({r.score_reasoning or '-'})")
+    if r.boosted:
+        boost = "-" if r.boost_score is None else f"{r.boost_score:.0f}"
+        kept = r.kept_answer or "initial"
+        lines.append(f"  boost:            ran; boosted answer scored {boost}; kept the {kept} answer")
+    if r.consensus:
+        flag = "  DISPUTED" if r.disputed else ""
+        lines.append(f"  consensus:        {r.consensus} (agreement {r.agreement:.0%}; runners-up: "
+                     f"{', '.join(r.runners_up) or '-'}){flag}")
+    if r.merged_groupings:
+        lines.append(f"  merged:           {' > '.join(r.merged_groupings)}")
+    lines += [f"  note:             {note}" for note in r.notes]
+    return lines
+
+
+__all__ = ["pipeline_table", "pipeline_text_lines", "write_pipeline_columns"]
