@@ -25,6 +25,7 @@ _EXPORTS = {
     "ClusterAnnotation": ".annotate",
     "ClusterMarkers": ".annotate",
     "annotate_clusters": ".annotate.apply",
+    "annotate_subclusters": ".annotate.subclusters",
     "make_annotator": ".annotate.factory",
     "rank_markers": ".markers",
     "cluster_markers": ".markers",
@@ -41,6 +42,7 @@ _SUBMODULES = {"pp": ".pp", "figures": ".figures"}
 
 __all__ = [
     "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
+    "annotate_subclusters",
     "cluster_markers", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
     "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
     "write_result", "write_summary",
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from .annotate import ClusterAnnotation, ClusterMarkers
     from .annotate.apply import annotate_clusters
     from .annotate.factory import make_annotator
+    from .annotate.subclusters import annotate_subclusters
     from .clusters import write_cluster_table
     from .contract import DatasetPaths
     from .driver import run_batch

@@ -24,7 +24,7 @@ from .contract import (
     read_result,
     read_status,
 )
-from .files import atomic_path, write_json, write_text
+from .files import write_csv, write_json, write_text
 from .ledger import tracking_from_ledgers
 
 SUMMARY_COLUMNS = [
@@ -165,8 +165,7 @@ def write_run_summaries(run_dir: str | Path) -> pd.DataFrame:
     manifest = load_manifest(run_dir)
     table = collect(run_dir)
     tracking = token_tracking(run_dir)
-    with atomic_path(run_dir / BATCH_SUMMARY_CSV) as tmp:
-        table[SUMMARY_COLUMNS].to_csv(tmp, index=False)
+    write_csv(run_dir / BATCH_SUMMARY_CSV, table[SUMMARY_COLUMNS])
     write_json(run_dir / TOKEN_TRACKING_JSON, tracking)
     write_text(run_dir / BATCH_SUMMARY_TXT, run_summary_text(run_dir, table, tracking, manifest))
     return table

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         if isinstance(setting.default, bool):
             options["action"] = "store_false" if setting.default else "store_true"
             options["default"] = setting.default
+        elif setting.repeat:
+            options.update(action="append", default=[], metavar=setting.metavar)
         else:
             options["default"] = default(setting)
             options["type"] = setting.type or type(setting.default)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .contract import DatasetPaths
-from .files import write_text
+from .files import write_csv
 from .palette import run_palette
 from .record import KEY as PROVENANCE_KEY
 
@@ -123,5 +123,5 @@ def write_cluster_table(adata, paths: DatasetPaths, *, markers: pd.DataFrame | N
                         groupby: str = "leiden", key: str = "cell_type") -> Path:
     """Write ``{dataset}_clusters.csv`` (see :func:`cluster_table`) and return its path."""
     path = clusters_path(paths)
-    write_text(path, cluster_table(adata, markers=markers, groupby=groupby, key=key).to_csv(index=False))
+    write_csv(path, cluster_table(adata, markers=markers, groupby=groupby, key=key))
     return path

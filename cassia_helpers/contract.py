@@ -91,6 +91,11 @@ class DatasetPaths:
         return self._file("_cassia.csv")
 
     @property
+    def cassia_conversations_json(self) -> Path:
+        """Every agent's turns per cluster, in the form CASSIA's scoring and boost tools read."""
+        return self._file("_cassia_conversations.json")
+
+    @property
     def umap_png(self) -> Path:
         return self._file("_umap.png")
 

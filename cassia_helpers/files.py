@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 _umask_lock = threading.Lock()
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 def current_umask() -> int:
@@ -65,6 +66,24 @@ def write_text(target: str | Path, text: str) -> None:
 def write_json(target: str | Path, payload: Any) -> None:
     """Write JSON atomically (UTF-8, indented)."""
     write_text(target, json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def write_csv(target: str | Path, table: Any) -> None:
+    """Write a pandas table as CSV atomically, every text cell made safe for spreadsheets (:func:`csv_safe`)."""
+    safe = table.copy()
+    for column in safe.columns:
+        if safe[column].dtype == object or str(safe[column].dtype) in ("string", "category"):
+            safe[column] = safe[column].map(csv_safe)
+    with atomic_path(target) as tmp:
+        safe.to_csv(tmp, index=False)
+
+
+def csv_safe(value: object) -> object:
+    """A CSV cell that a spreadsheet will not run as a formula: text starting with ``= + - @``, a tab or a
+    carriage return gets a leading apostrophe. Numbers and other non-text values are returned as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
 
 
 def read_json(path: str | Path) -> Any | None:

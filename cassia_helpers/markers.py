@@ -28,17 +28,22 @@ MARKER_COLUMNS = [
 ]
 
 
+# genes per cluster kept in uns['rank_genes_groups'] (the CSV holds more)
+RANK_GENES_GROUPS_TOP = 25
+
+
 @timed("markers")
 def rank_markers(
     adata: ad.AnnData,
     *,
     groupby: str | None = None,
     method: str = "wilcoxon",
-    n_genes: int = 100,
+    n_genes: int | None = 100,
     max_cells_per_cluster: int | None = 1000,
     min_pct: float = 0.1,
     gene_chunk: int = 1000,
     seed: int = 0,
+    key_added: str | None = "rank_genes_groups",
 ) -> pd.DataFrame:
     """Rank marker genes of every cluster against all other cells.
 
@@ -50,19 +55,21 @@ def rank_markers(
     out shrinks the copy of the matrix the test works on (0 tests every gene). Genes are tested
     ``gene_chunk`` at a time, so memory stays at a fraction of ``X`` whatever its width; the adjusted
     p-values (Benjamini-Hochberg) are computed over all genes tested. Results are not left in
-    ``uns['rank_genes_groups']`` (with many clusters it breaks the h5ad write).
+    ``uns['rank_genes_groups']`` (with many clusters it breaks the h5ad write; see
+    :func:`store_rank_genes_groups`). ``n_genes=None`` keeps every tested gene of every cluster: the full
+    differential expression that the boost agent's gene look-ups are answered from.
 
     Returns
     -------
     A tidy table, one row per cluster × gene, best first within a cluster, with columns
     ``cluster, rank, gene, score, logfoldchange, pval, pval_adj, pct_in_cluster, pct_out_cluster``.
-    Writes ``uns['cassia_batch']['markers']`` (settings).
+    Writes ``uns['cassia_batch']['markers']`` (settings) and ``uns[key_added]``.
     """
     groupby = groupby or cluster_key(adata)
     labels = adata.obs[groupby].astype(str)
     groups = sorted(labels.unique(), key=_natural_key)
     subset = _sample_cells(labels, max_cells_per_cluster, seed)
-    record = {"method": method, "groupby": groupby, "n_genes": n_genes,
+    record = {"method": method, "groupby": groupby, "n_genes": n_genes or 0,
               "max_cells_per_cluster": max_cells_per_cluster or 0, "cells_tested": int(subset.sum()),
               "min_pct": min_pct}
     provenance(adata)["markers"] = record
@@ -107,11 +114,16 @@ def rank_markers(
         lambda p: stats.false_discovery_control(p.fillna(1.0).to_numpy(), method="bh"))
     table = table.sort_values(["cluster", "score"], ascending=[True, False], kind="stable")
     table["rank"] = table.groupby("cluster", sort=False).cumcount() + 1
-    table = table[table["rank"] <= n_genes]
+    if n_genes:
+        table = table[table["rank"] <= n_genes]
     table["cluster"] = pd.Categorical(table["cluster"], groups)
     table = table.sort_values(["cluster", "rank"]).reset_index(drop=True)
     table["cluster"] = table["cluster"].astype(str)
-    return table[MARKER_COLUMNS]
+    table = table[MARKER_COLUMNS]
+    if key_added:
+        store_rank_genes_groups(adata, top_markers(table, RANK_GENES_GROUPS_TOP), groupby=groupby, method=method,
+                                n_genes=RANK_GENES_GROUPS_TOP, key_added=key_added)
+    return table
 
 
 def _detected_genes(x, cells: np.ndarray, codes: np.ndarray, n_groups: int, min_pct: float) -> np.ndarray:
@@ -175,7 +187,7 @@ def _sample_cells(labels: pd.Series, max_cells: int | None, seed: int) -> np.nda
     return keep
 
 
-def _single_cluster_markers(adata: ad.AnnData, group: str, n_genes: int) -> pd.DataFrame:
+def _single_cluster_markers(adata: ad.AnnData, group: str, n_genes: int | None) -> pd.DataFrame:
     x = adata.X
     mean = np.asarray(x.mean(axis=0)).ravel()
     detected = np.asarray((x > 0).mean(axis=0)).ravel() if sp.issparse(x) else (x > 0).mean(axis=0)
@@ -235,3 +247,36 @@ def cluster_markers(
         warn(adata, f"clusters {', '.join(relaxed)} had fewer than 5 markers passing the filters: "
                     "their top ranked genes were sent instead")
     return result
+
+
+def top_markers(table: pd.DataFrame, n_genes: int = 100) -> pd.DataFrame:
+    """The first ``n_genes`` ranks of every cluster of a full table (``rank_markers(n_genes=None)``)."""
+    return table[table["rank"] <= n_genes].reset_index(drop=True)
+
+
+def store_rank_genes_groups(
+    adata: ad.AnnData,
+    markers: pd.DataFrame,
+    *,
+    groupby: str = "leiden",
+    method: str = "wilcoxon",
+    n_genes: int = 25,
+    key_added: str = "rank_genes_groups",
+) -> bool:
+    """Keep the marker test in ``uns[key_added]`` as scanpy does, compactly.
+
+    The top ``n_genes`` per cluster, float32 numbers and fixed-width names (``names``, ``scores``,
+    ``logfoldchanges``, ``pvals``, ``pvals_adj``, ``pts``, ``pts_rest``, ``params``), so scanpy's
+    ``sc.get.rank_genes_groups_df`` and ``sc.pl.rank_genes_groups_*`` work on the written h5ad. With more
+    clusters than HDF5's object header can describe (about a thousand), nothing is stored and a warning is
+    recorded. Returns whether it was stored.
+    """
+    from .cassia_format import rank_genes_groups_uns
+
+    entry = rank_genes_groups_uns(markers, groupby=groupby, method=method, n_genes=n_genes)
+    if entry is None:
+        warn(adata, f"uns['{key_added}'] not written: {markers['cluster'].nunique()} clusters are more than an "
+                    "h5ad can hold in scanpy's layout; the markers CSV has the full table")
+        return False
+    adata.uns[key_added] = entry
+    return True

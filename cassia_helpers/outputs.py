@@ -6,8 +6,6 @@ notebook finished all of its outputs.
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import platform
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -17,25 +15,15 @@ import anndata as ad
 import pandas as pd
 
 from .annotate import REFERENCE_NOTE, ClusterAnnotation
+from .annotate.columns import pipeline_text_lines
 from .contract import DatasetPaths
 from .counts import write_counts_layer
-from .files import atomic_path, write_json, write_text
+from .files import atomic_path, write_csv, write_json, write_text
 from .record import cluster_key, label_key, phase_times, provenance
 from .settings import Settings
 
-CASSIA_COLUMNS = [
-    "Cluster ID",
-    "Predicted General Cell Type",
-    "Predicted Detailed Cell Type",
-    "Possible Mixed Cell Types",
-    "Marker Number",
-    "Marker List",
-    "Iterations",
-    "Model",
-    "Provider",
-    "Tissue",
-    "Species",
-]
+# genes per cluster in {dataset}_markers.csv
+MARKERS_CSV_TOP = 100
 PACKAGES = ("cassia-batch", "scanpy", "anndata", "numpy", "scipy", "pandas", "leidenalg", "igraph", "openai")
 
 
@@ -50,10 +38,14 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def write_markers(markers: pd.DataFrame, paths: DatasetPaths) -> Path:
-    """``{dataset}_markers.csv``: one row per cluster × gene."""
-    with atomic_path(paths.markers_csv) as tmp:
-        markers.to_csv(tmp, index=False)
+def write_markers(markers: pd.DataFrame, paths: DatasetPaths, *, n_genes: int = MARKERS_CSV_TOP) -> Path:
+    """``{dataset}_markers.csv``: the top ``n_genes`` of every cluster, one row per cluster × gene, with
+    Seurat ``FindAllMarkers`` column names (``cluster, gene, rank, score, avg_log2FC, p_val, p_val_adj,
+    pct.1, pct.2``) so that CASSIA's and Seurat users' tools read it as it is."""
+    from .cassia_format import to_seurat_markers
+    from .markers import top_markers
+
+    write_csv(paths.markers_csv, to_seurat_markers(top_markers(markers, n_genes)))
     return paths.markers_csv
 
 
@@ -102,6 +94,7 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
             f"  key markers:      {', '.join(r.key_markers) or '-'}",
             f"  reasoning:        {r.reasoning}",
         ]
+        lines += pipeline_text_lines(r)
         if r.status != "ok":
             lines.append(f"  status:           Unknown ({r.reason})")
         if r.iterations or r.input_tokens or r.output_tokens:
@@ -110,34 +103,18 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
     return "\n".join(lines)
 
 
-def cassia_table(results: list[ClusterAnnotation], *, tissue: str, species: str, annotator: dict) -> str:
-    """CASSIA's batch CSV columns, so CASSIA's own tools can read our results."""
-    buffer = _io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CASSIA_COLUMNS)
-    for r in results:
-        writer.writerow([
-            r.cluster,
-            r.main_cell_type,
-            ", ".join(r.sub_cell_types),
-            ", ".join(r.mixed_cell_types),
-            len(r.markers_sent),
-            ", ".join(r.markers_sent),
-            r.iterations,
-            annotator.get("model") or annotator.get("annotator", ""),
-            annotator.get("provider") or annotator.get("annotator", ""),
-            tissue,
-            species,
-        ])
-    return buffer.getvalue()
-
-
 def write_annotation(results: list[ClusterAnnotation], paths: DatasetPaths, *, tissue: str, species: str,
                      annotator: dict) -> Path:
-    """``{dataset}_annotation.txt`` and the CASSIA-compatible ``{dataset}_cassia.csv``."""
+    """``{dataset}_annotation.txt``, and for CASSIA's own tools ``{dataset}_cassia.csv`` (CASSIA's batch
+    columns with ``Score`` and ``Merged_Grouping_1..3``) and ``{dataset}_cassia_conversations.json``."""
     write_text(paths.annotation_txt, annotation_text(results, dataset=paths.dataset, tissue=tissue,
                                                      species=species, annotator=annotator))
-    write_text(paths.cassia_csv, cassia_table(results, tissue=tissue, species=species, annotator=annotator))
+    from .cassia_format import cassia_csv, conversations
+
+    write_text(paths.cassia_csv, cassia_csv(results, tissue=tissue, species=species,
+                                            model=annotator.get("model") or "reference",
+                                            provider=annotator.get("endpoint_host") or "reference"))
+    write_json(paths.cassia_conversations_json, conversations(results))
     return paths.annotation_txt
 
 
@@ -198,6 +175,17 @@ def write_summary(adata: ad.AnnData, paths: DatasetPaths, settings: Settings) ->
     return paths.summary_txt
 
 
+def _pipeline_summary(table) -> dict:
+    """Mean quality score and disputed clusters, from ``uns['cassia_batch']['pipeline']['clusters']``."""
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        return {"mean_score": None, "disputed_clusters": 0, "boosted_clusters": 0}
+    scores = pd.to_numeric(table.get("score"), errors="coerce")
+    flags = table.get("disputed", pd.Series(False, index=table.index)).astype(bool)
+    boosted = table.get("boosted", pd.Series(False, index=table.index)).astype(bool)
+    return {"mean_score": None if scores.isna().all() else round(float(scores.mean()), 1),
+            "disputed_clusters": int(flags.sum()), "boosted_clusters": int(boosted.sum())}
+
+
 def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     """``{dataset}_result.json``: the notebook's record for the run summaries, written last."""
     record = provenance(adata)
@@ -223,6 +211,7 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         if labels in adata.obs else {},
         "warnings": list(record.get("warnings", [])),
         "annotation_failure": record.get("annotation", {}).get("failure", ""),
+        **_pipeline_summary(record.get("pipeline", {}).get("clusters")),
     }
     write_json(paths.result_json, result)
     return paths.result_json

@@ -42,6 +42,7 @@ class Setting:
     above: float | None = None  # exclusive minimum
     flag: str = ""
     nargs: str | None = None
+    repeat: bool = False  # the flag may be given several times; the value is a list
     env: str = ""  # environment variable that gives the default
     metavar: str | None = None
 
@@ -51,8 +52,12 @@ class Setting:
 
     def check(self, value: Any) -> Any:
         """``value`` converted and checked against the declared range; :class:`UsageError` otherwise."""
-        if value is None or (self.nargs and isinstance(value, list)):
+        if value is None:
             return value
+        if self.nargs or self.repeat:
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{self.option}: expected a list of names, got {value!r}")
+            return [v for v in value if v.strip()]
         kind = self.type or (type(self.default) if self.default is not None else None)
         if kind is bool and not isinstance(value, bool):
             raise UsageError(f"{self.option}: expected true or false, got {value!r}")
@@ -143,6 +148,19 @@ SETTINGS: tuple[Setting, ...] = (
             "requests stop for the cool-down (0: never)", _LLM, minimum=0),
     Setting("llm_breaker_cooldown", 60.0, "seconds requests stay stopped before one probe request", _LLM, minimum=0),
     Setting("llm_max_attempts", 4, "attempts per request on 429/5xx/timeouts", _LLM, minimum=1, maximum=20),
+    Setting("pipeline", "full", "full: annotate, score, boost the weak clusters, merge into broad/detailed/fine "
+            "groups; fast: one annotate-format-validate pass (LLM only)", _LLM, choices=("full", "fast")),
+    Setting("boost_below", 75.0, "boost clusters whose quality score is below this (and Unknown ones)", _LLM,
+            minimum=0, maximum=100),
+    Setting("boost_rounds", 3, "gene-request rounds per boosted cluster (0: no boost)", _LLM, minimum=0, maximum=10),
+    Setting("n_runs", 1, "independent annotations per cluster, for a consensus and its agreement", _LLM, minimum=1,
+            maximum=20),
+    Setting("models", "", "comma-separated extra models that annotate every cluster too and vote in the consensus",
+            _LLM),
+    Setting("agreement_threshold", 0.5, "clusters whose runs agree less than this are flagged disputed", _LLM,
+            minimum=0, maximum=1),
+    Setting("subcluster", [], "re-cluster the cells called this type and annotate the subclusters (repeatable)",
+            _LLM, repeat=True, metavar="CELL_TYPE"),
     Setting("use_cache", True, "do not use the on-disk response cache", _LLM, flag="--no-cache"),
     Setting("cache_dir", "", "response cache folder (default: ~/.cache/cassia-batch/llm)", _LLM, metavar="DIR"),
     Setting("max_cost", 0.0, "USD budget for the run: no request is sent once it is reached (0: none)", _COST,

@@ -144,6 +144,9 @@ def _messages(body: dict) -> list[dict]:
 
 def detect_agent(body: dict) -> str:
     """'annotator' | 'validator' | 'formatter' | 'unknown', from the first system (or developer) message."""
+    pipeline_agent = detect_pipeline_agent(body)  # scorer / boost / merger (pipeline agents section)
+    if pipeline_agent:
+        return pipeline_agent
     for msg in _messages(body):
         if msg.get("role") in ("system", "developer"):
             text = _content_text(msg.get("content")).lower()
@@ -355,6 +358,157 @@ class _Headers(dict):
         return super().get(key.lower(), default)
 
 
+# --------------------------------------------------------------------------- pipeline agents
+# The scoring, boost and merging agents of the full pipeline (and CASSIA's own scoring / boost prompts),
+# plus their fault knobs. Kept in this section so the core dispatch above stays as it was.
+
+PIPELINE_AGENTS = ("scorer", "boost", "merger")
+BROAD_GROUPS = {
+    "Immune cell": ("T cell", "NK cell", "B cell", "Plasma cell", "Monocyte", "Dendritic cell", "Platelet",
+                    "Microglia"),
+    "Neural cell": ("Astrocyte", "Neuron", "Oligodendrocyte"),
+    "Stromal cell": ("Endothelial cell", "Fibroblast"),
+    "Epithelial cell": ("Epithelial cell", "Hepatocyte"),
+}
+_LOOKUP_LINE = re.compile(r"^\s*-\s*([A-Za-z0-9._\-]+):\s*log2FC\s+(-?[\d.]+)", re.MULTILINE)
+_CALL_LINE = re.compile(r"^\s*Call to score:\s*(.+)$", re.MULTILINE)
+_RUN_LINE = re.compile(r"independent run (\d+) of", re.IGNORECASE)
+_MERGE_LINE = re.compile(r"^\s*-\s*cluster\s+(\S+):\s*([^;\n]+)", re.MULTILINE)
+_CASSIA_MARKERS = re.compile(r"<marker>\s*(.*?)\s*</marker>", re.DOTALL)
+
+
+def detect_pipeline_agent(body: dict) -> str | None:
+    """'scorer' | 'boost' | 'merger' from the system message, or CASSIA's own scoring / boost prompts."""
+    for msg in _messages(body):
+        if msg.get("role") in ("system", "developer"):
+            text = _content_text(msg.get("content")).lower()
+            for name, phrase in (("scorer", "scoring agent"), ("boost", "boost agent"), ("merger", "merging agent")):
+                if phrase in text:
+                    return name
+            break
+    first_user = next((_content_text(m.get("content")) for m in _messages(body) if m.get("role") == "user"), "")
+    if "<check_genes>" in first_user:
+        return "boost"
+    if "<score>" in first_user:
+        return "scorer"
+    return None
+
+
+def _all_text(body: dict, roles=("user", "assistant")) -> str:
+    return "\n".join(_content_text(m.get("content")) for m in _messages(body) if m.get("role") in roles)
+
+
+def _positive_lookups(text: str) -> list[str]:
+    """Genes a look-up answer reported with log2FC >= 1 (the evidence the boost gathered)."""
+    return [g for g, lfc in _LOOKUP_LINE.findall(text) if float(lfc) >= 1.0]
+
+
+def _evidence(body: dict) -> list[str]:
+    markers = parse_markers(body)
+    if not markers:
+        found = _CASSIA_MARKERS.search(_all_text(body))
+        markers = [g.strip() for g in found.group(1).split(",") if g.strip()] if found else []
+    extra = [g for g in _positive_lookups(_all_text(body)) if g.upper() not in {m.upper() for m in markers}]
+    return markers + extra
+
+
+def scripted_score(body: dict) -> int:
+    """0-100 from the evidence: 20 for Unknown/off-table, 35 if not the best type, else 45 + 15 per hit."""
+    evidence = _evidence(body)
+    stated = _CALL_LINE.findall(_all_text(body, roles=("user",)))
+    claimed = stated[-1].strip() if stated else (parse_final_annotation(body) or "")
+    canonical = _canonical_type(claimed)
+    ranked = score_markers(evidence)
+    if canonical is None or not ranked:
+        return 20
+    if ranked[0][0] != canonical:
+        return 35
+    return min(95, 45 + 15 * len(ranked[0][2]))
+
+
+def boost_genes(body: dict) -> list[str]:
+    """Genes the boost agent asks for: the unseen markers of the best candidates (or of every type)."""
+    markers = parse_markers(body) or _evidence(body)
+    seen = {m.upper() for m in markers}
+    ranked = score_markers(markers)
+    if ranked:
+        lineage = _lineage(ranked[0][0])
+        types = [t for t in CELL_TYPES if _lineage(t) == lineage]
+        wanted = [g for t in types for g in _type_markers(t)]
+    else:
+        wanted = [own[0] for own, _ in CELL_TYPES.values()]
+    return [g for g in dict.fromkeys(wanted) if g.upper() not in seen]
+
+
+def merger_payload(body: dict, drop_last: bool) -> dict:
+    entries = []
+    for cluster, label in _MERGE_LINE.findall(_all_text(body, roles=("user",))):
+        canonical = _canonical_type(label.strip())
+        lineage = _lineage(canonical) if canonical else label.strip()
+        broad = next((g for g, members in BROAD_GROUPS.items() if lineage in members), "Other")
+        entries.append({"cluster": cluster, "broad": broad, "detailed": lineage, "fine": label.strip()})
+    if drop_last and entries:
+        entries.pop()
+    return {"groupings": entries}
+
+
+class _PipelineAgents:
+    """Mixed into :class:`ScriptedLLMServer`: answers and faults of the pipeline agents.
+
+    Knobs: ``score_out_of_range`` (the next N scorer answers give 150), ``boost_never_concludes`` (the boost
+    agent asks for genes forever), ``boost_unknown_genes`` (its requests also name genes that exist nowhere),
+    ``disagree_runs`` (annotator answers for "independent run k" with k in the set give the runner-up type),
+    ``disagree_models`` (same for requests naming these models), ``merge_drops`` (the next N merging answers
+    leave the last cluster out).
+    """
+
+    def _init_pipeline_faults(self) -> None:
+        self.score_out_of_range = 0
+        self.boost_never_concludes = False
+        self.boost_unknown_genes = False
+        self.disagree_runs: set[int] = set()
+        self.disagree_models: set[str] = set()
+        self.merge_drops = 0
+
+    def pipeline_answer(self, body: dict, agent: str) -> str:
+        if agent == "scorer":
+            with self._lock:
+                wrong = self.score_out_of_range > 0
+                self.score_out_of_range -= 1 if wrong else 0
+            score = 150 if wrong else scripted_score(body)
+            return (f"<reasoning>The call was weighed against the ranked markers and any genes checked; "
+                    f"evidence strength gives {score}.</reasoning>\n<score>{score}</score>")
+        if agent == "merger":
+            with self._lock:
+                drop = self.merge_drops > 0
+                self.merge_drops -= 1 if drop else 0
+            return json.dumps(merger_payload(body, drop))
+        return self._boost_answer(body)
+
+    def _boost_answer(self, body: dict) -> str:
+        answered = any(m.get("role") == "assistant" for m in _messages(body))
+        if self.boost_never_concludes or not answered:
+            genes = boost_genes(body)[:18] + (["NOTAGENE1", "FAKE2"] if self.boost_unknown_genes else [])
+            return ("Hypotheses: the earlier call may be too coarse or wrong. Checking the genes that separate "
+                    f"the candidates.\n<check_genes>{','.join(genes or ['GAPDH'])}</check_genes>")
+        evidence = _evidence(body)
+        cell_type, support = call_cell_type(evidence)
+        return (f"FINAL ANNOTATION COMPLETED\nThe checked genes {', '.join(support) or 'do not help'} settle it.\n"
+                f"FINAL ANNOTATION: {cell_type}")
+
+    def disagreeing_annotator(self, body: dict) -> str | None:
+        """The annotator's answer with the runner-up type, for the runs / models told to disagree."""
+        run = _RUN_LINE.findall(_all_text(body, roles=("user",)))
+        if not ((run and int(run[-1]) in self.disagree_runs) or body.get("model") in self.disagree_models):
+            return None
+        ranked = score_markers(parse_markers(body))
+        if len(ranked) < 2:
+            return None
+        cell_type, support = ranked[1][0], ranked[1][2]
+        return (f"Let me reason step by step.\nStep 1: {', '.join(support)} point to {cell_type}.\n"
+                f"FINAL ANNOTATION: {cell_type}")
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -495,7 +649,7 @@ def _not_found(method: str, path: str) -> _Reply:
     return _Reply(404, error_body(f"Invalid URL ({method} {path})", "invalid_request_error", "unknown_url"))
 
 
-class ScriptedLLMServer:
+class ScriptedLLMServer(_PipelineAgents):
     """Deterministic OpenAI-compatible chat-completions server on 127.0.0.1 (see module docstring).
 
     Fault knobs may be changed at any time from any thread; plain attributes (``garbage``,
@@ -560,6 +714,7 @@ class ScriptedLLMServer:
         self.received: list[dict] = []
         self.headers_seen: list[dict] = []
         self._init_stats()
+        self._init_pipeline_faults()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -669,6 +824,7 @@ class ScriptedLLMServer:
         self.reject_seed = self.omit_usage = self.reject_temperature = self.reasoning_only = False
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
+        self._init_pipeline_faults()
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -886,6 +1042,8 @@ class ScriptedLLMServer:
     def _completion(self, body: dict, agent: str, garbage: bool) -> dict:
         if garbage:
             content = garbage_answer(body)
+        elif agent in PIPELINE_AGENTS:
+            content = self.pipeline_answer(body, agent)
         elif agent == "validator":
             with self._lock:
                 fail = self._validator_seen < self._validator_fails
@@ -894,7 +1052,7 @@ class ScriptedLLMServer:
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown
-            content = annotator_answer(body)
+            content = self.disagreeing_annotator(body) or annotator_answer(body)
         digest = hashlib.sha256(_canonical_json(body).encode()).hexdigest()[:24]
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{digest}",

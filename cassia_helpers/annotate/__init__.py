@@ -39,6 +39,12 @@ class ClusterAnnotation:
     then ``main_cell_type`` is ``"Unknown"``, ``reason`` says why in words and ``reason_kind`` in one
     of :data:`REASON_KINDS` (empty for a real call).
     ``transcript`` holds the readable turns (``{"agent": ..., "content": ...}``) for the annotation text.
+
+    The full pipeline adds: ``score`` (0-100 from the scoring agent, ``None`` when not scored) and
+    ``score_reasoning``; ``boosted`` (the boost agent ran) and ``kept_answer`` (``"initial"`` or
+    ``"boosted"``: the higher-scoring answer is kept) with ``boost_score``; ``consensus``, ``agreement``
+    (fraction of runs agreeing with it), ``runners_up`` and ``disputed``; ``merged_groupings`` (broad,
+    detailed, fine); ``notes`` (why a step left the earlier result in place).
     """
 
     cluster: str
@@ -56,6 +62,17 @@ class ClusterAnnotation:
     transcript: list[dict] = field(default_factory=list)
     input_tokens: int = 0
     output_tokens: int = 0
+    score: float | None = None
+    score_reasoning: str = ""
+    boosted: bool = False
+    kept_answer: str = ""
+    boost_score: float | None = None
+    consensus: str = ""
+    agreement: float | None = None
+    runners_up: list[str] = field(default_factory=list)
+    disputed: bool = False
+    merged_groupings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -184,6 +184,12 @@ class LLMAnnotator:
                  dataset: str = "", tissue: str = "", run_dir: str = "", max_rounds: int = 2,
                  seed: int = 0, deadline: float = DEFAULT_DEADLINE_S, max_tokens: int = DEFAULT_MAX_TOKENS,
                  breaker_failures: int = 3, breaker_cooldown: float = 60.0) -> None:
+        self._options = dict(species=species, model=model, base_url=base_url, concurrency=concurrency,
+                             timeout=timeout, max_attempts=max_attempts, use_cache=use_cache, cache_dir=cache_dir,
+                             max_cost=max_cost, price_file=price_file, input_price=input_price,
+                             output_price=output_price, dataset=dataset, tissue=tissue, run_dir=run_dir,
+                             max_rounds=max_rounds, seed=seed, deadline=deadline, max_tokens=max_tokens,
+                             breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown)
         self.species = species
         self.max_rounds = max(1, int(max_rounds))
         self.concurrency = max(1, int(concurrency))
@@ -222,6 +228,30 @@ class LLMAnnotator:
                  context: str = "") -> list[ClusterAnnotation]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda m: self._annotate_safely(m, tissue, species, context), clusters))
+
+    # hooks for the pipeline (annotate/pipeline.py)
+    def sibling(self, *, model: str | None = None, seed: int | None = None) -> LLMAnnotator:
+        """An annotator with another model and/or seed that shares this one's ledger, throttle and budget."""
+        options = dict(self._options, ledger_path=None)
+        if model:
+            options["model"] = model
+        if seed is not None:
+            options["seed"] = seed
+        other = LLMAnnotator(**options)
+        other.ledger = self.ledger
+        other.client.ledger = self.ledger
+        other.client.throttle, other.client.budget = self.client.throttle, self.client.budget
+        other.client.breaker = self.client.breaker
+        return other
+
+    def annotate_one(self, markers: ClusterMarkers, *, tissue: str, species: str,
+                     context: str = "") -> ClusterAnnotation:
+        """One cluster's annotate → format → validate pass; failures end in an Unknown with the reason."""
+        return self._annotate_safely(markers, tissue, species, context)
+
+    def format_answer(self, prompt: str, analysis: str, cluster: str, transcript: list[dict]) -> dict | None:
+        """The formatter agent (schema → JSON mode → prose fallbacks) on a free-text analysis."""
+        return self._format(prompt, analysis, cluster, transcript)
 
     def _annotate_safely(self, markers, tissue, species, context) -> ClusterAnnotation:
         try:

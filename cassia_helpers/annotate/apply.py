@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, is_dataclass
 
 import anndata as ad
 import pandas as pd
 
 from ..record import cluster_key, provenance, timed
 from . import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers, annotation_failure
+from .columns import write_pipeline_columns
 
 
 @timed("annotation", phase="annotation")
@@ -32,7 +34,8 @@ def annotate_clusters(
     ``uns['cassia_batch']['annotation']`` with the per-cluster table (``clusters``), the full results
     as JSON (``results_json``), the annotator's provenance (``provenance``) and ``failure``: a one-line
     reason when most clusters got no answer because of the model service (empty otherwise), which makes
-    the dataset ``failed``.
+    the dataset ``failed``. The pipeline's columns (quality score, consensus, merged groupings) are written
+    by :func:`~cassia_helpers.annotate.columns.write_pipeline_columns`.
     """
     start = time.perf_counter()
     results = annotator.annotate(clusters, tissue=tissue, species=species, context=context)
@@ -89,4 +92,7 @@ def annotate_clusters(
         "seconds": round(time.perf_counter() - start, 3),
         "failure": annotation_failure(ordered) or "",
     }
+    settings = getattr(annotator, "settings", None)
+    write_pipeline_columns(adata, ordered, groupby=groupby, key_added=key_added,
+                           settings=asdict(settings) if is_dataclass(settings) else None)
     return ordered

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 from . import Annotator
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
     from ..settings import Settings
 
 
@@ -18,11 +21,17 @@ def llm_configured(base_url: str = "") -> bool:
 
 
 def make_annotator(settings: Settings, *, dataset: str = "", tissue: str = "", run_dir: str | Path = "",
-                   ledger_path: str | Path | None = None) -> Annotator:
+                   ledger_path: str | Path | None = None, markers: pd.DataFrame | None = None,
+                   adata: AnnData | None = None) -> Annotator:
     """The annotator ``settings.annotator`` names: ``"reference"`` (the offline marker reference) or ``"llm"``
     (CASSIA-style agents on an OpenAI-compatible endpoint, writing every request to ``ledger_path`` and
     sharing the run's request limit and budget through ``run_dir``). ``"auto"`` picks ``"llm"`` when an API
-    key or a base URL is configured."""
+    key or a base URL is configured.
+
+    With ``settings.pipeline == "full"`` (or several runs or models) the LLM agents run CASSIA's whole
+    pipeline (:class:`~cassia_helpers.annotate.pipeline.AnnotationPipeline`); the boost agent's gene
+    requests are answered from ``markers``, the full marker table of every tested gene (with ``adata``
+    for genes that were not tested)."""
     kind = settings.annotator
     if kind == "auto":
         kind = "llm" if llm_configured(settings.base_url) else "reference"
@@ -32,7 +41,7 @@ def make_annotator(settings: Settings, *, dataset: str = "", tissue: str = "", r
         return ReferenceAnnotator(species=settings.species)
     from .agents import LLMAnnotator
 
-    return LLMAnnotator(
+    agents = LLMAnnotator(
         species=settings.species, model=settings.model, base_url=settings.base_url,
         concurrency=settings.llm_concurrency, timeout=settings.llm_timeout,
         max_attempts=settings.llm_max_attempts, use_cache=settings.use_cache, cache_dir=settings.cache_dir,
@@ -42,6 +51,19 @@ def make_annotator(settings: Settings, *, dataset: str = "", tissue: str = "", r
         max_tokens=settings.llm_max_tokens, breaker_failures=settings.llm_breaker_failures,
         breaker_cooldown=settings.llm_breaker_cooldown,
     )
+    if settings.pipeline == "fast" and settings.n_runs == 1 and not settings.models:
+        return agents
+    from ..record import cluster_key
+    from .boost import GeneLookup
+    from .pipeline import AnnotationPipeline, PipelineSettings
+
+    lookup = None
+    if markers is not None:
+        lookup = GeneLookup(markers, adata=adata, groupby=cluster_key(adata) if adata is not None else "leiden")
+    options = PipelineSettings.from_options(
+        pipeline=settings.pipeline, boost_below=settings.boost_below, boost_rounds=settings.boost_rounds,
+        n_runs=settings.n_runs, models=settings.models, agreement_threshold=settings.agreement_threshold)
+    return AnnotationPipeline(agents, options, lookup=lookup)
 
 
 def check_llm_setup(settings: Settings) -> None:

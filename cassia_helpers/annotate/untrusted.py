@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 
+from ..files import csv_safe
+
 # What one reply may put into the transcript, the cache and the ledger.
 MAX_REPLY_CHARS = 20_000
 # Longest cell-type label kept (longer ones are cut with an ellipsis).
@@ -16,7 +18,6 @@ MAX_LABEL_CHARS = 100
 # Longest free-text reasoning kept per cluster.
 MAX_REASONING_CHARS = 2_000
 # A cell starting with one of these is a formula in spreadsheet programs.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 REDACTED = "[redacted]"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 # Keys shorter than this are not scrubbed: replacing a 3-character "key" would mangle ordinary text.
@@ -69,14 +70,6 @@ def sanitize_text(text: object, max_chars: int = MAX_REASONING_CHARS) -> str:
     at most ``max_chars`` characters."""
     cleaned = _CONTROL.sub(lambda m: "\n" if m.group() == "\n" else " ", scrub_secrets(str(text or "")))
     return cap_text(cleaned.strip(), max_chars)
-
-
-def csv_safe(value: object) -> object:
-    """A CSV cell that a spreadsheet will not run as a formula: text starting with ``= + - @``, a tab or
-    a carriage return gets a leading apostrophe. Numbers and other non-text values are returned as is."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
-    return value
 
 
 __all__ = [
