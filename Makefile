@@ -8,7 +8,7 @@ EXAMPLE_DATA ?= example_data
 OUTPUT_DIR ?= batch_results
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench lab clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# JupyterLab with this project's environment as a named kernel ("cassia-batch")
+lab: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,interop,lab]'
+	$(BIN)/python -m ipykernel install --user --name cassia-batch --display-name "cassia-batch"
+	$(BIN)/jupyter lab notebooks/
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -38,6 +38,22 @@ def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, max_rounds:
             "output": (best_out, max_rounds * best_out + 300)}
 
 
+def per_cluster(settings: Settings, *, tissue: str) -> dict[str, tuple]:
+    """Calls and tokens of one cluster for the steps switched on (``--pipeline``, ``--n-runs``, ``--models``):
+    the single pass's token sizes scaled by the pipeline's bounded call counts."""
+    from .annotate.pipeline import PipelineSettings, estimate_calls
+
+    single = tokens_per_cluster(settings.n_markers, tissue=tissue, species=settings.species)
+    options = PipelineSettings.from_options(
+        pipeline=settings.pipeline, boost_below=settings.boost_below, boost_rounds=settings.boost_rounds,
+        n_runs=settings.n_runs, models=settings.models, agreement_threshold=settings.agreement_threshold)
+    low, high = estimate_calls(options)["per_cluster"]
+    scale = (low / single["calls"][0], high / single["calls"][1])
+    return {"calls": (round(low), round(high)),
+            **{part: (round(single[part][0] * scale[0]), round(single[part][1] * scale[1]))
+               for part in ("input", "output")}}
+
+
 def dry_run(settings: Settings) -> tuple[str, bool]:
     """A table of the datasets that would run, with an estimate of calls, tokens and cost, and whether every
     input can run (each is checked from its header, as the real run does before starting a kernel)."""
@@ -47,8 +63,8 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
     price = PriceTable.load(settings.price_file or None, model=settings.model, input_price=settings.input_price,
                             output_price=settings.output_price).lookup(settings.model)
     lines = [f"Dry run: {len(found.datasets)} dataset(s) would be processed; nothing is sent or written.",
-             f"Annotator: {settings.annotator}" + (f" (model {settings.model})" if llm else
-                                                    " (offline reference: no API calls)"), ""]
+             f"Annotator: {settings.annotator}" + (f" (model {settings.model}, pipeline {settings.pipeline})" if llm
+                                                    else " (offline reference: no API calls)"), ""]
     header = f"{'tissue':<14} {'dataset':<36} {'cells':>9} {'genes':>7} {'clusters':>9} {'calls':>11} {'tokens':>17}"
     lines += [header, "-" * len(header)]
     totals = [0, 0, 0, 0, 0.0, 0.0]
@@ -62,7 +78,7 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
             continue
         n_obs, n_vars = shape["n_obs"] or 0, shape["n_vars"] or 0
         low, high = cluster_range(n_obs)
-        per = tokens_per_cluster(settings.n_markers, tissue=dataset.tissue, species=settings.species)
+        per = per_cluster(settings, tissue=dataset.tissue)
         calls = (low * per["calls"][0], high * per["calls"][1]) if llm else (0, 0)
         tokens = ((low * (per["input"][0] + per["output"][0]), high * (per["input"][1] + per["output"][1]))
                   if llm else (0, 0))

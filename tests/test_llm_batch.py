@@ -13,7 +13,7 @@ import anndata as ad
 import pandas as pd
 import pytest
 
-from cassia_helpers.outputs import CASSIA_COLUMNS
+from cassia_helpers.cassia_format import CASSIA_COLUMNS
 from tests.conftest import API_KEY, REPO
 from tests.synthetic import BLOOD_TYPES, make_counts, write
 
