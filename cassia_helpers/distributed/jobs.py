@@ -42,6 +42,9 @@ def _record(key: str, status: str, error: str, error_type: str) -> dict:
 class DatasetExecutor:
     """Submit datasets to a ``distributed.Client``, one task each, keyed so none runs twice.
 
+    Datasets wait here, not on the scheduler: one is submitted whenever a worker thread is free,
+    so that each worker runs one dataset at a time and none waits behind another's long dataset.
+
     Parameters
     ----------
     client
@@ -49,7 +52,7 @@ class DatasetExecutor:
     stop_grace_s
         After a stop, how long running datasets get to stop and report before being given up.
     poll_s
-        How often the wait loop looks for a stop request.
+        How often the wait loop looks for finished datasets and stop requests.
     """
 
     def __init__(self, client, *, stop_grace_s: float = 20.0, poll_s: float = 0.1) -> None:
@@ -59,8 +62,9 @@ class DatasetExecutor:
         self.session = uuid.uuid4().hex[:12]
         self.stop_event_name = f"cassia-stop-{self.session}"
         self._stop_requested = threading.Event()
-        self._futures: dict = {}
-        self._reported: set = set()
+        self._total = self._done = 0
+        self._queue: list[tuple[str, dict]] = []
+        self._running: dict = {}  # future -> key
         self._lock = threading.Lock()
 
     def stop(self) -> None:
@@ -72,17 +76,16 @@ class DatasetExecutor:
         return self._stop_requested.is_set()
 
     def progress(self) -> Progress:
-        """Datasets done / running (being executed by a worker) / queued, and the dashboard link."""
+        """Datasets done / running (submitted to a worker) / queued, and the dashboard link."""
         with self._lock:
-            futures = dict(self._futures)
-            done = len(self._reported)
+            return Progress(total=self._total, done=self._done, running=len(self._running),
+                            queued=len(self._queue), dashboard=dashboard_link(self.client))
+
+    def _capacity(self) -> int:
         try:
-            processing = {key for keys in self.client.processing().values() for key in keys}
-        except Exception:  # noqa: BLE001 - progress is best effort
-            processing = set()
-        running = sum(1 for key in futures if key in processing and key not in self._reported)
-        return Progress(total=len(futures), done=done, running=running,
-                        queued=max(0, len(futures) - done - running), dashboard=dashboard_link(self.client))
+            return sum(self.client.nthreads().values())
+        except Exception:  # noqa: BLE001 - the scheduler is busy or briefly unreachable: wait
+            return 0
 
     def run_jobs(self, task: Task, jobs: Mapping[str, dict], *, on_done: Callable[[str, dict], None],
                  on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 1.0) -> None:
@@ -92,76 +95,88 @@ class DatasetExecutor:
         task could not report gets a record made here: ``failed`` / ``WorkerDied`` when its worker
         died, ``interrupted`` when it was stopped before it started or did not stop in time; such
         records carry ``key``, ``status``, ``error`` and ``error_type`` only (nothing was written for
-        that dataset: the caller writes its status file).
+        that dataset: the caller writes its status file). Returns when every key was reported, or
+        within about ``stop_grace_s`` of :meth:`stop`.
         """
         from distributed import Event, as_completed
         from distributed.client import FutureCancelledError
 
         from .workers import execute
 
-        stop_event = Event(self.stop_event_name, client=self.client)
         started_prefix = f"cassia-started-{self.session}-"
         with self._lock:
-            self._reported = set()
-            self._futures = {
-                key: self.client.submit(execute, task, job, key=key, pure=False, retries=0,
-                                        stop_event=self.stop_event_name, started_prefix=started_prefix)
-                for key, job in jobs.items()
-            }
-        futures = dict(self._futures)
-        by_future = {future: key for key, future in futures.items()}
-        pending = as_completed(list(futures.values()))
-        last_progress = 0.0
+            self._queue = list(jobs.items())
+            self._total, self._done, self._running = len(self._queue), 0, {}
+        finished = as_completed()
+        submitted: list[str] = []
+        last_progress = last_capacity = 0.0
+        capacity = 0
 
-        def report(future, record: dict | None = None) -> None:
-            key = by_future[future]
+        def report(key: str, record: dict) -> None:
             with self._lock:
-                if key in self._reported:
-                    return
-                self._reported.add(key)
-            on_done(key, record or self._outcome(key, future, FutureCancelledError))
+                self._done += 1
+            on_done(key, record)
+
+        def collect() -> None:
+            for future in finished.next_batch(block=False):
+                with self._lock:
+                    key = self._running.pop(future, None)
+                if key is not None:
+                    report(key, self._outcome(key, future, FutureCancelledError))
 
         try:
-            while not pending.is_empty():
-                for future in pending.next_batch(block=False):
-                    report(future)
+            while self._queue or self._running:
                 if self._stop_requested.is_set():
                     break
+                if time.monotonic() - last_capacity > 1.0:
+                    capacity, last_capacity = self._capacity(), time.monotonic()
+                while self._queue and len(self._running) < capacity and not self._stop_requested.is_set():
+                    with self._lock:
+                        key, job = self._queue.pop(0)
+                        future = self.client.submit(execute, task, job, task_key=key, key=key, pure=False,
+                                                    retries=0, stop_event=self.stop_event_name,
+                                                    started_prefix=started_prefix)
+                        self._running[future] = key
+                    submitted.append(key)
+                    finished.add(future)
+                collect()
                 if on_progress and time.monotonic() - last_progress >= progress_every_s:
                     last_progress = time.monotonic()
                     on_progress(self.progress())
                 time.sleep(self.poll_s)
             if self._stop_requested.is_set():
-                self._wind_down(stop_event, futures, pending, report)
+                self._wind_down(collect, report)
         finally:
+            leftover = list(self._running)
+            if leftover:
+                self.client.cancel(leftover, force=True)
             if on_progress:
                 on_progress(self.progress())
-            self.client.cancel([f for f in futures.values() if not f.done()], force=True)
-            for key in futures:
+            for key in [*submitted, self.stop_event_name]:
+                name = key if key == self.stop_event_name else f"{started_prefix}{key}"
                 try:
-                    Event(f"{started_prefix}{key}", client=self.client).clear()
+                    Event(name, client=self.client).clear()
                 except Exception:  # noqa: BLE001 - only tidying the scheduler
                     pass
 
-    def _wind_down(self, stop_event, futures: dict, pending, report) -> None:
-        """Stop: tell running tasks, cancel queued ones, wait a little for the running ones to report."""
-        stop_event.set()
-        try:
-            processing = {key for keys in self.client.processing().values() for key in keys}
-        except Exception:  # noqa: BLE001
-            processing = set(futures)
-        queued = [f for key, f in futures.items() if key not in processing and not f.done()]
-        # a queued task that starts before it is cancelled sees the stop Event and does nothing
-        self.client.cancel(queued)
+    def _wind_down(self, collect, report) -> None:
+        """Stop: tell the running tasks, report the queued ones, give the running ones time to report."""
+        from distributed import Event
+
+        Event(self.stop_event_name, client=self.client).set()
+        with self._lock:
+            queued, self._queue = self._queue, []
+        for key, _job in queued:
+            report(key, _record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted"))
         deadline = time.monotonic() + self.stop_grace_s
-        while not pending.is_empty() and time.monotonic() < deadline:
-            for future in pending.next_batch(block=False):
-                report(future)
+        while self._running and time.monotonic() < deadline:
+            collect()
             time.sleep(self.poll_s)
-        late = _record("", INTERRUPTED, f"did not stop within {self.stop_grace_s:g} s of the interruption",
-                       "Interrupted")
-        for key, future in futures.items():
-            report(future, {**late, "key": key})
+        with self._lock:
+            late, self._running = list(self._running.values()), {}
+        for key in late:
+            report(key, _record(key, INTERRUPTED, f"did not stop within {self.stop_grace_s:g} s of the "
+                                "interruption", "Interrupted"))
 
     def _outcome(self, key: str, future, cancelled_error) -> dict:
         status = future.status

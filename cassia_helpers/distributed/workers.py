@@ -94,13 +94,14 @@ class _StopWatch:
         self._done.set()
 
 
-def execute(task: Callable[[dict, Callable[[], bool]], dict], job: dict, *, key: str, stop_event: str,
+def execute(task: Callable[[dict, Callable[[], bool]], dict], job: dict, *, task_key: str, stop_event: str,
             started_prefix: str) -> dict:
     """Run ``task(job, stop)`` on a worker, at most once per key and session.
 
     A task that the scheduler starts again after its worker died (a cluster whose scheduler allows
     retries) finds its key marked as started and returns a failed record instead of a second run.
     """
+    key = task_key
     worker = get_worker()
     os.environ[SCHEDULER_ENV] = worker.scheduler.address
     client = get_client()
