@@ -24,6 +24,20 @@ from tests.dask_fakes import read_lines
 
 pytest.importorskip("distributed", reason="dask[distributed] is a dependency of the package")
 REPO = Path(__file__).resolve().parent.parent
+WORKERS = 3
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """One local cluster for the tests of this module (starting one takes seconds)."""
+    with open_client(workers=WORKERS) as client:
+        yield client
+
+
+@pytest.fixture
+def client(local_cluster):
+    local_cluster.wait_for_workers(WORKERS, timeout=120)  # a test may have killed one: its nanny restarts it
+    return local_cluster
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +47,7 @@ def time_limit():
         raise TimeoutError("test took too long")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(90)
+    signal.alarm(240)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, previous)
@@ -71,57 +85,59 @@ def run_collecting(executor: DatasetExecutor, task, jobs) -> list[tuple[str, dic
     return done
 
 
-def test_every_dataset_runs_once_and_reports_once(tmp_path):
+def test_every_dataset_runs_once_and_reports_once(client, tmp_path):
     tag = f"cassia-fake-{os.getpid()}-all"
-    jobs = jobs_for(tmp_path, ["a", "b", "c", "d"], 0.3, tag)
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    jobs = jobs_for(tmp_path, names, 0.3, tag)
     progress = []
-    with open_client(workers=2) as client:
-        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
-        workers = client.scheduler_info()["workers"]
-        assert len(workers) == 2 and all(w["nthreads"] == 1 for w in workers.values())
-        worker_pids = set(client.run(os.getpid).values())
-        assert check_shared_storage(client, tmp_path / "run") is None
-        executor = DatasetExecutor(client)
-        done = []
-        executor.run_jobs(dask_fakes.sleeper, jobs, on_done=lambda k, r: done.append((k, r)),
-                          on_progress=progress.append, progress_every_s=0.1)
+    assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+    workers = client.scheduler_info()["workers"]
+    assert len(workers) == WORKERS and all(w["nthreads"] == 1 for w in workers.values())
+    assert all(w["host"] == "127.0.0.1" for w in workers.values())
+    worker_pids = set(client.run(os.getpid).values())
+    assert check_shared_storage(client, tmp_path / "run") is None
+    executor = DatasetExecutor(client)
+    done = []
+    executor.run_jobs(dask_fakes.sleeper, jobs, on_done=lambda k, r: done.append((k, r)),
+                      on_progress=progress.append, progress_every_s=0.05)
     assert sorted(key for key, _ in done) == sorted(jobs)
     assert all(record["status"] == "success" and record["key"] == key for key, record in done)
     assert {record["pid"] for _, record in done} <= worker_pids
-    for name in "abcd":
+    for name in names:
         assert len((tmp_path / f"{name}.runs").read_text().splitlines()) == 1
-    assert progress[-1].done == 4 and progress[-1].total == 4 and progress[-1].queued == 0
-    assert max(p.running for p in progress) <= 2
+    assert progress[-1].done == len(names) and progress[-1].total == len(names) and progress[-1].queued == 0
+    assert max(p.running for p in progress) == WORKERS  # one dataset per worker, the others queued
+    assert any(p.queued > 0 for p in progress)
+    assert progress[-1].dashboard == ""  # no dashboard unless asked for
     assert not list((tmp_path / "run").iterdir())  # probe files removed
 
 
-def test_stop_mid_run_survives_ctrl_c_and_leaves_no_process(tmp_path):
+def test_stop_mid_run_survives_ctrl_c_and_leaves_no_process(client, tmp_path):
     tag = f"cassia-fake-{os.getpid()}-stop"
-    names = ["a", "b", "c", "d", "e"]
+    names = ["a", "b", "c", "d", "e", "f"]
     jobs = jobs_for(tmp_path, names, 60, tag)
-    with open_client(workers=2) as client:
-        worker_pids = list(client.run(os.getpid).values())
-        executor = DatasetExecutor(client)
-        done: list[tuple[str, dict]] = []
-        stopped_at: list[float] = []
+    worker_pids = list(client.run(os.getpid).values())
+    executor = DatasetExecutor(client)
+    done: list[tuple[str, dict]] = []
+    stopped_at: list[float] = []
 
-        def interrupt():
-            wait_for(lambda: len(tagged(tag)) == 2, what="two running datasets")
-            for pid in worker_pids:  # what a terminal's Ctrl-C / hang-up does to the process group
-                os.kill(pid, signal.SIGINT)
-                os.kill(pid, signal.SIGHUP)
-            time.sleep(0.5)
-            stopped_at.append(time.monotonic())
-            executor.stop()
+    def interrupt():
+        wait_for(lambda: len(tagged(tag)) == WORKERS, what="a running dataset per worker")
+        for pid in worker_pids:  # what a terminal's Ctrl-C / hang-up does to the process group
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGHUP)
+        time.sleep(0.5)
+        stopped_at.append(time.monotonic())
+        executor.stop()
 
-        threading.Thread(target=interrupt, daemon=True).start()
-        executor.run_jobs(dask_fakes.sleeper, jobs, on_done=lambda k, r: done.append((k, r)))
-        returned = time.monotonic() - stopped_at[0]
-        assert all(psutil.pid_exists(pid) for pid in worker_pids), "a worker died of the signals"
+    threading.Thread(target=interrupt, daemon=True).start()
+    executor.run_jobs(dask_fakes.sleeper, jobs, on_done=lambda k, r: done.append((k, r)))
+    returned = time.monotonic() - stopped_at[0]
+    assert all(psutil.pid_exists(pid) for pid in worker_pids), "a worker died of the signals"
     assert returned < 5, f"run_jobs returned {returned:.1f} s after stop()"
     assert sorted(key for key, _ in done) == sorted(jobs)
     ran = [name for name in names if (tmp_path / f"{name}.runs").exists()]
-    assert len(ran) == 2
+    assert len(ran) == WORKERS
     for name in ran:  # the running ones saw stop() themselves and reported through their task
         assert (tmp_path / f"{name}.stopped").exists()
     records = dict(done)
@@ -141,13 +157,12 @@ def _kill_when_running(folder: Path, name: str) -> int:
     return pid
 
 
-def test_killed_worker_fails_its_dataset_once_and_kills_its_child(tmp_path):
+def test_killed_worker_fails_its_dataset_once_and_kills_its_child(client, tmp_path):
     tag = f"cassia-fake-{os.getpid()}-kill"
     jobs = jobs_for(tmp_path, ["doomed"], 60, tag) | jobs_for(tmp_path, ["fine"], 0.5, tag)
-    with open_client(workers=2) as client:
-        threading.Thread(target=_kill_when_running, args=(tmp_path, "doomed"), daemon=True).start()
-        done = run_collecting(DatasetExecutor(client), dask_fakes.sleeper, jobs)
-        time.sleep(1.0)  # a retry, if there were one, would have started by now
+    threading.Thread(target=_kill_when_running, args=(tmp_path, "doomed"), daemon=True).start()
+    done = run_collecting(DatasetExecutor(client), dask_fakes.sleeper, jobs)
+    time.sleep(1.0)  # a retry, if there were one, would have started by now
     records = dict(done)
     assert len(done) == 2
     assert records["run/tissue/doomed"]["status"] == "failed"
@@ -190,13 +205,22 @@ def dask_processes(tmp_path: Path, workers: int, private_dir: Path | None = None
                 proc.kill()
 
 
-def test_existing_scheduler_runs_datasets_and_never_reruns_a_dead_workers_dataset(tmp_path):
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="simulating unshared storage needs root and unshare (both in CI)")
+def test_existing_scheduler_runs_datasets_checks_storage_and_never_reruns_a_dead_workers_dataset(tmp_path):
     tag = f"cassia-fake-{os.getpid()}-ext"
+    run = tmp_path / "run"
+    run.mkdir()
     jobs = jobs_for(tmp_path, ["doomed"], 60, tag) | jobs_for(tmp_path, ["x", "y"], 0.3, tag)
-    with dask_processes(tmp_path, 2) as address, open_client(workers=1, scheduler=address) as client:
+    # two workers, and a third that sees its own (empty, private) file system at the run folder
+    with dask_processes(tmp_path, 2, private_dir=run) as address, open_client(workers=1, scheduler=address) as client:
         assert address.startswith("tcp://127.0.0.1:")
-        client.wait_for_workers(2, timeout=30)
-        assert check_shared_storage(client, tmp_path / "run") is None
+        client.wait_for_workers(3, timeout=120)
+        problem = check_shared_storage(client, run, wait_s=1.0)
+        assert problem is not None and "\n" not in problem
+        assert str(run) in problem and "1 Dask worker(s)" in problem
+        assert not list(run.iterdir())
+        assert check_shared_storage(client, tmp_path / "shared") is None
         threading.Thread(target=_kill_when_running, args=(tmp_path, "doomed"), daemon=True).start()
         # this scheduler keeps Dask's default of retrying a dead worker's task elsewhere
         done = run_collecting(DatasetExecutor(client), dask_fakes.sleeper, jobs)
@@ -209,29 +233,14 @@ def test_existing_scheduler_runs_datasets_and_never_reruns_a_dead_workers_datase
     wait_for(lambda: tagged(tag) == [], timeout=5, what="the dead worker's child to die")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="simulating unshared storage needs root and unshare (both in CI)")
-def test_unshared_run_folder_is_reported_in_one_line(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    # the second worker sees its own (empty, private) file system at the run folder's path
-    with dask_processes(tmp_path, 1, private_dir=run) as address, open_client(workers=1, scheduler=address) as client:
-        client.wait_for_workers(2, timeout=30)
-        problem = check_shared_storage(client, run, wait_s=1.0)
-    assert problem is not None and "\n" not in problem
-    assert str(run) in problem and "1 Dask worker(s)" in problem
-    assert not list(run.iterdir())
-
-
-def test_llm_slots_hold_across_workers_for_separate_kernel_processes(tmp_path):
+def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     names = ["k1", "k2", "k3"]
     jobs = {f"run/t/{n}": {"dir": str(tmp_path), "name": n, "run_dir": str(run_dir), "limit": 1,
                            "requests": 3, "hold_s": 0.15, "key": f"run/t/{n}"} for n in names}
-    with open_client(workers=3) as client:
-        done = run_collecting(DatasetExecutor(client), dask_fakes.kernel_user, jobs)
-        address = client.scheduler.address
+    done = run_collecting(DatasetExecutor(client), dask_fakes.kernel_user, jobs)
+    address = client.scheduler.address
     assert all(record["status"] == "success" for _, record in done), [r["error"] for _, r in done]
     assert {record["kernel_env"] for _, record in done} == {address}
     intervals, connects = [], []
@@ -250,7 +259,7 @@ def test_llm_slots_hold_across_workers_for_separate_kernel_processes(tmp_path):
     print(f"kernel import+connect: {min(connects):.2f}-{max(connects):.2f} s")
 
 
-def test_budget_is_exceeded_by_at_most_the_requests_in_flight(tmp_path):
+def test_budget_is_exceeded_by_at_most_the_requests_in_flight(client, tmp_path):
     run_dir = tmp_path / "run"
     ledger = run_dir / "t" / "old" / "old_llm_calls.jsonl"
     ledger.parent.mkdir(parents=True)
@@ -258,10 +267,9 @@ def test_budget_is_exceeded_by_at_most_the_requests_in_flight(tmp_path):
     limit, cost, max_cost = 2, 0.5, 8.0
     jobs = {f"run/t/{n}": {"run_dir": str(run_dir), "limit": limit, "max_cost": max_cost, "cost": cost,
                            "key": f"run/t/{n}"} for n in ("a", "b", "c")}
-    with open_client(workers=3) as client:
-        done = run_collecting(DatasetExecutor(client), dask_fakes.spender, jobs)
-        throttle, budget = run_limits(run_dir, limit, max_cost)
-        spent = budget.spent()
+    done = run_collecting(DatasetExecutor(client), dask_fakes.spender, jobs)
+    throttle, budget = run_limits(run_dir, limit, max_cost)
+    spent = budget.spent()
     assert all(record["kinds"] == ["DaskRunThrottle", "DaskRunBudget"] for _, record in done)
     sent = sum(record["sent"] for _, record in done)
     assert spent == pytest.approx(3.0 + sent * cost)  # seeded from the ledger, then counted
@@ -269,31 +277,34 @@ def test_budget_is_exceeded_by_at_most_the_requests_in_flight(tmp_path):
     assert sent >= 2  # the three datasets really competed for it
 
 
-def test_back_off_is_shared_and_resume_seeds_spend(tmp_path):
-    with open_client(workers=1) as client:
-        first, _ = run_limits(tmp_path, 2, 1.0)
-        second, budget = run_limits(tmp_path, 2, 1.0)
-        assert isinstance(second, DaskRunThrottle) and isinstance(budget, DaskRunBudget)
-        first.back_off(0.8)
-        start = time.monotonic()
-        with second.slot():
-            waited = time.monotonic() - start
-        assert waited >= 0.6
-        set_run_spend(client, tmp_path, 0.75)
-        assert budget.spent() == pytest.approx(0.75) and not budget.exhausted()
-        budget.add(0.25)
-        assert budget.exhausted()
-        other_run, other_budget = run_limits(tmp_path / "elsewhere", 2, 1.0)
-        assert other_budget.spent() == 0.0  # each run folder has its own limits
+def test_back_off_is_shared_and_resume_seeds_spend(client, tmp_path):
+    first, _ = run_limits(tmp_path, 2, 1.0)
+    second, budget = run_limits(tmp_path, 2, 1.0)
+    assert isinstance(second, DaskRunThrottle) and isinstance(budget, DaskRunBudget)
+    first.back_off(0.8)
+    start = time.monotonic()
+    with second.slot():
+        waited = time.monotonic() - start
+    assert waited >= 0.6
+    set_run_spend(client, tmp_path, 0.75)
+    assert budget.spent() == pytest.approx(0.75) and not budget.exhausted()
+    budget.add(0.25)
+    assert budget.exhausted()
+    other_run, other_budget = run_limits(tmp_path / "elsewhere", 2, 1.0)
+    assert other_budget.spent() == 0.0  # each run folder has its own limits
 
 
-def test_without_a_scheduler_the_file_limits_are_used(tmp_path, monkeypatch):
-    from cassia_helpers.annotate.throttle import RunBudget, RunThrottle
-
-    monkeypatch.delenv("CASSIA_DASK_SCHEDULER", raising=False)
-    throttle, budget = run_limits(tmp_path, 3, 1.0)
-    assert type(throttle) is RunThrottle and type(budget) is RunBudget
-    assert throttle.limit == 3 and budget.max_cost == 1.0
+def test_without_a_scheduler_the_file_limits_are_used(tmp_path):
+    # a notebook run by hand: no Dask client in the process, no scheduler address in the environment
+    code = ("import sys\n"
+            "from cassia_helpers.distributed import run_limits\n"
+            "throttle, budget = run_limits(sys.argv[1], 3, 1.0)\n"
+            "print(type(throttle).__name__, type(budget).__name__, throttle.limit, budget.max_cost,\n"
+            "      'distributed' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CASSIA_DASK_SCHEDULER"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env=dict(env, PYTHONPATH=str(REPO)), timeout=120)
+    assert out.stdout.split() == ["RunThrottle", "RunBudget", "3", "1.0", "False"]
 
 
 def test_child_dies_when_its_parent_is_killed(tmp_path):

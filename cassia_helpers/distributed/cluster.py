@@ -101,7 +101,7 @@ def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {name: value for name, value in env.items() if _SECRET_NAME.search(name) and len(value) >= 8}
 
 
-def slurm_cluster(options: Mapping):
+def slurm_cluster(options: Mapping, *, dashboard: bool = False):
     """A ``dask_jobqueue.SLURMCluster`` running one dataset per job, not yet scaled.
 
     Each job is one worker with one thread (one dataset at a time) holding ``cores`` CPUs and
@@ -124,8 +124,8 @@ def slurm_cluster(options: Mapping):
         "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"],
         "local_directory": opts["local_directory"], "log_directory": opts["log_directory"],
         "worker_extra_args": ["--preload", WORKER_PRELOAD], "name": "cassia-batch",
-        "scheduler_options": {"dashboard_address": None, **({"host": opts["scheduler_host"]}
-                                                            if opts["scheduler_host"] else {})},
+        "scheduler_options": {"dashboard": dashboard, **({"host": opts["scheduler_host"]}
+                                                         if opts["scheduler_host"] else {})},
     }
     cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
     script = cluster.job_script()
@@ -173,13 +173,13 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
                 raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         elif cluster == "slurm":
             jobs = load_cluster_options(overrides=cluster_options)["jobs"] or workers
-            built = stack.enter_context(slurm_cluster(cluster_options or {}))
+            built = stack.enter_context(slurm_cluster(cluster_options or {}, dashboard=dashboard))
             client = Client(built, timeout=connect_timeout)
             built.scale(jobs=max(1, int(jobs)))
         elif cluster in (None, "local"):
             built = stack.enter_context(LocalCluster(
                 n_workers=max(1, int(workers)), threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address="127.0.0.1:0" if dashboard else None, silence_logs=logging.ERROR,
+                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
                 preload=[WORKER_PRELOAD], scheduler_kwargs={"dashboard": dashboard}))
             client = Client(built, timeout=connect_timeout)
         else:
@@ -190,13 +190,18 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
 
 
 def dashboard_link(client) -> str:
-    """The scheduler's dashboard address, or ``""`` when it serves none."""
+    """The scheduler's dashboard address, or ``""`` when it serves none (not asked for, or no bokeh)."""
+    cached = getattr(client, "_cassia_dashboard", None)
+    if cached is not None:
+        return cached
     try:
-        if "dashboard" not in client.scheduler_info().get("services", {}):
-            return ""
-        return client.dashboard_link
+        # the scheduler imports its dashboard module only when it serves the dashboard
+        serving = client.run_on_scheduler(lambda: "distributed.dashboard.scheduler" in __import__("sys").modules)
+        link = client.dashboard_link if serving else ""
     except Exception:  # noqa: BLE001 - only a convenience
-        return ""
+        link = ""
+    client._cassia_dashboard = link or ""
+    return client._cassia_dashboard
 
 
 def _write_probe(folder: str, name: str) -> str:

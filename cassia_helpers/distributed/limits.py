@@ -42,16 +42,15 @@ class DaskRunThrottle:
     """
 
     def __init__(self, limit: int, namespace: str, client) -> None:
-        from distributed import Semaphore, Variable
+        from distributed import Semaphore
 
         self.limit = max(1, int(limit))
         self.client = client
         self.semaphore = Semaphore(max_leases=self.limit, name=f"{namespace}-llm-slots-{self.limit}",
                                    scheduler_rpc=client.scheduler, loop=client.loop)
         self.semaphore.register()
-        self._backoff = Variable(f"{namespace}-llm-backoff", client=client)
+        self._backoff = _Shared(client, namespace, "backoff-until")
         self._lock = _named_lock(f"{namespace}-llm-lock", client)
-        _initialise(self._backoff, self._lock, lambda: 0.0)
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -67,12 +66,12 @@ class DaskRunThrottle:
         """Ask every process of the run to send nothing for ``seconds`` (a 429's ``Retry-After``)."""
         until = time.time() + max(0.0, seconds)
         with self._lock:
-            if until > _get(self._backoff, 0.0):
+            if until > self._backoff.get(0.0):
                 self._backoff.set(until)
 
     def _wait_backoff(self) -> None:
         while True:
-            delay = _get(self._backoff, 0.0) - time.time()
+            delay = self._backoff.get(0.0) - time.time()
             if delay <= 0:
                 return
             time.sleep(min(delay, 1.0))
@@ -81,25 +80,29 @@ class DaskRunThrottle:
 class DaskRunBudget:
     """The run's spend, kept by the scheduler: every process adds what it spent and reads the total.
 
+    On first use it is seeded with ``seed_spent()`` (what the run's ledgers record, on resume) unless
+    the driver already set it (:func:`set_run_spend`).
+
     Checking before each request and adding after it, the spend can pass ``max_cost`` by at most the
     requests in flight at that moment (at most the concurrency limit).
     """
 
     def __init__(self, max_cost: float, namespace: str, client, *, seed_spent: Callable[[], float] | None = None
                  ) -> None:
-        from distributed import Variable
-
         self.max_cost = float(max_cost or 0.0)
-        self._spent = Variable(f"{namespace}-llm-spent", client=client)
+        self._spent = _Shared(client, namespace, "spent")
         self._lock = _named_lock(f"{namespace}-llm-lock", client)
-        _initialise(self._spent, self._lock, seed_spent or (lambda: 0.0))
+        if seed_spent is not None and self._spent.get(None) is None:
+            with self._lock:
+                if self._spent.get(None) is None:
+                    self._spent.set(float(seed_spent()))
 
     @property
     def enabled(self) -> bool:
         return self.max_cost > 0
 
     def spent(self) -> float:
-        return float(_get(self._spent, 0.0))
+        return float(self._spent.get(0.0))
 
     def exhausted(self) -> bool:
         return self.enabled and self.spent() >= self.max_cost
@@ -109,23 +112,24 @@ class DaskRunBudget:
         if not cost:
             return
         with self._lock:
-            self._spent.set(float(_get(self._spent, 0.0)) + float(cost))
+            self._spent.set(float(self._spent.get(0.0)) + float(cost))
 
 
-def _get(variable, default):
-    """A Variable's value, or ``default`` when it was never set (without waiting for one)."""
-    try:
-        return variable.get(timeout=0.05)
-    except TimeoutError:
-        return default
+class _Shared:
+    """One number of the run kept by the scheduler (its metadata store); read-modify-write under the Lock.
 
+    Not a ``distributed.Variable``: reading a Variable that was never set waits for it, and a timed-out
+    wait is logged as an error by the scheduler.
+    """
 
-def _initialise(variable, lock, value: Callable[[], float]) -> None:
-    """Give a Variable its first value unless some process of the run already did."""
-    if _get(variable, None) is None:
-        with lock:
-            if _get(variable, None) is None:
-                variable.set(float(value()))
+    def __init__(self, client, namespace: str, name: str) -> None:
+        self.client, self.keys = client, [namespace, name]
+
+    def get(self, default):
+        return self.client.get_metadata(self.keys, default)
+
+    def set(self, value: float) -> None:
+        self.client.set_metadata(self.keys, value)
 
 
 def _named_lock(name: str, client):
@@ -143,9 +147,7 @@ def ledger_spend(run_dir: str | Path) -> float:
 
 def set_run_spend(client, run_dir: str | Path, spent: float) -> None:
     """Driver: start the run's shared spend at ``spent`` (what earlier sessions spent, from the ledgers)."""
-    from distributed import Variable
-
-    Variable(f"{run_namespace(run_dir)}-llm-spent", client=client).set(float(spent))
+    _Shared(client, run_namespace(run_dir), "spent").set(float(spent))
 
 
 def reachable_client(connect_timeout: float = 10.0):
