@@ -169,7 +169,7 @@ def test_killed_worker_fails_its_dataset_once_and_kills_its_child(client, tmp_pa
     assert records["run/tissue/doomed"]["error_type"] == "WorkerDied"
     assert records["run/tissue/fine"]["status"] == "success"
     assert len((tmp_path / "doomed.runs").read_text().splitlines()) == 1
-    wait_for(lambda: tagged(tag) == [], timeout=5, what="the dead worker's child to die")
+    wait_for(lambda: tagged(tag) == [], timeout=15, what="the dead worker's child to die")
 
 
 @contextmanager
@@ -230,7 +230,7 @@ def test_existing_scheduler_runs_datasets_checks_storage_and_never_reruns_a_dead
     assert records["run/tissue/doomed"]["status"] == "failed"
     assert records["run/tissue/doomed"]["error_type"] == "WorkerDied"
     assert len((tmp_path / "doomed.runs").read_text().splitlines()) == 1
-    wait_for(lambda: tagged(tag) == [], timeout=5, what="the dead worker's child to die")
+    wait_for(lambda: tagged(tag) == [], timeout=15, what="the dead worker's child to die")
 
 
 def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp_path):
@@ -341,3 +341,37 @@ def test_importing_the_package_does_not_import_dask():
     # ``cassia_helpers/__init__`` imports anndata, which imports dask.array when dask is installed;
     # what matters here is that the distributed machinery is not loaded.
     assert "distributed" not in out.stdout and "dask_jobqueue" not in out.stdout
+
+
+def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
+    from cassia_helpers.distributed.cluster import ClusterError, load_cluster_options, slurm_cluster
+
+    secret = "sk-test-SLURM-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    config = tmp_path / "slurm.yaml"
+    config.write_text("queue: bigmem\naccount: lab42\nwalltime: '02:30:00'\ncores: 4\nmemory: 32GB\n"
+                      "python: /shared/venv/bin/python\nprologue: ['module load gcc/12']\n"
+                      "job_extra: ['--qos=normal']\n")
+    options = load_cluster_options(config, {"cores": 8, "jobs": 5, "queue": None, "scheduler_host": "127.0.0.1"})
+    assert options["cores"] == 8 and options["queue"] == "bigmem" and options["jobs"] == 5  # flags win, None = unset
+    with slurm_cluster(options) as cluster:
+        script = cluster.job_script()
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH -p bigmem" in header and "#SBATCH -A lab42" in header
+    assert "#SBATCH -t 02:30:00" in header and "#SBATCH --qos=normal" in header
+    assert "#SBATCH --cpus-per-task=8" in header and "#SBATCH -n 1" in header
+    assert any(line.startswith("#SBATCH --mem=") and line.endswith("G") for line in header)
+    assert "module load gcc/12" in script
+    assert "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__OMP_NUM_THREADS=8" in script
+    assert "/shared/venv/bin/python -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
+    assert "--nthreads 1" in script and "--nworkers" not in script  # one dataset per job
+    assert "#SBATCH -J cassia-batch" in header
+    assert "--preload cassia_helpers.distributed.workers" in script
+    assert secret not in script and "OPENAI_API_KEY" not in script
+
+    leaky = dict(options, prologue=[f"export OPENAI_API_KEY={secret}"])
+    with pytest.raises(ClusterError, match="OPENAI_API_KEY"):
+        slurm_cluster(leaky)
+    with pytest.raises(ClusterError, match="unknown cluster option"):
+        load_cluster_options(overrides={"partition": "x"})

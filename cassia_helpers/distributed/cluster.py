@@ -123,7 +123,7 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False):
         "python": opts["python"], "job_script_prologue": [*threads, *opts["prologue"]],
         "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"],
         "local_directory": opts["local_directory"], "log_directory": opts["log_directory"],
-        "worker_extra_args": ["--preload", WORKER_PRELOAD], "name": "cassia-batch",
+        "worker_extra_args": ["--preload", WORKER_PRELOAD], "job_name": "cassia-batch",
         "scheduler_options": {"dashboard": dashboard, **({"host": opts["scheduler_host"]}
                                                          if opts["scheduler_host"] else {})},
     }
