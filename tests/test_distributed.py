@@ -363,7 +363,7 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     assert "#SBATCH --cpus-per-task=8" in header and "#SBATCH -n 1" in header
     assert any(line.startswith("#SBATCH --mem=") and line.endswith("G") for line in header)
     assert "module load gcc/12" in script
-    assert "export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__OMP_NUM_THREADS=8" in script
+    assert "export CASSIA_DATASET_THREADS=8" in script
     assert "/shared/venv/bin/python -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
     assert "--nthreads 1" in script and "--nworkers" not in script  # one dataset per job
     assert "#SBATCH -J cassia-batch" in header
@@ -375,3 +375,46 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
         slurm_cluster(leaky)
     with pytest.raises(ClusterError, match="unknown cluster option"):
         load_cluster_options(overrides={"partition": "x"})
+
+
+FAKE_SBATCH = """#!/bin/sh
+# like sbatch with its default --export=ALL: runs the job script here, in the submitter's environment
+script=$(eval echo \\${$#})
+copy=$(mktemp "$FAKE_SLURM_DIR/job.XXXXXX")
+cp "$script" "$copy"  # the submitter deletes its script once sbatch returns
+setsid bash "$copy" > "$copy.log" 2>&1 < /dev/null &
+echo "Submitted batch job $!"
+"""
+FAKE_SCANCEL = """#!/bin/sh
+kill -TERM -- "-$1" 2>/dev/null || kill -TERM "$1"
+"""
+
+
+def test_slurm_cluster_runs_datasets_in_jobs_that_get_the_key_from_the_environment(tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    secret = "sk-test-SLURM-env-only-42"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    options = {"python": sys.executable, "cores": 2, "memory": "1GB", "scheduler_host": "127.0.0.1",
+               "log_directory": str(tmp_path / "logs")}
+    jobs = {f"run/t/{n}": {"key": f"run/t/{n}", "suffix": "env-only-42"} for n in ("a", "b", "c")}
+    with open_client(workers=2, cluster="slurm", cluster_options=options) as client:
+        client.wait_for_workers(2, timeout=120)
+        address = client.scheduler.address
+        assert len(tagged(address)) == 2  # the jobs' workers
+        done = run_collecting(DatasetExecutor(client), dask_fakes.environment_probe, jobs)
+    wait_for(lambda: not tagged(address), what="the jobs to be cancelled")
+    records = dict(done)
+    assert sorted(records) == sorted(jobs)
+    assert all(r["status"] == "success" and r["has_key"] for r in records.values())
+    assert {r["omp"] for r in records.values()} == {"2"}  # the job's cores, not the nanny's cap of 1
+    for script in tmp_path.glob("job.??????"):  # what ran in the jobs: no key
+        assert secret not in script.read_text() and "--cpus-per-task=2" in script.read_text()
+    assert len(list(tmp_path.glob("job.??????"))) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 from .limits import LEASE_TIMEOUT
 
 WORKER_PRELOAD = "cassia_helpers.distributed.workers"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREADS_ENV = "CASSIA_DATASET_THREADS"
 
 # The documented ``--cluster slurm`` options: name -> (type, default, help).
 SLURM_OPTIONS: dict[str, tuple[type, object, str]] = {
@@ -115,8 +115,8 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False):
         raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'cassia-batch[slurm]'") from None
     opts = load_cluster_options(overrides=options)
     cores = max(1, int(opts["cores"]))
-    # the nanny would otherwise cap the kernel's BLAS/OpenMP threads at 1 whatever the job holds
-    threads = [f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__{name}={cores}" for name in THREAD_VARIABLES]
+    # the job's worker gives its datasets the job's cores (Dask's nanny would cap BLAS/OpenMP threads at 1)
+    threads = [f"export {THREADS_ENV}={cores}"]
     kwargs = {
         "queue": opts["queue"], "account": opts["account"], "walltime": opts["walltime"],
         "cores": 1, "processes": 1, "job_cpu": cores, "memory": opts["memory"],

@@ -17,6 +17,8 @@ from distributed import Event, WorkerPlugin, get_client, get_worker
 from .limits import SCHEDULER_ENV
 
 PLUGIN_NAME = "cassia-worker-setup"
+THREADS_ENV = "CASSIA_DATASET_THREADS"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 INTERRUPTED, FAILED = "interrupted", "failed"
 
 
@@ -33,9 +35,22 @@ def ignore_terminal_signals() -> None:
             return
 
 
+def apply_dataset_threads() -> None:
+    """With ``CASSIA_DATASET_THREADS`` set (a SLURM job's cores), give the datasets that many threads.
+
+    Dask's nanny caps BLAS/OpenMP threads at 1 in its worker's environment, which the dataset's kernel
+    would inherit.
+    """
+    threads = os.environ.get(THREADS_ENV, "")
+    if threads.isdigit() and int(threads) > 0:
+        for name in THREAD_VARIABLES:
+            os.environ[name] = threads
+
+
 def dask_setup(worker) -> None:
     """Preload hook (``--preload cassia_helpers.distributed.workers``): runs as the worker starts."""
     ignore_terminal_signals()
+    apply_dataset_threads()
 
 
 class WorkerSetup(WorkerPlugin):
@@ -46,6 +61,7 @@ class WorkerSetup(WorkerPlugin):
 
     def setup(self, worker) -> None:
         ignore_terminal_signals()
+        apply_dataset_threads()
         os.environ[SCHEDULER_ENV] = worker.scheduler.address
 
 
