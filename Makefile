@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,interop]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm]'
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # JupyterLab with this project's environment as a named kernel ("cassia-batch")
 lab: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,interop,lab]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm,lab]'
 	$(BIN)/python -m ipykernel install --user --name cassia-batch --display-name "cassia-batch"
 	$(BIN)/jupyter lab notebooks/
 

@@ -127,6 +127,7 @@ class _Interrupts:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.count = 0
+        self.on_stop: Callable[[], None] | None = None  # e.g. the Dask executor's stop()
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> _Interrupts:
@@ -142,6 +143,8 @@ class _Interrupts:
     def _handle(self, signum, frame) -> None:
         self.count += 1
         self.event.set()
+        if self.on_stop is not None:
+            self.on_stop()
         if self.count == 1:
             log.warning("Interrupted (%s): stopping the running datasets and writing the summaries "
                         "(press Ctrl-C again to stop at once).", signal.Signals(signum).name)
@@ -150,13 +153,15 @@ class _Interrupts:
 
 
 def _job(settings: Settings, run_dir: Path, dataset: Dataset) -> dict:
+    # a local cluster shares this machine's cores among its workers; a SLURM job has its own
+    share = settings.workers if settings.cluster == "local" and not settings.scheduler else 1
     return {
         "parameters": notebook_parameters(settings, dataset=dataset.name, tissue=dataset.tissue,
                                           input_path=dataset.path, run_dir=run_dir.resolve()),
         "kernel_name": settings.kernel_name,
         "cell_timeout": settings.cell_timeout,
         "dataset_timeout": settings.dataset_timeout,
-        "workers": settings.workers,
+        "workers": share,
     }
 
 
@@ -180,25 +185,29 @@ def _pending(run_dir: Path, datasets: list[Dataset], result: BatchResult) -> lis
 
 
 def run_batch(settings: Settings, *, launcher: Launcher | None = None,
-              aggregate: Callable[[Path, str], None] | None = None) -> BatchResult:
+              aggregate: Callable[[Path, str], None] | None = None, in_process: bool = False) -> BatchResult:
     """Run every selected dataset, then the aggregation. The API behind ``run_batch.py``.
 
-    ``launcher(job, should_stop)`` runs one dataset and returns its status record (default:
-    :func:`cassia_helpers.worker.run_dataset`); ``aggregate(run_dir, kernel_name)`` writes the run-level
-    summaries (default: the aggregation notebook, or the summaries directly when it fails).
+    Each dataset is one Dask task (:mod:`cassia_helpers.distributed`): on a local cluster of
+    ``settings.workers`` processes by default, on the workers of ``settings.scheduler``, or in SLURM jobs
+    (``settings.cluster == "slurm"``). ``launcher(job, should_stop)`` runs one dataset and returns its
+    status record (default: :func:`cassia_helpers.worker.run_dataset`); ``aggregate(run_dir,
+    kernel_name)`` writes the run-level summaries (default: the aggregation notebook, or the summaries
+    directly when it fails). ``in_process`` runs the launcher in threads of this process instead of Dask
+    tasks: the driver's own logic, tested with a fast fake launcher.
     """
     if launcher is None:
         from .worker import run_dataset as launcher
     run_dir, datasets, manifest, settings = prepare_run(settings)
     lock = _lock(run_dir)
     try:
-        return _run_locked(settings, run_dir, datasets, manifest, launcher, aggregate or _aggregate)
+        return _run_locked(settings, run_dir, datasets, manifest, launcher, aggregate or _aggregate, in_process)
     finally:
         lock.close()
 
 
 def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
-                launcher: Launcher, aggregate: Callable[[Path, str], None]) -> BatchResult:
+                launcher: Launcher, aggregate: Callable[[Path, str], None], in_process: bool) -> BatchResult:
     from .progress import Progress
 
     result = BatchResult(run_dir=run_dir)
@@ -215,7 +224,16 @@ def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], mani
 
     with _Interrupts() as interrupts:
         try:
-            _run_all(settings, run_dir, todo, launcher, interrupts.event, progress, finished)
+            jobs = {}
+            for dataset in todo:  # an input its header rejects never reaches a worker
+                rejected = _check_header(run_dir, dataset)
+                if rejected:
+                    finished(dataset, rejected)
+                else:
+                    jobs[_task_key(run_dir, dataset)] = (dataset, _job(settings, run_dir, dataset))
+            if jobs and not interrupts.event.is_set():
+                run = _run_in_threads if in_process else _run_on_dask
+                run(settings, run_dir, jobs, launcher, interrupts, progress, finished)
         except KeyboardInterrupt:
             interrupts.count = max(interrupts.count, 2)
         if interrupts.count:
@@ -240,21 +258,20 @@ def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], mani
     return result
 
 
-def _run_all(settings: Settings, run_dir: Path, todo: list[Dataset], launcher: Launcher,
-             stop: threading.Event, progress, finished: Callable[[Dataset, dict], None]) -> None:
-    """Run ``todo`` with ``settings.workers`` at once until done or ``stop`` is set."""
-    queue = list(todo)
+def _task_key(run_dir: Path, dataset: Dataset) -> str:
+    return f"{run_dir.name}/{dataset.tissue}/{dataset.name}"
+
+
+def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: _Interrupts,
+                    progress, finished: Callable[[Dataset, dict], None]) -> None:
+    """Run the jobs in ``settings.workers`` threads of this process until done or interrupted."""
+    queue = list(jobs.values())
     with ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="dataset") as pool:
         running: dict = {}
         while queue or running:
-            while queue and len(running) < settings.workers and not stop.is_set():
-                dataset = queue.pop(0)
-                progress.started(dataset)
-                rejected = _check_header(run_dir, dataset)
-                if rejected:
-                    finished(dataset, rejected)
-                    continue
-                running[pool.submit(launcher, _job(settings, run_dir, dataset), stop.is_set)] = dataset
+            while queue and len(running) < settings.workers and not interrupts.event.is_set():
+                dataset, job = queue.pop(0)
+                running[pool.submit(launcher, job, interrupts.event.is_set)] = dataset
             if not running:
                 break
             done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -264,10 +281,57 @@ def _run_all(settings: Settings, run_dir: Path, todo: list[Dataset], launcher: L
                 try:
                     record = future.result()
                 except Exception as exc:  # noqa: BLE001 - a launcher bug fails its dataset, not the batch
-                    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
-                    record = write_status(paths, FAILED, error=f"{type(exc).__name__}: {exc}",
-                                          error_type="LauncherError")
-                finished(dataset, record)
+                    record = {"status": FAILED, "error": f"{type(exc).__name__}: {exc}", "error_type": "LauncherError"}
+                finished(dataset, _recorded(run_dir, dataset, record))
+
+
+def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: _Interrupts,
+                 progress, finished: Callable[[Dataset, dict], None]) -> None:
+    """Run the jobs as Dask tasks, one per dataset, until done or interrupted."""
+    from .distributed.cluster import ClusterError, check_shared_storage, dashboard_link, open_client
+    from .distributed.jobs import DatasetExecutor
+
+    try:
+        with open_client(workers=settings.workers, scheduler=settings.scheduler or None,
+                         cluster=None if settings.scheduler else settings.cluster,
+                         cluster_options=_cluster_options(settings)) as client:
+            problem = check_shared_storage(client, run_dir)
+            if problem:
+                raise UsageError(problem)
+            executor = DatasetExecutor(client)
+            interrupts.on_stop = executor.stop
+            if interrupts.event.is_set():
+                executor.stop()
+            link = dashboard_link(client)
+            if link:
+                log.info("Dask dashboard: %s", link)
+            executor.run_jobs(
+                launcher, {key: job for key, (_, job) in jobs.items()},
+                on_done=lambda key, record: finished(jobs[key][0], _recorded(run_dir, jobs[key][0], record)),
+                on_progress=lambda _: progress.poll())
+    except ClusterError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        interrupts.on_stop = None
+
+
+def _cluster_options(settings: Settings) -> dict | None:
+    """``--cluster slurm`` options: the config file's, then the flags that were given."""
+    if settings.cluster != "slurm" or settings.scheduler:
+        return None
+    from .distributed.cluster import load_cluster_options
+
+    flags = {"queue": settings.slurm_queue, "account": settings.slurm_account, "walltime": settings.slurm_walltime,
+             "cores": settings.slurm_cores, "memory": settings.slurm_memory, "python": settings.slurm_python}
+    return load_cluster_options(settings.cluster_config or None, {k: v for k, v in flags.items() if v})
+
+
+def _recorded(run_dir: Path, dataset: Dataset, record: dict) -> dict:
+    """The dataset's status record; one the executor made (a dead worker, a stop) is written to its file."""
+    if "dataset" in record:
+        return record
+    return write_status(DatasetPaths(run_dir, dataset.tissue, dataset.name), record.get("status", FAILED),
+                        error=record.get("error", ""), error_type=record.get("error_type", ""))
 
 
 def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from .counts import LIBRARY_SIZE_KEY
 from .matrix import cells_per_gene, dense_blocks, row_blocks, subset_in_place
+from .numba_cache import import_umap
 from .read import InputError
 from .record import provenance, timed, warn
 
@@ -274,6 +275,7 @@ def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0, exact_
     as fast as PyNNDescent in a fresh process (which spends ~25 s compiling) and agrees better with the
     known cell types (``bench/``). Above it, scanpy's approximate PyNNDescent search scales better.
     """
+    import_umap()  # scanpy builds the graph's connectivities with umap-learn
     k = max(2, min(n_neighbors, adata.n_obs - 1))
     exact = adata.n_obs <= exact_max_cells
     sc.pp.neighbors(adata, n_neighbors=k, use_rep="X_pca", random_state=seed,
@@ -349,6 +351,7 @@ def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
     # UMAP's own initialisations live in a box of about ±10
     adata.obsm["_umap_start"] = start * (10.0 / max(float(np.abs(start).max()), 1e-12))
     epochs = 100 if adata.n_obs > large else None
+    import_umap()
     try:
         sc.tl.umap(adata, random_state=seed, init_pos="_umap_start", maxiter=epochs)
     finally:

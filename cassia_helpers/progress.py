@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from .contract import SUCCESS, DatasetPaths
@@ -17,14 +16,15 @@ STEP_NAMES = {"load": "loading", "qc": "QC", "normalize": "normalising", "pca": 
 
 
 class Progress:
-    """Follows the datasets of one session of a run (``todo``), tailing each one's progress file."""
+    """Follows the datasets of one session of a run (``todo``), tailing each one's progress file: a dataset
+    is shown as started when its kernel reports its first step, wherever it runs."""
 
     def __init__(self, run_dir: Path, todo: list, *, quiet: bool = False) -> None:
         self.run_dir, self.quiet = run_dir, quiet
         self.total = len(todo)
         self.index = {(d.tissue, d.name): i + 1 for i, d in enumerate(todo)}
-        self.running: dict[tuple[str, str], tuple[DatasetPaths, float, int]] = {}
-        self.finished = 0
+        # dataset -> (its paths, lines of its progress file already shown, or -1 before it started)
+        self.pending = {(d.tissue, d.name): (DatasetPaths(run_dir, d.tissue, d.name), -1) for d in todo}
 
     def _label(self, tissue: str, name: str) -> str:
         return f"[{self.index.get((tissue, name), '?')}/{self.total}] {tissue}/{name}"
@@ -33,18 +33,16 @@ class Progress:
         if not self.quiet:
             log.info(message)
 
-    def started(self, dataset) -> None:
-        paths = DatasetPaths(self.run_dir, dataset.tissue, dataset.name)
-        self.running[(dataset.tissue, dataset.name)] = (paths, time.monotonic(), 0)
-        self._say(f"{self._label(dataset.tissue, dataset.name)}  started")
-
     def poll(self) -> None:
-        """Print the steps that running datasets finished since the last poll."""
-        for key, (paths, started, seen) in list(self.running.items()):
+        """Print what running datasets did since the last poll."""
+        for key, (paths, seen) in list(self.pending.items()):
             try:
                 lines = paths.progress_jsonl.read_text(encoding="utf-8").splitlines()
             except OSError:
                 continue
+            if seen < 0:
+                self._say(f"{self._label(*key)}  started")
+                seen = 0
             for line in lines[seen:]:
                 try:
                     event = json.loads(line)
@@ -53,13 +51,12 @@ class Progress:
                 if event.get("event") == "end":
                     step = STEP_NAMES.get(event.get("step"), event.get("step"))
                     self._say(f"{self._label(*key)}  {step} ({event.get('seconds', 0):.0f} s)")
-            self.running[key] = (paths, started, len(lines))
+            self.pending[key] = (paths, len(lines))
 
     def done(self, dataset, record: dict) -> None:
         self.poll()
         key = (dataset.tissue, dataset.name)
-        self.running.pop(key, None)
-        self.finished += 1
+        self.pending.pop(key, None)
         seconds = float(record.get("duration_s") or 0)
         if record["status"] == SUCCESS:
             self._say(f"{self._label(*key)}  done in {seconds:.0f} s")
@@ -67,7 +64,7 @@ class Progress:
             log.warning("%s  %s: %s", self._label(*key), record["status"], record.get("error", ""))
 
     def close(self) -> None:
-        self.running.clear()
+        self.pending.clear()
 
     def table(self, result) -> None:
         """The closing table: one line per dataset of the run, then the summary's path."""
@@ -75,7 +72,7 @@ class Progress:
             return
         width = max(len(f"{t}/{n}") for t, n in result.statuses)
         lines = [f"{'dataset':<{width}}  status"]
-        for (tissue, name), status in result.statuses.items():
+        for (tissue, name), status in sorted(result.statuses.items()):
             error = result.errors.get((tissue, name), "")
             lines.append(f"{tissue + '/' + name:<{width}}  {status}" + (f": {error}" if error and status != SUCCESS
                                                                           else ""))

@@ -88,7 +88,7 @@ class Setting:
 
 _IO, _EXEC, _QC, _MARKERS, _LLM, _COST = (
     "inputs and outputs", "execution", "QC and clustering", "marker genes", "annotation", "cost control")
-_GRAPH = _QC
+_GRAPH, _CLUSTER = _QC, "cluster (Dask)"
 
 SETTINGS: tuple[Setting, ...] = (
     # inputs and outputs (run scope)
@@ -111,6 +111,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cell_timeout", 0.0, "seconds one notebook cell may take (0: none)", _EXEC, RUN, minimum=0),
     Setting("kernel_name", "python3", "Jupyter kernel for the notebooks", _EXEC, RUN),
     Setting("quiet", False, "print only failures and the closing table", _EXEC, RUN),
+    Setting("cluster", "local", "where datasets run: local (a Dask cluster of --workers processes on this machine) "
+            "or slurm (one SLURM job per dataset slot; needs the [slurm] extra)", _CLUSTER, RUN,
+            choices=("local", "slurm")),
+    Setting("scheduler", "", "address of a running Dask scheduler (tcp://host:8786) whose workers run the datasets",
+            _CLUSTER, RUN),
+    Setting("cluster_config", "", "YAML or JSON file of --cluster slurm options (queue, account, walltime, cores, "
+            "memory, jobs, python, prologue, job_extra, ...); flags below override it", _CLUSTER, RUN,
+            metavar="FILE"),
+    Setting("slurm_queue", "", "SLURM partition (sbatch -p)", _CLUSTER, RUN),
+    Setting("slurm_account", "", "SLURM account charged for the jobs (sbatch -A)", _CLUSTER, RUN),
+    Setting("slurm_walltime", "", "time limit of each job, HH:MM:SS (default 04:00:00)", _CLUSTER, RUN),
+    Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", _CLUSTER, RUN, minimum=0),
+    Setting("slurm_memory", "", "memory per dataset, e.g. 16GB (default 8GB); SLURM's limit caps the kernel",
+            _CLUSTER, RUN),
+    Setting("slurm_python", "", "python of the shared virtual environment, as the compute nodes see it",
+            _CLUSTER, RUN),
     # analysis
     Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
     Setting("min_genes", 200, "minimum genes per cell", _QC, minimum=0),

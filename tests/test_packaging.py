@@ -8,19 +8,21 @@ import tomllib
 
 from tests.conftest import REPO
 
-# conda-forge names that differ from PyPI's
+# conda-forge names that differ from PyPI's, and the conda packages a PyPI extra stands for
 CONDA_NAMES = {"igraph": "python-igraph"}
+CONDA_EXTRAS = {"dask": ["distributed"]}
 
 
 def requirement(spec: str) -> tuple[str, str]:
-    match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*(.*)", spec)
-    return match.group(1).lower(), match.group(2).replace(" ", "")
+    match = re.match(r"\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*(.*)", spec)
+    return match.group(1).lower(), match.group(3).replace(" ", "")
 
 
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = dict(requirement(s) for s in project["dependencies"] + project["optional-dependencies"]["dev"])
     wanted = {CONDA_NAMES.get(name, name): pins for name, pins in wanted.items()}
+    wanted.update({extra: wanted[name] for name, extras in CONDA_EXTRAS.items() if name in wanted for extra in extras})
     listed = {}
     text = (REPO / "environment.yml").read_text()
     dependencies = text.split("dependencies:", 1)[1]

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
+from ..distributed.limits import run_limits
 from ..ledger import Ledger, PriceTable
 from . import ClusterAnnotation, ClusterMarkers
 from .llm import (
@@ -27,7 +28,7 @@ from .llm import (
     RequestRejected,
     endpoint_label,
 )
-from .throttle import CircuitBreaker, RunBudget, RunThrottle
+from .throttle import CircuitBreaker
 from .untrusted import sanitize_label, sanitize_text
 
 ANNOTATOR_SYSTEM = """You are the annotator agent of a cell-type annotation team, an expert in single-cell \
@@ -196,10 +197,11 @@ class LLMAnnotator:
         self.ledger = Ledger(ledger_path)
         prices = PriceTable.load(price_file or None, model=model, input_price=input_price,
                                  output_price=output_price)
+        # held by the Dask scheduler when the batch runs on one, else by files in the run folder
+        throttle, budget = run_limits(run_dir or None, self.concurrency, max_cost, local_spent=self.ledger.spent)
         self.client = LLMClient(
             model=model, base_url=base_url, ledger=self.ledger, prices=prices,
-            throttle=RunThrottle(self.concurrency, run_dir or None),
-            budget=RunBudget(max_cost, run_dir or None, local_spent=self.ledger.spent),
+            throttle=throttle, budget=budget,
             breaker=CircuitBreaker(breaker_failures, breaker_cooldown, run_dir or None),
             dataset=dataset, tissue=tissue, timeout=timeout, max_attempts=max_attempts,
             cache_dir=cache_dir or None, use_cache=use_cache, seed=seed, deadline=deadline,

@@ -238,7 +238,12 @@ class LLMClient:
             price_known=price.known, endpoint_host=self.endpoint, request_id=request_id, call_id=call_id,
             estimated=estimated,
         )
-        self.ledger.begin(record) if pending else self.ledger.add(record)
+        if pending:
+            self.ledger.begin(record)
+            return
+        self.ledger.add(record)
+        if cost:
+            self.budget.add(cost)  # a run-wide budget held elsewhere (the Dask scheduler) counts it here
 
     def chat(self, messages: list[dict], *, cluster: str, agent: str, response_format: dict | None = None,
              accept: Callable[[str], bool] | None = None) -> ChatAnswer:
@@ -352,6 +357,11 @@ class LLMClient:
         estimated_input = estimate_tokens(_messages_text(messages))
         call_id = uuid.uuid4().hex
         with self.throttle.slot():
+            # checked again once a slot is held: requests that queued for a slot must not pass the budget
+            if self.budget.exhausted():
+                self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET,
+                             error=f"budget of ${self.budget.max_cost:.2f} reached")
+                raise BudgetExceeded(f"budget of ${self.budget.max_cost:.2f} reached")
             self._record(cluster=cluster, agent=agent, status=OK, input_tokens=estimated_input, attempt=attempt,
                          call_id=call_id, estimated=True, pending=True)
             start = time.perf_counter()

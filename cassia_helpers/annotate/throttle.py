@@ -199,5 +199,8 @@ class RunBudget:
             total += sum(float(r.get("cost") or 0.0) for r in read_ledger(ledger) if r.get("status") in SENT)
         return total
 
+    def add(self, cost: float) -> None:
+        """Nothing to do: this budget reads the spend from the run's ledgers."""
+
     def exhausted(self) -> bool:
         return self.enabled and self.spent() >= self.max_cost

@@ -1,0 +1,32 @@
+"""Child processes that never outlive the process that started them (Linux parent-death signal)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+# loaded here, in the parent: a preexec function should do as little as possible between fork and exec
+_LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent() -> None:
+    """Have this process killed (SIGKILL) when its parent ends; meant as ``Popen(preexec_fn=...)``.
+
+    ``subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent)`` starts a dataset's
+    runner in its own process group that still dies with the Dask worker that started it, so a dataset
+    whose worker was killed can never keep running beside a second run. Linux only; elsewhere it does
+    nothing.
+
+    The signal follows the *thread* that started the child: start it from the thread that then waits
+    for it (as a Dask task does), not from a short-lived helper thread.
+    """
+    if _LIBC is None:
+        return
+    parent = os.getppid()
+    if _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)

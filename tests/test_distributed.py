@@ -1,0 +1,420 @@
+"""Datasets on Dask: a real LocalCluster (and real scheduler/worker processes) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cassia_helpers.distributed import DatasetExecutor, check_shared_storage, open_client, run_limits
+from cassia_helpers.distributed.limits import DaskRunBudget, DaskRunThrottle, set_run_spend
+from cassia_helpers.distributed.process import die_with_parent
+from tests import dask_fakes
+from tests.dask_fakes import read_lines
+
+pytest.importorskip("distributed", reason="dask[distributed] is a dependency of the package")
+REPO = Path(__file__).resolve().parent.parent
+WORKERS = 3
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """One local cluster for the tests of this module (starting one takes seconds)."""
+    with open_client(workers=WORKERS) as client:
+        yield client
+
+
+@pytest.fixture
+def client(local_cluster):
+    local_cluster.wait_for_workers(WORKERS, timeout=120)  # a test may have killed one: its nanny restarts it
+    return local_cluster
+
+
+@pytest.fixture(autouse=True)
+def time_limit():
+    """Each test here is bounded: a hung cluster fails the test instead of the whole run."""
+    def expire(signum, frame):
+        raise TimeoutError("test took too long")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(240)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if tag in (proc.info["cmdline"] or []) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def jobs_for(folder: Path, names: list[str], seconds: float, tag: str) -> dict[str, dict]:
+    return {f"run/tissue/{name}": {"dir": str(folder), "name": name, "seconds": seconds, "tag": tag,
+                                   "key": f"run/tissue/{name}"} for name in names}
+
+
+def run_collecting(executor: DatasetExecutor, task, jobs) -> list[tuple[str, dict]]:
+    done: list[tuple[str, dict]] = []
+    executor.run_jobs(task, jobs, on_done=lambda key, record: done.append((key, record)))
+    return done
+
+
+def test_every_dataset_runs_once_and_reports_once(client, tmp_path):
+    tag = f"cassia-fake-{os.getpid()}-all"
+    names = ["a", "b", "c", "d", "e", "f", "g"]
+    jobs = jobs_for(tmp_path, names, 0.3, tag)
+    progress = []
+    assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+    workers = client.scheduler_info()["workers"]
+    assert len(workers) == WORKERS and all(w["nthreads"] == 1 for w in workers.values())
+    assert all(w["host"] == "127.0.0.1" for w in workers.values())
+    worker_pids = set(client.run(os.getpid).values())
+    assert check_shared_storage(client, tmp_path / "run") is None
+    executor = DatasetExecutor(client)
+    done = []
+    executor.run_jobs(dask_fakes.sleeper, jobs, on_done=lambda k, r: done.append((k, r)),
+                      on_progress=progress.append, progress_every_s=0.05)
+    assert sorted(key for key, _ in done) == sorted(jobs)
+    assert all(record["status"] == "success" and record["key"] == key for key, record in done)
+    assert {record["pid"] for _, record in done} <= worker_pids
+    for name in names:
+        assert len((tmp_path / f"{name}.runs").read_text().splitlines()) == 1
+    assert progress[-1].done == len(names) and progress[-1].total == len(names) and progress[-1].queued == 0
+    assert max(p.running for p in progress) == WORKERS  # one dataset per worker, the others queued
+    assert any(p.queued > 0 for p in progress)
+    assert progress[-1].dashboard == ""  # no dashboard unless asked for
+    assert not list((tmp_path / "run").iterdir())  # probe files removed
+
+
+def test_stop_mid_run_survives_ctrl_c_and_leaves_no_process(client, tmp_path):
+    tag = f"cassia-fake-{os.getpid()}-stop"
+    names = ["a", "b", "c", "d", "e", "f"]
+    jobs = jobs_for(tmp_path, names, 60, tag)
+    worker_pids = list(client.run(os.getpid).values())
+    executor = DatasetExecutor(client)
+    done: list[tuple[str, dict]] = []
+    stopped_at: list[float] = []
+
+    def interrupt():
+        wait_for(lambda: len(tagged(tag)) == WORKERS, what="a running dataset per worker")
+        for pid in worker_pids:  # what a terminal's Ctrl-C / hang-up does to the process group
+            os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGHUP)
+        time.sleep(0.5)
+        stopped_at.append(time.monotonic())
+        executor.stop()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    executor.run_jobs(dask_fakes.sleeper, jobs, on_done=lambda k, r: done.append((k, r)))
+    returned = time.monotonic() - stopped_at[0]
+    assert all(psutil.pid_exists(pid) for pid in worker_pids), "a worker died of the signals"
+    assert returned < 5, f"run_jobs returned {returned:.1f} s after stop()"
+    assert sorted(key for key, _ in done) == sorted(jobs)
+    ran = [name for name in names if (tmp_path / f"{name}.runs").exists()]
+    assert len(ran) == WORKERS
+    for name in ran:  # the running ones saw stop() themselves and reported through their task
+        assert (tmp_path / f"{name}.stopped").exists()
+    records = dict(done)
+    for name in names:
+        record = records[f"run/tissue/{name}"]
+        assert record["status"] == "interrupted"
+        assert (record["error"] == "stopped") == (name in ran)
+    time.sleep(0.2)
+    assert tagged(tag) == []
+
+
+def _kill_when_running(folder: Path, name: str) -> int:
+    runs = folder / f"{name}.runs"
+    wait_for(runs.exists, what=f"{name} to start")
+    pid = int(runs.read_text().split()[0])
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_killed_worker_fails_its_dataset_once_and_kills_its_child(client, tmp_path):
+    tag = f"cassia-fake-{os.getpid()}-kill"
+    jobs = jobs_for(tmp_path, ["doomed"], 60, tag) | jobs_for(tmp_path, ["fine"], 0.5, tag)
+    threading.Thread(target=_kill_when_running, args=(tmp_path, "doomed"), daemon=True).start()
+    done = run_collecting(DatasetExecutor(client), dask_fakes.sleeper, jobs)
+    time.sleep(1.0)  # a retry, if there were one, would have started by now
+    records = dict(done)
+    assert len(done) == 2
+    assert records["run/tissue/doomed"]["status"] == "failed"
+    assert records["run/tissue/doomed"]["error_type"] == "WorkerDied"
+    assert records["run/tissue/fine"]["status"] == "success"
+    assert len((tmp_path / "doomed.runs").read_text().splitlines()) == 1
+    wait_for(lambda: tagged(tag) == [], timeout=15, what="the dead worker's child to die")
+
+
+@contextmanager
+def dask_processes(tmp_path: Path, workers: int, private_dir: Path | None = None):
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1 (random ports), as a user starts them.
+
+    With ``private_dir``, one more worker runs in its own mount namespace with a fresh file system
+    mounted there: a worker that does not share that folder with the driver.
+    """
+    scheduler_file = tmp_path / "scheduler.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        wait_for(scheduler_file.exists, what="the scheduler file")
+        worker = [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+                  "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
+        commands = [worker] * workers
+        if private_dir is not None:
+            commands.append(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private_dir), *worker])
+        for command in commands:
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        yield json.loads(scheduler_file.read_text())["address"]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="simulating unshared storage needs root and unshare (both in CI)")
+def test_existing_scheduler_runs_datasets_checks_storage_and_never_reruns_a_dead_workers_dataset(tmp_path):
+    tag = f"cassia-fake-{os.getpid()}-ext"
+    run = tmp_path / "run"
+    run.mkdir()
+    jobs = jobs_for(tmp_path, ["doomed"], 60, tag) | jobs_for(tmp_path, ["x", "y"], 0.3, tag)
+    # two workers, and a third that sees its own (empty, private) file system at the run folder
+    with dask_processes(tmp_path, 2, private_dir=run) as address, open_client(workers=1, scheduler=address) as client:
+        assert address.startswith("tcp://127.0.0.1:")
+        client.wait_for_workers(3, timeout=120)
+        problem = check_shared_storage(client, run, wait_s=1.0)
+        assert problem is not None and "\n" not in problem
+        assert str(run) in problem and "1 Dask worker(s)" in problem
+        assert not list(run.iterdir())
+        assert check_shared_storage(client, tmp_path / "shared") is None
+        threading.Thread(target=_kill_when_running, args=(tmp_path, "doomed"), daemon=True).start()
+        # this scheduler keeps Dask's default of retrying a dead worker's task elsewhere
+        done = run_collecting(DatasetExecutor(client), dask_fakes.sleeper, jobs)
+    records = dict(done)
+    assert sorted(records) == sorted(jobs)
+    assert records["run/tissue/x"]["status"] == records["run/tissue/y"]["status"] == "success"
+    assert records["run/tissue/doomed"]["status"] == "failed"
+    assert records["run/tissue/doomed"]["error_type"] == "WorkerDied"
+    assert len((tmp_path / "doomed.runs").read_text().splitlines()) == 1
+    wait_for(lambda: tagged(tag) == [], timeout=15, what="the dead worker's child to die")
+
+
+def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    names = ["k1", "k2", "k3"]
+    jobs = {f"run/t/{n}": {"dir": str(tmp_path), "name": n, "run_dir": str(run_dir), "limit": 1,
+                           "requests": 3, "hold_s": 0.15, "key": f"run/t/{n}"} for n in names}
+    done = run_collecting(DatasetExecutor(client), dask_fakes.kernel_user, jobs)
+    address = client.scheduler.address
+    assert all(record["status"] == "success" for _, record in done), [r["error"] for _, r in done]
+    assert {record["kernel_env"] for _, record in done} == {address}
+    intervals, connects = [], []
+    for name in names:
+        lines = read_lines(tmp_path / f"{name}.slots")
+        assert lines[0]["kind"] == "DaskRunThrottle"
+        connects.append(lines[0]["connect_s"])
+        intervals += [(line["in"], line["out"]) for line in lines[1:]]
+    assert len(intervals) == 9
+    events = sorted([(t_in, 1) for t_in, _ in intervals] + [(t_out, -1) for _, t_out in intervals])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 1, f"{peak} requests in flight at once with a limit of 1"
+    print(f"kernel import+connect: {min(connects):.2f}-{max(connects):.2f} s")
+
+
+def test_budget_is_exceeded_by_at_most_the_requests_in_flight(client, tmp_path):
+    run_dir = tmp_path / "run"
+    ledger = run_dir / "t" / "old" / "old_llm_calls.jsonl"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"cost": 3.0, "status": "ok"}) + "\n")  # an earlier session's spend
+    limit, cost, max_cost = 2, 0.5, 8.0
+    jobs = {f"run/t/{n}": {"run_dir": str(run_dir), "limit": limit, "max_cost": max_cost, "cost": cost,
+                           "key": f"run/t/{n}"} for n in ("a", "b", "c")}
+    done = run_collecting(DatasetExecutor(client), dask_fakes.spender, jobs)
+    throttle, budget = run_limits(run_dir, limit, max_cost)
+    spent = budget.spent()
+    assert all(record["kinds"] == ["DaskRunThrottle", "DaskRunBudget"] for _, record in done)
+    sent = sum(record["sent"] for _, record in done)
+    assert spent == pytest.approx(3.0 + sent * cost)  # seeded from the ledger, then counted
+    assert max_cost <= spent <= max_cost + limit * cost
+    assert sent >= 2  # the three datasets really competed for it
+
+
+def test_back_off_is_shared_and_resume_seeds_spend(client, tmp_path):
+    first, _ = run_limits(tmp_path, 2, 1.0)
+    second, budget = run_limits(tmp_path, 2, 1.0)
+    assert isinstance(second, DaskRunThrottle) and isinstance(budget, DaskRunBudget)
+    first.back_off(0.8)
+    start = time.monotonic()
+    with second.slot():
+        waited = time.monotonic() - start
+    assert waited >= 0.6
+    set_run_spend(client, tmp_path, 0.75)
+    assert budget.spent() == pytest.approx(0.75) and not budget.exhausted()
+    budget.add(0.25)
+    assert budget.exhausted()
+    other_run, other_budget = run_limits(tmp_path / "elsewhere", 2, 1.0)
+    assert other_budget.spent() == 0.0  # each run folder has its own limits
+
+
+def test_without_a_scheduler_the_file_limits_are_used(tmp_path):
+    # a notebook run by hand: no Dask client in the process, no scheduler address in the environment
+    code = ("import sys\n"
+            "from cassia_helpers.distributed import run_limits\n"
+            "throttle, budget = run_limits(sys.argv[1], 3, 1.0)\n"
+            "print(type(throttle).__name__, type(budget).__name__, throttle.limit, budget.max_cost,\n"
+            "      'distributed' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CASSIA_DASK_SCHEDULER"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env=dict(env, PYTHONPATH=str(REPO)), timeout=120)
+    assert out.stdout.split() == ["RunThrottle", "RunBudget", "3", "1.0", "False"]
+
+
+def test_child_dies_when_its_parent_is_killed(tmp_path):
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from cassia_helpers.distributed.process import die_with_parent\n"
+        "kw = {'preexec_fn': die_with_parent} if sys.argv[1] == 'yes' else {}\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "start_new_session=True, **kw)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    survivors = {}
+    for mode in ("yes", "no"):
+        parent = subprocess.Popen([sys.executable, "-c", parent_code, mode], stdout=subprocess.PIPE, text=True,
+                                  env=env)
+        child_pid = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        time.sleep(0.5)
+        child = psutil.Process(child_pid) if psutil.pid_exists(child_pid) else None
+        survivors[mode] = child is not None and child.status() != psutil.STATUS_ZOMBIE
+        if child is not None:
+            child.kill()
+    assert survivors == {"yes": False, "no": True}
+    assert die_with_parent() is None  # harmless in the calling process too
+
+
+def test_importing_the_package_does_not_import_dask():
+    code = ("import sys, cassia_helpers.distributed\n"
+            "print(sorted(m for m in ('dask', 'distributed', 'dask_jobqueue') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
+    # ``cassia_helpers/__init__`` imports anndata, which imports dask.array when dask is installed;
+    # what matters here is that the distributed machinery is not loaded.
+    assert "distributed" not in out.stdout and "dask_jobqueue" not in out.stdout
+
+
+def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
+    from cassia_helpers.distributed.cluster import ClusterError, load_cluster_options, slurm_cluster
+
+    secret = "sk-test-SLURM-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    config = tmp_path / "slurm.yaml"
+    config.write_text("queue: bigmem\naccount: lab42\nwalltime: '02:30:00'\ncores: 4\nmemory: 32GB\n"
+                      "python: /shared/venv/bin/python\nprologue: ['module load gcc/12']\n"
+                      "job_extra: ['--qos=normal']\n")
+    options = load_cluster_options(config, {"cores": 8, "jobs": 5, "queue": None, "scheduler_host": "127.0.0.1"})
+    assert options["cores"] == 8 and options["queue"] == "bigmem" and options["jobs"] == 5  # flags win, None = unset
+    with slurm_cluster(options) as cluster:
+        script = cluster.job_script()
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH -p bigmem" in header and "#SBATCH -A lab42" in header
+    assert "#SBATCH -t 02:30:00" in header and "#SBATCH --qos=normal" in header
+    assert "#SBATCH --cpus-per-task=8" in header and "#SBATCH -n 1" in header
+    assert any(line.startswith("#SBATCH --mem=") and line.endswith("G") for line in header)
+    assert "module load gcc/12" in script
+    assert "export CASSIA_DATASET_THREADS=8" in script
+    assert "/shared/venv/bin/python -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
+    assert "--nthreads 1" in script and "--nworkers" not in script  # one dataset per job
+    assert "#SBATCH -J cassia-batch" in header
+    assert "--preload cassia_helpers.distributed.workers" in script
+    assert secret not in script and "OPENAI_API_KEY" not in script
+
+    leaky = dict(options, prologue=[f"export OPENAI_API_KEY={secret}"])
+    with pytest.raises(ClusterError, match="OPENAI_API_KEY"):
+        slurm_cluster(leaky)
+    with pytest.raises(ClusterError, match="unknown cluster option"):
+        load_cluster_options(overrides={"partition": "x"})
+
+
+FAKE_SBATCH = """#!/bin/sh
+# like sbatch with its default --export=ALL: runs the job script here, in the submitter's environment
+script=$(eval echo \\${$#})
+copy=$(mktemp "$FAKE_SLURM_DIR/job.XXXXXX")
+cp "$script" "$copy"  # the submitter deletes its script once sbatch returns
+setsid bash "$copy" > "$copy.log" 2>&1 < /dev/null &
+echo "Submitted batch job $!"
+"""
+FAKE_SCANCEL = """#!/bin/sh
+kill -TERM -- "-$1" 2>/dev/null || kill -TERM "$1"
+"""
+
+
+def test_slurm_cluster_runs_datasets_in_jobs_that_get_the_key_from_the_environment(tmp_path, monkeypatch):
+    pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    secret = "sk-test-SLURM-env-only-42"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    options = {"python": sys.executable, "cores": 2, "memory": "1GB", "scheduler_host": "127.0.0.1",
+               "log_directory": str(tmp_path / "logs")}
+    jobs = {f"run/t/{n}": {"key": f"run/t/{n}", "suffix": "env-only-42"} for n in ("a", "b", "c")}
+    with open_client(workers=2, cluster="slurm", cluster_options=options) as client:
+        client.wait_for_workers(2, timeout=120)
+        address = client.scheduler.address
+        assert len(tagged(address)) == 2  # the jobs' workers
+        done = run_collecting(DatasetExecutor(client), dask_fakes.environment_probe, jobs)
+    wait_for(lambda: not tagged(address), what="the jobs to be cancelled")
+    records = dict(done)
+    assert sorted(records) == sorted(jobs)
+    assert all(r["status"] == "success" and r["has_key"] for r in records.values())
+    assert {r["omp"] for r in records.values()} == {"2"}  # the job's cores, not the nanny's cap of 1
+    for script in tmp_path.glob("job.??????"):  # what ran in the jobs: no key
+        assert secret not in script.read_text() and "--cpus-per-task=2" in script.read_text()
+    assert len(list(tmp_path.glob("job.??????"))) == 2
