@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cassia_helpers.annotate import ClusterMarkers  # noqa: E402
 from cassia_helpers.annotate.reference import ReferenceAnnotator  # noqa: E402
+from cassia_helpers.ontology import load_cell_ontology  # noqa: E402
 
 TOP_N = 50
 MAX_PADJ = 0.05
@@ -73,6 +74,28 @@ EXTRA: dict[str, tuple[str, ...]] = {
     "CD19+ B": ("Plasma cell",),
 }
 ACCEPTED: dict[str, tuple[str, ...]] = {k: v + EXTRA.get(k, ()) for k, v in STRICT.items()}
+# Each bulk label's Cell Ontology term; a call is right "at lineage level" when its CL broad lineage
+# (cassia_helpers.ontology) is the label's.
+TRUTH_CL: dict[str, str] = {
+    "CD14+ Monocyte": "CL:0001054",  # CD14-positive monocyte
+    "CD19+ B": "CL:0000236",  # B cell
+    "CD4+/CD25 T Reg": "CL:0000815",  # regulatory T cell
+    "CD4+/CD45RO+ Memory": "CL:0000897",  # CD4-positive, alpha-beta memory T cell
+    "CD4+/CD45RA+/CD25- Naive T": "CL:0000895",  # naive thymus-derived CD4-positive, alpha-beta T cell
+    "CD8+ Cytotoxic T": "CL:0000625",  # CD8-positive, alpha-beta T cell
+    "CD8+/CD45RA+ Naive Cytotoxic": "CL:0000900",  # naive thymus-derived CD8-positive, alpha-beta T cell
+    "CD56+ NK": "CL:0000623",  # natural killer cell
+    "CD34+": "CL:0008001",  # hematopoietic precursor cell
+    "Dendritic": "CL:0000451",  # dendritic cell
+}
+
+
+def lineage_correct(pred: list[str], truth: list[str]) -> np.ndarray:
+    """Whether each predicted label's CL broad lineage equals its truth label's."""
+    onto = load_cell_ontology()
+    lin = {p: onto.match(p).lineage_id for p in set(pred)}
+    want = {t: onto.lineage(TRUTH_CL[t])[0] for t in set(truth)}
+    return np.array([lin[p] != "unknown" and lin[p] == want[t] for p, t in zip(pred, truth, strict=True)])
 
 
 def _to_array(x) -> np.ndarray:
@@ -125,8 +148,9 @@ def main() -> int:
 
     # (a) ground-truth groups
     groups = cluster_markers(adata, "bulk_labels")
-    calls = annotator.annotate(groups, tissue="pbmc", species="human")
-    print("(a) bulk_labels groups annotated from their own markers")
+    calls = annotator.annotate(groups, tissue="pbmc", species="human", adata=adata, groupby="bulk_labels",
+                               use_raw=True)
+    print("(a) bulk_labels groups annotated from their marker expression")
     print(f"  {'group':30s} {'n':>4s}  {'prediction':36s} {'conf':>5s}  ok")
     n_ok = n_strict = 0
     for cm, call in zip(groups, calls, strict=True):
@@ -136,13 +160,18 @@ def main() -> int:
         print(f"  {cm.cluster:30s} {cm.n_cells:4d}  {call.main_cell_type:36s} {call.confidence:5.1f}  "
               f"{'yes' if ok else 'NO'}")
     print(f"group-level accuracy: {n_ok}/{len(groups)}  (strict mapping: {n_strict}/{len(groups)})")
+    pred_a = truth.map({c.cluster: a.main_cell_type for c, a in zip(groups, calls, strict=True)})
+    strict_a = np.array([p in STRICT[t] for p, t in zip(pred_a, truth, strict=True)])
+    lineage_a = lineage_correct(list(pred_a), list(truth))
+    print(f"cells: strict {strict_a.mean():.2f}, lineage level {lineage_a.mean():.2f}")
     print()
 
     # (b) leiden clusters
     sc.pp.neighbors(adata, use_rep="X_pca")
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=1.0, random_state=0)
     clusters = cluster_markers(adata, "leiden")
-    calls = annotator.annotate(clusters, tissue="pbmc", species="human")
+    calls = annotator.annotate(clusters, tissue="pbmc", species="human", adata=adata, groupby="leiden",
+                               use_raw=True)
     label_of = {c.cluster: a.main_cell_type for c, a in zip(clusters, calls, strict=True)}
     pred = adata.obs["leiden"].astype(str).map(label_of)
     correct = np.array([p in ACCEPTED[t] for p, t in zip(pred, truth, strict=True)])
@@ -162,7 +191,9 @@ def main() -> int:
         mask = (truth == label).to_numpy()
         print(f"  {label:30s} {mask.sum():4d} cells  {correct[mask].mean():.2f}")
     print(f"leiden clusters: {len(clusters)}")
-    print(f"cell-level accuracy: {correct.mean():.2f}  (strict mapping: {correct_strict.mean():.2f})")
+    lineage = lineage_correct(list(pred), list(truth))
+    print(f"cell-level accuracy: {correct.mean():.2f}  (strict mapping: {correct_strict.mean():.2f}; "
+          f"lineage level: {lineage.mean():.2f})")
     return 0
 
 

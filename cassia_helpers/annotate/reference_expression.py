@@ -1,0 +1,160 @@
+"""Expression-based scoring for the reference annotator: lineage first, then the subtype.
+
+Used by :class:`~cassia_helpers.annotate.reference.ReferenceAnnotator` when it is given the AnnData.
+Per cluster and marker gene ``g`` (pseudobulk over the cluster's cells, see
+:func:`cassia_helpers.evidence.cluster_profile`)::
+
+    m(c, g) = frac_in(c, g) * clip(mean_in(c, g) - mean_out(c, g), 0, 1)
+
+i.e. the share of the cluster's cells expressing the gene, times how much higher (log scale, capped
+at 1) its mean is than in the other cells. A type's score is the order-weighted mean of ``m`` over its
+markers measured in the data (weight ``1 / (1 + order / 10)``, the most specific markers first);
+markers absent from the data do not count; a type with fewer than two measured markers cannot be called.
+
+Resolution: (1) the *root* types (no parent) are scored on all their markers and grouped by lineage;
+the best lineage wins if its best root scores at least :data:`MIN_SCORE`; (2) within it the best root
+type is chosen; (3) the call then descends the reference hierarchy: children are scored on their own
+markers (those no ancestor lists), and the best child is taken when it scores at least
+:data:`REFINE_MIN_SCORE`, :data:`REFINE_RATIO` times its best sibling and :data:`REFINE_RELATIVE`
+times the current type's score on all its markers; otherwise the call stays at
+the more general type, so a call is only as specific as the data supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .reference_data import MarkerReference, ReferenceCellType
+
+#: a cluster whose best root type scores less is unknown
+MIN_SCORE = 0.08
+#: a type needs this many markers measured in the data to be scored
+MIN_MEASURED = 2
+#: descend into a child when its own markers score at least this ...
+REFINE_MIN_SCORE = 0.05
+#: ... and this many times the best sibling's
+REFINE_RATIO = 1.5
+#: ... and at least this fraction of the score of the type it refines (all of that type's markers)
+REFINE_RELATIVE = 0.5
+#: cap of the mean difference (log scale) counted per marker
+MAX_DELTA = 1.0
+ORDER_SCALE = 10.0
+
+
+@dataclass
+class ExpressionCall:
+    """The outcome for one cluster."""
+
+    cell_type: ReferenceCellType | None
+    score: float
+    lineage_scores: dict[str, float]
+    chain: list[tuple[str, float, float]] = field(default_factory=list)  # (type, own score, runner-up)
+    key_markers: list[str] = field(default_factory=list)
+    rival: tuple[str, float] | None = None
+
+
+def marker_strength(profile, row: int) -> dict[str, float]:
+    """``m(c, g)`` for every profiled gene of one cluster."""
+    delta = np.clip(profile.mean_in[row] - profile.mean_out[row], 0.0, MAX_DELTA) / MAX_DELTA
+    return {g: float(v) for g, v in zip(profile.genes, profile.frac_in[row] * delta, strict=True)}
+
+
+class ExpressionScorer:
+    """Scores reference types on one dataset's cluster profile."""
+
+    def __init__(self, reference: MarkerReference, candidates: list[ReferenceCellType], species: str,
+                 present: set[str]) -> None:
+        self.reference = reference
+        self.candidates = candidates
+        self.species = species
+        self.present = present
+        self._names = {ct.name for ct in candidates}
+
+    def resolve(self, symbol: str) -> str | None:
+        """The gene name of the data for a reference symbol (the symbol or a former name)."""
+        for name in self.reference.alias_names(symbol, self.species):
+            if name in self.present:
+                return name
+        return None
+
+    def genes_needed(self) -> list[str]:
+        out = []
+        for ct in self.candidates:
+            for sym in ct.symbols(self.species):
+                out.extend(self.reference.alias_names(sym, self.species))
+        return list(dict.fromkeys(out))
+
+    def _own(self, ct: ReferenceCellType) -> list[tuple[int, str]]:
+        inherited: set[str] = set()
+        for name in self.reference.ancestors(ct.name):
+            inherited.update(self.reference.by_name(name).symbols(self.species))
+        return [(i, s) for i, s in enumerate(ct.symbols(self.species)) if s not in inherited]
+
+    def score(self, markers: list[tuple[int, str]], strength: dict[str, float]) -> tuple[float, int]:
+        """Order-weighted mean strength over measured markers, and how many were measured."""
+        num = den = 0.0
+        measured = 0
+        for order, sym in markers:
+            gene = self.resolve(sym)
+            if gene is None:
+                continue
+            w = 1.0 / (1.0 + order / ORDER_SCALE)
+            num += w * strength.get(gene, 0.0)
+            den += w
+            measured += 1
+        return (num / den if den else 0.0), measured
+
+    def call(self, strength: dict[str, float]) -> ExpressionCall:
+        roots = [ct for ct in self.candidates if ct.parent is None or ct.parent not in self._names]
+        scored: list[tuple[float, ReferenceCellType]] = []
+        for ct in roots:
+            sc, measured = self.score(list(enumerate(ct.symbols(self.species))), strength)
+            if measured >= MIN_MEASURED:
+                scored.append((sc, ct))
+        lineages: dict[str, float] = {}
+        for sc, ct in scored:
+            lineages[ct.lineage] = max(lineages.get(ct.lineage, 0.0), sc)
+        if not scored:
+            return ExpressionCall(None, 0.0, lineages)
+        scored.sort(key=lambda t: (-t[0], t[1].name))
+        best_lineage = max(lineages, key=lambda k: (lineages[k], k))
+        if lineages[best_lineage] < MIN_SCORE:
+            return ExpressionCall(None, lineages[best_lineage], lineages)
+        # 2. the best root type within the winning lineage
+        top_score, current = next((sc, ct) for sc, ct in scored if ct.lineage == best_lineage)
+        rival = next(((ct.name, sc) for sc, ct in scored if ct.lineage != best_lineage), None)
+        chain: list[tuple[str, float, float]] = []
+        current_score = top_score
+        # 3. descend while one child's own markers clearly win
+        while True:
+            children = [ct for ct in self.candidates if ct.parent == current.name]
+            options = []
+            for ct in children:
+                sc, measured = self.score(self._own(ct), strength)
+                if measured >= 1:
+                    options.append((sc, ct))
+            if not options:
+                break
+            options.sort(key=lambda t: (-t[0], t[1].name))
+            best_sc, best_ct = options[0]
+            runner = options[1][0] if len(options) > 1 else 0.0
+            if (best_sc < REFINE_MIN_SCORE or best_sc < REFINE_RATIO * runner
+                    or best_sc < REFINE_RELATIVE * current_score):
+                break
+            chain.append((best_ct.name, round(best_sc, 4), round(runner, 4)))
+            current = best_ct
+            current_score = self.score(list(enumerate(current.symbols(self.species))), strength)[0]
+        key = self._key_markers(current, strength)
+        return ExpressionCall(current, round(top_score, 4), lineages, chain, key, rival)
+
+    def _key_markers(self, ct: ReferenceCellType, strength: dict[str, float]) -> list[str]:
+        """The called type's (and its ancestors') measured markers, strongest first."""
+        syms = list(ct.symbols(self.species))
+        for name in self.reference.ancestors(ct.name):
+            syms += self.reference.by_name(name).symbols(self.species)
+        genes = [g for g in (self.resolve(s) for s in dict.fromkeys(syms)) if g is not None]
+        genes = [g for g in dict.fromkeys(genes) if strength.get(g, 0.0) > 0]
+        genes.sort(key=lambda g: -strength.get(g, 0.0))
+        return genes[:8]
