@@ -20,6 +20,8 @@ __all__ = ["ClusterProfile", "cluster_profile", "marker_evidence", "MIN_FRACTION
 MIN_FRACTION = 0.2
 #: ... nor is one whose detection rate is not at least this much higher than in the other cells
 MIN_DELTA = 0.05
+#: ... or whose mean (log scale) is not at least this much higher
+MIN_MEAN_DELTA = 0.25
 _PROVENANCE_KEY = "cassia_batch"
 
 
@@ -112,6 +114,11 @@ def cluster_profile(
     )
 
 
+def _enriched(f_in: float, f_out: float, m_in: float, m_out: float, min_fraction: float) -> bool:
+    higher = f_in - f_out >= MIN_DELTA or m_in - m_out >= MIN_MEAN_DELTA
+    return bool(f_in >= min_fraction and m_in > m_out and higher)
+
+
 def _canonical(label: str, species: str) -> tuple[str | None, list[str]]:
     """Reference type whose name (or CL term) matches the label, and its markers."""
     from .annotate.reference_data import load_reference
@@ -176,11 +183,12 @@ def marker_evidence(
 
     Notes
     -----
-    A marker is *enriched* when detected in at least ``min_fraction`` of the cluster's cells and in at
-    least 5 percentage points more of them than of the other cells. The evidence score is the mean,
-    over the cited key markers and the canonical markers measured, of ``frac_in - frac_out`` clipped at
-    0, each marker weighted by ``frac_in``, so 1 means every marker is in every cell of the cluster and
-    in no other. The flag fires when the call names a cell type and fewer than half of its key markers
+    A marker is *enriched* when detected in at least ``min_fraction`` of the cluster's cells, with a
+    higher mean than in the other cells, and either detected in at least 5 percentage points more of
+    the cluster's cells or with a mean at least 0.25 log units higher. The evidence score is the mean,
+    over the cited key markers and the canonical markers measured, of
+    ``frac_in * clip(mean_in - mean_out, 0, 1)`` (log-scale mean difference capped at 1): 1 means every
+    marker is detected in every cell of the cluster at least one log unit above the other cells. The flag fires when the call names a cell type and fewer than half of its key markers
     (the cited ones, else the canonical ones, as measured in the data) are enriched, or when none is
     measured. ``Unknown`` clusters are not flagged (there is nothing to check).
 
@@ -228,11 +236,11 @@ def marker_evidence(
                     "gene": gene, "source": source,
                     "frac_in": round(f_in, 4), "frac_out": round(f_out, 4),
                     "mean_in": round(float(prof.mean_in[i, j]), 4), "mean_out": round(float(prof.mean_out[i, j]), 4),
-                    "enriched": bool(f_in >= min_fraction and f_in - f_out >= MIN_DELTA),
+                    "enriched": _enriched(f_in, f_out, float(prof.mean_in[i, j]), float(prof.mean_out[i, j]),
+                                          min_fraction),
                 })
-        weights = np.array([r["frac_in"] for r in records])
-        gains = np.array([max(0.0, r["frac_in"] - r["frac_out"]) for r in records])
-        score = float((weights * gains).sum() / max(weights.sum(), 1e-9)) if records else 0.0
+        strength = [r["frac_in"] * min(1.0, max(0.0, r["mean_in"] - r["mean_out"])) for r in records]
+        score = float(np.mean(strength)) if records else 0.0
         key = [r for r in records if r["source"] == "cited"] or [r for r in records if r["source"] == "canonical"]
         n_enriched = sum(r["enriched"] for r in key)
         is_call = label.strip() != "" and label.strip().lower() != "unknown"
