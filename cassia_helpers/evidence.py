@@ -188,9 +188,10 @@ def marker_evidence(
     the cluster's cells or with a mean at least 0.25 log units higher. The evidence score is the mean,
     over the cited key markers and the canonical markers measured, of
     ``frac_in * clip(mean_in - mean_out, 0, 1)`` (log-scale mean difference capped at 1): 1 means every
-    marker is detected in every cell of the cluster at least one log unit above the other cells. The flag fires when the call names a cell type and fewer than half of its key markers
-    (the cited ones, else the canonical ones, as measured in the data) are enriched, or when none is
-    measured. ``Unknown`` clusters are not flagged (there is nothing to check).
+    marker is detected in every cell of the cluster at least one log unit above the other cells.
+    The flag fires when the call names a cell type and fewer than half of its key markers (the cited ones, else
+    the canonical ones, as measured in the data) are enriched, or when none is measured. ``Unknown`` clusters
+    are not flagged (there is nothing to check).
 
     Writes ``obs[f"{key_added}_score"]`` (float), ``obs[f"{key_added}_flag"]`` (bool) and
     ``uns['cassia_batch'][key_added]`` with ``min_fraction`` and the per-cluster table (``clusters``).
