@@ -221,19 +221,26 @@ class ReferenceAnnotator:
         layer: str | None,
     ) -> list[ClusterAnnotation]:
         from ..evidence import cluster_profile
-        from .reference_expression import ExpressionScorer, marker_strength
+        from .reference_expression import ExpressionScorer, marker_strength, subtype_strength
 
         names = adata.raw.var_names if use_raw else adata.var_names
         scorer = ExpressionScorer(self.reference, candidates, species, set(map(str, names)))
         profile = cluster_profile(adata, scorer.genes_needed(), groupby=groupby, use_raw=use_raw, layer=layer)
         row_of = {c: i for i, c in enumerate(profile.clusters)}
+        # pass 1: lineage of every cluster on the whole-dataset contrast; pass 2: subtypes against the
+        # clusters of the same lineage as well
+        first = {c: scorer.call(marker_strength(profile, i)) for c, i in row_of.items()}
+        lineage = {c: (call.cell_type.lineage if call.cell_type is not None else None) for c, call in first.items()}
         out = []
         for cm in clusters:
             if cm.cluster not in row_of:
                 out.append(ClusterAnnotation.unknown(cm.cluster, f"cluster not found in obs[{groupby!r}]",
                                                      cm.genes))
                 continue
-            call = scorer.call(marker_strength(profile, row_of[cm.cluster]))
+            row = row_of[cm.cluster]
+            peers = [row_of[c] for c, lin in lineage.items() if lin is not None and lin == lineage[cm.cluster]
+                     and c != cm.cluster]
+            call = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers))
             if call.cell_type is None:
                 out.append(ClusterAnnotation.unknown(
                     cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes))

@@ -8,8 +8,10 @@ Per cluster and marker gene ``g`` (pseudobulk over the cluster's cells, see
 
 i.e. the share of the cluster's cells expressing the gene, times how much higher (log scale, capped
 at 1) its mean is than in the other cells. A type's score is the order-weighted mean of ``m`` over its
-markers measured in the data (weight ``1 / (1 + order / 10)``, the most specific markers first);
-markers absent from the data do not count; a type with fewer than two measured markers cannot be called.
+markers measured in the data (weight ``1 / (1 + order / 10)``, the most specific markers first),
+less the mean ``m`` of its ``absent_markers`` (genes that define it by their absence, e.g. CD3 for NK
+cells); markers absent from the data do not count; a type with fewer than two measured markers
+cannot be called.
 
 Resolution: (1) the *root* types (no parent) are scored on all their markers and grouped by lineage;
 the best lineage wins if its best root scores at least :data:`MIN_SCORE`; (2) within it the best root
@@ -37,7 +39,9 @@ REFINE_MIN_SCORE = 0.05
 #: ... and this many times the best sibling's
 REFINE_RATIO = 1.5
 #: ... and at least this fraction of the score of the type it refines (all of that type's markers)
-REFINE_RELATIVE = 0.5
+REFINE_RELATIVE = 0.25
+#: weight of the absent markers' mean strength subtracted from a type's score
+ABSENT_WEIGHT = 1.0
 #: cap of the mean difference (log scale) counted per marker
 MAX_DELTA = 1.0
 ORDER_SCALE = 10.0
@@ -55,10 +59,32 @@ class ExpressionCall:
     rival: tuple[str, float] | None = None
 
 
-def marker_strength(profile, row: int) -> dict[str, float]:
-    """``m(c, g)`` for every profiled gene of one cluster."""
-    delta = np.clip(profile.mean_in[row] - profile.mean_out[row], 0.0, MAX_DELTA) / MAX_DELTA
+def marker_strength(profile, row: int, peers: list[int] | None = None) -> dict[str, float]:
+    """``m(c, g)`` for every profiled gene of one cluster.
+
+    Against every other cell by default; with ``peers`` (rows of other clusters) against the
+    cell-weighted mean of those clusters only.
+    """
+    if peers:
+        w = profile.n_cells[peers].astype(float)
+        out = (profile.mean_in[peers] * w[:, None]).sum(axis=0) / w.sum()
+    else:
+        out = profile.mean_out[row]
+    delta = np.clip(profile.mean_in[row] - out, 0.0, MAX_DELTA) / MAX_DELTA
     return {g: float(v) for g, v in zip(profile.genes, profile.frac_in[row] * delta, strict=True)}
+
+
+def subtype_strength(profile, row: int, peers: list[int]) -> dict[str, float]:
+    """Strength used below the root: the mean of the whole-dataset and the same-lineage contrasts.
+
+    A subtype marker must stand out both from the dataset and from the other clusters of the lineage,
+    e.g. CD8A among T-cell clusters; without peers it is the whole-dataset contrast.
+    """
+    overall = marker_strength(profile, row)
+    if not peers:
+        return overall
+    within = marker_strength(profile, row, peers)
+    return {g: 0.5 * (v + within[g]) for g, v in overall.items()}
 
 
 class ExpressionScorer:
@@ -106,11 +132,25 @@ class ExpressionScorer:
             measured += 1
         return (num / den if den else 0.0), measured
 
-    def call(self, strength: dict[str, float]) -> ExpressionCall:
+    def absent_penalty(self, ct: ReferenceCellType, strength: dict[str, float]) -> float:
+        """Mean strength of the genes the type is defined not to express (0 when none is measured)."""
+        genes = [g for g in (self.resolve(s) for s in ct.absent_symbols(self.species)) if g is not None]
+        return ABSENT_WEIGHT * float(np.mean([strength.get(g, 0.0) for g in genes])) if genes else 0.0
+
+    def type_score(self, ct: ReferenceCellType, strength: dict[str, float], *, own: bool = False
+                   ) -> tuple[float, int]:
+        """A type's score (all markers, or its own with ``own``) less its absent-marker penalty."""
+        markers = self._own(ct) if own else list(enumerate(ct.symbols(self.species)))
+        sc, measured = self.score(markers, strength)
+        return max(0.0, sc - self.absent_penalty(ct, strength)), measured
+
+    def call(self, strength: dict[str, float], sub_strength: dict[str, float] | None = None) -> ExpressionCall:
+        """Call one cluster: lineage and root type on ``strength``, subtypes on ``sub_strength``."""
+        sub_strength = strength if sub_strength is None else sub_strength
         roots = [ct for ct in self.candidates if ct.parent is None or ct.parent not in self._names]
         scored: list[tuple[float, ReferenceCellType]] = []
         for ct in roots:
-            sc, measured = self.score(list(enumerate(ct.symbols(self.species))), strength)
+            sc, measured = self.type_score(ct, strength)
             if measured >= MIN_MEASURED:
                 scored.append((sc, ct))
         lineages: dict[str, float] = {}
@@ -126,13 +166,13 @@ class ExpressionScorer:
         top_score, current = next((sc, ct) for sc, ct in scored if ct.lineage == best_lineage)
         rival = next(((ct.name, sc) for sc, ct in scored if ct.lineage != best_lineage), None)
         chain: list[tuple[str, float, float]] = []
-        current_score = top_score
+        current_score = self.type_score(current, sub_strength)[0]
         # 3. descend while one child's own markers clearly win
         while True:
             children = [ct for ct in self.candidates if ct.parent == current.name]
             options = []
             for ct in children:
-                sc, measured = self.score(self._own(ct), strength)
+                sc, measured = self.type_score(ct, sub_strength, own=True)
                 if measured >= 1:
                     options.append((sc, ct))
             if not options:
@@ -145,7 +185,7 @@ class ExpressionScorer:
                 break
             chain.append((best_ct.name, round(best_sc, 4), round(runner, 4)))
             current = best_ct
-            current_score = self.score(list(enumerate(current.symbols(self.species))), strength)[0]
+            current_score = self.type_score(current, sub_strength)[0]
         key = self._key_markers(current, strength)
         return ExpressionCall(current, round(top_score, 4), lineages, chain, key, rival)
 
