@@ -218,3 +218,20 @@ def test_cross_dataset_table_from_records_and_flagged_datasets():
     assert out.iloc[0].to_dict() | {} == {"dataset": "d1", "n_clusters": 3, "n_unknown": 1, "n_flagged": 1,
                                           "share": pytest.approx(2 / 3), "suspect": True}
     assert not out.set_index("dataset").loc["d2", "suspect"]
+
+
+def test_reference_on_pbmc68k_bulk_labels():
+    """scanpy's bundled PBMC subset (offline): every sorted population at the right lineage, most at its level."""
+    from bench.reference_accuracy import STRICT, TRUTH_CL
+
+    adata = sc.datasets.pbmc68k_reduced()
+    groups = [ClusterMarkers(cluster=c, genes=[]) for c in adata.obs["bulk_labels"].cat.categories]
+    calls = ReferenceAnnotator().annotate(groups, tissue="pbmc", species="human", adata=adata,
+                                          groupby="bulk_labels", use_raw=True)
+    onto = load_cell_ontology()
+    sizes = adata.obs["bulk_labels"].value_counts()
+    lineage = sum(sizes[c.cluster] for c, a in zip(groups, calls, strict=True)
+                  if onto.match(a.main_cell_type).lineage_id == onto.lineage(TRUTH_CL[c.cluster])[0])
+    strict = sum(sizes[c.cluster] for c, a in zip(groups, calls, strict=True) if a.main_cell_type in STRICT[c.cluster])
+    assert lineage / adata.n_obs >= 0.95
+    assert strict / adata.n_obs >= 0.70

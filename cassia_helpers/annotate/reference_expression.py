@@ -8,18 +8,20 @@ Per cluster and marker gene ``g`` (pseudobulk over the cluster's cells, see
 
 i.e. the share of the cluster's cells expressing the gene, times how much higher (log scale, capped
 at 1) its mean is than in the other cells. A type's score is the order-weighted mean of ``m`` over its
-markers measured in the data (weight ``1 / (1 + order / 10)``, the most specific markers first),
+markers measured in the data (weight ``1 / (1 + order / 10)``, the most specific markers first;
+one virtual unexpressed marker of weight :data:`SHRINK` is added, so thin evidence counts less),
 less the mean ``m`` of its ``absent_markers`` (genes that define it by their absence, e.g. CD3 for NK
 cells); markers absent from the data do not count; a type with fewer than two measured markers
 cannot be called.
 
 Resolution: (1) the *root* types (no parent) are scored on all their markers and grouped by lineage;
-the best lineage wins if its best root scores at least :data:`MIN_SCORE`; (2) within it the best root
-type is chosen; (3) the call then descends the reference hierarchy: children are scored on their own
-markers (those no ancestor lists), and the best child is taken when it scores at least
-:data:`REFINE_MIN_SCORE`, :data:`REFINE_RATIO` times its best sibling and :data:`REFINE_RELATIVE`
-times the current type's score on all its markers; otherwise the call stays at
-the more general type, so a call is only as specific as the data supports.
+the best lineage wins if its best root scores at least :data:`MIN_SCORE`; (2) within it the root
+whose subtree holds the best-scoring type (on all its markers) is chosen; (3) the call then descends
+the reference hierarchy: children are scored on their own markers (those no ancestor lists), and the
+best child is taken when it scores at least :data:`REFINE_MIN_SCORE`, :data:`REFINE_RATIO` times its
+best sibling and :data:`REFINE_RELATIVE` times the current type's score on all its markers;
+otherwise the call stays at the more general type, so a call is only as specific as the data
+supports.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ ABSENT_WEIGHT = 1.0
 #: cap of the mean difference (log scale) counted per marker
 MAX_DELTA = 1.0
 ORDER_SCALE = 10.0
+#: weight of the virtual unexpressed marker added to every score's denominator
+SHRINK = 1.0
 
 
 @dataclass
@@ -119,7 +123,11 @@ class ExpressionScorer:
         return [(i, s) for i, s in enumerate(ct.symbols(self.species)) if s not in inherited]
 
     def score(self, markers: list[tuple[int, str]], strength: dict[str, float]) -> tuple[float, int]:
-        """Order-weighted mean strength over measured markers, and how many were measured."""
+        """Order-weighted mean strength over measured markers, and how many were measured.
+
+        The mean is shrunk towards 0 by :data:`SHRINK` (a virtual unexpressed marker), so a type seen
+        through one or two measured markers needs stronger evidence than one seen through eight.
+        """
         num = den = 0.0
         measured = 0
         for order, sym in markers:
@@ -130,7 +138,7 @@ class ExpressionScorer:
             num += w * strength.get(gene, 0.0)
             den += w
             measured += 1
-        return (num / den if den else 0.0), measured
+        return (num / (den + SHRINK) if den else 0.0), measured
 
     def absent_penalty(self, ct: ReferenceCellType, strength: dict[str, float]) -> float:
         """Mean strength of the genes the type is defined not to express (0 when none is measured)."""
@@ -162,8 +170,10 @@ class ExpressionScorer:
         best_lineage = max(lineages, key=lambda k: (lineages[k], k))
         if lineages[best_lineage] < MIN_SCORE:
             return ExpressionCall(None, lineages[best_lineage], lineages)
-        # 2. the best root type within the winning lineage
-        top_score, current = next((sc, ct) for sc, ct in scored if ct.lineage == best_lineage)
+        # 2. the root type of the winning lineage whose subtree holds the best-scoring type (a
+        #    microglia-like cluster goes to macrophage, not monocyte, even if the roots score alike)
+        in_lineage = [(sc, ct) for sc, ct in scored if ct.lineage == best_lineage]
+        top_score, current = max(in_lineage, key=lambda t: (self._subtree_best(t[1], strength), t[0], t[1].name))
         rival = next(((ct.name, sc) for sc, ct in scored if ct.lineage != best_lineage), None)
         chain: list[tuple[str, float, float]] = []
         current_score = self.type_score(current, sub_strength)[0]
@@ -188,6 +198,16 @@ class ExpressionScorer:
             current_score = self.type_score(current, sub_strength)[0]
         key = self._key_markers(current, strength)
         return ExpressionCall(current, round(top_score, 4), lineages, chain, key, rival)
+
+    def _subtree_best(self, root: ReferenceCellType, strength: dict[str, float]) -> float:
+        """Best full-marker score of ``root`` and its descendants among the candidates."""
+        best = 0.0
+        for ct in self.candidates:
+            if ct.name == root.name or root.name in self.reference.ancestors(ct.name):
+                sc, measured = self.type_score(ct, strength)
+                if measured >= MIN_MEASURED:
+                    best = max(best, sc)
+        return best
 
     def _key_markers(self, ct: ReferenceCellType, strength: dict[str, float]) -> list[str]:
         """The called type's (and its ancestors') measured markers, strongest first."""
