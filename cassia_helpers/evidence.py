@@ -120,7 +120,7 @@ def _enriched(f_in: float, f_out: float, m_in: float, m_out: float, min_fraction
 
 
 def _canonical(label: str, species: str) -> tuple[str | None, list[str]]:
-    """Reference type whose name (or CL term) matches the label, and its markers."""
+    """Reference type whose name or CL term (or the term's nearest ancestor) matches the label, and its markers."""
     from .annotate.reference_data import load_reference
     from .ontology import load_cell_ontology
 
@@ -129,11 +129,14 @@ def _canonical(label: str, species: str) -> tuple[str | None, list[str]]:
     for ct in ref.cell_types:
         if ct.name.lower() == label.strip().lower():
             return ct.name, list(ct.symbols(species))
-    match = load_cell_ontology().match(label)
+    onto = load_cell_ontology()
+    match = onto.match(label)
     if match.matched:
-        for ct in ref.cell_types:
-            if ct.cl_id == match.term_id:
-                return ct.name, list(ct.symbols(species))
+        by_id = {ct.cl_id: ct for ct in ref.cell_types if ct.cl_id}
+        # the reference type with the label's CL term, else with its nearest ancestor term
+        for term in [match.term_id, *onto.ancestors(match.term_id)]:
+            if term in by_id:
+                return by_id[term].name, list(by_id[term].symbols(species))
     return None, []
 
 
@@ -193,7 +196,8 @@ def marker_evidence(
     the canonical ones, as measured in the data) are enriched, or when none is measured. ``Unknown`` clusters
     are not flagged (there is nothing to check).
 
-    Writes ``obs[f"{key_added}_score"]`` (float), ``obs[f"{key_added}_flag"]`` (bool) and
+    Writes ``obs[f"{key_added}_score"]`` (float; NaN for clusters without a call),
+    ``obs[f"{key_added}_flag"]`` (bool) and
     ``uns['cassia_batch'][key_added]`` with ``min_fraction`` and the per-cluster table (``clusters``).
     """
     import pandas as pd
@@ -267,7 +271,7 @@ def marker_evidence(
     score_of = dict(zip(table["cluster"], table["evidence_score"], strict=True))
     flag_of = dict(zip(table["cluster"], table["flag"], strict=True))
     adata.obs[f"{key_added}_score"] = labels.map(score_of).astype("float32").to_numpy()
-    adata.obs[f"{key_added}_flag"] = labels.map(flag_of).fillna(False).astype(bool).to_numpy()
+    adata.obs[f"{key_added}_flag"] = np.array([bool(flag_of.get(c, False)) for c in labels], dtype=bool)
     adata.uns.setdefault(_PROVENANCE_KEY, {})[key_added] = {"min_fraction": float(min_fraction),
                                                            "clusters": table}
     return table

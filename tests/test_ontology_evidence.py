@@ -135,6 +135,18 @@ def test_evidence_uses_canonical_markers_without_cited_ones():
     assert table.loc["Microglia", "flag"]  # labelled astrocyte, no astrocyte marker enriched
 
 
+def test_evidence_finds_canonical_markers_for_free_text_labels():
+    adata = _normalised(make_counts(300, cell_types=BLOOD_TYPES, seed=6))
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    # an LLM-style label whose CL term (CD14-positive monocyte) has no reference type of its own:
+    # the nearest ancestor with one (monocyte) supplies the canonical markers
+    calls = {"Monocyte": {"main_cell_type": "CD14+ Monocytes", "key_markers": []},
+             "T cell": {"main_cell_type": "CD14+ Monocytes", "key_markers": []}}
+    table = marker_evidence(adata, calls)
+    assert set(table["reference_type"]) == {"Monocyte"}
+    assert not table.loc["Monocyte", "flag"] and table.loc["T cell", "flag"]
+
+
 # ---------------------------------------------------------------- reference on expression
 
 
