@@ -7,10 +7,12 @@ the file records the CL release it came from. Nothing is fetched at run time.
 A label is matched in this order, the first stage that gives exactly one term wins:
 
 1. ``exact``: the CL label or an exact CL synonym (case-insensitive);
-2. ``reference``: a name of the packaged marker reference, whose types carry a curated ``cl_id``;
+2. ``reference``: a name or synonym of the packaged marker reference, whose types carry a curated
+   ``cl_id`` (``"CD4+ T cell"``, ``"OPC"``, ``"cDC2"``);
 3. ``normalised``: the same comparisons after normalising both sides: case, punctuation, plurals
    (``"T cells"``), ``"+"``/``"pos"``/``"positive"`` and ``"-"``/``"negative"`` after a marker
-   (``"CD14+ monocyte"`` = ``"CD14-positive monocyte"``), and word order
+   (``"CD14+ monocyte"`` = ``"CD14-positive monocyte"``; a bare CD marker before a word is read as
+   positive, ``"CD8 T cells"`` = ``"CD8+ T cells"``), and word order
    (``"Monocyte (classical)"`` = ``"classical monocyte"``);
 4. ``proposed``: an id proposed by the annotator (e.g. an LLM's ``cell_ontology_id``), accepted only
    when the id exists in CL and does not contradict the label (:func:`validate_proposed_id`).
@@ -100,8 +102,15 @@ def _tokens(text: str) -> list[str]:
     text = re.sub(r"(?<=\d)(?:neg)\b", " negative", text)
     text = re.sub(r"(?<=[0-9a-z])-(?=\s|$|[,/);])", " negative ", text)
     text = re.sub(r"\b(?:hi|high|bright)\b", " bright ", text)
-    words = re.sub(r"[^0-9a-z]+", " ", text).split()
-    return [_singular(w) for w in words]
+    words = [_singular(w) for w in re.sub(r"[^0-9a-z]+", " ", text).split()]
+    # a bare CD marker before a cell word means its positive form: "CD8 T cells" = "CD8+ T cells"
+    out = []
+    for i, word in enumerate(words):
+        out.append(word)
+        following = words[i + 1] if i + 1 < len(words) else ""
+        if re.fullmatch(r"cd\d+[a-z]?", word) and following not in ("positive", "negative", "bright", "dim", ""):
+            out.append("positive")
+    return out
 
 
 def _key(text: str) -> str:
@@ -283,7 +292,12 @@ def _reference_ids() -> dict[str, str]:
         from .annotate.reference_data import load_reference
     except ImportError:  # pragma: no cover - the reference module is part of the package
         return {}
-    return {ct.name: ct.cl_id for ct in load_reference().cell_types if ct.cl_id}
+    names = {}
+    for ct in load_reference().cell_types:
+        if ct.cl_id:
+            for name in (ct.name, *ct.synonyms):
+                names[name] = ct.cl_id
+    return names
 
 
 @functools.lru_cache(maxsize=4)

@@ -36,6 +36,13 @@ from tests.synthetic import BLOOD_TYPES, BRAIN_TYPES, BREAST_TYPES, make_counts
         ("ASTROCYTES", "CL:0000127", "normalised"),
         ("Oligodendrocyte precursor cells", "CL:0002453", "normalised"),
         ("Regulatory T cells", "CL:0000815", "normalised"),
+        ("Tregs", "CL:0000815", "normalised"),
+        ("CD8 T cells", "CL:0000625", "normalised"),  # bare CD marker read as positive
+        ("Naive CD4 T cells", "CL:0000895", "normalised"),
+        ("cDC2", "CL:0002399", "reference"),  # reference synonym
+        ("OPCs", "CL:0002453", "normalised"),
+        ("Excitatory neurons", "CL:0000679", "normalised"),
+        ("pDC", "CL:0000784", "exact"),
     ],
 )
 def test_label_variants_map_to_cl(label, term_id, method):
@@ -85,6 +92,8 @@ def test_reference_cl_ids_exist_and_agree_with_names():
         assert ct.cl_id in onto.terms, ct.name
         m = onto.match(ct.name)
         assert m.term_id == ct.cl_id, (ct.name, m)
+        for synonym in ct.synonyms:
+            assert onto.match(synonym).term_id == ct.cl_id, (synonym, ct.name)
 
 
 def test_annotate_ontology_writes_cellxgene_columns():

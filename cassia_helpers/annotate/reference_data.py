@@ -3,9 +3,10 @@
 The reference (``data/markers.json``, shipped with the package) lists, for each cell type, 5-15
 positive marker genes ordered from most to least specific, the tissues the type belongs to, an
 optional more general parent type, a lineage, the Cell Ontology id of the type (``cl_id``), optional
-``absent_markers`` (genes that define the type by their absence, e.g. CD3 for NK cells) and the
-sources the markers were taken from (cited under ``sources``). :func:`load_reference` parses and
-validates it; the scoring lives in :mod:`cassia_helpers.annotate.reference`.
+``synonyms`` (other names, e.g. ``OPC``), optional ``absent_markers`` (genes that define the type by
+their absence, e.g. CD3 for NK cells) and the sources the markers were taken from (cited under
+``sources``). :func:`load_reference` parses and validates it; the scoring lives in
+:mod:`cassia_helpers.annotate.reference`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ReferenceCellType:
     sources: tuple[str, ...]
     cl_id: str | None = None  # Cell Ontology term, e.g. "CL:0000084"
     absent_markers: tuple[str, ...] = ()  # genes the type does not express (human symbols)
+    synonyms: tuple[str, ...] = ()  # other names of the type (abbreviations), for label -> CL mapping
 
     def absent_symbols(self, species: str) -> tuple[str, ...]:
         """Genes the type is defined not to express (e.g. CD3 for NK cells), for a species."""
@@ -277,6 +279,7 @@ def _parse_reference(doc: Any, path: str) -> MarkerReference:
         if unknown_src:
             raise _fail(where, f"unknown source(s) {unknown_src}; declare them under 'sources'")
         absent = _str_list(entry["absent_markers"], where, "absent_markers") if "absent_markers" in entry else []
+        synonyms = _str_list(entry["synonyms"], where, "synonyms") if "synonyms" in entry else []
         cl_id = entry.get("cl_id")
         if cl_id is not None and (not isinstance(cl_id, str) or not re.fullmatch(r"CL:\d{7}", cl_id)):
             raise _fail(where, f"'cl_id' must look like 'CL:0000084', got {cl_id!r}")
@@ -291,6 +294,7 @@ def _parse_reference(doc: Any, path: str) -> MarkerReference:
                 sources=tuple(srcs),
                 cl_id=cl_id,
                 absent_markers=tuple(absent),
+                synonyms=tuple(synonyms),
             )
         )
     names = {ct.name for ct in cell_types}
