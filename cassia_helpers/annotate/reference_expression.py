@@ -27,9 +27,11 @@ supports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from . import ClusterAnnotation, ClusterMarkers
 from .reference_data import MarkerReference, ReferenceCellType
 
 #: a cluster whose best root type scores less is unknown
@@ -44,6 +46,8 @@ REFINE_RATIO = 1.5
 REFINE_RELATIVE = 0.25
 #: weight of the absent markers' mean strength subtracted from a type's score
 ABSENT_WEIGHT = 1.0
+#: another lineage scoring at least this fraction of the call's is reported as a possible mixture
+MIXED_RATIO = 0.75
 #: cap of the mean difference (log scale) counted per marker
 MAX_DELTA = 1.0
 ORDER_SCALE = 10.0
@@ -218,3 +222,69 @@ class ExpressionScorer:
         genes = [g for g in dict.fromkeys(genes) if strength.get(g, 0.0) > 0]
         genes.sort(key=lambda g: -strength.get(g, 0.0))
         return genes[:8]
+
+
+def annotate_expression(
+    reference: MarkerReference,
+    clusters: list[ClusterMarkers],
+    candidates: list[ReferenceCellType],
+    species: str,
+    adata: Any,
+    *,
+    groupby: str = "leiden",
+    use_raw: bool = False,
+    layer: str | None = None,
+) -> list[ClusterAnnotation]:
+    """Call every cluster from the expression of the candidates' markers (one call per input cluster).
+
+    Pass 1 finds each cluster's lineage on the whole-dataset contrast; pass 2 resolves subtypes with
+    :func:`subtype_strength` against the other clusters of the same lineage.
+    """
+    from ..evidence import cluster_profile
+
+    names = adata.raw.var_names if use_raw else adata.var_names
+    scorer = ExpressionScorer(reference, candidates, species, set(map(str, names)))
+    profile = cluster_profile(adata, scorer.genes_needed(), groupby=groupby, use_raw=use_raw, layer=layer)
+    row_of = {c: i for i, c in enumerate(profile.clusters)}
+    # pass 1: lineage of every cluster on the whole-dataset contrast; pass 2: subtypes against the
+    # clusters of the same lineage as well
+    first = {c: scorer.call(marker_strength(profile, i)) for c, i in row_of.items()}
+    lineage = {c: (call.cell_type.lineage if call.cell_type is not None else None) for c, call in first.items()}
+    out = []
+    for cm in clusters:
+        if cm.cluster not in row_of:
+            out.append(ClusterAnnotation.unknown(cm.cluster, f"cluster not found in obs[{groupby!r}]",
+                                                 cm.genes))
+            continue
+        row = row_of[cm.cluster]
+        peers = [row_of[c] for c, lin in lineage.items() if lin is not None and lin == lineage[cm.cluster]
+                 and c != cm.cluster]
+        call = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers))
+        if call.cell_type is None:
+            out.append(ClusterAnnotation.unknown(
+                cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes))
+            continue
+        ordered = sorted(call.lineage_scores.items(), key=lambda kv: -kv[1])
+        runner = ordered[1][1] if len(ordered) > 1 else 0.0
+        margin = max(0.0, (call.score - runner) / call.score) if call.score > 0 else 0.0
+        confidence = round(100.0 * min(1.0, call.score / 0.4) * (0.5 + 0.5 * margin), 1)
+        mixed = [
+            f"{lin} lineage" for lin, sc in ordered[1:] if sc >= MIXED_RATIO * call.score and sc >= MIN_SCORE
+        ]
+        steps = "".join(f", refined to {n} (own markers {s:.2f} vs {r:.2f})" for n, s, r in call.chain)
+        rival = f" Next lineage: {call.rival[0]} ({call.rival[1]:.2f})." if call.rival else ""
+        reasoning = (
+            f"Lineage {call.cell_type.lineage} (best root type score {call.score:.2f}){steps}; "
+            f"expressed markers: {', '.join(call.key_markers[:5])}.{rival}"
+        )
+        out.append(ClusterAnnotation(
+            cluster=cm.cluster,
+            main_cell_type=call.cell_type.name,
+            sub_cell_types=[],
+            mixed_cell_types=mixed,
+            confidence=confidence,
+            key_markers=call.key_markers,
+            reasoning=reasoning,
+            markers_sent=list(cm.genes),
+        ))
+    return out
