@@ -26,6 +26,8 @@ _EXPORTS = {
     "ClusterMarkers": ".annotate",
     "annotate_clusters": ".annotate.apply",
     "annotate_subclusters": ".annotate.subclusters",
+    "annotate_ontology": ".ontology",
+    "marker_evidence": ".evidence",
     "make_annotator": ".annotate.factory",
     "rank_markers": ".markers",
     "cluster_markers": ".markers",
@@ -42,7 +44,7 @@ _SUBMODULES = {"pp": ".pp", "figures": ".figures"}
 
 __all__ = [
     "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
-    "annotate_subclusters",
+    "annotate_ontology", "annotate_subclusters", "marker_evidence",
     "cluster_markers", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
     "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
     "write_result", "write_summary",
@@ -57,8 +59,10 @@ if TYPE_CHECKING:
     from .clusters import write_cluster_table
     from .contract import DatasetPaths
     from .driver import run_batch
+    from .evidence import marker_evidence
     from .figures import save_dataset_figures
     from .markers import cluster_markers, rank_markers
+    from .ontology import annotate_ontology
     from .outputs import write_annotated, write_annotation, write_markers, write_result, write_summary
     from .read import InputError, read_dataset
     from .settings import Settings

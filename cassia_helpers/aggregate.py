@@ -15,6 +15,8 @@ from .annotate import REFERENCE_NOTE
 from .contract import (
     BATCH_SUMMARY_CSV,
     BATCH_SUMMARY_TXT,
+    CELL_TYPES_CSV,
+    CELL_TYPES_PNG,
     INTERRUPTED,
     RUN_MANIFEST,
     SUCCESS,
@@ -86,7 +88,8 @@ def _fmt_seconds(value) -> str:
     return "-" if value is None or pd.isna(value) else f"{float(value):.1f}s"
 
 
-def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifest: dict) -> str:
+def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifest: dict,
+                     checks: dict[str, pd.DataFrame] | None = None) -> str:
     """The human-readable ``batch_summary.txt``."""
     counts = table["status"].value_counts()
     created = manifest.get("created_at", "")
@@ -151,6 +154,17 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     for name, part in tracking["by_dataset"].items():
         lines.append(f"  dataset {name}: {part['calls']} calls, {part['input_tokens']:,} in, "
                      f"{part['output_tokens']:,} out, ${part['cost']:.4f}")
+    checks = checks or {}
+    flagged = checks.get("flagged", pd.DataFrame())
+    missing = checks.get("missing", pd.DataFrame())
+    if len(flagged) or len(missing):
+        lines += ["", "Cross-dataset checks (Cell Ontology terms in cell_types.csv)"]
+    for row in flagged[flagged["suspect"]].itertuples() if len(flagged) else []:
+        lines.append(f"  FLAG {row.dataset}: {row.n_unknown} Unknown and {row.n_flagged} marker-evidence-flagged "
+                     f"of {row.n_clusters} clusters")
+    for row in missing.itertuples() if len(missing) else []:
+        lines.append(f"  MISSING {row.tissue}/{row.dataset}: no {row.cell_type_ontology_term} "
+                     f"(present in {row.present_in} of {row.n_datasets} {row.tissue} datasets)")
     lines += ["", "Per-file status"]
     for row in table.itertuples():
         detail = f"{row.n_cells} cells, {row.n_clusters} clusters, {_fmt_seconds(row.total_time)}" \
@@ -159,13 +173,65 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     return "\n".join(lines) + "\n"
 
 
+def cell_types(run_dir: str | Path, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per successful dataset × Cell Ontology term: cells and fraction (``cell_types.csv``)."""
+    from .crossqc import cell_type_table
+
+    run_dir = Path(run_dir)
+    table = collect(run_dir) if table is None else table
+    records = []
+    for row in table[table["status"] == SUCCESS].itertuples():
+        result = read_result(DatasetPaths(run_dir, row.tissue, row.dataset)) or {}
+        terms = result.get("cell_type_terms", [])
+        records += [{**term, "dataset": row.dataset, "tissue": row.tissue} for term in terms]
+    return cell_type_table(records=records) if records else pd.DataFrame(
+        columns=["dataset", "tissue", "cell_type_ontology_term_id", "cell_type_ontology_term", "cell_type_lineage",
+                 "n_cells", "fraction"])
+
+
+def cross_dataset_checks(run_dir: str | Path, table: pd.DataFrame, terms: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Types present in most datasets of a tissue but missing from one, and datasets with many Unknown or
+    evidence-flagged clusters (read from each dataset's ``{dataset}_clusters.csv``)."""
+    from .crossqc import flagged_datasets, missing_types
+
+    run_dir = Path(run_dir)
+    frames = []
+    for row in table[table["status"] == SUCCESS].itertuples():
+        path = DatasetPaths(run_dir, row.tissue, row.dataset).clusters_csv
+        try:
+            clusters = pd.read_csv(path, dtype={"cluster": str}, keep_default_na=False)
+        except (OSError, ValueError):
+            continue
+        flag = clusters["evidence_flag"].astype(str).str.lower().eq("true") if "evidence_flag" in clusters else False
+        frames.append(pd.DataFrame({"dataset": f"{row.tissue}/{row.dataset}", "main_cell_type": clusters["cell_type"],
+                                    "flag": flag}))
+    flagged = flagged_datasets(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
+    return {"missing": missing_types(terms) if len(terms) else pd.DataFrame(), "flagged": flagged}
+
+
 def write_run_summaries(run_dir: str | Path) -> pd.DataFrame:
-    """Write ``batch_summary.csv``, ``batch_summary.txt`` and ``token_tracking.json``; return the table."""
+    """Write ``batch_summary.csv``, ``batch_summary.txt``, ``token_tracking.json`` and ``cell_types.csv``;
+    return the summary table."""
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
     table = collect(run_dir)
     tracking = token_tracking(run_dir)
+    terms = cell_types(run_dir, table)
+    checks = cross_dataset_checks(run_dir, table, terms)
     write_csv(run_dir / BATCH_SUMMARY_CSV, table[SUMMARY_COLUMNS])
     write_json(run_dir / TOKEN_TRACKING_JSON, tracking)
-    write_text(run_dir / BATCH_SUMMARY_TXT, run_summary_text(run_dir, table, tracking, manifest))
+    write_csv(run_dir / CELL_TYPES_CSV, terms)
+    write_text(run_dir / BATCH_SUMMARY_TXT, run_summary_text(run_dir, table, tracking, manifest, checks))
     return table
+
+
+def write_cell_type_heatmap(run_dir: str | Path) -> Path | None:
+    """``cell_types.png``: the dataset × Cell Ontology term heatmap of ``cell_types.csv`` (when it has rows)."""
+    from .crossqc import plot_cell_type_heatmap
+
+    run_dir = Path(run_dir)
+    try:
+        terms = pd.read_csv(run_dir / CELL_TYPES_CSV)
+    except (OSError, ValueError):
+        return None
+    return plot_cell_type_heatmap(terms, run_dir / CELL_TYPES_PNG) if len(terms) else None

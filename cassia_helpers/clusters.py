@@ -103,8 +103,38 @@ def cluster_table(
             "color": colors.get(cell_type, ""),
         })
     frame = pd.DataFrame(rows)
+    checks = call_checks(adata)
+    if len(checks):
+        frame = frame.drop(columns=[c for c in checks.columns if c in frame.columns and c != "cluster"])
+        frame = frame.merge(checks, on="cluster", how="left")
     extra = [c for c in frame.columns if c not in COLUMNS and c != "iterations"]
     return frame.reindex(columns=COLUMNS + extra)
+
+
+# per-cluster columns of the checks on the calls: (uns record key, its column, the column written)
+CHECK_COLUMNS = (
+    ("pipeline", "score", "score"), ("pipeline", "disputed", "disputed"), ("pipeline", "agreement", "agreement"),
+    ("pipeline", "broad", "broad"), ("pipeline", "detailed", "detailed"), ("pipeline", "fine", "fine"),
+    ("ontology", "term_id", "cell_type_ontology_term_id"), ("ontology", "term_name", "cell_type_ontology_term"),
+    ("ontology", "lineage_name", "cell_type_lineage"), ("ontology", "method", "ontology_match"),
+    ("marker_evidence", "evidence_score", "evidence_score"), ("marker_evidence", "flag", "evidence_flag"),
+    ("marker_evidence", "flag_reason", "evidence_flag_reason"),
+)
+
+
+def call_checks(adata) -> pd.DataFrame:
+    """One row per cluster with what the pipeline, the ontology mapping and the marker evidence recorded
+    (``uns['cassia_batch']['pipeline' | 'ontology' | 'marker_evidence']['clusters']``), where present."""
+    record = adata.uns.get(PROVENANCE_KEY, {})
+    merged: pd.DataFrame | None = None
+    for key in dict.fromkeys(k for k, _, _ in CHECK_COLUMNS):
+        table = record.get(key, {}).get("clusters") if isinstance(record.get(key), dict) else None
+        if not isinstance(table, pd.DataFrame) or table.empty or "cluster" not in table:
+            continue
+        wanted = {column: name for k, column, name in CHECK_COLUMNS if k == key and column in table}
+        part = table[["cluster", *wanted]].rename(columns=wanted).assign(cluster=lambda t: t["cluster"].astype(str))
+        merged = part if merged is None else merged.merge(part, on="cluster", how="outer")
+    return merged if merged is not None else pd.DataFrame()
 
 
 def _colors(adata, key: str) -> dict[str, str]:

@@ -357,10 +357,11 @@ def _aggregate(run_dir: Path, kernel_name: str) -> None:
         return
     log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)
     try:
-        from .aggregate import write_run_summaries
+        from .aggregate import write_cell_type_heatmap, write_run_summaries
         from .report import write_report
 
         write_run_summaries(run_dir)
+        write_cell_type_heatmap(run_dir)
         write_report(run_dir)
     except OSError as exc:
         log.error("%s: could not write the run summaries (%s: %s)", run_dir, type(exc).__name__, exc.strerror or exc)

@@ -62,8 +62,24 @@ def write_annotated(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     return paths.annotated_h5ad
 
 
+def check_lines(checks: pd.DataFrame) -> dict[str, str]:
+    """Per cluster, one line on its Cell Ontology term and its marker evidence (from :func:`call_checks`)."""
+    lines = {}
+    for row in checks.to_dict("records") if len(checks) else []:
+        parts = []
+        if row.get("cell_type_ontology_term_id"):
+            parts.append(f"CL: {row.get('cell_type_ontology_term')} ({row['cell_type_ontology_term_id']}, "
+                         f"{row.get('ontology_match')}); lineage {row.get('cell_type_lineage')}")
+        if pd.notna(row.get("evidence_score")):
+            parts.append(f"marker evidence {float(row['evidence_score']):.2f}")
+        if row.get("evidence_flag") is True:
+            parts.append(f"FLAG: {row.get('evidence_flag_reason')}")
+        lines[str(row["cluster"])] = "; ".join(parts)
+    return lines
+
+
 def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: str, species: str,
-                    annotator: dict) -> str:
+                    annotator: dict, checks: dict[str, str] | None = None) -> str:
     """The readable CASSIA-style text: per cluster the markers sent, each agent's turn and the call."""
     lines = [
         f"CASSIA-style annotation of {dataset}",
@@ -95,6 +111,8 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
             f"  reasoning:        {r.reasoning}",
         ]
         lines += pipeline_text_lines(r)
+        if (checks or {}).get(str(r.cluster)):
+            lines.append(f"  checks:           {checks[str(r.cluster)]}")
         if r.status != "ok":
             lines.append(f"  status:           Unknown ({r.reason})")
         if r.iterations or r.input_tokens or r.output_tokens:
@@ -103,12 +121,14 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
     return "\n".join(lines)
 
 
-def write_annotation(results: list[ClusterAnnotation], paths: DatasetPaths, *, tissue: str, species: str,
-                     annotator: dict) -> Path:
+def write_annotation(adata: ad.AnnData, results: list[ClusterAnnotation], paths: DatasetPaths, *, tissue: str,
+                     species: str, annotator: dict) -> Path:
     """``{dataset}_annotation.txt``, and for CASSIA's own tools ``{dataset}_cassia.csv`` (CASSIA's batch
     columns with ``Score`` and ``Merged_Grouping_1..3``) and ``{dataset}_cassia_conversations.json``."""
-    write_text(paths.annotation_txt, annotation_text(results, dataset=paths.dataset, tissue=tissue,
-                                                     species=species, annotator=annotator))
+    from .clusters import call_checks
+
+    write_text(paths.annotation_txt, annotation_text(results, dataset=paths.dataset, tissue=tissue, species=species,
+                                                     annotator=annotator, checks=check_lines(call_checks(adata))))
     from .cassia_format import cassia_csv, conversations
 
     write_text(paths.cassia_csv, cassia_csv(results, tissue=tissue, species=species,
@@ -175,6 +195,21 @@ def write_summary(adata: ad.AnnData, paths: DatasetPaths, settings: Settings) ->
     return paths.summary_txt
 
 
+def _terms(adata: ad.AnnData) -> list[dict]:
+    """Cells per Cell Ontology term (``term_id``, ``term_name``, ``lineage_name``, ``n_cells``)."""
+    columns = ["cell_type_ontology_term_id", "cell_type_ontology_term", "cell_type_lineage"]
+    if not all(c in adata.obs for c in columns):
+        return []
+    counts = adata.obs[columns].astype(str).value_counts()
+    return [{"term_id": t, "term_name": n, "lineage_name": lineage, "n_cells": int(c)}
+            for (t, n, lineage), c in counts.items()]
+
+
+def _flagged(record: dict) -> int:
+    table = record.get("marker_evidence", {}).get("clusters")
+    return int(table["flag"].astype(bool).sum()) if isinstance(table, pd.DataFrame) and "flag" in table else 0
+
+
 def _pipeline_summary(table) -> dict:
     """Mean quality score and disputed clusters, from ``uns['cassia_batch']['pipeline']['clusters']``."""
     if not isinstance(table, pd.DataFrame) or table.empty:
@@ -212,6 +247,8 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "warnings": list(record.get("warnings", [])),
         "annotation_failure": record.get("annotation", {}).get("failure", ""),
         **_pipeline_summary(record.get("pipeline", {}).get("clusters")),
+        "cell_type_terms": _terms(adata),
+        "flagged_clusters": _flagged(record),
     }
     write_json(paths.result_json, result)
     return paths.result_json

@@ -67,7 +67,12 @@ FORMATTER_KEYS = (
     "confidence",
     "key_markers",
     "reasoning",
+    "cell_ontology_id",
 )
+# Cell Ontology ids the scripted formatter proposes
+CL_IDS = {"T cell": "CL:0000084", "B cell": "CL:0000236", "Monocyte": "CL:0000576", "NK cell": "CL:0000623",
+          "Astrocyte": "CL:0000127", "Oligodendrocyte": "CL:0000128", "Microglia": "CL:0000129"}
+INVALID_CL_ID = "CL:9999999"
 
 _MARKER_LINE = re.compile(r"^\s*Ranked markers[^:\n]*:(.*)$", re.IGNORECASE | re.MULTILINE)
 _FINAL_LINE = re.compile(r"FINAL ANNOTATION\W*?:\s*(.+)", re.IGNORECASE)
@@ -253,7 +258,7 @@ def validator_answer(body: dict, fail: bool) -> str:
 
 
 def formatter_payload(body: dict) -> dict:
-    """The six-key JSON object matching the annotator's call found in the conversation."""
+    """The JSON object (:data:`FORMATTER_KEYS`) matching the annotator's call found in the conversation."""
     markers = parse_markers(body)
     ranked = score_markers(markers)
     stated = parse_final_annotation(body)
@@ -288,6 +293,8 @@ def formatter_payload(body: dict) -> dict:
         "confidence": int(confidence),
         "key_markers": key_markers,
         "reasoning": reasoning,
+        # a known type gets its real id; any other call a made-up one, which the client must reject
+        "cell_ontology_id": CL_IDS.get(main, "" if main == UNKNOWN_TYPE else INVALID_CL_ID),
     }
 
 

@@ -25,6 +25,10 @@ def summaries_only(run_dir: Path, kernel_name: str) -> None:
     write_run_summaries(run_dir)
 
 
+# the driver's own logic: summaries without the aggregation notebook, datasets in threads of this process
+FAST = {"aggregate": summaries_only, "in_process": True}
+
+
 class FakeLauncher:
     """Records each job and writes the status a real worker would, after ``delay`` seconds."""
 
@@ -74,7 +78,7 @@ def settings_for(tmp_path: Path, **values) -> Settings:
 def test_statuses_exit_code_and_summaries(data, tmp_path, caplog):
     launcher = FakeLauncher(fail=("C",))
     caplog.set_level("INFO", logger="cassia_helpers")
-    result = run_batch(settings_for(tmp_path, workers=2), launcher=launcher, aggregate=summaries_only, in_process=True)
+    result = run_batch(settings_for(tmp_path, workers=2), launcher=launcher, **FAST)
     assert result.exit_code == 1
     assert result.statuses == {("blood", "A"): SUCCESS, ("blood", "B {x} \u00fc"): SUCCESS, ("blood", "C"): FAILED,
                                ("blood", "not_h5ad"): FAILED}
@@ -93,7 +97,7 @@ def test_statuses_exit_code_and_summaries(data, tmp_path, caplog):
 def test_only_changed_settings_reach_the_notebook_and_never_a_key(data, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-never-a-parameter")
     launcher = FakeLauncher()
-    run_batch(settings_for(tmp_path, resolution=0.6, n_pcs=30), launcher=launcher, aggregate=summaries_only, in_process=True)
+    run_batch(settings_for(tmp_path, resolution=0.6, n_pcs=30), launcher=launcher, **FAST)
     parameters = launcher.jobs[0]["parameters"]
     assert set(parameters) == {"dataset", "tissue", "input_path", "run_dir", "annotator", "resolution", "n_pcs"}
     assert parameters["resolution"] == 0.6 and "sk-never" not in json.dumps(launcher.jobs)
@@ -101,17 +105,17 @@ def test_only_changed_settings_reach_the_notebook_and_never_a_key(data, tmp_path
 
 def test_workers_bound_the_datasets_running_at_once(data, tmp_path):
     launcher = FakeLauncher(delay=0.3)
-    run_batch(settings_for(tmp_path, workers=2), launcher=launcher, aggregate=summaries_only, in_process=True)
+    run_batch(settings_for(tmp_path, workers=2), launcher=launcher, **FAST)
     assert launcher.most_at_once == 2
 
 
 def test_resume_runs_only_what_is_not_done_and_keeps_the_analysis_settings(data, tmp_path):
     first = run_batch(settings_for(tmp_path, resolution=0.7), launcher=FakeLauncher(fail=("C",)),
-                      aggregate=summaries_only, in_process=True)
+                      **FAST)
     notes = first.run_dir / "NOTES.txt"
     notes.write_text("pilot\n")
     again = FakeLauncher()
-    resumed = run_batch(Settings(resume=first.run_dir, workers=3), launcher=again, aggregate=summaries_only, in_process=True)
+    resumed = run_batch(Settings(resume=first.run_dir, workers=3), launcher=again, **FAST)
     assert resumed.run_dir == first.run_dir and resumed.exit_code == 1  # the text file is still rejected
     assert [j["parameters"]["dataset"] for j in again.jobs] == ["C"]
     assert again.jobs[0]["parameters"]["resolution"] == 0.7 and again.jobs[0]["workers"] == 3
@@ -126,7 +130,7 @@ def test_interrupt_stops_running_datasets_and_marks_the_rest(data, tmp_path):
 
     launcher = FakeLauncher(delay=5, on_start=press_ctrl_c)
     started = time.monotonic()
-    result = run_batch(settings_for(tmp_path), launcher=launcher, aggregate=summaries_only, in_process=True)
+    result = run_batch(settings_for(tmp_path), launcher=launcher, **FAST)
     assert time.monotonic() - started < 4
     assert result.interrupted and result.exit_code == 130
     statuses = pd.read_csv(result.run_dir / "batch_summary.csv").set_index("dataset")["status"]
@@ -140,7 +144,7 @@ def test_sighup_is_an_interrupt_too(data, tmp_path):
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGHUP)).start()
 
     result = run_batch(settings_for(tmp_path), launcher=FakeLauncher(delay=5, on_start=hang_up),
-                       aggregate=summaries_only, in_process=True)
+                       **FAST)
     assert result.exit_code == 130
 
 
@@ -151,11 +155,11 @@ def test_a_second_driver_on_the_same_run_is_a_usage_error(data, tmp_path):
         if dataset == "A":
             try:
                 run_batch(Settings(resume=next((tmp_path / "out").iterdir())), launcher=FakeLauncher(),
-                          aggregate=summaries_only, in_process=True)
+                          **FAST)
             except UsageError as exc:
                 inner.append(exc)
 
-    run_batch(settings_for(tmp_path), launcher=FakeLauncher(on_start=second_driver), aggregate=summaries_only, in_process=True)
+    run_batch(settings_for(tmp_path), launcher=FakeLauncher(on_start=second_driver), **FAST)
     assert inner and "another driver is working on this run" in str(inner[0])
 
 
@@ -178,7 +182,7 @@ def test_an_unusable_output_folder_is_a_usage_error(data, tmp_path):
 def test_outputs_follow_the_umask(data, tmp_path):
     old = os.umask(0o022)
     try:
-        result = run_batch(settings_for(tmp_path), launcher=FakeLauncher(), aggregate=summaries_only, in_process=True)
+        result = run_batch(settings_for(tmp_path), launcher=FakeLauncher(), **FAST)
     finally:
         os.umask(old)
     for name in ("batch_summary.csv", "batch_summary.txt", "token_tracking.json", "run_manifest.json",

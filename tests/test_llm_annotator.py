@@ -52,7 +52,8 @@ def test_labels_and_ledger_equal_the_servers_count(llm_env, tmp_path):
     formatter = [b for b in llm_env.received if b["_agent"] == "formatter"][0]
     assert formatter["response_format"]["type"] == "json_schema"
     assert set(formatter["response_format"]["json_schema"]["schema"]["required"]) == {
-        "main_cell_type", "sub_cell_types", "mixed_cell_types", "confidence", "key_markers", "reasoning"}
+        "main_cell_type", "sub_cell_types", "mixed_cell_types", "confidence", "key_markers", "reasoning",
+        "cell_ontology_id"}
     assert all(b["temperature"] == 0 and b["seed"] == 0 for b in llm_env.received)
 
 

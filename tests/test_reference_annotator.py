@@ -378,6 +378,26 @@ def test_loader_reports_clear_errors(tmp_path):
     with pytest.raises(ReferenceDataError, match="parent 'Missing'"):
         load_reference(orphan)
 
+    del doc["cell_types"][0]["parent"]
+    doc["cell_types"][0]["cl_id"] = "T cell"
+    badcl = tmp_path / "badcl.json"
+    badcl.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ReferenceDataError, match="'cl_id' must look like 'CL:0000084'"):
+        load_reference(badcl)
+
+    doc["cell_types"][0]["cl_id"] = "CL:0000084"
+    doc["cell_types"][0]["absent_markers"] = "CD3E"
+    badabsent = tmp_path / "badabsent.json"
+    badabsent.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(ReferenceDataError, match="'absent_markers' must be a list"):
+        load_reference(badabsent)
+
+    doc["cell_types"][0]["absent_markers"] = ["CD3E"]
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(doc), encoding="utf-8")
+    parsed = load_reference(good).by_name("A")
+    assert (parsed.cl_id, parsed.absent_symbols("mouse")) == ("CL:0000084", ("Cd3e",))
+
     del doc["version"]
     nover = tmp_path / "nover.json"
     nover.write_text(json.dumps(doc), encoding="utf-8")

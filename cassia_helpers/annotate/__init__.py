@@ -54,6 +54,7 @@ class ClusterAnnotation:
     confidence: float = 0.0
     key_markers: list[str] = field(default_factory=list)
     reasoning: str = ""
+    cell_ontology_id: str = ""  # proposed by the model; validated against the ontology before use
     status: str = "ok"
     reason: str = ""
     reason_kind: str = ""

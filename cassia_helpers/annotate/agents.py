@@ -46,15 +46,17 @@ FINAL ANNOTATION: <main cell type>"""
 FORMATTER_SYSTEM = """You are the formatter agent of a cell-type annotation team. Turn the annotator's \
 analysis into JSON with exactly these fields: main_cell_type (string), sub_cell_types (list of up to 3 \
 strings, most likely first), mixed_cell_types (list of strings), confidence (integer 0-100), key_markers \
-(list of genes from the marker list that support the call), reasoning (one or two sentences). Reply with \
-the JSON object only."""
+(list of genes from the marker list that support the call), reasoning (one or two sentences), \
+cell_ontology_id (the Cell Ontology id of main_cell_type, such as CL:0000236 for B cell, or an empty string \
+when unsure). Reply with the JSON object only."""
 
 VALIDATOR_SYSTEM = """You are the validator agent of a cell-type annotation team. Check the annotation \
 against the cluster's marker genes, the species and the tissue: are the cited markers really in the list, \
 do they support the call, is a more likely cell type ignored? Reply with VALIDATION PASSED or \
 VALIDATION FAILED on the first line, then specific feedback in a few sentences."""
 
-ANSWER_FIELDS = ("main_cell_type", "sub_cell_types", "mixed_cell_types", "confidence", "key_markers", "reasoning")
+ANSWER_FIELDS = ("main_cell_type", "sub_cell_types", "mixed_cell_types", "confidence", "key_markers", "reasoning",
+                 "cell_ontology_id")
 ANSWER_SCHEMA = {
     "type": "json_schema",
     "json_schema": {
@@ -69,6 +71,7 @@ ANSWER_SCHEMA = {
                 "confidence": {"type": "integer"},
                 "key_markers": {"type": "array", "items": {"type": "string"}},
                 "reasoning": {"type": "string"},
+                "cell_ontology_id": {"type": "string"},
             },
             "required": list(ANSWER_FIELDS),
             "additionalProperties": False,
@@ -154,6 +157,8 @@ def _normalise(data: dict) -> dict:
         "confidence": max(0.0, min(100.0, confidence)),
         "key_markers": _as_list(data.get("key_markers")),
         "reasoning": sanitize_text(data.get("reasoning", "")),
+        # a proposal only: checked against the ontology before it is used (cassia_helpers.ontology)
+        "cell_ontology_id": sanitize_label(data.get("cell_ontology_id", ""), max_chars=20),
     }
 
 
@@ -375,6 +380,7 @@ class LLMAnnotator:
             confidence=answer["confidence"],
             key_markers=answer["key_markers"],
             reasoning=reasoning,
+            cell_ontology_id=answer["cell_ontology_id"],
             status="ok",
             iterations=rounds,
             markers_sent=list(markers.genes),

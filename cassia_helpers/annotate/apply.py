@@ -38,7 +38,9 @@ def annotate_clusters(
     by :func:`~cassia_helpers.annotate.columns.write_pipeline_columns`.
     """
     start = time.perf_counter()
-    results = annotator.annotate(clusters, tissue=tissue, species=species, context=context)
+    groupby = groupby or cluster_key(adata)
+    expression = {"adata": adata, "groupby": groupby} if getattr(annotator, "reads_expression", False) else {}
+    results = annotator.annotate(clusters, tissue=tissue, species=species, context=context, **expression)
     by_cluster = {r.cluster: r for r in results}
     for markers in clusters:
         if markers.cluster not in by_cluster:

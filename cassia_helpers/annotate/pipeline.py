@@ -97,6 +97,7 @@ def _with_answer(base: ClusterAnnotation, answer: dict) -> ClusterAnnotation:
     return replace(base, main_cell_type=answer["main_cell_type"], sub_cell_types=answer["sub_cell_types"],
                    mixed_cell_types=answer["mixed_cell_types"], confidence=answer["confidence"],
                    key_markers=answer["key_markers"], reasoning=answer["reasoning"], status=status,
+                   cell_ontology_id=answer.get("cell_ontology_id", ""),
                    reason="" if status == "ok" else "the boost could not identify the cell type")
 
 

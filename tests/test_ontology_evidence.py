@@ -1,0 +1,258 @@
+"""Cell Ontology mapping, marker evidence, expression-based reference calls and cross-dataset QC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+from cassia_helpers.annotate import ClusterMarkers
+from cassia_helpers.annotate.reference import ReferenceAnnotator
+from cassia_helpers.annotate.reference_data import load_reference
+from cassia_helpers.crossqc import cell_type_table, flagged_datasets, missing_types, plot_cell_type_heatmap
+from cassia_helpers.evidence import marker_evidence
+from cassia_helpers.ontology import annotate_ontology, load_cell_ontology, map_label, validate_proposed_id
+from tests.synthetic import BLOOD_TYPES, BRAIN_TYPES, BREAST_TYPES, make_counts
+
+# ---------------------------------------------------------------- name -> CL
+
+
+@pytest.mark.parametrize(
+    ("label", "term_id", "method"),
+    [
+        ("T cell", "CL:0000084", "exact"),
+        ("t cell", "CL:0000084", "exact"),
+        ("T cells", "CL:0000084", "normalised"),
+        ("T lymphocyte", "CL:0000084", "exact"),  # CL synonym
+        ("NK cell", "CL:0000623", "exact"),  # CL synonym
+        ("Natural killer cells", "CL:0000623", "normalised"),
+        ("CD14+ monocyte", "CL:0001054", "normalised"),
+        ("CD14-positive monocytes", "CL:0001054", "normalised"),
+        ("Classical monocyte", "CL:0000860", "exact"),
+        ("Monocyte (classical)", "CL:0000860", "normalised"),  # word order
+        ("CD4+ T cell", "CL:0000624", "reference"),  # curated name of the marker reference
+        ("Microglia", "CL:0000129", "reference"),
+        ("ASTROCYTES", "CL:0000127", "normalised"),
+        ("Oligodendrocyte precursor cells", "CL:0002453", "normalised"),
+        ("Regulatory T cells", "CL:0000815", "normalised"),
+        ("Tregs", "CL:0000815", "normalised"),
+        ("CD8 T cells", "CL:0000625", "normalised"),  # bare CD marker read as positive
+        ("Naive CD4 T cells", "CL:0000895", "normalised"),
+        ("cDC2", "CL:0002399", "reference"),  # reference synonym
+        ("OPCs", "CL:0002453", "normalised"),
+        ("Excitatory neurons", "CL:0000679", "normalised"),
+        ("pDC", "CL:0000784", "exact"),
+    ],
+)
+def test_label_variants_map_to_cl(label, term_id, method):
+    m = map_label(label)
+    assert (m.term_id, m.method) == (term_id, method), m
+    assert m.term_name == load_cell_ontology().name(term_id)
+
+
+def test_every_match_has_a_lineage_and_lineages_are_broad():
+    assert map_label("Regulatory T cells").lineage_name == "T cell"
+    assert map_label("CD14+ monocyte").lineage_name == "myeloid cell"
+    assert map_label("Astrocyte").lineage_name == "glial cell"
+    assert map_label("Excitatory neuron").lineage_name == "neuron"
+    assert map_label("Plasma cell").lineage_name == "lymphocyte of B lineage"
+
+
+@pytest.mark.parametrize("typo", ["Astrocyet", "Monocyt", "T cel", "Oligodendrocyte precusor cell"])
+def test_typo_matches_nothing_rather_than_a_wrong_term(typo):
+    m = map_label(typo)
+    assert not m.matched and m.term_id == "unknown" and m.note
+
+
+def test_unknown_label_is_unmatched():
+    assert map_label("Unknown").term_id == "unknown"
+
+
+def test_proposed_id_is_validated():
+    # the label alone does not match; a consistent proposal is accepted ...
+    assert map_label("Microglial cells (homeostatic)").term_id == "unknown"
+    ok = map_label("Microglial cells (homeostatic)", proposed_id="CL_0000129")
+    assert (ok.term_id, ok.method) == ("CL:0000129", "proposed")
+    # ... an id that does not exist is rejected, said plainly
+    bad = map_label("Microglial cells (homeostatic)", proposed_id="CL:9999999")
+    assert bad.term_id == "unknown" and "not a CL term" in bad.note
+    # ... and so is a real id that contradicts the label
+    wrong = map_label("Microglial cells (homeostatic)", proposed_id="CL:0000084")
+    assert wrong.term_id == "unknown" and "contradicts" in wrong.note
+    assert validate_proposed_id("Microglia", "CL:0000129").term_id == "CL:0000129"
+    assert validate_proposed_id("CD4+ T cell", "CL:0000625") is None  # CD8 term for a CD4 label
+    assert validate_proposed_id("Astrocyte", "CL:0000084") is None
+    assert validate_proposed_id("Astrocyte", "not an id") is None
+
+
+def test_reference_cl_ids_exist_and_agree_with_names():
+    onto = load_cell_ontology()
+    for ct in load_reference().cell_types:
+        assert ct.cl_id in onto.terms, ct.name
+        m = onto.match(ct.name)
+        assert m.term_id == ct.cl_id, (ct.name, m)
+        for synonym in ct.synonyms:
+            assert onto.match(synonym).term_id == ct.cl_id, (synonym, ct.name)
+
+
+def test_annotate_ontology_writes_cellxgene_columns():
+    adata = make_counts(60, cell_types=BRAIN_TYPES, seed=1)
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    adata.obs["cell_type"] = adata.obs["truth"].astype(str)
+    table = annotate_ontology(adata, proposed_ids={"Astrocyte": "CL:0000084"})
+    assert set(adata.obs["cell_type_ontology_term_id"]) == {"CL:0000127", "CL:0000128", "CL:0000129"}
+    assert set(adata.obs["cell_type_lineage"]) == {"glial cell"}
+    assert table["n_cells"].sum() == adata.n_obs
+    assert adata.uns["cassia_batch"]["ontology"]["cl_version"].startswith("v20")
+
+
+# ---------------------------------------------------------------- marker evidence
+
+
+def _normalised(adata):
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+def test_evidence_flag_fires_when_cited_markers_are_absent_and_not_when_present():
+    adata = _normalised(make_counts(300, cell_types=BLOOD_TYPES, seed=2))
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    calls = {
+        "T cell": {"main_cell_type": "T cell", "key_markers": ["CD3E", "CD3D", "CD2"]},
+        # a confident call whose cited markers are the B cells', not this cluster's
+        "Monocyte": {"main_cell_type": "B cell", "key_markers": ["MS4A1", "CD79A", "CD19"]},
+        "B cell": {"main_cell_type": "Unknown", "key_markers": []},
+    }
+    table = marker_evidence(adata, calls)
+    assert not table.loc["T cell", "flag"]
+    assert table.loc["T cell", "n_enriched"] == 3
+    assert table.loc["Monocyte", "flag"] and "not enriched" in table.loc["Monocyte", "flag_reason"]
+    assert table.loc["T cell", "evidence_score"] > 0.5 > table.loc["Monocyte", "evidence_score"]
+    assert not table.loc["B cell", "flag"]  # unknown: nothing to check
+    assert adata.obs["marker_evidence_flag"].sum() == (adata.obs["leiden"] == "Monocyte").sum()
+
+
+def test_evidence_uses_canonical_markers_without_cited_ones():
+    adata = _normalised(make_counts(300, cell_types=BRAIN_TYPES, seed=3))
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    adata.obs["cell_type"] = adata.obs["truth"].astype(str).replace({"Microglia": "Astrocyte"})
+    table = marker_evidence(adata, groupby="leiden", label_key="cell_type")
+    assert table.loc["Astrocyte", "reference_type"] == "Astrocyte"
+    assert not table.loc["Astrocyte", "flag"]
+    assert table.loc["Microglia", "flag"]  # labelled astrocyte, no astrocyte marker enriched
+
+
+def test_evidence_finds_canonical_markers_for_free_text_labels():
+    adata = _normalised(make_counts(300, cell_types=BLOOD_TYPES, seed=6))
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    # an LLM-style label whose CL term (CD14-positive monocyte) has no reference type of its own:
+    # the nearest ancestor with one (monocyte) supplies the canonical markers
+    calls = {"Monocyte": {"main_cell_type": "CD14+ Monocytes", "key_markers": []},
+             "T cell": {"main_cell_type": "CD14+ Monocytes", "key_markers": []}}
+    table = marker_evidence(adata, calls)
+    assert set(table["reference_type"]) == {"Monocyte"}
+    assert not table.loc["Monocyte", "flag"] and table.loc["T cell", "flag"]
+
+
+# ---------------------------------------------------------------- reference on expression
+
+
+# the fixtures' labels that are not CL names
+FIXTURE_CL = {"Luminal epithelial cell": "CL:0002326"}  # luminal epithelial cell of mammary gland
+
+
+@pytest.mark.parametrize(("types", "tissue"), [(BLOOD_TYPES, "blood"), (BRAIN_TYPES, "brain"),
+                                               (BREAST_TYPES, "breast")])
+def test_expression_reference_on_fixtures(types, tissue):
+    adata = _normalised(make_counts(300, cell_types=types, seed=4))
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    clusters = [ClusterMarkers(cluster=c, genes=[]) for c in adata.obs["leiden"].unique()]
+    calls = ReferenceAnnotator().annotate(clusters, tissue=tissue, species="human", adata=adata)
+    onto = load_cell_ontology()
+    for cm, call in zip(clusters, calls, strict=True):
+        truth = FIXTURE_CL.get(cm.cluster) or onto.match(cm.cluster).term_id
+        got = onto.match(call.main_cell_type).term_id
+        # the call is the truth, or a type on its ontology path (as specific as the data supports)
+        assert onto.related(truth, got), (cm.cluster, call.main_cell_type, call.reasoning)
+        assert call.key_markers and call.confidence > 0
+
+
+def test_expression_reference_calls_unknown_without_marker_expression():
+    adata = _normalised(make_counts(200, cell_types={"A": [f"NOVEL{i}" for i in range(6)],
+                                                     "B": [f"NOVEL{i}" for i in range(6, 12)]}, seed=5))
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    clusters = [ClusterMarkers(cluster=c, genes=[]) for c in ("A", "B")]
+    calls = ReferenceAnnotator().annotate(clusters, tissue="blood", species="human", adata=adata)
+    assert [c.main_cell_type for c in calls] == ["Unknown", "Unknown"]
+
+
+# ---------------------------------------------------------------- cross-dataset QC
+
+
+def _obs(term_counts: dict[str, int]) -> pd.DataFrame:
+    onto = load_cell_ontology()
+    rows = []
+    for term, n in term_counts.items():
+        m = onto.match(term)
+        rows += [{"cell_type_ontology_term_id": m.term_id, "cell_type_ontology_term": m.term_name,
+                  "cell_type_lineage": m.lineage_name}] * n
+    return pd.DataFrame(rows)
+
+
+def test_cross_dataset_table_sums_to_cells_and_finds_missing_types(tmp_path):
+    obs = {
+        "b1": _obs({"Astrocyte": 30, "Oligodendrocyte": 50, "Microglia": 20}),
+        "b2": _obs({"Astrocyte": 10, "Oligodendrocyte": 5, "Microglia": 7, "Unknown": 3}),
+        "b3": _obs({"Astrocyte": 12, "Microglia": 4}),
+        "p1": _obs({"T cell": 9}),
+    }
+    tissues = {"b1": "brain", "b2": "brain", "b3": "brain", "p1": "blood"}
+    table = cell_type_table(obs, tissues=tissues)
+    for name, frame in obs.items():
+        sub = table[table["dataset"] == name]
+        assert sub["n_cells"].sum() == len(frame)
+        assert np.isclose(sub["fraction"].sum(), 1.0)
+    assert table.loc[(table["dataset"] == "b2") & (table["cell_type_ontology_term_id"] == "unknown"),
+                     "n_cells"].item() == 3
+    missing = missing_types(table)
+    assert missing[["dataset", "cell_type_ontology_term"]].values.tolist() == [["b3", "oligodendrocyte"]]
+    png = plot_cell_type_heatmap(table, tmp_path / "qc" / "cell_types.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cross_dataset_table_from_records_and_flagged_datasets():
+    records = [
+        {"dataset": "d1", "term_id": "CL:0000084", "term_name": "T cell", "lineage_name": "T cell", "n_cells": 5},
+        {"dataset": "d1", "term_id": "CL:0000084", "term_name": "T cell", "lineage_name": "T cell", "n_cells": 7},
+        {"dataset": "d1", "term_id": "unknown", "term_name": "unknown", "lineage_name": "unknown", "n_cells": 4},
+    ]
+    table = cell_type_table(records=records)
+    assert table["n_cells"].tolist() == [12, 4]
+    clusters = pd.DataFrame({
+        "dataset": ["d1", "d1", "d1", "d2", "d2"],
+        "main_cell_type": ["T cell", "Unknown", "B cell", "T cell", "B cell"],
+        "flag": [False, False, True, False, False],
+    })
+    out = flagged_datasets(clusters)
+    assert out.iloc[0].to_dict() | {} == {"dataset": "d1", "n_clusters": 3, "n_unknown": 1, "n_flagged": 1,
+                                          "share": pytest.approx(2 / 3), "suspect": True}
+    assert not out.set_index("dataset").loc["d2", "suspect"]
+
+
+def test_reference_on_pbmc68k_bulk_labels():
+    """scanpy's bundled PBMC subset (offline): every sorted population at the right lineage, most at its level."""
+    from bench.reference_accuracy import STRICT, TRUTH_CL
+
+    adata = sc.datasets.pbmc68k_reduced()
+    groups = [ClusterMarkers(cluster=c, genes=[]) for c in adata.obs["bulk_labels"].cat.categories]
+    calls = ReferenceAnnotator().annotate(groups, tissue="pbmc", species="human", adata=adata,
+                                          groupby="bulk_labels", use_raw=True)
+    onto = load_cell_ontology()
+    sizes = adata.obs["bulk_labels"].value_counts()
+    lineage = sum(sizes[c.cluster] for c, a in zip(groups, calls, strict=True)
+                  if onto.match(a.main_cell_type).lineage_id == onto.lineage(TRUTH_CL[c.cluster])[0])
+    strict = sum(sizes[c.cluster] for c, a in zip(groups, calls, strict=True) if a.main_cell_type in STRICT[c.cluster])
+    assert lineage / adata.n_obs >= 0.95
+    assert strict / adata.n_obs >= 0.70
