@@ -157,9 +157,10 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     checks = checks or {}
     flagged = checks.get("flagged", pd.DataFrame())
     missing = checks.get("missing", pd.DataFrame())
-    if len(flagged) or len(missing):
+    suspect = flagged[flagged["suspect"]] if len(flagged) else flagged
+    if len(suspect) or len(missing):
         lines += ["", "Cross-dataset checks (Cell Ontology terms in cell_types.csv)"]
-    for row in flagged[flagged["suspect"]].itertuples() if len(flagged) else []:
+    for row in suspect.itertuples():
         lines.append(f"  FLAG {row.dataset}: {row.n_unknown} Unknown and {row.n_flagged} marker-evidence-flagged "
                      f"of {row.n_clusters} clusters")
     for row in missing.itertuples() if len(missing) else []:
