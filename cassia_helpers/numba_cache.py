@@ -17,6 +17,15 @@ from contextlib import contextmanager
 
 
 @contextmanager
+def quiet_uncachable() -> Iterator[None]:
+    """Silence numba's notice that a function cannot be cached (e.g. pynndescent's search on large data,
+    compiled at its first call): it is compiled as before, and the notice means nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]annot cache.*")
+        yield
+
+
+@contextmanager
 def _cache_by_default() -> Iterator[None]:
     import numba
 
@@ -31,9 +40,7 @@ def _cache_by_default() -> Iterator[None]:
 
     numba.njit, numba.jit = cached(njit), cached(jit)
     try:
-        with warnings.catch_warnings():
-            # a function numba cannot cache (e.g. a closure) is compiled as before, quietly
-            warnings.filterwarnings("ignore", message=".*[Cc]annot cache.*")
+        with quiet_uncachable():
             yield
     finally:
         numba.njit, numba.jit = njit, jit

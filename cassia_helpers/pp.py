@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from .counts import LIBRARY_SIZE_KEY
 from .matrix import cells_per_gene, dense_blocks, row_blocks, subset_in_place
-from .numba_cache import import_umap
+from .numba_cache import import_umap, quiet_uncachable
 from .read import InputError
 from .record import provenance, timed, warn
 
@@ -278,8 +278,9 @@ def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0, exact_
     import_umap()  # scanpy builds the graph's connectivities with umap-learn
     k = max(2, min(n_neighbors, adata.n_obs - 1))
     exact = adata.n_obs <= exact_max_cells
-    sc.pp.neighbors(adata, n_neighbors=k, use_rep="X_pca", random_state=seed,
-                    transformer="sklearn" if exact else None)
+    with quiet_uncachable():
+        sc.pp.neighbors(adata, n_neighbors=k, use_rep="X_pca", random_state=seed,
+                        transformer="sklearn" if exact else None)
     provenance(adata)["neighbors"] = {"n_neighbors": k, "search": "exact" if exact else "pynndescent"}
 
 

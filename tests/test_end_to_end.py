@@ -18,7 +18,9 @@ import anndata as ad
 import nbformat
 import pandas as pd
 import pytest
+import scanpy as sc
 
+from cassia_helpers.cassia_format import SEURAT_MARKER_COLUMNS
 from tests.conftest import REPO
 from tests.synthetic import BRAIN_TYPES, BREAST_TYPES, make_counts, write
 
@@ -106,8 +108,11 @@ def test_contract_layout_and_summary(workspace):
         assert (folder / f"{dataset}_umap.png").stat().st_size > 1000
         row = summary[summary["dataset"] == dataset].iloc[0]
         assert row["n_clusters"] >= 2 and row["n_cells"] > 0 and row["total_time"] > 0
-    # the failed dataset's executed notebook stays for debugging
-    assert (run / "brain" / "Data_Text_Brain" / "Data_Text_Brain_notebook.ipynb").is_file()
+    # inputs whose header is broken are rejected by the driver before any kernel starts for them
+    for tissue, dataset in [("brain", "Data_Text_Brain"), ("breast", "Data_NoCells_Breast")]:
+        status = json.loads((run / tissue / dataset / f"{dataset}_status.json").read_text())
+        assert status["error_type"] == "InputError" and status["duration_s"] < 1
+        assert not (run / tissue / dataset / f"{dataset}_notebook.ipynb").exists()
     text = (run / "batch_summary.txt").read_text()
     assert "Total cost: $0.00" in text
     assert "no API calls were made" in text
@@ -131,8 +136,17 @@ def test_annotated_h5ad_and_markers(workspace):
         called = adata.obs.loc[adata.obs["truth"] == truth, "cell_type"].value_counts().index[0]
         assert word in called.lower(), (truth, called)
     markers = pd.read_csv(folder / "Data_Filbin2018_Brain_markers.csv")
-    assert list(markers.columns) == ["cluster", "rank", "gene", "score", "logfoldchange", "pval", "pval_adj",
-                                     "pct_in_cluster", "pct_out_cluster"]
+    assert list(markers.columns) == SEURAT_MARKER_COLUMNS  # what CASSIA's and Seurat users' tools read
+    # scanpy's own layout is kept, so its marker plots work on the written file
+    ranked = sc.get.rank_genes_groups_df(adata, group=None)
+    assert set(ranked["group"].astype(str)) == set(adata.obs["leiden"].astype(str))
+    # every call carries its Cell Ontology term and its marker evidence
+    for column in ("cell_type_ontology_term_id", "cell_type_ontology_term", "cell_type_lineage",
+                   "marker_evidence_score", "marker_evidence_flag", "cell_type_score"):
+        assert column in adata.obs, column
+    astrocytes = adata.obs.loc[adata.obs["truth"] == "Astrocyte", "cell_type_ontology_term_id"]
+    assert astrocytes.value_counts().index[0] == "CL:0000127"
+    assert adata.uns["cell_type_colors"] is not None
     assert not markers.duplicated(["cluster", "gene"]).any()
     assert set(markers["cluster"].astype(str)) == set(adata.obs["leiden"].astype(str))
     annotation = (folder / "Data_Filbin2018_Brain_annotation.txt").read_text()
@@ -148,8 +162,9 @@ def test_executed_notebook_records_parameters_and_no_key(workspace):
     notebook = nbformat.read(run / "breast" / "Data_Bassez2021_Breast" / "Data_Bassez2021_Breast_notebook.ipynb",
                              as_version=4)
     parameters = notebook.metadata["papermill"]["parameters"]
-    assert parameters["species"] == "human" and parameters["min_genes"] == 200
+    # the injected cell holds the dataset and what differs from the template's defaults, which stay visible
     assert parameters["tissue"] == "breast" and parameters["annotator"] == "reference"
+    assert "min_genes" not in parameters and "min_genes = 200" in notebook.cells[1].source
     assert not any("key" in name.lower() for name in parameters)
     tracking = json.loads((run / "token_tracking.json").read_text())
     assert tracking["total_calls"] == 0 and tracking["api_calls"] == [] and tracking["total_cost"] == 0

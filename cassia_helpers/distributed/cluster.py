@@ -164,8 +164,11 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         raise ClusterError("give either a scheduler address or a cluster kind, not both")
     with ExitStack() as stack:
         stack.enter_context(dask.config.set(dask_settings()))
-        for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.nanny"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        # the datasets' own records report every failure; Dask's logs (e.g. an Event wait cut short when a
+        # task ends) would only print tracebacks on the user's terminal
+        for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.nanny",
+                     "distributed.event", "distributed.utils", "distributed.core", "distributed.client"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         if scheduler:
             try:
                 client = Client(scheduler, timeout=connect_timeout)
