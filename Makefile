@@ -23,8 +23,9 @@ run: $(STAMP)
 	$(BIN)/python run_batch.py --data-dir $(EXAMPLE_DATA) --tissues all --output-dir $(OUTPUT_DIR) \
 		--annotator reference --min-genes 100
 
+# two test processes, one file each at a time (a file's fixtures, e.g. one real batch run, are shared)
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # JupyterLab with this project's environment as a named kernel ("cassia-batch")
 lab: $(STAMP)

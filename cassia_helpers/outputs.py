@@ -67,9 +67,12 @@ def check_lines(checks: pd.DataFrame) -> dict[str, str]:
     lines = {}
     for row in checks.to_dict("records") if len(checks) else []:
         parts = []
-        if row.get("cell_type_ontology_term_id"):
-            parts.append(f"CL: {row.get('cell_type_ontology_term')} ({row['cell_type_ontology_term_id']}, "
-                         f"{row.get('ontology_match')}); lineage {row.get('cell_type_lineage')}")
+        term = row.get("cell_type_ontology_term_id")
+        if term and term != "unknown":
+            parts.append(f"CL: {row.get('cell_type_ontology_term')} ({term}, {row.get('ontology_match')}); "
+                         f"lineage {row.get('cell_type_lineage')}")
+        elif term:
+            parts.append("CL: no matching Cell Ontology term")
         if pd.notna(row.get("evidence_score")):
             parts.append(f"marker evidence {float(row['evidence_score']):.2f}")
         if row.get("evidence_flag") is True:
@@ -111,7 +114,7 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
             f"  reasoning:        {r.reasoning}",
         ]
         lines += pipeline_text_lines(r)
-        if (checks or {}).get(str(r.cluster)):
+        if r.status == "ok" and (checks or {}).get(str(r.cluster)):
             lines.append(f"  checks:           {checks[str(r.cluster)]}")
         if r.status != "ok":
             lines.append(f"  status:           Unknown ({r.reason})")

@@ -216,7 +216,7 @@ def test_budget_stops_spending_and_is_reported(llm_env, blood_dir, tmp_path):
     text = (run / "batch_summary.txt").read_text()
     assert "Budget reached" in text
     annotation = (run / "blood" / DATASETS[1] / f"{DATASETS[1]}_annotation.txt").read_text()
-    assert "[budget]" in annotation
+    assert "[budget" in annotation and "budget of $1.00 reached" in annotation
 
 
 def test_resume_leaves_a_rejected_input_alone_until_the_file_changes(blood_dir, tmp_path):
