@@ -221,7 +221,7 @@ class LLMAnnotator:
             "provider": endpoint_label(self.client.base_url).split("://", 1)[-1].split("/", 1)[0],
             "endpoint_host": endpoint_label(self.client.base_url),
             "prompt_version": PROMPT_VERSION,
-            "temperature": 0,
+            "temperature": self.client.temperature,
             "seed": self.client.seed,
             "max_rounds": self.max_rounds,
             "max_tokens": self.client.max_tokens,
@@ -237,7 +237,8 @@ class LLMAnnotator:
             return list(pool.map(lambda m: self._annotate_safely(m, tissue, species, context), clusters))
 
     # hooks for the pipeline (annotate/pipeline.py)
-    def sibling(self, *, model: str | None = None, seed: int | None = None) -> LLMAnnotator:
+    def sibling(self, *, model: str | None = None, seed: int | None = None,
+                temperature: float | None = None) -> LLMAnnotator:
         """An annotator with another model and/or seed that shares this one's ledger, throttle and budget."""
         options = dict(self._options, ledger_path=None)
         if model:
@@ -249,6 +250,8 @@ class LLMAnnotator:
         other.client.ledger = self.ledger
         other.client.throttle, other.client.budget = self.client.throttle, self.client.budget
         other.client.breaker = self.client.breaker
+        if temperature is not None:
+            other.client.temperature = temperature
         return other
 
     def annotate_one(self, markers: ClusterMarkers, *, tissue: str, species: str,

@@ -32,9 +32,11 @@ class ResponseCache:
         self._lock = threading.Lock()
         self._capabilities = self._load_capabilities()
 
-    def key(self, messages: list[dict], response_format: dict | None) -> str:
+    def key(self, messages: list[dict], response_format: dict | None, *, temperature: float = 0.0,
+            seed: int = 0) -> str:
         material = json.dumps({"endpoint": self.endpoint, "model": self.model, "messages": messages,
-                               "temperature": 0, "response_format": response_format}, sort_keys=True)
+                               "temperature": temperature, "seed": seed, "response_format": response_format},
+                              sort_keys=True)
         return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
     def _path(self, key: str) -> Path:

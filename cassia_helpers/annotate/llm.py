@@ -197,6 +197,8 @@ class LLMClient:
         self.endpoint = endpoint_label(self.base_url)
         self.ledger, self.prices, self.throttle, self.budget = ledger, prices, throttle, budget
         self.breaker = breaker or CircuitBreaker(0)
+        # 0 for reproducible calls; repeated runs of a consensus sample with a seed of their own
+        self.temperature = 0.0
         self.dataset, self.tissue = dataset, tissue
         self.max_attempts = max(1, int(max_attempts))
         self.max_wait_s = max_wait_s
@@ -260,7 +262,7 @@ class LLMClient:
         def good(text: str) -> bool:
             return bool(text.strip()) and (accept is None or bool(accept(text)))
 
-        key = self.cache.key(messages, response_format)
+        key = self.cache.key(messages, response_format, temperature=self.temperature, seed=self.seed)
         cached = self.cache.get(key)
         if cached is not None and good(cached["content"]):
             self._record(cluster=cluster, agent=agent, status=CACHE_HIT)
@@ -317,7 +319,7 @@ class LLMClient:
     def _options(self, messages: list[dict], response_format: dict | None) -> dict:
         options = {"model": self.model, "messages": messages}
         if self.supports("temperature"):
-            options["temperature"] = 0
+            options["temperature"] = self.temperature
         if response_format is not None:
             options["response_format"] = response_format
         if self.supports("seed"):

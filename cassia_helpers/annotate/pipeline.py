@@ -23,6 +23,7 @@ from .scoring import score_annotation
 PIPELINES = ("fast", "full")
 SCORE_CALLS = 2
 MERGE_CALLS = 2
+RUN_TEMPERATURE = 0.7  # the repeated runs of a consensus
 FORMATTER_CALLS = 3  # json_schema -> json_object -> prose, only when a format is refused
 
 
@@ -120,10 +121,14 @@ class AnnotationPipeline:
         # every further run are voters too.
         primary = annotator.client.model
         self.voters = []
+        # Run 1 of each model is the reproducible one (temperature 0); further runs sample, each with a
+        # seed of its own, where the server accepts a temperature.
+        seed = annotator.client.seed
         for model in [primary] + [m for m in self.settings.models if m != primary]:
-            agent = annotator if model == primary else annotator.sibling(model=model)
-            self.voters += [(agent, run) for run in range(1, self.settings.n_runs + 1)
-                            if not (agent is annotator and run == 1)]
+            first = annotator if model == primary else annotator.sibling(model=model)
+            self.voters += [(first, 1)] if first is not annotator else []
+            self.voters += [(first.sibling(seed=seed + run - 1, temperature=RUN_TEMPERATURE), run)
+                            for run in range(2, self.settings.n_runs + 1)]
 
     def describe(self) -> dict:
         out = dict(self.annotator.describe())
@@ -158,7 +163,7 @@ class AnnotationPipeline:
             result.notes.append(f"score: {scored.reason}")
         weak = result.main_cell_type == UNKNOWN or (scored.score is not None and
                                                      scored.score < self.settings.boost_below)
-        if weak and result.reason != "budget" and self.settings.boost_rounds > 0 and self.lookup is not None:
+        if weak and result.reason_kind != "budget" and self.settings.boost_rounds > 0 and self.lookup is not None:
             result = self._boost(result, markers, tissue, species, context)
         return result
 
