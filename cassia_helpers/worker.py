@@ -30,6 +30,7 @@ from .contract import (
     read_status,
     write_status,
 )
+from .distributed.process import die_with_parent
 from .record import PROGRESS_ENV
 
 REQUIRED_OUTPUTS = ("markers_csv", "annotated_h5ad", "annotation_txt", "summary_txt", "clusters_csv", "result_json")
@@ -38,6 +39,9 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 # the kernel's own inline backend so that the executed notebook shows them.
 KERNEL_UNSET = ("OPENAI_BASE_URL", "MPLBACKEND")
 STOP_GRACE_S = 10.0
+# How long a dataset waits for an earlier runner of it (e.g. left by a killed driver, dying with it) to end.
+RUNNER_WAIT_S = 90.0
+RUNNER_LOCK = ".runner.lock"
 
 
 def template_path(name: str = "annotate_dataset.ipynb") -> Path:
@@ -71,17 +75,6 @@ def worker_environment(workers: int, environ: dict[str, str] | None = None) -> d
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child: receive SIGTERM when the launcher dies (Linux), so no worker outlives its driver."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _stop_group(process: subprocess.Popen) -> None:
     """SIGTERM the worker's process group (worker and kernel), then SIGKILL what is left."""
     for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
@@ -110,8 +103,32 @@ def run_dataset(job: dict, should_stop: Callable[[], bool] = lambda: False) -> d
     parameters = job["parameters"]
     paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
     paths.folder.mkdir(parents=True, exist_ok=True)
-    paths.status_json.unlink(missing_ok=True)  # whatever status is found afterwards was written by this worker
     started, started_at = time.monotonic(), now_iso()
+    with open(paths.folder / RUNNER_LOCK, "a+") as lock:
+        if not _take(lock, should_stop):
+            return write_status(paths, FAILED, error_type="RunnerBusy", started_at=started_at,
+                                error=f"another runner of this dataset did not end within {RUNNER_WAIT_S:g} s")
+        return _run_locked(job, paths, lock, should_stop, started, started_at)
+
+
+def _take(lock, should_stop: Callable[[], bool]) -> bool:
+    """Hold the dataset's runner lock (never two runners in one folder), waiting for an earlier one to end."""
+    import fcntl
+
+    deadline = time.monotonic() + RUNNER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() > deadline or should_stop():
+                return False
+            time.sleep(0.5)
+
+
+def _run_locked(job: dict, paths: DatasetPaths, lock, should_stop: Callable[[], bool], started: float,
+                started_at: str) -> dict:
+    paths.status_json.unlink(missing_ok=True)  # whatever status is found afterwards was written by this worker
     timeout = float(job.get("dataset_timeout") or 0)
     paths.progress_jsonl.unlink(missing_ok=True)
     env = worker_environment(int(job.get("workers", 1)))
@@ -120,7 +137,8 @@ def run_dataset(job: dict, should_stop: Callable[[], bool] = lambda: False) -> d
         [sys.executable, "-m", "cassia_helpers.worker"],
         env=env,
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_die_with_parent,
+        start_new_session=True, preexec_fn=die_with_parent,
+        pass_fds=(lock.fileno(),),  # the worker holds the runner lock too, until it has ended
     )
     # the job goes through a pipe, never the command line (a process listing shows arguments)
     process.stdin.write(json.dumps(job).encode())

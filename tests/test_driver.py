@@ -208,3 +208,30 @@ def test_max_cost_without_a_price_is_a_usage_error(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
     code = main(["--data-dir", str(tmp_path), "--tissues", "all", "--model", "my-local-model", "--max-cost", "1"])
     assert code == 2 and "cannot be enforced" in capsys.readouterr().err
+
+
+def test_resume_makes_the_checks_a_fresh_run_makes(data, tmp_path, monkeypatch):
+    """An LLM run resumed from a shell without the key is a usage error, not a run that annotates nothing."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-first-session")
+    first = run_batch(settings_for(tmp_path).replace(annotator="llm"), launcher=FakeLauncher(fail=("C",)), **FAST)
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(UsageError, match="OPENAI_API_KEY"):
+        run_batch(Settings(resume=first.run_dir), launcher=FakeLauncher(), **FAST)
+
+
+def test_a_dataset_never_has_two_runners(tmp_path, monkeypatch):
+    """A runner left by a killed driver holds the dataset's lock: a resumed run waits for it, then gives up
+    with the reason instead of writing into the same folder at the same time."""
+    import fcntl
+
+    from cassia_helpers import worker
+
+    paths = DatasetPaths(tmp_path / "run", "blood", "A")
+    paths.folder.mkdir(parents=True)
+    monkeypatch.setattr(worker, "RUNNER_WAIT_S", 1.0)
+    with open(paths.folder / worker.RUNNER_LOCK, "a+") as earlier:
+        fcntl.flock(earlier, fcntl.LOCK_EX)
+        record = worker.run_dataset({"parameters": {"run_dir": str(paths.run_dir), "tissue": "blood", "dataset": "A",
+                                                    "input_path": "missing.h5ad"}})
+    assert record["status"] == "failed" and record["error_type"] == "RunnerBusy"
+    assert not paths.notebook.exists()

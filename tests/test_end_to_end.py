@@ -27,8 +27,10 @@ from tests.synthetic import BRAIN_TYPES, BREAST_TYPES, make_counts, write
 SPEC = REPO / "docs" / "batch_output_structure.md"
 SPEC_RUN = "run_brain_20260216_151425"
 CONTRACT_FILES = ("_markers.csv", "_annotated.h5ad", "_annotation.txt", "_summary.txt")
+# braces, quotes, spaces and unicode in a name must work end to end (papermill formats paths with braces)
+ODD_NAME = "Data_Choudhury2022 {v2} 'Brain' ü"
 GOOD = {
-    ("brain", "Data_Choudhury2022_Brain"),
+    ("brain", ODD_NAME),
     ("brain", "Data_Filbin2018_Brain"),
     ("breast", "Data_Bassez2021_Breast"),
 }
@@ -50,7 +52,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
     data = root / "data"
     write(make_counts(400, cell_types=BRAIN_TYPES, seed=1), data / "brain" / "Data_Filbin2018_Brain.h5ad")
-    write(make_counts(350, cell_types=BRAIN_TYPES, seed=2), data / "brain" / "Data_Choudhury2022_Brain.h5ad")
+    write(make_counts(350, cell_types=BRAIN_TYPES, seed=2), data / "brain" / f"{ODD_NAME}.h5ad")
     write(make_counts(300, cell_types=BREAST_TYPES, seed=3), data / "breast" / "Data_Bassez2021_Breast.h5ad")
     (data / "brain" / "Data_Text_Brain.h5ad").write_text("gene,cell\nGFAP,3\n")
     good = (data / "brain" / "Data_Filbin2018_Brain.h5ad").read_bytes()

@@ -554,3 +554,48 @@ def test_x_missing_uses_counts_layer(tmp_path):
     adata = read_dataset(write(adata, tmp_path / "no x.h5ad"))
     assert adata.uns["cassia_batch"]["input"]["counts_source"] == "layers['counts']"
     assert adata.X.shape == (50, 60)
+
+
+# The loader decides counts vs log-normalised vs scaled from every value, not a sample of rows.
+
+def test_decimal_counts_are_counts_with_a_warning(tmp_path):
+    """Ambient-RNA-corrected counts (SoupX/DecontX write decimals) are normalised, not taken for log data."""
+    adata = make_counts(300, seed=3)
+    adata.X = adata.X * np.float32(0.93)
+    assert adata.X.max() > 30
+    read = read_dataset(write(adata, tmp_path / "decimals.h5ad"))
+    record = read.uns["cassia_batch"]["input"]
+    assert record["is_counts"] is True and record["integer_counts"] is False
+    assert any("non-integer counts" in w for w in warnings_of(read))
+    pp.qc(read, **QC)
+    pp.normalize(read)
+    assert read.uns["cassia_batch"]["normalize"]["method"].startswith("log1p")
+
+
+@pytest.mark.parametrize("row", [1_999, 2_001, 4_999])
+def test_a_non_finite_value_in_any_row_rejects_the_file_naming_the_cell(tmp_path, row):
+    adata = make_counts(5_000, n_genes=60, seed=4)
+    x = adata.X.toarray()
+    x[row, 7] = np.nan
+    adata.X = sp.csr_matrix(x)
+    path = write(adata, tmp_path / "nan.h5ad")
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "NaN", f"cell{row}", f"row {row}")
+
+
+def test_log_normalised_rows_beyond_the_first_thousands_are_not_normalised_again(tmp_path):
+    adata = make_counts(5_000, n_genes=60, seed=5)
+    adata.X = lognorm(adata.X)
+    read = read_dataset(write(adata, tmp_path / "log.h5ad"))
+    assert read.uns["cassia_batch"]["input"]["is_counts"] is False
+
+
+def test_counts_with_tiny_negative_noise_are_clipped_with_a_warning(tmp_path):
+    adata = make_counts(300, seed=6)
+    adata.X.data[::7] -= np.float32(1e-7)
+    adata.X.data[0] = np.float32(-1e-7)
+    read = read_dataset(write(adata, tmp_path / "noise.h5ad"))
+    assert read.uns["cassia_batch"]["input"]["is_counts"] is True
+    assert read.X.min() >= 0
+    assert any("tiny negative values" in w for w in warnings_of(read))
