@@ -175,7 +175,8 @@ def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_typ
     """Write ``{dataset}_status.json`` atomically and return it.
 
     ``input_file`` (the input's ``path``, ``size`` and ``mtime_ns``) is recorded when the input itself was
-    rejected, so that ``--resume`` can leave it alone until the file changes.
+    rejected, so that ``--resume`` can leave it alone until the file changes. A status that cannot be
+    written (a full disk) is still returned, its error saying so: the driver reports it all the same.
     """
     record = {
         "dataset": paths.dataset,
@@ -189,7 +190,13 @@ def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_typ
     }
     if input_file:
         record["input_file"] = input_file
-    write_json(paths.status_json, record)
+    try:
+        write_json(paths.status_json, record)
+    except OSError as exc:
+        note = f"{paths.status_json.name} could not be written: {exc.strerror or exc}"
+        record["error"] = f"{record['error']} ({note})" if record["error"] else note
+        if status == SUCCESS:
+            record.update(status=FAILED, error_type="OutputError")
     return record
 
 

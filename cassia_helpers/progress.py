@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .contract import SUCCESS, DatasetPaths
+from .contract import BATCH_SUMMARY_TXT, SUCCESS, DatasetPaths
 
 log = logging.getLogger("cassia_helpers")
 STEP_NAMES = {"load": "loading", "qc": "QC", "normalize": "normalising", "pca": "HVG + PCA",
@@ -77,6 +77,7 @@ class Progress:
             lines.append(f"{tissue + '/' + name:<{width}}  {status}" + (f": {error}" if error and status != SUCCESS
                                                                           else ""))
         counts = {s: list(result.statuses.values()).count(s) for s in dict.fromkeys(result.statuses.values())}
+        summary = self.run_dir / BATCH_SUMMARY_TXT
         lines.append(", ".join(f"{n} {s}" for s, n in counts.items())
-                     + f". Summary: {self.run_dir / 'batch_summary.txt'}")
+                     + (f". Summary: {summary}" if summary.is_file() else ". No summary could be written."))
         log.log(logging.WARNING if self.quiet else logging.INFO, "\n".join(lines))

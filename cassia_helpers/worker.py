@@ -182,7 +182,8 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, CellTimeoutError):
         return f"a notebook cell timed out ({' '.join(str(exc).split())[:200]})", "CellTimeoutError"
     if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{type(exc).__name__}: {exc.strerror} ({exc.filename or ''})", type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{type(exc).__name__}: {exc.strerror}{where}", type(exc).__name__
     return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", type(exc).__name__
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -241,3 +242,23 @@ def test_resume_leaves_a_rejected_input_alone_until_the_file_changes(blood_dir, 
     fixed = resume(tmp_path, run)
     assert fixed.returncode == 0, fixed.stderr
     assert status(run, "Data_Z_Blood")["status"] == "success"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="a small full filesystem is mounted in a private mount namespace: needs root and unshare "
+                    "(both in CI)")
+def test_a_full_disk_fails_the_dataset_and_never_crashes_the_driver(blood_dir, tmp_path):
+    keep_only(blood_dir, 1)
+    out = tmp_path / "small"
+    out.mkdir()
+    # 1 MiB holds the run's small records but not the dataset's h5ad and figures
+    script = ('mount -t tmpfs -o size=1m tmpfs "$0" && "$1" "$2" --data-dir "$3" --tissues blood --output-dir "$0" '
+              '> "$0/../stdout" 2> "$0/../stderr"; echo "exit=$?" > "$0/../code"; '
+              'cat "$0"/run_*/batch_summary.csv > "$0/../summary.csv" 2>/dev/null; true')
+    subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(out),
+                    sys.executable, str(REPO / "run_batch.py"), str(blood_dir)],
+                   env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600, check=True)
+    err = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "code").read_text().strip() == "exit=1", err
+    assert "Traceback" not in err
+    assert "failed" in err and "No space left on device" in err

@@ -182,7 +182,7 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         elif cluster in (None, "local"):
             built = stack.enter_context(LocalCluster(
                 n_workers=max(1, int(workers)), threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+                dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,
                 preload=[WORKER_PRELOAD], scheduler_kwargs={"dashboard": dashboard}))
             client = Client(built, timeout=connect_timeout)
         else:
