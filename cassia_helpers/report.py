@@ -35,7 +35,10 @@ FIGURES = (
     ("cluster_sizes", "_cluster_sizes.png", "Cluster sizes", 600),
 )
 #: Per-cluster columns shown when the dataset's clusters table has them (and they are not all empty).
-OPTIONAL_COLUMNS = ("confidence", "score", "evidence", "flags", "quality")
+# per-cluster columns of {dataset}_clusters.csv shown when a run has them, with their headings
+OPTIONAL_COLUMNS = {"confidence": "Confidence", "score": "Score", "cell_type_ontology_term": "Cell Ontology",
+                    "evidence_score": "Marker evidence", "evidence_flag_reason": "Flag", "agreement": "Agreement",
+                    "broad": "Broad type"}
 INTEGER_COLUMNS = ("n_cells", "n_genes", "n_clusters")
 OPEN_SECTIONS_UP_TO = 10
 
@@ -164,7 +167,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor)
         "tokens": int(usage.get("total_tokens", 0)),
         "cost": float(usage.get("cost", 0.0)),
         "clusters": clusters,
-        "optional_columns": list(clusters[0]["optional"]) if clusters else [],
+        "optional_columns": [OPTIONAL_COLUMNS[c] for c in clusters[0]["optional"]] if clusters else [],
         "figures": figures,
         "notebook": f"{tissue}/{name}/{name}_notebook.ipynb",
     }
