@@ -58,10 +58,13 @@ class Progress:
         key = (dataset.tissue, dataset.name)
         self.pending.pop(key, None)
         seconds = float(record.get("duration_s") or 0)
+        running = sum(seen >= 0 for _, seen in self.pending.values())
+        tally = (f"({self.total - len(self.pending)}/{self.total} done, {running} running, "
+                 f"{len(self.pending) - running} queued)")
         if record["status"] == SUCCESS:
-            self._say(f"{self._label(*key)}  done in {seconds:.0f} s")
+            self._say(f"{self._label(*key)}  done in {seconds:.0f} s  {tally}")
         else:
-            log.warning("%s  %s: %s", self._label(*key), record["status"], record.get("error", ""))
+            log.warning("%s  %s: %s  %s", self._label(*key), record["status"], record.get("error", ""), tally)
 
     def close(self) -> None:
         self.pending.clear()
