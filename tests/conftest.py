@@ -8,6 +8,7 @@ import pytest
 from tests.scripted_llm_server import ScriptedLLMServer
 
 REPO = Path(__file__).resolve().parent.parent
+BLOOD_DATASETS = ("Data_A_Blood", "Data_B_Blood", "Data_C_Blood")
 API_KEY = "sk-test-SECRET-0123456789abcdef"
 
 
@@ -32,3 +33,13 @@ def clean_env(monkeypatch):
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "CASSIA_MODEL"):
         monkeypatch.delenv(name, raising=False)
     return os.environ
+
+
+@pytest.fixture
+def blood_dir(tmp_path) -> Path:
+    """``data/blood`` with three small real-looking blood datasets (:data:`BLOOD_DATASETS`)."""
+    from tests.synthetic import BLOOD_TYPES, make_counts, write
+
+    for seed, name in enumerate(BLOOD_DATASETS):
+        write(make_counts(300, cell_types=BLOOD_TYPES, seed=20 + seed), tmp_path / "data" / "blood" / f"{name}.h5ad")
+    return tmp_path / "data"

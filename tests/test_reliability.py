@@ -1,5 +1,5 @@
-"""What a long batch meets: Ctrl-C and resume, a killed kernel, a dataset timeout, a spending budget and a
-rate limit shared by parallel workers. Real signals to real subprocesses; the scripted server for the LLM."""
+"""What a long batch meets: Ctrl-C and resume, a killed kernel, a dataset timeout, an input rejected until
+it changes, a full disk. Real signals to real subprocesses (the LLM side is in test_llm_reliability.py)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import BLOOD_DATASETS as DATASETS
 from tests.conftest import REPO
 from tests.synthetic import BLOOD_TYPES, make_counts, write
-
-DATASETS = ("Data_A_Blood", "Data_B_Blood", "Data_C_Blood")
-
-
-@pytest.fixture
-def blood_dir(tmp_path) -> Path:
-    for seed, name in enumerate(DATASETS):
-        write(make_counts(300, cell_types=BLOOD_TYPES, seed=20 + seed), tmp_path / "data" / "blood" / f"{name}.h5ad")
-    return tmp_path / "data"
 
 
 def keep_only(data: Path, count: int) -> None:
@@ -150,74 +142,6 @@ def test_dataset_timeout(blood_dir, tmp_path):
     assert process.returncode == 1, err
     summary = pd.read_csv(the_run(tmp_path) / "batch_summary.csv")
     assert summary.loc[0, "status"] == "failed" and "timed out after 2 s" in summary.loc[0, "error"]
-
-
-def llm_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["--model", "scripted-model", "--cache-dir", str(tmp_path / "cache"), *extra]
-
-
-def test_llm_run_resumes_without_repeating_a_request(llm_env, blood_dir, tmp_path):
-    llm_env.latency = 0.05
-    run = interrupt_after_first_dataset(tmp_path, *llm_args(tmp_path), offline=False)
-    finished = resume(tmp_path, run, offline=False)
-    assert finished.returncode == 0, finished.stderr
-    bodies = [json.dumps(b, sort_keys=True) for b in llm_env.received]
-    assert len(bodies) == len(set(bodies)), "a request was sent twice"
-    tracking = json.loads((run / "token_tracking.json").read_text())
-    stats = llm_env.stats()
-    assert tracking["total_calls"] == stats["requests"]
-    assert tracking["total_input_tokens"] == stats["prompt_tokens"]
-    assert list(pd.read_csv(run / "batch_summary.csv")["status"]) == ["success"] * 3
-
-
-@pytest.mark.parametrize("limit, expect_at_most", [(1, 1), (3, 3)])
-def test_request_limit_holds_across_parallel_workers(llm_env, blood_dir, tmp_path, limit, expect_at_most):
-    keep_only(blood_dir, 2)
-    llm_env.latency = 0.1
-    process = start(tmp_path, "--tissues", "blood", "--workers", "2", "--llm-concurrency", str(limit),
-                    *llm_args(tmp_path, "--no-cache"), offline=False)
-    _, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
-    assert llm_env.stats()["max_in_flight"] <= expect_at_most
-    if limit > 1:
-        assert llm_env.stats()["max_in_flight"] > 1  # the limit is a limit, not serialisation
-
-
-def test_rate_limit_storm_across_parallel_datasets(llm_env, blood_dir, tmp_path):
-    keep_only(blood_dir, 2)
-    llm_env.fail_next(12, status=429, retry_after=0.3)
-    process = start(tmp_path, "--tissues", "blood", "--workers", "2", *llm_args(tmp_path, "--no-cache"),
-                    offline=False)
-    _, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
-    run = the_run(tmp_path)
-    tracking = json.loads((run / "token_tracking.json").read_text())
-    assert tracking["total_calls"] == llm_env.stats()["requests"]
-    assert tracking["failed_calls"] == 12
-    assert all("429" in c["error"] for c in tracking["api_calls"] if c["status"] == "error")
-
-
-def test_budget_stops_spending_and_is_reported(llm_env, blood_dir, tmp_path):
-    prices = tmp_path / "prices.json"
-    prices.write_text(json.dumps({"scripted-model": {"input": 2000.0, "output": 2000.0}}))
-    keep_only(blood_dir, 2)
-    # one request at a time, so the budget check sees every earlier request's cost
-    process = start(tmp_path, "--tissues", "blood", "--llm-concurrency", "1",
-                    *llm_args(tmp_path, "--max-cost", "1.0", "--price-file", str(prices)), offline=False)
-    _, err = process.communicate(timeout=600)
-    # datasets left without most of their calls by the budget are failures, with the cause, never success
-    assert process.returncode == 1, err
-    run = the_run(tmp_path)
-    summary = pd.read_csv(run / "batch_summary.csv")
-    assert (summary["status"] == "failed").any() and summary["error"].str.contains("budget", na=False).any()
-    tracking = json.loads((run / "token_tracking.json").read_text())
-    sent = [c["cost"] for c in tracking["api_calls"]]
-    assert sum(sent[:-1]) < 1.0 <= tracking["total_cost"]
-    assert tracking["budget_skipped"] > 0
-    text = (run / "batch_summary.txt").read_text()
-    assert "Budget reached" in text
-    annotation = (run / "blood" / DATASETS[1] / f"{DATASETS[1]}_annotation.txt").read_text()
-    assert "[budget" in annotation and "budget of $1.00 reached" in annotation
 
 
 def test_resume_leaves_a_rejected_input_alone_until_the_file_changes(blood_dir, tmp_path):

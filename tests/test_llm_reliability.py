@@ -1,0 +1,84 @@
+"""A long LLM batch across parallel workers: resume without repeating a request, the run-wide request limit
+and rate-limit back-off held across datasets, and a budget that stops spending. Real subprocesses against
+the scripted server (split from test_reliability.py so the two files run side by side)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import BLOOD_DATASETS as DATASETS
+from tests.test_reliability import interrupt_after_first_dataset, keep_only, resume, start, the_run
+
+
+def llm_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model", "scripted-model", "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def test_llm_run_resumes_without_repeating_a_request(llm_env, blood_dir, tmp_path):
+    llm_env.latency = 0.05
+    run = interrupt_after_first_dataset(tmp_path, *llm_args(tmp_path), offline=False)
+    finished = resume(tmp_path, run, offline=False)
+    assert finished.returncode == 0, finished.stderr
+    bodies = [json.dumps(b, sort_keys=True) for b in llm_env.received]
+    assert len(bodies) == len(set(bodies)), "a request was sent twice"
+    tracking = json.loads((run / "token_tracking.json").read_text())
+    stats = llm_env.stats()
+    assert tracking["total_calls"] == stats["requests"]
+    assert tracking["total_input_tokens"] == stats["prompt_tokens"]
+    assert list(pd.read_csv(run / "batch_summary.csv")["status"]) == ["success"] * 3
+
+
+@pytest.mark.parametrize("limit, expect_at_most", [(1, 1), (3, 3)])
+def test_request_limit_holds_across_parallel_workers(llm_env, blood_dir, tmp_path, limit, expect_at_most):
+    keep_only(blood_dir, 2)
+    llm_env.latency = 0.1
+    process = start(tmp_path, "--tissues", "blood", "--workers", "2", "--llm-concurrency", str(limit),
+                    *llm_args(tmp_path, "--no-cache"), offline=False)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    assert llm_env.stats()["max_in_flight"] <= expect_at_most
+    if limit > 1:
+        assert llm_env.stats()["max_in_flight"] > 1  # the limit is a limit, not serialisation
+
+
+def test_rate_limit_storm_across_parallel_datasets(llm_env, blood_dir, tmp_path):
+    keep_only(blood_dir, 2)
+    llm_env.fail_next(12, status=429, retry_after=0.3)
+    process = start(tmp_path, "--tissues", "blood", "--workers", "2", *llm_args(tmp_path, "--no-cache"),
+                    offline=False)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    run = the_run(tmp_path)
+    tracking = json.loads((run / "token_tracking.json").read_text())
+    assert tracking["total_calls"] == llm_env.stats()["requests"]
+    assert tracking["failed_calls"] == 12
+    assert all("429" in c["error"] for c in tracking["api_calls"] if c["status"] == "error")
+
+
+def test_budget_stops_spending_and_is_reported(llm_env, blood_dir, tmp_path):
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"scripted-model": {"input": 2000.0, "output": 2000.0}}))
+    keep_only(blood_dir, 2)
+    # one request at a time, so the budget check sees every earlier request's cost
+    process = start(tmp_path, "--tissues", "blood", "--llm-concurrency", "1",
+                    *llm_args(tmp_path, "--max-cost", "1.0", "--price-file", str(prices)), offline=False)
+    _, err = process.communicate(timeout=600)
+    # datasets left without most of their calls by the budget are failures, with the cause, never success
+    assert process.returncode == 1, err
+    run = the_run(tmp_path)
+    summary = pd.read_csv(run / "batch_summary.csv")
+    assert (summary["status"] == "failed").any() and summary["error"].str.contains("budget", na=False).any()
+    tracking = json.loads((run / "token_tracking.json").read_text())
+    sent = [c["cost"] for c in tracking["api_calls"]]
+    assert sum(sent[:-1]) < 1.0 <= tracking["total_cost"]
+    assert tracking["budget_skipped"] > 0
+    text = (run / "batch_summary.txt").read_text()
+    assert "Budget reached" in text
+    annotation = (run / "blood" / DATASETS[1] / f"{DATASETS[1]}_annotation.txt").read_text()
+    assert "[budget" in annotation and "budget of $1.00 reached" in annotation
+
+
