@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .annotate import ClusterMarkers
-from .annotate.agents import ANNOTATOR_SYSTEM, FORMATTER_SYSTEM, VALIDATOR_SYSTEM, cluster_prompt
+from .annotate.prompts import ANNOTATOR_SYSTEM, FORMATTER_SYSTEM, VALIDATOR_SYSTEM, cluster_prompt
 from .discovery import discover, single_input
 from .inputs import InputError, check_input
 from .ledger import PriceTable
