@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from .files import atomic_path
+
 __all__ = ["cell_type_table", "flagged_datasets", "missing_types", "plot_cell_type_heatmap"]
 
 TERM_ID = "cell_type_ontology_term_id"
@@ -163,7 +165,7 @@ def plot_cell_type_heatmap(table: pd.DataFrame, path: str | Path, *, value: str 
     order = table.groupby(TERM)["n_cells"].sum().sort_values(ascending=False).index[:max_terms]
     grid = grid[[t for t in order if t in grid.columns]]
     n_rows, n_cols = max(grid.shape[0], 1), max(grid.shape[1], 1)
-    fig = Figure(figsize=(min(2 + 0.35 * n_cols, 40), min(1.5 + 0.35 * n_rows, 40)))
+    fig = Figure(figsize=(min(max(6.0, 3 + 0.35 * n_cols), 40), min(max(3.0, 2 + 0.3 * n_rows), 40)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(grid.to_numpy(dtype=float) if grid.size else [[0.0]], aspect="auto", cmap="viridis")
@@ -172,8 +174,9 @@ def plot_cell_type_heatmap(table: pd.DataFrame, path: str | Path, *, value: str 
     ax.set_xlabel("Cell Ontology term")
     ax.set_ylabel("dataset")
     fig.colorbar(image, ax=ax, label="fraction of cells" if value == "fraction" else "cells")
-    fig.tight_layout()
+    ax.set_title("Cell types across datasets")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # the labels (long CL names, dataset names) decide the size: nothing is cut off
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     return path
