@@ -18,7 +18,6 @@ from .files import write_csv
 from .palette import run_palette
 from .record import KEY as PROVENANCE_KEY
 
-CLUSTERS_SUFFIX = "_clusters.csv"
 #: Columns always present, in this order; any other column of the annotation table (e.g. ``score``,
 #: ``evidence``) follows them.
 COLUMNS = [
@@ -30,11 +29,6 @@ COLUMNS = [
 def cluster_label(cluster: str, cell_type: str) -> str:
     """``"3: NK cell"``."""
     return f"{cluster}: {cell_type}"
-
-
-def clusters_path(paths: DatasetPaths) -> Path:
-    """``{dataset}_clusters.csv`` in the dataset's folder."""
-    return paths.clusters_csv
 
 
 def cluster_table(
@@ -152,6 +146,6 @@ def _colors(adata, key: str) -> dict[str, str]:
 def write_cluster_table(adata, paths: DatasetPaths, *, markers: pd.DataFrame | None = None,
                         groupby: str = "leiden", key: str = "cell_type") -> Path:
     """Write ``{dataset}_clusters.csv`` (see :func:`cluster_table`) and return its path."""
-    path = clusters_path(paths)
+    path = paths.clusters_csv
     write_csv(path, cluster_table(adata, markers=markers, groupby=groupby, key=key))
     return path

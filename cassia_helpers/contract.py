@@ -114,6 +114,12 @@ class DatasetPaths:
         return self._file("_cluster_sizes.png")
 
     @property
+    def figure_pngs(self) -> dict[str, Path]:
+        """The dataset's figures by name, in the order a reader looks at them."""
+        return {"umap": self.umap_png, "dotplot": self.dotplot_png, "qc": self.qc_png,
+                "cluster_sizes": self.cluster_sizes_png}
+
+    @property
     def clusters_csv(self) -> Path:
         """One row per cluster: its call, size, scores and markers (what the report's tables show)."""
         return self._file("_clusters.csv")

@@ -5,12 +5,12 @@ Tables come back with counts as integers (``700``, not ``700.0``) and error mess
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from .contract import BATCH_SUMMARY_CSV, BATCH_SUMMARY_TXT, RUN_PREFIX, TOKEN_TRACKING_JSON, DatasetPaths
+from .contract import BATCH_SUMMARY_CSV, BATCH_SUMMARY_TXT, RUN_PREFIX, TOKEN_TRACKING_JSON, DatasetPaths, read_result
+from .files import read_json
 
 INTEGER_COLUMNS = ("n_cells", "n_genes", "n_clusters", "calls", "failed_calls", "input_tokens", "output_tokens",
                    "total_tokens")
@@ -63,13 +63,6 @@ def _styled(table: pd.DataFrame):
     return styler.set_properties(subset=text, **_WRAP) if text else styler
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def _successful(run_dir: str | Path) -> list[DatasetPaths]:
     summary = load_summary(run_dir)
     rows = summary[summary["status"] == "success"]
@@ -85,14 +78,14 @@ def cell_type_counts(run_dir: str | Path) -> pd.DataFrame:
     """Cells per cell type (rows) in each successful dataset (columns)."""
     columns = {}
     for paths in _successful(run_dir):
-        result = _read_json(paths.result_json)
+        result = read_result(paths) or {}
         columns[f"{paths.tissue}/{paths.dataset}"] = pd.Series(result.get("cell_types", {}), dtype="Int64")
     return pd.DataFrame(columns).fillna(0).astype(int).sort_index()
 
 
 def cost_by_dataset(run_dir: str | Path) -> pd.DataFrame:
     """Calls, tokens and cost per dataset from ``token_tracking.json``."""
-    tracking = _read_json(Path(run_dir) / TOKEN_TRACKING_JSON)
+    tracking = read_json(Path(run_dir) / TOKEN_TRACKING_JSON) or {}
     table = pd.DataFrame(tracking.get("by_dataset", {})).T
     for column in table.columns:
         table[column] = pd.to_numeric(table[column])

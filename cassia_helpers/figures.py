@@ -23,12 +23,6 @@ from .palette import PALETTE, is_no_call, run_palette
 from .record import KEY as PROVENANCE_KEY
 
 #: File name suffix of each figure in the dataset folder (``{dataset}{suffix}``).
-FIGURE_SUFFIXES = {
-    "umap": "_umap.png",
-    "qc": "_qc.png",
-    "dotplot": "_dotplot.png",
-    "cluster_sizes": "_cluster_sizes.png",
-}
 #: (obs column, title, log scale) of the QC metrics written by ``pp.qc``.
 QC_METRICS = (
     ("n_genes_by_counts", "Genes per cell", True),
@@ -388,9 +382,8 @@ def save_figure(figure, path: str | Path, *, dpi: int = DPI) -> Path:
 
 
 def figure_paths(paths: DatasetPaths) -> dict[str, Path]:
-    """Where each figure of :data:`FIGURE_SUFFIXES` goes in the dataset folder."""
-    return {"umap": paths.umap_png, "qc": paths.qc_png, "dotplot": paths.dotplot_png,
-            "cluster_sizes": paths.cluster_sizes_png}
+    """Where each figure goes in the dataset folder (``DatasetPaths.figure_pngs``)."""
+    return dict(paths.figure_pngs)
 
 
 class SavedFigures(dict):
@@ -412,7 +405,7 @@ def save_dataset_figures(
     key: str = "cell_type",
 ) -> SavedFigures:
     """Draw and save every figure of the dataset: ``{dataset}_umap.png``, ``_qc.png``, ``_dotplot.png``,
-    ``_cluster_sizes.png`` (see :data:`FIGURE_SUFFIXES`).
+    ``_cluster_sizes.png`` (see :func:`figure_paths`).
 
     Sets the run's cell-type colours first (``uns[f'{key}_colors']``, see :func:`set_colors`).
     Returns the paths; in a notebook the result displays the four images.

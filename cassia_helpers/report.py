@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,22 +19,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from .clusters import CLUSTERS_SUFFIX
-from .contract import BATCH_SUMMARY_CSV, RUN_MANIFEST, TOKEN_TRACKING_JSON
-from .files import write_text
+from .contract import BATCH_SUMMARY_CSV, REPORT_HTML, RUN_MANIFEST, TOKEN_TRACKING_JSON, DatasetPaths
+from .files import read_json, write_text
 from .palette import UNKNOWN_COLOR, is_no_call, run_palette
 
-REPORT_HTML = "report.html"
 TEMPLATE = "report.html.j2"
-#: (figure, file suffix, caption, thumbnail width in pixels), in the order shown.
-FIGURES = (
-    ("umap", "_umap.png", "UMAP by cell type and by cluster", 1100),
-    ("dotplot", "_dotplot.png", "Marker genes per cluster", 1000),
-    ("qc", "_qc.png", "Quality control before and after the thresholds", 900),
-    ("cluster_sizes", "_cluster_sizes.png", "Cluster sizes", 600),
-)
-#: Per-cluster columns shown when the dataset's clusters table has them (and they are not all empty).
-# per-cluster columns of {dataset}_clusters.csv shown when a run has them, with their headings
+#: figure (``DatasetPaths.figure_pngs``) -> (caption, thumbnail width in pixels)
+FIGURES = {
+    "umap": ("UMAP by cell type and by cluster", 1100),
+    "dotplot": ("Marker genes per cluster", 1000),
+    "qc": ("Quality control before and after the thresholds", 900),
+    "cluster_sizes": ("Cluster sizes", 600),
+}
+#: per-cluster columns of {dataset}_clusters.csv shown when a run has them (not all empty), with their headings
 OPTIONAL_COLUMNS = {"confidence": "Confidence", "score": "Score", "cell_type_ontology_term": "Cell Ontology",
                     "evidence_score": "Marker evidence", "evidence_flag_reason": "Flag", "agreement": "Agreement",
                     "broad": "Broad type"}
@@ -59,10 +55,7 @@ def thumbnail_uri(path: Path, *, width: int, colors: int = 64) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 
@@ -112,9 +105,8 @@ def _wall_time(statuses: list[dict], manifest: dict) -> float | None:
     return max((last - first).total_seconds(), 0.0)
 
 
-def _clusters(folder: Path, dataset: str) -> list[dict]:
+def _clusters(path: Path) -> list[dict]:
     """The rows of ``{dataset}_clusters.csv`` ready for the template (empty when the file is missing)."""
-    path = folder / f"{dataset}{CLUSTERS_SUFFIX}"
     if not path.is_file():
         return []
     table = pd.read_csv(path, dtype={"cluster": str}, keep_default_na=False)
@@ -135,13 +127,13 @@ def _format_value(value) -> str:
 
 def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor) -> dict:
     tissue, name = row["tissue"], row["dataset"]
-    folder = run_dir / tissue / name
-    status = _read_json(folder / f"{name}_status.json")
-    result = _read_json(folder / f"{name}_result.json") if row["status"] == "success" else {}
-    clusters = _clusters(folder, name)
+    paths = DatasetPaths(run_dir, tissue, name)
+    status = _read_json(paths.status_json)
+    result = _read_json(paths.result_json) if row["status"] == "success" else {}
+    clusters = _clusters(paths.clusters_csv)
     figures = []
-    for key, suffix, caption, width in FIGURES:
-        path = folder / f"{name}{suffix}"
+    for key, path in paths.figure_pngs.items():
+        caption, width = FIGURES[key]
         if path.is_file():
             figures.append({"key": key, "caption": caption, "src": pool.submit(thumbnail_uri, path, width=width),
                             "file": f"{tissue}/{name}/{path.name}"})
@@ -151,6 +143,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor)
         "tissue": tissue,
         "name": name,
         "status": row["status"],
+        "status_record": status,
         "error": _one_line(row.get("error") or status.get("error")),
         "error_type": status.get("error_type", ""),
         "input_file": Path(str(row.get("file_path") or "")).name,
@@ -169,7 +162,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor)
         "clusters": clusters,
         "optional_columns": [OPTIONAL_COLUMNS[c] for c in clusters[0]["optional"]] if clusters else [],
         "figures": figures,
-        "notebook": f"{tissue}/{name}/{name}_notebook.ipynb",
+        "notebook": f"{tissue}/{name}/{paths.notebook.name}",
     }
 
 
@@ -212,7 +205,7 @@ def report_context(run_dir: str | Path) -> dict:
         for dataset in datasets:
             for figure in dataset["figures"]:
                 figure["src"] = figure["src"].result()
-    statuses = [_read_json(run_dir / d["tissue"] / d["name"] / f"{d['name']}_status.json") for d in datasets]
+    statuses = [d["status_record"] for d in datasets]
     counts = summary["status"].value_counts().to_dict()
     bars, colors = _composition([d for d in datasets if d["status"] == "success"])
     annotators = sorted({d["annotator"] for d in datasets if d["annotator"]})
