@@ -1,4 +1,5 @@
-"""Run-level summaries: ``batch_summary.csv``, ``batch_summary.txt`` and ``token_tracking.json``.
+"""Run-level summaries: ``batch_summary.csv``, ``batch_summary.txt``, ``token_tracking.json`` and the
+cross-dataset ``cell_types.csv`` / ``cell_types.png``.
 
 Everything is read back from the run folder (manifest, each dataset's status, result and ledger), so a
 run can be re-aggregated at any time; the user's own files in the folder are never touched.

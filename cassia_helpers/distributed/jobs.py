@@ -71,10 +71,6 @@ class DatasetExecutor:
         """Ask the running ``run_jobs`` to stop everything. Safe to call from a signal handler."""
         self._stop_requested.set()
 
-    @property
-    def stopped(self) -> bool:
-        return self._stop_requested.is_set()
-
     def progress(self) -> Progress:
         """Datasets done / running (submitted to a worker) / queued, and the dashboard link."""
         with self._lock:
