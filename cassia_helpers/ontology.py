@@ -35,6 +35,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import label_text
+
 __all__ = [
     "UNMATCHED",
     "CellOntology",
@@ -49,9 +51,6 @@ __all__ = [
 UNMATCHED = "unknown"
 _PROVENANCE_KEY = "cassia_batch"
 _ID_RE = re.compile(r"^\s*CL[:_ ]?(\d{7})\s*$", re.IGNORECASE)
-# words that say nothing about which cell type is meant
-_GENERIC = frozenset({"cell", "type", "like", "positive", "negative", "of", "the", "and", "human", "mouse",
-                      "a", "an", "in", "population", "subset", "subtype", "cluster"})
 _UNKNOWN_LABELS = frozenset({"", "unknown", "unassigned", "na", "nan", "none", "unclassified", "other"})
 
 
@@ -80,62 +79,6 @@ class OntologyMatch:
         return asdict(self)
 
 
-def _singular(word: str) -> str:
-    if len(word) <= 3 or word.endswith(("ss", "us", "is", "ous")):
-        return word
-    if word.endswith("ies") and len(word) > 4:
-        return word[:-3] + "y"
-    if word.endswith(("ches", "shes", "xes")):
-        return word[:-2]
-    if word.endswith("s"):
-        return word[:-1]
-    return word
-
-
-def _tokens(text: str) -> list[str]:
-    """Normalised tokens: lower case, marker signs spelt out, punctuation dropped, plurals singular."""
-    text = str(text).lower()
-    # "CD14+", "CD14 +", "CD14pos" -> "cd14 positive"; "CD27-" / "CD27neg" -> "cd27 negative"
-    text = re.sub(r"(?<=[0-9a-z])\s*\+(?=\s|$|[,/);])", " positive ", text)
-    text = re.sub(r"(?<=[0-9a-z])\s*(?:\+\+|\+)", " positive ", text)
-    text = re.sub(r"(?<=\d)(?:pos)\b", " positive", text)
-    text = re.sub(r"(?<=\d)(?:neg)\b", " negative", text)
-    text = re.sub(r"(?<=[0-9a-z])-(?=\s|$|[,/);])", " negative ", text)
-    text = re.sub(r"\b(?:hi|high|bright)\b", " bright ", text)
-    words = [_singular(w) for w in re.sub(r"[^0-9a-z]+", " ", text).split()]
-    # a bare CD marker before a cell word means its positive form: "CD8 T cells" = "CD8+ T cells"
-    out = []
-    for i, word in enumerate(words):
-        out.append(word)
-        following = words[i + 1] if i + 1 < len(words) else ""
-        if re.fullmatch(r"cd\d+[a-z]?", word) and following not in ("positive", "negative", "bright", "dim", ""):
-            out.append("positive")
-    return out
-
-
-def _key(text: str) -> str:
-    return " ".join(_tokens(text))
-
-
-def _bag(text: str) -> str:
-    return " ".join(sorted(_tokens(text)))
-
-
-def _content(tokens: list[str]) -> set[str]:
-    return {t for t in tokens if t not in _GENERIC}
-
-
-def _similar(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    short, long_ = sorted((a, b), key=len)
-    return len(short) >= 5 and long_.startswith(short)
-
-
-def _marker_like(token: str) -> bool:
-    return bool(re.fullmatch(r"[a-z]+\d+[a-z0-9]*", token))
-
-
 class CellOntology:
     """The packaged CL subset with label/synonym indexes.
 
@@ -160,16 +103,16 @@ class CellOntology:
             label_ids.setdefault(term["label"].lower(), set()).add(term_id)
             for name in (term["label"], *term.get("synonyms", ())):
                 self._exact.setdefault(name.lower().strip(), set()).add(term_id)
-                self._norm.setdefault(_key(name), set()).add(term_id)
-                self._bags.setdefault(_bag(name), set()).add(term_id)
+                self._norm.setdefault(label_text.key(name), set()).add(term_id)
+                self._bags.setdefault(label_text.bag(name), set()).add(term_id)
         # a term's own label beats another term's synonym
         for name, ids in label_ids.items():
             self._exact[name] = set(ids)
         self._reference = {k.lower().strip(): v for k, v in (reference_names or {}).items() if v in self.terms}
         self._reference_norm: dict[str, set[str]] = {}
         for name, term_id in self._reference.items():
-            self._reference_norm.setdefault(_key(name), set()).add(term_id)
-            self._reference_norm.setdefault(_bag(name), set()).add(term_id)
+            self._reference_norm.setdefault(label_text.key(name), set()).add(term_id)
+            self._reference_norm.setdefault(label_text.bag(name), set()).add(term_id)
 
     # ------------------------------------------------------------ terms
 
@@ -216,12 +159,13 @@ class CellOntology:
     def _deterministic(self, label: str) -> tuple[str | None, str, str]:
         """(term id or None, method, note) from stages 1-3."""
         text = label.lower().strip()
+        key, bag = label_text.key(label), label_text.bag(label)
         notes = []
         for method, candidates in (
             ("exact", self._exact.get(text, set())),
             ("reference", {self._reference[text]} if text in self._reference else set()),
-            ("normalised", self._norm.get(_key(label), set()) | self._reference_norm.get(_key(label), set())),
-            ("normalised", self._bags.get(_bag(label), set()) | self._reference_norm.get(_bag(label), set())),
+            ("normalised", self._norm.get(key, set()) | self._reference_norm.get(key, set())),
+            ("normalised", self._bags.get(bag, set()) | self._reference_norm.get(bag, set())),
         ):
             if len(candidates) == 1:
                 return next(iter(candidates)), method, ""
@@ -241,18 +185,18 @@ class CellOntology:
         found, _, _ = self._deterministic(label)
         if found is not None:
             return self.related(found, term_id)
-        words = _content(_tokens(label))
+        words = label_text.content_words(label_text.tokens(label))
         if not words:
             return False
         names = [self.terms[term_id]["label"], *self.terms[term_id].get("synonyms", ())]
-        own = {t for n in names for t in _tokens(n)}
-        wider = own | {t for a in self.terms[term_id]["ancestors"][:3] for t in _tokens(self.name(a))}
-        if any(_marker_like(word) and word not in own for word in words):
+        own = {t for n in names for t in label_text.tokens(n)}
+        wider = own | {t for a in self.terms[term_id]["ancestors"][:3] for t in label_text.tokens(self.name(a))}
+        if any(label_text.marker_like(word) and word not in own for word in words):
             return False
-        informative = [word for word in words if not _marker_like(word)]
+        informative = [word for word in words if not label_text.marker_like(word)]
         if not informative:
             return words <= own
-        return any(_similar(word, t) for word in informative for t in wider)
+        return any(label_text.similar(word, t) for word in informative for t in wider)
 
     def match(self, label: str, *, proposed_id: str | None = None) -> OntologyMatch:
         """Map one label (and optionally an annotator-proposed CL id) to a term.
