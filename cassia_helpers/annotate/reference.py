@@ -71,18 +71,9 @@ class ReferenceAnnotator:
             "api_calls": 0,
         }
 
-    def annotate(
-        self,
-        clusters: list[ClusterMarkers],
-        *,
-        tissue: str,
-        species: str,
-        context: str = "",
-        adata: Any = None,
-        groupby: str = "leiden",
-        use_raw: bool = False,
-        layer: str | None = None,
-    ) -> list[ClusterAnnotation]:
+    def annotate(self, clusters: list[ClusterMarkers], *, tissue: str, species: str, context: str = "",
+                 adata: Any = None, groupby: str = "leiden", use_raw: bool = False,
+                 layer: str | None = None) -> list[ClusterAnnotation]:
         """Annotate each cluster from its marker expression (with ``adata``) or its ranked marker genes.
 
         Parameters
