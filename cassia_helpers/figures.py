@@ -1,24 +1,23 @@
 """The figures of one dataset: QC, UMAP by cell type and by cluster, marker dot plot, cluster sizes.
 
-Every figure is drawn on its own :class:`matplotlib.figure.Figure` (never pyplot's global state, never a
-backend switch), returned so that a notebook shows it, and saved as a PNG by :func:`save_dataset_figures`.
+Every figure is drawn on its own :class:`matplotlib.figure.Figure` from :func:`cassia_helpers.canvas.new_figure`
+(never pyplot's global state, never a backend switch), returned so that a notebook shows it, and saved as a PNG
+by :func:`save_dataset_figures`.
 Cell-type colours come from :func:`cassia_helpers.palette.run_palette`: the same label has the same colour
 in every dataset of a run, ``Unknown`` is grey.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .canvas import SavedFigures, new_figure, save_figure
 from .clusters import cluster_label
 from .contract import DatasetPaths
-from .files import atomic_path
 from .palette import PALETTE, is_no_call, run_palette
 from .record import KEY as PROVENANCE_KEY
 
@@ -29,31 +28,6 @@ QC_METRICS = (
     ("total_counts", "Counts per cell", True),
     ("pct_counts_mt", "Mitochondrial counts (%)", False),
 )
-DPI = 120
-
-
-@functools.cache
-def _figure_class():
-    from matplotlib.figure import Figure
-
-    class NotebookFigure(Figure):
-        """A Figure that shows itself as a PNG in Jupyter whatever matplotlib backend is active."""
-
-        def _repr_png_(self) -> bytes:
-            buffer = io.BytesIO()
-            self.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-            return buffer.getvalue()
-
-    return NotebookFigure
-
-
-def new_figure(width: float, height: float):
-    """A Figure with its own Agg canvas and constrained layout, unknown to pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    figure = _figure_class()(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
 
 
 def label_colors(adata, key: str = "cell_type") -> dict[str, str]:
@@ -373,27 +347,9 @@ def cluster_sizes_figure(adata, *, groupby: str = "leiden", key: str = "cell_typ
     return figure
 
 
-def save_figure(figure, path: str | Path, *, dpi: int = DPI) -> Path:
-    """Write ``figure`` as a PNG, atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
-    return path
-
-
 def figure_paths(paths: DatasetPaths) -> dict[str, Path]:
     """Where each figure goes in the dataset folder (``DatasetPaths.figure_pngs``)."""
     return dict(paths.figure_pngs)
-
-
-class SavedFigures(dict):
-    """``{figure name: PNG path}``; shown in a notebook as the images themselves."""
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import Image, display
-
-        for path in self.values():
-            display(Image(filename=str(path)))
 
 
 def save_dataset_figures(

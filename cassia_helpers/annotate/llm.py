@@ -4,14 +4,13 @@ of checked answers, and a write-ahead ledger record per request sent.
 The ``openai`` client's hidden retries are off (``max_retries=0``) so that every attempt is seen and
 recorded; tenacity retries 429, 5xx, timeouts, connection errors and unreadable bodies with jittered
 exponential back-off, honouring ``Retry-After``, as long as the logical call's ``deadline`` allows.
-The reply body is read in chunks against a wall-clock deadline, so a server that trickles bytes
-cannot hold a request open past it. The API key is read from ``OPENAI_API_KEY`` by this process and
+Each attempt is one request of :mod:`cassia_helpers.annotate.transport`, whose reply body must be complete
+within the time the deadline leaves. The API key is read from ``OPENAI_API_KEY`` by this process and
 is scrubbed from every reply and error before anything is stored.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -39,12 +38,12 @@ from ..ledger import (
 )
 from .cache import CAPABILITIES_FILE, ResponseCache, default_cache_dir
 from .throttle import CircuitBreaker, RunBudget, RunThrottle
+from .transport import DeadlineExceeded, post_chat, refused_option, reply_fields, retry_after_seconds, safe_message
 from .untrusted import scrub_secrets, untrusted_reply
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_MAX_TOKENS = 4096  # room for a reasoning model's thinking; an annotation needs a few hundred
 DEFAULT_DEADLINE_S = 300.0
-MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read to the end
 MIN_ATTEMPT_S = 1.0  # no new attempt with less time than this left before the deadline
 
 __all__ = ["CAPABILITIES_FILE", "DEFAULT_BASE_URL", "DEFAULT_DEADLINE_S", "DEFAULT_MAX_TOKENS", "BudgetExceeded",
@@ -96,10 +95,6 @@ class _Retryable(Exception):
         self.kind = kind
 
 
-class _DeadlineExceeded(Exception):
-    pass
-
-
 @dataclass
 class ChatAnswer:
     content: str
@@ -119,52 +114,8 @@ def endpoint_label(base_url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path.rstrip('/')}"
 
 
-def _retry_after(exc: BaseException) -> float | None:
-    response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = response.headers.get(header)
-        try:
-            if value is not None:
-                return max(0.0, float(value) * scale)
-        except ValueError:
-            continue
-    return None
-
-
-def _refused_option(exc: openai.APIStatusError, options: dict) -> str:
-    """The optional request field (``seed``, ``temperature``, ``max_tokens``...) a 400 complains about."""
-    if exc.status_code != 400:
-        return ""
-    text = str(exc).lower()
-    for option in ("max_completion_tokens", "max_tokens", "seed", "temperature"):
-        if option in options and option in text:
-            return option
-    return ""
-
-
-def _safe_message(exc: BaseException) -> str:
-    """A one-line error without anything that could carry a credential."""
-    status = getattr(exc, "status_code", None)
-    text = scrub_secrets(" ".join(str(getattr(exc, "message", "") or exc).split()))[:240]
-    return f"{type(exc).__name__}{f' {status}' if status else ''}: {text}"
-
-
 def _messages_text(messages: list[dict]) -> str:
     return "\n".join(str(m.get("content") or "") for m in messages)
-
-
-def _reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
-    """(content, usage, id, system_fingerprint) of a chat completion body; raises on a malformed one."""
-    message = data["choices"][0]["message"]
-    # Some servers (reasoning models) put the whole answer in ``reasoning_content``.
-    content = message.get("content") or message.get("reasoning_content") or message.get("reasoning") or ""
-    if not isinstance(content, str):
-        raise TypeError("message content is not text")
-    usage = data.get("usage")
-    return content, usage if isinstance(usage, dict) else None, str(data.get("id") or ""), \
-        str(data.get("system_fingerprint") or "")
 
 
 class LLMClient:
@@ -331,21 +282,6 @@ class LLMClient:
                 options["max_completion_tokens"] = self.max_tokens
         return options
 
-    def _post(self, options: dict, limit: float) -> tuple[dict, int]:
-        """Send one request and read its body, all within ``limit`` wall-clock seconds."""
-        until = time.monotonic() + limit
-        timeout = openai.Timeout(min(self.timeout, limit), connect=min(self.timeout, limit, 30.0))
-        chunks, size = [], 0
-        with self._client.chat.completions.with_streaming_response.create(**options, timeout=timeout) as raw:
-            for chunk in raw.iter_bytes():
-                chunks.append(chunk)
-                size += len(chunk)
-                if time.monotonic() > until:
-                    raise _DeadlineExceeded(f"reply not complete within {limit:.0f} s ({size} bytes read)")
-                if size > MAX_BODY_BYTES:
-                    raise ValueError(f"reply body larger than {MAX_BODY_BYTES} bytes")
-        return json.loads(b"".join(chunks)), size
-
     def _fail_to_reach(self, message: str, kind: str, cluster: str, agent: str) -> _Retryable:
         """A timeout or connection failure: count it for the circuit breaker, announce an opening once."""
         if self.breaker.failure(message):
@@ -373,20 +309,20 @@ class LLMClient:
                              latency=time.perf_counter() - start, call_id=call_id, **fields)
 
             try:
-                data, size = self._post(options, limit)
-                content, usage, request_id, fingerprint = _reply_fields(data)
+                data, size = post_chat(self._client, options, timeout=self.timeout, limit=limit)
+                content, usage, request_id, fingerprint = reply_fields(data)
             except openai.APIStatusError as exc:
                 self.breaker.success()  # the server answered
-                message = _safe_message(exc)
+                message = safe_message(exc)
                 done(ERROR, message)
                 raise self._status_error(exc, message, options) from None
-            except (openai.APITimeoutError, _DeadlineExceeded) as exc:
+            except (openai.APITimeoutError, DeadlineExceeded) as exc:
                 # The server has the request and may bill it: its input is counted, as an estimate.
-                message = _safe_message(exc)
+                message = safe_message(exc)
                 done(ERROR, message, input_tokens=estimated_input, estimated=True)
                 raise self._fail_to_reach(message, "timeout", cluster, agent) from None
             except openai.APIConnectionError as exc:
-                message = _safe_message(exc)
+                message = safe_message(exc)
                 done(ERROR, message)
                 raise self._fail_to_reach(message, "unreachable", cluster, agent) from None
             except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
@@ -417,13 +353,13 @@ class LLMClient:
         return ChatAnswer(stored, input_tokens, output_tokens, False, scrub_secrets(fingerprint)[:200], estimated)
 
     def _status_error(self, exc: openai.APIStatusError, message: str, options: dict) -> Exception:
-        retry_after = _retry_after(exc)
+        retry_after = retry_after_seconds(exc)
         status = exc.status_code
         if status in (408, 429) or status >= 500:
             if status == 429:
                 self.throttle.back_off(retry_after if retry_after is not None else 1.0)
             return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "error")
-        refused = _refused_option(exc, options)
+        refused = refused_option(exc, options)
         if refused:
             # e.g. reasoning models accept only the default temperature and max_completion_tokens
             self.mark_unsupported(refused)
