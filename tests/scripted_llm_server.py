@@ -671,7 +671,8 @@ class ScriptedLLMServer(_PipelineAgents):
     the scripted answer (garbage if ``garbage`` is set).  ``latency`` is added to every answer.
     Stats are updated when the answer is decided, i.e. also for answers a timed-out client never reads.
     Reply faults (``hang``, ``trickle_s``, ``empty_answer``, ``huge_answer_chars``, ``echo_authorization``,
-    ``tricky_verdict``) then change how a decided answer is delivered (see ``_reply_faults``).
+    ``tricky_verdict``, ``error_in_body``, ``no_choices``) then change how a decided answer is delivered
+    (see ``_reply_faults``).
     """
 
     def __init__(
@@ -708,6 +709,8 @@ class ScriptedLLMServer(_PipelineAgents):
         self.trickle_s = 0.0
         self.hang = False
         self.empty_answer = False
+        self.error_in_body = False
+        self.no_choices = False
         self.huge_answer_chars = 0
         self.echo_authorization = False
         self.tricky_verdict = False
@@ -831,6 +834,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.reject_seed = self.omit_usage = self.reject_temperature = self.reasoning_only = False
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
+        self.error_in_body = self.no_choices = False
         self._init_pipeline_faults()
 
     # -- stats --------------------------------------------------------------------------------
@@ -947,7 +951,9 @@ class ScriptedLLMServer(_PipelineAgents):
         ``trickle_s`` seconds. On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
         Authorization header appended to the content; ``tricky_verdict`` -> a validator answer that
-        fails but mentions "VALIDATION PASSED" later in its first line.
+        fails but mentions "VALIDATION PASSED" later in its first line; ``error_in_body`` -> an error
+        object in place of the completion (as some proxies send with status 200); ``no_choices`` -> a
+        completion whose ``choices`` list is empty.
         """
         if self.hang:
             self._note_fault("hang")
@@ -957,6 +963,14 @@ class ScriptedLLMServer(_PipelineAgents):
             self._note_fault("trickle")
             reply.trickle = float(self.trickle_s)
         if reply.status != 200 or not reply.payload:
+            return reply
+        if self.error_in_body:
+            self._note_fault("error_in_body")
+            reply.payload = error_body("upstream provider overloaded", "server_error", None)
+            return reply
+        if self.no_choices:
+            self._note_fault("no_choices")
+            reply.payload["choices"] = []
             return reply
         message = reply.payload["choices"][0]["message"]
         content = message.get("content") or ""

@@ -86,6 +86,40 @@ def test_a_minority_of_failures_is_not_a_dataset_failure():
     # the model honestly not knowing is not a service failure either
     unknown = [ClusterAnnotation.unknown(str(i), "could not tell", kind="model_unknown") for i in range(3)]
     assert annotation_failure(unknown) is None
+    # nor a reference with no matching type
+    assert annotation_failure([ClusterAnnotation.unknown("0", "no type matched", kind="no_match")]) is None
+
+
+# A server that answers, but never with a usable completion, fails the dataset with its cause: a batch
+# of all-Unknown clusters reported as success is the wrong result this module exists to prevent.
+@pytest.mark.parametrize(("fault", "kind", "says"), [
+    ("server_error", "server_error", "answered with errors"),
+    ("error_in_body", "unreadable", "upstream provider overloaded"),
+    ("no_choices", "unreadable", "not chat completions"),
+    ("garbage", "invalid_answer", "named no cell type"),
+    ("bad_request", "rejected", "rejected the requests"),
+])
+def test_a_server_that_never_gives_a_usable_answer_fails_the_dataset(llm_env, tmp_path, fault, kind, says):
+    if fault == "server_error":
+        llm_env.fail_next(1000, status=500)
+    elif fault == "bad_request":
+        llm_env.reject_json_schema = llm_env.reject_response_format = True
+        llm_env.fail_next(1000, status=400)
+    else:
+        setattr(llm_env, fault, True)
+    results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=2)
+    assert {r.reason_kind for r in results} == {kind}, [r.reason for r in results]
+    reason = annotation_failure(results)
+    assert reason and says in reason and "2 of 2" in reason and "\n" not in reason
+
+
+def test_a_wrong_address_is_told_apart_from_an_unknown_model(llm_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    # the usual slip: the base URL without its /v1, so every request meets the server's 404 page
+    results = run(tmp_path, clusters=CLUSTERS[:2], base_url=llm_server.base_url.removesuffix("/v1"))
+    assert {r.reason_kind for r in results} == {"endpoint_not_found"}
+    assert "check --base-url" in annotation_failure(results)
+    assert llm_server.stats()["requests"] == 0  # no chat request ever reached the endpoint
 
 
 # --------------------------------------------------------------------------- bad answers are not cached

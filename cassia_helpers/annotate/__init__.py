@@ -92,7 +92,8 @@ class ClusterAnnotation:
         )
 
 
-# Why a cluster is Unknown. The first group means the service gave no answer at all.
+# Why a cluster is Unknown. The first group means the service gave no usable answer: a dataset where
+# most clusters end so is failed. The others are results: the model or the reference could not tell.
 SERVICE_FAILURES = {
     "auth": "the model server refused the API key",
     "no_key": "no API key is set (OPENAI_API_KEY) and the server requires one",
@@ -100,13 +101,21 @@ SERVICE_FAILURES = {
     "timeout": "the model server did not answer in time",
     "budget": "the --max-cost budget was reached or cannot be enforced",
     "model_not_found": "the model server does not know the model",
+    "endpoint_not_found": "the server has no chat completions endpoint at this address (check --base-url)",
+    "server_error": "the model server answered with errors",
+    "unreadable": "the model server's replies were not chat completions",
+    "rejected": "the model server rejected the requests",
+    "invalid_answer": "the model's replies named no cell type",
+    "error": "the annotator failed",
 }
-REASON_KINDS = (*SERVICE_FAILURES, "rejected", "invalid_answer", "model_unknown", "no_markers", "error")
+REASON_KINDS = (*SERVICE_FAILURES, "model_unknown", "no_match", "no_markers")
 
 
 def annotation_failure(results: list[ClusterAnnotation]) -> str | None:
-    """A one-line dataset-level reason when more than half of the clusters got no answer because of the
-    service (auth, no key, unreachable or silent server, budget, unknown model), else ``None``.
+    """A one-line dataset-level reason when more than half of the clusters got no usable answer (any kind
+    of :data:`SERVICE_FAILURES`: auth, no key, unreachable or silent server, budget, unknown model or
+    address, server errors, unreadable replies, rejected requests, replies naming no cell type), else
+    ``None``. Clusters the model or the reference honestly could not name do not count.
 
     The most frequent service cause is named, with one example of its per-cluster message.
     """

@@ -54,8 +54,10 @@ __all__ = ["CAPABILITIES_FILE", "DEFAULT_BASE_URL", "DEFAULT_DEADLINE_S", "DEFAU
 class LLMError(RuntimeError):
     """No usable answer for one logical call; the message is safe to show (no credentials).
 
-    ``kind`` says why, machine-readably: ``timeout``, ``unreachable``, ``budget``, ``auth``, ``no_key``,
-    ``model_not_found``, ``rejected``, ``invalid_answer`` or ``error``.
+    ``kind`` says why, machine-readably: one of
+    :data:`~cassia_helpers.annotate.SERVICE_FAILURES` (``timeout``, ``unreachable``, ``budget``, ``auth``,
+    ``no_key``, ``model_not_found``, ``endpoint_not_found``, ``server_error``, ``unreadable``,
+    ``rejected``, ``error``).
     """
 
     def __init__(self, message: str, kind: str = "error") -> None:
@@ -329,7 +331,7 @@ class LLMClient:
                 # An unreadable body: the request was sent and may have been billed, but nothing is known.
                 message = scrub_secrets(f"unreadable response ({type(exc).__name__}: {exc})"[:240])
                 done(ERROR, message, input_tokens=estimated_input, estimated=True)
-                raise _Retryable(message, kind="invalid_answer") from None
+                raise _Retryable(message, kind="unreadable") from None
             except BaseException:
                 done(INTERRUPTED, "interrupted while waiting for the reply", input_tokens=estimated_input,
                      estimated=True)
@@ -358,15 +360,18 @@ class LLMClient:
         if status in (408, 429) or status >= 500:
             if status == 429:
                 self.throttle.back_off(retry_after if retry_after is not None else 1.0)
-            return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "error")
+            return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "server_error")
         refused = refused_option(exc, options)
         if refused:
             # e.g. reasoning models accept only the default temperature and max_completion_tokens
             self.mark_unsupported(refused)
             return _Retryable(message, 0.0)
         if status in (401, 403, 404):
-            kind = "model_not_found" if status == 404 else (
-                "auth" if os.environ.get("OPENAI_API_KEY") else "no_key")
+            if status == 404:
+                # a 404 that does not name the model is the address itself (e.g. a base URL without /v1)
+                kind = "model_not_found" if "model" in message.lower() else "endpoint_not_found"
+            else:
+                kind = "auth" if os.environ.get("OPENAI_API_KEY") else "no_key"
             fatal = FatalLLMError(message, kind)
             with self._lock:
                 self._fatal = fatal

@@ -262,7 +262,7 @@ def annotate_expression(
         call = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers))
         if call.cell_type is None:
             out.append(ClusterAnnotation.unknown(
-                cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes))
+                cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes, "no_match"))
             continue
         ordered = sorted(call.lineage_scores.items(), key=lambda kv: -kv[1])
         runner = ordered[1][1] if len(ordered) > 1 else 0.0

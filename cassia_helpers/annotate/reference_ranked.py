@@ -227,8 +227,8 @@ class RankedScorer:
                   if len(s.matched) >= MIN_MATCHES]
         if not scores or scores[0].score < MIN_SCORE:
             return ClusterAnnotation.unknown(
-                cluster.cluster, reason="no reference cell type matched the markers", markers_sent=markers_sent
-            )
+                cluster.cluster, reason="no reference cell type matched the markers", markers_sent=markers_sent,
+                kind="no_match")
         by_name = {s.name: s for s in scores}
         top = scores[0]
         best = top

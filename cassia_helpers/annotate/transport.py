@@ -83,7 +83,12 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
     ------
     KeyError, IndexError, TypeError, AttributeError
         A malformed body.
+    ValueError
+        An error object in place of the completion.
     """
+    if "choices" not in data and isinstance(data.get("error"), dict):
+        # some proxies answer a failed upstream call with status 200 and an error object
+        raise ValueError(f"the server answered with an error: {str(data['error'].get('message', ''))[:160]}")
     message = data["choices"][0]["message"]
     # Some servers (reasoning models) put the whole answer in ``reasoning_content``.
     content = message.get("content") or message.get("reasoning_content") or message.get("reasoning") or ""
