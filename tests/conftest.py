@@ -12,6 +12,35 @@ BLOOD_DATASETS = ("Data_A_Blood", "Data_B_Blood", "Data_C_Blood")
 API_KEY = "sk-test-SECRET-0123456789abcdef"
 
 
+def pytest_configure(config):
+    # pytest-xdist hands files (--dist loadfile) to its workers largest-test-count first unless told not to;
+    # the order of pytest_collection_modifyitems below (slowest files first) balances the two workers better
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with more ``slow`` tests run first (stable otherwise): with one file per worker at a time, a long
+    file started last would keep one worker busy while the other idles."""
+    slow_per_file: dict[str, int] = {}
+    for item in items:
+        slow_per_file.setdefault(item.nodeid.split("::")[0], 0)
+        if item.get_closest_marker("slow"):
+            slow_per_file[item.nodeid.split("::")[0]] += 1
+    order = {path: -count for path, count in slow_per_file.items()}
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])
+
+
+@pytest.fixture(scope="session")
+def shared_batch(tmp_path_factory):
+    """The real batch runs shared by the tests that only read them (see tests/shared_batch.py). Under
+    pytest-xdist, the worker processes share one build in the session's common temporary folder."""
+    from tests.shared_batch import shared_batch
+
+    base = tmp_path_factory.getbasetemp()
+    return shared_batch((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_batch")
+
+
 @pytest.fixture
 def llm_server():
     """A deterministic OpenAI-compatible server on 127.0.0.1 that insists on the test key."""
