@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,15 +21,26 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with more ``slow`` tests run first (stable otherwise): with one file per worker at a time, a long
-    file started last would keep one worker busy while the other idles."""
-    slow_per_file: dict[str, int] = {}
-    for item in items:
-        slow_per_file.setdefault(item.nodeid.split("::")[0], 0)
-        if item.get_closest_marker("slow"):
-            slow_per_file[item.nodeid.split("::")[0]] += 1
-    order = {path: -count for path, count in slow_per_file.items()}
-    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])
+    """Run the long files first, so that both workers finish together (each runs one file at a time).
+
+    The first file that reads the shared batch (tests/shared_batch.py) goes first: its worker builds the
+    batch while the other starts the file with the most ``slow`` tests. The other readers of the shared batch
+    follow the slow files, when the batch is built, so no worker waits for it. Then the other files, in
+    their usual order (the sort is stable)."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = Counter(file_of(item) for item in items if item.get_closest_marker("slow"))
+    readers = list(dict.fromkeys(file_of(item) for item in items if "shared_batch" in item.fixturenames))
+
+    def rank(path: str) -> tuple[int, int]:
+        if readers and path == readers[0]:
+            return (0, 0)
+        if path in readers:
+            return (2, 0)
+        return (1, -slow[path]) if slow[path] else (3, 0)
+
+    items.sort(key=lambda item: rank(file_of(item)))
 
 
 @pytest.fixture(scope="session")
