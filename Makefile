@@ -23,7 +23,8 @@ run: $(STAMP)
 	$(BIN)/python run_batch.py --data-dir $(EXAMPLE_DATA) --tissues all --output-dir $(OUTPUT_DIR) \
 		--annotator reference --min-genes 100
 
-# two test processes, one file each at a time (a file's fixtures, e.g. one real batch run, are shared)
+# two test processes, one file each at a time, files with slow tests first (tests/conftest.py); the real
+# batch runs that several files read are built once for both processes (tests/shared_batch.py)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 

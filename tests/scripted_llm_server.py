@@ -583,16 +583,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
         try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for key, value in reply.headers.items():
-                self.send_header(key, value)
-            self.end_headers()
+            self._send_head(reply, data, extra=True)
             self.wfile.write(data)
             self.wfile.flush()
         except OSError:  # client gave up (timeout) or the server is stopping
             self.close_connection = True
+
+    def _send_head(self, reply: _Reply, data: bytes, *, extra: bool) -> None:
+        """Status line and headers of a JSON body; ``extra``: the reply's own headers too (Retry-After, …)."""
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (reply.headers.items() if extra else ()):
+            self.send_header(key, value)
+        self.end_headers()
 
     def _send_stalling(self, reply: _Reply) -> None:
         """Hang (never answer) or send the body one byte every ``reply.trickle`` seconds."""
@@ -603,10 +607,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
         try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
+            self._send_head(reply, data, extra=False)
             self.wfile.flush()
             for index in range(len(data)):
                 self.wfile.write(data[index:index + 1])

@@ -21,6 +21,7 @@ from cassia_helpers.distributed.limits import DaskRunBudget, DaskRunThrottle, se
 from cassia_helpers.distributed.process import die_with_parent
 from tests import dask_fakes
 from tests.dask_fakes import read_lines
+from tests.waiting import wait_for
 
 pytest.importorskip("distributed", reason="dask[distributed] is a dependency of the package")
 REPO = Path(__file__).resolve().parent.parent
@@ -62,16 +63,6 @@ def tagged(tag: str) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def jobs_for(folder: Path, names: list[str], seconds: float, tag: str) -> dict[str, dict]:
@@ -126,7 +117,8 @@ def test_stop_mid_run_survives_ctrl_c_and_leaves_no_process(client, tmp_path):
         for pid in worker_pids:  # what a terminal's Ctrl-C / hang-up does to the process group
             os.kill(pid, signal.SIGINT)
             os.kill(pid, signal.SIGHUP)
-        time.sleep(0.5)
+        # a round trip through every worker's event loop: the signals arrived before it and were handled
+        wait_for(lambda: set(client.run(os.getpid).values()) == set(worker_pids), what="the workers to answer")
         stopped_at.append(time.monotonic())
         executor.stop()
 
@@ -145,8 +137,7 @@ def test_stop_mid_run_survives_ctrl_c_and_leaves_no_process(client, tmp_path):
         record = records[f"run/tissue/{name}"]
         assert record["status"] == "interrupted"
         assert (record["error"] == "stopped") == (name in ran)
-    time.sleep(0.2)
-    assert tagged(tag) == []
+    wait_for(lambda: tagged(tag) == [], timeout=10, what="the stopped datasets' children to be gone")
 
 
 def _kill_when_running(folder: Path, name: str) -> int:
@@ -162,7 +153,10 @@ def test_killed_worker_fails_its_dataset_once_and_kills_its_child(client, tmp_pa
     jobs = jobs_for(tmp_path, ["doomed"], 60, tag) | jobs_for(tmp_path, ["fine"], 0.5, tag)
     threading.Thread(target=_kill_when_running, args=(tmp_path, "doomed"), daemon=True).start()
     done = run_collecting(DatasetExecutor(client), dask_fakes.sleeper, jobs)
-    time.sleep(1.0)  # a retry, if there were one, would have started by now
+    # a retry would be assigned when the scheduler drops the dead worker, before the restarted one joins:
+    # once the cluster is whole again and idle, a retry would have run (or still be processing)
+    wait_for(lambda: len(client.scheduler_info()["workers"]) == WORKERS and not any(client.processing().values()),
+             timeout=120, what="the restarted worker and an idle cluster")
     records = dict(done)
     assert len(done) == 2
     assert records["run/tissue/doomed"]["status"] == "failed"
@@ -207,6 +201,7 @@ def dask_processes(tmp_path: Path, workers: int, private_dir: Path | None = None
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="simulating unshared storage needs root and unshare (both in CI)")
+@pytest.mark.slow
 def test_existing_scheduler_runs_datasets_checks_storage_and_never_reruns_a_dead_workers_dataset(tmp_path):
     tag = f"cassia-fake-{os.getpid()}-ext"
     run = tmp_path / "run"
@@ -317,18 +312,29 @@ def test_child_dies_when_its_parent_is_killed(tmp_path):
         "print(child.pid, flush=True)\n"
         "time.sleep(60)\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    survivors = {}
-    for mode in ("yes", "no"):
+    children = {}
+    # "no" first: its child is checked only after the "yes" child is seen dead, by when a signal sent to the
+    # "no" child on its parent's death would have killed it too
+    for mode in ("no", "yes"):
         parent = subprocess.Popen([sys.executable, "-c", parent_code, mode], stdout=subprocess.PIPE, text=True,
                                   env=env)
-        child_pid = int(parent.stdout.readline())
+        children[mode] = int(parent.stdout.readline())
         parent.kill()
         parent.wait()
-        time.sleep(0.5)
-        child = psutil.Process(child_pid) if psutil.pid_exists(child_pid) else None
-        survivors[mode] = child is not None and child.status() != psutil.STATUS_ZOMBIE
-        if child is not None:
-            child.kill()
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    try:
+        wait_for(lambda: not alive(children["yes"]), timeout=10, what="the child of the killed parent to die")
+        survivors = {mode: alive(pid) for mode, pid in children.items()}
+    finally:
+        for pid in children.values():
+            if alive(pid):
+                psutil.Process(pid).kill()
     assert survivors == {"yes": False, "no": True}
     assert die_with_parent() is None  # harmless in the calling process too
 

@@ -1,14 +1,15 @@
 """The whole path: a multi-tissue data folder → run_batch.py → a run folder that honours the contract.
 
 Every Python and bash example of docs/batch_output_structure.md is then executed against the run, with
-only the run path (and the date in it) replaced.
+only the run path (and the date in it) replaced. The runs are the session's shared batch
+(tests/shared_batch.py): the offline brain and breast run read here, beside the LLM runs of blood.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,68 +23,34 @@ import scanpy as sc
 
 from cassia_helpers.cassia_format import SEURAT_MARKER_COLUMNS
 from tests.conftest import REPO
+from tests.shared_batch import GOOD, run_cli
 from tests.synthetic import BRAIN_TYPES, BREAST_TYPES, make_counts, write
 
 SPEC = REPO / "docs" / "batch_output_structure.md"
 SPEC_RUN = "run_brain_20260216_151425"
 CONTRACT_FILES = ("_markers.csv", "_annotated.h5ad", "_annotation.txt", "_summary.txt")
-# braces, quotes, spaces and unicode in a name must work end to end (papermill formats paths with braces)
-ODD_NAME = "Data_Choudhury2022 {v2} 'Brain' ü"
-GOOD = {
-    ("brain", ODD_NAME),
-    ("brain", "Data_Filbin2018_Brain"),
-    ("breast", "Data_Bassez2021_Breast"),
-}
 
 
-def offline_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
-    env["PYTHONPATH"] = str(REPO)
-    return env
+@pytest.fixture
+def workspace(shared_batch):
+    return shared_batch
 
 
-def run_cli(args: list[str], cwd: Path, script: str = "run_batch.py") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=offline_env(),
-                          capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("batch")
-    data = root / "data"
-    write(make_counts(400, cell_types=BRAIN_TYPES, seed=1), data / "brain" / "Data_Filbin2018_Brain.h5ad")
-    write(make_counts(350, cell_types=BRAIN_TYPES, seed=2), data / "brain" / f"{ODD_NAME}.h5ad")
-    write(make_counts(300, cell_types=BREAST_TYPES, seed=3), data / "breast" / "Data_Bassez2021_Breast.h5ad")
-    (data / "brain" / "Data_Text_Brain.h5ad").write_text("gene,cell\nGFAP,3\n")
-    good = (data / "brain" / "Data_Filbin2018_Brain.h5ad").read_bytes()
-    (data / "breast" / "Data_Truncated_Breast.h5ad").write_bytes(good[: len(good) // 2])
-    (data / "breast" / "Data_Empty_Breast.h5ad").write_bytes(b"")
-    write(make_counts(300, cell_types=BREAST_TYPES, seed=6)[:0].copy(), data / "breast" / "Data_NoCells_Breast.h5ad")
-    multi = run_cli(["--tissues", "brain", "breast", "--workers", "2"], cwd=root)
-    brain = run_cli(["--tissues", "brain"], cwd=root)
-    return root, multi, brain
-
-
-def run_dirs(root: Path) -> dict[str, Path]:
-    return {re.sub(r"_\d{8}_\d{6}$", "", p.name): p for p in (root / "batch_results").iterdir()}
-
-
+@pytest.mark.slow  # the first test of the file: it may be the one that builds the shared batch
 def test_exit_status_and_run_folder_names(workspace):
-    root, multi, brain = workspace
-    assert multi.returncode == 1, multi.stderr  # two broken inputs failed, the rest succeeded
-    assert brain.returncode == 1, brain.stderr
-    names = sorted(p.name for p in (root / "batch_results").iterdir())
-    assert len(names) == 2
-    assert re.fullmatch(r"run_brain_breast_\d{8}_\d{6}", names[1]) or re.fullmatch(
-        r"run_brain_breast_\d{8}_\d{6}", names[0])
-    assert any(re.fullmatch(r"run_brain_\d{8}_\d{6}", n) for n in names)
+    multi = workspace.outcome("multi")
+    assert multi["returncode"] == 1, multi["stderr"]  # four broken inputs failed, the rest succeeded
+    assert workspace.outcome("llm")["returncode"] == 0, workspace.outcome("llm")["stderr"]
+    names = sorted(p.name for p in workspace.results.iterdir())
+    assert len(names) == 3
+    assert sum(bool(re.fullmatch(r"run_brain_breast_\d{8}_\d{6}", n)) for n in names) == 1
+    assert sum(bool(re.fullmatch(r"run_blood_\d{8}_\d{6}", n)) for n in names) == 2  # one tissue, twice
     # the run folder is printed on stdout for scripts
-    assert multi.stdout.strip().endswith(str(run_dirs(root)["run_brain_breast"].name))
+    assert multi["stdout"].strip().endswith(workspace.runs()["multi"].name)
 
 
 def test_contract_layout_and_summary(workspace):
-    root, _, _ = workspace
-    run = run_dirs(root)["run_brain_breast"]
+    run = workspace.runs()["multi"]
     for name in ("batch_summary.txt", "batch_summary.csv", "token_tracking.json"):
         assert (run / name).is_file()
     summary = pd.read_csv(run / "batch_summary.csv")
@@ -123,8 +90,7 @@ def test_contract_layout_and_summary(workspace):
 
 
 def test_annotated_h5ad_and_markers(workspace):
-    root, _, _ = workspace
-    run = run_dirs(root)["run_brain_breast"]
+    run = workspace.runs()["multi"]
     folder = run / "brain" / "Data_Filbin2018_Brain"
     adata = ad.read_h5ad(folder / "Data_Filbin2018_Brain_annotated.h5ad")
     assert {"leiden", "cell_type", "truth"} <= set(adata.obs.columns)
@@ -159,8 +125,7 @@ def test_annotated_h5ad_and_markers(workspace):
 
 
 def test_executed_notebook_records_parameters_and_no_key(workspace):
-    root, _, _ = workspace
-    run = run_dirs(root)["run_brain_breast"]
+    run = workspace.runs()["multi"]
     notebook = nbformat.read(run / "breast" / "Data_Bassez2021_Breast" / "Data_Bassez2021_Breast_notebook.ipynb",
                              as_version=4)
     parameters = notebook.metadata["papermill"]["parameters"]
@@ -185,35 +150,39 @@ def localise(code: str, run: Path) -> str:
 
 
 def test_spec_python_examples_run_verbatim(workspace):
-    root, _, _ = workspace
-    run = run_dirs(root)["run_brain"]
+    run = workspace.runs()["multi"]
     blocks = spec_blocks("python")
     assert len(blocks) >= 4
     program = "\n".join(localise(block, run) for block in blocks)
-    result = subprocess.run([sys.executable, "-c", program], cwd=root, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", program], cwd=workspace.root, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "Processed 3 datasets" in result.stdout
+    assert "Processed 7 datasets" in result.stdout
     assert "Total API calls: 0" in result.stdout and "Total cost: $0.00" in result.stdout
-    assert re.search(r"Combined: [\d,]+ cells from 2 datasets", result.stdout)
+    assert re.search(r"Combined: [\d,]+ cells from 3 datasets", result.stdout)
     assert "Data_Text_Brain" in result.stdout  # the failures example lists the broken input
 
 
-def test_spec_bash_examples_run_verbatim(workspace):
-    root, _, _ = workspace
-    runs = run_dirs(root)
+def test_spec_bash_examples_run_verbatim(workspace, tmp_path):
+    # the examples write (notes, archives): they run on a copy of the shared runs
+    shutil.copytree(workspace.results, tmp_path / "batch_results", symlinks=True)
+    runs = {name: tmp_path / "batch_results" / run.name for name, run in workspace.runs().items()}
     for block in spec_blocks("bash"):
         if "batch_process_all_tissues.py" in block:
             continue  # exercised on its own below
-        script = localise(block, runs["run_brain"])
-        result = subprocess.run(["bash", "-e", "-c", script], cwd=root, capture_output=True, text=True,
+        script = localise(block, runs["multi"])
+        result = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 0, (block, result.stderr)
-        if "Total cost:" in block:
-            assert result.stdout.count("Total cost: $0.00") == 2
-    assert (runs["run_brain"] / "NOTES.txt").read_text().startswith("Testing resolution=0.8")
+        if "Total cost:" in block:  # one line per run, each from its own summary
+            costs = dict(re.findall(r"=== batch_results/(run_[^/]+)/ ===\n\s*Total cost: \$([\d,.]+)\n",
+                                    result.stdout))
+            assert set(costs) == {run.name for run in runs.values()}, result.stdout
+            assert costs[runs["multi"].name] == costs[runs["llm_rerun"].name] == "0.00"
+    assert (runs["multi"] / "NOTES.txt").read_text().startswith("Testing resolution=0.8")
 
 
+@pytest.mark.slow
 def test_spec_all_tissues_script(tmp_path):
     # a small data folder of its own: one good dataset in each of two tissues
     write(make_counts(200, cell_types=BRAIN_TYPES, seed=4), tmp_path / "data" / "brain" / "Data_Small_Brain.h5ad")
@@ -229,11 +198,11 @@ def test_spec_all_tissues_script(tmp_path):
     assert set(summary["tissue"]) == {"brain", "breast"} and set(summary["status"]) == {"success"}
 
 
+@pytest.mark.slow
 def test_explore_notebook_opens_the_run(workspace, tmp_path):
     import papermill as pm
 
-    root, _, _ = workspace
-    run = run_dirs(root)["run_brain_breast"]
+    run = workspace.runs()["multi"]
     output = tmp_path / "explored.ipynb"
     pm.execute_notebook(str(REPO / "notebooks" / "explore_run.ipynb"), str(output), parameters={"run_dir": str(run)},
                         kernel_name="python3", progress_bar=False, cwd=str(REPO / "notebooks"))

@@ -259,6 +259,7 @@ def test_notebook_importing_the_package_shows_plots(tmp_path):
         assert any("image/png" in output.get("data", {}) for output in cell.outputs), cell.source
 
 
+@pytest.mark.slow
 def test_explore_notebook_plots_a_dataset(tiny, tmp_path):
     import nbformat
     import papermill as pm

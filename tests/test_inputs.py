@@ -201,20 +201,18 @@ def test_no_cells_left_after_qc(tmp_path):
     assert_one_line_error(excinfo, path, "no cells left after QC", "min_genes=10000", "max_pct_mt=20.0")
 
 
-def test_no_cells_left_after_mito_filter(tmp_path):
-    path = write(make_counts(60, 100), tmp_path / "mito.h5ad")
+@pytest.mark.parametrize("name, thresholds, phrases", [
+    ("mito.h5ad", {"min_genes": 1, "min_cells": 1, "max_pct_mt": 0.0},
+     ("no cells left after QC", "max_pct_mt=0.0")),
+    ("few cells.h5ad", {"min_genes": 1, "min_cells": 1000, "max_pct_mt": 100.0},
+     ("no genes left after QC", "min_cells=1000")),
+])
+def test_nothing_left_after_qc_names_the_threshold(tmp_path, name, thresholds, phrases):
+    path = write(make_counts(60, 100), tmp_path / name)
     adata = read_dataset(path)
     with pytest.raises(InputError) as excinfo:
-        pp.qc(adata, min_genes=1, min_cells=1, max_pct_mt=0.0)
-    assert_one_line_error(excinfo, path, "no cells left after QC", "max_pct_mt=0.0")
-
-
-def test_no_genes_left_after_qc(tmp_path):
-    path = write(make_counts(60, 100), tmp_path / "few cells.h5ad")
-    adata = read_dataset(path)
-    with pytest.raises(InputError) as excinfo:
-        pp.qc(adata, min_genes=1, min_cells=1000, max_pct_mt=100.0)
-    assert_one_line_error(excinfo, path, "no genes left after QC", "min_cells=1000")
+        pp.qc(adata, **thresholds)
+    assert_one_line_error(excinfo, path, *phrases)
 
 
 # --- counts, log-normalised and scaled values ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A whole batch with the LLM annotator against the scripted server: exact token accounting, labels in
-obs, CASSIA outputs, a cached rerun with zero requests, faults survived, and the key written nowhere."""
+obs, CASSIA outputs, a cached rerun with zero requests, faults survived, an unknown price flagged, and the key
+written nowhere. The first batch and its cached rerun are the session's shared batch (tests/shared_batch.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import pytest
 
 from cassia_helpers.cassia_format import CASSIA_COLUMNS
 from tests.conftest import API_KEY, REPO
+from tests.shared_batch import PRICE_IN, PRICE_OUT
 from tests.synthetic import BLOOD_TYPES, make_counts, write
-
-PRICE_IN, PRICE_OUT = 0.5, 1.5
 
 
 @pytest.fixture
@@ -41,10 +41,11 @@ def run_llm_batch(tmp_path: Path, *extra: str, output: str = "out") -> tuple[sub
     return result, runs[-1] if runs else tmp_path
 
 
-def test_llm_batch_accounts_every_token_and_leaks_no_key(llm_env, blood_data, tmp_path):
-    result, run = run_llm_batch(tmp_path, "--workers", "2")
-    assert result.returncode == 0, result.stderr
-    stats = llm_env.stats()
+@pytest.mark.slow  # the first test of the file: it may be the one that builds the shared batch
+def test_llm_batch_accounts_every_token_and_leaks_no_key(shared_batch):
+    result, run = shared_batch.outcome("llm"), shared_batch.runs()["llm"]
+    assert result["returncode"] == 0, result["stderr"]
+    stats = shared_batch.record["llm_stats"]  # what the server counted during this run
     tracking = json.loads((run / "token_tracking.json").read_text())
     assert tracking["total_calls"] == stats["requests"] == len(tracking["api_calls"]) > 0
     assert tracking["total_input_tokens"] == stats["prompt_tokens"]
@@ -65,7 +66,7 @@ def test_llm_batch_accounts_every_token_and_leaks_no_key(llm_env, blood_data, tm
     assert {"cell_type_sub", "cell_type_mixed", "cell_type_confidence"} <= set(adata.obs.columns)
     provenance = adata.uns["cassia_batch"]["annotation"]["provenance"]
     assert provenance["model"] == "scripted-model" and provenance["system_fingerprint"] == "fp_scripted"
-    assert provenance["endpoint_host"] == llm_env.base_url
+    assert provenance["endpoint_host"] == shared_batch.record["base_url"]
     cassia = pd.read_csv(folder / "Data_One_Blood_cassia.csv")
     assert list(cassia.columns) == CASSIA_COLUMNS
     assert set(cassia["Cluster ID"].astype(str)) == set(adata.obs["leiden"].astype(str))
@@ -75,33 +76,28 @@ def test_llm_batch_accounts_every_token_and_leaks_no_key(llm_env, blood_data, tm
     assert f"Total tokens: {tracking['total_tokens']:,}" in summary and "model scripted-model" in summary
 
     # the key went to the server, and nowhere else
-    assert llm_env.headers_seen[0]["Authorization"] == f"Bearer {API_KEY}"
-    scanned = [p for root in (run, tmp_path / "cache") for p in root.rglob("*") if p.is_file()]
+    assert shared_batch.record["authorization_was_the_key"]
+    rerun = shared_batch.runs()["llm_rerun"]
+    scanned = [p for root in (run, rerun, shared_batch.root / "cache") for p in root.rglob("*") if p.is_file()]
     assert len(scanned) > 20
     for path in scanned:
         assert API_KEY.encode() not in path.read_bytes(), path
-    assert API_KEY not in result.stdout + result.stderr
+    for name in ("llm", "llm_rerun"):
+        assert API_KEY not in shared_batch.outcome(name)["stdout"] + shared_batch.outcome(name)["stderr"]
 
     # same inputs again: everything from the cache, zero requests, an honest zero in the ledger
-    llm_env.reset_stats()
-    again, rerun = run_llm_batch(tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert rerun != run and llm_env.stats()["requests"] == 0
+    again = shared_batch.outcome("llm_rerun")
+    assert again["returncode"] == 0, again["stderr"]
+    assert rerun != run and shared_batch.record["llm_rerun_stats"]["requests"] == 0
     tracking = json.loads((rerun / "token_tracking.json").read_text())
     assert tracking["total_calls"] == 0 and tracking["total_cost"] == 0 and tracking["cache_hits"] > 0
 
 
-def test_unknown_price_is_flagged_not_silently_free(llm_env, blood_data, tmp_path):
+@pytest.mark.slow
+def test_misbehaving_server_and_unknown_price(llm_env, blood_data, tmp_path):
+    """A server that answers 429, 500 and garbage, for a model whose price is unknown: every dataset still
+    succeeds, every attempt is accounted for, and the cost is flagged as unknown, never silently free."""
     (tmp_path / "prices.json").write_text("{}")
-    (blood_data / "blood" / "Data_Two_Blood.h5ad").unlink()
-    result, run = run_llm_batch(tmp_path)
-    assert result.returncode == 0, result.stderr
-    tracking = json.loads((run / "token_tracking.json").read_text())
-    assert tracking["unknown_price_models"] == ["scripted-model"] and tracking["total_cost"] == 0
-    assert "no known price for scripted-model" in (run / "batch_summary.txt").read_text()
-
-
-def test_batch_survives_a_misbehaving_server(llm_env, blood_data, tmp_path):
     llm_env.fault_rates(p429=0.15, p500=0.15, p_garbage=0.2)
     result, run = run_llm_batch(tmp_path, "--workers", "2", "--no-cache")
     assert result.returncode == 0, result.stderr
@@ -118,3 +114,7 @@ def test_batch_survives_a_misbehaving_server(llm_env, blood_data, tmp_path):
         assert adata.obs["cell_type"].notna().all()
         unknown = table[table["status"] != "ok"]
         assert (unknown["reason"].str.len() > 0).all()
+    # the unknown price
+    assert tracking["unknown_price_models"] == ["scripted-model"] and tracking["total_cost"] == 0
+    assert tracking["by_model"]["scripted-model"]["price_known"] is False
+    assert "no known price for scripted-model" in (run / "batch_summary.txt").read_text()

@@ -1,6 +1,6 @@
-"""A long LLM batch across parallel workers: resume without repeating a request, the run-wide request limit
-and rate-limit back-off held across datasets, and a budget that stops spending. Real subprocesses against
-the scripted server (split from test_reliability.py so the two files run side by side)."""
+"""A long LLM batch: Ctrl-C with honest summaries and a resume in place that repeats no request, the run-wide
+request limit and rate-limit back-off held across parallel workers, and a budget that stops spending. Real
+subprocesses against the scripted server (split from test_reliability.py so the two files run side by side)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,39 @@ import pytest
 from tests.conftest import BLOOD_DATASETS as DATASETS
 from tests.test_reliability import interrupt_after_first_dataset, keep_only, resume, start, the_run
 
+pytestmark = pytest.mark.slow  # real batches: every test here starts run_batch.py
 
 def llm_args(tmp_path: Path, *extra: str) -> list[str]:
     return ["--model", "scripted-model", "--cache-dir", str(tmp_path / "cache"), *extra]
 
 
-def test_llm_run_resumes_without_repeating_a_request(llm_env, blood_dir, tmp_path):
+def test_ctrl_c_writes_honest_summaries_and_resume_finishes_in_place_without_repeating_a_request(
+        llm_env, blood_dir, tmp_path):
     llm_env.latency = 0.05
     run = interrupt_after_first_dataset(tmp_path, *llm_args(tmp_path), offline=False)
+    summary = pd.read_csv(run / "batch_summary.csv").set_index("dataset")
+    assert summary.loc[DATASETS[0], "status"] == "success"
+    # the dataset running at Ctrl-C and the one still queued
+    assert set(summary.loc[list(DATASETS[1:]), "status"]) == {"interrupted"}
+    assert "Interrupted: 2" in (run / "batch_summary.txt").read_text()
+    # the user documents the run; completed work must stay untouched by the resume
+    (run / "NOTES.txt").write_text("pilot, resolution 1.0\n")
+    first = run / "blood" / DATASETS[0] / f"{DATASETS[0]}_annotated.h5ad"
+    before = first.stat().st_mtime_ns
+
     finished = resume(tmp_path, run, offline=False)
     assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == str(run)
+    assert list(pd.read_csv(run / "batch_summary.csv")["status"]) == ["success"] * 3
+    assert (run / "NOTES.txt").read_text() == "pilot, resolution 1.0\n"
+    assert first.stat().st_mtime_ns == before
+    assert len(list((tmp_path / "out").iterdir())) == 1  # resumed in place, no new run folder
     bodies = [json.dumps(b, sort_keys=True) for b in llm_env.received]
     assert len(bodies) == len(set(bodies)), "a request was sent twice"
     tracking = json.loads((run / "token_tracking.json").read_text())
     stats = llm_env.stats()
     assert tracking["total_calls"] == stats["requests"]
     assert tracking["total_input_tokens"] == stats["prompt_tokens"]
-    assert list(pd.read_csv(run / "batch_summary.csv")["status"]) == ["success"] * 3
 
 
 @pytest.mark.parametrize("limit, expect_at_most", [(1, 1), (3, 3)])
