@@ -273,15 +273,36 @@ def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0, exact_
 
     Up to ``exact_max_cells`` cells the neighbours are exact (brute force, BLAS): at 78k cells that is twice
     as fast as PyNNDescent in a fresh process (which spends ~25 s compiling) and agrees better with the
-    known cell types (``bench/``). Above it, scanpy's approximate PyNNDescent search scales better.
+    known cell types (``bench/``). Above it, scanpy's approximate PyNNDescent search scales better; it
+    runs with scanpy's settings, but its index is not prepared for later queries (see
+    :func:`graph_only_nndescent`).
     """
     import_umap()  # scanpy builds the graph's connectivities with umap-learn
     k = max(2, min(n_neighbors, adata.n_obs - 1))
     exact = adata.n_obs <= exact_max_cells
     with quiet_uncachable():
         sc.pp.neighbors(adata, n_neighbors=k, use_rep="X_pca", random_state=seed,
-                        transformer="sklearn" if exact else None)
+                        transformer="sklearn" if exact else graph_only_nndescent(adata.n_obs, k, seed))
     provenance(adata)["neighbors"] = {"n_neighbors": k, "search": "exact" if exact else "pynndescent"}
+
+
+def graph_only_nndescent(n_obs: int, n_neighbors: int, seed: int):
+    """scanpy's default PyNNDescent transformer for ``n_obs`` cells, building the kNN graph only.
+
+    ``PyNNDescentTransformer.fit_transform`` ends by compressing its index for later queries, which
+    compiles a search function numba cannot cache (tens of seconds in every kernel); scanpy never queries
+    the index, so that step is skipped. The graph is the same.
+    """
+    from pynndescent import PyNNDescentTransformer
+
+    class GraphOnly(PyNNDescentTransformer):
+        def fit_transform(self, X, y=None, **fit_params):  # noqa: N803 (scikit-learn's name)
+            self.fit(X, compress_index=False)
+            return self.transform(X=None)
+
+    # the same settings as scanpy's default (umap-learn's nearest_neighbors)
+    return GraphOnly(n_neighbors=n_neighbors, metric="euclidean", random_state=seed, n_jobs=sc.settings.n_jobs,
+                     n_trees=min(64, 5 + round(n_obs ** 0.5 / 20.0)), n_iters=max(5, round(np.log2(n_obs))))
 
 
 @timed("leiden")

@@ -137,20 +137,9 @@ def test_marker_filters_and_single_cell_clusters(clustered):
 
 
 @pytest.mark.slow
-def test_neighbors_beyond_8192_cells(monkeypatch):
+def test_neighbors_beyond_8192_cells():
     # scanpy 1.11 + scipy 1.17 broke here ('csr_array' object has no attribute 'getnnz'); from 8192 cells on,
     # scanpy hands the approximate search to PyNNDescentTransformer, whose graph is built and read as before.
-    # Only the index compression that follows is skipped: it prepares the index for later queries (which
-    # scanpy never makes) by compiling a query function numba cannot cache, about half of this test's time.
-    import pynndescent
-
-    def compress_without_query_preparation(index):
-        index.compressed = True
-        for name in ("_rp_forest", "_neighbor_graph"):
-            if hasattr(index, name):
-                delattr(index, name)
-
-    monkeypatch.setattr(pynndescent.NNDescent, "compress_index", compress_without_query_preparation)
     adata = make_counts(8400, cell_types=BLOOD_TYPES, n_background=150, seed=9)
     record.provenance(adata)["input"] = {"is_counts": True}
     preprocess.normalize(adata)
