@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .contract import (
     FAILED,
@@ -39,6 +40,10 @@ from .contract import (
 from .discovery import Dataset, discover, single_input
 from .files import write_json
 from .settings import RUN, Settings, UsageError, notebook_parameters
+
+if TYPE_CHECKING:
+    from .distributed.jobs import Progress as DaskProgress
+    from .worker import AggregationNotebook
 
 log = logging.getLogger("cassia_helpers")
 Launcher = Callable[[dict, Callable[[], bool]], dict]
@@ -316,7 +321,7 @@ def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launch
     """Run the jobs as Dask tasks, one per dataset, until done or interrupted; ``ahead()`` once every
     dataset is on a worker."""
 
-    def polled(state) -> None:
+    def polled(state: DaskProgress) -> None:
         progress.poll()
         if state.queued == 0:
             ahead()
@@ -381,7 +386,7 @@ def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:
     return None
 
 
-def _aggregate(run_dir: Path, kernel_name: str, notebook=None) -> None:
+def _aggregate(run_dir: Path, kernel_name: str, notebook: AggregationNotebook | None = None) -> None:
     """The run-level summaries: through the aggregation notebook (``notebook``, an
     :class:`~cassia_helpers.worker.AggregationNotebook`, perhaps prepared ahead), else directly; never a
     traceback."""
