@@ -16,7 +16,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .contract import (
     FAILED,
@@ -38,6 +40,10 @@ from .contract import (
 from .discovery import Dataset, discover, single_input
 from .files import write_json
 from .settings import RUN, Settings, UsageError, notebook_parameters
+
+if TYPE_CHECKING:
+    from .distributed.jobs import Progress as DaskProgress
+    from .worker import AggregationNotebook
 
 log = logging.getLogger("cassia_helpers")
 Launcher = Callable[[dict, Callable[[], bool]], dict]
@@ -208,6 +214,24 @@ def run_batch(settings: Settings, *, launcher: Launcher | None = None,
 
 def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
                 launcher: Launcher, aggregate: Callable[[Path, str], None], in_process: bool) -> BatchResult:
+    notebook = None
+    if aggregate is _aggregate:
+        from .worker import AggregationNotebook
+
+        # its kernel starts while the last datasets run (the runners call ``ahead``), not after them
+        notebook = AggregationNotebook(run_dir, settings.kernel_name)
+        aggregate = partial(_aggregate, notebook=notebook)
+    try:
+        return _run_session(settings, run_dir, datasets, manifest, launcher, aggregate, in_process,
+                            ahead=notebook.prepare if notebook else None)
+    finally:
+        if notebook is not None:
+            notebook.close()
+
+
+def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict, launcher: Launcher,
+                 aggregate: Callable[[Path, str], None], in_process: bool,
+                 ahead: Callable[[], None] | None) -> BatchResult:
     from .progress import Progress
 
     result = BatchResult(run_dir=run_dir)
@@ -233,7 +257,7 @@ def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], mani
                     jobs[_task_key(run_dir, dataset)] = (dataset, _job(settings, run_dir, dataset))
             if jobs and not interrupts.event.is_set():
                 run = _run_in_threads if in_process else _run_on_dask
-                run(settings, run_dir, jobs, launcher, interrupts, progress, finished)
+                run(settings, run_dir, jobs, launcher, interrupts, progress, finished, ahead or _nothing)
         except KeyboardInterrupt:
             interrupts.count = max(interrupts.count, 2)
         if interrupts.count:
@@ -262,9 +286,14 @@ def _task_key(run_dir: Path, dataset: Dataset) -> str:
     return f"{run_dir.name}/{dataset.tissue}/{dataset.name}"
 
 
+def _nothing() -> None:
+    """No preparation while the last datasets run."""
+
+
 def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: _Interrupts,
-                    progress, finished: Callable[[Dataset, dict], None]) -> None:
-    """Run the jobs in ``settings.workers`` threads of this process until done or interrupted."""
+                    progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
+    """Run the jobs in ``settings.workers`` threads of this process until done or interrupted; ``ahead()``
+    once every dataset has started."""
     queue = list(jobs.values())
     with ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="dataset") as pool:
         running: dict = {}
@@ -274,6 +303,8 @@ def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Lau
                 running[pool.submit(launcher, job, interrupts.event.is_set)] = dataset
             if not running:
                 break
+            if not queue:
+                ahead()
             done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
             progress.poll()
             for future in done:
@@ -286,8 +317,15 @@ def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Lau
 
 
 def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: _Interrupts,
-                 progress, finished: Callable[[Dataset, dict], None]) -> None:
-    """Run the jobs as Dask tasks, one per dataset, until done or interrupted."""
+                 progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
+    """Run the jobs as Dask tasks, one per dataset, until done or interrupted; ``ahead()`` once every
+    dataset is on a worker."""
+
+    def polled(state: DaskProgress) -> None:
+        progress.poll()
+        if state.queued == 0:
+            ahead()
+
     from .distributed.cluster import ClusterError, check_shared_storage, dashboard_link, open_client
     from .distributed.jobs import DatasetExecutor
 
@@ -308,7 +346,7 @@ def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launch
             executor.run_jobs(
                 launcher, {key: job for key, (_, job) in jobs.items()},
                 on_done=lambda key, record: finished(jobs[key][0], _recorded(run_dir, jobs[key][0], record)),
-                on_progress=lambda _: progress.poll())
+                on_progress=polled)
     except ClusterError as exc:
         raise UsageError(str(exc)) from None
     finally:
@@ -348,11 +386,13 @@ def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:
     return None
 
 
-def _aggregate(run_dir: Path, kernel_name: str) -> None:
-    """The run-level summaries: through the aggregation notebook, else directly; never a traceback."""
-    from .worker import execute_aggregation
+def _aggregate(run_dir: Path, kernel_name: str, notebook: AggregationNotebook | None = None) -> None:
+    """The run-level summaries: through the aggregation notebook (``notebook``, an
+    :class:`~cassia_helpers.worker.AggregationNotebook`, perhaps prepared ahead), else directly; never a
+    traceback."""
+    from .worker import AggregationNotebook
 
-    problem = execute_aggregation(run_dir, kernel_name=kernel_name)
+    problem = (notebook or AggregationNotebook(run_dir, kernel_name)).run()
     if not problem:
         return
     log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)

@@ -30,8 +30,9 @@ WORKERS = 3
 
 @pytest.fixture(scope="module")
 def local_cluster():
-    """One local cluster for the tests of this module (starting one takes seconds)."""
-    with open_client(workers=WORKERS) as client:
+    """One local cluster of worker processes for the tests of this module, standing in for remote workers
+    (they can be killed and signalled apart from this process; starting them takes seconds)."""
+    with open_client(workers=WORKERS, processes=True) as client:
         yield client
 
 
@@ -101,6 +102,24 @@ def test_every_dataset_runs_once_and_reports_once(client, tmp_path):
     assert any(p.queued > 0 for p in progress)
     assert progress[-1].dashboard == ""  # no dashboard unless asked for
     assert not list((tmp_path / "run").iterdir())  # probe files removed
+
+
+def test_default_local_cluster_is_threads_of_this_process_reachable_over_tcp(tmp_path):
+    tag = f"cassia-fake-{os.getpid()}-threads"
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    address_before = os.environ.get("CASSIA_DASK_SCHEDULER")
+    jobs = jobs_for(tmp_path, ["a", "b", "c"], 0.2, tag)
+    with open_client(workers=2) as client:
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")  # kernels reach it from their processes
+        assert set(client.run(os.getpid).values()) == {os.getpid()}
+        assert list(client.nthreads().values()) == [1, 1]
+        done = run_collecting(DatasetExecutor(client), dask_fakes.sleeper, jobs)
+        assert os.environ["CASSIA_DASK_SCHEDULER"] == client.scheduler.address
+    assert sorted(record["status"] for _, record in done) == ["success"] * 3
+    assert all(len((tmp_path / f"{n}.runs").read_text().splitlines()) == 1 for n in "abc")
+    # the driver keeps its Ctrl-C/SIGTERM/SIGHUP handling, and no stale scheduler address is left behind
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert os.environ.get("CASSIA_DASK_SCHEDULER") == address_before
 
 
 def test_stop_mid_run_survives_ctrl_c_and_leaves_no_process(client, tmp_path):

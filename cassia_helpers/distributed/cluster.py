@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from .limits import LEASE_TIMEOUT
+from .limits import LEASE_TIMEOUT, SCHEDULER_ENV
 
 WORKER_PRELOAD = "cassia_helpers.distributed.workers"
 THREADS_ENV = "CASSIA_DATASET_THREADS"
@@ -140,7 +140,7 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False):
 @contextmanager
 def open_client(*, workers: int, scheduler: str | None = None, cluster: str | None = None,
                 cluster_options: Mapping | None = None, dashboard: bool = False,
-                connect_timeout: float = 30.0) -> Iterator:
+                connect_timeout: float = 30.0, processes: bool = False) -> Iterator:
     """A ``distributed.Client`` for a run, closed (with any cluster it started) on exit.
 
     Parameters
@@ -154,6 +154,13 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         worker); ``"slurm"``: SLURM jobs built from ``cluster_options`` (see :data:`SLURM_OPTIONS`).
     dashboard
         Serve the Dask dashboard (local cluster: on 127.0.0.1 only).
+    connect_timeout
+        Seconds to wait for the scheduler.
+    processes
+        Local cluster only: run each worker in a process of its own (behind a nanny), as remote
+        workers are, instead of as a thread of this process. Each dataset runs in its own processes
+        either way; worker processes only add seconds of start-up (each imports Dask and this
+        package), so the default is threads.
     """
     import dask
     from distributed import Client, LocalCluster
@@ -180,16 +187,32 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
             client = Client(built, timeout=connect_timeout)
             built.scale(jobs=max(1, int(jobs)))
         elif cluster in (None, "local"):
+            if not processes:
+                # the workers set the scheduler's address in this process's environment (for the
+                # kernels they start): it must not outlive the cluster
+                stack.callback(_restore_environ, SCHEDULER_ENV, os.environ.get(SCHEDULER_ENV))
             built = stack.enter_context(LocalCluster(
-                n_workers=max(1, int(workers)), threads_per_worker=1, processes=True, host="127.0.0.1",
+                n_workers=max(1, int(workers)), threads_per_worker=1, processes=processes,
+                # TCP even for threads: a dataset's kernel (another process) reaches the scheduler for
+                # the run-wide LLM limits, which the in-process transport would not allow
+                protocol="tcp://", host="127.0.0.1",
                 dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,
-                preload=[WORKER_PRELOAD], scheduler_kwargs={"dashboard": dashboard}))
+                # worker processes must survive the terminal's Ctrl-C; threads leave signals to the driver
+                preload=[WORKER_PRELOAD] if processes else [], scheduler_kwargs={"dashboard": dashboard}))
             client = Client(built, timeout=connect_timeout)
         else:
             raise ClusterError(f"unknown cluster kind {cluster!r} (known: local, slurm)")
         stack.enter_context(client)
         client.register_plugin(WorkerSetup())
         yield client
+
+
+def _restore_environ(name: str, value: str | None) -> None:
+    """Put ``os.environ[name]`` back to ``value`` (``None``: unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def dashboard_link(client) -> str:

@@ -52,7 +52,8 @@ class DatasetExecutor:
     stop_grace_s
         After a stop, how long running datasets get to stop and report before being given up.
     poll_s
-        How often the wait loop looks for finished datasets and stop requests.
+        How often, at most, the wait loop looks for a free worker and reports progress (it wakes at once
+        when a dataset ends or a stop is asked for).
     """
 
     def __init__(self, client, *, stop_grace_s: float = 20.0, poll_s: float = 0.1) -> None:
@@ -62,6 +63,8 @@ class DatasetExecutor:
         self.session = uuid.uuid4().hex[:12]
         self.stop_event_name = f"cassia-stop-{self.session}"
         self._stop_requested = threading.Event()
+        # set when a task ends or a stop is asked for: the wait loop wakes at once instead of at its next poll
+        self._wake = threading.Event()
         self._total = self._done = 0
         self._queue: list[tuple[str, dict]] = []
         self._running: dict = {}  # future -> key
@@ -70,6 +73,7 @@ class DatasetExecutor:
     def stop(self) -> None:
         """Ask the running ``run_jobs`` to stop everything. Safe to call from a signal handler."""
         self._stop_requested.set()
+        self._wake.set()
 
     def progress(self) -> Progress:
         """Datasets done / running (submitted to a worker) / queued, and the dashboard link."""
@@ -135,11 +139,13 @@ class DatasetExecutor:
                         self._running[future] = key
                     submitted.append(key)
                     finished.add(future)
+                    future.add_done_callback(lambda _: self._wake.set())
                 collect()
                 if on_progress and time.monotonic() - last_progress >= progress_every_s:
                     last_progress = time.monotonic()
                     on_progress(self.progress())
-                time.sleep(self.poll_s)
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
             if self._stop_requested.is_set():
                 self._wind_down(collect, report)
         finally:

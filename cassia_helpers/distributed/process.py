@@ -10,6 +10,18 @@ import sys
 PR_SET_PDEATHSIG = 1
 # loaded here, in the parent: a preexec function should do as little as possible between fork and exec
 _LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform.startswith("linux") else None
+# The pid of the process that forks, recorded in it just before each fork (subprocess runs the at-fork
+# hooks when it has a preexec function): the child compares its parent with it, so a parent killed even
+# before the child could read its parent's pid is noticed as well.
+_forking_pid = os.getpid()
+
+
+def _remember_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+os.register_at_fork(before=_remember_forking_pid)
 
 
 def die_with_parent() -> None:
@@ -25,7 +37,8 @@ def die_with_parent() -> None:
     """
     if _LIBC is None:
         return
-    parent = os.getppid()
+    # in a child, the process that forked it; called outside a child (own pid), its current parent
+    parent = _forking_pid if _forking_pid != os.getpid() else os.getppid()
     if _LIBC.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the parent died before the request was in place
