@@ -7,7 +7,7 @@ Part A — overhead on one tiny dataset (``--tiny-cells``, default 3,000 synthet
 * ``run_batch.py``: ``python run_batch.py --workers 1 --annotator reference`` (driver process, the Dask
   local cluster, papermill + a Jupyter kernel for the dataset, then the aggregation notebook in a second
   kernel, and the report);
-* ``execute_dataset``: ``cassia_helpers.worker.execute_dataset`` in a fresh process (papermill + kernel
+* ``execute_dataset``: ``cassia_helpers.execute.execute_dataset`` in a fresh process (papermill + kernel
   for the dataset only; no driver, no aggregation);
 * ``direct (cold)``: the template's code cells executed with ``exec`` in a fresh process — the same
   helper calls and outputs without papermill or a kernel (python start and imports included);
@@ -130,7 +130,10 @@ def statuses(run_root: Path) -> list[dict]:
 
 
 def template_code() -> list[str]:
-    from cassia_helpers.worker import template_path
+    try:
+        from cassia_helpers.execute import template_path
+    except ImportError:  # a --baseline checkout from before execute.py
+        from cassia_helpers.worker import template_path
 
     nb = json.loads(Path(template_path()).read_text())
     cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -174,7 +177,10 @@ def _child(mode: str, params_file: str, args: argparse.Namespace) -> int:
         warm = direct(job["warm"])
         print(json.dumps({"cold_inner": cold, "warm": warm}))
         return 0
-    from cassia_helpers.worker import execute_dataset
+    try:
+        from cassia_helpers.execute import execute_dataset
+    except ImportError:  # a --baseline checkout from before execute.py
+        from cassia_helpers.worker import execute_dataset
 
     start = time.perf_counter()
     record = execute_dataset(job["cold"])

@@ -43,7 +43,7 @@ from .settings import RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
     from .distributed.jobs import Progress as DaskProgress
-    from .worker import AggregationNotebook
+    from .execute import AggregationNotebook
 
 log = logging.getLogger("cassia_helpers")
 Launcher = Callable[[dict, Callable[[], bool]], dict]
@@ -216,7 +216,7 @@ def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], mani
                 launcher: Launcher, aggregate: Callable[[Path, str], None], in_process: bool) -> BatchResult:
     notebook = None
     if aggregate is _aggregate:
-        from .worker import AggregationNotebook
+        from .execute import AggregationNotebook
 
         # its kernel starts while the last datasets run (the runners call ``ahead``), not after them
         notebook = AggregationNotebook(run_dir, settings.kernel_name)
@@ -388,9 +388,9 @@ def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:
 
 def _aggregate(run_dir: Path, kernel_name: str, notebook: AggregationNotebook | None = None) -> None:
     """The run-level summaries: through the aggregation notebook (``notebook``, an
-    :class:`~cassia_helpers.worker.AggregationNotebook`, perhaps prepared ahead), else directly; never a
+    :class:`~cassia_helpers.execute.AggregationNotebook`, perhaps prepared ahead), else directly; never a
     traceback."""
-    from .worker import AggregationNotebook
+    from .execute import AggregationNotebook
 
     problem = (notebook or AggregationNotebook(run_dir, kernel_name)).run()
     if not problem:
