@@ -274,14 +274,6 @@ class AggregationNotebook:
         return ""
 
 
-def execute_aggregation(run_dir: str | Path, *, kernel_name: str = "python3") -> str:
-    """Execute the aggregation notebook for a run folder (kept there as its audit trail).
-
-    Returns ``""`` on success, else a one-line reason; the driver then writes the summaries directly.
-    """
-    return AggregationNotebook(run_dir, kernel_name).run()
-
-
 class _quiet_stderr:
     """Send the kernel's start-up chatter (written to the inherited stderr) to /dev/null."""
 

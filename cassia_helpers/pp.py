@@ -296,7 +296,7 @@ def graph_only_nndescent(n_obs: int, n_neighbors: int, seed: int):
     from pynndescent import PyNNDescentTransformer
 
     class GraphOnly(PyNNDescentTransformer):
-        def fit_transform(self, X, y=None, **fit_params):  # noqa: N803 (scikit-learn's name)
+        def fit_transform(self, X, y=None, **_fit_params):  # noqa: N803 (scikit-learn's names)
             self.fit(X, compress_index=False)
             return self.transform(X=None)
 
