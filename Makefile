@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm]'
+	# compile umap-learn's and pynndescent's numba code once, into their cache (about 30 s)
+	$(BIN)/python -m cassia_helpers.numba_cache
 	@touch $(STAMP)
 
 run: $(STAMP)
