@@ -46,7 +46,7 @@ def load_manifest(run_dir: str | Path) -> dict:
 
 def collect(run_dir: str | Path) -> pd.DataFrame:
     """One row per dataset of the run, with the columns of ``batch_summary.csv`` plus ``annotator``,
-    ``unknown_clusters`` and ``warnings``."""
+    ``unknown_clusters``, ``warnings`` and ``cell_type_terms`` (the dataset's CL term records)."""
     run_dir = Path(run_dir)
     rows = []
     for entry in load_manifest(run_dir)["datasets"]:
@@ -70,6 +70,7 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
             "annotator": result.get("annotator", ""),
             "unknown_clusters": result.get("unknown_clusters"),
             "warnings": len(result.get("warnings", [])),
+            "cell_type_terms": result.get("cell_type_terms", []),
         })
     table = pd.DataFrame(rows)
     for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters"):
@@ -179,13 +180,10 @@ def cell_types(run_dir: str | Path, table: pd.DataFrame | None = None) -> pd.Dat
     """One row per successful dataset × Cell Ontology term: cells and fraction (``cell_types.csv``)."""
     from .crossqc import cell_type_table
 
-    run_dir = Path(run_dir)
     table = collect(run_dir) if table is None else table
     records = []
     for row in table[table["status"] == SUCCESS].itertuples():
-        result = read_result(DatasetPaths(run_dir, row.tissue, row.dataset)) or {}
-        terms = result.get("cell_type_terms", [])
-        records += [{**term, "dataset": row.dataset, "tissue": row.tissue} for term in terms]
+        records += [{**term, "dataset": row.dataset, "tissue": row.tissue} for term in row.cell_type_terms]
     return cell_type_table(records=records) if records else pd.DataFrame(
         columns=["dataset", "tissue", "cell_type_ontology_term_id", "cell_type_ontology_term", "cell_type_lineage",
                  "n_cells", "fraction"])

@@ -13,8 +13,6 @@ from typing import Any
 
 import pandas as pd
 
-from .files import atomic_path
-
 __all__ = ["cell_type_table", "flagged_datasets", "missing_types", "plot_cell_type_heatmap"]
 
 TERM_ID = "cell_type_ontology_term_id"
@@ -139,8 +137,8 @@ def plot_cell_type_heatmap(table: pd.DataFrame, path: str | Path, *, value: str 
                            max_terms: int = 60) -> Path:
     """Draw the dataset x CL term table as a heatmap PNG.
 
-    Drawn on an explicit :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot state and
-    no backend switch, so it is safe inside notebooks and worker processes.
+    Drawn with :func:`cassia_helpers.canvas.new_figure` (no pyplot state, no backend switch) and written
+    atomically by :func:`cassia_helpers.canvas.save_figure`.
 
     Parameters
     ----------
@@ -158,15 +156,13 @@ def plot_cell_type_heatmap(table: pd.DataFrame, path: str | Path, *, value: str 
     pathlib.Path
         The file written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .canvas import new_figure, save_figure
 
     grid = table.pivot_table(index="dataset", columns=TERM, values=value, aggfunc="sum", fill_value=0)
     order = table.groupby(TERM)["n_cells"].sum().sort_values(ascending=False).index[:max_terms]
     grid = grid[[t for t in order if t in grid.columns]]
     n_rows, n_cols = max(grid.shape[0], 1), max(grid.shape[1], 1)
-    fig = Figure(figsize=(min(max(6.0, 3 + 0.35 * n_cols), 40), min(max(3.0, 2 + 0.3 * n_rows), 40)))
-    FigureCanvasAgg(fig)
+    fig = new_figure(min(max(6.0, 3 + 0.35 * n_cols), 40), min(max(3.0, 2 + 0.3 * n_rows), 40))
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(grid.to_numpy(dtype=float) if grid.size else [[0.0]], aspect="auto", cmap="viridis")
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=90, fontsize=7)
@@ -175,8 +171,5 @@ def plot_cell_type_heatmap(table: pd.DataFrame, path: str | Path, *, value: str 
     ax.set_ylabel("dataset")
     fig.colorbar(image, ax=ax, label="fraction of cells" if value == "fraction" else "cells")
     ax.set_title("Cell types across datasets")
-    path = Path(path)
-    # the labels (long CL names, dataset names) decide the size: nothing is cut off
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    return path
+    # saved with a tight box: the labels (long CL names, dataset names) decide the size, nothing is cut off
+    return save_figure(fig, path)

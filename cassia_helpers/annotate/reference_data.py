@@ -116,6 +116,14 @@ class MarkerReference:
             cur = parents.get(cur)
         return out
 
+    def own_markers(self, cell_type: ReferenceCellType, species: str) -> list[tuple[int, str]]:
+        """(order, symbol) of the markers of ``cell_type`` that none of its ancestors list: the ones that
+        tell it from its parent."""
+        inherited: set[str] = set()
+        for name in self.ancestors(cell_type.name):
+            inherited.update(self.by_name(name).symbols(species))
+        return [(i, sym) for i, sym in enumerate(cell_type.symbols(species)) if sym not in inherited]
+
     def resolve_tissue(self, tissue: str) -> tuple[str, ...]:
         """Map a free-text tissue name to the reference's tissue keys.
 

@@ -120,12 +120,6 @@ class ExpressionScorer:
                 out.extend(self.reference.alias_names(sym, self.species))
         return list(dict.fromkeys(out))
 
-    def _own(self, ct: ReferenceCellType) -> list[tuple[int, str]]:
-        inherited: set[str] = set()
-        for name in self.reference.ancestors(ct.name):
-            inherited.update(self.reference.by_name(name).symbols(self.species))
-        return [(i, s) for i, s in enumerate(ct.symbols(self.species)) if s not in inherited]
-
     def score(self, markers: list[tuple[int, str]], strength: dict[str, float]) -> tuple[float, int]:
         """Order-weighted mean strength over measured markers, and how many were measured.
 
@@ -152,7 +146,7 @@ class ExpressionScorer:
     def type_score(self, ct: ReferenceCellType, strength: dict[str, float], *, own: bool = False
                    ) -> tuple[float, int]:
         """A type's score (all markers, or its own with ``own``) less its absent-marker penalty."""
-        markers = self._own(ct) if own else list(enumerate(ct.symbols(self.species)))
+        markers = self.reference.own_markers(ct, self.species) if own else list(enumerate(ct.symbols(self.species)))
         sc, measured = self.score(markers, strength)
         return max(0.0, sc - self.absent_penalty(ct, strength)), measured
 

@@ -114,13 +114,6 @@ class RankedScorer:
         self.reference = reference
 
 
-    def _specific_markers(self, ct: ReferenceCellType, species: str) -> list[tuple[int, str]]:
-        """(order, symbol) of the markers of ``ct`` that none of its ancestors list."""
-        inherited: set[str] = set()
-        for name in self.reference.ancestors(ct.name):
-            inherited.update(self.reference.by_name(name).symbols(species))
-        return [(i, sym) for i, sym in enumerate(ct.symbols(species)) if sym not in inherited]
-
     def _score_markers(
         self,
         markers: list[tuple[int, str]],
@@ -174,7 +167,7 @@ class RankedScorer:
 
     def _has_own_match(self, ts: TypeScore, species: str) -> bool:
         own: set[str] = set()
-        for _, sym in self._specific_markers(ts.cell_type, species):
+        for _, sym in self.reference.own_markers(ts.cell_type, species):
             own.update(self.reference.alias_names(sym, species))
         return any(gene in own for gene, _ in ts.matched)
 
@@ -203,7 +196,7 @@ class RankedScorer:
             scored = []
             for ct in children:
                 sc, matched = self._score_markers(
-                    self._specific_markers(ct, species), rank, spec, species, universe
+                    self.reference.own_markers(ct, species), rank, spec, species, universe
                 )
                 scored.append((sc, ct.name, ct, matched))
             scored.sort(key=lambda t: (-t[0], t[1]))
