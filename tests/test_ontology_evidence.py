@@ -179,6 +179,23 @@ def test_expression_reference_on_fixtures(types, tissue):
         assert call.key_markers and call.confidence > 0
 
 
+def test_subtypes_are_told_apart_only_by_markers_their_siblings_do_not_share():
+    """IL7R (listed for CD4+ T and MAIT cells) and GZMK (CD8+ T and MAIT) cannot name a T subtype;
+    CD8A/CD8B or CD4/CD40LG can."""
+    from cassia_helpers.annotate.reference_data import load_reference
+    from cassia_helpers.annotate.reference_expression import ExpressionScorer
+
+    reference = load_reference()
+    genes = ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD247", "CD28", "IL7R", "GZMK", "KLRB1", "CD4", "CD40LG",
+             "MAL", "LTB", "CD8A", "CD8B", "CCL5", "CST7", "GZMH", "NKG7", "GNLY", "MS4A1", "CD79A", "LYZ"]
+    scorer = ExpressionScorer(reference, reference.candidates("blood"), "human", set(genes))
+    t_cell = {g: 0.0 for g in genes} | {g: 0.8 for g in ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD247", "CD28"]}
+    shared_only = t_cell | {"IL7R": 0.8, "GZMK": 0.8}
+    assert scorer.call(shared_only).cell_type.name == "T cell"
+    assert scorer.call(shared_only | {"CD8A": 0.7, "CD8B": 0.7}).cell_type.name == "CD8+ T cell"
+    assert scorer.call(shared_only | {"CD4": 0.5, "CD40LG": 0.5}).cell_type.name == "CD4+ T cell"
+
+
 def test_expression_reference_calls_unknown_without_marker_expression():
     adata = _normalised(make_counts(200, cell_types={"A": [f"NOVEL{i}" for i in range(6)],
                                                      "B": [f"NOVEL{i}" for i in range(6, 12)]}, seed=5))
@@ -255,4 +272,4 @@ def test_reference_on_pbmc68k_bulk_labels():
                   if onto.match(a.main_cell_type).lineage_id == onto.lineage(TRUTH_CL[c.cluster])[0])
     strict = sum(sizes[c.cluster] for c, a in zip(groups, calls, strict=True) if a.main_cell_type in STRICT[c.cluster])
     assert lineage / adata.n_obs >= 0.95
-    assert strict / adata.n_obs >= 0.70
+    assert strict / adata.n_obs >= 0.75

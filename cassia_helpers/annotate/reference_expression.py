@@ -17,11 +17,14 @@ cannot be called.
 Resolution: (1) the *root* types (no parent) are scored on all their markers and grouped by lineage;
 the best lineage wins if its best root scores at least :data:`MIN_SCORE`; (2) within it the root
 whose subtree holds the best-scoring type (on all its markers) is chosen; (3) the call then descends
-the reference hierarchy: children are scored on their own markers (those no ancestor lists), and the
-best child is taken when it scores at least :data:`REFINE_MIN_SCORE`, :data:`REFINE_RATIO` times its
-best sibling and :data:`REFINE_RELATIVE` times the current type's score on all its markers;
-otherwise the call stays at the more general type, so a call is only as specific as the data
-supports.
+the reference hierarchy: children are scored on the markers that tell them apart (those neither an
+ancestor nor a sibling lists: IL7R, listed for both CD4+ T cells and MAIT cells, tells neither from
+the other), and the best child is taken when it scores at least :data:`REFINE_MIN_SCORE` and
+:data:`REFINE_RATIO` times its best sibling, and when the mean strength of those markers is at least
+:data:`REFINE_RELATIVE` times the current type's on all its markers (both unshrunk: the few markers
+that tell siblings apart are thin evidence by construction, which the ratio to the sibling already
+weighs); otherwise the call stays at the more general type, so a call is only as specific as the
+data supports.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ MIN_MEASURED = 2
 REFINE_MIN_SCORE = 0.05
 #: ... and this many times the best sibling's
 REFINE_RATIO = 1.5
-#: ... and at least this fraction of the score of the type it refines (all of that type's markers)
+#: ... and its markers' mean strength at least this fraction of the refined type's (on all its markers)
 REFINE_RELATIVE = 0.25
 #: weight of the absent markers' mean strength subtracted from a type's score
 ABSENT_WEIGHT = 1.0
@@ -120,11 +123,13 @@ class ExpressionScorer:
                 out.extend(self.reference.alias_names(sym, self.species))
         return list(dict.fromkeys(out))
 
-    def score(self, markers: list[tuple[int, str]], strength: dict[str, float]) -> tuple[float, int]:
+    def score(self, markers: list[tuple[int, str]], strength: dict[str, float], *, shrink: float = SHRINK
+              ) -> tuple[float, int]:
         """Order-weighted mean strength over measured markers, and how many were measured.
 
         The mean is shrunk towards 0 by :data:`SHRINK` (a virtual unexpressed marker), so a type seen
-        through one or two measured markers needs stronger evidence than one seen through eight.
+        through one or two measured markers needs stronger evidence than one seen through eight;
+        ``shrink=0`` gives the plain weighted mean.
         """
         num = den = 0.0
         measured = 0
@@ -136,18 +141,19 @@ class ExpressionScorer:
             num += w * strength.get(gene, 0.0)
             den += w
             measured += 1
-        return (num / (den + SHRINK) if den else 0.0), measured
+        return (num / (den + shrink) if den else 0.0), measured
 
     def absent_penalty(self, ct: ReferenceCellType, strength: dict[str, float]) -> float:
         """Mean strength of the genes the type is defined not to express (0 when none is measured)."""
         genes = [g for g in (self.resolve(s) for s in ct.absent_symbols(self.species)) if g is not None]
         return ABSENT_WEIGHT * float(np.mean([strength.get(g, 0.0) for g in genes])) if genes else 0.0
 
-    def type_score(self, ct: ReferenceCellType, strength: dict[str, float], *, own: bool = False
-                   ) -> tuple[float, int]:
-        """A type's score (all markers, or its own with ``own``) less its absent-marker penalty."""
-        markers = self.reference.own_markers(ct, self.species) if own else list(enumerate(ct.symbols(self.species)))
-        sc, measured = self.score(markers, strength)
+    def type_score(self, ct: ReferenceCellType, strength: dict[str, float], *,
+                   markers: list[tuple[int, str]] | None = None, shrink: float = SHRINK) -> tuple[float, int]:
+        """A type's score on ``markers`` (default: all of its markers) less its absent-marker penalty."""
+        if markers is None:
+            markers = list(enumerate(ct.symbols(self.species)))
+        sc, measured = self.score(markers, strength, shrink=shrink)
         return max(0.0, sc - self.absent_penalty(ct, strength)), measured
 
     def call(self, strength: dict[str, float], sub_strength: dict[str, float] | None = None) -> ExpressionCall:
@@ -174,28 +180,33 @@ class ExpressionScorer:
         top_score, current = max(in_lineage, key=lambda t: (self._subtree_best(t[1], strength), t[0], t[1].name))
         rival = next(((ct.name, sc) for sc, ct in scored if ct.lineage != best_lineage), None)
         chain: list[tuple[str, float, float]] = []
-        current_score = self.type_score(current, sub_strength)[0]
-        # 3. descend while one child's own markers clearly win
+        # 3. descend while one child's telling markers clearly win
         while True:
             children = [ct for ct in self.candidates if ct.parent == current.name]
             options = []
             for ct in children:
-                sc, measured = self.type_score(ct, sub_strength, own=True)
+                markers = self.telling_markers(ct, children)
+                sc, measured = self.type_score(ct, sub_strength, markers=markers)
                 if measured >= 1:
-                    options.append((sc, ct))
+                    options.append((sc, ct, markers))
             if not options:
                 break
             options.sort(key=lambda t: (-t[0], t[1].name))
-            best_sc, best_ct = options[0]
+            best_sc, best_ct, best_markers = options[0]
             runner = options[1][0] if len(options) > 1 else 0.0
+            level = self.type_score(best_ct, sub_strength, markers=best_markers, shrink=0.0)[0]
             if (best_sc < REFINE_MIN_SCORE or best_sc < REFINE_RATIO * runner
-                    or best_sc < REFINE_RELATIVE * current_score):
+                    or level < REFINE_RELATIVE * self.type_score(current, sub_strength, shrink=0.0)[0]):
                 break
             chain.append((best_ct.name, round(best_sc, 4), round(runner, 4)))
             current = best_ct
-            current_score = self.type_score(current, sub_strength)[0]
         key = self._key_markers(current, strength)
         return ExpressionCall(current, round(top_score, 4), lineages, chain, key, rival)
+
+    def telling_markers(self, ct: ReferenceCellType, siblings: list[ReferenceCellType]) -> list[tuple[int, str]]:
+        """(order, symbol) of the markers that tell ``ct`` from its parent and from its ``siblings``."""
+        shared = {sym for sib in siblings if sib.name != ct.name for sym in sib.symbols(self.species)}
+        return [(order, sym) for order, sym in self.reference.own_markers(ct, self.species) if sym not in shared]
 
     def _subtree_best(self, root: ReferenceCellType, strength: dict[str, float]) -> float:
         """Best full-marker score of ``root`` and its descendants among the candidates."""
