@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import signal
-import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from .contract import (
 )
 from .discovery import Dataset, discover, single_input
 from .files import write_json
+from .interrupts import Interrupts
 from .settings import RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
@@ -122,40 +121,6 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
     }
     write_json(run_dir / RUN_MANIFEST, manifest)
     return run_dir, found.datasets, manifest, settings
-
-
-class _Interrupts:
-    """First Ctrl-C / SIGTERM / SIGHUP: stop starting datasets and stop the running ones; second Ctrl-C:
-    stop at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.count = 0
-        self.on_stop: Callable[[], None] | None = None  # e.g. the Dask executor's stop()
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.count += 1
-        self.event.set()
-        if self.on_stop is not None:
-            self.on_stop()
-        if self.count == 1:
-            log.warning("Interrupted (%s): stopping the running datasets and writing the summaries "
-                        "(press Ctrl-C again to stop at once).", signal.Signals(signum).name)
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
 
 
 def _job(settings: Settings, run_dir: Path, dataset: Dataset) -> dict:
@@ -246,7 +211,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         result.statuses[key], result.errors[key] = record["status"], record.get("error", "")
         progress.done(dataset, record)
 
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         try:
             jobs = {}
             for dataset in todo:  # an input its header rejects never reaches a worker
@@ -290,7 +255,7 @@ def _nothing() -> None:
     """No preparation while the last datasets run."""
 
 
-def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: _Interrupts,
+def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
                     progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
     """Run the jobs in ``settings.workers`` threads of this process until done or interrupted; ``ahead()``
     once every dataset has started."""
@@ -316,7 +281,7 @@ def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Lau
                 finished(dataset, _recorded(run_dir, dataset, record))
 
 
-def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: _Interrupts,
+def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
                  progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
     """Run the jobs as Dask tasks, one per dataset, until done or interrupted; ``ahead()`` once every
     dataset is on a worker."""
