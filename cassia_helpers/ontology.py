@@ -96,23 +96,31 @@ class CellOntology:
         self.terms: dict[str, dict[str, Any]] = doc["terms"]
         self.lineage_terms: tuple[str, ...] = tuple(doc["lineage_terms"])
         self._exact: dict[str, set[str]] = {}
-        self._norm: dict[str, set[str]] = {}
-        self._bags: dict[str, set[str]] = {}
         label_ids: dict[str, set[str]] = {}
         for term_id, term in self.terms.items():
             label_ids.setdefault(term["label"].lower(), set()).add(term_id)
             for name in (term["label"], *term.get("synonyms", ())):
                 self._exact.setdefault(name.lower().strip(), set()).add(term_id)
-                self._norm.setdefault(label_text.key(name), set()).add(term_id)
-                self._bags.setdefault(label_text.bag(name), set()).add(term_id)
         # a term's own label beats another term's synonym
         for name, ids in label_ids.items():
             self._exact[name] = set(ids)
         self._reference = {k.lower().strip(): v for k, v in (reference_names or {}).items() if v in self.terms}
-        self._reference_norm: dict[str, set[str]] = {}
+
+    @functools.cached_property
+    def _normalised(self) -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, set[str]]]:
+        """Term ids by the normalised form of every name and synonym (in order, and as a bag of words),
+        and the reference's names by both forms; built on the first label that has no exact match."""
+        norm: dict[str, set[str]] = {}
+        bags: dict[str, set[str]] = {}
+        for term_id, term in self.terms.items():
+            for name in (term["label"], *term.get("synonyms", ())):
+                norm.setdefault(label_text.key(name), set()).add(term_id)
+                bags.setdefault(label_text.bag(name), set()).add(term_id)
+        reference: dict[str, set[str]] = {}
         for name, term_id in self._reference.items():
-            self._reference_norm.setdefault(label_text.key(name), set()).add(term_id)
-            self._reference_norm.setdefault(label_text.bag(name), set()).add(term_id)
+            reference.setdefault(label_text.key(name), set()).add(term_id)
+            reference.setdefault(label_text.bag(name), set()).add(term_id)
+        return norm, bags, reference
 
     # ------------------------------------------------------------ terms
 
@@ -159,14 +167,17 @@ class CellOntology:
     def _deterministic(self, label: str) -> tuple[str | None, str, str]:
         """(term id or None, method, note) from stages 1-3."""
         text = label.lower().strip()
-        key, bag = label_text.key(label), label_text.bag(label)
         notes = []
-        for method, candidates in (
-            ("exact", self._exact.get(text, set())),
-            ("reference", {self._reference[text]} if text in self._reference else set()),
-            ("normalised", self._norm.get(key, set()) | self._reference_norm.get(key, set())),
-            ("normalised", self._bags.get(bag, set()) | self._reference_norm.get(bag, set())),
-        ):
+
+        def stages():
+            yield "exact", self._exact.get(text, set())
+            yield "reference", {self._reference[text]} if text in self._reference else set()
+            norm, bags, reference = self._normalised
+            key, bag = label_text.key(label), label_text.bag(label)
+            yield "normalised", norm.get(key, set()) | reference.get(key, set())
+            yield "normalised", bags.get(bag, set()) | reference.get(bag, set())
+
+        for method, candidates in stages():
             if len(candidates) == 1:
                 return next(iter(candidates)), method, ""
             if len(candidates) > 1:

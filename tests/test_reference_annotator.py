@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from importlib import resources
 
 import pytest
@@ -13,6 +16,7 @@ from cassia_helpers.annotate.reference import (
     ReferenceDataError,
     load_reference,
 )
+from tests.conftest import REPO
 
 PBMC_NOISE = ["LDHB", "NPM1", "EEF1A1", "RPL3", "TPT1"]
 
@@ -427,3 +431,16 @@ def test_custom_reference_path(tmp_path):
 
 def test_loader_reads_once():
     assert load_reference() is load_reference()
+
+
+def test_the_offline_annotator_does_not_load_the_llm_client():
+    """Every dataset kernel of an offline run would pay the openai client's import (about a second)."""
+    code = ("import sys\n"
+            "from cassia_helpers.annotate import ClusterMarkers\n"
+            "from cassia_helpers.annotate.reference import ReferenceAnnotator\n"
+            "calls = ReferenceAnnotator().annotate([ClusterMarkers('0', ['CD3E', 'CD3D', 'CD2', 'IL7R'])],"
+            " tissue='blood', species='human')\n"
+            "print(calls[0].main_cell_type, calls[0].merged_groupings, 'openai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO).stdout.split()
+    assert out[0:2] == ["T", "cell"] and out[-1] == "False"

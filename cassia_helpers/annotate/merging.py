@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import UNKNOWN, ClusterAnnotation
-from .llm import LLMClient, LLMError, RequestRejected
+
+if TYPE_CHECKING:  # the LLM client (and openai) is imported only when the merging agent is asked
+    from .llm import LLMClient
 
 LEVELS = ("broad", "detailed", "fine")
 MERGER_SYSTEM = """You are the merging agent of a cell-type annotation team. You receive every cluster's \
@@ -68,6 +71,8 @@ def merge_annotations(client: LLMClient, results: list[ClusterAnnotation], *, ti
     Unknown clusters are not sent and get ``Unknown`` at every level. Request failures (budget included)
     leave the clusters not yet grouped with their own call, the reason in ``notes``.
     """
+    from .llm import LLMError
+
     known = [r for r in results if r.main_cell_type != UNKNOWN]
     for r in results:
         if r.main_cell_type == UNKNOWN:
@@ -100,6 +105,8 @@ def merge_annotations(client: LLMClient, results: list[ClusterAnnotation], *, ti
 
 
 def _ask(client: LLMClient, messages: list[dict]) -> str:
+    from .llm import RequestRejected
+
     if client.supports("json_object"):
         try:
             return client.chat(messages, cluster=MERGE_CLUSTER, agent="merger",
