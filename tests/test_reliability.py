@@ -64,12 +64,12 @@ def interrupt_after_first_dataset(tmp_path: Path, *args: str, offline: bool = Tr
     return run
 
 
-def resume(tmp_path: Path, run: Path, offline: bool = True) -> subprocess.CompletedProcess:
+def resume(tmp_path: Path, run: Path, *args: str, offline: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if offline:
         env.pop("OPENAI_API_KEY", None)
         env.pop("OPENAI_BASE_URL", None)
-    return subprocess.run([sys.executable, str(REPO / "run_batch.py"), "--resume", str(run)], env=env,
+    return subprocess.run([sys.executable, str(REPO / "run_batch.py"), "--resume", str(run), *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
