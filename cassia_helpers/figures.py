@@ -166,6 +166,12 @@ def _scatter(ax, coords: np.ndarray, colors: np.ndarray, order: np.ndarray) -> N
     ax.set_ylabel("UMAP2", fontsize=8, loc="bottom")
 
 
+#: label-placement steps per UMAP panel. adjustText's default is to iterate for one second of wall time,
+#: so the figure depended on the machine's speed and every dataset paid about a second per panel; on the
+#: bench datasets 100 steps place the labels as that second did.
+LABEL_ITERATIONS = 100
+
+
 def _on_data_labels(ax, anchors: Mapping[str, tuple[float, float]], *, fontsize: float) -> None:
     import matplotlib.patheffects as effects
     from adjustText import adjust_text
@@ -174,7 +180,7 @@ def _on_data_labels(ax, anchors: Mapping[str, tuple[float, float]], *, fontsize:
     texts = [ax.text(x, y, label, fontsize=fontsize, ha="center", va="center", weight="bold",
                      path_effects=outline, zorder=5) for label, (x, y) in anchors.items()]
     if len(texts) > 1:
-        adjust_text(texts, ax=ax, expand=(1.1, 1.3), ensure_inside_axes=True,
+        adjust_text(texts, ax=ax, expand=(1.1, 1.3), ensure_inside_axes=True, iter_lim=LABEL_ITERATIONS,
                     arrowprops={"arrowstyle": "-", "color": "#555555", "lw": 0.6})
 
 

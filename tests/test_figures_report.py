@@ -156,6 +156,9 @@ def test_dataset_figures_are_sane_pngs_without_pyplot(tiny, tmp_path):
     pixels = {"#{:02x}{:02x}{:02x}".format(*p) for p in np.unique(rgb, axis=0)}
     assert set(figures.label_colors(adata, "cell_type").values()) <= pixels
     assert UNKNOWN_COLOR in pixels
+    # the same data draw the same figure, whatever the machine's speed (labels placed in a fixed number of steps)
+    again = figures.save_dataset_figures(adata, DatasetPaths(tmp_path, "blood", "Again"))
+    assert again["umap"].read_bytes() == saved["umap"].read_bytes()
     # explicit Figures: pyplot knows none of them and the backend is untouched
     assert isinstance(figures.dotplot_figure(adata), Figure)
     assert plt.get_fignums() == open_before and matplotlib.get_backend() == backend
