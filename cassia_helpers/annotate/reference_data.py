@@ -124,6 +124,14 @@ class MarkerReference:
             inherited.update(self.by_name(name).symbols(species))
         return [(i, sym) for i, sym in enumerate(cell_type.symbols(species)) if sym not in inherited]
 
+    def telling_markers(self, cell_type: ReferenceCellType, siblings: list[ReferenceCellType], species: str
+                        ) -> list[tuple[int, str]]:
+        """(order, symbol) of the markers that tell ``cell_type`` from its parent and from its ``siblings``:
+        its :meth:`own_markers` that no sibling lists (IL7R, listed for both CD4+ T and MAIT cells, tells
+        neither from the other)."""
+        shared = {sym for sib in siblings if sib.name != cell_type.name for sym in sib.symbols(species)}
+        return [(order, sym) for order, sym in self.own_markers(cell_type, species) if sym not in shared]
+
     def resolve_tissue(self, tissue: str) -> tuple[str, ...]:
         """Map a free-text tissue name to the reference's tissue keys.
 

@@ -185,7 +185,7 @@ class ExpressionScorer:
             children = [ct for ct in self.candidates if ct.parent == current.name]
             options = []
             for ct in children:
-                markers = self.telling_markers(ct, children)
+                markers = self.reference.telling_markers(ct, children, self.species)
                 sc, measured = self.type_score(ct, sub_strength, markers=markers)
                 if measured >= 1:
                     options.append((sc, ct, markers))
@@ -202,11 +202,6 @@ class ExpressionScorer:
             current = best_ct
         key = self._key_markers(current, strength)
         return ExpressionCall(current, round(top_score, 4), lineages, chain, key, rival)
-
-    def telling_markers(self, ct: ReferenceCellType, siblings: list[ReferenceCellType]) -> list[tuple[int, str]]:
-        """(order, symbol) of the markers that tell ``ct`` from its parent and from its ``siblings``."""
-        shared = {sym for sib in siblings if sib.name != ct.name for sym in sib.symbols(self.species)}
-        return [(order, sym) for order, sym in self.reference.own_markers(ct, self.species) if sym not in shared]
 
     def _subtree_best(self, root: ReferenceCellType, strength: dict[str, float]) -> float:
         """Best full-marker score of ``root`` and its descendants among the candidates."""

@@ -179,7 +179,7 @@ class RankedScorer:
         species: str,
         universe: set[str],
     ) -> list[tuple[ReferenceCellType, float, list[tuple[str, int]]]]:
-        """Descend from ``best`` into its subtypes while their own markers clearly favour one of them.
+        """Descend from ``best`` into its subtypes while the markers that tell them apart clearly favour one.
 
         Returns the chain of (subtype, specific score, specific matches) chosen, outermost first.
         """
@@ -196,7 +196,7 @@ class RankedScorer:
             scored = []
             for ct in children:
                 sc, matched = self._score_markers(
-                    self.reference.own_markers(ct, species), rank, spec, species, universe
+                    self.reference.telling_markers(ct, children, species), rank, spec, species, universe
                 )
                 scored.append((sc, ct.name, ct, matched))
             scored.sort(key=lambda t: (-t[0], t[1]))
