@@ -262,26 +262,17 @@ def test_notebook_importing_the_package_shows_plots(tmp_path):
         assert any("image/png" in output.get("data", {}) for output in cell.outputs), cell.source
 
 
-@pytest.mark.slow
-def test_explore_notebook_plots_a_dataset(tiny, tmp_path):
-    import nbformat
-    import papermill as pm
+def test_explore_helpers_show_a_run(tiny, tmp_path):
+    """What notebooks/explore_run.ipynb's cells display (the notebook itself runs on a real run in
+    test_end_to_end.py)."""
+    from cassia_helpers import explore
 
     run = make_run(tmp_path, tiny)
     tiny.write_h5ad(DatasetPaths(run, "blood", "Data_Good000_Blood").annotated_h5ad)
-    output = tmp_path / "explored.ipynb"
-    pm.execute_notebook(str(REPO / "notebooks" / "explore_run.ipynb"), str(output),
-                        parameters={"run_dir": str(run)}, kernel_name="python3", progress_bar=False,
-                        cwd=str(REPO / "notebooks"))
-    notebook = nbformat.read(output, as_version=4)
-
-    def outputs(fragment: str) -> str:
-        (cell,) = [c for c in notebook.cells if c.cell_type == "code" and c.source.startswith(fragment)]
-        return json.dumps(cell.outputs)
-
-    assert "image/png" in outputs("sc.pl.umap") and "image/png" in outputs("figures.dotplot_figure")
-    summary = outputs("explore.summary_table")
+    summary = explore.summary_table(run).to_html()
     assert f">{tiny.n_obs}<" in summary and f">{tiny.n_obs}.0<" not in summary  # numbers as numbers
-    assert FAILURE.replace("'", "&#39;") in outputs("explore.failures") or FAILURE in outputs("explore.failures")
-    scores = outputs("explore.cluster_scores")
+    failures = explore.failures(run).to_html()
+    assert FAILURE.replace("'", "&#39;") in failures or FAILURE in failures
+    adata = explore.load_dataset(run, "blood/Data_Good000_Blood")
+    scores = explore.cluster_scores(adata).to_html()
     assert "87.5" in scores and "no valid answer" in scores and "no mitochondrial genes" in scores
