@@ -255,16 +255,15 @@ class AggregationNotebook:
 
         executed = self.run_dir / f".{AGGREGATE_NOTEBOOK}.{os.getpid()}.ipynb"
         try:
-            with _quiet_stderr():
-                pm.execute_notebook(
-                    papermill_path(template_path(AGGREGATE_TEMPLATE)),
-                    papermill_path(executed),
-                    parameters={"run_dir": str(self.run_dir.resolve())},
-                    kernel_name=self.kernel_name,
-                    km=kernel.manager,
-                    progress_bar=False,
-                    log_output=False,
-                )
+            pm.execute_notebook(
+                papermill_path(template_path(AGGREGATE_TEMPLATE)),
+                papermill_path(executed),
+                parameters={"run_dir": str(self.run_dir.resolve())},
+                kernel_name=self.kernel_name,
+                km=kernel.manager,
+                progress_bar=False,
+                log_output=False,
+            )
             with atomic_path(self.run_dir / AGGREGATE_NOTEBOOK) as tmp:
                 tmp.write_bytes(executed.read_bytes())
         except Exception as exc:  # noqa: BLE001 - reported to the driver as one line
@@ -273,15 +272,3 @@ class AggregationNotebook:
             executed.unlink(missing_ok=True)
         return ""
 
-
-class _quiet_stderr:
-    """Send the kernel's start-up chatter (written to the inherited stderr) to /dev/null."""
-
-    def __enter__(self) -> None:
-        self._saved = os.dup(2)
-        with open(os.devnull, "w") as sink:
-            os.dup2(sink.fileno(), 2)
-
-    def __exit__(self, *exc) -> None:
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
