@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm]'
 	# compile umap-learn's and pynndescent's numba code once, into their cache (about 30 s)
-	$(BIN)/python -m cassia_helpers.numba_cache
+	$(BIN)/python -m cassia_helpers.dataset.numba_cache
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m cassia_helpers.datasets $(EXAMPLE_DATA)
+	$(BIN)/python -m cassia_helpers.example_data $(EXAMPLE_DATA)
 	$(BIN)/python run_batch.py --data-dir $(EXAMPLE_DATA) --tissues all --output-dir $(OUTPUT_DIR) \
 		--annotator reference --min-genes 100
 

@@ -3,7 +3,7 @@
 
 import sys
 
-from cassia_helpers.cli import main
+from cassia_helpers.batch.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

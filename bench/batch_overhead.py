@@ -7,7 +7,7 @@ Part A — overhead on one tiny dataset (``--tiny-cells``, default 3,000 synthet
 * ``run_batch.py``: ``python run_batch.py --workers 1 --annotator reference`` (driver process, the Dask
   local cluster, papermill + a Jupyter kernel for the dataset, then the aggregation notebook in a second
   kernel, and the report);
-* ``execute_dataset``: ``cassia_helpers.execute.execute_dataset`` in a fresh process (papermill + kernel
+* ``execute_dataset``: ``cassia_helpers.batch.execute.execute_dataset`` in a fresh process (papermill + kernel
   for the dataset only; no driver, no aggregation);
 * ``direct (cold)``: the template's code cells executed with ``exec`` in a fresh process — the same
   helper calls and outputs without papermill or a kernel (python start and imports included);
@@ -131,9 +131,9 @@ def statuses(run_root: Path) -> list[dict]:
 
 def template_code() -> list[str]:
     try:
-        from cassia_helpers.execute import template_path
+        from cassia_helpers.batch.execute import template_path
     except ImportError:  # a --baseline checkout from before execute.py
-        from cassia_helpers.worker import template_path
+        from cassia_helpers.batch.runner import template_path
 
     nb = json.loads(Path(template_path()).read_text())
     cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
@@ -178,9 +178,9 @@ def _child(mode: str, params_file: str, args: argparse.Namespace) -> int:
         print(json.dumps({"cold_inner": cold, "warm": warm}))
         return 0
     try:
-        from cassia_helpers.execute import execute_dataset
+        from cassia_helpers.batch.execute import execute_dataset
     except ImportError:  # a --baseline checkout from before execute.py
-        from cassia_helpers.worker import execute_dataset
+        from cassia_helpers.batch.runner import execute_dataset
 
     start = time.perf_counter()
     record = execute_dataset(job["cold"])
@@ -354,7 +354,7 @@ def _pool_times(n: int, workers: int) -> tuple[float, float]:
 
 def _dask_times(n: int, workers: int) -> tuple[float, float]:
     """(start + shut-down s, run s) of ``n`` null datasets through the driver's Dask path."""
-    from cassia_helpers.distributed import DatasetExecutor, open_client
+    from cassia_helpers.batch.dask import DatasetExecutor, open_client
 
     start = time.perf_counter()
     with open_client(workers=workers) as client:

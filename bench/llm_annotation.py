@@ -3,7 +3,7 @@
 
 ``tests/scripted_llm_server.ScriptedLLMServer`` answers as the CASSIA-style agents (annotator,
 formatter, validator) from a small marker table and sleeps ``--latency`` seconds (default 1 s) per
-request, like a remote model. Our ``cassia_helpers.annotate.agents.LLMAnnotator`` annotates
+request, like a remote model. Our ``cassia_helpers.dataset.annotate.agents.annotator.LLMAnnotator`` annotates
 ``--clusters`` clusters (default 30) three times:
 
 1. ``concurrency = --llm-concurrency`` (default 8), empty response cache;
@@ -76,7 +76,7 @@ def pbmc_clusters(n: int):
         resolution *= 1.25
     table = ch.rank_markers(adata, max_cells_per_cluster=1000, n_genes=None)
     clusters = ch.cluster_markers(adata, table, n_top=50)
-    from cassia_helpers.annotate.boost import GeneLookup
+    from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
 
     lookup = GeneLookup(table, adata=adata)
     return (clusters[:n], f"pbmc68k_reduced leiden res {resolution:.2f} ({adata.obs['leiden'].nunique()} "
@@ -88,8 +88,8 @@ def synthetic_clusters(n: int):
 
     import pandas as pd
 
-    from cassia_helpers.annotate import ClusterMarkers
-    from cassia_helpers.annotate.boost import GeneLookup
+    from cassia_helpers.dataset.annotate import ClusterMarkers
+    from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
     from tests.scripted_llm_server import CELL_TYPES, _type_markers
 
     rng = random.Random(0)
@@ -111,7 +111,7 @@ def synthetic_clusters(n: int):
 
 
 def run(server, clusters, *, concurrency: int, cache_dir: Path, ledger: Path, model: str):
-    from cassia_helpers.annotate.agents import LLMAnnotator
+    from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
     from cassia_helpers.ledger import read_ledger
 
     server.reset_stats()
@@ -125,8 +125,8 @@ def run(server, clusters, *, concurrency: int, cache_dir: Path, ledger: Path, mo
 
 def run_pipeline(server, clusters, lookup, *, pipeline: str, concurrency: int, cache_dir: Path, ledger: Path,
                  model: str):
-    from cassia_helpers.annotate.agents import LLMAnnotator
-    from cassia_helpers.annotate.pipeline import AnnotationPipeline, PipelineSettings
+    from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+    from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
     from cassia_helpers.ledger import read_ledger
 
     server.reset_stats()

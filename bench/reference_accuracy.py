@@ -10,7 +10,7 @@ annotator scoring each group on the expression of the reference markers (``adata
 (b) leiden clusters (on the stored PCA) are annotated, every cell inherits its cluster's call, and the
     cell-level accuracy against ``bulk_labels`` is reported (accepted, strict, lineage level).
 
-"Lineage level" compares Cell Ontology broad lineages (:mod:`cassia_helpers.ontology`): the call's
+"Lineage level" compares Cell Ontology broad lineages (:mod:`cassia_helpers.dataset.ontology`): the call's
 against the bulk label's CL term (``TRUTH_CL``).
 
 (c) a second tissue: a synthetic brain dataset built from the reference's own cited markers (see
@@ -40,9 +40,9 @@ import scanpy as sc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cassia_helpers.annotate import ClusterMarkers  # noqa: E402
-from cassia_helpers.annotate.reference import ReferenceAnnotator  # noqa: E402
-from cassia_helpers.ontology import load_cell_ontology  # noqa: E402
+from cassia_helpers.dataset.annotate import ClusterMarkers  # noqa: E402
+from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator  # noqa: E402
+from cassia_helpers.dataset.ontology import load_cell_ontology  # noqa: E402
 
 TOP_N = 50
 MAX_PADJ = 0.05
@@ -87,7 +87,7 @@ EXTRA: dict[str, tuple[str, ...]] = {
 }
 ACCEPTED: dict[str, tuple[str, ...]] = {k: v + EXTRA.get(k, ()) for k, v in STRICT.items()}
 # Each bulk label's Cell Ontology term; a call is right "at lineage level" when its CL broad lineage
-# (cassia_helpers.ontology) is the label's.
+# (cassia_helpers.dataset.ontology) is the label's.
 TRUTH_CL: dict[str, str] = {
     "CD14+ Monocyte": "CL:0001054",  # CD14-positive monocyte
     "CD19+ B": "CL:0000236",  # B cell
@@ -178,7 +178,7 @@ def synthetic_brain(n_cells: int = 1600, seed: int = 0):
     import anndata as ad
     import scipy.sparse as sp
 
-    from cassia_helpers.annotate.reference_data import load_reference
+    from cassia_helpers.dataset.annotate.reference.catalog import load_reference
 
     ref = load_reference()
     rng = np.random.default_rng(seed)

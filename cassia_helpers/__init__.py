@@ -20,52 +20,59 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Settings": ".settings",
     "DatasetPaths": ".contract",
-    "InputError": ".read",
-    "read_dataset": ".read",
-    "ClusterAnnotation": ".annotate",
-    "ClusterMarkers": ".annotate",
-    "annotate_clusters": ".annotate.apply",
-    "annotate_subclusters": ".annotate.subclusters",
-    "annotate_ontology": ".ontology",
-    "marker_evidence": ".evidence",
-    "make_annotator": ".annotate.factory",
-    "rank_markers": ".markers",
-    "cluster_markers": ".markers",
-    "write_markers": ".outputs",
-    "write_annotated": ".outputs",
-    "write_annotation": ".outputs",
-    "write_summary": ".outputs",
-    "write_result": ".outputs",
-    "save_dataset_figures": ".figures",
-    "write_cluster_table": ".clusters",
-    "run_batch": ".driver",
+    "InputError": ".dataset.read",
+    "read_dataset": ".dataset.read",
+    "ClusterAnnotation": ".dataset.annotate",
+    "ClusterMarkers": ".dataset.annotate",
+    "annotate_clusters": ".dataset.annotate.apply",
+    "annotate_subclusters": ".dataset.annotate.subclusters",
+    "annotate_ontology": ".dataset.ontology",
+    "marker_evidence": ".dataset.evidence",
+    "make_annotator": ".dataset.annotate.factory",
+    "rank_markers": ".dataset.markers",
+    "cluster_markers": ".dataset.markers",
+    "write_markers": ".dataset.outputs",
+    "write_annotated": ".dataset.outputs",
+    "write_annotation": ".dataset.outputs",
+    "write_summary": ".dataset.outputs",
+    "write_result": ".dataset.outputs",
+    "save_dataset_figures": ".dataset.figures",
+    "write_cluster_table": ".dataset.cluster_table",
+    "run_batch": ".batch.driver",
 }
-_SUBMODULES = {"pp": ".pp", "figures": ".figures"}
+_SUBMODULES = {"pp": ".dataset.pp", "figures": ".dataset.figures", "explore": ".summary.explore"}
 
 __all__ = [
     "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
     "annotate_ontology", "annotate_subclusters", "marker_evidence",
-    "cluster_markers", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
+    "cluster_markers", "explore", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
     "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
     "write_result", "write_summary",
 ]
 
 if TYPE_CHECKING:
-    from . import figures, pp
-    from .annotate import ClusterAnnotation, ClusterMarkers
-    from .annotate.apply import annotate_clusters
-    from .annotate.factory import make_annotator
-    from .annotate.subclusters import annotate_subclusters
-    from .clusters import write_cluster_table
-    from .contract import DatasetPaths
-    from .driver import run_batch
-    from .evidence import marker_evidence
-    from .figures import save_dataset_figures
-    from .markers import cluster_markers, rank_markers
-    from .ontology import annotate_ontology
-    from .outputs import write_annotated, write_annotation, write_markers, write_result, write_summary
-    from .read import InputError, read_dataset
-    from .settings import Settings
+    from cassia_helpers.batch.driver import run_batch
+    from cassia_helpers.contract import DatasetPaths
+    from cassia_helpers.dataset import figures, pp
+    from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
+    from cassia_helpers.dataset.annotate.apply import annotate_clusters
+    from cassia_helpers.dataset.annotate.factory import make_annotator
+    from cassia_helpers.dataset.annotate.subclusters import annotate_subclusters
+    from cassia_helpers.dataset.cluster_table import write_cluster_table
+    from cassia_helpers.dataset.evidence import marker_evidence
+    from cassia_helpers.dataset.figures import save_dataset_figures
+    from cassia_helpers.dataset.markers import cluster_markers, rank_markers
+    from cassia_helpers.dataset.ontology import annotate_ontology
+    from cassia_helpers.dataset.outputs import (
+        write_annotated,
+        write_annotation,
+        write_markers,
+        write_result,
+        write_summary,
+    )
+    from cassia_helpers.dataset.read import InputError, read_dataset
+    from cassia_helpers.settings import Settings
+    from cassia_helpers.summary import explore
 
 
 def __getattr__(name: str) -> Any:

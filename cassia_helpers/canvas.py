@@ -3,7 +3,7 @@
 :func:`new_figure` gives a :class:`matplotlib.figure.Figure` with its own Agg canvas (never pyplot's global
 state, never a backend switch) that shows itself as a PNG in Jupyter whatever backend is active;
 :func:`save_figure` writes one atomically; :class:`SavedFigures` holds the PNGs written and shows them in a
-notebook. What is drawn is :mod:`cassia_helpers.figures`'s. matplotlib is imported on first use.
+notebook. What is drawn is :mod:`cassia_helpers.dataset.figures`'s. matplotlib is imported on first use.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 import io
 from pathlib import Path
 
-from .files import atomic_path
+from cassia_helpers.files import atomic_path
 
 DPI = 120
 

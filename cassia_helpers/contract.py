@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .files import read_json, write_json
+from cassia_helpers.files import read_json, write_json
 
 RUN_PREFIX = "run_"
 BATCH_SUMMARY_TXT = "batch_summary.txt"

@@ -1,7 +1,7 @@
 """What an input file is, from its HDF5 header alone (no matrix is read).
 
 The driver checks every input this way before any kernel starts, the dry run reports it, and
-:func:`cassia_helpers.read.read_dataset` starts with it: a text file named ``.h5ad``, a truncated file,
+:func:`cassia_helpers.dataset.read.read_dataset` starts with it: a text file named ``.h5ad``, a truncated file,
 an HDF5 file that is not AnnData or an input too large for memory is rejected at once, with a one-line
 reason naming the file.
 """

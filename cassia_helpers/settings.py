@@ -1,7 +1,7 @@
 """Every setting of a batch, declared once.
 
 :data:`SETTINGS` is the one declaration (name, default, type, valid range, help). The command-line flags
-(:mod:`cassia_helpers.cli`), the run manifest, the template notebook's parameters and the validation all
+(:mod:`cassia_helpers.batch.cli`), the run manifest, the template notebook's parameters and the validation all
 come from it; a test checks the template's ``parameters`` cell against it, names and defaults.
 
 Two scopes: ``analysis`` settings shape the results; they are recorded in the run manifest, kept by

@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from cassia_helpers.distributed.process import die_with_parent
+from cassia_helpers.batch.dask.process import die_with_parent
 
 # A "kernel" that takes the run-wide LLM limits the way a dataset's notebook would, through the
 # scheduler address its worker put in the environment, and logs when it held a request slot.
 KERNEL = """
 import json, os, sys, time
-from cassia_helpers.distributed.limits import run_limits
+from cassia_helpers.dataset.annotate.llm.limits import run_limits
 start = time.perf_counter()  # what a kernel pays to reach the scheduler: import distributed, connect
 throttle, budget = run_limits(sys.argv[1], int(sys.argv[2]), 0.0)
 connect_s = time.perf_counter() - start
@@ -73,7 +73,7 @@ def kernel_user(job: dict, stop) -> dict:
 
 def spender(job: dict, stop) -> dict:
     """A dataset whose requests each cost ``job['cost']``, sent while the shared budget allows."""
-    from cassia_helpers.distributed.limits import run_limits
+    from cassia_helpers.dataset.annotate.llm.limits import run_limits
 
     throttle, budget = run_limits(job["run_dir"], job["limit"], job["max_cost"])
     sent = 0

@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 
-from cassia_helpers import cassia_format as cf
-from cassia_helpers.annotate import ClusterAnnotation
-from cassia_helpers.annotate.agents import LLMAnnotator
-from cassia_helpers.annotate.boost import GeneLookup
-from cassia_helpers.annotate.columns import pipeline_text_lines, write_pipeline_columns
-from cassia_helpers.annotate.merging import merge_from_hierarchy
-from cassia_helpers.annotate.subclusters import annotate_subclusters
-from cassia_helpers.markers import rank_markers, store_rank_genes_groups, top_markers
+from cassia_helpers.dataset import cassia_format as cf
+from cassia_helpers.dataset.annotate import ClusterAnnotation
+from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
+from cassia_helpers.dataset.annotate.agents.merging import merge_from_hierarchy
+from cassia_helpers.dataset.annotate.columns import pipeline_text_lines, write_pipeline_columns
+from cassia_helpers.dataset.annotate.subclusters import annotate_subclusters
+from cassia_helpers.dataset.markers import rank_markers, store_rank_genes_groups, top_markers
 from tests.synthetic import make_counts
 
 
@@ -140,8 +140,8 @@ def test_merge_from_a_reference_hierarchy():
 
 
 def test_reference_annotator_fills_score_and_levels_from_its_hierarchy():
-    from cassia_helpers.annotate.merging import fill_from_reference
-    from cassia_helpers.annotate.reference import ReferenceAnnotator
+    from cassia_helpers.dataset.annotate.agents.merging import fill_from_reference
+    from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
 
     reference = ReferenceAnnotator(species="human")
     child = next(ct for ct in reference.reference.cell_types if ct.parent is not None)

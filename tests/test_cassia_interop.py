@@ -18,13 +18,13 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
-from cassia_helpers import cassia_format as cf
-from cassia_helpers.annotate.agents import LLMAnnotator
-from cassia_helpers.annotate.apply import annotate_clusters
-from cassia_helpers.annotate.boost import GeneLookup
-from cassia_helpers.annotate.columns import write_pipeline_columns
-from cassia_helpers.annotate.pipeline import AnnotationPipeline, PipelineSettings
-from cassia_helpers.markers import cluster_markers, rank_markers, store_rank_genes_groups, top_markers
+from cassia_helpers.dataset import cassia_format as cf
+from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
+from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
+from cassia_helpers.dataset.annotate.apply import annotate_clusters
+from cassia_helpers.dataset.annotate.columns import write_pipeline_columns
+from cassia_helpers.dataset.markers import cluster_markers, rank_markers, store_rank_genes_groups, top_markers
 from tests.conftest import API_KEY
 from tests.synthetic import make_counts
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cassia_helpers.distributed import DatasetExecutor, check_shared_storage, open_client, run_limits
-from cassia_helpers.distributed.limits import DaskRunBudget, DaskRunThrottle, set_run_spend
-from cassia_helpers.distributed.process import die_with_parent
+from cassia_helpers.batch.dask import DatasetExecutor, check_shared_storage, open_client, run_limits
+from cassia_helpers.batch.dask.process import die_with_parent
+from cassia_helpers.dataset.annotate.llm.limits import DaskRunBudget, DaskRunThrottle, set_run_spend
 from tests import dask_fakes
 from tests.dask_fakes import read_lines
 from tests.waiting import wait_for
@@ -311,7 +311,7 @@ def test_back_off_is_shared_and_resume_seeds_spend(client, tmp_path):
 def test_without_a_scheduler_the_file_limits_are_used(tmp_path):
     # a notebook run by hand: no Dask client in the process, no scheduler address in the environment
     code = ("import sys\n"
-            "from cassia_helpers.distributed import run_limits\n"
+            "from cassia_helpers.batch.dask import run_limits\n"
             "throttle, budget = run_limits(sys.argv[1], 3, 1.0)\n"
             "print(type(throttle).__name__, type(budget).__name__, throttle.limit, budget.max_cost,\n"
             "      'distributed' in sys.modules)\n")
@@ -324,7 +324,7 @@ def test_without_a_scheduler_the_file_limits_are_used(tmp_path):
 def test_child_dies_when_its_parent_is_killed(tmp_path):
     parent_code = (
         "import subprocess, sys, time\n"
-        "from cassia_helpers.distributed.process import die_with_parent\n"
+        "from cassia_helpers.batch.dask.process import die_with_parent\n"
         "kw = {'preexec_fn': die_with_parent} if sys.argv[1] == 'yes' else {}\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
         "start_new_session=True, **kw)\n"
@@ -359,7 +359,7 @@ def test_child_dies_when_its_parent_is_killed(tmp_path):
 
 
 def test_importing_the_package_does_not_import_dask():
-    code = ("import sys, cassia_helpers.distributed\n"
+    code = ("import sys, cassia_helpers.batch.dask\n"
             "print(sorted(m for m in ('dask', 'distributed', 'dask_jobqueue') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
@@ -370,7 +370,7 @@ def test_importing_the_package_does_not_import_dask():
 
 def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
-    from cassia_helpers.distributed.cluster import ClusterError, load_cluster_options, slurm_cluster
+    from cassia_helpers.batch.dask.client import ClusterError, load_cluster_options, slurm_cluster
 
     secret = "sk-test-SLURM-0123456789abcdef"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -392,7 +392,7 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     assert "/shared/venv/bin/python -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
     assert "--nthreads 1" in script and "--nworkers" not in script  # one dataset per job
     assert "#SBATCH -J cassia-batch" in header
-    assert "--preload cassia_helpers.distributed.workers" in script
+    assert "--preload cassia_helpers.batch.dask.plugin" in script
     assert secret not in script and "OPENAI_API_KEY" not in script
 
     leaky = dict(options, prologue=[f"export OPENAI_API_KEY={secret}"])

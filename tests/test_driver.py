@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cassia_helpers.aggregate import write_run_summaries
+from cassia_helpers.batch.driver import run_batch
 from cassia_helpers.contract import FAILED, SUCCESS, DatasetPaths, read_status, write_status
-from cassia_helpers.driver import run_batch
 from cassia_helpers.settings import Settings, UsageError
+from cassia_helpers.summary.aggregate import write_run_summaries
 from tests.synthetic import make_counts, write
 
 
@@ -195,7 +195,7 @@ def test_outputs_follow_the_umask(data, tmp_path):
                                          ("--max-cells-per-cluster", "-1"), ("--target-sum", "0"),
                                          ("--n-markers", "-3"), ("--workers", "0")])
 def test_bad_settings_are_usage_errors(tmp_path, capsys, flag, value):
-    from cassia_helpers.cli import main
+    from cassia_helpers.batch.cli import main
 
     code = main(["--data-dir", str(tmp_path), "--tissues", "all", flag, value])
     err = capsys.readouterr().err
@@ -203,7 +203,7 @@ def test_bad_settings_are_usage_errors(tmp_path, capsys, flag, value):
 
 
 def test_max_cost_without_a_price_is_a_usage_error(tmp_path, capsys, monkeypatch):
-    from cassia_helpers.cli import main
+    from cassia_helpers.batch.cli import main
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
     code = main(["--data-dir", str(tmp_path), "--tissues", "all", "--model", "my-local-model", "--max-cost", "1"])
@@ -224,7 +224,7 @@ def test_a_dataset_never_has_two_runners(tmp_path, monkeypatch):
     with the reason instead of writing into the same folder at the same time."""
     import fcntl
 
-    from cassia_helpers import worker
+    from cassia_helpers.batch import runner as worker
 
     paths = DatasetPaths(tmp_path / "run", "blood", "A")
     paths.folder.mkdir(parents=True)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
-from cassia_helpers.cassia_format import SEURAT_MARKER_COLUMNS
+from cassia_helpers.dataset.cassia_format import SEURAT_MARKER_COLUMNS
 from tests.conftest import REPO
 from tests.shared_batch import GOOD, run_cli
 from tests.synthetic import BRAIN_TYPES, BREAST_TYPES, make_counts, write

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cassia_helpers import figures
-from cassia_helpers.clusters import cluster_table, write_cluster_table
 from cassia_helpers.contract import DatasetPaths
+from cassia_helpers.dataset import figures
+from cassia_helpers.dataset.cluster_table import cluster_table, write_cluster_table
 from cassia_helpers.palette import PALETTE, UNKNOWN_COLOR, run_palette
-from cassia_helpers.report import load_summary, write_report
+from cassia_helpers.summary.report import load_summary, write_report
 from tests.synthetic import BLOOD_TYPES, make_counts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ FAILURE = "bad_sample.h5ad: not an HDF5 file (the first bytes are text); is it a
 def annotated(n_cells: int = 300, *, seed: int = 0):
     """A tiny dataset as the template leaves it: log-normalised X, QC metrics and distributions, leiden,
     cell types (one cluster Unknown), a UMAP (one blob per cluster) and the annotation record."""
-    from cassia_helpers.pp import qc_metrics
+    from cassia_helpers.dataset.pp import qc_metrics
 
     adata = make_counts(n_cells, cell_types={**BLOOD_TYPES, "NK cell": ["NKG7", "GNLY", "PRF1", "GZMB"]}, seed=seed)
     qc_metrics(adata, mito=np.asarray(adata.var_names.str.startswith("MT-")))
@@ -265,7 +265,7 @@ def test_notebook_importing_the_package_shows_plots(tmp_path):
 def test_explore_helpers_show_a_run(tiny, tmp_path):
     """What notebooks/explore_run.ipynb's cells display (the notebook itself runs on a real run in
     test_end_to_end.py)."""
-    from cassia_helpers import explore
+    from cassia_helpers.summary import explore
 
     run = make_run(tmp_path, tiny)
     tiny.write_h5ad(DatasetPaths(run, "blood", "Data_Good000_Blood").annotated_h5ad)

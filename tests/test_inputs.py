@@ -15,10 +15,10 @@ import pytest
 import scipy.sparse as sp
 
 from cassia_helpers import inputs as cio
-from cassia_helpers import pp
-from cassia_helpers.counts import counts_layer
-from cassia_helpers.markers import rank_markers
-from cassia_helpers.read import InputError, read_dataset
+from cassia_helpers.dataset import pp
+from cassia_helpers.dataset.counts import counts_layer
+from cassia_helpers.dataset.markers import rank_markers
+from cassia_helpers.dataset.read import InputError, read_dataset
 
 HUMAN_MARKERS = [["CD3E", "CD3D", "IL7R"], ["CD19", "MS4A1", "CD79A"], ["LYZ", "CD14", "S100A8"]]
 HUMAN_MITO = ["MT-CO1", "MT-ND1", "MT-ATP6"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cassia_helpers.annotate import ClusterMarkers
-from cassia_helpers.annotate.agents import LLMAnnotator, parse_answer
+from cassia_helpers.dataset.annotate import ClusterMarkers
+from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator, parse_answer
 from cassia_helpers.ledger import read_ledger
 from tests.conftest import API_KEY
 

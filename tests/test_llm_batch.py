@@ -14,7 +14,7 @@ import anndata as ad
 import pandas as pd
 import pytest
 
-from cassia_helpers.cassia_format import CASSIA_COLUMNS
+from cassia_helpers.dataset.cassia_format import CASSIA_COLUMNS
 from tests.conftest import API_KEY, REPO
 from tests.shared_batch import PRICE_IN, PRICE_OUT
 from tests.synthetic import BLOOD_TYPES, make_counts, write

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from cassia_helpers.annotate import ClusterAnnotation, ClusterMarkers, annotation_failure
-from cassia_helpers.annotate.agents import LLMAnnotator, validator_verdict
-from cassia_helpers.annotate.untrusted import MAX_LABEL_CHARS, MAX_REPLY_CHARS, csv_safe, sanitize_label
+from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers, annotation_failure
+from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator, validator_verdict
+from cassia_helpers.dataset.annotate.llm.untrusted import MAX_LABEL_CHARS, MAX_REPLY_CHARS, csv_safe, sanitize_label
 from cassia_helpers.ledger import (
     CallRecord,
     Ledger,
@@ -307,8 +307,8 @@ def test_a_killed_kernel_still_counts_its_request_in_flight(llm_env, tmp_path):
     llm_env.hang = True
     ledger = tmp_path / "killed.jsonl"
     script = textwrap.dedent(f"""
-        from cassia_helpers.annotate import ClusterMarkers
-        from cassia_helpers.annotate.agents import LLMAnnotator
+        from cassia_helpers.dataset.annotate import ClusterMarkers
+        from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
         a = LLMAnnotator(model="scripted-model", ledger_path={str(ledger)!r}, cache_dir={str(tmp_path / "c")!r},
                          timeout=60, deadline=60, dataset="killed", tissue="blood")
         a.annotate([ClusterMarkers("0", ["CD3E", "CD8A"])], tissue="blood", species="human")

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
-from cassia_helpers.annotate import ClusterMarkers
-from cassia_helpers.annotate.reference import ReferenceAnnotator
-from cassia_helpers.annotate.reference_data import load_reference
-from cassia_helpers.crossqc import cell_type_table, flagged_datasets, missing_types, plot_cell_type_heatmap
-from cassia_helpers.evidence import marker_evidence
-from cassia_helpers.ontology import annotate_ontology, load_cell_ontology, map_label, validate_proposed_id
+from cassia_helpers.dataset.annotate import ClusterMarkers
+from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
+from cassia_helpers.dataset.annotate.reference.catalog import load_reference
+from cassia_helpers.dataset.evidence import marker_evidence
+from cassia_helpers.dataset.ontology import annotate_ontology, load_cell_ontology, map_label, validate_proposed_id
+from cassia_helpers.summary.crossqc import cell_type_table, flagged_datasets, missing_types, plot_cell_type_heatmap
 from tests.synthetic import BLOOD_TYPES, BRAIN_TYPES, BREAST_TYPES, make_counts
 
 # ---------------------------------------------------------------- name -> CL
@@ -182,8 +182,8 @@ def test_expression_reference_on_fixtures(types, tissue):
 def test_subtypes_are_told_apart_only_by_markers_their_siblings_do_not_share():
     """IL7R (listed for CD4+ T and MAIT cells) and GZMK (CD8+ T and MAIT) cannot name a T subtype;
     CD8A/CD8B or CD4/CD40LG can."""
-    from cassia_helpers.annotate.reference_data import load_reference
-    from cassia_helpers.annotate.reference_expression import ExpressionScorer
+    from cassia_helpers.dataset.annotate.reference.catalog import load_reference
+    from cassia_helpers.dataset.annotate.reference.expression import ExpressionScorer
 
     reference = load_reference()
     genes = ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD247", "CD28", "IL7R", "GZMK", "KLRB1", "CD4", "CD40LG",

@@ -10,12 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cassia_helpers.annotate import ClusterMarkers
-from cassia_helpers.annotate.agents import LLMAnnotator
-from cassia_helpers.annotate.boost import GeneLookup
-from cassia_helpers.annotate.consensus import consensus, normalise_label
-from cassia_helpers.annotate.pipeline import AnnotationPipeline, PipelineSettings, estimate_calls
-from cassia_helpers.annotate.scoring import parse_score
+from cassia_helpers.dataset.annotate import ClusterMarkers
+from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
+from cassia_helpers.dataset.annotate.agents.consensus import consensus, normalise_label
+from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings, estimate_calls
+from cassia_helpers.dataset.annotate.agents.scoring import parse_score
 from cassia_helpers.ledger import read_ledger
 
 CLUSTERS = [

@@ -10,8 +10,8 @@ from importlib import resources
 
 import pytest
 
-from cassia_helpers.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
-from cassia_helpers.annotate.reference import (
+from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate.reference.annotator import (
     ReferenceAnnotator,
     ReferenceDataError,
     load_reference,
@@ -32,7 +32,7 @@ def human() -> ReferenceAnnotator:
 
 @pytest.fixture(scope="module")
 def raw_json() -> dict:
-    text = resources.files("cassia_helpers.annotate").joinpath("data", "markers.json").read_text("utf-8")
+    text = resources.files("cassia_helpers.dataset").joinpath("data", "markers.json").read_text("utf-8")
     return json.loads(text)
 
 
@@ -436,8 +436,8 @@ def test_loader_reads_once():
 def test_the_offline_annotator_does_not_load_the_llm_client():
     """Every dataset kernel of an offline run would pay the openai client's import (about a second)."""
     code = ("import sys\n"
-            "from cassia_helpers.annotate import ClusterMarkers\n"
-            "from cassia_helpers.annotate.reference import ReferenceAnnotator\n"
+            "from cassia_helpers.dataset.annotate import ClusterMarkers\n"
+            "from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator\n"
             "calls = ReferenceAnnotator().annotate([ClusterMarkers('0', ['CD3E', 'CD3D', 'CD2', 'IL7R'])],"
             " tissue='blood', species='human')\n"
             "print(calls[0].main_cell_type, calls[0].merged_groupings, 'openai' in sys.modules)")

@@ -12,7 +12,7 @@ import urllib.request
 import openai
 import pytest
 
-from cassia_helpers.annotate.agents import ANSWER_SCHEMA
+from cassia_helpers.dataset.annotate.agents.annotator import ANSWER_SCHEMA
 from tests.scripted_llm_server import FORMATTER_KEYS, MALFORMED_BODY, ScriptedLLMServer
 
 ANNOTATOR_SYSTEM = "You are the Annotator Agent, an expert in single-cell biology."

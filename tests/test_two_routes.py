@@ -12,11 +12,11 @@ from __future__ import annotations
 import pandas as pd
 import scanpy as sc
 
-from cassia_helpers.annotate.agents import LLMAnnotator
-from cassia_helpers.annotate.apply import annotate_clusters
-from cassia_helpers.annotate.reference import ReferenceAnnotator
-from cassia_helpers.markers import cluster_markers, rank_markers
-from cassia_helpers.ontology import annotate_ontology, load_cell_ontology
+from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+from cassia_helpers.dataset.annotate.apply import annotate_clusters
+from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
+from cassia_helpers.dataset.markers import cluster_markers, rank_markers
+from cassia_helpers.dataset.ontology import annotate_ontology, load_cell_ontology
 from tests.synthetic import BLOOD_TYPES, BRAIN_TYPES, make_counts
 
 

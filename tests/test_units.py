@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cassia_helpers import markers, record
-from cassia_helpers import pp as preprocess
-from cassia_helpers.aggregate import token_tracking
-from cassia_helpers.annotate import ClusterAnnotation, ClusterMarkers
-from cassia_helpers.annotate.apply import annotate_clusters
+from cassia_helpers.batch.discovery import UsageError, discover
 from cassia_helpers.contract import DatasetPaths, new_run_dir, run_label
-from cassia_helpers.discovery import UsageError, discover
+from cassia_helpers.dataset import markers, record
+from cassia_helpers.dataset import pp as preprocess
+from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate.apply import annotate_clusters
 from cassia_helpers.ledger import PriceTable
+from cassia_helpers.summary.aggregate import token_tracking
 from tests.synthetic import BLOOD_TYPES, make_counts
 
 
@@ -226,8 +226,8 @@ def test_token_tracking_merges_ledgers_counting_each_request_once(tmp_path):
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_written_counts_layer_equals_the_filtered_input_counts(tmp_path, dense):
-    from cassia_helpers.counts import write_counts_layer
-    from cassia_helpers.outputs import write_annotated
+    from cassia_helpers.dataset.counts import write_counts_layer
+    from cassia_helpers.dataset.outputs import write_annotated
 
     adata = make_counts(300, seed=4)
     adata.X[0, 0] = 70_000  # a very high count must survive the float32 round trip too
@@ -250,7 +250,7 @@ def test_written_counts_layer_equals_the_filtered_input_counts(tmp_path, dense):
 
 
 def test_dry_run_lists_datasets_and_estimates_without_sending(tmp_path, capsys, monkeypatch, llm_server):
-    from cassia_helpers.cli import main
+    from cassia_helpers.batch.cli import main
 
     data = tmp_path / "data"
     make_counts(300, seed=1).write_h5ad(touch(data / "blood" / "Data_A.h5ad"))
@@ -266,7 +266,7 @@ def test_dry_run_lists_datasets_and_estimates_without_sending(tmp_path, capsys, 
 
 
 def test_workers_share_the_cores_instead_of_oversubscribing_them(monkeypatch):
-    from cassia_helpers.worker import THREAD_VARIABLES, worker_environment
+    from cassia_helpers.batch.runner import THREAD_VARIABLES, worker_environment
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     one = worker_environment(1, {"PATH": "/bin"})

@@ -3,7 +3,7 @@
 Usage::
 
     pip install "cellxgene-ontology-guide==1.11.1"   # build time only, see the ``cl-build`` extra
-    python tools/build_cl_subset.py [--out cassia_helpers/annotate/data/cl_subset.json.gz]
+    python tools/build_cl_subset.py [--out cassia_helpers/dataset/data/cl_subset.json.gz]
 
 Reads the Cell Ontology (CL) release bundled with CZI's ``cellxgene-ontology-guide`` (the release its
 latest CELLxGENE schema version pins) and writes a small gzip JSON with, for every non-deprecated CL

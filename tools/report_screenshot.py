@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     html = args.run_dir / "report.html"
     if args.write_report or not html.is_file():
-        from cassia_helpers.report import write_report
+        from cassia_helpers.summary.report import write_report
 
         html = write_report(args.run_dir)
     try:

@@ -1,0 +1,134 @@
+"""Command line: flags (generated from :data:`cassia_helpers.settings.SETTINGS`) → :class:`Settings` →
+:func:`cassia_helpers.batch.driver.run_batch`.
+
+Exit codes: 0 (every dataset succeeded), 1 (some failed, or a dry run found an input that cannot run),
+2 (usage error), 130 (interrupted). Importing this module imports nothing heavy, so ``--help`` and usage
+errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from cassia_helpers.settings import SETTINGS, Settings, UsageError, default
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cassia-batch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_batch.py",
+        description="Annotate cell types in every single-cell dataset of {data-dir}/{tissue}/*.h5ad: QC, "
+        "clustering, marker genes and CASSIA-style annotation, one executed notebook per dataset.",
+        epilog="API keys are read from the environment only (OPENAI_API_KEY); never pass them as flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cassia-batch {_version()}")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for setting in SETTINGS:
+        group = groups.get(setting.group) or groups.setdefault(setting.group, parser.add_argument_group(setting.group))
+        options: dict = {"dest": setting.name, "help": setting.help}
+        if isinstance(setting.default, bool):
+            options["action"] = "store_false" if setting.default else "store_true"
+            options["default"] = setting.default
+        elif setting.repeat:
+            options.update(action="append", default=[], metavar=setting.metavar)
+        else:
+            options["default"] = default(setting)
+            options["type"] = setting.type or type(setting.default)
+            if setting.choices:
+                options["choices"] = setting.choices
+            if setting.nargs:
+                options["nargs"] = setting.nargs
+            if setting.metavar:
+                options["metavar"] = setting.metavar
+        group.add_argument(setting.option, **options)
+    return parser
+
+
+def _endpoint(url: str) -> str:
+    """The base URL as given, refused when it carries credentials (they belong in ``OPENAI_API_KEY``)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--base-url {url!r}: expected http(s)://host[:port]/path")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise UsageError("--base-url must not carry credentials or a query string: put the key in OPENAI_API_KEY")
+    return url.rstrip("/")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Check the flags and turn them into the run's :class:`Settings` (``auto`` resolved)."""
+    from cassia_helpers.dataset.annotate.factory import check_llm_setup, llm_configured
+
+    values = {s.name: getattr(args, s.name) for s in SETTINGS}
+    if args.resume is None and not args.tissues and args.input is None:
+        raise UsageError("choose tissues with --tissues NAME [NAME ...] or --tissues all, one file with --input "
+                         "FILE --tissue NAME, or --resume RUN_DIR")
+    if args.input is not None and not args.tissue:
+        raise UsageError("--input needs --tissue NAME (the tissue of that dataset)")
+    values["base_url"] = _endpoint(args.base_url or "")
+    if args.annotator == "auto":
+        values["annotator"] = "llm" if llm_configured(values["base_url"]) else "reference"
+    for name in ("cache_dir", "price_file"):
+        values[name] = str(Path(values[name]).expanduser().resolve()) if values[name] else ""
+    if values["price_file"] and not Path(values["price_file"]).is_file():
+        raise UsageError(f"{values['price_file']}: price file not found")
+    settings = Settings(**values)
+    check_llm_setup(settings)
+    return settings
+
+
+def _log_to_terminal(quiet: bool) -> None:
+    """The package's messages (logger ``cassia_helpers``) as plain lines on stderr."""
+    logger = logging.getLogger("cassia_helpers")
+    if not any(getattr(h, "_cassia_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._cassia_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _log_to_terminal(args.quiet)
+    try:
+        settings = settings_from_args(args)
+        if settings.dry_run:
+            from cassia_helpers.batch.dry_run import dry_run
+
+            report, runnable = dry_run(settings)
+            print(report)
+            return 0 if runnable else 1
+        from cassia_helpers.batch.driver import run_batch
+
+        result = run_batch(settings)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc} (see --help)", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a full disk before any dataset ran
+        print(f"{parser.prog}: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(result.run_dir)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,285 @@
+"""Where datasets run: an in-process local cluster, an existing Dask scheduler, or SLURM jobs.
+
+Nothing here imports Dask at module level: importing the package or the CLI stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from cassia_helpers.dataset.annotate.llm.limits import LEASE_TIMEOUT, SCHEDULER_ENV
+
+WORKER_PRELOAD = "cassia_helpers.batch.dask.plugin"
+THREADS_ENV = "CASSIA_DATASET_THREADS"
+
+# The documented ``--cluster slurm`` options: name -> (type, default, help).
+SLURM_OPTIONS: dict[str, tuple[type, object, str]] = {
+    "queue": (str, None, "SLURM partition (sbatch -p)"),
+    "account": (str, None, "account charged for the jobs (sbatch -A)"),
+    "walltime": (str, "04:00:00", "time limit of each job, HH:MM:SS; a job runs datasets one after another"),
+    "cores": (int, 1, "CPU cores per dataset (one dataset per job)"),
+    "memory": (str, "8GB", "memory per dataset (one dataset per job); SLURM's limit caps the kernel"),
+    "jobs": (int, None, "number of SLURM jobs, i.e. datasets at once (default: --workers)"),
+    "python": (str, None, "python of the shared virtual environment, as seen from the compute nodes"),
+    "prologue": (list, [], "shell lines run before the worker starts (e.g. 'module load ...')"),
+    "job_extra": (list, [], "extra #SBATCH directives, e.g. '--qos=normal'"),
+    "interface": (str, None, "network interface the scheduler and workers use (e.g. ib0)"),
+    "scheduler_host": (str, None, "address the scheduler listens on (default: all interfaces)"),
+    "local_directory": (str, None, "node-local scratch folder of the workers"),
+    "log_directory": (str, None, "folder for the jobs' stdout/stderr files"),
+}
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be built or reached (one line, for the user)."""
+
+
+def dask_settings() -> dict:
+    """Dask settings of every cluster this package starts (and of the driver's own client)."""
+    return {
+        # a dataset whose worker died is reported failed, never started again elsewhere
+        "distributed.scheduler.allowed-failures": 0,
+        # a worker holds one dataset at a time: the others stay queued on the scheduler (cancellable)
+        "distributed.scheduler.worker-saturation": 1.0,
+        "distributed.scheduler.locks.lease-timeout": LEASE_TIMEOUT,
+        "distributed.scheduler.locks.lease-validation-interval": "10s",
+        # the workers' environment is the driver's: no thread caps slipped in (nor into the driver)
+        "distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536},
+    }
+
+
+def load_cluster_options(path: str | Path | None = None, overrides: Mapping | None = None) -> dict:
+    """The ``--cluster slurm`` options: a YAML/JSON file's, then ``overrides`` (flags; ``None`` = unset).
+
+    Raises
+    ------
+    ClusterError
+        An unknown option or a value of the wrong type.
+    """
+    options: dict = {}
+    if path:
+        text = Path(path).read_text(encoding="utf-8")
+        if str(path).endswith(".json"):
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ClusterError(f"{path}: expected a mapping of cluster options")
+        options.update(loaded)
+    options.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(options) - set(SLURM_OPTIONS))
+    if unknown:
+        raise ClusterError(f"unknown cluster option(s): {', '.join(unknown)} (known: {', '.join(SLURM_OPTIONS)})")
+    result = {}
+    for name, (kind, default, _help) in SLURM_OPTIONS.items():
+        value = options.get(name, default)
+        if value is not None and kind is list and isinstance(value, str):
+            value = [value]
+        if value is not None and not isinstance(value, kind):
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise ClusterError(f"cluster option {name}: expected {kind.__name__}, got {value!r}") from None
+        result[name] = value
+    return result
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment variables that look like credentials (name has KEY/TOKEN/SECRET/PASSWORD)."""
+    env = os.environ if environ is None else environ
+    return {name: value for name, value in env.items() if _SECRET_NAME.search(name) and len(value) >= 8}
+
+
+def slurm_cluster(options: Mapping, *, dashboard: bool = False):
+    """A ``dask_jobqueue.SLURMCluster`` running one dataset per job, not yet scaled.
+
+    Each job is one worker with one thread (one dataset at a time) holding ``cores`` CPUs and
+    ``memory`` for the dataset's kernel. Secrets reach the jobs through the environment sbatch
+    exports from the driver (its default), never through the job script: a script that would
+    contain the value of a credential-like variable is refused.
+    """
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'cassia-batch[slurm]'") from None
+    opts = load_cluster_options(overrides=options)
+    cores = max(1, int(opts["cores"]))
+    # the job's worker gives its datasets the job's cores (Dask's nanny would cap BLAS/OpenMP threads at 1)
+    threads = [f"export {THREADS_ENV}={cores}"]
+    kwargs = {
+        "queue": opts["queue"], "account": opts["account"], "walltime": opts["walltime"],
+        "cores": 1, "processes": 1, "job_cpu": cores, "memory": opts["memory"],
+        "python": opts["python"], "job_script_prologue": [*threads, *opts["prologue"]],
+        "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"],
+        "local_directory": opts["local_directory"], "log_directory": opts["log_directory"],
+        "worker_extra_args": ["--preload", WORKER_PRELOAD], "job_name": "cassia-batch",
+        "scheduler_options": {"dashboard": dashboard, **({"host": opts["scheduler_host"]}
+                                                         if opts["scheduler_host"] else {})},
+    }
+    cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
+    script = cluster.job_script()
+    leaked = [name for name, value in secret_values().items() if value in script]
+    if leaked:
+        cluster.close()
+        raise ClusterError(f"the SLURM job script would contain the value of {', '.join(leaked)}: "
+                           "remove it from the cluster options (jobs get secrets from the environment)")
+    return cluster
+
+
+@contextmanager
+def open_client(*, workers: int, scheduler: str | None = None, cluster: str | None = None,
+                cluster_options: Mapping | None = None, dashboard: bool = False,
+                connect_timeout: float = 30.0, processes: bool = False) -> Iterator:
+    """A ``distributed.Client`` for a run, closed (with any cluster it started) on exit.
+
+    Parameters
+    ----------
+    workers
+        Datasets at once: the local cluster's worker processes, or the SLURM jobs (unless ``jobs``).
+    scheduler
+        Address of an existing scheduler (``tcp://host:8786``): its workers run the datasets.
+    cluster
+        ``None``/``"local"``: a local cluster on 127.0.0.1 started in this process (one thread per
+        worker); ``"slurm"``: SLURM jobs built from ``cluster_options`` (see :data:`SLURM_OPTIONS`).
+    dashboard
+        Serve the Dask dashboard (local cluster: on 127.0.0.1 only).
+    connect_timeout
+        Seconds to wait for the scheduler.
+    processes
+        Local cluster only: run each worker in a process of its own (behind a nanny), as remote
+        workers are, instead of as a thread of this process. Each dataset runs in its own processes
+        either way; worker processes only add seconds of start-up (each imports Dask and this
+        package), so the default is threads.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    from cassia_helpers.batch.dask.plugin import WorkerSetup
+
+    if scheduler and cluster not in (None, "local"):
+        raise ClusterError("give either a scheduler address or a cluster kind, not both")
+    with ExitStack() as stack:
+        stack.enter_context(dask.config.set(dask_settings()))
+        # the datasets' own records report every failure; Dask's logs (e.g. an Event wait cut short when a
+        # task ends) would only print tracebacks on the user's terminal
+        for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.nanny",
+                     "distributed.event", "distributed.utils", "distributed.core", "distributed.client"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        if scheduler:
+            try:
+                client = Client(scheduler, timeout=connect_timeout)
+            except OSError as exc:
+                raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+        elif cluster == "slurm":
+            jobs = load_cluster_options(overrides=cluster_options)["jobs"] or workers
+            built = stack.enter_context(slurm_cluster(cluster_options or {}, dashboard=dashboard))
+            client = Client(built, timeout=connect_timeout)
+            built.scale(jobs=max(1, int(jobs)))
+        elif cluster in (None, "local"):
+            if not processes:
+                # the workers set the scheduler's address in this process's environment (for the
+                # kernels they start): it must not outlive the cluster
+                stack.callback(_restore_environ, SCHEDULER_ENV, os.environ.get(SCHEDULER_ENV))
+            built = stack.enter_context(LocalCluster(
+                n_workers=max(1, int(workers)), threads_per_worker=1, processes=processes,
+                # TCP even for threads: a dataset's kernel (another process) reaches the scheduler for
+                # the run-wide LLM limits, which the in-process transport would not allow
+                protocol="tcp://", host="127.0.0.1",
+                dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,
+                # worker processes must survive the terminal's Ctrl-C; threads leave signals to the driver
+                preload=[WORKER_PRELOAD] if processes else [], scheduler_kwargs={"dashboard": dashboard}))
+            client = Client(built, timeout=connect_timeout)
+        else:
+            raise ClusterError(f"unknown cluster kind {cluster!r} (known: local, slurm)")
+        stack.enter_context(client)
+        client.register_plugin(WorkerSetup())
+        yield client
+
+
+def _restore_environ(name: str, value: str | None) -> None:
+    """Put ``os.environ[name]`` back to ``value`` (``None``: unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def dashboard_link(client) -> str:
+    """The scheduler's dashboard address, or ``""`` when it serves none (not asked for, or no bokeh)."""
+    cached = getattr(client, "_cassia_dashboard", None)
+    if cached is not None:
+        return cached
+    try:
+        # the scheduler imports its dashboard module only when it serves the dashboard
+        serving = client.run_on_scheduler(lambda: "distributed.dashboard.scheduler" in __import__("sys").modules)
+        link = client.dashboard_link if serving else ""
+    except Exception:  # noqa: BLE001 - only a convenience
+        link = ""
+    client._cassia_dashboard = link or ""
+    return client._cassia_dashboard
+
+
+def _write_probe(folder: str, name: str) -> str:
+    """On a worker: write the probe file; return an error line or ``""``."""
+    try:
+        path = Path(folder) / name
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(name)
+        return ""
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def check_shared_storage(client, folder: str | Path, *, wait_s: float = 10.0) -> str | None:
+    """Whether every worker writes into ``folder`` where this process sees it; a one-line problem or None.
+
+    Each worker writes a probe file; this process must see them all (within ``wait_s``: network file
+    systems may cache directory listings for a while). The probes are removed afterwards.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:12]
+    try:
+        names = {address: f".cassia_probe_{token}_{index}"
+                 for index, address in enumerate(sorted(client.scheduler_info()["workers"]))}
+    except Exception as exc:  # noqa: BLE001
+        return f"cannot list the Dask workers: {exc}"
+    if not names:
+        return "no Dask worker is connected to the scheduler"
+    try:
+        futures = {address: client.submit(_write_probe, str(folder), name, workers=[address],
+                                          allow_other_workers=False, pure=False)
+                   for address, name in names.items()}
+        errors = {address: future.result(timeout=60) for address, future in futures.items()}
+    except Exception as exc:  # noqa: BLE001
+        return f"the Dask workers could not write into {folder}: {type(exc).__name__}: {exc}"
+    try:
+        failed = {address: error for address, error in errors.items() if error}
+        if failed:
+            address, error = next(iter(failed.items()))
+            return (f"{len(failed)} Dask worker(s) cannot write into {folder} ({address}: {error}); "
+                    "it must be on storage every worker sees")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [address for address, name in names.items() if not (folder / name).is_file()]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if missing:
+            return (f"{folder} is not shared: files written there by {len(missing)} Dask worker(s) "
+                    f"(e.g. {missing[0]}) are not visible here; put it on storage every worker sees")
+        return None
+    finally:
+        for name in names.values():
+            (folder / name).unlink(missing_ok=True)

@@ -1,0 +1,135 @@
+"""What runs inside Dask workers: their setup, and the wrapper around each dataset's task.
+
+Imported by workers and by the driver once it uses Dask (it imports ``distributed``); the package's
+light modules import it only inside functions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from distributed import Event, WorkerPlugin, get_client, get_worker
+
+from cassia_helpers.dataset.annotate.llm.limits import SCHEDULER_ENV
+
+PLUGIN_NAME = "cassia-worker-setup"
+THREADS_ENV = "CASSIA_DATASET_THREADS"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+INTERRUPTED, FAILED = "interrupted", "failed"
+
+
+def ignore_terminal_signals() -> None:
+    """Let a worker survive the terminal's Ctrl-C (SIGINT) and hang-up (SIGHUP).
+
+    Both reach the whole foreground process group, workers included; the driver decides what stops
+    and the workers must live to report it. Only possible from the main thread (ignored elsewhere).
+    """
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            return
+
+
+def apply_dataset_threads() -> None:
+    """With ``CASSIA_DATASET_THREADS`` set (a SLURM job's cores), give the datasets that many threads.
+
+    Dask's nanny caps BLAS/OpenMP threads at 1 in its worker's environment, which the dataset's kernel
+    would inherit.
+    """
+    threads = os.environ.get(THREADS_ENV, "")
+    if threads.isdigit() and int(threads) > 0:
+        for name in THREAD_VARIABLES:
+            os.environ[name] = threads
+
+
+def dask_setup(worker) -> None:
+    """Preload hook (``--preload cassia_helpers.batch.dask.plugin``): runs as the worker starts."""
+    ignore_terminal_signals()
+    apply_dataset_threads()
+
+
+class WorkerSetup(WorkerPlugin):
+    """Registered by the driver on every worker, present and future (restarted ones too)."""
+
+    idempotent = True
+    name = PLUGIN_NAME
+
+    def setup(self, worker) -> None:
+        ignore_terminal_signals()
+        apply_dataset_threads()
+        os.environ[SCHEDULER_ENV] = worker.scheduler.address
+
+
+def status_record(key: str, status: str, error: str, error_type: str) -> dict:
+    """The record a dataset gets when its task could not produce one itself."""
+    return {"key": key, "status": status, "error": error, "error_type": error_type}
+
+
+class _StopWatch:
+    """``stop()`` for one task: true once the run's stop Event is set or this task was cancelled.
+
+    A background thread waits on the scheduler's Event, so that calling ``stop()`` costs nothing.
+    """
+
+    def __init__(self, event: Event, key: str, *, give_up_s: float = 60.0) -> None:
+        self._event, self._key, self._give_up_s = event, key, give_up_s
+        self._flag, self._done = threading.Event(), threading.Event()
+        self._worker = get_worker()
+        self._thread = threading.Thread(target=self._watch, name=f"stop-watch-{key}", daemon=True)
+        self._thread.start()
+
+    def _cancelled(self) -> bool:
+        task = self._worker.state.tasks.get(self._key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+
+    def _watch(self) -> None:
+        unreachable_since = None
+        while not self._done.is_set():
+            try:
+                if self._event.wait(timeout=0.5):
+                    break
+                unreachable_since = None
+            except Exception:  # noqa: BLE001 - the scheduler is unreachable (for now)
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > self._give_up_s:
+                    break
+                self._done.wait(1.0)
+            if self._cancelled():
+                break
+        self._flag.set()
+
+    def __call__(self) -> bool:
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        self._done.set()
+
+
+def execute(task: Callable[[dict, Callable[[], bool]], dict], job: dict, *, task_key: str, stop_event: str,
+            started_prefix: str) -> dict:
+    """Run ``task(job, stop)`` on a worker, at most once per key and session.
+
+    A task that the scheduler starts again after its worker died (a cluster whose scheduler allows
+    retries) finds its key marked as started and returns a failed record instead of a second run.
+    """
+    key = task_key
+    worker = get_worker()
+    os.environ[SCHEDULER_ENV] = worker.scheduler.address
+    client = get_client()
+    stop_event_ = Event(stop_event, client=client)
+    if stop_event_.is_set():
+        return status_record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted")
+    started = Event(f"{started_prefix}{key}", client=client)
+    if started.is_set():
+        return status_record(key, FAILED, "the Dask worker running this dataset died", "WorkerDied")
+    started.set()
+    stop = _StopWatch(stop_event_, key)
+    try:
+        return task(job, stop)
+    finally:
+        stop.close()

@@ -1,0 +1,203 @@
+"""Run one Dask task per dataset, report each as it ends, and stop them all on request.
+
+The task function is the driver's: ``task(job, stop) -> dict`` runs one dataset (a small JSON-able
+``job``, never a secret) and returns its status record; it polls ``stop()`` and stops its dataset
+when it turns true. It never raises for a dataset failure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from cassia_helpers.batch.dask.client import dashboard_link
+
+INTERRUPTED, FAILED = "interrupted", "failed"
+
+Task = Callable[[dict, Callable[[], bool]], dict]
+
+
+@dataclass
+class Progress:
+    """Datasets of the current ``run_jobs`` call across the cluster."""
+
+    total: int = 0
+    done: int = 0
+    running: int = 0
+    queued: int = 0
+    dashboard: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.done}/{self.total} done, {self.running} running, {self.queued} queued"
+        return f"{text} (dashboard: {self.dashboard})" if self.dashboard else text
+
+
+def _record(key: str, status: str, error: str, error_type: str) -> dict:
+    return {"key": key, "status": status, "error": error, "error_type": error_type}
+
+
+class DatasetExecutor:
+    """Submit datasets to a ``distributed.Client``, one task each, keyed so none runs twice.
+
+    Datasets wait here, not on the scheduler: one is submitted whenever a worker thread is free,
+    so that each worker runs one dataset at a time and none waits behind another's long dataset.
+
+    Parameters
+    ----------
+    client
+        A client from :func:`~cassia_helpers.batch.dask.client.open_client`.
+    stop_grace_s
+        After a stop, how long running datasets get to stop and report before being given up.
+    poll_s
+        How often, at most, the wait loop looks for a free worker and reports progress (it wakes at once
+        when a dataset ends or a stop is asked for).
+    """
+
+    def __init__(self, client, *, stop_grace_s: float = 20.0, poll_s: float = 0.1) -> None:
+        self.client = client
+        self.stop_grace_s = stop_grace_s
+        self.poll_s = poll_s
+        self.session = uuid.uuid4().hex[:12]
+        self.stop_event_name = f"cassia-stop-{self.session}"
+        self._stop_requested = threading.Event()
+        # set when a task ends or a stop is asked for: the wait loop wakes at once instead of at its next poll
+        self._wake = threading.Event()
+        self._total = self._done = 0
+        self._queue: list[tuple[str, dict]] = []
+        self._running: dict = {}  # future -> key
+        self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Ask the running ``run_jobs`` to stop everything. Safe to call from a signal handler."""
+        self._stop_requested.set()
+        self._wake.set()
+
+    def progress(self) -> Progress:
+        """Datasets done / running (submitted to a worker) / queued, and the dashboard link."""
+        with self._lock:
+            return Progress(total=self._total, done=self._done, running=len(self._running),
+                            queued=len(self._queue), dashboard=dashboard_link(self.client))
+
+    def _capacity(self) -> int:
+        try:
+            return sum(self.client.nthreads().values())
+        except Exception:  # noqa: BLE001 - the scheduler is busy or briefly unreachable: wait
+            return 0
+
+    def run_jobs(self, task: Task, jobs: Mapping[str, dict], *, on_done: Callable[[str, dict], None],
+                 on_progress: Callable[[Progress], None] | None = None, progress_every_s: float = 1.0) -> None:
+        """Run ``task(job, stop)`` for every job; call ``on_done(key, record)`` once per key as each ends.
+
+        ``jobs`` maps a key (``run/tissue/dataset``, used as the Dask key) to its job. A dataset whose
+        task could not report gets a record made here: ``failed`` / ``WorkerDied`` when its worker
+        died, ``interrupted`` when it was stopped before it started or did not stop in time; such
+        records carry ``key``, ``status``, ``error`` and ``error_type`` only (nothing was written for
+        that dataset: the caller writes its status file). Returns when every key was reported, or
+        within about ``stop_grace_s`` of :meth:`stop`.
+        """
+        from distributed import Event, as_completed
+        from distributed.client import FutureCancelledError
+
+        from cassia_helpers.batch.dask.plugin import execute
+
+        started_prefix = f"cassia-started-{self.session}-"
+        with self._lock:
+            self._queue = list(jobs.items())
+            self._total, self._done, self._running = len(self._queue), 0, {}
+        finished = as_completed()
+        submitted: list[str] = []
+        last_progress = last_capacity = 0.0
+        capacity = 0
+
+        def report(key: str, record: dict) -> None:
+            with self._lock:
+                self._done += 1
+            on_done(key, record)
+
+        def collect() -> None:
+            for future in finished.next_batch(block=False):
+                with self._lock:
+                    key = self._running.pop(future, None)
+                if key is not None:
+                    report(key, self._outcome(key, future, FutureCancelledError))
+
+        try:
+            while self._queue or self._running:
+                if self._stop_requested.is_set():
+                    break
+                if time.monotonic() - last_capacity > 1.0:
+                    capacity, last_capacity = self._capacity(), time.monotonic()
+                while self._queue and len(self._running) < capacity and not self._stop_requested.is_set():
+                    with self._lock:
+                        key, job = self._queue.pop(0)
+                        future = self.client.submit(execute, task, job, task_key=key, key=key, pure=False,
+                                                    retries=0, stop_event=self.stop_event_name,
+                                                    started_prefix=started_prefix)
+                        self._running[future] = key
+                    submitted.append(key)
+                    finished.add(future)
+                    future.add_done_callback(lambda _: self._wake.set())
+                collect()
+                if on_progress and time.monotonic() - last_progress >= progress_every_s:
+                    last_progress = time.monotonic()
+                    on_progress(self.progress())
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+            if self._stop_requested.is_set():
+                self._wind_down(collect, report)
+        finally:
+            leftover = list(self._running)
+            if leftover:
+                self.client.cancel(leftover, force=True)
+            if on_progress:
+                on_progress(self.progress())
+            for key in [*submitted, self.stop_event_name]:
+                name = key if key == self.stop_event_name else f"{started_prefix}{key}"
+                try:
+                    Event(name, client=self.client).clear()
+                except Exception:  # noqa: BLE001 - only tidying the scheduler
+                    pass
+
+    def _wind_down(self, collect, report) -> None:
+        """Stop: tell the running tasks, report the queued ones, give the running ones time to report."""
+        from distributed import Event
+
+        Event(self.stop_event_name, client=self.client).set()
+        with self._lock:
+            queued, self._queue = self._queue, []
+        for key, _job in queued:
+            report(key, _record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted"))
+        deadline = time.monotonic() + self.stop_grace_s
+        while self._running and time.monotonic() < deadline:
+            collect()
+            time.sleep(self.poll_s)
+        with self._lock:
+            late, self._running = list(self._running.values()), {}
+        for key in late:
+            report(key, _record(key, INTERRUPTED, f"did not stop within {self.stop_grace_s:g} s of the "
+                                "interruption", "Interrupted"))
+
+    def _outcome(self, key: str, future, cancelled_error) -> dict:
+        status = future.status
+        if status == "finished":
+            try:
+                result = future.result(timeout=30)
+            except Exception as exc:  # noqa: BLE001
+                return _record(key, FAILED, f"its result could not be fetched: {exc}", type(exc).__name__)
+            return result if isinstance(result, dict) else _record(
+                key, FAILED, f"the task returned {type(result).__name__}, not a status record", "BadResult")
+        if status == "cancelled":
+            return _record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted")
+        try:
+            exc = future.exception(timeout=30)
+        except cancelled_error:
+            return _record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted")
+        except Exception as other:  # noqa: BLE001
+            exc = other
+        if type(exc).__name__ == "KilledWorker":
+            return _record(key, FAILED, "the Dask worker running this dataset died", "WorkerDied")
+        text = " ".join(str(exc).split())[:300]
+        return _record(key, FAILED, f"{type(exc).__name__}: {text}", type(exc).__name__)

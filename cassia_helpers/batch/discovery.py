@@ -1,0 +1,117 @@
+"""Find the datasets of a batch: ``{data_dir}/{tissue}/*.h5ad``, and say why every other entry is skipped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cassia_helpers.settings import UsageError
+
+SUFFIX = ".h5ad"
+# Formats a user may expect to work, named when they are skipped.
+UNSUPPORTED = {".h5ad.gz": "compressed h5ad (gunzip it first)", ".zarr": "zarr store (not read yet: write it "
+               "as .h5ad with anndata)", ".loom": "loom file (not read yet: convert it with scanpy.read_loom and "
+               "write_h5ad)", ".h5": "HDF5 file (a 10x .h5? convert it with scanpy.read_10x_h5 and write_h5ad)",
+               ".rds": "R object (export it as .h5ad, e.g. with zellkonverter or SeuratDisk)",
+               ".csv": "text matrix (read it with scanpy and write_h5ad)", ".mtx": "matrix market (read it with "
+               "scanpy.read_10x_mtx and write_h5ad)"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One input file. ``name`` is the file stem, used for every output file name."""
+
+    name: str
+    tissue: str
+    path: Path
+
+
+@dataclass
+class Discovery:
+    """The datasets found, and every entry of a tissue folder that was skipped, with the reason."""
+
+    datasets: list[Dataset] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _classify(path: Path) -> tuple[str, str]:
+    """``("dataset", "")``, ``("skip", reason)`` or ``("ignore", "")`` for one entry of a tissue folder."""
+    name = path.name
+    if name.startswith("."):
+        return "ignore", ""
+    if name != name.strip():
+        return "skip", "file name starts or ends with a space (rename it)"
+    if path.is_symlink() and not path.exists():
+        return "skip", "broken symbolic link"
+    lower = name.lower()
+    if lower.endswith(SUFFIX):
+        return ("dataset", "") if path.is_file() else ("skip", "named .h5ad but not a file")
+    for suffix, reason in UNSUPPORTED.items():
+        if lower.endswith(suffix):
+            return "skip", reason
+    return "ignore", ""
+
+
+def scan_tissue(folder: Path, tissue: str) -> Discovery:
+    """Datasets of one tissue folder and the entries skipped there."""
+    found = Discovery()
+    for path in sorted(folder.iterdir()):
+        kind, reason = _classify(path)
+        if kind == "dataset":
+            found.datasets.append(Dataset(name=path.name[: -len(SUFFIX)], tissue=tissue, path=path.absolute()))
+        elif kind == "skip":
+            found.skipped.append(f"{path}: skipped: {reason}")
+    return found
+
+
+def available_tissues(data_dir: Path) -> list[str]:
+    """Tissue folders of ``data_dir`` (sub-folders not starting with a dot), sorted."""
+    if not data_dir.is_dir():
+        raise UsageError(f"{data_dir}: data directory not found")
+    return sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def discover(data_dir: Path, tissues: list[str]) -> Discovery:
+    """Datasets of the selected tissues (``["all"]`` selects every tissue), and what was skipped.
+
+    Raises
+    ------
+    UsageError
+        An unknown tissue, or nothing to process; the message lists the tissues found.
+    """
+    found = available_tissues(data_dir)
+    listing = ", ".join(found) if found else "none"
+    if not tissues:
+        raise UsageError(f"no tissue selected; tissues found in {data_dir}: {listing}")
+    if "all" in tissues:
+        selected = found
+    else:
+        unknown = [t for t in tissues if t not in found]
+        if unknown:
+            raise UsageError(f"unknown tissue(s) {', '.join(unknown)} in {data_dir}; tissues found: {listing}")
+        selected = list(dict.fromkeys(tissues))
+    result = Discovery()
+    for tissue in selected:
+        part = scan_tissue(data_dir / tissue, tissue)
+        result.datasets += part.datasets
+        result.skipped += part.skipped
+    if not result.datasets:
+        detail = "; ".join(result.skipped[:5])
+        raise UsageError(f"no .h5ad files to process in {data_dir} (tissues: {listing})" +
+                         (f"; {detail}" if detail else ""))
+    names = [(d.tissue, d.name.lower()) for d in result.datasets]
+    clashes = sorted({f"{t}/{n}" for t, n in names if names.count((t, n)) > 1})
+    if clashes:
+        raise UsageError(f"datasets whose names differ only in case would share an output folder: "
+                         f"{', '.join(clashes)}")
+    return result
+
+
+def single_input(path: Path, tissue: str) -> Discovery:
+    """``--input FILE --tissue NAME``: one dataset without a tissue folder."""
+    kind, reason = _classify(path)
+    if not path.exists() and not path.is_symlink():
+        raise UsageError(f"{path}: input file not found")
+    if kind != "dataset":
+        raise UsageError(f"{path}: {reason or 'not an .h5ad file'}")
+    return Discovery([Dataset(name=path.name[: -len(SUFFIX)], tissue=tissue, path=path.absolute())])

@@ -1,0 +1,372 @@
+"""The batch driver: make (or resume) the run folder, run every dataset, then aggregate.
+
+The driver takes the function that runs one dataset (the *launcher*, by default
+:func:`cassia_helpers.batch.runner.run_dataset`), so scheduling, statuses, resume and interrupts are the same
+whatever runs the datasets, and tests can pass a fast fake. A run folder is locked while a driver works
+in it: a second driver on the same run is a usage error, and the lock of a killed driver is released by
+the operating system, so ``--resume`` takes it over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cassia_helpers.batch.discovery import Dataset, discover, single_input
+from cassia_helpers.batch.interrupts import Interrupts
+from cassia_helpers.contract import (
+    FAILED,
+    INTERRUPTED,
+    REPORT_HTML,
+    RUN_LOCK,
+    RUN_MANIFEST,
+    SUCCESS,
+    DatasetPaths,
+    input_fingerprint,
+    new_run_dir,
+    now_iso,
+    read_manifest,
+    read_status,
+    rejected_and_unchanged,
+    run_label,
+    write_status,
+)
+from cassia_helpers.files import write_json
+from cassia_helpers.settings import RUN, Settings, UsageError, notebook_parameters
+
+if TYPE_CHECKING:
+    from cassia_helpers.batch.dask.tasks import Progress as DaskProgress
+    from cassia_helpers.batch.execute import AggregationNotebook
+
+log = logging.getLogger("cassia_helpers")
+Launcher = Callable[[dict, Callable[[], bool]], dict]
+
+
+@dataclass
+class BatchResult:
+    """What a batch did: its folder and each dataset's final status."""
+
+    run_dir: Path
+    statuses: dict[tuple[str, str], str] = field(default_factory=dict)
+    errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 0 if all(s == SUCCESS for s in self.statuses.values()) else 1
+
+
+def _lock(run_dir: Path):
+    """Hold the run folder's lock for this process's lifetime; a usage error if another driver holds it."""
+    try:
+        handle = open(run_dir / RUN_LOCK, "a+")  # noqa: SIM115 - held open for the whole run
+    except OSError as exc:
+        raise UsageError(f"{run_dir}: cannot write in the run folder ({exc.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UsageError(f"{run_dir}: another driver is working on this run (wait for it, or stop it first)") from None
+    return handle
+
+
+def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings]:
+    """Create a new run folder, or reopen ``settings.resume``; return it with its datasets, manifest and the
+    settings the datasets run with (a resumed run keeps its analysis settings)."""
+    if settings.resume is not None:
+        run_dir = Path(settings.resume)
+        manifest = read_manifest(run_dir)
+        if manifest is None:
+            reason = "no" if not (run_dir / RUN_MANIFEST).exists() else "an unreadable"
+            raise UsageError(f"{run_dir}: not a run folder ({reason} {RUN_MANIFEST})")
+        try:
+            datasets = [Dataset(d["name"], d["tissue"], Path(d["path"])) for d in manifest["datasets"]]
+            run_settings = Settings.with_analysis(manifest.get("analysis", {}), **settings.values(RUN))
+        except (KeyError, TypeError) as exc:
+            raise UsageError(f"{run_dir / RUN_MANIFEST}: damaged manifest ({exc})") from None
+        from cassia_helpers.dataset.annotate.factory import check_llm_setup
+
+        check_llm_setup(run_settings)
+        return run_dir, datasets, manifest, run_settings
+    if settings.input is not None:
+        found = single_input(settings.input, settings.tissue)
+        label = run_label([settings.tissue], all_tissues=False)
+    else:
+        found = discover(settings.data_dir, settings.tissues)
+        tissues = list(dict.fromkeys(d.tissue for d in found.datasets))
+        label = run_label(tissues, all_tissues="all" in settings.tissues)
+    for line in found.skipped:
+        log.warning(line)
+    try:
+        run_dir = new_run_dir(settings.output_dir, label)
+    except OSError as exc:
+        raise UsageError(f"{settings.output_dir}: cannot create the run folder there ({exc.strerror})") from None
+    manifest = {
+        "run_dir": str(run_dir),
+        "created_at": now_iso(),
+        "data_dir": str(settings.data_dir),
+        "tissues": settings.tissues or [settings.tissue],
+        "analysis": settings.values(),
+        "datasets": [{"name": d.name, "tissue": d.tissue, "path": str(d.path)} for d in found.datasets],
+        "skipped_inputs": found.skipped,
+        "sessions": [],
+    }
+    write_json(run_dir / RUN_MANIFEST, manifest)
+    return run_dir, found.datasets, manifest, settings
+
+
+def _job(settings: Settings, run_dir: Path, dataset: Dataset) -> dict:
+    # a local cluster shares this machine's cores among its workers; a SLURM job has its own
+    share = settings.workers if settings.cluster == "local" and not settings.scheduler else 1
+    return {
+        "parameters": notebook_parameters(settings, dataset=dataset.name, tissue=dataset.tissue,
+                                          input_path=dataset.path, run_dir=run_dir.resolve()),
+        "kernel_name": settings.kernel_name,
+        "cell_timeout": settings.cell_timeout,
+        "dataset_timeout": settings.dataset_timeout,
+        "workers": share,
+    }
+
+
+def _pending(run_dir: Path, datasets: list[Dataset], result: BatchResult) -> list[Dataset]:
+    """Datasets still to run; completed ones and inputs rejected and unchanged since are recorded as they are."""
+    todo = []
+    for dataset in datasets:
+        key = (dataset.tissue, dataset.name)
+        status = read_status(DatasetPaths(run_dir, dataset.tissue, dataset.name))
+        if status and status["status"] == SUCCESS:
+            result.statuses[key] = SUCCESS
+        elif rejected_and_unchanged(status, dataset.path):
+            result.statuses[key], result.errors[key] = FAILED, status.get("error", "")
+            log.warning("Not re-run (input unchanged since it was rejected): %s", status.get("error", ""))
+        else:
+            todo.append(dataset)
+    if len(todo) < len(datasets):
+        log.info("Resuming: %d dataset(s) already complete or rejected, %d to run", len(datasets) - len(todo),
+                 len(todo))
+    return todo
+
+
+def run_batch(settings: Settings, *, launcher: Launcher | None = None,
+              aggregate: Callable[[Path, str], None] | None = None, in_process: bool = False) -> BatchResult:
+    """Run every selected dataset, then the aggregation. The API behind ``run_batch.py``.
+
+    Each dataset is one Dask task (:mod:`cassia_helpers.batch.dask`): on a local cluster of
+    ``settings.workers`` processes by default, on the workers of ``settings.scheduler``, or in SLURM jobs
+    (``settings.cluster == "slurm"``). ``launcher(job, should_stop)`` runs one dataset and returns its
+    status record (default: :func:`cassia_helpers.batch.runner.run_dataset`); ``aggregate(run_dir,
+    kernel_name)`` writes the run-level summaries (default: the aggregation notebook, or the summaries
+    directly when it fails). ``in_process`` runs the launcher in threads of this process instead of Dask
+    tasks: the driver's own logic, tested with a fast fake launcher.
+    """
+    if launcher is None:
+        from cassia_helpers.batch.runner import run_dataset as launcher
+    run_dir, datasets, manifest, settings = prepare_run(settings)
+    lock = _lock(run_dir)
+    try:
+        return _run_locked(settings, run_dir, datasets, manifest, launcher, aggregate or _aggregate, in_process)
+    finally:
+        lock.close()
+
+
+def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
+                launcher: Launcher, aggregate: Callable[[Path, str], None], in_process: bool) -> BatchResult:
+    notebook = None
+    if aggregate is _aggregate:
+        from cassia_helpers.batch.execute import AggregationNotebook
+
+        # its kernel starts while the last datasets run (the runners call ``ahead``), not after them
+        notebook = AggregationNotebook(run_dir, settings.kernel_name)
+        aggregate = partial(_aggregate, notebook=notebook)
+    try:
+        return _run_session(settings, run_dir, datasets, manifest, launcher, aggregate, in_process,
+                            ahead=notebook.prepare if notebook else None)
+    finally:
+        if notebook is not None:
+            notebook.close()
+
+
+def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict, launcher: Launcher,
+                 aggregate: Callable[[Path, str], None], in_process: bool,
+                 ahead: Callable[[], None] | None) -> BatchResult:
+    from cassia_helpers.batch.progress import Progress
+
+    result = BatchResult(run_dir=run_dir)
+    manifest.setdefault("sessions", []).append({"started_at": now_iso(), "resumed": settings.resume is not None})
+    write_json(run_dir / RUN_MANIFEST, manifest)
+    log.info("Run folder: %s", run_dir)
+    todo = _pending(run_dir, datasets, result)
+    progress = Progress(run_dir, todo, quiet=settings.quiet)
+
+    def finished(dataset: Dataset, record: dict) -> None:
+        key = (dataset.tissue, dataset.name)
+        result.statuses[key], result.errors[key] = record["status"], record.get("error", "")
+        progress.done(dataset, record)
+
+    with Interrupts() as interrupts:
+        try:
+            jobs = {}
+            for dataset in todo:  # an input its header rejects never reaches a worker
+                rejected = _check_header(run_dir, dataset)
+                if rejected:
+                    finished(dataset, rejected)
+                else:
+                    jobs[_task_key(run_dir, dataset)] = (dataset, _job(settings, run_dir, dataset))
+            if jobs and not interrupts.event.is_set():
+                run = _run_in_threads if in_process else _run_on_dask
+                run(settings, run_dir, jobs, launcher, interrupts, progress, finished, ahead or _nothing)
+        except KeyboardInterrupt:
+            interrupts.count = max(interrupts.count, 2)
+        if interrupts.count:
+            result.interrupted = True
+            for dataset in todo:
+                key = (dataset.tissue, dataset.name)
+                if key not in result.statuses:
+                    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
+                    record = read_status(paths) or write_status(
+                        paths, INTERRUPTED, error="not started: the run was interrupted", error_type="Interrupted")
+                    result.statuses[key] = record["status"]
+    progress.close()
+    if interrupts.count >= 2:
+        log.warning("Stopped at once. Resume with: python run_batch.py --resume %s", run_dir)
+        return result
+    aggregate(run_dir, settings.kernel_name)
+    progress.table(result)
+    if (run_dir / REPORT_HTML).is_file():
+        log.info("Report: %s", run_dir / REPORT_HTML)
+    if result.interrupted:
+        log.warning("Resume with: python run_batch.py --resume %s", run_dir)
+    return result
+
+
+def _task_key(run_dir: Path, dataset: Dataset) -> str:
+    return f"{run_dir.name}/{dataset.tissue}/{dataset.name}"
+
+
+def _nothing() -> None:
+    """No preparation while the last datasets run."""
+
+
+def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
+                    progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
+    """Run the jobs in ``settings.workers`` threads of this process until done or interrupted; ``ahead()``
+    once every dataset has started."""
+    queue = list(jobs.values())
+    with ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="dataset") as pool:
+        running: dict = {}
+        while queue or running:
+            while queue and len(running) < settings.workers and not interrupts.event.is_set():
+                dataset, job = queue.pop(0)
+                running[pool.submit(launcher, job, interrupts.event.is_set)] = dataset
+            if not running:
+                break
+            if not queue:
+                ahead()
+            done, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            progress.poll()
+            for future in done:
+                dataset = running.pop(future)
+                try:
+                    record = future.result()
+                except Exception as exc:  # noqa: BLE001 - a launcher bug fails its dataset, not the batch
+                    record = {"status": FAILED, "error": f"{type(exc).__name__}: {exc}", "error_type": "LauncherError"}
+                finished(dataset, _recorded(run_dir, dataset, record))
+
+
+def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
+                 progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
+    """Run the jobs as Dask tasks, one per dataset, until done or interrupted; ``ahead()`` once every
+    dataset is on a worker."""
+
+    def polled(state: DaskProgress) -> None:
+        progress.poll()
+        if state.queued == 0:
+            ahead()
+
+    from cassia_helpers.batch.dask.client import ClusterError, check_shared_storage, dashboard_link, open_client
+    from cassia_helpers.batch.dask.tasks import DatasetExecutor
+
+    try:
+        with open_client(workers=settings.workers, scheduler=settings.scheduler or None,
+                         cluster=None if settings.scheduler else settings.cluster,
+                         cluster_options=_cluster_options(settings)) as client:
+            problem = check_shared_storage(client, run_dir)
+            if problem:
+                raise UsageError(problem)
+            executor = DatasetExecutor(client)
+            interrupts.on_stop = executor.stop
+            if interrupts.event.is_set():
+                executor.stop()
+            link = dashboard_link(client)
+            if link:
+                log.info("Dask dashboard: %s", link)
+            executor.run_jobs(
+                launcher, {key: job for key, (_, job) in jobs.items()},
+                on_done=lambda key, record: finished(jobs[key][0], _recorded(run_dir, jobs[key][0], record)),
+                on_progress=polled)
+    except ClusterError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        interrupts.on_stop = None
+
+
+def _cluster_options(settings: Settings) -> dict | None:
+    """``--cluster slurm`` options: the config file's, then the flags that were given."""
+    if settings.cluster != "slurm" or settings.scheduler:
+        return None
+    from cassia_helpers.batch.dask.client import load_cluster_options
+
+    flags = {"queue": settings.slurm_queue, "account": settings.slurm_account, "walltime": settings.slurm_walltime,
+             "cores": settings.slurm_cores, "memory": settings.slurm_memory, "python": settings.slurm_python}
+    return load_cluster_options(settings.cluster_config or None, {k: v for k, v in flags.items() if v})
+
+
+def _recorded(run_dir: Path, dataset: Dataset, record: dict) -> dict:
+    """The dataset's status record; one the executor made (a dead worker, a stop) is written to its file."""
+    if "dataset" in record:
+        return record
+    return write_status(DatasetPaths(run_dir, dataset.tissue, dataset.name), record.get("status", FAILED),
+                        error=record.get("error", ""), error_type=record.get("error_type", ""))
+
+
+def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:
+    """The failed status of an input its header already rejects (no kernel is started for it), else ``None``."""
+    from cassia_helpers.inputs import InputError, check_input
+
+    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        check_input(dataset.path, memory_limit=0)  # memory is checked by the kernel, when it reads the file
+    except InputError as exc:
+        return write_status(paths, FAILED, error=str(exc), error_type="InputError",
+                            input_file=input_fingerprint(dataset.path))
+    return None
+
+
+def _aggregate(run_dir: Path, kernel_name: str, notebook: AggregationNotebook | None = None) -> None:
+    """The run-level summaries: through the aggregation notebook (``notebook``, an
+    :class:`~cassia_helpers.batch.execute.AggregationNotebook`, perhaps prepared ahead), else directly; never a
+    traceback."""
+    from cassia_helpers.batch.execute import AggregationNotebook
+
+    problem = (notebook or AggregationNotebook(run_dir, kernel_name)).run()
+    if not problem:
+        return
+    log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)
+    try:
+        from cassia_helpers.summary.aggregate import write_cell_type_heatmap, write_run_summaries
+        from cassia_helpers.summary.report import write_report
+
+        write_run_summaries(run_dir)
+        write_cell_type_heatmap(run_dir)
+        write_report(run_dir)
+    except OSError as exc:
+        log.error("%s: could not write the run summaries (%s: %s)", run_dir, type(exc).__name__, exc.strerror or exc)

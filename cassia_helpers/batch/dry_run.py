@@ -1,0 +1,106 @@
+"""``--dry-run``: what a batch would process and what its annotation could cost; nothing is sent or written."""
+
+from __future__ import annotations
+
+import math
+
+from cassia_helpers.batch.discovery import discover, single_input
+from cassia_helpers.dataset.annotate import ClusterMarkers
+from cassia_helpers.dataset.annotate.agents.prompts import (
+    ANNOTATOR_SYSTEM,
+    FORMATTER_SYSTEM,
+    VALIDATOR_SYSTEM,
+    cluster_prompt,
+)
+from cassia_helpers.inputs import InputError, check_input
+from cassia_helpers.ledger import PriceTable
+from cassia_helpers.settings import Settings
+
+# Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.
+OUTPUT_TOKENS = {"annotator": 450, "formatter": 150, "validator": 120}
+CHARS_PER_TOKEN = 4
+
+
+def cluster_range(n_cells: int) -> tuple[int, int]:
+    """A generous range of leiden clusters at resolution 1 for a dataset of ``n_cells``."""
+    return max(1, min(5, n_cells // 50)), max(2, min(80, int(6 * math.log10(max(n_cells, 10)) ** 1.5)))
+
+
+def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, max_rounds: int = 2) -> dict[str, tuple]:
+    """(input, output) tokens of one cluster's calls: best case (validated at once) and worst case."""
+    markers = ClusterMarkers("0", [f"GENE{i:05d}" for i in range(n_markers)], n_cells=1000)
+    prompt = cluster_prompt(markers, tissue=tissue, species=species, context="")
+    annotator_in = (len(ANNOTATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN
+    analysis = OUTPUT_TOKENS["annotator"]
+    formatter_in = (len(FORMATTER_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis
+    validator_in = (len(VALIDATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis + OUTPUT_TOKENS["formatter"]
+    best_in = annotator_in + formatter_in + validator_in
+    best_out = sum(OUTPUT_TOKENS.values())
+    # later rounds resend the growing conversation; the formatter may fall back twice
+    revision = analysis + OUTPUT_TOKENS["validator"] + 60
+    worst_in = sum(best_in + r * revision for r in range(max_rounds)) + 2 * formatter_in
+    return {"calls": (3, max_rounds * 5), "input": (best_in, worst_in),
+            "output": (best_out, max_rounds * best_out + 300)}
+
+
+def per_cluster(settings: Settings, *, tissue: str) -> dict[str, tuple]:
+    """Calls and tokens of one cluster for the steps switched on (``--pipeline``, ``--n-runs``, ``--models``):
+    the single pass's token sizes scaled by the pipeline's bounded call counts."""
+    from cassia_helpers.dataset.annotate.agents.pipeline import PipelineSettings, estimate_calls
+
+    single = tokens_per_cluster(settings.n_markers, tissue=tissue, species=settings.species)
+    options = PipelineSettings.from_options(
+        pipeline=settings.pipeline, boost_below=settings.boost_below, boost_rounds=settings.boost_rounds,
+        n_runs=settings.n_runs, models=settings.models, agreement_threshold=settings.agreement_threshold)
+    low, high = estimate_calls(options)["per_cluster"]
+    scale = (low / single["calls"][0], high / single["calls"][1])
+    return {"calls": (round(low), round(high)),
+            **{part: (round(single[part][0] * scale[0]), round(single[part][1] * scale[1]))
+               for part in ("input", "output")}}
+
+
+def dry_run(settings: Settings) -> tuple[str, bool]:
+    """A table of the datasets that would run, with an estimate of calls, tokens and cost, and whether every
+    input can run (each is checked from its header, as the real run does before starting a kernel)."""
+    found = (single_input(settings.input, settings.tissue) if settings.input is not None
+             else discover(settings.data_dir, settings.tissues))
+    llm = settings.annotator == "llm"
+    price = PriceTable.load(settings.price_file or None, model=settings.model, input_price=settings.input_price,
+                            output_price=settings.output_price).lookup(settings.model)
+    lines = [f"Dry run: {len(found.datasets)} dataset(s) would be processed; nothing is sent or written.",
+             f"Annotator: {settings.annotator}" + (f" (model {settings.model}, pipeline {settings.pipeline})" if llm
+                                                    else " (offline reference: no API calls)"), ""]
+    header = f"{'tissue':<14} {'dataset':<36} {'cells':>9} {'genes':>7} {'clusters':>9} {'calls':>11} {'tokens':>17}"
+    lines += [header, "-" * len(header)]
+    totals = [0, 0, 0, 0, 0.0, 0.0]
+    problems = []
+    for dataset in found.datasets:
+        try:
+            shape = check_input(dataset.path)
+        except InputError as exc:
+            problems.append(str(exc))
+            lines.append(f"{dataset.tissue:<14} {dataset.name:<36} cannot run: see below")
+            continue
+        n_obs, n_vars = shape["n_obs"] or 0, shape["n_vars"] or 0
+        low, high = cluster_range(n_obs)
+        per = per_cluster(settings, tissue=dataset.tissue)
+        calls = (low * per["calls"][0], high * per["calls"][1]) if llm else (0, 0)
+        tokens = ((low * (per["input"][0] + per["output"][0]), high * (per["input"][1] + per["output"][1]))
+                  if llm else (0, 0))
+        cost = (price.cost(low * per["input"][0], low * per["output"][0]),
+                price.cost(high * per["input"][1], high * per["output"][1])) if llm else (0.0, 0.0)
+        for i, value in enumerate((*calls, *tokens, *cost)):
+            totals[i] += value
+        lines.append(f"{dataset.tissue:<14} {dataset.name:<36} {n_obs:>9,} {n_vars:>7,} {f'{low}-{high}':>9} "
+                     f"{f'{calls[0]}-{calls[1]}':>11} {f'{tokens[0]:,}-{tokens[1]:,}':>17}")
+    lines += ["", f"Estimated API calls: {totals[0]:,}-{totals[1]:,} (before retries; cached answers cost nothing)",
+              f"Estimated tokens: {totals[2]:,}-{totals[3]:,}",
+              f"Estimated cost: ${totals[4]:.2f}-${totals[5]:.2f}"
+              + ("" if price.known or not llm else f" (no known price for {settings.model}: set --price-file)")]
+    if settings.max_cost:
+        lines.append(f"Budget (--max-cost): ${settings.max_cost:.2f}")
+    if found.skipped:
+        lines += ["", "Skipped entries:"] + [f"  {line}" for line in found.skipped]
+    if problems:
+        lines += ["", f"{len(problems)} input(s) cannot run:"] + [f"  {line}" for line in problems]
+    return "\n".join(lines), not problems

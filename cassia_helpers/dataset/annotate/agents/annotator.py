@@ -1,0 +1,338 @@
+"""CASSIA-style agents: an annotator that reasons over a cluster's ranked markers, a formatter that
+returns a structured answer, and a validator (an LLM check plus a deterministic one) that may send the
+annotator back with feedback for a bounded number of rounds.
+
+Calls per cluster are bounded whatever the model says: at most ``max_rounds`` rounds of
+(annotator 1 + formatter ≤ 3 + validator 1) logical calls, each with at most ``max_attempts`` requests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
+from pathlib import Path
+
+from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate.agents.prompts import (
+    ANNOTATOR_SYSTEM,
+    ANSWER_SCHEMA,
+    FORMATTER_SYSTEM,
+    PROMPT_VERSION,
+    VALIDATOR_SYSTEM,
+    cluster_prompt,
+)
+from cassia_helpers.dataset.annotate.llm.client import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_TOKENS,
+    BudgetExceeded,
+    FatalLLMError,
+    LLMClient,
+    LLMError,
+    RequestRejected,
+    endpoint_label,
+)
+from cassia_helpers.dataset.annotate.llm.limits import run_limits
+from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker
+from cassia_helpers.dataset.annotate.llm.untrusted import sanitize_label, sanitize_text
+from cassia_helpers.ledger import Ledger, PriceTable
+
+UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
+THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+FINAL_LINE = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
+VERDICT = re.compile(r"^[\s*_#>`]*VALIDATION\s+(PASSED|FAILED)\b", re.IGNORECASE)
+
+
+def validator_verdict(text: str) -> bool | None:
+    """The validator's verdict from the first non-empty line only: ``True`` for a line that starts with
+    ``VALIDATION PASSED`` and says nothing of failing, ``False`` for ``VALIDATION FAILED``, ``None`` when
+    the first line holds no verdict. "VALIDATION FAILED ... would only be VALIDATION PASSED if" fails."""
+    lines = [line for line in THINKING.sub("", text).splitlines() if line.strip()]
+    match = VERDICT.match(lines[0]) if lines else None
+    if match is None:
+        return None
+    return match.group(1).upper() == "PASSED" and "FAIL" not in lines[0].upper()
+
+
+def parse_answer(text: str) -> dict | None:
+    """The structured answer from JSON, a fenced JSON block, a JSON object inside prose, or a
+    ``FINAL ANNOTATION:`` line; ``None`` when no cell type can be found."""
+    text = THINKING.sub("", text)
+    candidates = [text]
+    candidates += re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        candidates.append(text[start:end + 1])
+    for candidate in candidates:
+        try:
+            data = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and sanitize_label(data.get("main_cell_type", "")):
+            return _normalise(data)
+    match = FINAL_LINE.search(text)
+    if match:
+        label = sanitize_label(match.group(1))
+        if label and not label.startswith("<"):
+            return _normalise({"main_cell_type": label, "confidence": 50,
+                               "reasoning": "Parsed from the annotator's final line."})
+    return None
+
+
+def _as_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[;,]", value)]
+    elif not isinstance(value, list | tuple):
+        value = [value]
+    return [label for label in (sanitize_label(v) for v in value[:20]) if label]
+
+
+def _normalise(data: dict) -> dict:
+    try:
+        confidence = float(data.get("confidence", 50))
+    except (TypeError, ValueError):
+        confidence = 50.0
+    if 0 < confidence <= 1:
+        confidence *= 100
+    return {
+        "main_cell_type": sanitize_label(data.get("main_cell_type", "")),
+        "sub_cell_types": _as_list(data.get("sub_cell_types"))[:3],
+        "mixed_cell_types": _as_list(data.get("mixed_cell_types")),
+        "confidence": max(0.0, min(100.0, confidence)),
+        "key_markers": _as_list(data.get("key_markers")),
+        "reasoning": sanitize_text(data.get("reasoning", "")),
+        # a proposal only: checked against the ontology before it is used (cassia_helpers.dataset.ontology)
+        "cell_ontology_id": sanitize_label(data.get("cell_ontology_id", ""), max_chars=20),
+    }
+
+
+def marker_problems(answer: dict, genes: list[str]) -> list[str]:
+    """The deterministic check: every marker the answer cites must be in the list sent."""
+    sent = {g.upper() for g in genes}
+    foreign = [m for m in answer["key_markers"] if m.upper() not in sent]
+    problems = []
+    if foreign:
+        problems.append(f"These cited markers are not in the marker list: {', '.join(foreign)}.")
+    if not answer["main_cell_type"]:
+        problems.append("No main cell type was given.")
+    return problems
+
+
+class LLMAnnotator:
+    """CASSIA-style LLM annotation of clusters through any OpenAI-compatible endpoint.
+
+    Clusters are annotated concurrently (``concurrency`` threads; the run-wide request limit is shared
+    by all dataset workers). Every request is written to the ledger at ``ledger_path``.
+    """
+
+    name = "llm"
+
+    def __init__(self, *, species: str = "human", model: str, base_url: str = "", concurrency: int = 8,
+                 timeout: float = 120.0, max_attempts: int = 4, use_cache: bool = True, cache_dir: str = "",
+                 max_cost: float = 0.0, price_file: str = "", input_price: float | None = None,
+                 output_price: float | None = None, ledger_path: str | Path | None = None,
+                 dataset: str = "", tissue: str = "", run_dir: str = "", max_rounds: int = 2,
+                 seed: int = 0, deadline: float = DEFAULT_DEADLINE_S, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 breaker_failures: int = 3, breaker_cooldown: float = 60.0) -> None:
+        self._options = dict(species=species, model=model, base_url=base_url, concurrency=concurrency,
+                             timeout=timeout, max_attempts=max_attempts, use_cache=use_cache, cache_dir=cache_dir,
+                             max_cost=max_cost, price_file=price_file, input_price=input_price,
+                             output_price=output_price, dataset=dataset, tissue=tissue, run_dir=run_dir,
+                             max_rounds=max_rounds, seed=seed, deadline=deadline, max_tokens=max_tokens,
+                             breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown)
+        self.species = species
+        self.max_rounds = max(1, int(max_rounds))
+        self.concurrency = max(1, int(concurrency))
+        self.ledger = Ledger(ledger_path)
+        prices = PriceTable.load(price_file or None, model=model, input_price=input_price,
+                                 output_price=output_price)
+        # held by the Dask scheduler when the batch runs on one, else by files in the run folder
+        throttle, budget = run_limits(run_dir or None, self.concurrency, max_cost, local_spent=self.ledger.spent)
+        self.client = LLMClient(
+            model=model, base_url=base_url, ledger=self.ledger, prices=prices,
+            throttle=throttle, budget=budget,
+            breaker=CircuitBreaker(breaker_failures, breaker_cooldown, run_dir or None),
+            dataset=dataset, tissue=tissue, timeout=timeout, max_attempts=max_attempts,
+            cache_dir=cache_dir or None, use_cache=use_cache, seed=seed, deadline=deadline,
+            max_tokens=max_tokens,
+        )
+        self.price_known = prices.lookup(model).known
+
+    def describe(self) -> dict:
+        return {
+            "annotator": "llm",
+            "model": self.client.model,
+            "provider": endpoint_label(self.client.base_url).split("://", 1)[-1].split("/", 1)[0],
+            "endpoint_host": endpoint_label(self.client.base_url),
+            "prompt_version": PROMPT_VERSION,
+            "temperature": self.client.temperature,
+            "seed": self.client.seed,
+            "max_rounds": self.max_rounds,
+            "max_tokens": self.client.max_tokens,
+            "deadline_s": self.client.deadline,
+            "price_known": self.price_known,
+            "system_fingerprint": ", ".join(sorted(self.client.fingerprints)),
+            "openai_version": version("openai"),
+        }
+
+    def annotate(self, clusters: list[ClusterMarkers], *, tissue: str, species: str,
+                 context: str = "") -> list[ClusterAnnotation]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda m: self._annotate_safely(m, tissue, species, context), clusters))
+
+    # hooks for the pipeline (annotate/pipeline.py)
+    def sibling(self, *, model: str | None = None, seed: int | None = None,
+                temperature: float | None = None) -> LLMAnnotator:
+        """An annotator with another model and/or seed that shares this one's ledger, throttle and budget."""
+        options = dict(self._options, ledger_path=None)
+        if model:
+            options["model"] = model
+        if seed is not None:
+            options["seed"] = seed
+        other = LLMAnnotator(**options)
+        other.ledger = self.ledger
+        other.client.ledger = self.ledger
+        other.client.throttle, other.client.budget = self.client.throttle, self.client.budget
+        other.client.breaker = self.client.breaker
+        if temperature is not None:
+            other.client.temperature = temperature
+        return other
+
+    def annotate_one(self, markers: ClusterMarkers, *, tissue: str, species: str,
+                     context: str = "") -> ClusterAnnotation:
+        """One cluster's annotate → format → validate pass; failures end in an Unknown with the reason."""
+        return self._annotate_safely(markers, tissue, species, context)
+
+    def format_answer(self, prompt: str, analysis: str, cluster: str, transcript: list[dict]) -> dict | None:
+        """The formatter agent (schema → JSON mode → prose fallbacks) on a free-text analysis."""
+        return self._format(prompt, analysis, cluster, transcript)
+
+    def _annotate_safely(self, markers, tissue, species, context) -> ClusterAnnotation:
+        try:
+            result = self._annotate_one(markers, tissue, species, context)
+        except BudgetExceeded as exc:
+            result = ClusterAnnotation.unknown(markers.cluster, f"budget ({exc})", markers.genes, "budget")
+        except FatalLLMError as exc:
+            result = ClusterAnnotation.unknown(markers.cluster, f"endpoint refused the request ({exc})",
+                                               markers.genes, exc.kind)
+        except LLMError as exc:
+            result = ClusterAnnotation.unknown(markers.cluster, f"request failed ({exc})", markers.genes,
+                                               exc.kind)
+        tokens = [r for r in self.ledger.records if r.cluster == markers.cluster]
+        result.input_tokens = sum(r.input_tokens for r in tokens)
+        result.output_tokens = sum(r.output_tokens for r in tokens)
+        return result
+
+    def _format(self, prompt: str, analysis: str, cluster: str, transcript: list[dict]) -> dict | None:
+        messages = [{"role": "system", "content": FORMATTER_SYSTEM},
+                    {"role": "user", "content": f"{prompt}\n\nAnnotator's analysis:\n{analysis}"}]
+        for feature, response_format in (("json_schema", ANSWER_SCHEMA), ("json_object", {"type": "json_object"}),
+                                         ("prose", None)):
+            if response_format is not None and not self.client.supports(feature):
+                continue
+            try:
+                reply = self.client.chat(messages, cluster=cluster, agent="formatter",
+                                         response_format=response_format,
+                                         accept=lambda text: parse_answer(text) is not None)
+            except RequestRejected:
+                if response_format is None:
+                    raise
+                self.client.mark_unsupported(feature)
+                continue
+            transcript.append({"agent": f"formatter ({feature})", "content": reply.content})
+            return parse_answer(reply.content) or parse_answer(analysis)
+        return parse_answer(analysis)
+
+    def _annotate_one(self, markers: ClusterMarkers, tissue: str, species: str, context: str) -> ClusterAnnotation:
+        prompt = cluster_prompt(markers, tissue=tissue, species=species, context=context)
+        conversation = [{"role": "system", "content": ANNOTATOR_SYSTEM}, {"role": "user", "content": prompt}]
+        transcript: list[dict] = []
+        best: dict | None = None
+        last_problem = "no answer"
+        for round_number in range(1, self.max_rounds + 1):
+            try:
+                outcome = self._round(markers, prompt, conversation, transcript, round_number)
+            except LLMError as exc:
+                if best is None:
+                    raise
+                # An answer already paid for is kept when a later call cannot be made.
+                transcript.append({"agent": "note", "content": f"stopped early: {exc}"})
+                return self._result(markers, best, transcript, round_number, validated=False)
+            if outcome is None:
+                last_problem = "the model gave no recognisable cell type"
+                continue
+            cleaned, passed = outcome
+            best = cleaned
+            if passed:
+                return self._result(markers, cleaned, transcript, round_number, validated=True)
+            last_problem = "validation did not pass"
+        if best is not None:
+            return self._result(markers, best, transcript, self.max_rounds, validated=False)
+        unknown = ClusterAnnotation.unknown(markers.cluster, f"{last_problem} after {self.max_rounds} rounds",
+                                           markers.genes, "invalid_answer")
+        unknown.transcript, unknown.iterations = transcript, self.max_rounds
+        return unknown
+
+    def _round(self, markers: ClusterMarkers, prompt: str, conversation: list[dict], transcript: list[dict],
+               round_number: int) -> tuple[dict, bool] | None:
+        """One annotator → formatter → validator round; ``None`` when no cell type could be read.
+
+        Adds the feedback for the next round to ``conversation`` when the answer is missing or not validated.
+        """
+        analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator",
+                                    accept=lambda text: parse_answer(text) is not None).content
+        transcript.append({"agent": f"annotator (round {round_number})", "content": analysis})
+        conversation.append({"role": "assistant", "content": analysis})
+        answer = self._format(prompt, analysis, markers.cluster, transcript)
+        if answer is None:
+            conversation.append({"role": "user", "content": "Your feedback: the answer named no cell type. "
+                                 "Analyse again and end with 'FINAL ANNOTATION: <main cell type>'."})
+            return None
+        problems = marker_problems(answer, markers.genes)
+        cleaned = dict(answer, key_markers=[m for m in answer["key_markers"]
+                                            if m.upper() in {g.upper() for g in markers.genes}])
+        try:
+            review = self.client.chat(
+                [{"role": "system", "content": VALIDATOR_SYSTEM},
+                 {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
+                                             f"Structured answer:\n{json.dumps(answer)}"}],
+                cluster=markers.cluster, agent="validator",
+                accept=lambda text: validator_verdict(text) is not None).content
+        except LLMError as exc:
+            # The answer stands, unconfirmed; a later round (if any) may still confirm it.
+            review = f"validator unavailable ({exc})"
+        transcript.append({"agent": f"validator (round {round_number})", "content": review})
+        if problems:
+            transcript.append({"agent": "marker check", "content": " ".join(problems)})
+        passed = validator_verdict(review) is True and not problems
+        if not passed:
+            conversation.append({"role": "user", "content": "Validator feedback: " + " ".join(problems + [review])
+                                 + "\nRevise your analysis and end with 'FINAL ANNOTATION: <main cell type>'."})
+        return cleaned, passed
+
+    def _result(self, markers, answer, transcript, rounds, *, validated: bool) -> ClusterAnnotation:
+        if UNKNOWN_ANSWER.match(answer["main_cell_type"]):
+            unknown = ClusterAnnotation.unknown(markers.cluster, "the model could not identify the cell type",
+                                               markers.genes, "model_unknown")
+            unknown.reasoning, unknown.transcript, unknown.iterations = answer["reasoning"], transcript, rounds
+            return unknown
+        reasoning = answer["reasoning"]
+        if not validated:
+            reasoning = (reasoning + " (The validator did not confirm this call.)").strip()
+        return ClusterAnnotation(
+            cluster=markers.cluster,
+            main_cell_type=answer["main_cell_type"],
+            sub_cell_types=answer["sub_cell_types"],
+            mixed_cell_types=answer["mixed_cell_types"],
+            confidence=answer["confidence"],
+            key_markers=answer["key_markers"],
+            reasoning=reasoning,
+            cell_ontology_id=answer["cell_ontology_id"],
+            status="ok",
+            iterations=rounds,
+            markers_sent=list(markers.genes),
+            transcript=transcript,
+        )

@@ -1,0 +1,69 @@
+"""Consensus over repeated or multi-model annotations of a cluster: label, agreement, runners-up."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cassia_helpers.dataset.annotate import UNKNOWN
+
+_PLURAL = re.compile(r"(?<=[a-z])s\b")
+_SYNONYMS = {
+    "t lymphocyte": "t cell", "b lymphocyte": "b cell", "natural killer cell": "nk cell",
+    "monocytes": "monocyte", "macrophages": "macrophage",
+}
+
+
+def normalise_label(name: str) -> str:
+    """A cell-type name in a comparable form: case, punctuation, plurals, ``-positive``/``+`` and a few
+    common synonyms (``T lymphocytes`` and ``T cell`` agree; ``CD8+ T cell`` and ``CD8-positive T cells``
+    agree)."""
+    text = (name or "").strip().lower()
+    text = re.sub(r"-?positive\b", "+", text)
+    text = re.sub(r"[_/,;()\[\]]", " ", text)
+    text = re.sub(r"\s*\+\s*", "+ ", text)
+    text = re.sub(r"(?<=\w)-(?=\w)", " ", text)
+    text = " ".join(_PLURAL.sub("", word) if len(word) > 3 else word for word in text.split())
+    text = _SYNONYMS.get(text, text)
+    if re.match(r"^(unknown|unclear|undetermined|n/?a)\b", text):
+        return UNKNOWN.lower()
+    return text
+
+
+@dataclass
+class Consensus:
+    """``label`` (the most common call, in the spelling used most), ``agreement`` (fraction of runs with
+    that call), ``runners_up`` (other calls, most common first), ``disputed`` (agreement below the
+    threshold), ``votes`` (normalised name → count)."""
+
+    label: str
+    agreement: float
+    runners_up: list[str] = field(default_factory=list)
+    disputed: bool = False
+    votes: dict[str, int] = field(default_factory=dict)
+    n_runs: int = 0
+
+
+def consensus(labels: list[str], *, threshold: float = 0.5) -> Consensus:
+    """Consensus of ``labels`` (one per run or model); ties go to the earlier run's call.
+
+    Unknown calls count as runs (they lower the agreement) but never win against a real call.
+    """
+    if not labels:
+        return Consensus(UNKNOWN, 0.0, disputed=True)
+    keys = [normalise_label(x) for x in labels]
+    votes = Counter(keys)
+    first_seen = {k: keys.index(k) for k in votes}
+    ranked = sorted(votes, key=lambda k: (k == UNKNOWN.lower(), -votes[k], first_seen[k]))
+    spelled = {k: Counter(x for x, kk in zip(labels, keys, strict=True) if kk == k).most_common(1)[0][0]
+               for k in votes}
+    winner = ranked[0]
+    agreement = votes[winner] / len(labels)
+    label = UNKNOWN if winner == UNKNOWN.lower() else spelled[winner]
+    return Consensus(label=label, agreement=round(agreement, 4),
+                     runners_up=[spelled[k] for k in ranked[1:]], disputed=agreement < threshold,
+                     votes=dict(votes), n_runs=len(labels))
+
+
+__all__ = ["Consensus", "consensus", "normalise_label"]

@@ -1,0 +1,153 @@
+"""Merging: one agent per dataset groups the clusters' calls into broad, detailed and fine levels.
+
+At most ``max_calls`` logical calls per dataset (default 2: the second only to fill clusters the first reply
+left out or could not be read). A cluster the agent never placed keeps its own call at every level, with the
+reason in its ``notes``. :func:`merge_from_hierarchy` fills the same levels without an LLM (the reference
+annotator's hook).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation
+
+if TYPE_CHECKING:  # the LLM client (and openai) is imported only when the merging agent is asked
+    from cassia_helpers.dataset.annotate.llm.client import LLMClient
+
+LEVELS = ("broad", "detailed", "fine")
+MERGER_SYSTEM = """You are the merging agent of a cell-type annotation team. You receive every cluster's \
+call for one single-cell RNA-seq dataset. Group the calls at three levels: broad (major lineages, e.g. \
+immune, epithelial, stromal cells, or T cells / B cells / myeloid cells), detailed (cell types, e.g. CD8+ \
+T cells, classical monocytes) and fine (the most specific state the call supports). Clusters with the same \
+identity must get the same names. Reply with JSON only: {"groupings": [{"cluster": "<id>", "broad": "...", \
+"detailed": "...", "fine": "..."}, ...]} with one entry for every cluster."""
+MERGE_CLUSTER = "(dataset)"
+
+
+def merging_prompt(results: list[ClusterAnnotation], *, tissue: str, species: str, only: set[str] | None = None) -> str:
+    lines = [f"Species: {species}", f"Tissue: {tissue}", "Clusters:"]
+    for r in results:
+        if only is not None and r.cluster not in only:
+            continue
+        sub = f"; sub types: {', '.join(r.sub_cell_types)}" if r.sub_cell_types else ""
+        lines.append(f"- cluster {r.cluster}: {r.main_cell_type}{sub}")
+    return "\n".join(lines)
+
+
+def parse_groupings(text: str, clusters: list[str]) -> dict[str, list[str]]:
+    """``cluster -> [broad, detailed, fine]`` for the clusters found in a JSON reply (others left out)."""
+    text = re.sub(r"<think>.*?</think>", "", text or "", flags=re.DOTALL | re.IGNORECASE)
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        data = json.loads(text[start:end + 1]) if 0 <= start < end else None
+    except ValueError:
+        data = None
+    entries = data.get("groupings", []) if isinstance(data, dict) else []
+    wanted = {str(c) for c in clusters}
+    found: dict[str, list[str]] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        cluster = str(entry.get("cluster", "")).strip()
+        levels = [str(entry.get(level, "") or "").strip() for level in LEVELS]
+        if cluster in wanted and all(levels):
+            found[cluster] = levels
+    return found
+
+
+def _own_levels(r: ClusterAnnotation) -> list[str]:
+    fine = r.sub_cell_types[0] if r.sub_cell_types else r.main_cell_type
+    return [r.main_cell_type, r.main_cell_type, fine]
+
+
+def merge_annotations(client: LLMClient, results: list[ClusterAnnotation], *, tissue: str, species: str,
+                      max_calls: int = 2) -> list[ClusterAnnotation]:
+    """Fill ``merged_groupings`` of every result (in place; also returned).
+
+    Unknown clusters are not sent and get ``Unknown`` at every level. Request failures (budget included)
+    leave the clusters not yet grouped with their own call, the reason in ``notes``.
+    """
+    from cassia_helpers.dataset.annotate.llm.client import LLMError
+
+    known = [r for r in results if r.main_cell_type != UNKNOWN]
+    for r in results:
+        if r.main_cell_type == UNKNOWN:
+            r.merged_groupings = [UNKNOWN] * 3
+    pending = {r.cluster for r in known}
+    placed: dict[str, list[str]] = {}
+    problem = ""
+    for _ in range(max(1, max_calls)):
+        if not pending:
+            break
+        messages = [{"role": "system", "content": MERGER_SYSTEM},
+                    {"role": "user", "content": merging_prompt(known, tissue=tissue, species=species,
+                                                               only=None if not placed else pending)}]
+        try:
+            reply = _ask(client, messages)
+        except LLMError as exc:
+            problem = f"merging request failed ({exc})"
+            break
+        found = parse_groupings(reply, sorted(pending))
+        placed.update(found)
+        pending -= set(found)
+        problem = "the merging agent left this cluster out" if pending else ""
+    for r in known:
+        if r.cluster in placed:
+            r.merged_groupings = placed[r.cluster]
+        else:
+            r.merged_groupings = _own_levels(r)
+            r.notes.append(f"merging: {problem or 'not grouped'}; own call kept at every level")
+    return results
+
+
+def _ask(client: LLMClient, messages: list[dict]) -> str:
+    from cassia_helpers.dataset.annotate.llm.client import RequestRejected
+
+    if client.supports("json_object"):
+        try:
+            return client.chat(messages, cluster=MERGE_CLUSTER, agent="merger",
+                               response_format={"type": "json_object"}).content
+        except RequestRejected:
+            client.mark_unsupported("json_object")
+    return client.chat(messages, cluster=MERGE_CLUSTER, agent="merger").content
+
+
+def merge_from_hierarchy(results: list[ClusterAnnotation],
+                         parent: Callable[[str], str | None]) -> list[ClusterAnnotation]:
+    """Merging without an LLM: ``parent(label)`` gives a label's parent type (``None`` at the top).
+
+    broad = the top ancestor of the call, detailed = the call, fine = its best sub type or the call.
+    """
+    for r in results:
+        if r.main_cell_type == UNKNOWN:
+            r.merged_groupings = [UNKNOWN] * 3
+            continue
+        chain = [r.main_cell_type]
+        while (up := parent(chain[-1])) and up not in chain and len(chain) < 10:
+            chain.append(up)
+        fine = r.sub_cell_types[0] if r.sub_cell_types else r.main_cell_type
+        r.merged_groupings = [chain[-1], r.main_cell_type, fine]
+    return results
+
+
+def fill_from_reference(results: list[ClusterAnnotation], reference) -> list[ClusterAnnotation]:
+    """What the offline reference annotator can fill of the full pipeline's columns (in place).
+
+    ``reference`` is a :class:`~..reference.catalog.MarkerReference` (``ReferenceAnnotator
+    .reference``). ``score`` is the reference's own marker-match confidence (said so in ``score_reasoning``;
+    not an LLM judgement) and the merged levels come from the reference's parent types. Boost, consensus
+    and the agreement stay empty: they need an LLM.
+    """
+    for r in results:
+        if r.main_cell_type != UNKNOWN:
+            r.score = float(r.confidence)
+            r.score_reasoning = "marker-match confidence of the offline reference (no LLM scoring)"
+    return merge_from_hierarchy(results, lambda name: next(iter(reference.ancestors(name)), None))
+
+
+__all__ = ["LEVELS", "MERGER_SYSTEM", "fill_from_reference", "merge_annotations", "merge_from_hierarchy",
+           "merging_prompt", "parse_groupings"]

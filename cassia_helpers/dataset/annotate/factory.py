@@ -1,0 +1,91 @@
+"""Which annotator a run uses, built from its settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cassia_helpers.dataset.annotate import Annotator
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from anndata import AnnData
+
+    from cassia_helpers.settings import Settings
+
+
+def llm_configured(base_url: str = "") -> bool:
+    """An LLM is configured when an API key or a base URL is available."""
+    return bool(os.environ.get("OPENAI_API_KEY") or base_url)
+
+
+def make_annotator(settings: Settings, *, dataset: str = "", tissue: str = "", run_dir: str | Path = "",
+                   ledger_path: str | Path | None = None, markers: pd.DataFrame | None = None,
+                   adata: AnnData | None = None) -> Annotator:
+    """The annotator ``settings.annotator`` names: ``"reference"`` (the offline marker reference) or ``"llm"``
+    (CASSIA-style agents on an OpenAI-compatible endpoint, writing every request to ``ledger_path`` and
+    sharing the run's request limit and budget through ``run_dir``). ``"auto"`` picks ``"llm"`` when an API
+    key or a base URL is configured.
+
+    With ``settings.pipeline == "full"`` (or several runs or models) the LLM agents run CASSIA's whole
+    pipeline (:class:`~cassia_helpers.dataset.annotate.agents.pipeline.AnnotationPipeline`); the boost agent's gene
+    requests are answered from ``markers``, the full marker table of every tested gene (with ``adata``
+    for genes that were not tested)."""
+    kind = settings.annotator
+    if kind == "auto":
+        kind = "llm" if llm_configured(settings.base_url) else "reference"
+    if kind == "reference":
+        from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
+
+        return ReferenceAnnotator(species=settings.species)
+    from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+
+    agents = LLMAnnotator(
+        species=settings.species, model=settings.model, base_url=settings.base_url,
+        concurrency=settings.llm_concurrency, timeout=settings.llm_timeout,
+        max_attempts=settings.llm_max_attempts, use_cache=settings.use_cache, cache_dir=settings.cache_dir,
+        max_cost=settings.max_cost, price_file=settings.price_file, input_price=settings.input_price,
+        output_price=settings.output_price, ledger_path=ledger_path, dataset=dataset, tissue=tissue,
+        run_dir=str(run_dir), seed=settings.seed, deadline=settings.llm_deadline,
+        max_tokens=settings.llm_max_tokens, breaker_failures=settings.llm_breaker_failures,
+        breaker_cooldown=settings.llm_breaker_cooldown,
+    )
+    if settings.pipeline == "fast" and settings.n_runs == 1 and not settings.models:
+        return agents
+    from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
+    from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
+    from cassia_helpers.dataset.record import cluster_key
+
+    lookup = None
+    if markers is not None:
+        lookup = GeneLookup(markers, adata=adata, groupby=cluster_key(adata) if adata is not None else "leiden")
+    options = PipelineSettings.from_options(
+        pipeline=settings.pipeline, boost_below=settings.boost_below, boost_rounds=settings.boost_rounds,
+        n_runs=settings.n_runs, models=settings.models, agreement_threshold=settings.agreement_threshold)
+    return AnnotationPipeline(agents, options, lookup=lookup)
+
+
+def check_llm_setup(settings: Settings) -> None:
+    """The checks every run (fresh or resumed) makes before it starts: an LLM run can reach a model, and a
+    budget can be held.
+
+    Raises
+    ------
+    UsageError
+        ``annotator="llm"`` with neither ``OPENAI_API_KEY`` nor a base URL, or ``max_cost`` for a model
+        without a known price.
+    """
+    from cassia_helpers.settings import UsageError
+
+    if settings.annotator != "llm":
+        return
+    if not llm_configured(settings.base_url):
+        raise UsageError("--annotator llm needs OPENAI_API_KEY in the environment, or --base-url for a local "
+                         "server that needs no key")
+    from cassia_helpers.ledger import check_budget_prices
+
+    problem = check_budget_prices(settings.model, settings.max_cost, settings.price_file or None,
+                                  settings.input_price, settings.output_price)
+    if problem:
+        raise UsageError(problem)

@@ -1,0 +1,388 @@
+"""OpenAI-compatible chat calls: our own retries within a deadline, a circuit breaker, an on-disk cache
+of checked answers, and a write-ahead ledger record per request sent.
+
+The ``openai`` client's hidden retries are off (``max_retries=0``) so that every attempt is seen and
+recorded; tenacity retries 429, 5xx, timeouts, connection errors and unreadable bodies with jittered
+exponential back-off, honouring ``Retry-After``, as long as the logical call's ``deadline`` allows.
+Each attempt is one request of :mod:`cassia_helpers.dataset.annotate.llm.transport`, whose reply body must be complete
+within the time the deadline leaves. The API key is read from ``OPENAI_API_KEY`` by this process and
+is scrubbed from every reply and error before anything is stored.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import openai
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from cassia_helpers.dataset.annotate.llm.cache import CAPABILITIES_FILE, ResponseCache, default_cache_dir
+from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker, RunBudget, RunThrottle
+from cassia_helpers.dataset.annotate.llm.transport import (
+    DeadlineExceeded,
+    post_chat,
+    refused_option,
+    reply_fields,
+    retry_after_seconds,
+    safe_message,
+)
+from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets, untrusted_reply
+from cassia_helpers.ledger import (
+    BREAKER_OPEN,
+    CACHE_HIT,
+    ERROR,
+    INTERRUPTED,
+    OK,
+    SKIPPED_BUDGET,
+    CallRecord,
+    Ledger,
+    PriceTable,
+    estimate_tokens,
+)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MAX_TOKENS = 4096  # room for a reasoning model's thinking; an annotation needs a few hundred
+DEFAULT_DEADLINE_S = 300.0
+MIN_ATTEMPT_S = 1.0  # no new attempt with less time than this left before the deadline
+
+__all__ = ["CAPABILITIES_FILE", "DEFAULT_BASE_URL", "DEFAULT_DEADLINE_S", "DEFAULT_MAX_TOKENS", "BudgetExceeded",
+           "ChatAnswer", "FatalLLMError", "LLMClient", "LLMError", "RequestRejected", "ServiceUnavailable",
+           "default_cache_dir", "endpoint_label"]
+
+
+class LLMError(RuntimeError):
+    """No usable answer for one logical call; the message is safe to show (no credentials).
+
+    ``kind`` says why, machine-readably: one of
+    :data:`~cassia_helpers.dataset.annotate.SERVICE_FAILURES` (``timeout``, ``unreachable``, ``budget``, ``auth``,
+    ``no_key``, ``model_not_found``, ``endpoint_not_found``, ``server_error``, ``unreadable``,
+    ``rejected``, ``error``).
+    """
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class BudgetExceeded(LLMError):
+    """The run's ``--max-cost`` budget is reached (or cannot be enforced): nothing more is sent."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "budget")
+
+
+class RequestRejected(LLMError):
+    """The endpoint rejected this request as invalid (400/422), e.g. an unsupported response_format."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "rejected")
+
+
+class FatalLLMError(LLMError):
+    """The endpoint refuses us outright (bad key, unknown model): no point trying other clusters."""
+
+
+class ServiceUnavailable(LLMError):
+    """The circuit breaker is open: the server kept failing, nothing is sent during the cool-down."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unreachable")
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None, kind: str = "error") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.kind = kind
+
+
+@dataclass
+class ChatAnswer:
+    content: str
+    input_tokens: int
+    output_tokens: int
+    from_cache: bool
+    system_fingerprint: str = ""
+    estimated: bool = False
+
+
+def endpoint_label(base_url: str) -> str:
+    """``scheme://host[:port]/path`` without credentials or query: safe to record and to key the cache."""
+    parts = urlsplit(base_url or DEFAULT_BASE_URL)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path.rstrip('/')}"
+
+
+def _messages_text(messages: list[dict]) -> str:
+    return "\n".join(str(m.get("content") or "") for m in messages)
+
+
+class LLMClient:
+    """Chat completions for one dataset, with cache, retries, run-wide limits and a ledger.
+
+    Parameters
+    ----------
+    model, base_url
+        Model name and OpenAI-compatible endpoint (``OPENAI_BASE_URL`` or OpenAI when empty).
+    ledger
+        Where every request (and cache hit) is recorded, before it is sent and when it completes.
+    throttle, budget, breaker
+        Run-wide concurrency/back-off, the ``--max-cost`` budget and the circuit breaker.
+    timeout
+        Seconds to connect, and seconds of silence while waiting for the reply.
+    deadline
+        Wall-clock seconds for one logical call, all attempts and back-off waits included.
+    max_tokens
+        The reply length asked for (``max_tokens``, or ``max_completion_tokens`` where that is refused).
+    """
+
+    def __init__(self, *, model: str, base_url: str = "", ledger: Ledger, prices: PriceTable,
+                 throttle: RunThrottle, budget: RunBudget, breaker: CircuitBreaker | None = None,
+                 dataset: str = "", tissue: str = "", timeout: float = 120.0, max_attempts: int = 4,
+                 cache_dir: str | Path | None = None, use_cache: bool = True, seed: int = 0,
+                 max_wait_s: float = 30.0, deadline: float = DEFAULT_DEADLINE_S,
+                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        self.endpoint = endpoint_label(self.base_url)
+        self.ledger, self.prices, self.throttle, self.budget = ledger, prices, throttle, budget
+        self.breaker = breaker or CircuitBreaker(0)
+        # 0 for reproducible calls; repeated runs of a consensus sample with a seed of their own
+        self.temperature = 0.0
+        self.dataset, self.tissue = dataset, tissue
+        self.max_attempts = max(1, int(max_attempts))
+        self.max_wait_s = max_wait_s
+        self.timeout = float(timeout)
+        self.deadline = float(deadline)
+        self.max_tokens = int(max_tokens)
+        self.seed = seed
+        self.cache = ResponseCache(cache_dir, endpoint=self.endpoint, model=model, enabled=use_cache)
+        self.fingerprints: set[str] = set()
+        self._fatal: LLMError | None = None
+        self._lock = threading.Lock()
+        self._client = openai.OpenAI(
+            api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+            base_url=self.base_url,
+            timeout=timeout,
+            max_retries=0,
+        )
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache.directory
+
+    def supports(self, feature: str) -> bool:
+        return self.cache.supports(feature)
+
+    def mark_unsupported(self, feature: str) -> None:
+        self.cache.mark_unsupported(feature)
+
+    def _record(self, *, cluster: str, agent: str, status: str, input_tokens: int = 0, output_tokens: int = 0,
+                latency: float = 0.0, error: str = "", attempt: int = 1, request_id: str = "",
+                call_id: str = "", estimated: bool = False, pending: bool = False) -> None:
+        price = self.prices.lookup(self.model)
+        cost = price.cost(input_tokens, output_tokens) if status in (OK, ERROR, INTERRUPTED) or pending else 0.0
+        record = CallRecord(
+            timestamp=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            dataset=self.dataset, tissue=self.tissue, cluster=cluster, agent=agent, model=self.model,
+            input_tokens=input_tokens, output_tokens=output_tokens, cost=round(cost, 8),
+            latency_s=round(latency, 3), status=status, error=scrub_secrets(error), attempt=attempt,
+            price_known=price.known, endpoint_host=self.endpoint, request_id=request_id, call_id=call_id,
+            estimated=estimated,
+        )
+        if pending:
+            self.ledger.begin(record)
+            return
+        self.ledger.add(record)
+        if cost:
+            self.budget.add(cost)  # a run-wide budget held elsewhere (the Dask scheduler) counts it here
+
+    def chat(self, messages: list[dict], *, cluster: str, agent: str, response_format: dict | None = None,
+             accept: Callable[[str], bool] | None = None) -> ChatAnswer:
+        """One logical call: served from the cache, or sent (with retries within ``deadline``) and recorded.
+
+        Only a non-empty answer that ``accept`` (when given) approves is cached, and only such an answer
+        is served from the cache: a bad reply is asked again on the next run.
+
+        Raises
+        ------
+        BudgetExceeded, FatalLLMError, ServiceUnavailable, LLMError
+        """
+
+        def good(text: str) -> bool:
+            return bool(text.strip()) and (accept is None or bool(accept(text)))
+
+        key = self.cache.key(messages, response_format, temperature=self.temperature, seed=self.seed)
+        cached = self.cache.get(key)
+        if cached is not None and good(cached["content"]):
+            self._record(cluster=cluster, agent=agent, status=CACHE_HIT)
+            return ChatAnswer(cached["content"], 0, 0, True, cached.get("system_fingerprint", ""))
+        if self._fatal is not None:
+            raise FatalLLMError(str(self._fatal), self._fatal.kind)
+        price = self.prices.lookup(self.model)
+        if self.budget.enabled and not price.known:
+            message = (f"--max-cost is set but model {self.model!r} has no known price, so the budget "
+                       "cannot be enforced: nothing is sent")
+            self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET, error=message)
+            raise BudgetExceeded(message)
+
+        give_up_at = time.monotonic() + self.deadline
+        attempt = 0
+
+        def send() -> ChatAnswer:
+            nonlocal attempt
+            attempt += 1
+            refused = self.breaker.check()
+            if refused:
+                raise ServiceUnavailable(refused)
+            if self.budget.exhausted():
+                self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET,
+                             error=f"budget of ${self.budget.max_cost:.2f} reached")
+                raise BudgetExceeded(f"budget of ${self.budget.max_cost:.2f} reached")
+            left = give_up_at - time.monotonic()
+            if left < MIN_ATTEMPT_S:
+                raise LLMError(f"no answer within the {self.deadline:g} s deadline "
+                               f"after {attempt - 1} attempts", "timeout")
+            return self._send_once(messages, cluster=cluster, agent=agent, response_format=response_format,
+                                   attempt=attempt, limit=left)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            hinted = getattr(exc, "retry_after", None)
+            if hinted is not None:
+                delay = min(hinted, self.max_wait_s)
+            else:
+                delay = wait_random_exponential(multiplier=0.5, max=min(20.0, self.max_wait_s))(state)
+            return max(0.0, min(delay, give_up_at - time.monotonic() - MIN_ATTEMPT_S))
+
+        retrying = Retrying(stop=stop_after_attempt(self.max_attempts), wait=wait, reraise=True,
+                            retry=retry_if_exception(lambda e: isinstance(e, _Retryable)))
+        try:
+            answer = retrying(send)
+        except _Retryable as exc:
+            raise LLMError(f"no answer after {attempt} attempts ({exc})", exc.kind) from None
+        if good(answer.content):
+            self.cache.put(key, content=answer.content, usage=(answer.input_tokens, answer.output_tokens),
+                           system_fingerprint=answer.system_fingerprint)
+        return answer
+
+    def _options(self, messages: list[dict], response_format: dict | None) -> dict:
+        options = {"model": self.model, "messages": messages}
+        if self.supports("temperature"):
+            options["temperature"] = self.temperature
+        if response_format is not None:
+            options["response_format"] = response_format
+        if self.supports("seed"):
+            options["seed"] = self.seed
+        if self.max_tokens > 0:
+            if self.supports("max_tokens"):
+                options["max_tokens"] = self.max_tokens
+            elif self.supports("max_completion_tokens"):
+                options["max_completion_tokens"] = self.max_tokens
+        return options
+
+    def _fail_to_reach(self, message: str, kind: str, cluster: str, agent: str) -> _Retryable:
+        """A timeout or connection failure: count it for the circuit breaker, announce an opening once."""
+        if self.breaker.failure(message):
+            self._record(cluster=cluster, agent=agent, status=BREAKER_OPEN,
+                         error=f"circuit breaker opened after repeated failures ({message}); further "
+                               f"requests fail fast for {self.breaker.cooldown_s:g} s")
+        return _Retryable(message, kind=kind)
+
+    def _send_once(self, messages, *, cluster, agent, response_format, attempt, limit) -> ChatAnswer:
+        options = self._options(messages, response_format)
+        estimated_input = estimate_tokens(_messages_text(messages))
+        call_id = uuid.uuid4().hex
+        with self.throttle.slot():
+            # checked again once a slot is held: requests that queued for a slot must not pass the budget
+            if self.budget.exhausted():
+                self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET,
+                             error=f"budget of ${self.budget.max_cost:.2f} reached")
+                raise BudgetExceeded(f"budget of ${self.budget.max_cost:.2f} reached")
+            self._record(cluster=cluster, agent=agent, status=OK, input_tokens=estimated_input, attempt=attempt,
+                         call_id=call_id, estimated=True, pending=True)
+            start = time.perf_counter()
+
+            def done(status: str, error: str = "", **fields) -> None:
+                self._record(cluster=cluster, agent=agent, status=status, error=error, attempt=attempt,
+                             latency=time.perf_counter() - start, call_id=call_id, **fields)
+
+            try:
+                data, size = post_chat(self._client, options, timeout=self.timeout, limit=limit)
+                content, usage, request_id, fingerprint = reply_fields(data)
+            except openai.APIStatusError as exc:
+                self.breaker.success()  # the server answered
+                message = safe_message(exc)
+                done(ERROR, message)
+                raise self._status_error(exc, message, options) from None
+            except (openai.APITimeoutError, DeadlineExceeded) as exc:
+                # The server has the request and may bill it: its input is counted, as an estimate.
+                message = safe_message(exc)
+                done(ERROR, message, input_tokens=estimated_input, estimated=True)
+                raise self._fail_to_reach(message, "timeout", cluster, agent) from None
+            except openai.APIConnectionError as exc:
+                message = safe_message(exc)
+                done(ERROR, message)
+                raise self._fail_to_reach(message, "unreachable", cluster, agent) from None
+            except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
+                # An unreadable body: the request was sent and may have been billed, but nothing is known.
+                message = scrub_secrets(f"unreadable response ({type(exc).__name__}: {exc})"[:240])
+                done(ERROR, message, input_tokens=estimated_input, estimated=True)
+                raise _Retryable(message, kind="unreadable") from None
+            except BaseException:
+                done(INTERRUPTED, "interrupted while waiting for the reply", input_tokens=estimated_input,
+                     estimated=True)
+                raise
+        self.breaker.success()
+        estimated = usage is None
+        if estimated:
+            input_tokens, output_tokens = estimated_input, estimate_tokens(content)
+        else:
+            input_tokens = int(usage.get("prompt_tokens") or 0)
+            output_tokens = int(usage.get("completion_tokens") or 0)
+        if fingerprint:
+            with self._lock:
+                self.fingerprints.add(fingerprint)
+        stored = untrusted_reply(content)
+        notes = [n for n in ("no usage reported: tokens estimated from characters" if estimated else "",
+                             f"reply of {len(content)} characters cut to {len(stored)}" if len(stored) < len(content)
+                             else "") if n]
+        done(OK, "; ".join(notes), input_tokens=input_tokens, output_tokens=output_tokens,
+             request_id=scrub_secrets(request_id)[:200], estimated=estimated)
+        return ChatAnswer(stored, input_tokens, output_tokens, False, scrub_secrets(fingerprint)[:200], estimated)
+
+    def _status_error(self, exc: openai.APIStatusError, message: str, options: dict) -> Exception:
+        retry_after = retry_after_seconds(exc)
+        status = exc.status_code
+        if status in (408, 429) or status >= 500:
+            if status == 429:
+                self.throttle.back_off(retry_after if retry_after is not None else 1.0)
+            return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "server_error")
+        refused = refused_option(exc, options)
+        if refused:
+            # e.g. reasoning models accept only the default temperature and max_completion_tokens
+            self.mark_unsupported(refused)
+            return _Retryable(message, 0.0)
+        if status in (401, 403, 404):
+            if status == 404:
+                # a 404 that does not name the model is the address itself (e.g. a base URL without /v1)
+                kind = "model_not_found" if "model" in message.lower() else "endpoint_not_found"
+            else:
+                kind = "auth" if os.environ.get("OPENAI_API_KEY") else "no_key"
+            fatal = FatalLLMError(message, kind)
+            with self._lock:
+                self._fatal = fatal
+            return fatal
+        if status in (400, 422):
+            return RequestRejected(message)
+        return LLMError(message)

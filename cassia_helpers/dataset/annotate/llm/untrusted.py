@@ -1,0 +1,78 @@
+"""Model text is untrusted input: scrub credentials, cap sizes, make labels safe to plot and to export.
+
+A model (or a proxy in front of it) may answer with megabytes, with newlines or formulas in a cell-type
+name, or with our own API key echoed back. Everything a reply puts into an output goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from cassia_helpers.files import csv_safe
+
+# What one reply may put into the transcript, the cache and the ledger.
+MAX_REPLY_CHARS = 20_000
+# Longest cell-type label kept (longer ones are cut with an ellipsis).
+MAX_LABEL_CHARS = 100
+# Longest free-text reasoning kept per cluster.
+MAX_REASONING_CHARS = 2_000
+# A cell starting with one of these is a formula in spreadsheet programs.
+REDACTED = "[redacted]"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+# Keys shorter than this are not scrubbed: replacing a 3-character "key" would mangle ordinary text.
+_MIN_SECRET_CHARS = 8
+
+
+def secrets_to_scrub() -> list[str]:
+    """The credentials of this process that must never be stored (``OPENAI_API_KEY``)."""
+    key = (os.environ.get("OPENAI_API_KEY") or "").strip()
+    return [key] if len(key) >= _MIN_SECRET_CHARS else []
+
+
+def scrub_secrets(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with every occurrence of the API key replaced by ``[redacted]``."""
+    for secret in secrets_to_scrub() if secrets is None else secrets:
+        if secret and secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def cap_text(text: str, limit: int = MAX_REPLY_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was dropped."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit} more characters not kept]"
+
+
+def untrusted_reply(text: str | None, limit: int = MAX_REPLY_CHARS) -> str:
+    """A model reply as it may be stored: the key scrubbed, the size capped."""
+    return cap_text(scrub_secrets(text or ""), limit)
+
+
+def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
+    """A cell-type label fit for ``obs``, plots, CSV and text summaries.
+
+    One line (control characters and runs of whitespace become one space), no leading formula
+    characters (``= + - @``) nor surrounding quotes/markdown, at most ``max_chars`` characters
+    (cut with ``…``), the API key scrubbed. May return ``""`` when nothing is left.
+    """
+    label = scrub_secrets(_CONTROL.sub(" ", str(text or "")))
+    label = " ".join(label.split())
+    label = label.strip("*_`\"' ").lstrip("=+-@ ").strip()
+    if len(label) > max_chars:
+        label = label[: max_chars - 1].rstrip() + "…"
+    return label
+
+
+def sanitize_text(text: object, max_chars: int = MAX_REASONING_CHARS) -> str:
+    """Free text (reasoning) kept from a model answer: the key scrubbed, control characters removed,
+    at most ``max_chars`` characters."""
+    cleaned = _CONTROL.sub(lambda m: "\n" if m.group() == "\n" else " ", scrub_secrets(str(text or "")))
+    return cap_text(cleaned.strip(), max_chars)
+
+
+__all__ = [
+    "MAX_LABEL_CHARS", "MAX_REASONING_CHARS", "MAX_REPLY_CHARS", "cap_text", "csv_safe", "sanitize_label",
+    "sanitize_text", "scrub_secrets", "secrets_to_scrub", "untrusted_reply",
+]

@@ -1,0 +1,276 @@
+"""Robust reading of one input h5ad.
+
+Reading answers every bad input with an :class:`InputError` whose message is one line naming the file
+and the problem, so the driver can report it and go on with the other datasets.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+
+from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
+from cassia_helpers.dataset.record import provenance, warn
+from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input, one_line
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+# var columns that may hold gene symbols when var_names are ids, matched case-insensitively, first found wins
+SYMBOL_COLUMNS = (
+    "gene_symbols", "gene_symbol", "feature_name", "feature_names", "gene_name", "gene_names",
+    "gene_short_name", "symbol", "symbols",
+)
+# Deciding counts vs log-normalised vs scaled reads every value, this many at a time (no copy of the matrix).
+BLOCK_VALUES = 4_000_000
+# log1p of any realistic normalised value stays far below this; larger non-integer values are counts
+# (e.g. after ambient-RNA correction such as SoupX or DecontX).
+LOG_MAX = 30.0
+# Values this close to an integer are integers (float32 storage of counts).
+INTEGER_TOLERANCE = 1e-3
+# Negative values no further below zero than this are numerical noise and are clipped to 0.
+NOISE_FLOOR = -1e-3
+
+
+def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int | None = None) -> AnnData:
+    """Read one input h5ad and make it ready for the pipeline.
+
+    Finds gene symbols (``var_names``, or a ``var`` column such as ``gene_symbols`` or ``feature_name``
+    when ``var_names`` are Ensembl ids), makes gene and cell names unique, and detects whether ``X`` holds
+    raw counts or log-normalised values (``.layers['counts']`` or an integer ``.raw`` are used as counts
+    when ``X`` is normalised or scaled). ``X`` is returned as float32, dense or CSR.
+
+    Before anything is loaded the file is checked from its HDF5 metadata alone: that it is an AnnData
+    h5ad, that it has cells and genes, and that reading and processing it fits in memory. The file is
+    then read once.
+
+    Parameters
+    ----------
+    path
+        The h5ad file.
+    species
+        ``"human"`` or ``"mouse"``; a gene-symbol case that does not match is recorded as a warning.
+    memory_limit
+        Bytes the dataset may use; ``None`` uses the memory available now (``MemAvailable``).
+
+    Returns
+    -------
+    The AnnData, with ``uns['cassia_batch']['input']`` (``file``, ``n_cells``, ``n_genes``,
+    ``symbol_source``, ``is_counts``, ``counts_source``), ``uns['cassia_batch']['warnings']`` and
+    ``uns['cassia_batch']['timings']['load']`` written.
+
+    Raises
+    ------
+    InputError
+        Not an h5ad/HDF5 file, truncated or corrupt, no cells or genes, scaled (negative) or non-finite
+        values, or too large for the memory available. The message is one line starting with the path.
+    """
+    path = Path(path)
+    start = time.perf_counter()
+    check_input(path, memory_limit=memory_limit)
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(path)
+    except MemoryError:
+        raise InputError(f"{path}: too large for memory: ran out of memory while reading it") from None
+    except Exception as exc:  # noqa: BLE001 - anndata raises many types for damaged files
+        raise InputError(f"{path}: corrupt or truncated h5ad ({one_line(exc)})") from None
+    if adata.n_obs == 0:
+        raise InputError(f"{path}: no cells (0 observations)")
+    if adata.n_vars == 0:
+        raise InputError(f"{path}: no genes (0 variables)")
+
+    adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own record
+    adata, counts = _select_matrix(adata, path)
+    record = provenance(adata)
+    record["input"] = {"file": str(path), "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), **counts}
+    if not counts["is_counts"]:
+        source = "X" if counts["counts_source"] == "none" else "raw.X"
+        warn(adata, f"{source} is already log-normalised (non-integer values, no raw counts found): "
+                    "normalisation was skipped")
+    if not adata.obs_names.is_unique:
+        n_dup = int(adata.obs_names.duplicated().sum())
+        adata.obs_names_make_unique()
+        warn(adata, f"{n_dup} duplicated cell names (obs_names) were made unique (suffix -1, -2, ...)")
+    _use_gene_symbols(adata, path)
+    if not adata.var_names.is_unique:
+        n_dup = int(adata.var_names.duplicated().sum())
+        adata.var_names_make_unique()
+        warn(adata, f"{n_dup} duplicated gene names were made unique (suffix -1, -2, ...)")
+    _check_species_case(adata, species)
+    if sp.issparse(adata.X) and adata.X.format != "csr":
+        adata.X = sp.csr_matrix(adata.X)
+    if adata.X.dtype != np.float32:
+        adata.X = adata.X.astype(np.float32)
+    record["timings"]["load"] = round(time.perf_counter() - start, 3)
+    return adata
+
+
+def _use_gene_symbols(adata: AnnData, path: Path) -> None:
+    names = adata.var_names.astype(str)
+    ensembl_share = np.mean([bool(ENSEMBL_ID.match(n)) for n in names[:2000]])
+    record = provenance(adata)["input"]
+    record["symbol_source"] = "var_names"
+    if ensembl_share < 0.5:
+        return
+    columns = {str(column).lower(): column for column in adata.var.columns}
+    for wanted in SYMBOL_COLUMNS:
+        column = columns.get(wanted)
+        if column is None:
+            continue
+        values = adata.var[column]
+        symbols = values.astype(str).to_numpy(dtype=object)
+        missing = values.isna().to_numpy() | np.isin(symbols, ["", "nan", "None", "NaN"])
+        if missing.all() or np.mean([bool(ENSEMBL_ID.match(s)) for s in symbols[~missing][:2000]]) >= 0.5:
+            continue  # empty, or ids again
+        adata.var["gene_ids"] = names.to_numpy()
+        adata.var_names = np.where(missing, names.to_numpy(dtype=object), symbols)
+        record["symbol_source"] = f"var['{column}']"
+        return
+    record["symbol_source"] = "ensembl_ids"
+    warn(
+        adata,
+        f"{path.name}: gene names are Ensembl ids and no symbol column was found "
+        f"(looked for {', '.join(SYMBOL_COLUMNS)}); marker names will be ids and annotation will suffer",
+    )
+
+
+def _value_chunks(matrix):
+    """``(values, rows)`` chunks covering every stored value; ``rows`` maps a chunk position to its row."""
+    if sp.issparse(matrix):
+        if matrix.format not in ("csr", "csc"):
+            matrix = sp.csr_matrix(matrix)
+        data = matrix.data
+        for lo in range(0, data.size, BLOCK_VALUES):
+            hi = min(lo + BLOCK_VALUES, data.size)
+            if matrix.format == "csr":
+                yield data[lo:hi], lambda i, lo=lo: int(np.searchsorted(matrix.indptr, lo + i, side="right") - 1)
+            else:
+                yield data[lo:hi], lambda i, lo=lo: int(matrix.indices[lo + i])
+        return
+    array = np.asarray(matrix)
+    if array.ndim != 2:
+        array = array.reshape(matrix.shape)
+    step = max(1, BLOCK_VALUES // max(1, array.shape[1]))
+    for lo in range(0, array.shape[0], step):
+        block = array[lo:lo + step]
+        yield block.ravel(), lambda i, lo=lo, width=array.shape[1]: lo + i // width
+
+
+def matrix_profile(matrix) -> dict:
+    """What a matrix holds, decided from every value, block by block (no copy of the matrix).
+
+    Returns ``kind`` (``"counts"``, ``"lognorm"``, ``"negative"``, ``"nonfinite"``), ``integer`` (all values
+    within 0.001 of an integer), ``min``, ``max``, ``noise`` (the count of tiny negative values, above
+    -0.001) and ``row`` (the first row holding a non-finite value, else ``None``).
+    """
+    profile = {"kind": "counts", "integer": True, "min": 0.0, "max": 0.0, "noise": 0, "row": None}
+    dtype = matrix.dtype
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        return {**profile, "kind": "nonfinite", "integer": False}
+    lowest, highest = np.inf, -np.inf
+    for values, row_of in _value_chunks(matrix):
+        if values.size == 0:
+            continue
+        if not np.issubdtype(values.dtype, np.integer):
+            finite = np.isfinite(values)
+            if not finite.all():
+                return {**profile, "kind": "nonfinite", "integer": False, "row": row_of(int(np.argmin(finite)))}
+            if profile["integer"] and np.any(np.abs(values - np.rint(values)) > INTEGER_TOLERANCE):
+                profile["integer"] = False
+        low = float(values.min())
+        lowest, highest = min(lowest, low), max(highest, float(values.max()))
+        if low < 0:
+            profile["noise"] += int(np.count_nonzero((values < 0) & (values >= NOISE_FLOOR)))
+    if np.isfinite(lowest):
+        profile["min"], profile["max"] = lowest, highest
+    if lowest < NOISE_FLOOR:
+        profile["kind"] = "negative"
+    elif not profile["integer"] and highest <= LOG_MAX:
+        profile["kind"] = "lognorm"
+    return profile
+
+
+def _clip_noise(matrix) -> None:
+    """Set tiny negative values (numerical noise above -0.001) to 0, in place."""
+    values = matrix.data if sp.issparse(matrix) else matrix
+    np.maximum(values, 0, out=values)
+
+
+def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
+    """Put counts in ``X`` when any are found, else log-normalised values; return the choice made."""
+    x = matrix_profile(adata.X) if adata.X is not None else {"kind": "missing"}
+    if x["kind"] == "nonfinite":
+        where = f" (first in cell {adata.obs_names[x['row']]!r}, row {x['row']})" if x.get("row") is not None else ""
+        raise InputError(f"{path}: X holds NaN, infinite or non-numeric values{where}; provide raw counts")
+    if x["kind"] == "counts":
+        return adata, _counts_choice(adata, adata.X, x, "X")
+    if "counts" in adata.layers:
+        layer = matrix_profile(adata.layers["counts"])
+        if layer["kind"] == "counts":
+            adata.X = adata.layers["counts"]
+            del adata.layers["counts"]  # qc stores a copy of the filtered counts there again
+            return adata, _counts_choice(adata, adata.X, layer, "layers['counts']")
+    raw = matrix_profile(adata.raw.X) if adata.raw is not None else {"kind": "missing"}
+    if raw["kind"] == "counts":
+        adata = _from_raw(adata)
+        return adata, _counts_choice(adata, adata.X, raw, "raw.X")
+    if x["kind"] == "lognorm" and not (raw["kind"] == "lognorm" and adata.raw.n_vars > adata.n_vars):
+        return adata, {"is_counts": False, "counts_source": "none"}
+    if raw["kind"] == "lognorm":  # X scaled, or a gene subset of raw (as after HVG selection)
+        return _from_raw(adata), {"is_counts": False, "counts_source": "none (log-normalised raw.X)"}
+    if x["kind"] == "missing":
+        raise InputError(f"{path}: no expression matrix (X is empty and there is no counts layer or raw)")
+    raise InputError(
+        f"{path}: X holds negative values down to {x['min']:.3g} (scaled data) and no counts were found in "
+        "layers['counts'] or raw; provide raw counts or log-normalised data"
+    )
+
+
+def _counts_choice(adata: AnnData, matrix, profile: dict, source: str) -> dict:
+    """Record counts taken from ``source``, clipping numerical noise and noting non-integer counts."""
+    if profile["noise"]:
+        _clip_noise(matrix)
+        warn(adata, f"{source}: {profile['noise']} tiny negative values (above {NOISE_FLOOR:g}, numerical noise) "
+                    "were set to 0")
+    if not profile["integer"]:
+        warn(adata, f"{source} holds non-integer counts (values up to {profile['max']:.4g}, too large for "
+                    "log-normalised data), e.g. after ambient-RNA correction: normalised as counts")
+    return {"is_counts": True, "counts_source": source, "integer_counts": bool(profile["integer"])}
+
+
+def _from_raw(adata: AnnData) -> AnnData:
+    """``adata`` with ``raw.X`` as ``X`` (and ``raw.var`` as ``var`` when raw holds other genes)."""
+    raw = adata.raw
+    if raw.n_vars == adata.n_vars and raw.var_names.equals(adata.var_names):
+        adata.X = raw.X.copy()
+        adata.raw = None
+        return adata
+    from anndata import AnnData
+
+    return AnnData(
+        X=raw.X.copy(),
+        obs=adata.obs,
+        var=raw.var.copy(),
+        uns=dict(adata.uns),
+        obsm=dict(adata.obsm),
+    )
+
+
+def _check_species_case(adata: AnnData, species: str) -> None:
+    names = [n for n in adata.var_names[:3000] if n[:1].isalpha() and not ENSEMBL_ID.match(n)]
+    if not names:
+        return
+    title = np.mean([n[0].isupper() and n[1:] == n[1:].lower() and not n.isupper() for n in names])
+    upper = np.mean([n.isupper() for n in names])
+    species = species.lower()
+    if species == "human" and title > 0.5:
+        warn(adata, "gene symbols look like mouse symbols (title case) but species is human")
+    elif species == "mouse" and upper > 0.8:
+        warn(adata, "gene symbols are upper case (human style) but species is mouse")
+
+
