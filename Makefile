@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm]'
 	# compile umap-learn's and pynndescent's numba code once, into their cache (about 30 s)
-	$(BIN)/python -m cassia_helpers.dataset.numba_cache
+	$(BIN)/python -m cassia_helpers.dataset.warm_up
 	@touch $(STAMP)
 
 run: $(STAMP)

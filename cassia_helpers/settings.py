@@ -137,7 +137,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("n_pcs", 50, "principal components", _GRAPH, minimum=2),
     Setting("n_neighbors", 15, "kNN graph neighbours", _GRAPH, minimum=2),
     Setting("resolution", 1.0, "leiden resolution", _GRAPH, above=0),
-    Setting("seed", 0, "random seed (PCA, leiden, UMAP, sampling)", _GRAPH, minimum=0),
+    Setting("seed", 0, "random seed (kNN graph, leiden, UMAP, marker sampling; PCA is exact)", _GRAPH, minimum=0),
     Setting("marker_method", "wilcoxon", "rank_genes_groups method", _MARKERS,
             choices=("wilcoxon", "t-test", "t-test_overestim_var", "logreg")),
     Setting("n_markers", 50, "top ranked markers sent to the annotator per cluster", _MARKERS, minimum=1,

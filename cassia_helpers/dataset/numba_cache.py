@@ -52,31 +52,3 @@ def import_umap() -> None:
         return
     with _cache_by_default():
         import umap  # noqa: F401
-
-
-def warm_up() -> None:
-    """Compile and cache, once, the numba code every dataset's kernel runs (kNN graph, leiden, UMAP).
-
-    Runs the pipeline's own steps on a small random count matrix; ``make install`` calls it
-    (``python -m cassia_helpers.dataset.numba_cache``) so that not even the first dataset of the first run pays
-    the compilation.
-    """
-    import anndata as ad
-    import numpy as np
-    import scipy.sparse as sp
-
-    from cassia_helpers.dataset import pp
-    from cassia_helpers.dataset.record import provenance
-
-    rng = np.random.default_rng(0)
-    adata = ad.AnnData(sp.csr_matrix(rng.poisson(rng.gamma(0.5, 2.0, size=(400, 300))).astype(np.float32)))
-    provenance(adata)["input"] = {"is_counts": True}
-    pp.normalize(adata)
-    pp.reduce_dimensions(adata, n_pcs=10)
-    pp.neighbors(adata)
-    pp.cluster(adata)
-    pp.umap(adata)
-
-
-if __name__ == "__main__":
-    warm_up()

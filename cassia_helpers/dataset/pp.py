@@ -121,13 +121,14 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
 
 
 @timed("pca")
-def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int = 50, seed: int = 0) -> None:
+def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int = 50) -> None:
     """Highly variable genes, then PCA on them without densifying the whole matrix or scaling it.
 
     The covariance of the HVG columns is accumulated over dense blocks of rows (a BLAS product per block),
     then eigendecomposed: the same components as scanpy's ``covariance_eigh`` solver, about ten times
     faster on sparse data because scipy's sparse-sparse product is single-threaded. Memory stays at one
-    block plus the HVG × HVG covariance. Each component's sign is fixed (largest loading positive).
+    block plus the HVG × HVG covariance. Each component's sign is fixed (largest loading positive), so the
+    result is exact and the same on every run: there is no random seed to give.
 
     Writes ``var['highly_variable']``, ``obsm['X_pca']``, ``varm['PCs']`` and ``uns['pca']``
     (``variance``, ``variance_ratio``).

@@ -17,14 +17,14 @@ def subcluster_cells(adata: ad.AnnData, mask: np.ndarray, *, resolution: float =
     """The masked cells, re-clustered on their own with the dataset's own steps: highly variable genes and
     PCA (:func:`~cassia_helpers.preprocess.reduce_dimensions`), exact kNN (``method`` gives the
     connectivities: ``"umap"`` as for the whole dataset, or ``"gauss"``) and leiden
-    (:func:`~cassia_helpers.preprocess.cluster`); ``obs['subcluster']`` holds the new clusters."""
+    (:func:`~cassia_helpers.dataset.pp.cluster`); ``obs['subcluster']`` holds the new clusters."""
     import scanpy as sc
 
     from cassia_helpers.dataset.pp import cluster, reduce_dimensions
 
     sub = ad.AnnData(X=adata.X[np.flatnonzero(mask)], obs=pd.DataFrame(index=adata.obs_names[mask]),
                      var=pd.DataFrame(index=adata.var_names))
-    reduce_dimensions(sub, n_top_genes=min(n_top_genes, sub.n_vars), n_pcs=n_pcs, seed=seed)
+    reduce_dimensions(sub, n_top_genes=min(n_top_genes, sub.n_vars), n_pcs=n_pcs)
     sc.pp.neighbors(sub, n_neighbors=max(2, min(n_neighbors, sub.n_obs - 1)), use_rep="X_pca", method=method,
                     random_state=seed, transformer="sklearn")
     cluster(sub, resolution=resolution, seed=seed, key_added="subcluster")
