@@ -22,6 +22,7 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
     PROMPT_VERSION,
     VALIDATOR_SYSTEM,
     cluster_prompt,
+    reference_check,
 )
 from cassia_helpers.dataset.annotate.llm.client import (
     DEFAULT_DEADLINE_S,
@@ -298,7 +299,8 @@ class LLMAnnotator:
             review = self.client.chat(
                 [{"role": "system", "content": VALIDATOR_SYSTEM},
                  {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
-                                             f"Structured answer:\n{json.dumps(answer)}"}],
+                                             f"Structured answer:\n{json.dumps(answer)}"
+                                             + reference_check(answer["main_cell_type"], prompt, markers.genes)}],
                 cluster=markers.cluster, agent="validator",
                 accept=lambda text: validator_verdict(text) is not None).content
         except LLMError as exc:

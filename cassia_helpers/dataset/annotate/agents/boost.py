@@ -16,6 +16,7 @@ import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.annotator import UNKNOWN_ANSWER, cluster_prompt
+from cassia_helpers.dataset.annotate.agents.prompts import reference_check
 from cassia_helpers.dataset.annotate.llm.client import LLMError
 
 BOOST_SYSTEM = """You are the boost agent of a cell-type annotation team. An earlier call for one cluster \
@@ -144,7 +145,7 @@ def boost_prompt(markers: ClusterMarkers, previous: ClusterAnnotation, *, tissue
              f"Its reasoning: {previous.reasoning or '-'}"]
     if previous.score is not None:
         lines.append(f"Quality score {previous.score:.0f}/100: {previous.score_reasoning or '-'}")
-    return "\n".join(lines)
+    return "\n".join(lines) + reference_check(previous.main_cell_type, lines[0], markers.genes)
 
 
 def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotation, lookup: GeneLookup, *,
