@@ -466,7 +466,7 @@ class _PipelineAgents:
     agent asks for genes forever), ``boost_unknown_genes`` (its requests also name genes that exist nowhere),
     ``disagree_runs`` (annotator answers for "independent run k" with k in the set give the runner-up type),
     ``disagree_models`` (same for requests naming these models), ``merge_drops`` (the next N merging answers
-    leave the last cluster out).
+    leave the last cluster out), ``fixed_call`` (the annotator answers this type for every cluster).
     """
 
     def _init_pipeline_faults(self) -> None:
@@ -476,6 +476,16 @@ class _PipelineAgents:
         self.disagree_runs: set[int] = set()
         self.disagree_models: set[str] = set()
         self.merge_drops = 0
+        self.fixed_call: str | None = None
+
+    def fixed_annotator(self, body: dict) -> str | None:
+        """With ``fixed_call`` set, the annotator answers that one type for every cluster, citing the cluster's
+        own top markers as its evidence (a model that ignores the data but sounds sure)."""
+        if not self.fixed_call:
+            return None
+        cited = parse_markers(body)[:3]
+        return (f"Let me reason step by step.\nStep 1: The top markers {', '.join(cited)} are highly specific.\n"
+                f"Step 2: Together they indicate {self.fixed_call}.\nFINAL ANNOTATION: {self.fixed_call}")
 
     def pipeline_answer(self, body: dict, agent: str) -> str:
         if agent == "scorer":
@@ -1074,7 +1084,7 @@ class ScriptedLLMServer(_PipelineAgents):
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown
-            content = self.disagreeing_annotator(body) or annotator_answer(body)
+            content = self.fixed_annotator(body) or self.disagreeing_annotator(body) or annotator_answer(body)
         digest = hashlib.sha256(_canonical_json(body).encode()).hexdigest()[:24]
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{digest}",

@@ -346,3 +346,22 @@ def marker_evidence(
     adata.uns.setdefault(KEY, {})[key_added] = {"min_fraction": float(min_fraction), "tissue": tissue,
                                                 "flags": flag_counts(table), "clusters": table}
     return table
+
+
+def summary_lines(record: dict) -> list[str]:
+    """The dataset summary's lines on the genes sent and the marker evidence flags (from ``uns['cassia_batch']``)."""
+    import pandas as pd
+
+    lines = []
+    sent = record.get("marker_filter", {})
+    if sent:
+        lines.append(f"  markers sent: up to {sent.get('n_top')} per cluster, ranked by {sent.get('ranking')}; "
+                     f"left out: {sent.get('excluded', 'none')}")
+    table = record.get("marker_evidence", {}).get("clusters")
+    if isinstance(table, pd.DataFrame) and len(table):
+        counts = flag_counts(table)
+        lines.append(f"  marker evidence: {int(table['flag'].astype(bool).sum())} of {len(table)} clusters flagged ("
+                     + ", ".join(f"{kind} {n}" for kind, n in counts.items()) + ")")
+        lines += [f"    FLAG {row.cluster:>4}  {row.label}: {row.flag_reason}" for row in table.itertuples()
+                  if bool(row.flag)]
+    return lines
