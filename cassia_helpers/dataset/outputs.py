@@ -19,7 +19,8 @@ from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines
 from cassia_helpers.dataset.counts import write_counts_layer
 from cassia_helpers.dataset.evidence import summary_lines as evidence_summary_lines
-from cassia_helpers.dataset.record import cluster_key, label_key, phase_times, provenance
+from cassia_helpers.dataset.record import cluster_key, label_key, provenance
+from cassia_helpers.dataset.steps import phase_times
 from cassia_helpers.files import atomic_path, write_csv, write_json, write_text
 from cassia_helpers.settings import Settings
 
