@@ -248,7 +248,9 @@ def cluster_markers(
     cluster with fewer than 5 passing genes keeps its top ranked informative genes instead (recorded as a
     warning). The full table (every gene) stays in ``markers`` for the CSV and the boost's look-ups.
 
-    Writes ``uns['cassia_batch']['marker_filter']`` (the filters, the ranking and the excluded genes).
+    Writes ``uns['cassia_batch']['marker_filter']``: the filters, the ranking, the genes left out
+    (``excluded``) and how many of them were among the first ``n_top`` of the test's ranking, all clusters
+    together (``n_left_out``).
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
@@ -256,7 +258,7 @@ def cluster_markers(
     sizes = adata.obs[groupby].astype(str).value_counts()
     result = []
     relaxed = []
-    excluded = 0
+    excluded = 0  # left-out genes among the first n_top of the test's ranking
     for cluster, rows in markers.groupby("cluster", sort=False):
         rows = rows.sort_values("rank")
         if informative_only:
@@ -286,7 +288,7 @@ def cluster_markers(
         "n_top": n_top, "max_pval_adj": max_pval_adj, "min_logfc": min_logfc, "min_pct": min_pct,
         "excluded": ("ribosomal (RPS/RPL), mitochondrial (MT-) and ubiquitous genes "
                      f"({', '.join(sorted(UBIQUITOUS_GENES))})" if informative_only else "none"),
-        "excluded_from_top": excluded,
+        "n_left_out": excluded,
     }
     if relaxed:
         warn(adata, f"clusters {', '.join(relaxed)} had fewer than 5 markers passing the filters: "
