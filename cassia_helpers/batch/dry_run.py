@@ -9,6 +9,7 @@ from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.prompts import (
     ANNOTATOR_SYSTEM,
     FORMATTER_SYSTEM,
+    REFERENCE_NOTE_CHARS,
     VALIDATOR_SYSTEM,
     cluster_prompt,
 )
@@ -33,7 +34,8 @@ def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, max_rounds:
     annotator_in = (len(ANNOTATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN
     analysis = OUTPUT_TOKENS["annotator"]
     formatter_in = (len(FORMATTER_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis
-    validator_in = (len(VALIDATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis + OUTPUT_TOKENS["formatter"]
+    validator_in = ((len(VALIDATOR_SYSTEM) + len(prompt) + REFERENCE_NOTE_CHARS) // CHARS_PER_TOKEN + analysis
+                    + OUTPUT_TOKENS["formatter"])
     best_in = annotator_in + formatter_in + validator_in
     best_out = sum(OUTPUT_TOKENS.values())
     # later rounds resend the growing conversation; the formatter may fall back twice
