@@ -425,3 +425,14 @@ def test_reference_note_names_the_called_type_and_its_rivals():
     assert "alternative, Conventional dendritic cell type 2" in note
     assert len(note.split()) < 80  # a few genes per type, not the whole reference
     assert reference_note("Gibberish", [], tissue="blood", species="human") == ""
+
+
+@pytest.mark.parametrize(("gene", "sent"), [
+    ("RPS27", False), ("RPL36AL", False), ("RPLP0", False), ("Rps27", False), ("MT-CO1", False), ("mt-Co1", False),
+    ("MTRNR2L12", False), ("MALAT1", False), ("Eef1a1", False),
+    ("RPS6KA1", True), ("Rps6kb1", True), ("RPN1", True), ("CD3E", True), ("MT1G", True),  # kinases, metallothionein
+])
+def test_which_genes_may_be_sent(gene, sent):
+    from cassia_helpers.dataset.markers import informative
+
+    assert informative(gene) is sent
