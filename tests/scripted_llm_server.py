@@ -465,6 +465,8 @@ class _PipelineAgents:
     Knobs: ``score_out_of_range`` (the next N scorer answers give 150), ``boost_never_concludes`` (the boost
     agent asks for genes forever), ``boost_unknown_genes`` (its requests also name genes that exist nowhere),
     ``disagree_runs`` (annotator answers for "independent run k" with k in the set give the runner-up type),
+    ``reply_styles`` (a set of :data:`REPLY_STYLES`: how the validator, scorer and merger deviate from their
+    format; a validator or scorer asked for structured output answers JSON unless ``text_only``),
     ``disagree_models`` (same for requests naming these models), ``merge_drops`` (the next N merging answers
     leave the last cluster out).
     """
@@ -476,6 +478,7 @@ class _PipelineAgents:
         self.disagree_runs: set[int] = set()
         self.disagree_models: set[str] = set()
         self.merge_drops = 0
+        self.reply_styles: set[str] = set()  # see REPLY_STYLES
 
     def pipeline_answer(self, body: dict, agent: str) -> str:
         if agent == "scorer":
@@ -483,13 +486,12 @@ class _PipelineAgents:
                 wrong = self.score_out_of_range > 0
                 self.score_out_of_range -= 1 if wrong else 0
             score = 150 if wrong else scripted_score(body)
-            return (f"<reasoning>The call was weighed against the ranked markers and any genes checked; "
-                    f"evidence strength gives {score}.</reasoning>\n<score>{score}</score>")
+            return styled_score(body, score, self.reply_styles)
         if agent == "merger":
             with self._lock:
                 drop = self.merge_drops > 0
                 self.merge_drops -= 1 if drop else 0
-            return json.dumps(merger_payload(body, drop))
+            return json.dumps(styled_groupings(merger_payload(body, drop), self.reply_styles))
         return self._boost_answer(body)
 
     def _boost_answer(self, body: dict) -> str:
@@ -514,6 +516,64 @@ class _PipelineAgents:
         cell_type, support = ranked[1][0], ranked[1][2]
         return (f"Let me reason step by step.\nStep 1: {', '.join(support)} point to {cell_type}.\n"
                 f"FINAL ANNOTATION: {cell_type}")
+
+
+# --------------------------------------------------------------------------- reply styles of real models
+
+#: What ``reply_styles`` may hold: deviations real models make from the format each agent is given.
+REPLY_STYLES = (
+    "verdict_last",  # the validator reasons first and ends with its verdict line
+    "both_verdicts",  # the validator names both verdicts ("... would be VALIDATION FAILED if ...")
+    "score_json",  # the scorer answers {"reasoning": ..., "score": N} in plain text
+    "score_slash",  # "Score: N/100"
+    "score_out_of",  # "I would rate this call N out of 100."
+    "groupings_key",  # the merger's entries under "merged_clusters", with cluster_id / broad_group / ...
+    "junk_labels",  # the merger's labels hold newlines, CRs, formulas and 300 characters
+    "text_only",  # structured output is accepted but ignored: the agents answer in their text formats
+)
+_VERDICT_TEXT = re.compile(r"^(VALIDATION (?:PASSED|FAILED))\W*\s*(.*)$", re.DOTALL)
+
+
+def _structured(body: dict) -> bool:
+    rf = body.get("response_format")
+    return isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
+
+
+def styled_validator(body: dict, text: str, styles: set[str]) -> str:
+    """The validator's scripted ``text`` as JSON (structured output asked for) or in a model's own style."""
+    match = _VERDICT_TEXT.match(text)
+    verdict, rest = (match.group(1), match.group(2).strip()) if match else ("", text)
+    if _structured(body) and "text_only" not in styles:
+        return json.dumps({"verdict": verdict, "feedback": rest})
+    if "both_verdicts" in styles:
+        other = "VALIDATION FAILED" if verdict == "VALIDATION PASSED" else "VALIDATION PASSED"
+        return f"{rest}\nIt is not {other}, I think, though one could argue for it.\n{verdict}"
+    if "verdict_last" in styles:
+        return f"Checking the cited markers against the ranked list.\n{rest}\n\n**{verdict}**"
+    return text
+
+
+def styled_score(body: dict, score: int, styles: set[str]) -> str:
+    reasoning = ("The call was weighed against the ranked markers and any genes checked; "
+                 f"evidence strength gives {score}.")
+    if (_structured(body) and "text_only" not in styles) or "score_json" in styles:
+        return json.dumps({"reasoning": reasoning, "score": score})
+    if "score_slash" in styles:
+        return f"{reasoning}\n\nScore: {score}/100"
+    if "score_out_of" in styles:
+        return f"{reasoning} Overall I would rate this call {score} out of 100."
+    return f"<reasoning>{reasoning}</reasoning>\n<score>{score}</score>"
+
+
+def styled_groupings(payload: dict, styles: set[str]) -> dict:
+    entries = payload["groupings"]
+    if "junk_labels" in styles:
+        entries = [dict(e, broad=f"=cmd|' /C calc'!A0\n{e['broad']}", detailed="@" + e["detailed"] * 30,
+                        fine=f"+{e['fine']}\r\nline two") for e in entries]
+    if "groupings_key" in styles:
+        return {"merged_clusters": [{"cluster_id": e["cluster"], "broad_group": e["broad"],
+                                     "detailed_group": e["detailed"], "fine_group": e["fine"]} for e in entries]}
+    return {"groupings": entries}
 
 
 # --------------------------------------------------------------------------- the server
@@ -1070,7 +1130,7 @@ class ScriptedLLMServer(_PipelineAgents):
             with self._lock:
                 fail = self._validator_seen < self._validator_fails
                 self._validator_seen += 1
-            content = validator_answer(body, fail)
+            content = styled_validator(body, validator_answer(body, fail), self.reply_styles)
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown

@@ -16,6 +16,7 @@ import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.annotator import UNKNOWN_ANSWER, cluster_prompt
+from cassia_helpers.dataset.annotate.agents.replies import read_conclusion
 from cassia_helpers.dataset.annotate.llm.client import LLMError
 
 BOOST_SYSTEM = """You are the boost agent of a cell-type annotation team. An earlier call for one cluster \
@@ -28,8 +29,6 @@ likely cell type, up to three more specific sub types, any mixture), and end wit
 FINAL ANNOTATION: <main cell type>."""
 
 _CHECK = re.compile(r"<check_genes>\s*(.*?)\s*</check_genes>", re.IGNORECASE | re.DOTALL)
-_DONE = re.compile(r"FINAL ANNOTATION COMPLETED", re.IGNORECASE)
-_FINAL = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
 
 
 def requested_genes(text: str, limit: int = 20) -> list[str]:
@@ -44,12 +43,9 @@ def requested_genes(text: str, limit: int = 20) -> list[str]:
 
 
 def concluded(text: str) -> str | None:
-    """The main cell type of a concluding reply, or ``None`` when the reply does not conclude."""
-    matches = _FINAL.findall(text or "")
-    label = matches[-1].strip().strip("*").strip() if matches else ""
-    if (_DONE.search(text or "") or label) and label and not label.startswith("<"):
-        return label
-    return None
+    """The main cell type of a concluding reply, or ``None`` when the reply does not conclude (or concludes
+    without naming a type; see :func:`~cassia_helpers.dataset.annotate.agents.replies.read_conclusion`)."""
+    return read_conclusion(text) or None
 
 
 class GeneLookup:
@@ -168,13 +164,16 @@ def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotatio
                 conversation.append({"role": "user", "content": "No more genes can be checked. Write FINAL "
                                      "ANNOTATION COMPLETED, your conclusion, and the line FINAL ANNOTATION: "
                                      "<main cell type> now."})
-            reply = client.chat(conversation, cluster=markers.cluster, agent="boost").content
+            # cached when it asks for genes or concludes, whatever it concludes
+            reply = client.chat(conversation, cluster=markers.cluster, agent="boost",
+                                accept=lambda text: bool(requested_genes(text)) or read_conclusion(text) is not None
+                                ).content
             result.calls += 1
             result.turns.append({"agent": f"boost ({'conclusion' if final_call else f'round {round_number}'})",
                                  "content": reply})
             conversation.append({"role": "assistant", "content": reply})
             genes = [] if final_call else requested_genes(reply, max_genes)
-            if concluded(reply) and not genes:
+            if read_conclusion(reply) is not None and not genes:
                 conclusion = reply
                 break
             if final_call:
