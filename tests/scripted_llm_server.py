@@ -530,6 +530,7 @@ REPLY_STYLES = (
     "groupings_key",  # the merger's entries under "merged_clusters", with cluster_id / broad_group / ...
     "junk_labels",  # the merger's labels hold newlines, CRs, formulas and 300 characters
     "text_only",  # structured output is accepted but ignored: the agents answer in their text formats
+    "no_score",  # the scorer judges in words and never gives a score
 )
 _VERDICT_TEXT = re.compile(r"^(VALIDATION (?:PASSED|FAILED))\W*\s*(.*)$", re.DOTALL)
 
@@ -556,6 +557,8 @@ def styled_validator(body: dict, text: str, styles: set[str]) -> str:
 def styled_score(body: dict, score: int, styles: set[str]) -> str:
     reasoning = ("The call was weighed against the ranked markers and any genes checked; "
                  f"evidence strength gives {score}.")
+    if "no_score" in styles:
+        return "The call looks broadly reasonable given the markers, but I would rather not put a number on it."
     if (_structured(body) and "text_only" not in styles) or "score_json" in styles:
         return json.dumps({"reasoning": reasoning, "score": score})
     if "score_slash" in styles:
