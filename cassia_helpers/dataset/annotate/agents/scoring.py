@@ -2,7 +2,8 @@
 
 The score is the agent's judgement of the whole annotation (markers, reasoning, validation), separate from
 the formatter's self-reported confidence. At most ``max_calls`` logical calls per cluster: a reply without a
-valid score (missing, not a number, outside 0-100) is sent back once with the problem stated. The score is
+valid score (outside 0-100) is sent back once with the problem stated; a reply without any score is not (an
+unusable scorer costs one call per cluster, and the step's failure is said in the dataset's warnings). The score is
 asked for as structured output where the server accepts it, and read tolerantly
 (:func:`~cassia_helpers.dataset.annotate.agents.replies.read_score`).
 """
@@ -97,11 +98,13 @@ def score_annotation(client: LLMClient, markers: ClusterMarkers, annotation: Clu
         if score is not None:
             result.score, result.reasoning = score, sanitize_label(reasoning, max_chars=MAX_REASONING_CHARS)
             return result
+        if not _scored(reply):
+            break
         messages += [{"role": "assistant", "content": reply},
                      {"role": "user", "content": f"Your feedback: {problem}. Reply again with <reasoning>"
                                                  "...</reasoning> and a whole number from 0 to 100 in "
                                                  "<score>...</score>."}]
-    result.reason = f"no valid score after {max(1, max_calls)} calls ({problem})"
+    result.reason = f"no valid score after {attempt} call{'s' if attempt > 1 else ''} ({problem})"
     return result
 
 
