@@ -502,8 +502,19 @@ class _PipelineAgents:
                     f"the candidates.\n<check_genes>{','.join(genes or ['GAPDH'])}</check_genes>")
         evidence = _evidence(body)
         cell_type, support = call_cell_type(evidence)
-        return (f"FINAL ANNOTATION COMPLETED\nThe checked genes {', '.join(support) or 'do not help'} settle it.\n"
+        text = (f"FINAL ANNOTATION COMPLETED\nThe checked genes {', '.join(support) or 'do not help'} settle it.\n"
                 f"FINAL ANNOTATION: {cell_type}")
+        system = _content_text(_messages(body)[0].get("content")).lower() if _messages(body) else ""
+        if "answer as json" in system:  # asked to end with the structured answer, as a real model would
+            ranked = [t for t, _, _ in score_markers(evidence) if t != cell_type]
+            payload = {"main_cell_type": cell_type,
+                       "sub_cell_types": [t for t in ranked if _lineage(t) == _lineage(cell_type)][:3]
+                       if cell_type in CELL_TYPES else [],
+                       "mixed_cell_types": [], "confidence": 80 if support else 20, "key_markers": support[:4],
+                       "reasoning": f"The checked genes {', '.join(support) or 'do not help'} settle it.",
+                       "cell_ontology_id": CL_IDS.get(cell_type, "")}
+            text += "\n```json\n" + json.dumps(payload) + "\n```"
+        return text
 
     def disagreeing_annotator(self, body: dict) -> str | None:
         """The annotator's answer with the runner-up type, for the runs / models told to disagree."""

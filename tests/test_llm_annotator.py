@@ -310,3 +310,43 @@ def test_unusable_model_costs_at_most_five_requests_per_cluster_and_stops_asking
             "dataset were not sent"], name
         if concurrency == 1:  # 3 clusters x 2 rounds x (annotator + formatter), the other 6 never sent
             assert stats["requests"] == 12 and sum("not sent" in r.reason for r in results) == 6
+
+
+# 6 clusters with clear markers and 3 with a single canonical one (scored weak and boosted): a third boosted
+DONE_WHEN_CLUSTERS = [ClusterMarkers(str(i), genes, n_cells=100) for i, genes in enumerate([
+    ["CD3E", "CD8A", "CD8B", "GZMK"], ["MS4A1", "CD79A", "CD19", "BANK1"], ["CD14", "LYZ", "FCN1", "S100A8"],
+    ["NKG7", "GNLY", "KLRD1", "PRF1"], ["FCER1A", "CLEC10A", "CST3", "HLA-DRA"], ["PPBP", "PF4", "GNG11"],
+    ["GENE1", "CD3E", "GENE2", "GENE3"], ["GENE4", "MS4A1", "GENE5"], ["GENE6", "CD14", "GENE7"]])]
+DONE_WHEN_DE = {"6": {"CD3D": 2.0, "CD8A": 2.5, "CD8B": 2.1}, "7": {"CD79A": 2.0, "CD19": 2.2},
+                "8": {"LYZ": 2.0, "FCN1": 1.5}}
+
+
+@pytest.mark.parametrize("styles", [set(), {"verdict_last", "score_slash", "groupings_key", "text_only"}],
+                         ids=["structured", "text-with-deviations"])
+def test_requests_per_cluster_meet_the_goal_and_a_rerun_sends_none(llm_env, tmp_path, styles):
+    """fast <= 3.1 and full <= 5 requests per cluster with a third of the clusters boosted, a rerun 0, against
+    a model that answers in JSON where asked, or one that ignores structured output and deviates as real
+    models do (verdict on the last line, "Score: N/100", groupings under another key)."""
+    import pandas as pd
+
+    from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
+    from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
+
+    table = pd.DataFrame([dict(cluster=c, rank=50 + i, gene=g, score=4.0, logfoldchange=lfc, pval=1e-6,
+                               pval_adj=1e-5, pct_in_cluster=0.7, pct_out_cluster=0.1)
+                          for c, genes in DONE_WHEN_DE.items() for i, (g, lfc) in enumerate(genes.items())])
+    lookup = GeneLookup(table, var_names=sorted({g for genes in DONE_WHEN_DE.values() for g in genes}))
+    llm_env.reply_styles = set(styles)
+    n = len(DONE_WHEN_CLUSTERS)
+    for mode, goal in (("fast", 3.1), ("full", 5.0)):
+        for run in ("first", "rerun"):
+            llm_env.reset_stats()
+            agents = annotator(llm_env, tmp_path, name=f"{mode}-{run}", cache_dir=str(tmp_path / mode))
+            results = AnnotationPipeline(agents, PipelineSettings(pipeline=mode), lookup=lookup).annotate(
+                DONE_WHEN_CLUSTERS, tissue="blood", species="human")
+            requests = llm_env.stats()["requests"]
+            assert requests / n <= (goal if run == "first" else 0), (mode, run, llm_env.stats())
+            assert all(r.status == "ok" and r.validated for r in results)
+            if mode == "full":
+                assert sum(r.boosted for r in results) == n // 3
+                assert all(r.score is not None and len(r.merged_groupings) == 3 for r in results)

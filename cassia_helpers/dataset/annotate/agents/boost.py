@@ -2,12 +2,14 @@
 expression, for a bounded number of rounds, then a revised structured answer.
 
 Calls per boosted cluster are bounded whatever the model says: ``rounds`` boost calls, one more to force a
-conclusion when none came, then the formatter (its fallbacks only on refused formats). The re-scoring and the
+conclusion when none came, then the formatter (its fallbacks only on refused formats) only when the conclusion
+carries no readable JSON answer of its own. The re-scoring and the
 choice of the answer kept are the pipeline's (:mod:`cassia_helpers.dataset.annotate.agents.pipeline`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -15,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
-from cassia_helpers.dataset.annotate.agents.annotator import UNKNOWN_ANSWER, cluster_prompt
-from cassia_helpers.dataset.annotate.agents.replies import read_conclusion
+from cassia_helpers.dataset.annotate.agents.annotator import UNKNOWN_ANSWER, cluster_prompt, parse_answer
+from cassia_helpers.dataset.annotate.agents.replies import json_object, read_conclusion
 from cassia_helpers.dataset.annotate.llm.client import LLMError
 
 BOOST_SYSTEM = """You are the boost agent of a cell-type annotation team. An earlier call for one cluster \
@@ -25,8 +27,9 @@ identity, then ask for the genes that would tell them apart, inside <check_genes
 (gene symbols only, at most {max_genes}). For each gene you will get its log2 fold change, the fraction of \
 the cluster's cells and of the other cells where it is detected, and the adjusted p-value of the cluster \
 against the rest. When the evidence is enough, write FINAL ANNOTATION COMPLETED, your conclusion (the most \
-likely cell type, up to three more specific sub types, any mixture), and end with the line \
-FINAL ANNOTATION: <main cell type>."""
+likely cell type, up to three more specific sub types, any mixture), the line \
+FINAL ANNOTATION: <main cell type>, and then the answer as JSON with the fields main_cell_type, \
+sub_cell_types, mixed_cell_types, confidence (0-100), key_markers, reasoning and cell_ontology_id."""
 
 _CHECK = re.compile(r"<check_genes>\s*(.*?)\s*</check_genes>", re.IGNORECASE | re.DOTALL)
 
@@ -132,6 +135,12 @@ class BoostResult:
     turns: list[dict] = field(default_factory=list)
 
 
+def _json_answer(text: str) -> dict | None:
+    """The structured answer a conclusion carries as JSON (not from its prose: that is the formatter's job)."""
+    data = json_object(text)
+    return parse_answer(json.dumps(data)) if isinstance(data, dict) and data.get("main_cell_type") else None
+
+
 def boost_prompt(markers: ClusterMarkers, previous: ClusterAnnotation, *, tissue: str, species: str,
                  context: str = "") -> str:
     lines = [cluster_prompt(markers, tissue=tissue, species=species, context=context), "",
@@ -189,7 +198,9 @@ def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotatio
         if not conclusion:
             result.reason = f"the boost agent did not conclude in {result.calls} calls"
             return result
-        answer = annotator.format_answer(prompt, conclusion, markers.cluster, result.turns)
+        # the conclusion's own JSON answer saves the formatter's request
+        answer = _json_answer(conclusion) or annotator.format_answer(prompt, conclusion, markers.cluster,
+                                                                     result.turns)
     except LLMError as exc:
         result.reason = f"boost request failed ({exc})"
         return result

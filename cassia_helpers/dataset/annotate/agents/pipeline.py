@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from cassia_helpers.dataset.annotate import SERVICE_FAILURES, UNKNOWN, ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.boost import GeneLookup, boost_cluster
-from cassia_helpers.dataset.annotate.agents.consensus import consensus
+from cassia_helpers.dataset.annotate.agents.consensus import consensus, normalise_label
 from cassia_helpers.dataset.annotate.agents.merging import merge_annotations
 from cassia_helpers.dataset.annotate.agents.scoring import score_annotation
 
@@ -201,6 +201,12 @@ class AnnotationPipeline:
             initial.notes.append(f"boost: {boosted.reason}; the initial answer is kept")
             return initial
         candidate = _with_answer(initial, boosted.answer)
+        if normalise_label(candidate.main_cell_type) == normalise_label(initial.main_cell_type):
+            # the re-score only chooses between two different calls: a confirmed call is not asked about again
+            initial.kept_answer = "initial"
+            initial.notes.append(f"boost: confirmed the initial call {initial.main_cell_type!r} with "
+                                 f"{len(boosted.genes_asked)} genes checked; not re-scored")
+            return initial
         rescored = score_annotation(self.annotator.client, markers, candidate, tissue=tissue, species=species,
                                     context=context, max_calls=SCORE_CALLS, label="scorer (boosted)")
         initial.transcript += rescored.turns
