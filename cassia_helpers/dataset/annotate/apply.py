@@ -11,13 +11,14 @@ import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers, annotation_failure
 from cassia_helpers.dataset.annotate.columns import write_pipeline_columns
-from cassia_helpers.dataset.record import cluster_key, provenance, timed, warn
+from cassia_helpers.dataset.record import cluster_key, provenance, warn
+from cassia_helpers.dataset.steps import timed
 
 # ``validation`` column of the cluster table: the LLM validator's outcome for a call
 VALIDATION_LABELS = {True: "confirmed", False: "not confirmed", None: ""}
 
 
-@timed("annotation", phase="annotation")
+@timed("annotation")
 def annotate_clusters(
     adata: ad.AnnData,
     clusters: list[ClusterMarkers],
