@@ -465,6 +465,8 @@ class _PipelineAgents:
     Knobs: ``score_out_of_range`` (the next N scorer answers give 150), ``boost_never_concludes`` (the boost
     agent asks for genes forever), ``boost_unknown_genes`` (its requests also name genes that exist nowhere),
     ``disagree_runs`` (annotator answers for "independent run k" with k in the set give the runner-up type),
+    ``reply_styles`` (a set of :data:`REPLY_STYLES`: how the validator, scorer and merger deviate from their
+    format; a validator or scorer asked for structured output answers JSON unless ``text_only``),
     ``disagree_models`` (same for requests naming these models), ``merge_drops`` (the next N merging answers
     leave the last cluster out), ``fixed_call`` (the annotator answers this type for every cluster).
     """
@@ -477,6 +479,7 @@ class _PipelineAgents:
         self.disagree_models: set[str] = set()
         self.merge_drops = 0
         self.fixed_call: str | None = None
+        self.reply_styles: set[str] = set()  # see REPLY_STYLES
 
     def fixed_annotator(self, body: dict) -> str | None:
         """With ``fixed_call`` set, the annotator answers that one type for every cluster, citing the cluster's
@@ -493,13 +496,12 @@ class _PipelineAgents:
                 wrong = self.score_out_of_range > 0
                 self.score_out_of_range -= 1 if wrong else 0
             score = 150 if wrong else scripted_score(body)
-            return (f"<reasoning>The call was weighed against the ranked markers and any genes checked; "
-                    f"evidence strength gives {score}.</reasoning>\n<score>{score}</score>")
+            return styled_score(body, score, self.reply_styles)
         if agent == "merger":
             with self._lock:
                 drop = self.merge_drops > 0
                 self.merge_drops -= 1 if drop else 0
-            return json.dumps(merger_payload(body, drop))
+            return json.dumps(styled_groupings(merger_payload(body, drop), self.reply_styles))
         return self._boost_answer(body)
 
     def _boost_answer(self, body: dict) -> str:
@@ -510,8 +512,19 @@ class _PipelineAgents:
                     f"the candidates.\n<check_genes>{','.join(genes or ['GAPDH'])}</check_genes>")
         evidence = _evidence(body)
         cell_type, support = call_cell_type(evidence)
-        return (f"FINAL ANNOTATION COMPLETED\nThe checked genes {', '.join(support) or 'do not help'} settle it.\n"
+        text = (f"FINAL ANNOTATION COMPLETED\nThe checked genes {', '.join(support) or 'do not help'} settle it.\n"
                 f"FINAL ANNOTATION: {cell_type}")
+        system = _content_text(_messages(body)[0].get("content")).lower() if _messages(body) else ""
+        if "answer as json" in system:  # asked to end with the structured answer, as a real model would
+            ranked = [t for t, _, _ in score_markers(evidence) if t != cell_type]
+            payload = {"main_cell_type": cell_type,
+                       "sub_cell_types": [t for t in ranked if _lineage(t) == _lineage(cell_type)][:3]
+                       if cell_type in CELL_TYPES else [],
+                       "mixed_cell_types": [], "confidence": 80 if support else 20, "key_markers": support[:4],
+                       "reasoning": f"The checked genes {', '.join(support) or 'do not help'} settle it.",
+                       "cell_ontology_id": CL_IDS.get(cell_type, "")}
+            text += "\n```json\n" + json.dumps(payload) + "\n```"
+        return text
 
     def disagreeing_annotator(self, body: dict) -> str | None:
         """The annotator's answer with the runner-up type, for the runs / models told to disagree."""
@@ -524,6 +537,67 @@ class _PipelineAgents:
         cell_type, support = ranked[1][0], ranked[1][2]
         return (f"Let me reason step by step.\nStep 1: {', '.join(support)} point to {cell_type}.\n"
                 f"FINAL ANNOTATION: {cell_type}")
+
+
+# --------------------------------------------------------------------------- reply styles of real models
+
+#: What ``reply_styles`` may hold: deviations real models make from the format each agent is given.
+REPLY_STYLES = (
+    "verdict_last",  # the validator reasons first and ends with its verdict line
+    "both_verdicts",  # the validator names both verdicts ("... would be VALIDATION FAILED if ...")
+    "score_json",  # the scorer answers {"reasoning": ..., "score": N} in plain text
+    "score_slash",  # "Score: N/100"
+    "score_out_of",  # "I would rate this call N out of 100."
+    "groupings_key",  # the merger's entries under "merged_clusters", with cluster_id / broad_group / ...
+    "junk_labels",  # the merger's labels hold newlines, CRs, formulas and 300 characters
+    "text_only",  # structured output is accepted but ignored: the agents answer in their text formats
+    "no_score",  # the scorer judges in words and never gives a score
+)
+_VERDICT_TEXT = re.compile(r"^(VALIDATION (?:PASSED|FAILED))\W*\s*(.*)$", re.DOTALL)
+
+
+def _structured(body: dict) -> bool:
+    rf = body.get("response_format")
+    return isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
+
+
+def styled_validator(body: dict, text: str, styles: set[str]) -> str:
+    """The validator's scripted ``text`` as JSON (structured output asked for) or in a model's own style."""
+    match = _VERDICT_TEXT.match(text)
+    verdict, rest = (match.group(1), match.group(2).strip()) if match else ("", text)
+    if _structured(body) and "text_only" not in styles:
+        return json.dumps({"verdict": verdict, "feedback": rest})
+    if "both_verdicts" in styles:
+        other = "VALIDATION FAILED" if verdict == "VALIDATION PASSED" else "VALIDATION PASSED"
+        return f"{rest}\nIt is not {other}, I think, though one could argue for it.\n{verdict}"
+    if "verdict_last" in styles:
+        return f"Checking the cited markers against the ranked list.\n{rest}\n\n**{verdict}**"
+    return text
+
+
+def styled_score(body: dict, score: int, styles: set[str]) -> str:
+    reasoning = ("The call was weighed against the ranked markers and any genes checked; "
+                 f"evidence strength gives {score}.")
+    if "no_score" in styles:
+        return "The call looks broadly reasonable given the markers, but I would rather not put a number on it."
+    if (_structured(body) and "text_only" not in styles) or "score_json" in styles:
+        return json.dumps({"reasoning": reasoning, "score": score})
+    if "score_slash" in styles:
+        return f"{reasoning}\n\nScore: {score}/100"
+    if "score_out_of" in styles:
+        return f"{reasoning} Overall I would rate this call {score} out of 100."
+    return f"<reasoning>{reasoning}</reasoning>\n<score>{score}</score>"
+
+
+def styled_groupings(payload: dict, styles: set[str]) -> dict:
+    entries = payload["groupings"]
+    if "junk_labels" in styles:
+        entries = [dict(e, broad=f"=cmd|' /C calc'!A0\n{e['broad']}", detailed="@" + e["detailed"] * 30,
+                        fine=f"+{e['fine']}\r\nline two") for e in entries]
+    if "groupings_key" in styles:
+        return {"merged_clusters": [{"cluster_id": e["cluster"], "broad_group": e["broad"],
+                                     "detailed_group": e["detailed"], "fine_group": e["fine"]} for e in entries]}
+    return {"groupings": entries}
 
 
 # --------------------------------------------------------------------------- the server
@@ -1080,7 +1154,7 @@ class ScriptedLLMServer(_PipelineAgents):
             with self._lock:
                 fail = self._validator_seen < self._validator_fails
                 self._validator_seen += 1
-            content = validator_answer(body, fail)
+            content = styled_validator(body, validator_answer(body, fail), self.reply_styles)
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown

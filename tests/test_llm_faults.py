@@ -228,12 +228,13 @@ def test_no_usage_gets_an_estimate_that_the_budget_uses(llm_env, tmp_path):
 @pytest.mark.parametrize("text, verdict", [
     ("VALIDATION PASSED\nLooks right.", True),
     ("**VALIDATION PASSED**", True),
-    ("VALIDATION FAILED: it would only be VALIDATION PASSED if CD8A were cited.", False),
-    ("VALIDATION PASSED? No: VALIDATION FAILED", False),
-    ("The markers fit.\nVALIDATION PASSED", None),
+    # naming both verdicts is undetermined, never a pass
+    ("VALIDATION FAILED: it would only be VALIDATION PASSED if CD8A were cited.", None),
+    ("VALIDATION PASSED? No: VALIDATION FAILED", None),
+    ("The markers fit.\nVALIDATION PASSED", True),
     ("", None),
 ])
-def test_the_verdict_is_read_from_the_first_line(text, verdict):
+def test_the_verdict_is_read_from_the_first_or_last_line(text, verdict):
     assert validator_verdict(text) is verdict
 
 

@@ -70,10 +70,12 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
             "annotator": result.get("annotator", ""),
             "unknown_clusters": result.get("unknown_clusters"),
             "warnings": len(result.get("warnings", [])),
+            "unconfirmed_clusters": result.get("unconfirmed_clusters"),
+            "step_warnings": [str(w) for w in result.get("step_warnings", []) or []],
             "cell_type_terms": result.get("cell_type_terms", []),
         })
     table = pd.DataFrame(rows)
-    for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters"):
+    for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters", "unconfirmed_clusters"):
         table[column] = table[column].astype("Int64")
     return table
 
@@ -122,8 +124,12 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     if annotators == ["reference"]:
         lines.append(f"  {REFERENCE_NOTE}")
     unknown = table["unknown_clusters"].fillna(0).sum() if "unknown_clusters" in table else 0
+    lines.append(f"  Clusters labelled Unknown: {int(unknown)}")
+    if "unconfirmed_clusters" in table and table["unconfirmed_clusters"].notna().any():
+        lines.append(f"  Calls not confirmed by the validator: {int(table['unconfirmed_clusters'].fillna(0).sum())}")
+    for row in table.itertuples():
+        lines += [f"  WARNING {row.tissue}/{row.dataset}: {w}" for w in getattr(row, "step_warnings", None) or []]
     lines += [
-        f"  Clusters labelled Unknown: {int(unknown)}",
         "",
         "Token usage",
         f"  API calls: {tracking['total_calls']} ({tracking['failed_calls']} failed, "

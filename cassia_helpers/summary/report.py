@@ -155,6 +155,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor)
         "annotator": result.get("annotator", ""),
         "model": result.get("model", ""),
         "unknown_clusters": result.get("unknown_clusters"),
+        "unconfirmed_clusters": result.get("unconfirmed_clusters"),
         "warnings": [_one_line(w) for w in result.get("warnings", [])],
         "cell_types": {str(k): int(v) for k, v in result.get("cell_types", {}).items()},
         "tokens": int(usage.get("total_tokens", 0)),
@@ -224,6 +225,7 @@ def report_context(run_dir: str | Path) -> dict:
         "n_cells": int(sum(d["n_cells"] or 0 for d in datasets)),
         "n_clusters": int(sum(d["n_clusters"] or 0 for d in datasets)),
         "unknown_clusters": int(sum(d["unknown_clusters"] or 0 for d in datasets)),
+        "unconfirmed_clusters": int(sum(d["unconfirmed_clusters"] or 0 for d in datasets)),
         "annotators": annotators,
         "models": models,
         "tracking": {
