@@ -161,6 +161,11 @@ class LLMAnnotator:
         )
         self.price_known = prices.lookup(model).known
 
+    @property
+    def warnings(self) -> list[str]:
+        """The client's one-line warnings for the dataset's summary (e.g. the cache could not be written)."""
+        return self.client.warnings
+
     def describe(self) -> dict:
         return {
             "annotator": "llm",

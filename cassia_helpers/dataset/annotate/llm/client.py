@@ -150,6 +150,11 @@ class LLMClient:
     def cache_dir(self) -> Path:
         return self.cache.directory
 
+    @property
+    def warnings(self) -> list[str]:
+        """One-line warnings for the dataset's summary (e.g. a cache folder that cannot be written)."""
+        return [self.cache.warning] if self.cache.warning else []
+
     def supports(self, feature: str) -> bool:
         return self.cache.supports(feature)
 
