@@ -8,12 +8,18 @@ replies, a server that echoes the key, and a kernel killed with a request in fli
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -26,11 +32,13 @@ from cassia_helpers.ledger import (
     CallRecord,
     Ledger,
     check_budget_prices,
+    format_cost,
     read_ledger,
     resolve_pending,
     tracking_from_ledgers,
 )
 from tests.conftest import API_KEY, REPO
+from tests.scripted_llm_server import ScriptedLLMServer
 
 GENES = [["CD3E", "CD8A", "CD8B", "GZMK"], ["MS4A1", "CD79A", "CD19"], ["CD14", "LYZ", "FCN1"],
          ["NKG7", "GNLY", "KLRD1"], ["PPBP", "PF4"], ["FCER1A", "CLEC10A", "CST3"]]
@@ -327,3 +335,170 @@ def test_a_killed_kernel_still_counts_its_request_in_flight(llm_env, tmp_path):
     assert tracking["total_calls"] == llm_env.stats()["requests"] == 1
     assert tracking["interrupted_calls"] == 1 and tracking["tokens_estimated"]
     assert tracking["total_input_tokens"] > 0
+
+
+# --------------------------------------------------------------------------- the whole exchange is bounded
+
+
+def test_trickled_headers_are_cut_at_the_deadline(llm_env, tmp_path):
+    # each header byte arrives well inside the idle timeout: only a deadline held from outside the HTTP
+    # library's reads stops it (the headers alone would take ~40 s)
+    llm_env.trickle_headers_s = 0.4
+    start = time.monotonic()
+    results = run(tmp_path, clusters=CLUSTERS[:2], timeout=2.0, deadline=2.5, max_attempts=5, breaker_failures=0,
+                  concurrency=2)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.5 + 1.5, elapsed
+    assert [r.reason_kind for r in results] == ["timeout", "timeout"], [r.reason for r in results]
+    assert "deadline" in results[0].reason
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == llm_env.stats()["requests"] >= 2  # every request the server got, no more
+    assert all(r["status"] == "error" and r["estimated"] and r["input_tokens"] > 0 for r in records)
+
+
+# --------------------------------------------------------------------------- requests never sent are not calls
+
+
+def test_a_refused_connection_is_no_call(llm_env, monkeypatch, tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=2, breaker_failures=0)
+    assert {r.reason_kind for r in results} == {"unreachable"}
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert tracking["total_calls"] == 0 and tracking["total_cost"] == 0
+    assert tracking["not_sent"] == 4  # two attempts per cluster, each recorded, none counted
+
+
+def test_a_kernel_killed_while_connecting_counts_no_call(tmp_path):
+    # Ctrl-C in a batch kills the dataset's kernel (SIGKILL). Here the server's accept queue is full: the
+    # connection never completes, the request never leaves, and the resumed run's ledger must not count it.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))
+    ledger = tmp_path / "stopped.jsonl"
+    script = textwrap.dedent(f"""
+        from cassia_helpers.dataset.annotate import ClusterMarkers
+        from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+        a = LLMAnnotator(model="scripted-model", ledger_path={str(ledger)!r}, cache_dir={str(tmp_path / "c")!r},
+                         base_url="http://127.0.0.1:{port}/v1", timeout=60, deadline=60, dataset="stopped",
+                         tissue="blood")
+        print("asking", flush=True)
+        a.annotate([ClusterMarkers("0", ["CD3E", "CD8A"])], tissue="blood", species="human")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OPENAI_API_KEY=API_KEY)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "asking"
+        time.sleep(1.5)  # connecting
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+        filler.close()
+        listener.close()
+    tracking = tracking_from_ledgers([ledger])
+    assert tracking["total_calls"] == 0 and tracking["interrupted_calls"] == 0 and tracking["total_cost"] == 0
+
+
+# --------------------------------------------------------------------------- TLS and redirects
+
+
+@pytest.fixture
+def self_signed_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate (made with the openssl command)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_self_signed_certificate_is_named(llm_env, self_signed_server, tmp_path):
+    results = run(tmp_path, clusters=CLUSTERS[:3], base_url=self_signed_server)
+    assert {r.reason_kind for r in results} == {"certificate"}
+    assert re.search(r"certificate verify failed: self.signed certificate", results[0].reason), results[0].reason
+    reason = annotation_failure(results)
+    assert "TLS certificate was refused" in reason and "Connection error" not in reason
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert tracking["total_calls"] == 0 and tracking["not_sent"] == 1  # the first refusal stops the dataset
+
+
+def test_a_redirect_to_another_host_is_not_followed(llm_env, tmp_path):
+    with ScriptedLLMServer(expected_api_key=API_KEY) as elsewhere:
+        target = f"{elsewhere.base_url}/chat/completions"
+        llm_env.redirects["/v1/chat/completions"] = (307, target)
+        results = run(tmp_path, clusters=CLUSTERS[:3])
+        assert elsewhere.stats()["requests"] == 0  # the prompts never went there
+    assert {r.reason_kind for r in results} == {"redirect"}
+    assert f"HTTP 307) to {target}" in results[0].reason and "another host" in results[0].reason
+    assert "redirected the requests elsewhere" in annotation_failure(results)
+    # the first redirect stops the dataset; it reached the server, so it is a call
+    assert llm_env.redirected == 1 == tracking_from_ledgers([tmp_path / "ledger.jsonl"])["total_calls"]
+
+
+def test_a_302_is_named_and_a_same_host_307_is_followed(llm_env, tmp_path):
+    llm_env.redirects["/v1/moved/chat/completions"] = (302, "/v1/chat/completions")
+    moved = f"{llm_env.base_url}/moved"
+    results = run(tmp_path, clusters=CLUSTERS[:1], base_url=moved)
+    assert results[0].reason_kind == "redirect" and "HTTP 302" in results[0].reason, results[0].reason
+    assert llm_env.stats()["requests"] == 0  # not turned into a GET, nor sent again
+    # a 307 to the same host keeps the request (e.g. a server adding a trailing slash): followed as before
+    llm_env.redirects["/v1/moved/chat/completions"] = (307, "/v1/chat/completions")
+    results = run(tmp_path, clusters=CLUSTERS[:2], name="followed", base_url=moved, max_rounds=1)
+    assert [r.main_cell_type for r in results] == EXPECTED[:2]
+
+
+# --------------------------------------------------------------------------- usage a server makes up
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "many"}, {"prompt_tokens": -1_000_000},
+                                   {"prompt_tokens": 10**15, "completion_tokens": 10**15},
+                                   {"completion_tokens": 12.5}, {"prompt_tokens": None, "completion_tokens": [3]}])
+def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path, usage):
+    llm_env.usage_override = usage
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"scripted-model": {"input": 1000.0, "output": 1000.0}}))
+    results = run(tmp_path, max_cost=0.5, price_file=str(prices))  # no crash: every cluster has an outcome
+    assert len(results) == len(CLUSTERS)
+    assert any(r.reason_kind == "budget" for r in results)  # the estimates still stop the run at its budget
+    assert any(r.main_cell_type in EXPECTED for r in results)  # the answers paid for are kept
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == llm_env.stats()["requests"]
+    assert all(r["estimated"] and 0 < r["input_tokens"] < 100_000 and 0 <= r["output_tokens"] < 100_000
+               and r["cost"] > 0 for r in records)
+    assert all("usage not a token count" in r["error"] for r in records if r["status"] == "ok")
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert 0.5 <= tracking["total_cost"] < 5 and tracking["estimated_calls"] == tracking["total_calls"]
+
+
+def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):
+    # lines written by an older version that trusted the server
+    path = tmp_path / "old.jsonl"
+    lines = [dict(status="ok", input_tokens="many", output_tokens=5, cost=0.5, call_id="a"),
+             dict(status="ok", input_tokens=-1_000_000, output_tokens=-3, cost=-6.6, call_id="b"),
+             dict(status="ok", input_tokens=10.0, output_tokens=2, cost="x", call_id="c")]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tracking = tracking_from_ledgers([path])
+    assert tracking["total_calls"] == 3
+    assert (tracking["total_input_tokens"], tracking["total_output_tokens"], tracking["total_cost"]) == (10, 7, 0.5)
+
+
+@pytest.mark.parametrize("usd, shown", [(0, "$0.00"), (0.0042, "$0.0042"), (0.000012, "$0.000012"),
+                                        (0.01, "$0.01"), (2.254, "$2.25"), (1234.5, "$1,234.50")])
+def test_costs_under_a_cent_keep_their_digits(usd, shown):
+    assert format_cost(usd) == shown
