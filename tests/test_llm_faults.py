@@ -37,7 +37,7 @@ from cassia_helpers.ledger import (
     resolve_pending,
     tracking_from_ledgers,
 )
-from tests.conftest import API_KEY, REPO
+from tests.conftest import API_KEY, BLOOD_DATASETS, REPO
 from tests.scripted_llm_server import ScriptedLLMServer
 
 GENES = [["CD3E", "CD8A", "CD8B", "GZMK"], ["MS4A1", "CD79A", "CD19"], ["CD14", "LYZ", "FCN1"],
@@ -502,3 +502,82 @@ def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):
                                         (0.01, "$0.01"), (2.254, "$2.25"), (1234.5, "$1,234.50")])
 def test_costs_under_a_cent_keep_their_digits(usd, shown):
     assert format_cost(usd) == shown
+
+
+# --------------------------------------------------------------------------- a cache that cannot be written
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder even root cannot write: a read-only tmpfs mounted on it, else the immutable attribute."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    attempts = ((["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], ["umount", str(folder)]),
+                (["chattr", "+i", str(folder)], ["chattr", "-i", str(folder)]))
+    undo = next((undo for make, undo in attempts
+                 if shutil.which(make[0]) and subprocess.run(make, capture_output=True).returncode == 0), None)
+    if undo is None:
+        pytest.skip("needs mount (CAP_SYS_ADMIN) or chattr +i (CAP_LINUX_IMMUTABLE) to make a read-only folder")
+    try:
+        yield folder
+    finally:
+        subprocess.run(undo, capture_output=True)
+
+
+def test_damaged_cache_entries_are_ignored_like_unreadable_ones(llm_env, tmp_path):
+    run(tmp_path, clusters=CLUSTERS[:2], max_rounds=1)
+    entries = [p for p in (tmp_path / "cache").rglob("*.json") if p.name != "capabilities.json"]
+    assert entries
+    for damage, path in zip([{"content": 12345}, ["a list"], {"content": None}, "not json {"], entries * 4,
+                            strict=False):
+        path.write_text(damage if isinstance(damage, str) else json.dumps(damage))
+    (tmp_path / "cache" / "capabilities.json").write_text(json.dumps({"x": 3}))
+    llm_env.reset_stats()
+    again = run(tmp_path, clusters=CLUSTERS[:2], name="again", max_rounds=1)
+    assert [r.main_cell_type for r in again] == EXPECTED[:2]
+    assert llm_env.stats()["requests"] > 0  # the damaged answers were asked again, and cached anew
+    assert all(isinstance(e["content"], str) for e in cached_entries(tmp_path))
+
+
+def test_a_read_only_cache_folder_turns_the_cache_off_before_any_request(llm_env, read_only_dir, tmp_path):
+    annotating = annotator(tmp_path, cache_dir=str(read_only_dir / "cache"))
+    results = annotating.annotate(CLUSTERS[:3], tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == EXPECTED[:3]  # the run went on, without the cache
+    assert len(annotating.warnings) == 1 and "cannot be written" in annotating.warnings[0]
+    assert str(read_only_dir) in annotating.warnings[0]
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
+
+
+def test_an_unwritable_cache_dir_is_a_usage_error_before_anything_is_paid(llm_env, read_only_dir, blood_dir,
+                                                                         tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(blood_dir), "--output-dir",
+         str(tmp_path / "out"), "--tissues", "blood", "--annotator", "llm", "--model", "scripted-model",
+         "--cache-dir", str(read_only_dir)],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "--cache-dir" in result.stderr and str(read_only_dir) in result.stderr and "--no-cache" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert llm_env.stats()["requests"] == 0
+
+
+@pytest.mark.slow
+def test_a_read_only_home_runs_the_batch_without_the_cache(llm_env, read_only_dir, blood_dir, tmp_path):
+    # many compute nodes mount $HOME read-only: the default cache folder cannot be written there
+    for name in BLOOD_DATASETS[1:]:
+        (blood_dir / "blood" / f"{name}.h5ad").unlink()
+    env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(read_only_dir))
+    env.pop("XDG_CACHE_HOME", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(blood_dir), "--output-dir",
+         str(tmp_path / "out"), "--tissues", "blood", "--annotator", "llm", "--model", "scripted-model"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "the LLM response cache cannot be written" in result.stderr and str(read_only_dir) in result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    dataset = BLOOD_DATASETS[0]
+    summary = json.loads((run_dir / "blood" / dataset / f"{dataset}_result.json").read_text())
+    assert any("cache cannot be written" in w for w in summary["warnings"]), summary["warnings"]
+    tracking = json.loads((run_dir / "token_tracking.json").read_text())
+    assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
