@@ -153,6 +153,9 @@ class DatasetPaths:
         return self._file("_progress.jsonl")
 
 
+# The environment variable that tells a dataset's kernel where to append its progress (``progress_jsonl``).
+PROGRESS_ENV = "CASSIA_PROGRESS_FILE"
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")

@@ -13,7 +13,8 @@ from scipy import stats
 
 from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.matrix import row_blocks
-from cassia_helpers.dataset.record import cluster_key, provenance, timed, warn
+from cassia_helpers.dataset.record import cluster_key, provenance, warn
+from cassia_helpers.dataset.steps import timed
 
 MARKER_COLUMNS = [
     "cluster",

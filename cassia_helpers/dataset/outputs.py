@@ -18,7 +18,8 @@ from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines
 from cassia_helpers.dataset.counts import write_counts_layer
-from cassia_helpers.dataset.record import cluster_key, label_key, phase_times, provenance
+from cassia_helpers.dataset.record import cluster_key, label_key, provenance
+from cassia_helpers.dataset.steps import phase_times
 from cassia_helpers.files import atomic_path, write_csv, write_json, write_text
 from cassia_helpers.settings import Settings
 

@@ -11,10 +11,11 @@ import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers, annotation_failure
 from cassia_helpers.dataset.annotate.columns import write_pipeline_columns
-from cassia_helpers.dataset.record import cluster_key, provenance, timed, warn
+from cassia_helpers.dataset.record import cluster_key, provenance, warn
+from cassia_helpers.dataset.steps import timed
 
 
-@timed("annotation", phase="annotation")
+@timed("annotation")
 def annotate_clusters(
     adata: ad.AnnData,
     clusters: list[ClusterMarkers],
