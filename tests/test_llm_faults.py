@@ -21,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -581,3 +582,49 @@ def test_a_read_only_home_runs_the_batch_without_the_cache(llm_env, read_only_di
     assert any("cache cannot be written" in w for w in summary["warnings"]), summary["warnings"]
     tracking = json.loads((run_dir / "token_tracking.json").read_text())
     assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
+
+
+# --------------------------------------------------------------------------- what the summary says about money
+
+
+def _ledger_line(status: str, cost: float = 0.0, **fields) -> str:
+    record = dict(timestamp="2026-01-01T00:00:00", dataset="d1", tissue="blood", cluster="0", agent="annotator",
+                  model="gpt-4o-mini", input_tokens=0, output_tokens=0, cost=cost, latency_s=0.1, status=status,
+                  call_id=uuid.uuid4().hex)
+    record.update(fields)
+    return json.dumps(record) + "\n"
+
+
+@pytest.mark.parametrize("budget_unknown", [0, 2])
+def test_the_summary_tells_true_money_figures(tmp_path, budget_unknown):
+    from cassia_helpers.contract import SUCCESS, DatasetPaths, write_status
+    from cassia_helpers.summary.aggregate import write_run_summaries
+
+    run_dir = tmp_path / "run_test"
+    paths = DatasetPaths(run_dir, "blood", "d1")
+    paths.folder.mkdir(parents=True)
+    (run_dir / "run_manifest.json").write_text(json.dumps({
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "datasets": [{"name": "d1", "tissue": "blood", "path": "d1.h5ad"}]}))
+    write_status(paths, SUCCESS, duration=3.0)
+    paths.result_json.write_text(json.dumps({"n_cells": 100, "n_genes": 50, "n_clusters": 3, "annotator": "llm",
+                                             "unknown_clusters": budget_unknown, "warnings": [],
+                                             "cell_type_terms": []}))
+    kinds = ["budget"] * budget_unknown + [""] * (3 - budget_unknown)
+    rows = [f"{i},{'Unknown' if kind else 'B cell'},{'unknown' if kind else 'ok'},{kind}\n"
+            for i, kind in enumerate(kinds)]
+    paths.clusters_csv.write_text("cluster,cell_type,status,reason_kind\n" + "".join(rows))
+    # one paid call of under a cent, one budget skip (a later step: a label was kept), one refused connection
+    paths.llm_calls_jsonl.write_text(_ledger_line("ok", 0.0042, input_tokens=20_000, output_tokens=2000)
+                                     + _ledger_line("budget") + _ledger_line("not_sent"))
+    write_run_summaries(run_dir)
+    text = (run_dir / "batch_summary.txt").read_text()
+    assert "Total cost: $0.0042" in text and "$0.00\n" not in text
+    assert "API calls: 1 (0 failed" in text  # the refused connection is not a call...
+    assert "Not sent: 1 request(s)" in text  # ...but it is told
+    if budget_unknown:
+        assert "2 cluster(s) are Unknown with reason 'budget'" in text
+    else:
+        assert "no cluster became Unknown for it" in text and "are Unknown with reason" not in text
+    tracking = json.loads((run_dir / "token_tracking.json").read_text())
+    assert (tracking["total_calls"], tracking["not_sent"], tracking["budget_skipped"]) == (1, 1, 1)
