@@ -628,3 +628,22 @@ def test_the_summary_tells_true_money_figures(tmp_path, budget_unknown):
         assert "no cluster became Unknown for it" in text and "are Unknown with reason" not in text
     tracking = json.loads((run_dir / "token_tracking.json").read_text())
     assert (tracking["total_calls"], tracking["not_sent"], tracking["budget_skipped"]) == (1, 1, 1)
+
+
+@pytest.mark.slow
+def test_a_batch_against_a_server_trickling_its_headers_ends_in_bounded_time(llm_env, blood_dir, tmp_path):
+    for name in BLOOD_DATASETS[1:]:
+        (blood_dir / "blood" / f"{name}.h5ad").unlink()
+    llm_env.trickle_headers_s = 0.5  # the headers alone would take ~50 s, each byte inside --llm-timeout
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(blood_dir), "--output-dir",
+         str(tmp_path / "out"), "--tissues", "blood", "--annotator", "llm", "--model", "scripted-model",
+         "--cache-dir", str(tmp_path / "cache"), "--llm-timeout", "2", "--llm-deadline", "3"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr  # a failed dataset, told as such
+    run_dir = next((tmp_path / "out").glob("run_*"))
+    status = json.loads((run_dir / "blood" / BLOOD_DATASETS[0] / f"{BLOOD_DATASETS[0]}_status.json").read_text())
+    assert status["status"] == "failed" and "did not answer in time" in status["error"], status
+    tracking = json.loads((run_dir / "token_tracking.json").read_text())
+    assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
+    assert max(call["latency_s"] for call in tracking["api_calls"]) < 3 + 1.0
