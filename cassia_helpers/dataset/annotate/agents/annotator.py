@@ -172,6 +172,11 @@ class LLMAnnotator:
         self.stopped: str = ""
         self.notices: list[str] = []
 
+    @property
+    def warnings(self) -> list[str]:
+        """The client's one-line warnings for the dataset's summary (e.g. the cache could not be written)."""
+        return self.client.warnings
+
     def describe(self) -> dict:
         return {
             "annotator": "llm",
