@@ -57,6 +57,20 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def remove_temporary(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left in ``folder`` (``.{name}.*.tmp``: a write cut short
+    by a killed process); return them. Only a folder no writer is using may be cleaned."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        try:
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
 def write_text(target: str | Path, text: str) -> None:
     """Write text atomically (UTF-8)."""
     with atomic_path(target) as tmp:
