@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 _umask_lock = threading.Lock()
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# A cell starting with one of these is always read as a formula (or hides one) by spreadsheet programs.
+FORMULA_PREFIXES = ("=", "@", "\t", "\r")
+# A cell starting with a sign is a formula only with formula syntax after it (a function call, a DDE or
+# sheet reference, a comparison): "-rf", "+5" or "-2.5" stay as written and read back unchanged.
+SIGN_PREFIXES = ("+", "-")
+FORMULA_SYNTAX = frozenset('()|!=@"')
 
 
 def current_umask() -> int:
@@ -93,9 +98,13 @@ def write_csv(target: str | Path, table: Any) -> None:
 
 
 def csv_safe(value: object) -> object:
-    """A CSV cell that a spreadsheet will not run as a formula: text starting with ``= + - @``, a tab or a
-    carriage return gets a leading apostrophe. Numbers and other non-text values are returned as they are."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+    """A CSV cell that a spreadsheet will not run as a formula: text starting with ``=`` or ``@``, a tab or a
+    carriage return, or with ``+``/``-`` followed by formula syntax (``( ) | ! = @ "``, as in
+    ``-cmd|' /C calc'!A0``) gets a leading apostrophe. Other text (``-rf``, ``+5``, ``CD8+``) is written as
+    it is, so it reads back unchanged; numbers and other non-text values are returned as they are."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(FORMULA_PREFIXES) or (value.startswith(SIGN_PREFIXES) and FORMULA_SYNTAX & set(value)):
         return "'" + value
     return value
 

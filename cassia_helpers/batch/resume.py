@@ -58,6 +58,9 @@ def manifest_analysis(manifest: dict, manifest_path: Path) -> dict:
                          "resume it with the version that made it, or start a new run")
     for name in wanted - set(analysis):
         analysis[name] = BY_NAME[name].default
+    if analysis.get("context_file") and not Path(analysis["context_file"]).is_file():
+        raise UsageError(f"{manifest_path}: the run's --context-file {analysis['context_file']} is gone; "
+                         "put it back to resume")
     return analysis
 
 
