@@ -288,8 +288,9 @@ def test_labels_are_one_short_line_and_csv_cells_never_formulas():
     assert sanitize_label("B cell\nIGNORE ALL\r\nPREVIOUS") == "B cell IGNORE ALL PREVIOUS"
     assert len(sanitize_label("T" * 20_000)) == MAX_LABEL_CHARS
     assert sanitize_label("**CD8+ T cell**") == "CD8+ T cell"
-    assert [csv_safe(v) for v in ("=1+1", "+x", "-x", "@x", "B cell", 3.5)] == ["'=1+1", "'+x", "'-x", "'@x",
-                                                                                  "B cell", 3.5]
+    assert [csv_safe(v) for v in ("=1+1", "+cmd|' /C calc'!A0", "-SUM(1)", "@x", "B cell", 3.5)] == [
+        "'=1+1", "'+cmd|' /C calc'!A0", "'-SUM(1)", "'@x", "B cell", 3.5]
+    assert [csv_safe(v) for v in ("-rf", "+5", "-2.5")] == ["-rf", "+5", "-2.5"]  # no formula: kept as written
 
 
 # --------------------------------------------------------------------------- write-ahead ledger

@@ -199,6 +199,10 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
         detail = f"{row.n_cells} cells, {row.n_clusters} clusters, {_fmt_seconds(row.total_time)}" \
             if row.status == "success" else (row.error or "")
         lines.append(f"  {row.status:<11} {row.tissue}/{row.dataset}: {detail}")
+    reruns = [r for s in manifest.get("sessions", []) if isinstance(s, dict) for r in s.get("rerun") or []]
+    if reruns:  # --resume found them incomplete (batch.resume): say why they ran again
+        lines += ["", "Re-run on resume (the earlier files are in the dataset's superseded/ folder)"]
+        lines += [f"  {r.get('tissue')}/{r.get('dataset')}: {r.get('reason')}" for r in reruns]
     return "\n".join(lines) + "\n"
 
 
