@@ -350,3 +350,43 @@ def test_explore_helpers_show_a_run(tiny, tmp_path):
     adata = explore.load_dataset(run, "blood/Data_Good000_Blood")
     scores = explore.cluster_scores(adata).to_html()
     assert "87.5" in scores and "no valid answer" in scores and "no mitochondrial genes" in scores
+
+
+# --- the run's cross-dataset heatmap (cell_types.png) ----------------------------------------------------
+
+CL_NAMES = [LONG_TERM, "naive thymus-derived CD4-positive, alpha-beta T cell", "oligodendrocyte precursor cell",
+            "CD1c-positive myeloid dendritic cell", "astrocyte of the cerebral cortex", "microglial cell",
+            "L2/3-6 intratelencephalic projecting glutamatergic neuron", "unknown"]
+
+
+@pytest.mark.parametrize("datasets", [["Brain_Sample_01"], ["Brain_Sample_01", "Breast_Biopsy_Long_Name_0042"]])
+def test_cell_type_heatmap_is_sized_from_its_long_labels(tmp_path, datasets):
+    """One or two datasets with 47+ character Cell Ontology names: the cells keep a readable size, the labels
+    neither overlap nor get cut off, and matplotlib does not warn that the layout collapsed."""
+    import warnings
+
+    from PIL import Image
+
+    from cassia_helpers.summary.crossqc import cell_type_heatmap_figure, cell_type_table, plot_cell_type_heatmap
+
+    records = [{"dataset": d, "tissue": "brain", "term_id": f"CL:{i:07d}", "term_name": name, "lineage_name": "",
+                "n_cells": 10 + 7 * i + j} for j, d in enumerate(datasets) for i, name in enumerate(CL_NAMES)]
+    table = cell_type_table(records=records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied because axes sizes collapsed to zero"
+        figure = cell_type_heatmap_figure(table)
+        figure.canvas.draw()
+        png = plot_cell_type_heatmap(table, tmp_path / "cell_types.png")
+    renderer = figure.canvas.get_renderer()
+    ax = figure.axes[0]
+    box = ax.get_window_extent(renderer)
+    assert box.height >= 0.25 * figure.dpi * len(datasets) and box.width >= 0.25 * figure.dpi * len(CL_NAMES)
+    figure_box = figure.bbox
+    for label in ax.get_xticklabels() + ax.get_yticklabels():  # every label whole, inside the figure
+        extent = label.get_window_extent(renderer)
+        assert extent.x0 >= figure_box.x0 - 1 and extent.y0 >= figure_box.y0 - 1, label.get_text()
+        assert extent.x1 <= figure_box.x1 + 1 and extent.y1 <= figure_box.y1 + 1, label.get_text()
+    rows = [label.get_window_extent(renderer) for label in ax.get_yticklabels()]
+    assert not any(a.overlaps(b) for a, b in zip(rows, rows[1:], strict=False))  # dataset names apart
+    with Image.open(png) as image:
+        assert image.height >= 300 and image.width >= 500 and image.height < 4000, image.size
