@@ -177,7 +177,7 @@ def check_shared_storage(client, folder: str | Path, *, wait_s: float = 10.0) ->
     token = uuid.uuid4().hex[:12]
     try:
         names = {address: f".cassia_probe_{token}_{index}"
-                 for index, address in enumerate(sorted(client.scheduler_info()["workers"]))}
+                 for index, address in enumerate(sorted(client.nthreads()))}  # asked now, not a cached view
     except Exception as exc:  # noqa: BLE001
         return f"cannot list the Dask workers: {exc}"
     if not names:
