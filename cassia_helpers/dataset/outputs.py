@@ -181,6 +181,8 @@ def dataset_summary_text(adata: ad.AnnData, paths: DatasetPaths, settings: Setti
     if isinstance(table, pd.DataFrame) and len(table):
         unknown = int((table["status"] != "ok").sum())
         lines.append(f"  clusters labelled: {len(table) - unknown}, Unknown: {unknown}")
+        if "validation" in table and (table["validation"] != "").any():
+            lines.append(f"  not confirmed by the validator: {_unconfirmed(table)} of {len(table)} clusters")
         for _, row in table.iterrows():
             reason = f" [{row['reason']}]" if row["status"] != "ok" else ""
             lines.append(f"    {row['cluster']:>4}  {row['n_cells']:>7} cells  {row['main_cell_type']}{reason}")
@@ -209,6 +211,13 @@ def _terms(adata: ad.AnnData) -> list[dict]:
     counts = adata.obs[columns].astype(str).value_counts()
     return [{"term_id": t, "term_name": n, "lineage_name": lineage, "n_cells": int(c)}
             for (t, n, lineage), c in counts.items()]
+
+
+def _unconfirmed(table) -> int:
+    """Calls the LLM validator did not confirm (the annotation table's ``validation`` column)."""
+    if not isinstance(table, pd.DataFrame) or "validation" not in table:
+        return 0
+    return int((table["validation"].astype(str) == "not confirmed").sum())
 
 
 def _flagged(record: dict) -> int:
@@ -252,6 +261,8 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         if labels in adata.obs else {},
         "warnings": list(record.get("warnings", [])),
         "annotation_failure": record.get("annotation", {}).get("failure", ""),
+        "unconfirmed_clusters": _unconfirmed(table),
+        "step_warnings": list(record.get("annotation", {}).get("step_warnings", [])),
         **_pipeline_summary(record.get("pipeline", {}).get("clusters")),
         "cell_type_terms": _terms(adata),
         "flagged_clusters": _flagged(record),
