@@ -481,6 +481,8 @@ class _PipelineAgents:
         self.reply_styles: set[str] = set()  # see REPLY_STYLES
 
     def pipeline_answer(self, body: dict, agent: str) -> str:
+        if "unusable_checks" in self.reply_styles:
+            return garbage_answer(body)
         if agent == "scorer":
             with self._lock:
                 wrong = self.score_out_of_range > 0
@@ -542,6 +544,7 @@ REPLY_STYLES = (
     "junk_labels",  # the merger's labels hold newlines, CRs, formulas and 300 characters
     "text_only",  # structured output is accepted but ignored: the agents answer in their text formats
     "no_score",  # the scorer judges in words and never gives a score
+    "unusable_checks",  # the annotator and formatter answer well; validator, scorer, boost, merger send garbage
 )
 _VERDICT_TEXT = re.compile(r"^(VALIDATION (?:PASSED|FAILED))\W*\s*(.*)$", re.DOTALL)
 
@@ -1145,6 +1148,8 @@ class ScriptedLLMServer(_PipelineAgents):
                 fail = self._validator_seen < self._validator_fails
                 self._validator_seen += 1
             content = styled_validator(body, validator_answer(body, fail), self.reply_styles)
+            if "unusable_checks" in self.reply_styles:
+                content = garbage_answer(body)
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown
