@@ -468,7 +468,7 @@ class _PipelineAgents:
     ``reply_styles`` (a set of :data:`REPLY_STYLES`: how the validator, scorer and merger deviate from their
     format; a validator or scorer asked for structured output answers JSON unless ``text_only``),
     ``disagree_models`` (same for requests naming these models), ``merge_drops`` (the next N merging answers
-    leave the last cluster out).
+    leave the last cluster out), ``fixed_call`` (the annotator answers this type for every cluster).
     """
 
     def _init_pipeline_faults(self) -> None:
@@ -478,7 +478,17 @@ class _PipelineAgents:
         self.disagree_runs: set[int] = set()
         self.disagree_models: set[str] = set()
         self.merge_drops = 0
+        self.fixed_call: str | None = None
         self.reply_styles: set[str] = set()  # see REPLY_STYLES
+
+    def fixed_annotator(self, body: dict) -> str | None:
+        """With ``fixed_call`` set, the annotator answers that one type for every cluster, citing the cluster's
+        own top markers as its evidence (a model that ignores the data but sounds sure)."""
+        if not self.fixed_call:
+            return None
+        cited = parse_markers(body)[:3]
+        return (f"Let me reason step by step.\nStep 1: The top markers {', '.join(cited)} are highly specific.\n"
+                f"Step 2: Together they indicate {self.fixed_call}.\nFINAL ANNOTATION: {self.fixed_call}")
 
     def pipeline_answer(self, body: dict, agent: str) -> str:
         if "unusable_checks" in self.reply_styles:
@@ -597,7 +607,7 @@ def styled_groupings(payload: dict, styles: set[str]) -> dict:
 
 
 class _Reply:
-    __slots__ = ("status", "payload", "raw", "headers", "delay", "trickle", "hang")
+    __slots__ = ("status", "payload", "raw", "headers", "delay", "trickle", "hang", "trickle_head")
 
     def __init__(
         self,
@@ -614,6 +624,7 @@ class _Reply:
         self.delay = delay
         self.trickle = 0.0  # seconds between body bytes (a stalling proxy)
         self.hang = False  # headers never sent: the connection stays open until the server stops
+        self.trickle_head = 0.0  # seconds between the bytes of the status line and headers
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -655,7 +666,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay > 0 and owner._stopping.wait(reply.delay):
             self.close_connection = True
             return
-        if reply.hang or reply.trickle > 0:
+        if reply.hang or reply.trickle > 0 or reply.trickle_head > 0:
             self._send_stalling(reply)
             return
         data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
@@ -676,7 +687,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _send_stalling(self, reply: _Reply) -> None:
-        """Hang (never answer) or send the body one byte every ``reply.trickle`` seconds."""
+        """Hang (never answer), or send the headers (``reply.trickle_head``) and/or the body (``reply.trickle``)
+        one byte at a time."""
         owner = self.server.owner
         self.close_connection = True
         if reply.hang:
@@ -684,13 +696,25 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
         try:
-            self._send_head(reply, data, extra=False)
-            self.wfile.flush()
-            for index in range(len(data)):
+            if reply.trickle_head > 0:
+                head = (f"HTTP/1.1 {reply.status} OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(data)}\r\n\r\n").encode()
+                for index in range(len(head)):
+                    self.wfile.write(head[index:index + 1])
+                    self.wfile.flush()
+                    if owner._stopping.wait(reply.trickle_head):
+                        return
+            else:
+                self._send_head(reply, data, extra=False)
+                self.wfile.flush()
+            for index in range(len(data) if reply.trickle > 0 else 0):
                 self.wfile.write(data[index:index + 1])
                 self.wfile.flush()
                 if owner._stopping.wait(reply.trickle):
                     return
+            if reply.trickle <= 0:
+                self.wfile.write(data)
+                self.wfile.flush()
         except OSError:  # the client gave up
             pass
 
@@ -708,6 +732,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         raw = self._read_body()
+        owner = self.server.owner
+        if self._path() in owner.redirects:
+            status, location = owner.redirects[self._path()]
+            with owner._lock:
+                owner.redirected += 1
+            self._send(_Reply(status, {}, headers={"Location": location}))
+            return
         if self._path() == "/v1/chat/completions":
             headers = _Headers((k.lower(), v) for k, v in self.headers.items())
             owner = self.server.owner
@@ -792,6 +823,11 @@ class ScriptedLLMServer(_PipelineAgents):
         self.huge_answer_chars = 0
         self.echo_authorization = False
         self.tricky_verdict = False
+        self.trickle_headers_s = 0.0
+        self.usage_override: dict = {}
+        # path -> (status, Location): POSTs to the path are answered with that redirect (counted in ``redirected``)
+        self.redirects: dict[str, tuple[int, str]] = {}
+        self.redirected = 0
         self._fail_queue: list[tuple[int, float | None]] = []
         self._malformed_left = 0
         self._rates = (0.0, 0.0, 0.0, 0.0)
@@ -913,6 +949,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
         self.error_in_body = self.no_choices = False
+        self.trickle_headers_s, self.usage_override, self.redirects = 0.0, {}, {}
         self._init_pipeline_faults()
 
     # -- stats --------------------------------------------------------------------------------
@@ -1026,7 +1063,9 @@ class ScriptedLLMServer(_PipelineAgents):
         """Misbehaviour of a reachable server, applied to a decided answer.
 
         ``hang``: accept the request, never answer. ``trickle_s``: send the body one byte every
-        ``trickle_s`` seconds. On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
+        ``trickle_s`` seconds. ``trickle_headers_s``: send the status line and headers one byte every
+        ``trickle_headers_s`` seconds. ``usage_override``: these ``usage`` fields in every 200 answer.
+        On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
         Authorization header appended to the content; ``tricky_verdict`` -> a validator answer that
         fails but mentions "VALIDATION PASSED" later in its first line; ``error_in_body`` -> an error
@@ -1040,6 +1079,9 @@ class ScriptedLLMServer(_PipelineAgents):
         if self.trickle_s > 0:
             self._note_fault("trickle")
             reply.trickle = float(self.trickle_s)
+        if self.trickle_headers_s > 0:
+            self._note_fault("trickle_headers")
+            reply.trickle_head = float(self.trickle_headers_s)
         if reply.status != 200 or not reply.payload:
             return reply
         if self.error_in_body:
@@ -1071,6 +1113,9 @@ class ScriptedLLMServer(_PipelineAgents):
         if usage:
             usage["completion_tokens"] = count_words(content)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if self.usage_override:
+                self._note_fault("usage_override")
+                usage.update(self.usage_override)
         return reply
 
     def _validate(self, body: dict) -> _Reply | None:
@@ -1153,7 +1198,7 @@ class ScriptedLLMServer(_PipelineAgents):
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown
-            content = self.disagreeing_annotator(body) or annotator_answer(body)
+            content = self.fixed_annotator(body) or self.disagreeing_annotator(body) or annotator_answer(body)
         digest = hashlib.sha256(_canonical_json(body).encode()).hexdigest()[:24]
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{digest}",
@@ -1189,7 +1234,7 @@ class ScriptedLLMServer(_PipelineAgents):
             self._by_status[reply.status] += 1
             if reply.status == 200:
                 self._ok += 1
-                if usage:
+                if usage and not self.usage_override:
                     self._prompt_tokens += usage["prompt_tokens"]
                     self._completion_tokens += usage["completion_tokens"]
             else:

@@ -105,6 +105,8 @@ SERVICE_FAILURES = {
     "budget": "the --max-cost budget was reached or cannot be enforced",
     "model_not_found": "the model server does not know the model",
     "endpoint_not_found": "the server has no chat completions endpoint at this address (check --base-url)",
+    "redirect": "the model server redirected the requests elsewhere (not followed; check --base-url)",
+    "certificate": "the model server's TLS certificate was refused",
     "server_error": "the model server answered with errors",
     "unreadable": "the model server's replies were not chat completions",
     "rejected": "the model server rejected the requests",

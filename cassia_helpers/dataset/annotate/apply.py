@@ -48,6 +48,9 @@ def annotate_clusters(
     groupby = groupby or cluster_key(adata)
     expression = {"adata": adata, "groupby": groupby} if getattr(annotator, "reads_expression", False) else {}
     results = annotator.annotate(clusters, tissue=tissue, species=species, context=context, **expression)
+    # e.g. an LLM response cache that could not be written (a pipeline's first annotator holds the client)
+    for message in dict.fromkeys(getattr(getattr(annotator, "annotator", annotator), "warnings", ())):
+        warn(adata, message)
     by_cluster = {r.cluster: r for r in results}
     for markers in clusters:
         if markers.cluster not in by_cluster:

@@ -28,6 +28,7 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
     PROMPT_VERSION,
     VALIDATOR_SYSTEM,
     cluster_prompt,
+    reference_check,
 )
 from cassia_helpers.dataset.annotate.agents.replies import VERDICT_SCHEMA, read_verdict, structured_chat, verdict_words
 from cassia_helpers.dataset.annotate.llm.client import (
@@ -170,6 +171,11 @@ class LLMAnnotator:
         self._unusable_run = 0
         self.stopped: str = ""
         self.notices: list[str] = []
+
+    @property
+    def warnings(self) -> list[str]:
+        """The client's one-line warnings for the dataset's summary (e.g. the cache could not be written)."""
+        return self.client.warnings
 
     def describe(self) -> dict:
         return {
@@ -332,7 +338,8 @@ class LLMAnnotator:
                 self.client,
                 [{"role": "system", "content": VALIDATOR_SYSTEM},
                  {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
-                                             f"Structured answer:\n{json.dumps(answer)}"}],
+                                             f"Structured answer:\n{json.dumps(answer)}"
+                                             + reference_check(answer["main_cell_type"], prompt, markers.genes)}],
                 schema=VERDICT_SCHEMA, cluster=markers.cluster, agent="validator",
                 accept=lambda text: read_verdict(text) is not None or bool(verdict_words(text))).content
         except LLMError as exc:

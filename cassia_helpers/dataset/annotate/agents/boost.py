@@ -19,6 +19,7 @@ import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.annotator import UNKNOWN_ANSWER, cluster_prompt, parse_answer
+from cassia_helpers.dataset.annotate.agents.prompts import reference_check
 from cassia_helpers.dataset.annotate.agents.replies import json_object, read_conclusion
 from cassia_helpers.dataset.annotate.llm.client import LLMError
 
@@ -150,7 +151,7 @@ def boost_prompt(markers: ClusterMarkers, previous: ClusterAnnotation, *, tissue
              f"Its reasoning: {previous.reasoning or '-'}"]
     if previous.score is not None:
         lines.append(f"Quality score {previous.score:.0f}/100: {previous.score_reasoning or '-'}")
-    return "\n".join(lines)
+    return "\n".join(lines) + reference_check(previous.main_cell_type, lines[0], markers.genes)
 
 
 def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotation, lookup: GeneLookup, *,
