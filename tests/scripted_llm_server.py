@@ -491,6 +491,8 @@ class _PipelineAgents:
                 f"Step 2: Together they indicate {self.fixed_call}.\nFINAL ANNOTATION: {self.fixed_call}")
 
     def pipeline_answer(self, body: dict, agent: str) -> str:
+        if "unusable_checks" in self.reply_styles:
+            return garbage_answer(body)
         if agent == "scorer":
             with self._lock:
                 wrong = self.score_out_of_range > 0
@@ -552,6 +554,7 @@ REPLY_STYLES = (
     "junk_labels",  # the merger's labels hold newlines, CRs, formulas and 300 characters
     "text_only",  # structured output is accepted but ignored: the agents answer in their text formats
     "no_score",  # the scorer judges in words and never gives a score
+    "unusable_checks",  # the annotator and formatter answer well; validator, scorer, boost, merger send garbage
 )
 _VERDICT_TEXT = re.compile(r"^(VALIDATION (?:PASSED|FAILED))\W*\s*(.*)$", re.DOTALL)
 
@@ -1190,6 +1193,8 @@ class ScriptedLLMServer(_PipelineAgents):
                 fail = self._validator_seen < self._validator_fails
                 self._validator_seen += 1
             content = styled_validator(body, validator_answer(body, fail), self.reply_styles)
+            if "unusable_checks" in self.reply_styles:
+                content = garbage_answer(body)
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown
