@@ -273,6 +273,53 @@ def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp
     print(f"kernel import+connect: {min(connects):.2f}-{max(connects):.2f} s")
 
 
+KERNEL_HOLDING_SLOTS = """
+import sys, threading, time
+from cassia_helpers.dataset.annotate.llm.limits import run_limits
+throttle, _ = run_limits(sys.argv[1], 2, 0.0)
+held = threading.Semaphore(0)
+def hold():
+    with throttle.slot():
+        held.release()
+        time.sleep(600)  # a request that never ends: the kernel is killed during it
+for _ in range(2):
+    threading.Thread(target=hold, daemon=True).start()
+held.acquire(); held.acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_kernels_llm_slots_are_free_again_within_seconds(client, tmp_path):
+    # a dataset's kernel holds every run-wide LLM slot in two long requests, then is killed (kill -9)
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL_HOLDING_SLOTS, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO),
+                                                  CASSIA_DASK_SCHEDULER=client.scheduler.address))
+    assert kernel.stdout.readline().strip() == "holding"
+    throttle, _ = run_limits(tmp_path, 2, 0.0)  # another dataset of the same run
+    time.sleep(8)  # a live kernel keeps its slots however long its requests take
+    got, done = threading.Event(), threading.Event()
+
+    def other_request() -> None:
+        with throttle.slot():
+            got.set()
+            done.wait()
+
+    threading.Thread(target=other_request, daemon=True).start()
+    assert not got.wait(1.0), "a slot was free while the live kernel held both"
+    kernel.kill()
+    kernel.wait()
+    killed = time.monotonic()
+    try:
+        assert got.wait(30)
+        with throttle.slot():  # the second slot too
+            freed_s = time.monotonic() - killed
+    finally:
+        done.set()
+    assert freed_s < 10, f"the dead kernel's slots were held {freed_s:.1f} s"
+    print(f"a killed kernel's LLM slots free again after {freed_s:.1f} s")
+
+
 def test_budget_is_exceeded_by_at_most_the_requests_in_flight(client, tmp_path):
     run_dir = tmp_path / "run"
     ledger = run_dir / "t" / "old" / "old_llm_calls.jsonl"
