@@ -247,6 +247,40 @@ def test_existing_scheduler_runs_datasets_checks_storage_and_never_reruns_a_dead
     wait_for(lambda: tagged(tag) == [], timeout=15, what="the dead worker's child to die")
 
 
+@pytest.mark.slow
+def test_a_lost_scheduler_keeps_true_statuses_and_names_the_cause(tmp_path):
+    from tests.synthetic import BLOOD_TYPES, make_counts, write
+
+    for seed, name in enumerate(("L1", "L2", "L3")):
+        write(make_counts(150, cell_types=BLOOD_TYPES, seed=60 + seed), tmp_path / "data" / "blood" / f"{name}.h5ad")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    with dask_processes(tmp_path, 1) as address:
+        (scheduler,) = [p for p in tagged(str(tmp_path / "scheduler.json"))
+                        if "dask_scheduler" in " ".join(p.cmdline())]
+        driver = subprocess.Popen(
+            [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(tmp_path / "data"), "--tissues", "blood",
+             "--output-dir", str(tmp_path / "out"), "--annotator", "reference", "--scheduler", address],
+            env=dict(env, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(driver.stdout.readline, "")), daemon=True).start()
+        wait_for(lambda: any("started" in line for line in lines), timeout=180, what="the first dataset to start")
+        scheduler.kill()
+        assert driver.wait(timeout=200) == 1, "".join(lines)
+    text = "".join(lines)
+    (run,) = (tmp_path / "out").iterdir()
+    records = {p.parent.name: json.loads(p.read_text()) for p in run.glob("blood/*/*_status.json")}
+    assert len(records) == 3
+    not_started = [r for r in records.values() if r["error"].startswith("not started")]
+    assert len(not_started) == 2 and {r["status"] for r in not_started} == {"interrupted"}
+    assert all("Dask scheduler" in r["error"] and "was lost" in r["error"] for r in not_started)
+    (ran,) = [r for r in records.values() if not r["error"].startswith("not started")]
+    assert ran["status"] in ("success", "failed", "interrupted") and ran["started_at"]  # what its runner recorded
+    assert (f"Stopped early: the Dask scheduler ({address}) was lost. "
+            f"Resume with: python run_batch.py --resume {run}") in text
+    for name, record in records.items():  # the closing table says what the records say
+        assert any(name in line and record["status"] in line for line in lines)
+
+
 def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
