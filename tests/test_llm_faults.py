@@ -523,6 +523,16 @@ def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path
     assert 0.5 <= tracking["total_cost"] < 5 and tracking["estimated_calls"] == tracking["total_calls"]
 
 
+@pytest.mark.parametrize("body", [b"[" * 200_000 + b"]" * 200_000, b'{"choices": "x"}', b"12", b"null"])
+def test_a_body_that_is_no_completion_is_a_paid_unreadable_reply(llm_env, tmp_path, body):
+    llm_env.raw_reply = body
+    results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=2)
+    assert {r.reason_kind for r in results} == {"unreadable"}, [r.reason for r in results]
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == llm_env.stats()["requests"] == 4
+    assert all(r["status"] == "error" and r["input_tokens"] > 0 and r["estimated"] for r in records)
+
+
 def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):
     # lines written by an older version that trusted the server
     path = tmp_path / "old.jsonl"

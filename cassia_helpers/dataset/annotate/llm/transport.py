@@ -226,7 +226,10 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
         _current.exchange = None
     if not exchange.sent and on_send is not None:
         on_send()  # a transport without the trace hook: the reply proves the request left
-    return json.loads(b"".join(chunks)), size
+    try:
+        return json.loads(b"".join(chunks)), size
+    except RecursionError:  # e.g. a body of 100,000 nested brackets
+        raise ValueError("reply body nested too deeply to be a chat completion") from None
 
 
 def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
