@@ -538,10 +538,11 @@ def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):
     path = tmp_path / "old.jsonl"
     lines = [dict(status="ok", input_tokens="many", output_tokens=5, cost=0.5, call_id="a"),
              dict(status="ok", input_tokens=-1_000_000, output_tokens=-3, cost=-6.6, call_id="b"),
-             dict(status="ok", input_tokens=10.0, output_tokens=2, cost="x", call_id="c")]
+             dict(status="ok", input_tokens=10.0, output_tokens=2, cost="x", call_id="c"),
+             dict(status="ok", input_tokens=10**15, output_tokens=10**15, cost=1.5e9, call_id="d")]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tracking = tracking_from_ledgers([path])
-    assert tracking["total_calls"] == 3
+    assert tracking["total_calls"] == 4
     assert (tracking["total_input_tokens"], tracking["total_output_tokens"], tracking["total_cost"]) == (10, 7, 0.5)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import openai
 
 from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets
-from cassia_helpers.ledger import estimate_tokens
+from cassia_helpers.ledger import MAX_PLAUSIBLE_TOKENS, estimate_tokens
 
 try:  # the HTTP library under the ``openai`` client: httpx2 in recent releases, httpx before
     import httpx2 as _http
@@ -35,8 +35,6 @@ except ImportError:  # pragma: no cover - older openai releases
     import httpx as _http
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read to the end
-# No model reads or writes this many tokens in one request; a count above it is not a count.
-MAX_PLAUSIBLE_TOKENS = 10_000_000
 
 
 class DeadlineExceeded(Exception):
