@@ -17,6 +17,7 @@ carry a credential). Retries, the cache, the ledger and the run's limits are :mo
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 import ssl
@@ -29,10 +30,18 @@ import openai
 from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets
 from cassia_helpers.ledger import MAX_PLAUSIBLE_TOKENS, estimate_tokens
 
-try:  # the HTTP library under the ``openai`` client: httpx2 in recent releases, httpx before
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - older openai releases
-    import httpx as _http
+
+def _http_library():
+    """The HTTP library under the ``openai`` client (httpx2 in recent releases, httpx before), whose
+    limits, hooks and errors :func:`http_client` and :func:`post_chat` use."""
+    for base in openai.DefaultHttpxClient.__mro__:
+        root = base.__module__.partition(".")[0]
+        if root in ("httpx2", "httpx"):
+            return importlib.import_module(root)
+    raise ImportError(f"openai {openai.__version__}: no httpx-compatible client found")
+
+
+_http = _http_library()
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read to the end
 
