@@ -126,8 +126,8 @@ def _refuse_redirect(response) -> None:
     """Response hook: a redirect is followed only to the same scheme, host and port, keeping the request.
 
     A 307/308 to the same origin keeps the method and the body (e.g. a path with a trailing slash). Any
-    other redirect is refused with its target named: to another host it would carry the prompts (and
-    the key) where the run's provenance does not say, and 301/302/303 turn the POST into a GET.
+    other redirect is refused with its target named: to another host it would carry the prompts where
+    the run's provenance does not say, and 301/302/303 turn the POST into a GET.
     """
     if not response.has_redirect_location:
         return
