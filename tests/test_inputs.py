@@ -805,3 +805,15 @@ def test_a_file_named_with_a_newline_is_skipped_on_one_line_and_the_others_run(t
     assert [d.name for d in found.datasets] == ["A"]
     [skipped] = found.skipped
     assert "\n" not in skipped and "B\\nC.h5ad" in skipped and "control character" in skipped
+
+
+def test_var_columns_survive_when_raw_holds_more_genes(tmp_path):
+    full = make_counts(100)
+    adata = full[:, :200].copy()
+    adata.raw = full
+    adata.X = lognorm(adata.X)
+    adata.var["highly_variable"], adata.var["chromosome"] = True, "chr1"
+    read = read_dataset(write(adata, tmp_path / "hvg_subset.h5ad"))
+    assert read.n_vars == 400  # every raw gene, with the columns only X's genes had
+    assert read.var.loc[adata.var_names, "chromosome"].eq("chr1").all()
+    assert read.var.loc[adata.var_names, "author_highly_variable"].astype(bool).all()
