@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cassia_helpers.batch.driver import run_batch
+from cassia_helpers.batch.driver import _batch
 from cassia_helpers.contract import FAILED, SUCCESS, DatasetPaths, read_status, write_status
 from cassia_helpers.settings import Settings, UsageError
 from cassia_helpers.summary.aggregate import write_run_summaries
@@ -27,6 +27,11 @@ def summaries_only(run_dir: Path, kernel_name: str) -> None:
 
 # the driver's own logic: summaries without the aggregation notebook, datasets in threads of this process
 FAST = {"aggregate": summaries_only, "in_process": True}
+
+
+def run_batch(settings: Settings, *, launcher, aggregate=None, in_process: bool = False):
+    """``run_batch`` with the driver's test seam: the launcher in threads of this process (``in_process``)."""
+    return _batch(settings, launcher, aggregate, in_process=in_process)
 
 
 class FakeLauncher:

@@ -198,8 +198,12 @@ def test_report_is_self_contained(tiny, tmp_path):
     assert FAILURE in html  # the failure's one-line reason, in full
     assert html.count("data:image/png;base64,") == 4  # the successful dataset's four figures
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)  # nothing fetched at view time
-    assert "<link" not in html and "@import" not in html and "<script" not in html
-    assert "&lt;b&gt;" in html and "markers are high" in html  # reasoning escaped, folded in <details>
+    assert "<link" not in html and "@import" not in html and not re.search(r"<script[^>]*\bsrc", html, re.I)
+    assert "&lt;b&gt;" in html and "markers are high" in html  # reasoning escaped, in its folded row
+    # figures and the notebook are links to the files in the run folder, relative so the folder can move
+    assert 'href="blood/Data_Good000_Blood/Data_Good000_Blood_umap.png">full size</a>' in html
+    # what the scores mean, said once above the table; one number format per measure
+    assert "Confidence</strong> (0–100)" in html and ">87.5<" not in html and ">88<" in html
     assert "0.01 USD" in html and "10,000" in html  # cost and tokens from token_tracking.json
     assert not re.search(r">\s*\d+\.0\s*<", html)  # counts are integers, not 700.0
     assert load_summary(run)["n_cells"].dtype == "Int64"
@@ -207,10 +211,13 @@ def test_report_is_self_contained(tiny, tmp_path):
 
 def test_report_stays_small_for_100_datasets(tiny, tmp_path):
     run = make_run(tmp_path, tiny, n_success=100, n_failed=3)
-    size = write_report(run).stat().st_size
+    html = write_report(run).read_text(encoding="utf-8")
+    size = len(html.encode("utf-8"))
     figure_bytes = sum(p.stat().st_size for p in run.glob("blood/*/*.png"))
-    print(f"report.html for 100 datasets: {size / 1e6:.1f} MB (figures on disk {figure_bytes / 1e6:.1f} MB)")
-    assert size < 8e6 and size < figure_bytes / 3
+    embedded = sum(len(m) for m in re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", html))
+    print(f"report.html for 100 datasets: {size / 1e6:.1f} MB, of which images {embedded / 1e6:.1f} MB "
+          f"(figures on disk {figure_bytes / 1e6:.1f} MB)")
+    assert size < 8e6 and embedded < figure_bytes / 3
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
@@ -236,6 +243,73 @@ def test_report_renders_in_a_headless_browser(tiny, tmp_path):
     dom = dump_dom(run / "report.html")
     assert "<title>Cell-type annotation report: run_blood_20260216_151425</title>" in dom
     assert dom.count("<img") == 4 and FAILURE in dom
+
+
+def _probe(run: Path, script: str, *, width: int) -> dict:
+    sys.path.insert(0, str(SCREENSHOT.parent))
+    try:
+        from report_screenshot import probe
+    finally:
+        sys.path.remove(str(SCREENSHOT.parent))
+    return probe(run / "report.html", script, width=width, height=1000)
+
+
+LONG_TERM = "CD14-positive, CD16-negative classical monocyte"  # 47 characters, as Cell Ontology names go
+#: what a reader does in the page, in the real browser: filter, search, sort, open a reasoning row
+INTERACT = """
+var t = document.getElementById("cluster-table");
+function shown() { return Array.prototype.filter.call(t.tBodies, function (b) { return !b.hidden; }); }
+function set(id, value, event) { var c = document.getElementById(id); c.value = value;
+  c.dispatchEvent(new Event(event || "change")); }
+var out = {all: shown().length, images: Array.prototype.map.call(document.images, function (i) {
+  return i.complete && i.naturalWidth > 0; })};
+set("f-show", "low"); out.low = shown().map(function (b) { return b.dataset.type; });
+set("f-show", "unknown"); out.unknown = shown().map(function (b) { return b.dataset.type; });
+set("f-show", "attention"); out.attention = shown().length; set("f-show", "");
+set("f-dataset", document.getElementById("f-dataset").options[2].value);
+out.dataset = shown().map(function (b) { return b.dataset.dataset; }); set("f-dataset", "");
+set("f-search", "nk  cell", "input"); out.search = shown().map(function (b) { return b.dataset.type; });
+set("f-search", "", "input");
+var th = t.querySelector("th[data-key=cells]");
+th.click(); out.ascending = shown().map(function (b) { return +b.dataset.cells; });
+th.click(); out.descending = shown().map(function (b) { return +b.dataset.cells; });
+var body = t.tBodies[0], detail = body.querySelector("tr.detail");
+out.closed = detail.hidden; body.querySelector("button.more").click();
+out.open = !detail.hidden; out.detail_width = detail.getBoundingClientRect().width;
+out.table_width = t.getBoundingClientRect().width;
+out.scroll_width = document.documentElement.scrollWidth; out.inner_width = window.innerWidth;
+return out;
+"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (CI installs it with `apt-get install -y chromium`)")
+def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
+    """No sideways scrolling at the widths people use, even with long ontology names, long reasoning and long
+    dataset names; the cluster table filters, searches and sorts; every image loads."""
+    run = make_run(tmp_path, tiny, n_success=2)
+    for path in run.glob("blood/*/*_clusters.csv"):
+        table = pd.read_csv(path, dtype={"cluster": str}, keep_default_na=False)
+        table["cell_type_ontology_term"] = LONG_TERM
+        table["reasoning"] = table["reasoning"] + " Because " + "the markers agree with the reference " * 20
+        table["key_markers"] = "HLA-DRB1,HLA-DQA1,HLA-DPB1,CD74,LYZ,S100A8,S100A9,FCN1,VCAN,CTSS,LST1,AIF1"
+        table.to_csv(path, index=False)
+    write_report(run)
+    for width in (1024, 1400, 1900):
+        found = _probe(run, "return [document.documentElement.scrollWidth, window.innerWidth];", width=width)
+        assert found[0] <= found[1] == width, f"the page scrolls sideways at {width} px: {found}"
+    found = _probe(run, INTERACT, width=1280)
+    assert "error" not in found, found
+    n_types = tiny.obs["leiden"].nunique()
+    assert found["all"] == 2 * n_types and found["images"] and all(found["images"])
+    assert found["low"] == found["unknown"] == ["Unknown", "Unknown"]  # confidence 0 < 75; 87.5 is not low
+    assert found["attention"] == 2
+    assert found["dataset"] == ["blood/Data_Good001_Blood"] * n_types
+    assert found["search"] == ["NK cell", "NK cell"]  # a phrase, any spacing, any case
+    assert found["ascending"] == sorted(found["ascending"]) and found["descending"] == sorted(found["ascending"])[::-1]
+    assert found["closed"] and found["open"]
+    assert found["detail_width"] > 0.9 * found["table_width"]  # the reasoning gets the table's width
+    assert found["scroll_width"] <= found["inner_width"]  # still no sideways scrolling with it open
 
 
 # --- notebooks (real kernel) -----------------------------------------------------------------------------
@@ -276,3 +350,43 @@ def test_explore_helpers_show_a_run(tiny, tmp_path):
     adata = explore.load_dataset(run, "blood/Data_Good000_Blood")
     scores = explore.cluster_scores(adata).to_html()
     assert "87.5" in scores and "no valid answer" in scores and "no mitochondrial genes" in scores
+
+
+# --- the run's cross-dataset heatmap (cell_types.png) ----------------------------------------------------
+
+CL_NAMES = [LONG_TERM, "naive thymus-derived CD4-positive, alpha-beta T cell", "oligodendrocyte precursor cell",
+            "CD1c-positive myeloid dendritic cell", "astrocyte of the cerebral cortex", "microglial cell",
+            "L2/3-6 intratelencephalic projecting glutamatergic neuron", "unknown"]
+
+
+@pytest.mark.parametrize("datasets", [["Brain_Sample_01"], ["Brain_Sample_01", "Breast_Biopsy_Long_Name_0042"]])
+def test_cell_type_heatmap_is_sized_from_its_long_labels(tmp_path, datasets):
+    """One or two datasets with 47+ character Cell Ontology names: the cells keep a readable size, the labels
+    neither overlap nor get cut off, and matplotlib does not warn that the layout collapsed."""
+    import warnings
+
+    from PIL import Image
+
+    from cassia_helpers.summary.crossqc import cell_type_heatmap_figure, cell_type_table, plot_cell_type_heatmap
+
+    records = [{"dataset": d, "tissue": "brain", "term_id": f"CL:{i:07d}", "term_name": name, "lineage_name": "",
+                "n_cells": 10 + 7 * i + j} for j, d in enumerate(datasets) for i, name in enumerate(CL_NAMES)]
+    table = cell_type_table(records=records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied because axes sizes collapsed to zero"
+        figure = cell_type_heatmap_figure(table)
+        figure.canvas.draw()
+        png = plot_cell_type_heatmap(table, tmp_path / "cell_types.png")
+    renderer = figure.canvas.get_renderer()
+    ax = figure.axes[0]
+    box = ax.get_window_extent(renderer)
+    assert box.height >= 0.25 * figure.dpi * len(datasets) and box.width >= 0.25 * figure.dpi * len(CL_NAMES)
+    figure_box = figure.bbox
+    for label in ax.get_xticklabels() + ax.get_yticklabels():  # every label whole, inside the figure
+        extent = label.get_window_extent(renderer)
+        assert extent.x0 >= figure_box.x0 - 1 and extent.y0 >= figure_box.y0 - 1, label.get_text()
+        assert extent.x1 <= figure_box.x1 + 1 and extent.y1 <= figure_box.y1 + 1, label.get_text()
+    rows = [label.get_window_extent(renderer) for label in ax.get_yticklabels()]
+    assert not any(a.overlaps(b) for a, b in zip(rows, rows[1:], strict=False))  # dataset names apart
+    with Image.open(png) as image:
+        assert image.height >= 300 and image.width >= 500 and image.height < 4000, image.size

@@ -38,10 +38,12 @@ def find_run(run_dir: str | Path = "", output_dir: str | Path = "batch_results")
 
 
 def load_summary(run_dir: str | Path) -> pd.DataFrame:
-    """``batch_summary.csv`` of a run, counts as integers and missing errors as ``""``."""
+    """``batch_summary.csv`` of a run: counts as integers (``700``, not ``700.0``), missing errors, statuses,
+    tissues and dataset names as ``""``."""
     table = pd.read_csv(Path(run_dir) / BATCH_SUMMARY_CSV, dtype={c: "Int64" for c in INTEGER_COLUMNS})
-    if "error" in table:
-        table["error"] = table["error"].fillna("").astype(str)
+    for column in ("error", "status", "tissue", "dataset"):
+        if column in table:
+            table[column] = table[column].fillna("").astype(str)
     return table
 
 
