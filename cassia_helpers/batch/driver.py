@@ -213,9 +213,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     if settings.resume is not None:  # check what the folder says before trusting it
         from cassia_helpers.batch.resume import recheck
 
-        manifest["sessions"][-1]["rerun"] = [{"tissue": t, "dataset": d, "reason": r}
-                                             for (t, d), r in recheck(run_dir, datasets).items()]
-        write_json(run_dir / RUN_MANIFEST, manifest)
+        recheck(run_dir, datasets, manifest)
     todo = _pending(run_dir, datasets, result)
     progress = Progress(run_dir, todo, quiet=settings.quiet)
 
