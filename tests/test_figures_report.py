@@ -390,3 +390,72 @@ def test_cell_type_heatmap_is_sized_from_its_long_labels(tmp_path, datasets):
     assert not any(a.overlaps(b) for a, b in zip(rows, rows[1:], strict=False))  # dataset names apart
     with Image.open(png) as image:
         assert image.height >= 300 and image.width >= 500 and image.height < 4000, image.size
+
+
+# --- UMAP labels and colours that do not mislead -----------------------------------------------------------
+
+CROWDED = ["Conventional dendritic cell type 1", "Memory B cell", "Naive CD4+ T cell", "NK cell",
+           "CD14-positive, CD16-negative classical monocyte", "Plasmacytoid dendritic cell", "Platelet",
+           "Effector memory CD8-positive, alpha-beta T cell", "Unknown"]
+
+
+def crowded_umap(seed: int = 3):
+    """Nine cell types in touching blobs of very different sizes, most with long names: where free-moving
+    labels used to end up on a neighbour's cells."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    sizes = [40, 400, 300, 150, 500, 30, 25, 250, 60]
+    centres = np.array([(x, y) for y in (0, 3, 6) for x in (0, 3, 6)], dtype=float)
+    coords = np.concatenate([c + rng.normal(0, 0.6, (n, 2)) for c, n in zip(centres, sizes, strict=True)])
+    types = np.repeat(CROWDED, sizes)
+    adata = ad.AnnData(np.zeros((len(types), 1), dtype=np.float32))
+    adata.obsm["X_umap"] = coords
+    adata.obs["cell_type"] = pd.Categorical(types)
+    adata.obs["leiden"] = pd.Categorical(np.repeat([str(i) for i in range(len(CROWDED))], sizes))
+    return adata
+
+
+def test_umap_labels_sit_on_their_own_cells():
+    from scipy.spatial import cKDTree
+
+    adata = crowded_umap()
+    figure = figures.umap_figure(adata)
+    coords = np.asarray(adata.obsm["X_umap"])
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    clusters = adata.obs["leiden"].astype(str).to_numpy()
+    tree = cKDTree(coords)
+    renderer = figure.canvas.get_renderer()
+    for ax, groups in zip(figure.axes[:2], (types, clusters), strict=True):
+        texts = [t for t in ax.texts if t.get_text()]
+        # every group labelled once (a long name may be broken onto two lines)
+        assert sorted(t.get_text().replace("\n", " ") for t in texts) == sorted(set(groups))
+        for text in texts:
+            name = text.get_text().replace("\n", " ")
+            _, nearest = tree.query(text.get_position(), k=15)
+            own = float(np.mean(groups[nearest] == name))
+            assert own >= 0.7, f"label {name!r} sits on other cells ({own:.0%} of its 15 nearest are its own)"
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "labels overlap"
+
+
+def test_run_palette_keeps_a_dataset_s_colours_apart():
+    from cassia_helpers.palette import MIN_DISTANCE, color_distance
+
+    assert color_distance("#000000", "#000000") == 0 and color_distance("#000000", "#ffffff") > 99
+    assert color_distance("#555522", "#446600") < MIN_DISTANCE  # the two olives the issue saw side by side
+    pool = sorted({*CROWDED, *BLOOD_TYPES, "Astrocyte", "Microglial cell", "Oligodendrocyte", "Fibroblast",
+                   "Endothelial cell", "Pericyte", "Luminal epithelial cell", "Basal cell", "Adipocyte",
+                   "Mast cell", "Macrophage", "Neutrophil", "Regulatory T cell", "Erythrocyte"} - {"Unknown"})
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 10, 15, 20):
+        for _ in range(20):
+            labels = list(rng.choice(pool, n, replace=False))
+            colors = list(run_palette(labels).values())
+            closest = min(color_distance(a, b) for i, a in enumerate(colors) for b in colors[i + 1:])
+            assert closest >= MIN_DISTANCE, (n, labels, closest)
+    # the two types the issue found in the same olive stay apart, and a label alone keeps its hashed colour
+    pair = run_palette(["Memory B cell", "Conventional dendritic cell type 1"])
+    assert color_distance(*pair.values()) >= MIN_DISTANCE
+    alone = run_palette(["Memory B cell"])["Memory B cell"]
+    assert alone == run_palette(["Memory B cell", "Platelet"])["Memory B cell"]

@@ -19,6 +19,7 @@ from cassia_helpers.canvas import SavedFigures, new_figure, save_figure
 from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.cluster_table import cluster_label
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
+from cassia_helpers.dataset.umap_labels import label_spots, place_labels
 from cassia_helpers.palette import PALETTE, is_no_call, run_palette
 
 #: File name suffix of each figure in the dataset folder (``{dataset}{suffix}``).
@@ -149,12 +150,6 @@ def _after_only(values: np.ndarray, log: bool, bins: int = 50) -> dict:
     return {"edges": part["v"]["edges"], "after": part["v"]["after"], "before": None} if part else None
 
 
-def _anchor(points: np.ndarray) -> tuple[float, float]:
-    """The cell nearest the median of ``points``: a label position that lies on the data."""
-    median = np.median(points, axis=0)
-    return tuple(points[np.argmin(((points - median) ** 2).sum(axis=1))])
-
-
 def _scatter(ax, coords: np.ndarray, colors: np.ndarray, order: np.ndarray) -> None:
     size = float(np.clip(9000 / max(len(coords), 1), 0.4, 25))
     ax.scatter(coords[order, 0], coords[order, 1], c=colors[order], s=size, linewidths=0, rasterized=True)
@@ -164,24 +159,6 @@ def _scatter(ax, coords: np.ndarray, colors: np.ndarray, order: np.ndarray) -> N
         ax.spines[side].set_visible(False)
     ax.set_xlabel("UMAP1", fontsize=8, loc="left")
     ax.set_ylabel("UMAP2", fontsize=8, loc="bottom")
-
-
-#: label-placement steps per UMAP panel. adjustText's default is to iterate for one second of wall time,
-#: so the figure depended on the machine's speed and every dataset paid about a second per panel; on the
-#: bench datasets 100 steps place the labels as that second did.
-LABEL_ITERATIONS = 100
-
-
-def _on_data_labels(ax, anchors: Mapping[str, tuple[float, float]], *, fontsize: float) -> None:
-    import matplotlib.patheffects as effects
-    from adjustText import adjust_text
-
-    outline = [effects.withStroke(linewidth=2.5, foreground="white")]
-    texts = [ax.text(x, y, label, fontsize=fontsize, ha="center", va="center", weight="bold",
-                     path_effects=outline, zorder=5) for label, (x, y) in anchors.items()]
-    if len(texts) > 1:
-        adjust_text(texts, ax=ax, expand=(1.1, 1.3), ensure_inside_axes=True, iter_lim=LABEL_ITERATIONS,
-                    arrowprops={"arrowstyle": "-", "color": "#555555", "lw": 0.6})
 
 
 def umap_figure(adata, *, color: str = "cell_type", groupby: str = "leiden", basis: str = "X_umap"):
@@ -203,26 +180,21 @@ def umap_figure(adata, *, color: str = "cell_type", groupby: str = "leiden", bas
     left, right = figure.subplots(1, 2, width_ratios=[1, 1.25])
     _scatter(left, coords, np.array([type_colors[t] for t in types]), order)
     left.set_title(f"Cell type ({len(set(types))})", fontsize=11)
-    anchors = {}
-    for cell_type in sorted(set(types), key=lambda t: -(types == t).sum()):
-        in_type = types == cell_type
-        # the type's largest cluster: a type split over distant clusters gets its label on its main one
-        biggest = pd.Series(clusters[in_type]).value_counts().index[0]
-        anchors[cell_type] = _anchor(coords[in_type & (clusters == biggest)])
-    _on_data_labels(left, anchors, fontsize=8 if len(anchors) <= 15 else 6.5)
-
     cluster_colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(cluster_order)}
     _scatter(right, coords, np.array([cluster_colors[c] for c in clusters]), rng.permutation(adata.n_obs))
     right.set_title(f"Leiden cluster ({len(cluster_order)})", fontsize=11)
     first_type = pd.Series(types).groupby(clusters).agg(lambda s: s.value_counts().index[0])
     present = [c for c in cluster_order if (clusters == c).any()]
-    _on_data_labels(right, {c: _anchor(coords[clusters == c]) for c in present}, fontsize=8)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], marker="o", linestyle="", markersize=6, color=cluster_colors[c]) for c in present]
     right.legend(handles, [cluster_label(c, first_type[c]) for c in present], loc="center left",
                  bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=7.5, ncol=1 if len(present) <= 24 else 2,
                  handletextpad=0.2)
+    # labels last: their placement needs the final layout (each on its own cells, see umap_labels)
+    place_labels(left, label_spots(coords, types, clusters), coords, types,
+                 fontsize=8 if len(set(types)) <= 15 else 6.5)
+    place_labels(right, label_spots(coords, clusters, clusters), coords, clusters, fontsize=8)
     return figure
 
 
