@@ -1,6 +1,7 @@
 """Accuracy of the offline reference annotator on scanpy's bundled PBMC 68k subset and a synthetic brain set.
 
-Run with ``python bench/reference_accuracy.py`` (offline: the PBMC data ship with scanpy).
+Run with ``python bench/reference_accuracy.py`` (offline: the PBMC data ship with scanpy); it ends with the
+stability table of ``bench/reference_stability.py`` (``--stability-only``, ``--save FILE``, ``--before FILE``).
 
 Measurements on ``sc.datasets.pbmc68k_reduced()`` (700 cells, 765 genes, ``.raw`` log-normalised), the
 annotator scoring each group on the expression of the reference markers (``adata=`` given):
@@ -173,8 +174,22 @@ BRAIN_TRUTH: dict[str, str] = {
 }
 
 
-def synthetic_brain(n_cells: int = 1600, seed: int = 0):
-    """Counts for BRAIN_TRUTH's types from the reference's cited markers (see above)."""
+# A third tissue for the stability table: a synthetic breast set built the same way. It holds a CD8+ T
+# population (its T-lineage markers are those of "CD8+ T cell", so the "T cell" root is seen through few
+# of its own) and basal cells (KRT5, KRT14, TP63 over the epithelial markers).
+BREAST_TRUTH: dict[str, str] = {
+    "Hormone-sensing luminal cell": "CL:4033058",
+    "Luminal progenitor cell": "CL:4033057",
+    "Basal/myoepithelial cell": "CL:0002324",
+    "Fibroblast": "CL:0000057",
+    "Endothelial cell": "CL:0000115",
+    "Macrophage": "CL:0000235",
+    "CD8+ T cell": "CL:0000625",
+}
+
+
+def synthetic_tissue(truth_types: dict[str, str], n_cells: int = 1600, seed: int = 0):
+    """Counts for ``truth_types`` from the reference's cited markers (each type and its parent, see above)."""
     import anndata as ad
     import scipy.sparse as sp
 
@@ -183,7 +198,7 @@ def synthetic_brain(n_cells: int = 1600, seed: int = 0):
     ref = load_reference()
     rng = np.random.default_rng(seed)
     programme = {}
-    for name in BRAIN_TRUTH:
+    for name in truth_types:
         markers = list(ref.by_name(name).markers)
         parent = ref.by_name(name).parent
         if parent is not None:
@@ -195,7 +210,7 @@ def synthetic_brain(n_cells: int = 1600, seed: int = 0):
     base = rng.lognormal(0.0, 1.2, len(genes))
     base /= base.sum()
     index = {g: i for i, g in enumerate(genes)}
-    labels = rng.choice(list(BRAIN_TRUTH), n_cells, p=None)
+    labels = rng.choice(list(truth_types), n_cells, p=None)
     rows = []
     for label in labels:
         profile = base.copy()
@@ -208,13 +223,29 @@ def synthetic_brain(n_cells: int = 1600, seed: int = 0):
     return adata
 
 
-def brain_accuracy(annotator: ReferenceAnnotator) -> tuple[float, float]:
-    """Cell-level (exact-or-ancestor CL term, lineage) accuracy on the synthetic brain set's leiden clusters."""
-    adata = synthetic_brain()
+def synthetic_brain(n_cells: int = 1600, seed: int = 0):
+    """The synthetic brain set (BRAIN_TRUTH's types)."""
+    return synthetic_tissue(BRAIN_TRUTH, n_cells, seed)
+
+
+def prepared(adata):
+    """Log-normalised, ``.raw`` set, PCA (30 components) computed: what the clustering runs on."""
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     adata.raw = adata
     sc.pp.pca(adata, n_comps=30, random_state=0)
+    return adata
+
+
+def term_correct(truth_types: dict[str, str]):
+    """A call is right when its CL term is the truth's."""
+    onto = load_cell_ontology()
+    return lambda call, truth: onto.match(call).term_id == truth_types[truth]
+
+
+def brain_accuracy(annotator: ReferenceAnnotator) -> tuple[float, float]:
+    """Cell-level (exact-or-ancestor CL term, lineage) accuracy on the synthetic brain set's leiden clusters."""
+    adata = prepared(synthetic_brain())
     sc.pp.neighbors(adata, random_state=0)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=0.5, random_state=0)
     clusters = cluster_markers(adata, "leiden")
@@ -244,7 +275,42 @@ def brain_accuracy(annotator: ReferenceAnnotator) -> tuple[float, float]:
     return float(exact.mean()), float(lineage.mean())
 
 
-def main() -> int:
+def stability_datasets() -> list:
+    """The stability table's datasets (see bench/reference_stability.py)."""
+    from bench.reference_stability import Dataset
+
+    def pbmc():
+        adata = sc.datasets.pbmc68k_reduced()
+        adata.obs["truth"] = adata.obs["bulk_labels"].astype(str)
+        return adata
+
+    return [
+        Dataset("pbmc68k_reduced (bulk_labels, accepted mapping)", "pbmc", pbmc,
+                lambda call, truth: call in ACCEPTED[truth], use_raw=True),
+        Dataset("synthetic brain (CL term)", "brain", lambda: prepared(synthetic_brain()),
+                term_correct(BRAIN_TRUTH)),
+        Dataset("synthetic breast (CL term)", "breast", lambda: prepared(synthetic_tissue(BREAST_TRUTH)),
+                term_correct(BREAST_TRUTH)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stability-only", action="store_true", help="print only the stability table")
+    parser.add_argument("--save", help="write every stability run's per-cell labels to this JSON file")
+    parser.add_argument("--before", help="a file written by --save: print accuracy before/after per run")
+    args = parser.parse_args(argv)
+    if not args.stability_only:
+        accuracy()
+    from bench.reference_stability import stability
+
+    stability(stability_datasets(), save=args.save, before=args.before)
+    return 0
+
+
+def accuracy() -> None:
     adata = sc.datasets.pbmc68k_reduced()
     truth = adata.obs["bulk_labels"].astype(str)
     annotator = ReferenceAnnotator(species="human")
@@ -308,7 +374,7 @@ def main() -> int:
           "right for most of its cells)")
     print()
     brain_accuracy(annotator)
-    return 0
+    print()
 
 
 if __name__ == "__main__":

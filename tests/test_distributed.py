@@ -18,7 +18,7 @@ import pytest
 
 from cassia_helpers.batch.dask import DatasetExecutor, check_shared_storage, open_client, run_limits
 from cassia_helpers.batch.dask.process import die_with_parent
-from cassia_helpers.dataset.annotate.llm.limits import DaskRunBudget, DaskRunThrottle, set_run_spend
+from cassia_helpers.dataset.annotate.llm.limits import DaskRunBudget, DaskRunThrottle
 from tests import dask_fakes
 from tests.dask_fakes import read_lines
 from tests.waiting import wait_for
@@ -291,7 +291,7 @@ def test_budget_is_exceeded_by_at_most_the_requests_in_flight(client, tmp_path):
     assert sent >= 2  # the three datasets really competed for it
 
 
-def test_back_off_is_shared_and_resume_seeds_spend(client, tmp_path):
+def test_back_off_and_spend_are_shared(client, tmp_path):
     first, _ = run_limits(tmp_path, 2, 1.0)
     second, budget = run_limits(tmp_path, 2, 1.0)
     assert isinstance(second, DaskRunThrottle) and isinstance(budget, DaskRunBudget)
@@ -300,7 +300,7 @@ def test_back_off_is_shared_and_resume_seeds_spend(client, tmp_path):
     with second.slot():
         waited = time.monotonic() - start
     assert waited >= 0.6
-    set_run_spend(client, tmp_path, 0.75)
+    run_limits(tmp_path, 2, 1.0)[1].add(0.75)  # another dataset's spend
     assert budget.spent() == pytest.approx(0.75) and not budget.exhausted()
     budget.add(0.25)
     assert budget.exhausted()
@@ -370,7 +370,8 @@ def test_importing_the_package_does_not_import_dask():
 
 def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
-    from cassia_helpers.batch.dask.client import ClusterError, load_cluster_options, slurm_cluster
+    from cassia_helpers.batch.dask.client import ClusterError
+    from cassia_helpers.batch.dask.slurm import load_cluster_options, slurm_cluster
 
     secret = "sk-test-SLURM-0123456789abcdef"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -391,7 +392,7 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     assert "export CASSIA_DATASET_THREADS=8" in script
     assert "/shared/venv/bin/python -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
     assert "--nthreads 1" in script and "--nworkers" not in script  # one dataset per job
-    assert "#SBATCH -J cassia-batch" in header
+    assert "#SBATCH -J cassia-dummy-name" in header  # the run's name and the job's slot
     assert "--preload cassia_helpers.batch.dask.plugin" in script
     assert secret not in script and "OPENAI_API_KEY" not in script
 
@@ -400,46 +401,3 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
         slurm_cluster(leaky)
     with pytest.raises(ClusterError, match="unknown cluster option"):
         load_cluster_options(overrides={"partition": "x"})
-
-
-FAKE_SBATCH = """#!/bin/sh
-# like sbatch with its default --export=ALL: runs the job script here, in the submitter's environment
-script=$(eval echo \\${$#})
-copy=$(mktemp "$FAKE_SLURM_DIR/job.XXXXXX")
-cp "$script" "$copy"  # the submitter deletes its script once sbatch returns
-setsid bash "$copy" > "$copy.log" 2>&1 < /dev/null &
-echo "Submitted batch job $!"
-"""
-FAKE_SCANCEL = """#!/bin/sh
-kill -TERM -- "-$1" 2>/dev/null || kill -TERM "$1"
-"""
-
-
-def test_slurm_cluster_runs_datasets_in_jobs_that_get_the_key_from_the_environment(tmp_path, monkeypatch):
-    pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    secret = "sk-test-SLURM-env-only-42"
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("OPENAI_API_KEY", secret)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
-    options = {"python": sys.executable, "cores": 2, "memory": "1GB", "scheduler_host": "127.0.0.1",
-               "log_directory": str(tmp_path / "logs")}
-    jobs = {f"run/t/{n}": {"key": f"run/t/{n}", "suffix": "env-only-42"} for n in ("a", "b", "c")}
-    with open_client(workers=2, cluster="slurm", cluster_options=options) as client:
-        client.wait_for_workers(2, timeout=120)
-        address = client.scheduler.address
-        assert len(tagged(address)) == 2  # the jobs' workers
-        done = run_collecting(DatasetExecutor(client), dask_fakes.environment_probe, jobs)
-    wait_for(lambda: not tagged(address), what="the jobs to be cancelled")
-    records = dict(done)
-    assert sorted(records) == sorted(jobs)
-    assert all(r["status"] == "success" and r["has_key"] for r in records.values())
-    assert {r["omp"] for r in records.values()} == {"2"}  # the job's cores, not the nanny's cap of 1
-    for script in tmp_path.glob("job.??????"):  # what ran in the jobs: no key
-        assert secret not in script.read_text() and "--cpus-per-task=2" in script.read_text()
-    assert len(list(tmp_path.glob("job.??????"))) == 2

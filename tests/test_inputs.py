@@ -597,3 +597,97 @@ def test_counts_with_tiny_negative_noise_are_clipped_with_a_warning(tmp_path):
     assert read.uns["cassia_batch"]["input"]["is_counts"] is True
     assert read.X.min() >= 0
     assert any("tiny negative values" in w for w in warnings_of(read))
+
+
+# --------------------------------------------------------------------------- the input's own annotations
+
+
+def test_the_inputs_own_annotations_are_kept_under_author_and_named_in_the_warnings(tmp_path):
+    adata = make_counts(200)
+    adata.obs["cell_type"] = pd.Categorical(np.where(adata.obs["truth"] == "0", "T cell", "B cell"))
+    adata.obs["cell_type_ontology_term_id"] = "CL:0000084"
+    adata.obs["leiden"] = pd.Categorical(adata.obs["truth"].astype(str))
+    adata.obs["donor"] = "d1"
+    adata.uns["cell_type_colors"] = ["#ff0000", "#00ff00"]
+    adata.obsm["X_umap"] = np.arange(400, dtype=np.float32).reshape(200, 2)
+    adata.var["highly_variable"] = True
+    read = read_dataset(write(adata, tmp_path / "cellxgene.h5ad"))
+    assert read.obs["author_cell_type"].tolist() == adata.obs["cell_type"].tolist()
+    assert set(read.obs["author_cell_type_ontology_term_id"]) == {"CL:0000084"}
+    assert read.obs["author_leiden"].tolist() == adata.obs["leiden"].tolist()
+    assert "cell_type" not in read.obs and "leiden" not in read.obs and read.obs["donor"].eq("d1").all()
+    assert np.array_equal(read.obsm["author_X_umap"], adata.obsm["X_umap"]) and "X_umap" not in read.obsm
+    assert read.var["author_highly_variable"].all()
+    assert list(read.uns["author_cell_type_colors"]) == ["#ff0000", "#00ff00"]
+    [warning] = [w for w in warnings_of(read) if "author_" in w]
+    for name in ("cell_type -> author_cell_type", "leiden -> author_leiden", "X_umap -> author_X_umap",
+                 "cell_type_ontology_term_id -> author_cell_type_ontology_term_id"):
+        assert name in warning
+    assert "donor" not in warning and "\n" not in warning
+
+
+def test_an_author_column_already_taken_keeps_both(tmp_path):
+    adata = make_counts(100)
+    adata.obs["cell_type"], adata.obs["author_cell_type"] = "new", "old"
+    read = read_dataset(write(adata, tmp_path / "twice.h5ad"))
+    # the name already taken stays as it is; the input's cell_type gets the prefix once more
+    assert set(read.obs["author_cell_type"]) == {"old"} and set(read.obs["author_author_cell_type"]) == {"new"}
+
+
+def test_an_input_without_clashing_names_has_no_author_warning(tmp_path):
+    read = read_dataset(write(make_counts(100), tmp_path / "plain.h5ad"))
+    assert not [w for w in warnings_of(read) if "author_" in w]
+    assert "renamed" not in read.uns["cassia_batch"]["input"]
+
+
+# --------------------------------------------------------------------------- corrupt or overflowing matrices
+
+
+def _corrupt(path: Path, how: str) -> None:
+    with h5py.File(path, "r+") as handle:
+        indices, indptr = handle["X/indices"][:], handle["X/indptr"][:]
+        if how == "index beyond the genes":
+            indices[7] = 10_000_000
+            handle["X/indices"][:] = indices
+        elif how == "negative index":
+            indices[7] = -4
+            handle["X/indices"][:] = indices
+        elif how == "indptr decreasing":
+            indptr[20] = 0
+            handle["X/indptr"][:] = indptr
+        elif how == "indptr too short":
+            del handle["X/indptr"]
+            handle["X"].create_dataset("indptr", data=indptr[:-3])
+        else:  # indptr ends past the stored values
+            indptr[-1] += 50
+            handle["X/indptr"][:] = indptr
+
+
+@pytest.mark.parametrize("how", ["index beyond the genes", "negative index", "indptr decreasing",
+                                 "indptr too short", "indptr ends past the values"])
+def test_a_corrupt_sparse_matrix_is_a_one_line_error_naming_the_file(tmp_path, how):
+    path = write(make_counts(120), tmp_path / "corrupt.h5ad")
+    _corrupt(path, how)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "corrupt sparse matrix in X")
+
+
+@pytest.mark.parametrize("value", [3.0e38, 2.0e9])
+def test_counts_too_large_to_be_counts_are_rejected_before_they_overflow(tmp_path, value):
+    adata = make_counts(120)
+    adata.X = adata.X.astype(np.float64)
+    adata.X[5, 3] = value  # a float32 library size of such a cell is infinite (or lost to rounding)
+    path = write(adata, tmp_path / "huge.h5ad")
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "X holds a count of", "above 1e+09", "provide raw counts")
+
+
+def test_the_largest_accepted_count_still_normalises_to_finite_values(tmp_path):
+    adata = make_counts(120)
+    adata.X = adata.X.astype(np.float64)
+    adata.X[5, 3] = 1e9
+    read = read_dataset(write(adata, tmp_path / "large.h5ad"))
+    pp.normalize(read)
+    assert np.isfinite(read.X.data).all() and np.isfinite(read.obs["library_size"]).all()

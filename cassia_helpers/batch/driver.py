@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from cassia_helpers.batch.interrupts import Interrupts
 from cassia_helpers.contract import (
     FAILED,
     INTERRUPTED,
+    NOT_STARTED,
     REPORT_HTML,
     RUN_LOCK,
     RUN_MANIFEST,
@@ -37,7 +39,7 @@ from cassia_helpers.contract import (
     run_label,
     write_status,
 )
-from cassia_helpers.files import write_json
+from cassia_helpers.files import remove_temporary, write_json
 from cassia_helpers.settings import RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
@@ -56,6 +58,7 @@ class BatchResult:
     statuses: dict[tuple[str, str], str] = field(default_factory=dict)
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
     interrupted: bool = False
+    cause: str = ""  # why the run stopped early without being interrupted (e.g. its scheduler was lost)
 
     @property
     def exit_code(self) -> int:
@@ -87,11 +90,11 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
         if manifest is None:
             reason = "no" if not (run_dir / RUN_MANIFEST).exists() else "an unreadable"
             raise UsageError(f"{run_dir}: not a run folder ({reason} {RUN_MANIFEST})")
-        try:
-            datasets = [Dataset(d["name"], d["tissue"], Path(d["path"])) for d in manifest["datasets"]]
-            run_settings = Settings.with_analysis(manifest.get("analysis", {}), **settings.values(RUN))
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"{run_dir / RUN_MANIFEST}: damaged manifest ({exc})") from None
+        from cassia_helpers.batch.resume import manifest_analysis, manifest_datasets
+
+        datasets = manifest_datasets(manifest, run_dir / RUN_MANIFEST)
+        run_settings = Settings.with_analysis(manifest_analysis(manifest, run_dir / RUN_MANIFEST),
+                                              **settings.values(RUN))
         from cassia_helpers.dataset.annotate.factory import check_llm_setup
 
         check_llm_setup(run_settings)
@@ -156,7 +159,7 @@ def _pending(run_dir: Path, datasets: list[Dataset], result: BatchResult) -> lis
 
 
 def run_batch(settings: Settings, *, launcher: Launcher | None = None,
-              aggregate: Callable[[Path, str], None] | None = None, in_process: bool = False) -> BatchResult:
+              aggregate: Callable[[Path, str], None] | None = None) -> BatchResult:
     """Run every selected dataset, then the aggregation. The API behind ``run_batch.py``.
 
     Each dataset is one Dask task (:mod:`cassia_helpers.batch.dask`): on a local cluster of
@@ -164,9 +167,15 @@ def run_batch(settings: Settings, *, launcher: Launcher | None = None,
     (``settings.cluster == "slurm"``). ``launcher(job, should_stop)`` runs one dataset and returns its
     status record (default: :func:`cassia_helpers.batch.runner.run_dataset`); ``aggregate(run_dir,
     kernel_name)`` writes the run-level summaries (default: the aggregation notebook, or the summaries
-    directly when it fails). ``in_process`` runs the launcher in threads of this process instead of Dask
-    tasks: the driver's own logic, tested with a fast fake launcher.
+    directly when it fails).
     """
+    return _batch(settings, launcher, aggregate, in_process=False)
+
+
+def _batch(settings: Settings, launcher: Launcher | None, aggregate: Callable[[Path, str], None] | None, *,
+           in_process: bool) -> BatchResult:
+    """:func:`run_batch`; ``in_process`` runs the launcher in threads of this process instead of Dask tasks
+    (the driver's own logic, tested with a fast fake launcher)."""
     if launcher is None:
         from cassia_helpers.batch.runner import run_dataset as launcher
     run_dir, datasets, manifest, settings = prepare_run(settings)
@@ -203,12 +212,20 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     manifest.setdefault("sessions", []).append({"started_at": now_iso(), "resumed": settings.resume is not None})
     write_json(run_dir / RUN_MANIFEST, manifest)
     log.info("Run folder: %s", run_dir)
+    if settings.resume is not None:  # check what the folder says before trusting it
+        from cassia_helpers.batch.resume import recheck
+
+        manifest["sessions"][-1]["rerun"] = [{"tissue": t, "dataset": d, "reason": r}
+                                             for (t, d), r in recheck(run_dir, datasets).items()]
+        write_json(run_dir / RUN_MANIFEST, manifest)
     todo = _pending(run_dir, datasets, result)
     progress = Progress(run_dir, todo, quiet=settings.quiet)
 
     def finished(dataset: Dataset, record: dict) -> None:
         key = (dataset.tissue, dataset.name)
         result.statuses[key], result.errors[key] = record["status"], record.get("error", "")
+        if record["status"] != SUCCESS:  # a write cut short (a full disk, a killed kernel) leaves its temporary
+            remove_temporary(DatasetPaths(run_dir, dataset.tissue, dataset.name).folder)
         progress.done(dataset, record)
 
     with Interrupts() as interrupts:
@@ -222,7 +239,8 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                     jobs[_task_key(run_dir, dataset)] = (dataset, _job(settings, run_dir, dataset))
             if jobs and not interrupts.event.is_set():
                 run = _run_in_threads if in_process else _run_on_dask
-                run(settings, run_dir, jobs, launcher, interrupts, progress, finished, ahead or _nothing)
+                result.cause = run(settings, run_dir, jobs, launcher, interrupts, progress, finished,
+                                   ahead or _nothing) or ""
         except KeyboardInterrupt:
             interrupts.count = max(interrupts.count, 2)
         if interrupts.count:
@@ -232,7 +250,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                 if key not in result.statuses:
                     paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
                     record = read_status(paths) or write_status(
-                        paths, INTERRUPTED, error="not started: the run was interrupted", error_type="Interrupted")
+                        paths, INTERRUPTED, error=NOT_STARTED, error_type="Interrupted")
                     result.statuses[key] = record["status"]
     progress.close()
     if interrupts.count >= 2:
@@ -242,7 +260,9 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     progress.table(result)
     if (run_dir / REPORT_HTML).is_file():
         log.info("Report: %s", run_dir / REPORT_HTML)
-    if result.interrupted:
+    if result.cause:
+        log.warning("Stopped early: %s. Resume with: python run_batch.py --resume %s", result.cause, run_dir)
+    elif result.interrupted:
         log.warning("Resume with: python run_batch.py --resume %s", run_dir)
     return result
 
@@ -282,9 +302,9 @@ def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Lau
 
 
 def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
-                 progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
+                 progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> str:
     """Run the jobs as Dask tasks, one per dataset, until done or interrupted; ``ahead()`` once every
-    dataset is on a worker."""
+    dataset is on a worker. Returns why the run stopped early (its scheduler was lost), or ``""``."""
 
     def polled(state: DaskProgress) -> None:
         progress.poll()
@@ -294,47 +314,77 @@ def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launch
     from cassia_helpers.batch.dask.client import ClusterError, check_shared_storage, dashboard_link, open_client
     from cassia_helpers.batch.dask.tasks import DatasetExecutor
 
+    slurm = settings.cluster == "slurm" and not settings.scheduler
+    since = time.time()
     try:
+        options = None
+        if slurm:
+            from cassia_helpers.batch.dask.slurm import cluster_options
+
+            options = cluster_options(settings, run_dir)
         with open_client(workers=settings.workers, scheduler=settings.scheduler or None,
-                         cluster=None if settings.scheduler else settings.cluster,
-                         cluster_options=_cluster_options(settings)) as client:
-            problem = check_shared_storage(client, run_dir)
-            if problem:
-                raise UsageError(problem)
-            executor = DatasetExecutor(client)
+                         cluster=None if settings.scheduler else settings.cluster, cluster_options=options,
+                         cluster_timeout=settings.cluster_timeout, name=f"cassia-{run_dir.name}",
+                         stop=interrupts.event.is_set) as client:
+            if not interrupts.event.is_set():
+                problem = check_shared_storage(client, run_dir)
+                if problem:
+                    raise UsageError(problem)
+            upkeep = None
+            if client.cassia_slurm is not None:
+                upkeep = partial(client.cassia_slurm.upkeep, give_up_s=settings.cluster_timeout)
+            executor = DatasetExecutor(client, upkeep=upkeep)
             interrupts.on_stop = executor.stop
             if interrupts.event.is_set():
                 executor.stop()
             link = dashboard_link(client)
             if link:
                 log.info("Dask dashboard: %s", link)
-            executor.run_jobs(
-                launcher, {key: job for key, (_, job) in jobs.items()},
-                on_done=lambda key, record: finished(jobs[key][0], _recorded(run_dir, jobs[key][0], record)),
-                on_progress=polled)
+
+            def done(key: str, record: dict) -> None:
+                dataset = jobs[key][0]
+                finished(dataset, _recorded(run_dir, dataset, record, executor.started(key), since=since))
+
+            executor.run_jobs(launcher, {key: job for key, (_, job) in jobs.items()}, on_done=done,
+                              on_progress=polled)
+            return executor.lost
     except ClusterError as exc:
         raise UsageError(str(exc)) from None
     finally:
         interrupts.on_stop = None
 
 
-def _cluster_options(settings: Settings) -> dict | None:
-    """``--cluster slurm`` options: the config file's, then the flags that were given."""
-    if settings.cluster != "slurm" or settings.scheduler:
-        return None
-    from cassia_helpers.batch.dask.client import load_cluster_options
+def _recorded(run_dir: Path, dataset: Dataset, record: dict, started: dict | None = None, *,
+              since: float = 0.0) -> dict:
+    """The dataset's status record, with where it ran (``started``: its SLURM job and log, start time).
 
-    flags = {"queue": settings.slurm_queue, "account": settings.slurm_account, "walltime": settings.slurm_walltime,
-             "cores": settings.slurm_cores, "memory": settings.slurm_memory, "python": settings.slurm_python}
-    return load_cluster_options(settings.cluster_config or None, {k: v for k, v in flags.items() if v})
-
-
-def _recorded(run_dir: Path, dataset: Dataset, record: dict) -> dict:
-    """The dataset's status record; one the executor made (a dead worker, a stop) is written to its file."""
+    A record the executor made (a dead worker or job, a stop, a lost scheduler) is written to the status
+    file here: a dead SLURM job's reason comes from the job's state and log; a dataset running when the
+    scheduler was lost keeps the status its runner still records (waited for a while).
+    """
+    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
+    started = started or {}
+    where = {key: started[key] for key in ("slurm_job_id", "slurm_log") if started.get(key)}
     if "dataset" in record:
+        if where and any(record.get(key) != value for key, value in where.items()):
+            record = {**record, **where}
+            write_json(paths.status_json, record)
         return record
-    return write_status(DatasetPaths(run_dir, dataset.tissue, dataset.name), record.get("status", FAILED),
-                        error=record.get("error", ""), error_type=record.get("error_type", ""))
+    error, error_type = record.get("error", ""), record.get("error_type", "")
+    if error_type == "SchedulerLost" and not error.startswith("not started"):
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            own = read_status(paths)
+            if own and paths.status_json.stat().st_mtime >= since:
+                return own
+            time.sleep(1.0)
+    if error_type == "WorkerDied" and where.get("slurm_job_id"):
+        from cassia_helpers.batch.dask.slurm import job_end
+
+        error, error_type = job_end(where["slurm_job_id"], where.get("slurm_log", ""))
+    duration = time.time() - started["t0"] if started.get("t0") else 0.0
+    return write_status(paths, record.get("status", FAILED), error=error, error_type=error_type,
+                        duration=duration, started_at=started.get("started_at", ""), extra=where)
 
 
 def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:

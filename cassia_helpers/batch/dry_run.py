@@ -14,7 +14,7 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
 )
 from cassia_helpers.inputs import InputError, check_input
 from cassia_helpers.ledger import PriceTable
-from cassia_helpers.settings import Settings
+from cassia_helpers.settings import Settings, context_text
 
 # Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.
 OUTPUT_TOKENS = {"annotator": 450, "formatter": 150, "validator": 120}
@@ -26,10 +26,12 @@ def cluster_range(n_cells: int) -> tuple[int, int]:
     return max(1, min(5, n_cells // 50)), max(2, min(80, int(6 * math.log10(max(n_cells, 10)) ** 1.5)))
 
 
-def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, max_rounds: int = 2) -> dict[str, tuple]:
-    """(input, output) tokens of one cluster's calls: best case (validated at once) and worst case."""
+def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, context: str = "",
+                       max_rounds: int = 2) -> dict[str, tuple]:
+    """(input, output) tokens of one cluster's calls: best case (validated at once) and worst case. Every
+    prompt part counts: the agents' instructions, the markers, tissue, species and ``context``."""
     markers = ClusterMarkers("0", [f"GENE{i:05d}" for i in range(n_markers)], n_cells=1000)
-    prompt = cluster_prompt(markers, tissue=tissue, species=species, context="")
+    prompt = cluster_prompt(markers, tissue=tissue, species=species, context=context)
     annotator_in = (len(ANNOTATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN
     analysis = OUTPUT_TOKENS["annotator"]
     formatter_in = (len(FORMATTER_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis
@@ -48,7 +50,8 @@ def per_cluster(settings: Settings, *, tissue: str) -> dict[str, tuple]:
     the single pass's token sizes scaled by the pipeline's bounded call counts."""
     from cassia_helpers.dataset.annotate.agents.pipeline import PipelineSettings, estimate_calls
 
-    single = tokens_per_cluster(settings.n_markers, tissue=tissue, species=settings.species)
+    single = tokens_per_cluster(settings.n_markers, tissue=tissue, species=settings.species,
+                                context=context_text(settings))
     options = PipelineSettings.from_options(
         pipeline=settings.pipeline, boost_below=settings.boost_below, boost_rounds=settings.boost_rounds,
         n_runs=settings.n_runs, models=settings.models, agreement_threshold=settings.agreement_threshold)

@@ -20,7 +20,8 @@ from cassia_helpers.dataset.counts import LIBRARY_SIZE_KEY
 from cassia_helpers.dataset.matrix import cells_per_gene, dense_blocks, row_blocks, subset_in_place
 from cassia_helpers.dataset.numba_cache import import_umap, quiet_uncachable
 from cassia_helpers.dataset.read import InputError
-from cassia_helpers.dataset.record import provenance, timed, warn
+from cassia_helpers.dataset.record import provenance, warn
+from cassia_helpers.dataset.steps import timed
 
 MITO_PREFIX = "MT-"
 
