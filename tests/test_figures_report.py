@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -459,3 +460,42 @@ def test_run_palette_keeps_a_dataset_s_colours_apart():
     assert color_distance(*pair.values()) >= MIN_DISTANCE
     alone = run_palette(["Memory B cell"])["Memory B cell"]
     assert alone == run_palette(["Memory B cell", "Platelet"])["Memory B cell"]
+
+
+# --- QC figure without recorded histograms, dot plot filters, preprocessing without plotting ------------------
+
+def test_qc_figure_without_recorded_histograms_shows_the_cells_kept(tiny):
+    adata = tiny.copy()
+    adata.uns["cassia_batch"] = {"qc": {"min_genes": 120}}  # an h5ad from elsewhere: no distributions
+    figure = figures.qc_figure(adata)
+    for ax in figure.axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert "not recorded" not in texts, ax.get_title()
+        bars = [p for p in ax.patches if p.get_label() == "after QC"]
+        assert len(bars) == 1 and not [p for p in ax.patches if p.get_label() == "before QC"], ax.get_title()
+
+
+def test_dotplot_filters_markers_as_the_run_did(tiny):
+    adata = tiny.copy()
+    clusters = [str(c) for c in adata.obs["leiden"].cat.categories]
+    genes = list(adata.var_names[:2])
+    # per cluster: a weak gene ranked first (log fold change 0.1), a strong one second
+    markers = pd.DataFrame([{"cluster": c, "rank": r, "gene": g, "logfoldchange": lfc, "pval_adj": 0.001}
+                            for c in clusters for r, (g, lfc) in enumerate(zip(genes, (0.1, 2.0), strict=True))])
+
+    def shown(**used):
+        adata.uns["cassia_batch"]["marker_filter"] = used
+        figure = figures.dotplot_figure(adata, markers=markers)
+        return [label.get_text() for label in figure.axes[0].get_xticklabels()]
+
+    assert shown(max_pval_adj=0.05, min_logfc=0.25) == [genes[1]]  # the run's filter: the weak gene is out
+    assert shown(max_pval_adj=0.05, min_logfc=0.05) == genes  # a run with a looser filter shows it
+    assert shown() == [genes[1]]  # no record: the settings' defaults (0.05, 0.25)
+
+
+def test_preprocessing_does_not_import_plotting():
+    code = "import sys, cassia_helpers.dataset.pp; print('cassia_helpers.dataset.figures' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -18,17 +18,10 @@ import pandas as pd
 from cassia_helpers.canvas import SavedFigures, new_figure, save_figure
 from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.cluster_table import cluster_label
+from cassia_helpers.dataset.qc_histograms import QC_METRICS, qc_distributions
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 from cassia_helpers.dataset.umap_labels import label_spots, place_labels
 from cassia_helpers.palette import PALETTE, is_no_call, run_palette
-
-#: File name suffix of each figure in the dataset folder (``{dataset}{suffix}``).
-#: (obs column, title, log scale) of the QC metrics written by ``pp.qc``.
-QC_METRICS = (
-    ("n_genes_by_counts", "Genes per cell", True),
-    ("total_counts", "Counts per cell", True),
-    ("pct_counts_mt", "Mitochondrial counts (%)", False),
-)
 
 
 def label_colors(adata, key: str = "cell_type") -> dict[str, str]:
@@ -56,38 +49,6 @@ def set_colors(adata, key: str = "cell_type", *, fixed: Mapping[str, str] | None
     return colors
 
 
-def qc_distributions(obs: pd.DataFrame, keep: np.ndarray, *, bins: int = 50) -> dict:
-    """Histograms of the QC metrics before and after filtering, small enough for ``uns``.
-
-    Called by ``pp.qc`` before it drops cells (the removed cells' metrics are lost afterwards). For each
-    metric of :data:`QC_METRICS` in ``obs``: ``{"edges": float array (bins + 1), "before": int array,
-    "after": int array}``; log-spaced bins for genes and counts.
-    """
-    keep = np.asarray(keep, dtype=bool)
-    found = {}
-    for metric, _, log in QC_METRICS:
-        if metric not in obs:
-            continue
-        values = obs[metric].to_numpy(dtype=float)
-        finite = np.isfinite(values)
-        values, kept = values[finite], keep[finite]
-        if not len(values):
-            continue
-        if log:
-            low = max(1.0, float(values.min()))
-            high = max(low * 1.01, float(values.max()))
-            edges = np.geomspace(low, high, bins + 1)
-            values = np.clip(values, low, high)
-        else:
-            edges = np.linspace(0.0, max(float(values.max()), 1e-6), bins + 1)
-        found[metric] = {
-            "edges": edges,
-            "before": np.histogram(values, edges)[0].astype(np.int64),
-            "after": np.histogram(values[kept], edges)[0].astype(np.int64),
-        }
-    return found
-
-
 def qc_figure(adata, *, distributions: Mapping | None = None):
     """Genes, counts and % mitochondrial counts per cell, before (grey) and after (blue) the QC thresholds.
 
@@ -97,8 +58,8 @@ def qc_figure(adata, *, distributions: Mapping | None = None):
     record = dict(adata.uns.get(PROVENANCE_KEY, {}).get("qc", {}))
     distributions = distributions if distributions is not None else record.get("distributions")
     if not distributions:
-        distributions = {m: _after_only(adata.obs[m].to_numpy(float), log) for m, _, log in QC_METRICS
-                         if m in adata.obs}
+        kept = qc_distributions(adata.obs, np.ones(adata.n_obs, dtype=bool))
+        distributions = {metric: {**part, "before": None} for metric, part in kept.items()}
     thresholds = {"n_genes_by_counts": ("min_genes", record.get("min_genes")),
                   "pct_counts_mt": ("max_pct_mt", record.get("max_pct_mt"))}
     figure = new_figure(11, 3.2)
@@ -143,11 +104,6 @@ def _plain_log_axis(ax) -> None:
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _after_only(values: np.ndarray, log: bool, bins: int = 50) -> dict:
-    part = qc_distributions(pd.DataFrame({"v": values}), np.ones(len(values), bool), bins=bins)
-    return {"edges": part["v"]["edges"], "after": part["v"]["after"], "before": None} if part else None
 
 
 def _scatter(ax, coords: np.ndarray, colors: np.ndarray, order: np.ndarray) -> None:
@@ -202,16 +158,28 @@ def _categories(column: pd.Series) -> list:
     return list(column.cat.categories) if hasattr(column, "cat") else sorted(set(column.astype(str)))
 
 
+def _marker_thresholds(adata) -> tuple[float, float]:
+    """The marker filter the annotator's markers passed (``uns['cassia_batch']['marker_filter']``, written by
+    ``cluster_markers`` from the run's settings), else the settings' defaults: the dot plot shows the same
+    kind of genes the annotator was sent."""
+    from cassia_helpers.settings import BY_NAME, default
+
+    used = adata.uns.get(PROVENANCE_KEY, {}).get("marker_filter", {})
+    return (float(used.get("max_pval_adj", default(BY_NAME["marker_max_pval_adj"]))),
+            float(used.get("min_logfc", default(BY_NAME["marker_min_logfc"]))))
+
+
 def _marker_genes(adata, *, genes, markers, groupby: str, order: list[str], per_cluster: int) -> dict[str, list]:
     """The genes shown for each cluster: given, from the ranked marker table, or the annotator's key markers."""
     if genes is not None:
         return {str(c): list(g)[:per_cluster] for c, g in genes.items()}
     if markers is not None and len(markers):
         table = markers.copy()
+        max_pval_adj, min_logfc = _marker_thresholds(adata)
         if "pval_adj" in table:
-            table = table[table["pval_adj"].fillna(1) <= 0.05]
+            table = table[table["pval_adj"].fillna(1) <= max_pval_adj]
         if "logfoldchange" in table:
-            table = table[table["logfoldchange"].fillna(0) > 0]
+            table = table[table["logfoldchange"].fillna(-np.inf) >= min_logfc]
         if "rank" in table:
             table = table.sort_values("rank")
         table["cluster"] = table["cluster"].astype(str)
@@ -237,7 +205,8 @@ def dotplot_figure(
 
     Dot size is the fraction of the cluster's cells expressing the gene (``X > 0``), colour the mean of
     ``X`` scaled to 0–1 per gene. Genes are ``genes[cluster]`` if given, else the best of ``markers``
-    (:func:`cassia_helpers.rank_markers`; adjusted p ≤ 0.05, positive log fold change), else the annotator's
+    (:func:`cassia_helpers.rank_markers`, filtered by the run's ``marker_max_pval_adj`` and ``marker_min_logfc``
+    as the annotator's markers were), else the annotator's
     key markers (``uns['cassia_batch']['annotation']['clusters']``); ``n_genes`` per cluster, fewer when
     ``n_genes × clusters`` exceeds ``max_genes``.
     """
