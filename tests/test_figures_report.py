@@ -499,3 +499,36 @@ def test_preprocessing_does_not_import_plotting():
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+# --- JupyterLab ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("uid", ["0", "1000"])
+def test_make_lab_opens_the_project_folder_and_runs_as_root(tmp_path, uid):
+    """`make lab`'s command: rooted at the project folder (run folders and notebooks/ both visible), the explore
+    notebook open, and Jupyter's --allow-root exactly when run as root (`id -u` answers as root or not)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (fake / "id").chmod(0o755)
+    done = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--no-browser"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    command = [line for line in done.stdout.splitlines() if "jupyter lab" in line][-1].split()
+    assert ("--allow-root" in command) == (uid == "0")
+    assert "--ServerApp.root_dir=." in command and "--no-browser" in command
+    assert command[-1] == "notebooks/explore_run.ipynb" and (REPO / command[-1]).is_file()
+
+
+def test_explore_opens_the_newest_finished_run(tiny, tmp_path):
+    from cassia_helpers.summary import explore
+
+    run = make_run(tmp_path, tiny)  # run_blood_20260216_151425
+    broken = tmp_path / "run_blood_20260301_090000"  # newer, stopped before its summaries
+    broken.mkdir()
+    (broken / "run_manifest.json").write_text("{}")
+    assert explore.latest_run(tmp_path) == run
+    (run / "batch_summary.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no run has a batch_summary.csv yet"):
+        explore.latest_run(tmp_path)

@@ -25,11 +25,15 @@ _WRAP = {"white-space": "pre-wrap", "text-align": "left", "word-break": "break-w
 
 
 def latest_run(output_dir: str | Path = "batch_results") -> Path:
-    """The most recent ``run_*`` folder of ``output_dir`` (by its timestamp)."""
+    """The most recent ``run_*`` folder of ``output_dir`` (by its timestamp) that has a ``batch_summary.csv``:
+    a run that stopped before its summaries (e.g. the wrong Python, a missing package) is passed over."""
     runs = sorted(Path(output_dir).glob(f"{RUN_PREFIX}*"), key=lambda p: p.name[-15:])
     if not runs:
         raise FileNotFoundError(f"{output_dir}: no run folders yet (run `python run_batch.py --tissues ...` first)")
-    return runs[-1]
+    finished = [run for run in runs if (run / BATCH_SUMMARY_CSV).is_file()]
+    if not finished:
+        raise FileNotFoundError(f"{output_dir}: no run has a {BATCH_SUMMARY_CSV} yet ({len(runs)} unfinished)")
+    return finished[-1]
 
 
 def find_run(run_dir: str | Path = "", output_dir: str | Path = "batch_results") -> Path:
