@@ -532,3 +532,32 @@ def test_explore_opens_the_newest_finished_run(tiny, tmp_path):
     (run / "batch_summary.csv").unlink()
     with pytest.raises(FileNotFoundError, match="no run has a batch_summary.csv yet"):
         explore.latest_run(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (CI installs it with `apt-get install -y chromium`)")
+def test_explore_cluster_scores_wrap_between_words(tiny, tmp_path):
+    """The explore notebook's per-cluster table, as Jupyter shows it in a 900 px column: text breaks between
+    words, never a letter per line."""
+    from cassia_helpers.summary import explore
+
+    adata = tiny.copy()
+    table = adata.uns["cassia_batch"]["annotation"]["clusters"]
+    table["reason"] = table["reason"].where(table["reason"] == "", "no valid answer after 3 attempts: " * 3)
+    for i in range(16):  # as many columns as a full pipeline's table (scores, ontology, evidence, levels)
+        table[f"check_{i}"] = f"a few words of check {i}"
+    page = tmp_path / "scores.html"
+    page.write_text(f"<html><body>{explore.cluster_scores(adata).to_html()}</body></html>", encoding="utf-8")
+    found = _probe_page(page, "return Array.prototype.map.call(document.querySelectorAll('td'), function (td) {"
+                              " return [td.textContent.trim(), td.getBoundingClientRect().width]; });", width=900)
+    squeezed = [(text, width) for text, width in found if len(text) > 12 and width < 60]
+    assert not squeezed, squeezed
+
+
+def _probe_page(page: Path, script: str, *, width: int):
+    sys.path.insert(0, str(SCREENSHOT.parent))
+    try:
+        from report_screenshot import probe
+    finally:
+        sys.path.remove(str(SCREENSHOT.parent))
+    return probe(page, script, width=width, height=900)

@@ -21,7 +21,8 @@ from cassia_helpers.files import read_json
 
 INTEGER_COLUMNS = ("n_cells", "n_genes", "n_clusters", "calls", "failed_calls", "input_tokens", "output_tokens",
                    "total_tokens")
-_WRAP = {"white-space": "pre-wrap", "text-align": "left", "word-break": "break-word"}
+# text wraps between words; "word-break: break-word" also let the browser squeeze a column to one letter per line
+_WRAP = {"white-space": "pre-wrap", "text-align": "left", "overflow-wrap": "break-word", "min-width": "14ch"}
 
 
 def latest_run(output_dir: str | Path = "batch_results") -> Path:
