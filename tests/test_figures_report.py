@@ -561,3 +561,18 @@ def _probe_page(page: Path, script: str, *, width: int):
     finally:
         sys.path.remove(str(SCREENSHOT.parent))
     return probe(page, script, width=width, height=900)
+
+
+def test_qc_mito_panel_stays_readable_when_every_cell_is_far_below_the_threshold(tiny):
+    """A log-normalised input: mitochondrial shares of a fraction of a percent against max_pct_mt = 20. The
+    panel's axis keeps to the data (bars wider than a pixel) and still names the threshold."""
+    adata = tiny.copy()
+    adata.obs["pct_counts_mt"] = np.random.default_rng(0).uniform(0, 0.6, adata.n_obs)
+    adata.uns["cassia_batch"] = {"qc": {"min_genes": 120, "max_pct_mt": 20.0}}
+    figure = figures.qc_figure(adata)
+    mito = figure.axes[2]
+    figure.canvas.draw()
+    assert mito.get_xlim()[1] < 1.0
+    bar = [p for p in mito.patches if p.get_label() == "after QC"][0].get_window_extent()
+    assert bar.width > 100  # the histogram spans the panel, not a sliver at its left edge
+    assert any("max_pct_mt = 20" in t.get_text() for t in mito.texts)

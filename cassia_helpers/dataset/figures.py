@@ -80,7 +80,13 @@ def qc_figure(adata, *, distributions: Mapping | None = None):
         if log:
             _plain_log_axis(ax)
         name, value = thresholds.get(metric, (None, None))
-        if value is not None:
+        if value is not None and not log and float(value) > 2 * edges[-1]:
+            # every cell far below the threshold (e.g. a log-normalised input's mitochondrial share): the axis
+            # keeps to the data, so the bars stay visible, and the threshold is named at the edge
+            ax.set_xlim(edges[0], edges[-1] * 1.05)
+            ax.annotate(f"{name} = {float(value):g} →\n(every cell below)", xy=(1, 1), xycoords="axes fraction",
+                        ha="right", va="top", fontsize=8, color="#d62728")
+        elif value is not None:
             ax.axvline(float(value), color="#d62728", linestyle="--", linewidth=1)
             ax.annotate(f"{name} = {float(value):g}", xy=(float(value), 1), xycoords=("data", "axes fraction"),
                         xytext=(3, -2), textcoords="offset points", va="top", fontsize=8, color="#d62728")
