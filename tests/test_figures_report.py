@@ -295,7 +295,13 @@ def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
         table["reasoning"] = table["reasoning"] + " Because " + "the markers agree with the reference " * 20
         table["key_markers"] = "HLA-DRB1,HLA-DQA1,HLA-DPB1,CD74,LYZ,S100A8,S100A9,FCN1,VCAN,CTSS,LST1,AIF1"
         table.to_csv(path, index=False)
-    write_report(run)
+    from cassia_helpers.summary.crossqc import cell_type_table, plot_cell_type_heatmap
+
+    records = [{"dataset": f"Data_Good{j:03d}_Blood", "term_id": f"CL:{i}", "term_name": name, "n_cells": 5 + i}
+               for j in range(2) for i, name in enumerate(CL_NAMES)]
+    plot_cell_type_heatmap(cell_type_table(records=records), run / "cell_types.png")
+    html = write_report(run).read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 2 * 4 + 1  # each dataset's four figures and the heatmap
     for width in (1024, 1400, 1900):
         found = _probe(run, "return [document.documentElement.scrollWidth, window.innerWidth];", width=width)
         assert found[0] <= found[1] == width, f"the page scrolls sideways at {width} px: {found}"
