@@ -24,8 +24,10 @@ REPORT_HTML = "report.html"
 CELL_TYPES_CSV = "cell_types.csv"  # dataset x Cell Ontology term: cells and fractions
 CELL_TYPES_PNG = "cell_types.png"
 RUN_LOCK = ".run.lock"
+SLURM_LOGS = "slurm_logs"  # the SLURM jobs' log files (--cluster slurm, unless --slurm-log-directory)
 SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
 STATUSES = (SUCCESS, FAILED, INTERRUPTED)
+NOT_STARTED = "not started: the run was interrupted"  # the error of a dataset a stop kept from starting
 
 
 def run_label(tissues: list[str], *, all_tissues: bool) -> str:
@@ -180,11 +182,13 @@ def read_result(paths: DatasetPaths) -> dict | None:
 
 
 def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_type: str = "",
-                 duration: float = 0.0, started_at: str = "", input_file: dict | None = None) -> dict:
+                 duration: float = 0.0, started_at: str = "", input_file: dict | None = None,
+                 extra: dict | None = None) -> dict:
     """Write ``{dataset}_status.json`` atomically and return it.
 
     ``input_file`` (the input's ``path``, ``size`` and ``mtime_ns``) is recorded when the input itself was
-    rejected, so that ``--resume`` can leave it alone until the file changes. A status that cannot be
+    rejected, so that ``--resume`` can leave it alone until the file changes; ``extra`` adds keys (e.g. the
+    SLURM job that ran the dataset: ``slurm_job_id``, ``slurm_log``). A status that cannot be
     written (a full disk) is still returned, its error saying so: the driver reports it all the same.
     """
     record = {
@@ -199,6 +203,7 @@ def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_typ
     }
     if input_file:
         record["input_file"] = input_file
+    record.update(extra or {})
     try:
         write_json(paths.status_json, record)
     except OSError as exc:

@@ -116,17 +116,35 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("local", "slurm")),
     Setting("scheduler", "", "address of a running Dask scheduler (tcp://host:8786) whose workers run the datasets",
             _CLUSTER, RUN),
+    Setting("cluster_timeout", 300.0, "seconds to wait for the first worker of --cluster slurm (its jobs may wait "
+            "in the queue) before giving up with an error naming the queue", _CLUSTER, RUN, above=0),
+    Setting("scheduler_host", "", "address the run's Dask scheduler listens on, the one the compute nodes reach "
+            "(--cluster slurm; default: this machine's address on its default route, never every interface)",
+            _CLUSTER, RUN),
     Setting("cluster_config", "", "YAML or JSON file of --cluster slurm options (queue, account, walltime, cores, "
             "memory, jobs, python, prologue, job_extra, ...); flags below override it", _CLUSTER, RUN,
             metavar="FILE"),
     Setting("slurm_queue", "", "SLURM partition (sbatch -p)", _CLUSTER, RUN),
     Setting("slurm_account", "", "SLURM account charged for the jobs (sbatch -A)", _CLUSTER, RUN),
-    Setting("slurm_walltime", "", "time limit of each job, HH:MM:SS (default 04:00:00)", _CLUSTER, RUN),
+    Setting("slurm_walltime", "", "time limit of each job, HH:MM:SS (default 04:00:00); a job runs datasets one "
+            "after another", _CLUSTER, RUN),
     Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", _CLUSTER, RUN, minimum=0),
     Setting("slurm_memory", "", "memory per dataset, e.g. 16GB (default 8GB); SLURM's limit caps the kernel",
             _CLUSTER, RUN),
+    Setting("slurm_jobs", 0, "SLURM jobs at once, i.e. datasets at once (default: --workers)", _CLUSTER, RUN,
+            minimum=0),
     Setting("slurm_python", "", "python of the shared virtual environment, as the compute nodes see it",
             _CLUSTER, RUN),
+    Setting("slurm_prologue", [], "shell line run in each job before its worker starts, e.g. 'module load python' "
+            "(repeatable)", _CLUSTER, RUN, repeat=True, metavar="LINE"),
+    Setting("slurm_job_extra", [], "extra #SBATCH directive, e.g. --slurm-job-extra=--qos=normal (repeatable)",
+            _CLUSTER, RUN, repeat=True, metavar="DIRECTIVE"),
+    Setting("slurm_interface", "", "network interface the workers use (e.g. ib0)", _CLUSTER, RUN),
+    Setting("slurm_local_directory", "", "node-local scratch folder of the workers", _CLUSTER, RUN),
+    Setting("slurm_log_directory", "", "folder of the jobs' log files (default: slurm_logs/ in the run folder)",
+            _CLUSTER, RUN),
+    Setting("slurm_replacements", -1, "SLURM jobs that ended early (walltime, memory, scancel) replaced while "
+            "datasets are queued, at most (-1: three per job)", _CLUSTER, RUN, minimum=-1),
     # analysis
     Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
     Setting("min_genes", 200, "minimum genes per cell", _QC, minimum=0),
@@ -153,6 +171,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("base_url", "", "OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 (env OPENAI_BASE_URL); "
             "credentials go in OPENAI_API_KEY, never in the URL", _LLM, env="OPENAI_BASE_URL"),
     Setting("context", "", "free-text context sent with every cluster", _LLM),
+    Setting("context_file", "", "UTF-8 text file whose content is the context sent with every cluster (for a "
+            "context too long for the command line; instead of --context)", _LLM, metavar="FILE"),
     Setting("llm_concurrency", 8, "requests in flight at once to the model server, for the whole run", _LLM,
             minimum=1, maximum=256),
     Setting("llm_timeout", 120.0, "seconds to connect, and the longest silence while a reply arrives", _LLM, above=0),
@@ -187,6 +207,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("output_price", None, "USD per 1M output tokens for --model", _COST, type=float, minimum=0),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+# What an unset ``--slurm-*`` setting means (its flag's help says so too).
+SLURM_DEFAULTS = {"walltime": "04:00:00", "cores": 1, "memory": "8GB"}
 ANALYSIS_NAMES = tuple(s.name for s in SETTINGS if s.scope == ANALYSIS)
 # What identifies one dataset's notebook run, beside the analysis settings.
 DATASET_PARAMETERS = ("dataset", "tissue", "input_path", "run_dir")
@@ -252,6 +274,24 @@ class Settings:
         """A run's recorded analysis settings (e.g. from its manifest) with this session's run settings."""
         known = {k: v for k, v in analysis.items() if k in BY_NAME and BY_NAME[k].scope == ANALYSIS}
         return cls(**known, **run_values)
+
+
+def context_text(settings: Settings) -> str:
+    """The context sent with every cluster: ``settings.context``, or the text of ``settings.context_file``
+    (read where it is used, so a long context travels as a path, never on a command line).
+
+    Raises
+    ------
+    UsageError
+        The file cannot be read as UTF-8 text; the message names it.
+    """
+    if not settings.context_file:
+        return settings.context
+    try:
+        return Path(settings.context_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UsageError(f"{settings.context_file}: --context-file cannot be read as UTF-8 text ({reason})") from None
 
 
 def notebook_parameters(settings: Settings, *, dataset: str, tissue: str, input_path: str | Path,

@@ -18,7 +18,7 @@ import pytest
 
 from cassia_helpers.batch.dask import DatasetExecutor, check_shared_storage, open_client, run_limits
 from cassia_helpers.batch.dask.process import die_with_parent
-from cassia_helpers.dataset.annotate.llm.limits import DaskRunBudget, DaskRunThrottle, set_run_spend
+from cassia_helpers.dataset.annotate.llm.limits import DaskRunBudget, DaskRunThrottle
 from tests import dask_fakes
 from tests.dask_fakes import read_lines
 from tests.waiting import wait_for
@@ -247,6 +247,40 @@ def test_existing_scheduler_runs_datasets_checks_storage_and_never_reruns_a_dead
     wait_for(lambda: tagged(tag) == [], timeout=15, what="the dead worker's child to die")
 
 
+@pytest.mark.slow
+def test_a_lost_scheduler_keeps_true_statuses_and_names_the_cause(tmp_path):
+    from tests.synthetic import BLOOD_TYPES, make_counts, write
+
+    for seed, name in enumerate(("L1", "L2", "L3")):
+        write(make_counts(150, cell_types=BLOOD_TYPES, seed=60 + seed), tmp_path / "data" / "blood" / f"{name}.h5ad")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    with dask_processes(tmp_path, 1) as address:
+        (scheduler,) = [p for p in tagged(str(tmp_path / "scheduler.json"))
+                        if "dask_scheduler" in " ".join(p.cmdline())]
+        driver = subprocess.Popen(
+            [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(tmp_path / "data"), "--tissues", "blood",
+             "--output-dir", str(tmp_path / "out"), "--annotator", "reference", "--scheduler", address],
+            env=dict(env, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(driver.stdout.readline, "")), daemon=True).start()
+        wait_for(lambda: any("started" in line for line in lines), timeout=180, what="the first dataset to start")
+        scheduler.kill()
+        assert driver.wait(timeout=200) == 1, "".join(lines)
+    text = "".join(lines)
+    (run,) = (tmp_path / "out").iterdir()
+    records = {p.parent.name: json.loads(p.read_text()) for p in run.glob("blood/*/*_status.json")}
+    assert len(records) == 3
+    not_started = [r for r in records.values() if r["error"].startswith("not started")]
+    assert len(not_started) == 2 and {r["status"] for r in not_started} == {"interrupted"}
+    assert all("Dask scheduler" in r["error"] and "was lost" in r["error"] for r in not_started)
+    (ran,) = [r for r in records.values() if not r["error"].startswith("not started")]
+    assert ran["status"] in ("success", "failed", "interrupted") and ran["started_at"]  # what its runner recorded
+    assert (f"Stopped early: the Dask scheduler ({address}) was lost. "
+            f"Resume with: python run_batch.py --resume {run}") in text
+    for name, record in records.items():  # the closing table says what the records say
+        assert any(name in line and record["status"] in line for line in lines)
+
+
 def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -273,6 +307,53 @@ def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp
     print(f"kernel import+connect: {min(connects):.2f}-{max(connects):.2f} s")
 
 
+KERNEL_HOLDING_SLOTS = """
+import sys, threading, time
+from cassia_helpers.dataset.annotate.llm.limits import run_limits
+throttle, _ = run_limits(sys.argv[1], 2, 0.0)
+held = threading.Semaphore(0)
+def hold():
+    with throttle.slot():
+        held.release()
+        time.sleep(600)  # a request that never ends: the kernel is killed during it
+for _ in range(2):
+    threading.Thread(target=hold, daemon=True).start()
+held.acquire(); held.acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_kernels_llm_slots_are_free_again_within_seconds(client, tmp_path):
+    # a dataset's kernel holds every run-wide LLM slot in two long requests, then is killed (kill -9)
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL_HOLDING_SLOTS, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO),
+                                                  CASSIA_DASK_SCHEDULER=client.scheduler.address))
+    assert kernel.stdout.readline().strip() == "holding"
+    throttle, _ = run_limits(tmp_path, 2, 0.0)  # another dataset of the same run
+    time.sleep(8)  # a live kernel keeps its slots however long its requests take
+    got, done = threading.Event(), threading.Event()
+
+    def other_request() -> None:
+        with throttle.slot():
+            got.set()
+            done.wait()
+
+    threading.Thread(target=other_request, daemon=True).start()
+    assert not got.wait(1.0), "a slot was free while the live kernel held both"
+    kernel.kill()
+    kernel.wait()
+    killed = time.monotonic()
+    try:
+        assert got.wait(30)
+        with throttle.slot():  # the second slot too
+            freed_s = time.monotonic() - killed
+    finally:
+        done.set()
+    assert freed_s < 10, f"the dead kernel's slots were held {freed_s:.1f} s"
+    print(f"a killed kernel's LLM slots free again after {freed_s:.1f} s")
+
+
 def test_budget_is_exceeded_by_at_most_the_requests_in_flight(client, tmp_path):
     run_dir = tmp_path / "run"
     ledger = run_dir / "t" / "old" / "old_llm_calls.jsonl"
@@ -291,7 +372,7 @@ def test_budget_is_exceeded_by_at_most_the_requests_in_flight(client, tmp_path):
     assert sent >= 2  # the three datasets really competed for it
 
 
-def test_back_off_is_shared_and_resume_seeds_spend(client, tmp_path):
+def test_back_off_and_spend_are_shared(client, tmp_path):
     first, _ = run_limits(tmp_path, 2, 1.0)
     second, budget = run_limits(tmp_path, 2, 1.0)
     assert isinstance(second, DaskRunThrottle) and isinstance(budget, DaskRunBudget)
@@ -300,7 +381,7 @@ def test_back_off_is_shared_and_resume_seeds_spend(client, tmp_path):
     with second.slot():
         waited = time.monotonic() - start
     assert waited >= 0.6
-    set_run_spend(client, tmp_path, 0.75)
+    run_limits(tmp_path, 2, 1.0)[1].add(0.75)  # another dataset's spend
     assert budget.spent() == pytest.approx(0.75) and not budget.exhausted()
     budget.add(0.25)
     assert budget.exhausted()
@@ -370,7 +451,8 @@ def test_importing_the_package_does_not_import_dask():
 
 def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
-    from cassia_helpers.batch.dask.client import ClusterError, load_cluster_options, slurm_cluster
+    from cassia_helpers.batch.dask.client import ClusterError
+    from cassia_helpers.batch.dask.slurm import load_cluster_options, slurm_cluster
 
     secret = "sk-test-SLURM-0123456789abcdef"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -391,7 +473,7 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     assert "export CASSIA_DATASET_THREADS=8" in script
     assert "/shared/venv/bin/python -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
     assert "--nthreads 1" in script and "--nworkers" not in script  # one dataset per job
-    assert "#SBATCH -J cassia-batch" in header
+    assert any(line.startswith("#SBATCH -J cassia-") for line in header)  # the run's name, then the slot
     assert "--preload cassia_helpers.batch.dask.plugin" in script
     assert secret not in script and "OPENAI_API_KEY" not in script
 
@@ -400,46 +482,3 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
         slurm_cluster(leaky)
     with pytest.raises(ClusterError, match="unknown cluster option"):
         load_cluster_options(overrides={"partition": "x"})
-
-
-FAKE_SBATCH = """#!/bin/sh
-# like sbatch with its default --export=ALL: runs the job script here, in the submitter's environment
-script=$(eval echo \\${$#})
-copy=$(mktemp "$FAKE_SLURM_DIR/job.XXXXXX")
-cp "$script" "$copy"  # the submitter deletes its script once sbatch returns
-setsid bash "$copy" > "$copy.log" 2>&1 < /dev/null &
-echo "Submitted batch job $!"
-"""
-FAKE_SCANCEL = """#!/bin/sh
-kill -TERM -- "-$1" 2>/dev/null || kill -TERM "$1"
-"""
-
-
-def test_slurm_cluster_runs_datasets_in_jobs_that_get_the_key_from_the_environment(tmp_path, monkeypatch):
-    pytest.importorskip("dask_jobqueue", reason="the [slurm] extra (dask-jobqueue) is installed in CI")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("sbatch", FAKE_SBATCH), ("scancel", FAKE_SCANCEL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    secret = "sk-test-SLURM-env-only-42"
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("OPENAI_API_KEY", secret)
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
-    options = {"python": sys.executable, "cores": 2, "memory": "1GB", "scheduler_host": "127.0.0.1",
-               "log_directory": str(tmp_path / "logs")}
-    jobs = {f"run/t/{n}": {"key": f"run/t/{n}", "suffix": "env-only-42"} for n in ("a", "b", "c")}
-    with open_client(workers=2, cluster="slurm", cluster_options=options) as client:
-        client.wait_for_workers(2, timeout=120)
-        address = client.scheduler.address
-        assert len(tagged(address)) == 2  # the jobs' workers
-        done = run_collecting(DatasetExecutor(client), dask_fakes.environment_probe, jobs)
-    wait_for(lambda: not tagged(address), what="the jobs to be cancelled")
-    records = dict(done)
-    assert sorted(records) == sorted(jobs)
-    assert all(r["status"] == "success" and r["has_key"] for r in records.values())
-    assert {r["omp"] for r in records.values()} == {"2"}  # the job's cores, not the nanny's cap of 1
-    for script in tmp_path.glob("job.??????"):  # what ran in the jobs: no key
-        assert secret not in script.read_text() and "--cpus-per-task=2" in script.read_text()
-    assert len(list(tmp_path.glob("job.??????"))) == 2

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 
 from cassia_helpers.batch.discovery import Dataset, discover, single_input
 from cassia_helpers.batch.interrupts import Interrupts
+from cassia_helpers.batch.on_dask import Launcher, recorded, run_on_dask
 from cassia_helpers.contract import (
     FAILED,
     INTERRUPTED,
+    NOT_STARTED,
     REPORT_HTML,
     RUN_LOCK,
     RUN_MANIFEST,
@@ -37,15 +39,13 @@ from cassia_helpers.contract import (
     run_label,
     write_status,
 )
-from cassia_helpers.files import write_json
+from cassia_helpers.files import remove_temporary, write_json
 from cassia_helpers.settings import RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
-    from cassia_helpers.batch.dask.tasks import Progress as DaskProgress
     from cassia_helpers.batch.execute import AggregationNotebook
 
 log = logging.getLogger("cassia_helpers")
-Launcher = Callable[[dict, Callable[[], bool]], dict]
 
 
 @dataclass
@@ -56,6 +56,7 @@ class BatchResult:
     statuses: dict[tuple[str, str], str] = field(default_factory=dict)
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
     interrupted: bool = False
+    cause: str = ""  # why the run stopped early without being interrupted (e.g. its scheduler was lost)
 
     @property
     def exit_code(self) -> int:
@@ -87,11 +88,11 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
         if manifest is None:
             reason = "no" if not (run_dir / RUN_MANIFEST).exists() else "an unreadable"
             raise UsageError(f"{run_dir}: not a run folder ({reason} {RUN_MANIFEST})")
-        try:
-            datasets = [Dataset(d["name"], d["tissue"], Path(d["path"])) for d in manifest["datasets"]]
-            run_settings = Settings.with_analysis(manifest.get("analysis", {}), **settings.values(RUN))
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"{run_dir / RUN_MANIFEST}: damaged manifest ({exc})") from None
+        from cassia_helpers.batch.resume import manifest_analysis, manifest_datasets
+
+        datasets = manifest_datasets(manifest, run_dir / RUN_MANIFEST)
+        run_settings = Settings.with_analysis(manifest_analysis(manifest, run_dir / RUN_MANIFEST),
+                                              **settings.values(RUN))
         from cassia_helpers.dataset.annotate.factory import check_llm_setup
 
         check_llm_setup(run_settings)
@@ -156,7 +157,7 @@ def _pending(run_dir: Path, datasets: list[Dataset], result: BatchResult) -> lis
 
 
 def run_batch(settings: Settings, *, launcher: Launcher | None = None,
-              aggregate: Callable[[Path, str], None] | None = None, in_process: bool = False) -> BatchResult:
+              aggregate: Callable[[Path, str], None] | None = None) -> BatchResult:
     """Run every selected dataset, then the aggregation. The API behind ``run_batch.py``.
 
     Each dataset is one Dask task (:mod:`cassia_helpers.batch.dask`): on a local cluster of
@@ -164,9 +165,15 @@ def run_batch(settings: Settings, *, launcher: Launcher | None = None,
     (``settings.cluster == "slurm"``). ``launcher(job, should_stop)`` runs one dataset and returns its
     status record (default: :func:`cassia_helpers.batch.runner.run_dataset`); ``aggregate(run_dir,
     kernel_name)`` writes the run-level summaries (default: the aggregation notebook, or the summaries
-    directly when it fails). ``in_process`` runs the launcher in threads of this process instead of Dask
-    tasks: the driver's own logic, tested with a fast fake launcher.
+    directly when it fails).
     """
+    return _batch(settings, launcher, aggregate, in_process=False)
+
+
+def _batch(settings: Settings, launcher: Launcher | None, aggregate: Callable[[Path, str], None] | None, *,
+           in_process: bool) -> BatchResult:
+    """:func:`run_batch`; ``in_process`` runs the launcher in threads of this process instead of Dask tasks
+    (the driver's own logic, tested with a fast fake launcher)."""
     if launcher is None:
         from cassia_helpers.batch.runner import run_dataset as launcher
     run_dir, datasets, manifest, settings = prepare_run(settings)
@@ -203,12 +210,18 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     manifest.setdefault("sessions", []).append({"started_at": now_iso(), "resumed": settings.resume is not None})
     write_json(run_dir / RUN_MANIFEST, manifest)
     log.info("Run folder: %s", run_dir)
+    if settings.resume is not None:  # check what the folder says before trusting it
+        from cassia_helpers.batch.resume import recheck
+
+        recheck(run_dir, datasets, manifest)
     todo = _pending(run_dir, datasets, result)
     progress = Progress(run_dir, todo, quiet=settings.quiet)
 
     def finished(dataset: Dataset, record: dict) -> None:
         key = (dataset.tissue, dataset.name)
         result.statuses[key], result.errors[key] = record["status"], record.get("error", "")
+        if record["status"] != SUCCESS:  # a write cut short (a full disk, a killed kernel) leaves its temporary
+            remove_temporary(DatasetPaths(run_dir, dataset.tissue, dataset.name).folder)
         progress.done(dataset, record)
 
     with Interrupts() as interrupts:
@@ -221,8 +234,9 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                 else:
                     jobs[_task_key(run_dir, dataset)] = (dataset, _job(settings, run_dir, dataset))
             if jobs and not interrupts.event.is_set():
-                run = _run_in_threads if in_process else _run_on_dask
-                run(settings, run_dir, jobs, launcher, interrupts, progress, finished, ahead or _nothing)
+                run = _run_in_threads if in_process else run_on_dask
+                result.cause = run(settings, run_dir, jobs, launcher, interrupts, progress, finished,
+                                   ahead or _nothing) or ""
         except KeyboardInterrupt:
             interrupts.count = max(interrupts.count, 2)
         if interrupts.count:
@@ -232,7 +246,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                 if key not in result.statuses:
                     paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
                     record = read_status(paths) or write_status(
-                        paths, INTERRUPTED, error="not started: the run was interrupted", error_type="Interrupted")
+                        paths, INTERRUPTED, error=NOT_STARTED, error_type="Interrupted")
                     result.statuses[key] = record["status"]
     progress.close()
     if interrupts.count >= 2:
@@ -242,7 +256,9 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     progress.table(result)
     if (run_dir / REPORT_HTML).is_file():
         log.info("Report: %s", run_dir / REPORT_HTML)
-    if result.interrupted:
+    if result.cause:
+        log.warning("Stopped early: %s. Resume with: python run_batch.py --resume %s", result.cause, run_dir)
+    elif result.interrupted:
         log.warning("Resume with: python run_batch.py --resume %s", run_dir)
     return result
 
@@ -278,63 +294,7 @@ def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Lau
                     record = future.result()
                 except Exception as exc:  # noqa: BLE001 - a launcher bug fails its dataset, not the batch
                     record = {"status": FAILED, "error": f"{type(exc).__name__}: {exc}", "error_type": "LauncherError"}
-                finished(dataset, _recorded(run_dir, dataset, record))
-
-
-def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
-                 progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> None:
-    """Run the jobs as Dask tasks, one per dataset, until done or interrupted; ``ahead()`` once every
-    dataset is on a worker."""
-
-    def polled(state: DaskProgress) -> None:
-        progress.poll()
-        if state.queued == 0:
-            ahead()
-
-    from cassia_helpers.batch.dask.client import ClusterError, check_shared_storage, dashboard_link, open_client
-    from cassia_helpers.batch.dask.tasks import DatasetExecutor
-
-    try:
-        with open_client(workers=settings.workers, scheduler=settings.scheduler or None,
-                         cluster=None if settings.scheduler else settings.cluster,
-                         cluster_options=_cluster_options(settings)) as client:
-            problem = check_shared_storage(client, run_dir)
-            if problem:
-                raise UsageError(problem)
-            executor = DatasetExecutor(client)
-            interrupts.on_stop = executor.stop
-            if interrupts.event.is_set():
-                executor.stop()
-            link = dashboard_link(client)
-            if link:
-                log.info("Dask dashboard: %s", link)
-            executor.run_jobs(
-                launcher, {key: job for key, (_, job) in jobs.items()},
-                on_done=lambda key, record: finished(jobs[key][0], _recorded(run_dir, jobs[key][0], record)),
-                on_progress=polled)
-    except ClusterError as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        interrupts.on_stop = None
-
-
-def _cluster_options(settings: Settings) -> dict | None:
-    """``--cluster slurm`` options: the config file's, then the flags that were given."""
-    if settings.cluster != "slurm" or settings.scheduler:
-        return None
-    from cassia_helpers.batch.dask.client import load_cluster_options
-
-    flags = {"queue": settings.slurm_queue, "account": settings.slurm_account, "walltime": settings.slurm_walltime,
-             "cores": settings.slurm_cores, "memory": settings.slurm_memory, "python": settings.slurm_python}
-    return load_cluster_options(settings.cluster_config or None, {k: v for k, v in flags.items() if v})
-
-
-def _recorded(run_dir: Path, dataset: Dataset, record: dict) -> dict:
-    """The dataset's status record; one the executor made (a dead worker, a stop) is written to its file."""
-    if "dataset" in record:
-        return record
-    return write_status(DatasetPaths(run_dir, dataset.tissue, dataset.name), record.get("status", FAILED),
-                        error=record.get("error", ""), error_type=record.get("error_type", ""))
+                finished(dataset, recorded(run_dir, dataset, record))
 
 
 def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:

@@ -6,11 +6,9 @@ Importing this package does not import Dask; its functions do, when called.
 from __future__ import annotations
 
 from cassia_helpers.batch.dask.client import (
-    SLURM_OPTIONS,
     ClusterError,
     check_shared_storage,
     dashboard_link,
-    load_cluster_options,
     open_client,
 )
 from cassia_helpers.batch.dask.process import die_with_parent
@@ -20,11 +18,10 @@ from cassia_helpers.dataset.annotate.llm.limits import (
     DaskRunBudget,
     DaskRunThrottle,
     run_limits,
-    set_run_spend,
 )
 
 __all__ = [
-    "SCHEDULER_ENV", "SLURM_OPTIONS", "ClusterError", "DaskRunBudget", "DaskRunThrottle", "DatasetExecutor",
-    "Progress", "check_shared_storage", "dashboard_link", "die_with_parent", "load_cluster_options",
-    "open_client", "run_limits", "set_run_spend",
+    "SCHEDULER_ENV", "ClusterError", "DaskRunBudget", "DaskRunThrottle", "DatasetExecutor",
+    "Progress", "check_shared_storage", "dashboard_link", "die_with_parent",
+    "open_client", "run_limits",
 ]

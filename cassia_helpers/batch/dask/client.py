@@ -5,37 +5,19 @@ Nothing here imports Dask at module level: importing the package or the CLI stay
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from cassia_helpers.dataset.annotate.llm.limits import LEASE_TIMEOUT, SCHEDULER_ENV
+from cassia_helpers.dataset.annotate.llm.limits import LEASE_SETTINGS, SCHEDULER_ENV
 
 WORKER_PRELOAD = "cassia_helpers.batch.dask.plugin"
-THREADS_ENV = "CASSIA_DATASET_THREADS"
 
-# The documented ``--cluster slurm`` options: name -> (type, default, help).
-SLURM_OPTIONS: dict[str, tuple[type, object, str]] = {
-    "queue": (str, None, "SLURM partition (sbatch -p)"),
-    "account": (str, None, "account charged for the jobs (sbatch -A)"),
-    "walltime": (str, "04:00:00", "time limit of each job, HH:MM:SS; a job runs datasets one after another"),
-    "cores": (int, 1, "CPU cores per dataset (one dataset per job)"),
-    "memory": (str, "8GB", "memory per dataset (one dataset per job); SLURM's limit caps the kernel"),
-    "jobs": (int, None, "number of SLURM jobs, i.e. datasets at once (default: --workers)"),
-    "python": (str, None, "python of the shared virtual environment, as seen from the compute nodes"),
-    "prologue": (list, [], "shell lines run before the worker starts (e.g. 'module load ...')"),
-    "job_extra": (list, [], "extra #SBATCH directives, e.g. '--qos=normal'"),
-    "interface": (str, None, "network interface the scheduler and workers use (e.g. ib0)"),
-    "scheduler_host": (str, None, "address the scheduler listens on (default: all interfaces)"),
-    "local_directory": (str, None, "node-local scratch folder of the workers"),
-    "log_directory": (str, None, "folder for the jobs' stdout/stderr files"),
-}
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 
 
@@ -50,49 +32,12 @@ def dask_settings() -> dict:
         "distributed.scheduler.allowed-failures": 0,
         # a worker holds one dataset at a time: the others stay queued on the scheduler (cancellable)
         "distributed.scheduler.worker-saturation": 1.0,
-        "distributed.scheduler.locks.lease-timeout": LEASE_TIMEOUT,
-        "distributed.scheduler.locks.lease-validation-interval": "10s",
+        **LEASE_SETTINGS,
+        # a SLURM job that ended is forgotten soon, so that it can be replaced
+        "distributed.deploy.lost-worker-timeout": "2s",
         # the workers' environment is the driver's: no thread caps slipped in (nor into the driver)
         "distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536},
     }
-
-
-def load_cluster_options(path: str | Path | None = None, overrides: Mapping | None = None) -> dict:
-    """The ``--cluster slurm`` options: a YAML/JSON file's, then ``overrides`` (flags; ``None`` = unset).
-
-    Raises
-    ------
-    ClusterError
-        An unknown option or a value of the wrong type.
-    """
-    options: dict = {}
-    if path:
-        text = Path(path).read_text(encoding="utf-8")
-        if str(path).endswith(".json"):
-            loaded = json.loads(text)
-        else:
-            import yaml
-
-            loaded = yaml.safe_load(text) or {}
-        if not isinstance(loaded, dict):
-            raise ClusterError(f"{path}: expected a mapping of cluster options")
-        options.update(loaded)
-    options.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(options) - set(SLURM_OPTIONS))
-    if unknown:
-        raise ClusterError(f"unknown cluster option(s): {', '.join(unknown)} (known: {', '.join(SLURM_OPTIONS)})")
-    result = {}
-    for name, (kind, default, _help) in SLURM_OPTIONS.items():
-        value = options.get(name, default)
-        if value is not None and kind is list and isinstance(value, str):
-            value = [value]
-        if value is not None and not isinstance(value, kind):
-            try:
-                value = kind(value)
-            except (TypeError, ValueError):
-                raise ClusterError(f"cluster option {name}: expected {kind.__name__}, got {value!r}") from None
-        result[name] = value
-    return result
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -101,46 +46,11 @@ def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {name: value for name, value in env.items() if _SECRET_NAME.search(name) and len(value) >= 8}
 
 
-def slurm_cluster(options: Mapping, *, dashboard: bool = False):
-    """A ``dask_jobqueue.SLURMCluster`` running one dataset per job, not yet scaled.
-
-    Each job is one worker with one thread (one dataset at a time) holding ``cores`` CPUs and
-    ``memory`` for the dataset's kernel. Secrets reach the jobs through the environment sbatch
-    exports from the driver (its default), never through the job script: a script that would
-    contain the value of a credential-like variable is refused.
-    """
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'cassia-batch[slurm]'") from None
-    opts = load_cluster_options(overrides=options)
-    cores = max(1, int(opts["cores"]))
-    # the job's worker gives its datasets the job's cores (Dask's nanny would cap BLAS/OpenMP threads at 1)
-    threads = [f"export {THREADS_ENV}={cores}"]
-    kwargs = {
-        "queue": opts["queue"], "account": opts["account"], "walltime": opts["walltime"],
-        "cores": 1, "processes": 1, "job_cpu": cores, "memory": opts["memory"],
-        "python": opts["python"], "job_script_prologue": [*threads, *opts["prologue"]],
-        "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"],
-        "local_directory": opts["local_directory"], "log_directory": opts["log_directory"],
-        "worker_extra_args": ["--preload", WORKER_PRELOAD], "job_name": "cassia-batch",
-        "scheduler_options": {"dashboard": dashboard, **({"host": opts["scheduler_host"]}
-                                                         if opts["scheduler_host"] else {})},
-    }
-    cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
-    script = cluster.job_script()
-    leaked = [name for name, value in secret_values().items() if value in script]
-    if leaked:
-        cluster.close()
-        raise ClusterError(f"the SLURM job script would contain the value of {', '.join(leaked)}: "
-                           "remove it from the cluster options (jobs get secrets from the environment)")
-    return cluster
-
-
 @contextmanager
 def open_client(*, workers: int, scheduler: str | None = None, cluster: str | None = None,
                 cluster_options: Mapping | None = None, dashboard: bool = False,
-                connect_timeout: float = 30.0, processes: bool = False) -> Iterator:
+                connect_timeout: float = 30.0, processes: bool = False, cluster_timeout: float = 300.0,
+                name: str = "cassia", stop: Callable[[], bool] = lambda: False) -> Iterator:
     """A ``distributed.Client`` for a run, closed (with any cluster it started) on exit.
 
     Parameters
@@ -151,7 +61,9 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         Address of an existing scheduler (``tcp://host:8786``): its workers run the datasets.
     cluster
         ``None``/``"local"``: a local cluster on 127.0.0.1 started in this process (one thread per
-        worker); ``"slurm"``: SLURM jobs built from ``cluster_options`` (see :data:`SLURM_OPTIONS`).
+        worker); ``"slurm"``: SLURM jobs built from ``cluster_options`` (see
+        :func:`~cassia_helpers.batch.dask.slurm.load_cluster_options`), named ``{name}-{slot}``; the
+        client's ``cassia_slurm`` is then their :class:`~cassia_helpers.batch.dask.slurm.SlurmJobs`.
     dashboard
         Serve the Dask dashboard (local cluster: on 127.0.0.1 only).
     connect_timeout
@@ -161,6 +73,11 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         workers are, instead of as a thread of this process. Each dataset runs in its own processes
         either way; worker processes only add seconds of start-up (each imports Dask and this
         package), so the default is threads.
+    cluster_timeout
+        SLURM: seconds to wait for the first job to start (:class:`ClusterError` naming the queue after).
+    stop
+        Polled while waiting for the jobs: true (e.g. Ctrl-C) returns the client at once, perhaps without
+        workers.
     """
     import dask
     from distributed import Client, LocalCluster
@@ -173,19 +90,25 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         stack.enter_context(dask.config.set(dask_settings()))
         # the datasets' own records report every failure; Dask's logs (e.g. an Event wait cut short when a
         # task ends) would only print tracebacks on the user's terminal
-        for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.nanny",
-                     "distributed.event", "distributed.utils", "distributed.core", "distributed.client"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+        for logger in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.nanny",
+                       "distributed.event", "distributed.utils", "distributed.core", "distributed.client"):
+            logging.getLogger(logger).setLevel(logging.CRITICAL)
+        slurm_jobs = None
         if scheduler:
             try:
                 client = Client(scheduler, timeout=connect_timeout)
             except OSError as exc:
                 raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
         elif cluster == "slurm":
-            jobs = load_cluster_options(overrides=cluster_options)["jobs"] or workers
-            built = stack.enter_context(slurm_cluster(cluster_options or {}, dashboard=dashboard))
-            client = Client(built, timeout=connect_timeout)
-            built.scale(jobs=max(1, int(jobs)))
+            from cassia_helpers.batch.dask.slurm import SlurmJobs, load_cluster_options, slurm_cluster
+
+            options = load_cluster_options(overrides=cluster_options)
+            jobs = max(1, int(options["jobs"] or workers))
+            built = stack.enter_context(slurm_cluster(options, dashboard=dashboard, name=name))
+            client = stack.enter_context(Client(built, timeout=connect_timeout))
+            built.scale(jobs=jobs)
+            slurm_jobs = SlurmJobs(built, client, options, jobs)
+            slurm_jobs.wait_for_workers(cluster_timeout, stop)
         elif cluster in (None, "local"):
             if not processes:
                 # the workers set the scheduler's address in this process's environment (for the
@@ -202,7 +125,9 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
             client = Client(built, timeout=connect_timeout)
         else:
             raise ClusterError(f"unknown cluster kind {cluster!r} (known: local, slurm)")
-        stack.enter_context(client)
+        if slurm_jobs is None:
+            stack.enter_context(client)
+        client.cassia_slurm = slurm_jobs
         client.register_plugin(WorkerSetup())
         yield client
 
@@ -252,7 +177,7 @@ def check_shared_storage(client, folder: str | Path, *, wait_s: float = 10.0) ->
     token = uuid.uuid4().hex[:12]
     try:
         names = {address: f".cassia_probe_{token}_{index}"
-                 for index, address in enumerate(sorted(client.scheduler_info()["workers"]))}
+                 for index, address in enumerate(sorted(client.nthreads()))}  # asked now, not a cached view
     except Exception as exc:  # noqa: BLE001
         return f"cannot list the Dask workers: {exc}"
     if not names:

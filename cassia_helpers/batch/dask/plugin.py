@@ -14,12 +14,14 @@ from collections.abc import Callable
 
 from distributed import Event, WorkerPlugin, get_client, get_worker
 
+from cassia_helpers.contract import FAILED, INTERRUPTED, NOT_STARTED, now_iso
 from cassia_helpers.dataset.annotate.llm.limits import SCHEDULER_ENV
 
 PLUGIN_NAME = "cassia-worker-setup"
 THREADS_ENV = "CASSIA_DATASET_THREADS"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
-INTERRUPTED, FAILED = "interrupted", "failed"
+# Set by a SLURM job's script: the job's log file, recorded with each dataset the job runs.
+SLURM_LOG_ENV = "CASSIA_SLURM_LOG"
 
 
 def ignore_terminal_signals() -> None:
@@ -68,6 +70,13 @@ class WorkerSetup(WorkerPlugin):
 def status_record(key: str, status: str, error: str, error_type: str) -> dict:
     """The record a dataset gets when its task could not produce one itself."""
     return {"key": key, "status": status, "error": error, "error_type": error_type}
+
+
+def start_info() -> dict:
+    """Where and when a dataset starts: kept on the scheduler, so that the driver can tell even if its worker
+    dies (the SLURM job id and log are empty outside SLURM)."""
+    return {"started_at": now_iso(), "t0": time.time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "slurm_log": os.environ.get(SLURM_LOG_ENV, "")}
 
 
 class _StopWatch:
@@ -123,11 +132,12 @@ def execute(task: Callable[[dict, Callable[[], bool]], dict], job: dict, *, task
     client = get_client()
     stop_event_ = Event(stop_event, client=client)
     if stop_event_.is_set():
-        return status_record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted")
+        return status_record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
     started = Event(f"{started_prefix}{key}", client=client)
     if started.is_set():
         return status_record(key, FAILED, "the Dask worker running this dataset died", "WorkerDied")
     started.set()
+    client.set_metadata([started_prefix, key], start_info())
     stop = _StopWatch(stop_event_, key)
     try:
         return task(job, stop)

@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cassia_helpers.batch.dask.client import dashboard_link
+from cassia_helpers.contract import FAILED, INTERRUPTED, NOT_STARTED
 
-INTERRUPTED, FAILED = "interrupted", "failed"
+# How long the scheduler may stay unreachable before the run counts it as lost.
+SCHEDULER_LOST_S = 10.0
 
 Task = Callable[[dict, Callable[[], bool]], dict]
 
@@ -54,10 +56,16 @@ class DatasetExecutor:
     poll_s
         How often, at most, the wait loop looks for a free worker and reports progress (it wakes at once
         when a dataset ends or a stop is asked for).
+    upkeep
+        ``upkeep(queued)``, called while waiting: keeps the workers up (e.g. replaces ended SLURM jobs) and
+        returns why the queued datasets cannot run any more, or ``None``.
     """
 
-    def __init__(self, client, *, stop_grace_s: float = 20.0, poll_s: float = 0.1) -> None:
+    def __init__(self, client, *, stop_grace_s: float = 20.0, poll_s: float = 0.1,
+                 upkeep: Callable[[int], str | None] | None = None) -> None:
         self.client = client
+        self.upkeep = upkeep
+        self.lost = ""  # why the run lost its scheduler, if it did
         self.stop_grace_s = stop_grace_s
         self.poll_s = poll_s
         self.session = uuid.uuid4().hex[:12]
@@ -69,6 +77,17 @@ class DatasetExecutor:
         self._queue: list[tuple[str, dict]] = []
         self._running: dict = {}  # future -> key
         self._lock = threading.Lock()
+        self._started_prefix = f"cassia-started-{self.session}-"
+
+    def started(self, key: str) -> dict:
+        """Where and when a dataset started (:func:`~cassia_helpers.batch.dask.plugin.start_info`), or ``{}``."""
+        if self.lost:
+            return {}
+        try:
+            info = self.client.get_metadata([self._started_prefix, key], None)
+        except Exception:  # noqa: BLE001 - the scheduler is gone: nothing is known
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def stop(self) -> None:
         """Ask the running ``run_jobs`` to stop everything. Safe to call from a signal handler."""
@@ -103,7 +122,7 @@ class DatasetExecutor:
 
         from cassia_helpers.batch.dask.plugin import execute
 
-        started_prefix = f"cassia-started-{self.session}-"
+        started_prefix = self._started_prefix
         with self._lock:
             self._queue = list(jobs.items())
             self._total, self._done, self._running = len(self._queue), 0, {}
@@ -111,6 +130,7 @@ class DatasetExecutor:
         submitted: list[str] = []
         last_progress = last_capacity = 0.0
         capacity = 0
+        unreachable_since = None
 
         def report(key: str, record: dict) -> None:
             with self._lock:
@@ -128,8 +148,21 @@ class DatasetExecutor:
             while self._queue or self._running:
                 if self._stop_requested.is_set():
                     break
+                if self.client.status != "running":
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > SCHEDULER_LOST_S:
+                        self.lost = f"the Dask scheduler ({self.client.scheduler.address}) was lost"
+                        break
+                else:
+                    unreachable_since = None
                 if time.monotonic() - last_capacity > 1.0:
                     capacity, last_capacity = self._capacity(), time.monotonic()
+                    reason = self.upkeep(len(self._queue)) if self.upkeep and unreachable_since is None else None
+                    if reason:
+                        with self._lock:
+                            queued, self._queue = self._queue, []
+                        for key, _job in queued:
+                            report(key, _record(key, FAILED, f"not started: {reason}", "NoWorker"))
                 while self._queue and len(self._running) < capacity and not self._stop_requested.is_set():
                     with self._lock:
                         key, job = self._queue.pop(0)
@@ -146,20 +179,35 @@ class DatasetExecutor:
                     on_progress(self.progress())
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
-            if self._stop_requested.is_set():
+            if self.lost:
+                self._orphan(report)
+            elif self._stop_requested.is_set():
                 self._wind_down(collect, report)
         finally:
             leftover = list(self._running)
-            if leftover:
+            if leftover and not self.lost:
                 self.client.cancel(leftover, force=True)
             if on_progress:
                 on_progress(self.progress())
             for key in [*submitted, self.stop_event_name]:
                 name = key if key == self.stop_event_name else f"{started_prefix}{key}"
                 try:
-                    Event(name, client=self.client).clear()
+                    if not self.lost:
+                        Event(name, client=self.client).clear()
+                        self.client.set_metadata([started_prefix, key], None)
                 except Exception:  # noqa: BLE001 - only tidying the scheduler
                     pass
+
+    def _orphan(self, report) -> None:
+        """The scheduler is lost: the queued datasets were not started; the running ones are reported as
+        ``SchedulerLost`` (their runners may still finish and record their own status)."""
+        with self._lock:
+            queued, self._queue = self._queue, []
+            running, self._running = list(self._running.values()), {}
+        for key, _job in queued:
+            report(key, _record(key, INTERRUPTED, f"not started: {self.lost}", "SchedulerLost"))
+        for key in running:
+            report(key, _record(key, INTERRUPTED, f"{self.lost} while it ran", "SchedulerLost"))
 
     def _wind_down(self, collect, report) -> None:
         """Stop: tell the running tasks, report the queued ones, give the running ones time to report."""
@@ -169,7 +217,7 @@ class DatasetExecutor:
         with self._lock:
             queued, self._queue = self._queue, []
         for key, _job in queued:
-            report(key, _record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted"))
+            report(key, _record(key, INTERRUPTED, NOT_STARTED, "Interrupted"))
         deadline = time.monotonic() + self.stop_grace_s
         while self._running and time.monotonic() < deadline:
             collect()
@@ -190,11 +238,11 @@ class DatasetExecutor:
             return result if isinstance(result, dict) else _record(
                 key, FAILED, f"the task returned {type(result).__name__}, not a status record", "BadResult")
         if status == "cancelled":
-            return _record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted")
+            return _record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
         try:
             exc = future.exception(timeout=30)
         except cancelled_error:
-            return _record(key, INTERRUPTED, "not started: the run was interrupted", "Interrupted")
+            return _record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
         except Exception as other:  # noqa: BLE001
             exc = other
         if type(exc).__name__ == "KilledWorker":

@@ -21,9 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SCHEDULER_ENV = "CASSIA_DASK_SCHEDULER"
-# A request may hold its slot for minutes: its holder refreshes the lease every fifth of this, and a
-# lease left by a killed holder is freed after it.
-LEASE_TIMEOUT = "120s"
+# A request may hold its slot for minutes: its live holder renews the lease every fifth of the timeout (from
+# its client's own thread, whatever the request does), and the scheduler frees a lease not renewed within
+# it, checking every validation interval: a killed kernel's slots are free again within ~7 s.
+LEASE_SETTINGS = {"distributed.scheduler.locks.lease-timeout": "6s",
+                  "distributed.scheduler.locks.lease-validation-interval": "1s"}
 _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()
 
@@ -37,8 +39,8 @@ def run_namespace(run_dir: str | Path) -> str:
 class DaskRunThrottle:
     """At most ``limit`` requests in flight across every process of the cluster, and a shared back-off.
 
-    A ``distributed.Semaphore`` holds the slots; its leases are refreshed in the background while a
-    request runs, and freed ``lease-timeout`` (120 s) after a holder died without releasing.
+    A ``distributed.Semaphore`` holds the slots; its leases are renewed in the background while a
+    request runs, and freed within seconds of a holder's death (:data:`LEASE_SETTINGS`).
     """
 
     def __init__(self, limit: int, namespace: str, client) -> None:
@@ -81,7 +83,7 @@ class DaskRunBudget:
     """The run's spend, kept by the scheduler: every process adds what it spent and reads the total.
 
     On first use it is seeded with ``seed_spent()`` (what the run's ledgers record, on resume) unless
-    the driver already set it (:func:`set_run_spend`).
+    another process of the run already did.
 
     Checking before each request and adding after it, the spend can pass ``max_cost`` by at most the
     requests in flight at that moment (at most the concurrency limit).
@@ -145,11 +147,6 @@ def ledger_spend(run_dir: str | Path) -> float:
     return RunBudget(1.0, run_dir).spent()
 
 
-def set_run_spend(client, run_dir: str | Path, spent: float) -> None:
-    """Driver: start the run's shared spend at ``spent`` (what earlier sessions spent, from the ledgers)."""
-    _Shared(client, run_namespace(run_dir), "spent").set(float(spent))
-
-
 def reachable_client(connect_timeout: float = 10.0):
     """A client of the scheduler reachable from this process, or ``None``.
 
@@ -172,7 +169,7 @@ def reachable_client(connect_timeout: float = 10.0):
             from distributed import Client
 
             logging.getLogger("distributed").setLevel(logging.ERROR)
-            with dask.config.set({"distributed.scheduler.locks.lease-timeout": LEASE_TIMEOUT}):
+            with dask.config.set(LEASE_SETTINGS):
                 _clients[address] = Client(address, timeout=connect_timeout, set_as_default=False)
         return _clients[address]
 
@@ -204,7 +201,7 @@ def run_limits(run_dir: str | Path | None, concurrency: int, max_cost: float, *,
     import dask
 
     namespace = run_namespace(run_dir)
-    with dask.config.set({"distributed.scheduler.locks.lease-timeout": LEASE_TIMEOUT}):
+    with dask.config.set(LEASE_SETTINGS):
         throttle = DaskRunThrottle(concurrency, namespace, client)
         budget = DaskRunBudget(max_cost, namespace, client, seed_spent=lambda: ledger_spend(run_dir))
     return throttle, budget

@@ -1,0 +1,309 @@
+"""SLURM jobs as the run's Dask workers: their options, the job script, waiting for them, replacing the ones
+that end early, and why a job ended.
+
+``dask_jobqueue`` is imported only when a SLURM cluster is built, and without its SIGINT handler: it
+installs one on import (exiting at once), which would replace the driver's Ctrl-C handling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from cassia_helpers.batch.dask.client import WORKER_PRELOAD, ClusterError, secret_values
+from cassia_helpers.batch.dask.plugin import SLURM_LOG_ENV, THREADS_ENV
+from cassia_helpers.settings import BY_NAME, SETTINGS, SLURM_DEFAULTS, UsageError
+
+log = logging.getLogger("cassia_helpers")
+# Cluster-file key -> setting: every ``--slurm-X`` flag is the file's ``X``; the scheduler's address too.
+FILE_KEYS: dict[str, str] = {
+    **{s.name.removeprefix("slurm_"): s.name for s in SETTINGS if s.name.startswith("slurm_")},
+    "scheduler_host": "scheduler_host",
+}
+_ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+          "BOOT_FAIL", "DEADLINE"}
+
+
+def load_cluster_options(path: str | Path | None = None, overrides: Mapping | None = None) -> dict:
+    """The ``--cluster slurm`` options by file key: a YAML/JSON file's, then ``overrides`` (the flags; a
+    value equal to its setting's default is unset), then the defaults.
+
+    Raises
+    ------
+    ClusterError
+        An unknown option or a value of the wrong type.
+    """
+    options: dict = {}
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ClusterError(f"{path}: cannot read the cluster options ({exc.strerror})") from None
+        if str(path).endswith(".json"):
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ClusterError(f"{path}: expected a mapping of cluster options")
+        options.update(loaded)
+    unknown = sorted((set(options) | set(overrides or {})) - set(FILE_KEYS))
+    if unknown:
+        raise ClusterError(f"unknown cluster option(s): {', '.join(unknown)} (known: {', '.join(FILE_KEYS)})")
+    for key, value in (overrides or {}).items():
+        if value is not None and value != BY_NAME[FILE_KEYS[key]].default:
+            options[key] = value
+    result = {}
+    for key, name in FILE_KEYS.items():
+        setting = BY_NAME[name]
+        value = options.get(key, setting.default)
+        if setting.repeat and isinstance(value, str):
+            value = [value]
+        try:
+            value = setting.check(value)
+        except UsageError as exc:
+            raise ClusterError(f"cluster option {key}: {exc}") from None
+        result[key] = SLURM_DEFAULTS.get(key, value) if value == setting.default else value
+    return result
+
+
+def cluster_options(settings, run_dir: Path | None = None) -> dict:
+    """The run's ``--cluster slurm`` options: ``--cluster-config``'s, then the flags; logs in the run folder."""
+    options = load_cluster_options(settings.cluster_config or None,
+                                   {key: getattr(settings, name) for key, name in FILE_KEYS.items()})
+    if not options["log_directory"] and run_dir is not None:
+        from cassia_helpers.contract import SLURM_LOGS
+
+        options["log_directory"] = str((run_dir / SLURM_LOGS).resolve())
+    return options
+
+
+def _slurm_classes():
+    """``(SLURMCluster, SLURMJob)``, imported with this process's signal handlers kept."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        from dask_jobqueue import SLURMCluster
+        from dask_jobqueue.slurm import SLURMJob
+    except ImportError:
+        raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'cassia-batch[slurm]'") from None
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return SLURMCluster, SLURMJob
+
+
+def _default_host() -> str:
+    """This machine's address on its default route: the one compute nodes reach, not every interface."""
+    from distributed.utils import get_ip
+
+    try:
+        return get_ip()
+    except OSError:
+        return "127.0.0.1"
+
+
+def slurm_cluster(options: Mapping, *, dashboard: bool = False, name: str = "cassia"):
+    """A ``dask_jobqueue.SLURMCluster`` running one dataset per job at a time, not yet scaled.
+
+    Each job is one worker with one thread holding ``cores`` CPUs and ``memory`` for the dataset's kernel;
+    its SLURM name is ``{name}-{slot}``. Secrets reach the jobs through the environment sbatch exports
+    from the driver (its default), never through the job script: a script that would contain the value
+    of a credential-like variable is refused.
+    """
+    cluster_cls, job_cls = _slurm_classes()
+    opts = load_cluster_options(overrides=options)
+
+    class SlotJob(job_cls):
+        """A job named after the run and its slot (the worker's number in the cluster)."""
+
+        def __init__(self, *args, name=None, job_name=None, **kwargs):
+            super().__init__(*args, name=name, job_name=f"{job_name}-{_slot(name)}", **kwargs)
+
+    cores = max(1, int(opts["cores"]))
+    # the job's worker gives its datasets the job's cores (Dask's nanny would cap BLAS/OpenMP threads at 1)
+    prologue = [f"export {THREADS_ENV}={cores}"]
+    if opts["log_directory"]:
+        Path(opts["log_directory"]).mkdir(parents=True, exist_ok=True)
+        folder = shlex.quote(opts["log_directory"])
+        prologue.append(f'export {SLURM_LOG_ENV}={folder}/"$SLURM_JOB_NAME-$SLURM_JOB_ID.err"')
+    host = opts["scheduler_host"] or ("" if opts["interface"] else _default_host())
+    kwargs = {
+        "queue": opts["queue"] or None, "account": opts["account"] or None, "walltime": opts["walltime"],
+        "cores": 1, "processes": 1, "job_cpu": cores, "memory": opts["memory"],
+        "python": opts["python"] or None, "job_script_prologue": [*prologue, *opts["prologue"]],
+        "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"] or None,
+        "local_directory": opts["local_directory"] or None, "log_directory": opts["log_directory"] or None,
+        "worker_extra_args": ["--preload", WORKER_PRELOAD], "job_name": name, "job_cls": SlotJob,
+        "scheduler_options": {"dashboard": dashboard, **({"host": host} if host else {})},
+    }
+    cluster = cluster_cls(**{k: v for k, v in kwargs.items() if v is not None})
+    script = cluster.job_script()
+    leaked = [var for var, value in secret_values().items() if value in script]
+    if leaked:
+        cluster.close()
+        raise ClusterError(f"the SLURM job script would contain the value of {', '.join(leaked)}: "
+                           "remove it from the cluster options (jobs get secrets from the environment)")
+    return cluster
+
+
+def _slot(name) -> int | str:
+    """A worker's slot: the number ending its name (``SLURMCluster-3`` -> 3)."""
+    tail = str(name).rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else tail
+
+
+def _run(command: list[str]) -> str:
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout if out.returncode == 0 else ""
+
+
+def queue_states(job_ids: list[str]) -> dict[str, str]:
+    """``squeue``'s state of each job still in the queue (PENDING, RUNNING, ...); ended jobs are absent."""
+    if not job_ids:
+        return {}
+    out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"])
+    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split(None, 1)) == 2)
+
+
+def job_end(job_id: str, log_path: str = "", *, wait_s: float = 30.0) -> tuple[str, str]:
+    """Why a SLURM job ended, as ``(error, error_type)``: from its state (``scontrol``) and its log file.
+
+    Waits up to ``wait_s`` for the job to leave the running states (its worker is seen dead first).
+    """
+    deadline = time.monotonic() + wait_s
+    state, text = "", ""
+    while True:
+        fields = dict(item.split("=", 1) for item in _run(["scontrol", "-o", "show", "job", job_id]).split()
+                      if "=" in item)
+        state = fields.get("JobState", "")
+        log_path = log_path or fields.get("StdErr", "")
+        try:
+            with open(log_path, "rb") as handle:
+                handle.seek(0, 2)
+                handle.seek(max(0, handle.tell() - 20_000))
+                text = handle.read().decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        if "exceeded memory limit" in text.lower() or state in _ENDED or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    where = f"; its log: {log_path}" if log_path else ""
+    if "exceeded memory limit" in text.lower() or state == "OUT_OF_MEMORY":
+        return (f"SLURM job {job_id} was killed for exceeding its memory limit (raise --slurm-memory){where}",
+                "JobOutOfMemory")
+    if state == "TIMEOUT" or "DUE TO TIME LIMIT" in text:
+        return f"SLURM job {job_id} reached its walltime (raise --slurm-walltime){where}", "JobTimeLimit"
+    if state == "CANCELLED" or "CANCELLED AT" in text:
+        return f"SLURM job {job_id} was cancelled (scancel){where}", "JobCancelled"
+    return f"SLURM job {job_id} ended ({state or 'state unknown'}) while running this dataset{where}", "JobDied"
+
+
+class SlurmJobs:
+    """The run's SLURM jobs: wait for the first to start, and replace jobs that end while datasets wait.
+
+    Parameters
+    ----------
+    cluster, client
+        The ``SLURMCluster`` (already scaled to ``jobs``) and the run's client.
+    options
+        The cluster options (:func:`load_cluster_options`).
+    jobs
+        Jobs the run keeps while datasets are queued.
+    """
+
+    def __init__(self, cluster, client, options: Mapping, jobs: int) -> None:
+        self.cluster, self.client, self.jobs = cluster, client, jobs
+        self.queue = options["queue"] or "the default partition"
+        limit = int(options["replacements"])
+        self.replacements_left = 3 * jobs if limit < 0 else limit
+        self.replaced = 0
+        self._seen: dict = {}  # worker-spec name -> SLURM job id
+        self._last_upkeep = 0.0
+        self._no_worker_since: float | None = None
+
+    def job_ids(self) -> list[str]:
+        ids = []
+        for name, job in list(self.cluster.workers.items()):
+            job_id = getattr(job, "job_id", None)
+            if job_id:
+                self._seen[name] = str(job_id)
+                ids.append(str(job_id))
+        return ids
+
+    def _connected(self) -> int:
+        try:
+            return len(self.client.nthreads())
+        except Exception:  # noqa: BLE001 - the scheduler is busy: count none for now
+            return 0
+
+    def wait_for_workers(self, timeout: float, stop: Callable[[], bool]) -> None:
+        """Return once a worker is connected (or ``stop()``); :class:`ClusterError` after ``timeout`` s."""
+        started = last_note = time.monotonic()
+        log.info("Submitted %d SLURM job(s) to %s; waiting for the first to start (up to %g s, --cluster-timeout)",
+                 self.jobs, self.queue, timeout)
+        while not self._connected() and not stop():
+            states = queue_states(self.job_ids())
+            pending = sum(1 for s in states.values() if s == "PENDING")
+            if time.monotonic() - started > timeout:
+                raise ClusterError(f"no SLURM job started within {timeout:g} s in {self.queue} ({pending} still "
+                                   f"pending, squeue -j {','.join(states) or '-'}); raise --cluster-timeout or "
+                                   "choose another --slurm-queue")
+            if time.monotonic() - last_note >= 15:
+                last_note = time.monotonic()
+                log.info("Waiting for SLURM jobs to start: %d pending in %s", pending, self.queue)
+            time.sleep(1.0)
+
+    def upkeep(self, queued: int, give_up_s: float) -> str | None:
+        """While datasets are queued, replace jobs that ended; a reason to give up on the queued ones, or None.
+
+        Gives up when no worker was connected for ``give_up_s`` seconds, or when jobs ended and no
+        replacement is left.
+        """
+        now = time.monotonic()
+        if self._connected():
+            self._no_worker_since = None
+        else:
+            self._no_worker_since = self._no_worker_since or now
+        if not queued or now - self._last_upkeep < 3.0:
+            return None
+        self._last_upkeep = now
+        alive = queue_states(self.job_ids())
+        ended = [name for name, job_id in self._seen.items()
+                 if job_id not in alive and name in self.cluster.worker_spec]
+        if ended and self.replacements_left > 0:
+            ended = ended[:self.replacements_left]
+            self.replacements_left -= len(ended)
+            self.replaced += len(ended)
+            for name in ended:
+                self._seen.pop(name, None)
+                self.cluster.worker_spec.pop(name, None)
+                self.cluster.workers.pop(name, None)
+            # a replacement gets a slot name never used in this run: Dask forgets a lost worker's name late
+            # (``lost-worker-timeout``) and would then take the replacement for it
+            used = [_slot(n) for n in (*self.cluster.worker_spec, *ended)]
+            self.cluster._i = max([self.cluster._i, *(n + 1 for n in used if isinstance(n, int))])
+            self.cluster.scale(jobs=self.jobs)
+            log.warning("%d SLURM job(s) ended early; submitted %d replacement(s) (%d left)", len(ended),
+                        len(ended), self.replacements_left)
+            self._no_worker_since = None if self._no_worker_since is None else now
+            return None
+        if self._no_worker_since is not None and now - self._no_worker_since > give_up_s:
+            if ended and not alive:
+                return (f"no SLURM job left to run it: {self.replaced} job(s) already replaced "
+                        "(--slurm-replacements); see the logs in the run folder")
+            return f"no SLURM job was running for {give_up_s:g} s in {self.queue} (--cluster-timeout)"
+        return None
