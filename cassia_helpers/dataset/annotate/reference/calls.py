@@ -21,16 +21,14 @@ from typing import Any
 from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.reference.catalog import MarkerReference, ReferenceCellType
 from cassia_helpers.dataset.annotate.reference.expression import (
-    MAX_POPULATION_SHARE,
     MIN_SCORE,
     MIXED_RATIO,
-    CellContext,
     ExpressionCall,
     ExpressionScorer,
     marker_strength,
     subtype_strength,
 )
-from cassia_helpers.dataset.annotate.reference.support import CellSupport
+from cassia_helpers.dataset.annotate.reference.support import CellContext, CellSupport
 
 #: the confidence of a subtype call whose telling markers the data do not measure is at most this
 UNCERTAIN = 35.0
@@ -69,10 +67,8 @@ def annotate_expression(
         row = row_of[cm.cluster]
         same = [c for c, lin in lineage.items() if lin is not None and lin == lineage[cm.cluster]]
         peers = [row_of[c] for c in same if c != cm.cluster]
-        in_lineage = sum(int(profile.n_cells[row_of[c]]) for c in same) or 1
-        population = tuple(same) if profile.n_cells[row] / in_lineage <= MAX_POPULATION_SHARE else None
         call = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers),
-                           cells=CellContext(cells, cm.cluster, population))
+                           cells=CellContext(cells, cm.cluster, tuple(same) or None))
         if call.cell_type is None:
             out.append(ClusterAnnotation.unknown(
                 cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes, "no_match"))

@@ -32,7 +32,7 @@ cells (compared with the cells of the clusters of the same lineage, so the answe
 finely the lineage is cut), among the children whose markers the cluster expresses at all: the child
 carried by at least :data:`CELL_SUPPORT` of the cells that carry some child's signature is taken; two
 children each carried by at least :data:`MIX_SHARE` make the cluster a mixture, called at the parent; when
-the cells cannot tell (the cluster is most of its lineage, or few of its cells carry any signature) the
+the cells cannot tell (few of the cluster's cells carry any subtype's signature) the
 cluster's rule decides. Otherwise the call stays at the more general type, so a call is only as specific
 as the data supports.
 """
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cassia_helpers.dataset.annotate.reference.catalog import MarkerReference, ReferenceCellType
-from cassia_helpers.dataset.annotate.reference.support import CellSupport
+from cassia_helpers.dataset.annotate.reference.support import CellContext
 
 #: a cluster whose best root type scores less is unknown
 MIN_SCORE = 0.08
@@ -74,8 +74,6 @@ MIX_SHARE = 0.25
 MIN_COVERAGE = 0.25
 #: a subtype call is uncertain when this many first telling markers of it or its closest sibling are not measured
 LEADING = 1
-#: a cluster holding more than this share of its lineage's cells is compared with the whole dataset
-MAX_POPULATION_SHARE = 1.0
 #: cap of the mean difference (log scale) counted per marker
 MAX_DELTA = 1.0
 ORDER_SCALE = 10.0
@@ -103,17 +101,6 @@ class ExpressionCall:
     lineage_split: list[tuple[str, float]] = field(default_factory=list)
     #: the most specific markers of the types weighed at the last step that the data do not measure
     unmeasured: list[tuple[str, str]] = field(default_factory=list)  # (gene, type)
-
-
-@dataclass
-class CellContext:
-    """What a call needs to weigh a cluster's cells: the dataset's per-cell scores, the cluster and the
-    clusters of its lineage (``None`` when the cluster is most of its lineage: its cells cannot then be
-    compared with their peers)."""
-
-    support: CellSupport
-    cluster: str
-    population: tuple[str, ...] | None
 
 
 def marker_strength(profile, row: int, peers: list[int] | None = None) -> dict[str, float]:
@@ -345,8 +332,8 @@ class ExpressionScorer:
     def _by_cells(self, options: list[tuple[float, ReferenceCellType, list[tuple[int, str]]]],
                   cells: CellContext) -> tuple[ReferenceCellType | None, float, list[tuple[str, float]]] | None:
         """Decide one step down on the cluster's cells: (child, its share, []) to descend, (None, 0,
-        split) when the cells split between two children, ``None`` when the cells cannot tell (the
-        cluster is most of its lineage, or too few of its cells carry any child's signature)."""
+        split) when the cells split between two children, ``None`` when the cells cannot tell (no
+        population to compare with, or too few of its cells carry any child's signature)."""
         if cells.population is None:
             return None
         by_name = {ct.name: ct for _, ct, _ in options}

@@ -49,6 +49,16 @@ class Support:
         return self.fractions.get(name, 0.0) / self.assigned if self.assigned > 0 else 0.0
 
 
+@dataclass
+class CellContext:
+    """What a call needs to weigh one cluster's cells: the dataset's :class:`CellSupport`, the cluster and
+    the clusters of its lineage (``None``: the cells are not compared, the cluster-level rule decides)."""
+
+    support: CellSupport
+    cluster: str
+    population: tuple[str, ...] | None
+
+
 class CellSupport:
     """Per-cell signature scores of one dataset (log-normalised expression, clusters in ``obs[groupby]``)."""
 
