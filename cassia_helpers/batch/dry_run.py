@@ -14,7 +14,7 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
     cluster_prompt,
 )
 from cassia_helpers.inputs import InputError, check_input
-from cassia_helpers.ledger import PriceTable
+from cassia_helpers.ledger import PriceTable, format_cost
 from cassia_helpers.settings import Settings, context_text
 
 # Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.
@@ -100,10 +100,10 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
                      f"{f'{calls[0]}-{calls[1]}':>11} {f'{tokens[0]:,}-{tokens[1]:,}':>17}")
     lines += ["", f"Estimated API calls: {totals[0]:,}-{totals[1]:,} (before retries; cached answers cost nothing)",
               f"Estimated tokens: {totals[2]:,}-{totals[3]:,}",
-              f"Estimated cost: ${totals[4]:.2f}-${totals[5]:.2f}"
+              f"Estimated cost: {format_cost(totals[4])}-{format_cost(totals[5])}"
               + ("" if price.known or not llm else f" (no known price for {settings.model}: set --price-file)")]
     if settings.max_cost:
-        lines.append(f"Budget (--max-cost): ${settings.max_cost:.2f}")
+        lines.append(f"Budget (--max-cost): {format_cost(settings.max_cost)}")
     if found.skipped:
         lines += ["", "Skipped entries:"] + [f"  {line}" for line in found.skipped]
     if problems:
