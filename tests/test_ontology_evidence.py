@@ -399,7 +399,8 @@ def test_a_dendritic_cluster_called_b_cell_is_contradicted():
         ("luminal epithelial cells", "Breast", "CL:0002326", "tissue"),
         ("Luminal epithelial cell", "", "CL:0000066", "ancestor"),  # no tissue: epithelial cell
         ("Basal epithelial cell", "breast", "CL:0000066", "ancestor"),
-        ("CD56dim NK cell", "blood", "CL:0000623", "ancestor"),
+        ("CD56dim NK cell", "blood", "CL:0000939", "reference"),  # CD16-positive, CD56-dim natural killer cell
+        ("Adaptive NK cells", "blood", "CL:0000623", "ancestor"),
         ("Activated CD4+ T cells", "blood", "CL:0000624", "ancestor"),
         ("T cell", "breast", "CL:0000084", "exact"),  # an exact name is never re-qualified
     ],
