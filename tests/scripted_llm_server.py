@@ -825,6 +825,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.tricky_verdict = False
         self.trickle_headers_s = 0.0
         self.usage_override: dict = {}
+        self.raw_reply: bytes | None = None  # the body of every 200 answer, as it is
         # path -> (status, Location): POSTs to the path are answered with that redirect (counted in ``redirected``)
         self.redirects: dict[str, tuple[int, str]] = {}
         self.redirected = 0
@@ -949,7 +950,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
         self.error_in_body = self.no_choices = False
-        self.trickle_headers_s, self.usage_override, self.redirects = 0.0, {}, {}
+        self.trickle_headers_s, self.usage_override, self.redirects, self.raw_reply = 0.0, {}, {}, None
         self._init_pipeline_faults()
 
     # -- stats --------------------------------------------------------------------------------
@@ -1064,7 +1065,8 @@ class ScriptedLLMServer(_PipelineAgents):
 
         ``hang``: accept the request, never answer. ``trickle_s``: send the body one byte every
         ``trickle_s`` seconds. ``trickle_headers_s``: send the status line and headers one byte every
-        ``trickle_headers_s`` seconds. ``usage_override``: these ``usage`` fields in every 200 answer.
+        ``trickle_headers_s`` seconds. ``usage_override``: these ``usage`` fields in every 200 answer;
+        ``raw_reply``: this body instead.
         On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
         Authorization header appended to the content; ``tricky_verdict`` -> a validator answer that
@@ -1083,6 +1085,10 @@ class ScriptedLLMServer(_PipelineAgents):
             self._note_fault("trickle_headers")
             reply.trickle_head = float(self.trickle_headers_s)
         if reply.status != 200 or not reply.payload:
+            return reply
+        if self.raw_reply is not None:
+            self._note_fault("raw_reply")
+            reply.raw = self.raw_reply
             return reply
         if self.error_in_body:
             self._note_fault("error_in_body")

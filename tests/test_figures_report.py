@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -294,7 +295,13 @@ def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
         table["reasoning"] = table["reasoning"] + " Because " + "the markers agree with the reference " * 20
         table["key_markers"] = "HLA-DRB1,HLA-DQA1,HLA-DPB1,CD74,LYZ,S100A8,S100A9,FCN1,VCAN,CTSS,LST1,AIF1"
         table.to_csv(path, index=False)
-    write_report(run)
+    from cassia_helpers.summary.crossqc import cell_type_table, plot_cell_type_heatmap
+
+    records = [{"dataset": f"Data_Good{j:03d}_Blood", "term_id": f"CL:{i}", "term_name": name, "n_cells": 5 + i}
+               for j in range(2) for i, name in enumerate(CL_NAMES)]
+    plot_cell_type_heatmap(cell_type_table(records=records), run / "cell_types.png")
+    html = write_report(run).read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 2 * 4 + 1  # each dataset's four figures and the heatmap
     for width in (1024, 1400, 1900):
         found = _probe(run, "return [document.documentElement.scrollWidth, window.innerWidth];", width=width)
         assert found[0] <= found[1] == width, f"the page scrolls sideways at {width} px: {found}"
@@ -390,3 +397,188 @@ def test_cell_type_heatmap_is_sized_from_its_long_labels(tmp_path, datasets):
     assert not any(a.overlaps(b) for a, b in zip(rows, rows[1:], strict=False))  # dataset names apart
     with Image.open(png) as image:
         assert image.height >= 300 and image.width >= 500 and image.height < 4000, image.size
+
+
+# --- UMAP labels and colours that do not mislead -----------------------------------------------------------
+
+CROWDED = ["Conventional dendritic cell type 1", "Memory B cell", "Naive CD4+ T cell", "NK cell",
+           "CD14-positive, CD16-negative classical monocyte", "Plasmacytoid dendritic cell", "Platelet",
+           "Effector memory CD8-positive, alpha-beta T cell", "Unknown"]
+
+
+def crowded_umap(seed: int = 3):
+    """Nine cell types in touching blobs of very different sizes, most with long names: where free-moving
+    labels used to end up on a neighbour's cells."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    sizes = [40, 400, 300, 150, 500, 30, 25, 250, 60]
+    centres = np.array([(x, y) for y in (0, 3, 6) for x in (0, 3, 6)], dtype=float)
+    coords = np.concatenate([c + rng.normal(0, 0.6, (n, 2)) for c, n in zip(centres, sizes, strict=True)])
+    types = np.repeat(CROWDED, sizes)
+    adata = ad.AnnData(np.zeros((len(types), 1), dtype=np.float32))
+    adata.obsm["X_umap"] = coords
+    adata.obs["cell_type"] = pd.Categorical(types)
+    adata.obs["leiden"] = pd.Categorical(np.repeat([str(i) for i in range(len(CROWDED))], sizes))
+    return adata
+
+
+def test_umap_labels_sit_on_their_own_cells():
+    from scipy.spatial import cKDTree
+
+    adata = crowded_umap()
+    figure = figures.umap_figure(adata)
+    coords = np.asarray(adata.obsm["X_umap"])
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    clusters = adata.obs["leiden"].astype(str).to_numpy()
+    tree = cKDTree(coords)
+    renderer = figure.canvas.get_renderer()
+    for ax, groups in zip(figure.axes[:2], (types, clusters), strict=True):
+        texts = [t for t in ax.texts if t.get_text()]
+        # every group labelled once (a long name may be broken onto two lines)
+        assert sorted(t.get_text().replace("\n", " ") for t in texts) == sorted(set(groups))
+        for text in texts:
+            name = text.get_text().replace("\n", " ")
+            _, nearest = tree.query(text.get_position(), k=15)
+            own = float(np.mean(groups[nearest] == name))
+            assert own >= 0.7, f"label {name!r} sits on other cells ({own:.0%} of its 15 nearest are its own)"
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "labels overlap"
+
+
+def test_run_palette_keeps_a_dataset_s_colours_apart():
+    from cassia_helpers.palette import MIN_DISTANCE, color_distance
+
+    assert color_distance("#000000", "#000000") == 0 and color_distance("#000000", "#ffffff") > 99
+    assert color_distance("#555522", "#446600") < MIN_DISTANCE  # the two olives the issue saw side by side
+    pool = sorted({*CROWDED, *BLOOD_TYPES, "Astrocyte", "Microglial cell", "Oligodendrocyte", "Fibroblast",
+                   "Endothelial cell", "Pericyte", "Luminal epithelial cell", "Basal cell", "Adipocyte",
+                   "Mast cell", "Macrophage", "Neutrophil", "Regulatory T cell", "Erythrocyte"} - {"Unknown"})
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 10, 15, 20):
+        for _ in range(20):
+            labels = list(rng.choice(pool, n, replace=False))
+            colors = list(run_palette(labels).values())
+            closest = min(color_distance(a, b) for i, a in enumerate(colors) for b in colors[i + 1:])
+            assert closest >= MIN_DISTANCE, (n, labels, closest)
+    # the two types the issue found in the same olive stay apart, and a label alone keeps its hashed colour
+    pair = run_palette(["Memory B cell", "Conventional dendritic cell type 1"])
+    assert color_distance(*pair.values()) >= MIN_DISTANCE
+    alone = run_palette(["Memory B cell"])["Memory B cell"]
+    assert alone == run_palette(["Memory B cell", "Platelet"])["Memory B cell"]
+
+
+# --- QC figure without recorded histograms, dot plot filters, preprocessing without plotting ------------------
+
+def test_qc_figure_without_recorded_histograms_shows_the_cells_kept(tiny):
+    adata = tiny.copy()
+    adata.uns["cassia_batch"] = {"qc": {"min_genes": 120}}  # an h5ad from elsewhere: no distributions
+    figure = figures.qc_figure(adata)
+    for ax in figure.axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert "not recorded" not in texts, ax.get_title()
+        bars = [p for p in ax.patches if p.get_label() == "after QC"]
+        assert len(bars) == 1 and not [p for p in ax.patches if p.get_label() == "before QC"], ax.get_title()
+
+
+def test_dotplot_filters_markers_as_the_run_did(tiny):
+    adata = tiny.copy()
+    clusters = [str(c) for c in adata.obs["leiden"].cat.categories]
+    genes = list(adata.var_names[:2])
+    # per cluster: a weak gene ranked first (log fold change 0.1), a strong one second
+    markers = pd.DataFrame([{"cluster": c, "rank": r, "gene": g, "logfoldchange": lfc, "pval_adj": 0.001}
+                            for c in clusters for r, (g, lfc) in enumerate(zip(genes, (0.1, 2.0), strict=True))])
+
+    def shown(**used):
+        adata.uns["cassia_batch"]["marker_filter"] = used
+        figure = figures.dotplot_figure(adata, markers=markers)
+        return [label.get_text() for label in figure.axes[0].get_xticklabels()]
+
+    assert shown(max_pval_adj=0.05, min_logfc=0.25) == [genes[1]]  # the run's filter: the weak gene is out
+    assert shown(max_pval_adj=0.05, min_logfc=0.05) == genes  # a run with a looser filter shows it
+    assert shown() == [genes[1]]  # no record: the settings' defaults (0.05, 0.25)
+
+
+def test_preprocessing_does_not_import_plotting():
+    code = "import sys, cassia_helpers.dataset.pp; print('cassia_helpers.dataset.figures' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+# --- JupyterLab ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("uid", ["0", "1000"])
+def test_make_lab_opens_the_project_folder_and_runs_as_root(tmp_path, uid):
+    """`make lab`'s command: rooted at the project folder (run folders and notebooks/ both visible), the explore
+    notebook open, and Jupyter's --allow-root exactly when run as root (`id -u` answers as root or not)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (fake / "id").chmod(0o755)
+    done = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--no-browser"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    command = [line for line in done.stdout.splitlines() if "jupyter lab" in line][-1].split()
+    assert ("--allow-root" in command) == (uid == "0")
+    assert "--ServerApp.root_dir=." in command and "--no-browser" in command
+    assert command[-1] == "notebooks/explore_run.ipynb" and (REPO / command[-1]).is_file()
+
+
+def test_explore_opens_the_newest_finished_run(tiny, tmp_path):
+    from cassia_helpers.summary import explore
+
+    run = make_run(tmp_path, tiny)  # run_blood_20260216_151425
+    broken = tmp_path / "run_blood_20260301_090000"  # newer, stopped before its summaries
+    broken.mkdir()
+    (broken / "run_manifest.json").write_text("{}")
+    assert explore.latest_run(tmp_path) == run
+    (run / "batch_summary.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no run has a batch_summary.csv yet"):
+        explore.latest_run(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (CI installs it with `apt-get install -y chromium`)")
+def test_explore_cluster_scores_wrap_between_words(tiny, tmp_path):
+    """The explore notebook's per-cluster table, as Jupyter shows it in a 900 px column: text breaks between
+    words, never a letter per line."""
+    from cassia_helpers.summary import explore
+
+    adata = tiny.copy()
+    table = adata.uns["cassia_batch"]["annotation"]["clusters"]
+    table["reason"] = table["reason"].where(table["reason"] == "", "no valid answer after 3 attempts: " * 3)
+    for i in range(16):  # as many columns as a full pipeline's table (scores, ontology, evidence, levels)
+        table[f"check_{i}"] = f"a few words of check {i}"
+    page = tmp_path / "scores.html"
+    page.write_text(f"<html><body>{explore.cluster_scores(adata).to_html()}</body></html>", encoding="utf-8")
+    found = _probe_page(page, "return Array.prototype.map.call(document.querySelectorAll('td'), function (td) {"
+                              " return [td.textContent.trim(), td.getBoundingClientRect().width]; });", width=900)
+    squeezed = [(text, width) for text, width in found if len(text) > 12 and width < 60]
+    assert not squeezed, squeezed
+
+
+def _probe_page(page: Path, script: str, *, width: int):
+    sys.path.insert(0, str(SCREENSHOT.parent))
+    try:
+        from report_screenshot import probe
+    finally:
+        sys.path.remove(str(SCREENSHOT.parent))
+    return probe(page, script, width=width, height=900)
+
+
+def test_qc_mito_panel_stays_readable_when_every_cell_is_far_below_the_threshold(tiny):
+    """A log-normalised input: mitochondrial shares of a fraction of a percent against max_pct_mt = 20. The
+    panel's axis keeps to the data (bars wider than a pixel) and still names the threshold."""
+    adata = tiny.copy()
+    adata.obs["pct_counts_mt"] = np.random.default_rng(0).uniform(0, 0.6, adata.n_obs)
+    adata.uns["cassia_batch"] = {"qc": {"min_genes": 120, "max_pct_mt": 20.0}}
+    figure = figures.qc_figure(adata)
+    mito = figure.axes[2]
+    figure.canvas.draw()
+    assert mito.get_xlim()[1] < 1.0
+    bar = [p for p in mito.patches if p.get_label() == "after QC"][0].get_window_extent()
+    assert bar.width > 100  # the histogram spans the panel, not a sliver at its left edge
+    assert any("max_pct_mt = 20" in t.get_text() for t in mito.texts)
