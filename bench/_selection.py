@@ -12,7 +12,8 @@ of ``rank_markers`` is turned into the lists sent by ``cluster_markers`` in thre
 Reported per dataset and selection: canonical markers of the true type among the genes sent (the marker
 reference's markers of the type and its parents), ribosomal/mitochondrial/ubiquitous genes sent, and for the
 ``fast`` and ``full`` pipelines against the scripted server: requests, prompt and completion tokens per
-cluster and the calls that agree with the truth (same Cell Ontology term or one on its path).
+cluster and the calls that agree with the truth (same Cell Ontology term or one on its path); and the offline
+reference annotator's correct calls on the same lists (it reads the expression too, so should not move).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def correct(call: str, truth_type: str) -> bool:
 def measure(server, run_pipeline, name, adata, groupby, truth, tissue) -> list[list]:
     import cassia_helpers as ch
     from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
+    from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
     from cassia_helpers.dataset.markers import informative
 
     table = ch.rank_markers(adata, groupby=groupby, n_genes=None, key_added=None)
@@ -96,7 +98,10 @@ def measure(server, run_pipeline, name, adata, groupby, truth, tissue) -> list[l
             total = sum(len(canonical(truth[c.cluster])) for c in clusters) / n
             top = sum(len(canonical(truth[c.cluster]) & set(c.genes[:15])) for c in clusters) / n
             noise = sum(not informative(g) for c in clusters for g in c.genes) / n
-            row = [name, selection, f"{hits:.1f}/{total:.1f}", top, noise]
+            reference = ReferenceAnnotator().annotate(clusters, tissue=tissue, species="human", adata=adata,
+                                                      groupby=groupby)
+            ref_right = sum(correct(r.main_cell_type, truth[r.cluster]) for r in reference)
+            row = [name, selection, f"{hits:.1f}/{total:.1f}", top, noise, f"{ref_right}/{n}"]
             for pipeline in ("fast", "full"):
                 run = run_pipeline(server, clusters, lookup, pipeline=pipeline, concurrency=4,
                                    cache_dir=Path(tmp) / f"c_{selection}_{pipeline}",
@@ -118,6 +123,7 @@ def main(server, run_pipeline, print_table) -> None:
         adata, groupby, truth, tissue = make()
         rows += measure(server, run_pipeline, name, adata, groupby, truth, tissue)
     print_table(rows, ["data", "genes sent", "canonical sent", "canonical in top 15", "ribo/mt/ubiq sent",
+                       "reference correct",
                        "fast req/cl", "fast prompt tok/cl", "fast compl tok/cl", "fast correct",
                        "full req/cl", "full prompt tok/cl", "full compl tok/cl", "full correct"])
     print("canonical sent: mean per cluster of the true type's reference markers (type and parents) among the "

@@ -68,7 +68,7 @@ STRICT: dict[str, tuple[str, ...]] = {
     # sorted CD8+CD45RA+ cells: naive CD8 T cells, or CD8 T cells in general
     "CD8+/CD45RA+ Naive Cytotoxic": ("Naive CD8+ T cell", "CD8+ T cell"),
     # sorted CD56+ cells: NK cells of either subset
-    "CD56+ NK": ("NK cell", "CD56bright NK cell"),
+    "CD56+ NK": ("NK cell", "CD56dim NK cell", "CD56bright NK cell"),
     # sorted CD34+ cells: haematopoietic stem/progenitor cells and committed progenitors
     "CD34+": ("Hematopoietic stem/progenitor cell", "Myeloid progenitor", "Erythroid progenitor"),
     # sorted CD11c+ cells ("Dendritic"): any dendritic-cell call

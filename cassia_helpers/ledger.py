@@ -31,6 +31,10 @@ PENDING, INTERRUPTED, BREAKER_OPEN, NOT_SENT = "pending", "interrupted", "breake
 SENT = (OK, ERROR, INTERRUPTED)
 # Characters per token of the local estimate used when a server reports no usage.
 CHARS_PER_TOKEN = 4
+# No model reads or writes this many tokens in one request: a larger count is not a count. At the highest
+# list prices (~$150 per 1M tokens) no single request can cost more than MAX_REQUEST_COST either.
+MAX_PLAUSIBLE_TOKENS = 10_000_000
+MAX_REQUEST_COST = 10_000.0
 
 # USD per 1M tokens (input, output), from the providers' public price lists (2025).
 # Prices change: override with --price-file or --input-price/--output-price.
@@ -228,18 +232,24 @@ def read_ledger(path: str | Path, *, resolve: bool = True) -> list[dict]:
     return resolve_pending(records) if resolve else records
 
 
+def _plausible(value, most: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
+        return None  # also NaN, which compares False
+    return value
+
+
 def _count(value) -> int:
-    """A token count read back from a ledger line: a whole number >= 0, else 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        return 0
-    return int(value) if 0 <= value <= 1e12 else 0
+    """A token count read back from a ledger line: a whole number from 0 to MAX_PLAUSIBLE_TOKENS, else 0."""
+    value = _plausible(value, MAX_PLAUSIBLE_TOKENS)
+    return 0 if value is None else int(value)
 
 
 def _checked(record: dict) -> dict:
     """A ledger line with numbers a sum can use: a line written by an older version may hold whatever a
-    server sent (text or negative token counts, a negative cost); such a number reads as 0."""
-    cost = record.get("cost")
-    cost = float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) and 0 <= cost < 1e9 else 0.0
+    server sent (text, negative or absurd token counts, the cost computed from them); such a number reads
+    as 0."""
+    cost = _plausible(record.get("cost"), MAX_REQUEST_COST)
+    cost = 0.0 if cost is None else float(cost)
     return dict(record, input_tokens=_count(record.get("input_tokens")),
                 output_tokens=_count(record.get("output_tokens")), cost=cost)
 

@@ -491,6 +491,8 @@ class _PipelineAgents:
                 f"Step 2: Together they indicate {self.fixed_call}.\nFINAL ANNOTATION: {self.fixed_call}")
 
     def pipeline_answer(self, body: dict, agent: str) -> str:
+        if "unusable_checks" in self.reply_styles:
+            return garbage_answer(body)
         if agent == "scorer":
             with self._lock:
                 wrong = self.score_out_of_range > 0
@@ -552,6 +554,7 @@ REPLY_STYLES = (
     "junk_labels",  # the merger's labels hold newlines, CRs, formulas and 300 characters
     "text_only",  # structured output is accepted but ignored: the agents answer in their text formats
     "no_score",  # the scorer judges in words and never gives a score
+    "unusable_checks",  # the annotator and formatter answer well; validator, scorer, boost, merger send garbage
 )
 _VERDICT_TEXT = re.compile(r"^(VALIDATION (?:PASSED|FAILED))\W*\s*(.*)$", re.DOTALL)
 
@@ -822,6 +825,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.tricky_verdict = False
         self.trickle_headers_s = 0.0
         self.usage_override: dict = {}
+        self.raw_reply: bytes | None = None  # the body of every 200 answer, as it is
         # path -> (status, Location): POSTs to the path are answered with that redirect (counted in ``redirected``)
         self.redirects: dict[str, tuple[int, str]] = {}
         self.redirected = 0
@@ -946,7 +950,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
         self.error_in_body = self.no_choices = False
-        self.trickle_headers_s, self.usage_override, self.redirects = 0.0, {}, {}
+        self.trickle_headers_s, self.usage_override, self.redirects, self.raw_reply = 0.0, {}, {}, None
         self._init_pipeline_faults()
 
     # -- stats --------------------------------------------------------------------------------
@@ -1061,7 +1065,8 @@ class ScriptedLLMServer(_PipelineAgents):
 
         ``hang``: accept the request, never answer. ``trickle_s``: send the body one byte every
         ``trickle_s`` seconds. ``trickle_headers_s``: send the status line and headers one byte every
-        ``trickle_headers_s`` seconds. ``usage_override``: these ``usage`` fields in every 200 answer.
+        ``trickle_headers_s`` seconds. ``usage_override``: these ``usage`` fields in every 200 answer;
+        ``raw_reply``: this body instead.
         On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
         Authorization header appended to the content; ``tricky_verdict`` -> a validator answer that
@@ -1080,6 +1085,10 @@ class ScriptedLLMServer(_PipelineAgents):
             self._note_fault("trickle_headers")
             reply.trickle_head = float(self.trickle_headers_s)
         if reply.status != 200 or not reply.payload:
+            return reply
+        if self.raw_reply is not None:
+            self._note_fault("raw_reply")
+            reply.raw = self.raw_reply
             return reply
         if self.error_in_body:
             self._note_fault("error_in_body")
@@ -1190,6 +1199,8 @@ class ScriptedLLMServer(_PipelineAgents):
                 fail = self._validator_seen < self._validator_fails
                 self._validator_seen += 1
             content = styled_validator(body, validator_answer(body, fail), self.reply_styles)
+            if "unusable_checks" in self.reply_styles:
+                content = garbage_answer(body)
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown

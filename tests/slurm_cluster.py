@@ -110,6 +110,12 @@ def start(timeout: float = 240.0) -> None:
     for folder in (STATE / "ctld", STATE / "d", LOGS):
         folder.mkdir(parents=True, exist_ok=True)
     if not _alive(MUNGE_PID):
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():  # Debian's package makes one; a key of our own otherwise
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.write_bytes(os.urandom(1024))
+            key.chmod(0o400)
+            shutil.chown(key, "munge", "munge")
         for folder in (Path("/run/munge"), Path("/var/lib/munge"), Path("/var/log/munge")):
             folder.mkdir(parents=True, exist_ok=True)
             shutil.chown(folder, "munge", "munge")

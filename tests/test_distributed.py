@@ -247,6 +247,40 @@ def test_existing_scheduler_runs_datasets_checks_storage_and_never_reruns_a_dead
     wait_for(lambda: tagged(tag) == [], timeout=15, what="the dead worker's child to die")
 
 
+@pytest.mark.slow
+def test_a_lost_scheduler_keeps_true_statuses_and_names_the_cause(tmp_path):
+    from tests.synthetic import BLOOD_TYPES, make_counts, write
+
+    for seed, name in enumerate(("L1", "L2", "L3")):
+        write(make_counts(150, cell_types=BLOOD_TYPES, seed=60 + seed), tmp_path / "data" / "blood" / f"{name}.h5ad")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    with dask_processes(tmp_path, 1) as address:
+        (scheduler,) = [p for p in tagged(str(tmp_path / "scheduler.json"))
+                        if "dask_scheduler" in " ".join(p.cmdline())]
+        driver = subprocess.Popen(
+            [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(tmp_path / "data"), "--tissues", "blood",
+             "--output-dir", str(tmp_path / "out"), "--annotator", "reference", "--scheduler", address],
+            env=dict(env, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(iter(driver.stdout.readline, "")), daemon=True).start()
+        wait_for(lambda: any("started" in line for line in lines), timeout=180, what="the first dataset to start")
+        scheduler.kill()
+        assert driver.wait(timeout=200) == 1, "".join(lines)
+    text = "".join(lines)
+    (run,) = (tmp_path / "out").iterdir()
+    records = {p.parent.name: json.loads(p.read_text()) for p in run.glob("blood/*/*_status.json")}
+    assert len(records) == 3
+    not_started = [r for r in records.values() if r["error"].startswith("not started")]
+    assert len(not_started) == 2 and {r["status"] for r in not_started} == {"interrupted"}
+    assert all("Dask scheduler" in r["error"] and "was lost" in r["error"] for r in not_started)
+    (ran,) = [r for r in records.values() if not r["error"].startswith("not started")]
+    assert ran["status"] in ("success", "failed", "interrupted") and ran["started_at"]  # what its runner recorded
+    assert (f"Stopped early: the Dask scheduler ({address}) was lost. "
+            f"Resume with: python run_batch.py --resume {run}") in text
+    for name, record in records.items():  # the closing table says what the records say
+        assert any(name in line and record["status"] in line for line in lines)
+
+
 def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -271,6 +305,53 @@ def test_llm_slots_hold_across_workers_for_separate_kernel_processes(client, tmp
         peak = max(peak, level)
     assert peak == 1, f"{peak} requests in flight at once with a limit of 1"
     print(f"kernel import+connect: {min(connects):.2f}-{max(connects):.2f} s")
+
+
+KERNEL_HOLDING_SLOTS = """
+import sys, threading, time
+from cassia_helpers.dataset.annotate.llm.limits import run_limits
+throttle, _ = run_limits(sys.argv[1], 2, 0.0)
+held = threading.Semaphore(0)
+def hold():
+    with throttle.slot():
+        held.release()
+        time.sleep(600)  # a request that never ends: the kernel is killed during it
+for _ in range(2):
+    threading.Thread(target=hold, daemon=True).start()
+held.acquire(); held.acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_kernels_llm_slots_are_free_again_within_seconds(client, tmp_path):
+    # a dataset's kernel holds every run-wide LLM slot in two long requests, then is killed (kill -9)
+    kernel = subprocess.Popen([sys.executable, "-c", KERNEL_HOLDING_SLOTS, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO),
+                                                  CASSIA_DASK_SCHEDULER=client.scheduler.address))
+    assert kernel.stdout.readline().strip() == "holding"
+    throttle, _ = run_limits(tmp_path, 2, 0.0)  # another dataset of the same run
+    time.sleep(8)  # a live kernel keeps its slots however long its requests take
+    got, done = threading.Event(), threading.Event()
+
+    def other_request() -> None:
+        with throttle.slot():
+            got.set()
+            done.wait()
+
+    threading.Thread(target=other_request, daemon=True).start()
+    assert not got.wait(1.0), "a slot was free while the live kernel held both"
+    kernel.kill()
+    kernel.wait()
+    killed = time.monotonic()
+    try:
+        assert got.wait(30)
+        with throttle.slot():  # the second slot too
+            freed_s = time.monotonic() - killed
+    finally:
+        done.set()
+    assert freed_s < 10, f"the dead kernel's slots were held {freed_s:.1f} s"
+    print(f"a killed kernel's LLM slots free again after {freed_s:.1f} s")
 
 
 def test_budget_is_exceeded_by_at_most_the_requests_in_flight(client, tmp_path):
@@ -392,7 +473,7 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
     assert "export CASSIA_DATASET_THREADS=8" in script
     assert "/shared/venv/bin/python -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
     assert "--nthreads 1" in script and "--nworkers" not in script  # one dataset per job
-    assert "#SBATCH -J cassia-dummy-name" in header  # the run's name and the job's slot
+    assert any(line.startswith("#SBATCH -J cassia-") for line in header)  # the run's name, then the slot
     assert "--preload cassia_helpers.batch.dask.plugin" in script
     assert secret not in script and "OPENAI_API_KEY" not in script
 

@@ -350,3 +350,22 @@ def test_requests_per_cluster_meet_the_goal_and_a_rerun_sends_none(llm_env, tmp_
             if mode == "full":
                 assert sum(r.boosted for r in results) == n // 3
                 assert all(r.score is not None and len(r.merged_groupings) == 3 for r in results)
+
+
+def test_unusable_checks_cost_at_most_five_requests_per_cluster_and_are_warned(llm_env, tmp_path):
+    """Good calls, but a validator, scorer, boost agent and merger that answer unusable text: no second
+    round, no second scoring call, the boost ends at its first reply, and the failed steps are warned."""
+    from tests.test_pipeline import CLUSTERS as PIPELINE_CLUSTERS
+    from tests.test_pipeline import pipeline
+
+    llm_env.reply_styles = {"unusable_checks"}
+    run = pipeline(llm_env, tmp_path)
+    results = run.annotate(PIPELINE_CLUSTERS, tissue="blood", species="human")
+    stats = llm_env.stats()
+    assert stats["requests"] <= 5 * len(PIPELINE_CLUSTERS), stats
+    assert stats["by_agent"]["validator"] == stats["by_agent"]["annotator"] == len(PIPELINE_CLUSTERS)
+    assert stats["by_agent"]["scorer"] == len(PIPELINE_CLUSTERS) and stats["by_agent"].get("boost", 0) <= 1
+    assert [r.main_cell_type for r in results[:2]] == ["CD8+ T cell", "B cell"]
+    assert all(r.validated is False and r.score is None for r in results if r.status == "ok")
+    assert any(n.startswith("scoring failed for 4 of 4 clusters") for n in run.notices), run.notices
+    assert any(n.startswith("merging failed for") for n in run.notices), run.notices

@@ -411,9 +411,29 @@ def test_a_kernel_killed_while_connecting_counts_no_call(tmp_path):
 # --------------------------------------------------------------------------- TLS and redirects
 
 
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """Reads a POST, then sends its status line and headers one byte every 0.3 s (a stalling TLS proxy)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        try:
+            for index in range(len(head)):
+                self.wfile.write(head[index:index + 1])
+                self.wfile.flush()
+                if self.server.stopping.wait(0.3):
+                    return
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture
 def self_signed_server(tmp_path):
-    """An HTTPS server on 127.0.0.1 with a self-signed certificate (made with the openssl command)."""
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate (made with the openssl command) that
+    trickles its response headers: ``(base_url, certificate file)``."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -422,23 +442,37 @@ def self_signed_server(tmp_path):
                     str(cert)], check=True, capture_output=True, timeout=60)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.daemon_threads = True
+    server.stopping = threading.Event()
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}/v1"
+    yield f"https://127.0.0.1:{server.server_address[1]}/v1", cert
+    server.stopping.set()
     server.shutdown()
     server.server_close()
 
 
 def test_a_self_signed_certificate_is_named(llm_env, self_signed_server, tmp_path):
-    results = run(tmp_path, clusters=CLUSTERS[:3], base_url=self_signed_server)
+    results = run(tmp_path, clusters=CLUSTERS[:3], base_url=self_signed_server[0])
     assert {r.reason_kind for r in results} == {"certificate"}
     assert re.search(r"certificate verify failed: self.signed certificate", results[0].reason), results[0].reason
     reason = annotation_failure(results)
     assert "TLS certificate was refused" in reason and "Connection error" not in reason
     tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
     assert tracking["total_calls"] == 0 and tracking["not_sent"] == 1  # the first refusal stops the dataset
+
+
+def test_the_deadline_holds_over_tls(llm_env, self_signed_server, monkeypatch, tmp_path):
+    # a trusted certificate (SSL_CERT_FILE, as for a private CA) and headers trickled inside the TLS stream
+    base_url, cert = self_signed_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    start = time.monotonic()
+    results = run(tmp_path, clusters=CLUSTERS[:1], base_url=base_url, timeout=2.0, deadline=2.5, breaker_failures=0)
+    assert time.monotonic() - start < 2.5 + 1.5
+    assert results[0].reason_kind == "timeout" and "deadline" in results[0].reason, results[0].reason
+    assert [r["status"] for r in calls(tmp_path / "ledger.jsonl")] == ["error"]  # sent, then cut
 
 
 def test_a_redirect_to_another_host_is_not_followed(llm_env, tmp_path):
@@ -489,15 +523,26 @@ def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path
     assert 0.5 <= tracking["total_cost"] < 5 and tracking["estimated_calls"] == tracking["total_calls"]
 
 
+@pytest.mark.parametrize("body", [b"[" * 200_000 + b"]" * 200_000, b'{"choices": "x"}', b"12", b"null"])
+def test_a_body_that_is_no_completion_is_a_paid_unreadable_reply(llm_env, tmp_path, body):
+    llm_env.raw_reply = body
+    results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=2)
+    assert {r.reason_kind for r in results} == {"unreadable"}, [r.reason for r in results]
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == llm_env.stats()["requests"] == 4
+    assert all(r["status"] == "error" and r["input_tokens"] > 0 and r["estimated"] for r in records)
+
+
 def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):
     # lines written by an older version that trusted the server
     path = tmp_path / "old.jsonl"
     lines = [dict(status="ok", input_tokens="many", output_tokens=5, cost=0.5, call_id="a"),
              dict(status="ok", input_tokens=-1_000_000, output_tokens=-3, cost=-6.6, call_id="b"),
-             dict(status="ok", input_tokens=10.0, output_tokens=2, cost="x", call_id="c")]
+             dict(status="ok", input_tokens=10.0, output_tokens=2, cost="x", call_id="c"),
+             dict(status="ok", input_tokens=10**15, output_tokens=10**15, cost=1.5e9, call_id="d")]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     tracking = tracking_from_ledgers([path])
-    assert tracking["total_calls"] == 3
+    assert tracking["total_calls"] == 4
     assert (tracking["total_input_tokens"], tracking["total_output_tokens"], tracking["total_cost"]) == (10, 7, 0.5)
 
 

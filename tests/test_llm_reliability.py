@@ -146,3 +146,21 @@ def test_a_step_that_fails_for_most_clusters_is_a_warning_wherever_a_user_reads_
         assert all(x and "\n" not in x and len(x) <= 100 and x[0] not in "=+-@" for x in labels), (column, labels)
     validation = set(pd.read_csv(paths.clusters_csv, dtype=str, keep_default_na=False)["validation"])
     assert validation <= {"confirmed", "not confirmed", ""} and "confirmed" in validation
+
+
+def test_the_shared_llm_batch_stays_within_five_requests_per_cluster_and_reports_validation(shared_batch):
+    """The session's real LLM batch (default pipeline ``full``): requests per cluster within the goal, the
+    cached rerun sends none, and every call says whether the validator confirmed it."""
+    run = shared_batch.runs()["llm"]
+    assert shared_batch.outcome("llm")["returncode"] == 0
+    tables = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in sorted(run.glob("blood/*/*_clusters.csv"))]
+    n_clusters = sum(len(t) for t in tables)
+    assert len(tables) == 2 and n_clusters > 0
+    assert shared_batch.record["llm_stats"]["requests"] / n_clusters <= 5, shared_batch.record["llm_stats"]
+    assert shared_batch.record["llm_rerun_stats"]["requests"] == 0
+    for table in tables:
+        assert set(table["validation"]) <= {"confirmed", "not confirmed"}
+    unconfirmed = sum(t["validation"].eq("not confirmed").sum() for t in tables)
+    results = [json.loads(p.read_text()) for p in run.glob("blood/*/*_result.json")]
+    assert sum(r["unconfirmed_clusters"] for r in results) == unconfirmed
+    assert f"Calls not confirmed by the validator: {unconfirmed}" in (run / "batch_summary.txt").read_text()

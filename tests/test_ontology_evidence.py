@@ -300,7 +300,10 @@ def _notebook_run(server, tmp_path, *, tissue="blood", types=BLOOD_TYPES, pipeli
     ch.annotate_clusters(adata, clusters, annotator=annotator, tissue=tissue, species="human")
     ch.annotate_ontology(adata)
     table = ch.marker_evidence(adata, species="human")
-    summary = dataset_summary_text(adata, DatasetPaths(tmp_path, tissue, "d"), settings)
+    paths = DatasetPaths(tmp_path, tissue, "d")
+    summary = dataset_summary_text(adata, paths, settings)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    ch.write_cluster_table(adata, paths, markers=markers)
     return adata, markers, clusters, table, summary
 
 
@@ -352,6 +355,11 @@ def test_one_implausible_type_for_every_cluster_is_flagged_and_the_summary_says_
     n = len(table)
     assert f"marker evidence: {n} of {n} clusters flagged (contradicted {n}, implausible_for_tissue {n}" in summary
     assert summary.count("    FLAG ") == n
+    written = pd.read_csv(next(tmp_path.rglob("d_clusters.csv")), keep_default_na=False)
+    assert written["evidence_flag"].all()
+    assert set(written["evidence_flag_kind"]) == {"contradicted, implausible_for_tissue"}
+    assert written["evidence_flag_reason"].str.contains("implausible_for_tissue: Hepatocyte").all()
+    assert adata.uns["cassia_batch"]["marker_evidence"]["flags"]["implausible_for_tissue"] == n
     # the validator was given the reference's markers of the call and of the rivals the list points to
     validator = [b for b in llm_env.received if b["_agent"] == "validator"]
     text = json.dumps(validator[0]["messages"])
@@ -417,3 +425,14 @@ def test_reference_note_names_the_called_type_and_its_rivals():
     assert "alternative, Conventional dendritic cell type 2" in note
     assert len(note.split()) < 80  # a few genes per type, not the whole reference
     assert reference_note("Gibberish", [], tissue="blood", species="human") == ""
+
+
+@pytest.mark.parametrize(("gene", "sent"), [
+    ("RPS27", False), ("RPL36AL", False), ("RPLP0", False), ("Rps27", False), ("MT-CO1", False), ("mt-Co1", False),
+    ("MTRNR2L12", False), ("MALAT1", False), ("Eef1a1", False),
+    ("RPS6KA1", True), ("Rps6kb1", True), ("RPN1", True), ("CD3E", True), ("MT1G", True),  # kinases, metallothionein
+])
+def test_which_genes_may_be_sent(gene, sent):
+    from cassia_helpers.dataset.markers import informative
+
+    assert informative(gene) is sent

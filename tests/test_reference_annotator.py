@@ -47,7 +47,7 @@ def raw_json() -> dict:
         ("pbmc", ["MS4A1", "CD79A", "CD79B", "BANK1", "CD19"], {"B cell"}),
         ("blood", ["CD14", "LYZ", "VCAN", "S100A8", "S100A9", "FCN1"], {"Classical monocyte"}),
         ("blood", ["FCGR3A", "MS4A7", "CDKN1C", "LST1", "RHOC"], {"Non-classical monocyte"}),
-        ("pbmc", ["GNLY", "NKG7", "KLRF1", "KLRD1", "PRF1", "NCR1"], {"NK cell"}),
+        ("pbmc", ["GNLY", "NKG7", "KLRF1", "KLRD1", "PRF1", "NCR1"], {"NK cell", "CD56dim NK cell"}),
         ("pbmc", ["FOXP3", "IL2RA", "CTLA4", "CD4", "RTKN2", "IKZF2"], {"Regulatory T cell"}),
         ("pbmc", ["CCR7", "LEF1", "SELL", "CD4", "CD3E", "TCF7"], {"Naive CD4+ T cell"}),
         ("pbmc", ["LILRA4", "CLEC4C", "IL3RA", "TCF4", "IRF7"], {"Plasmacytoid dendritic cell"}),
@@ -444,3 +444,48 @@ def test_the_offline_annotator_does_not_load_the_llm_client():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO).stdout.split()
     assert out[0:2] == ["T", "cell"] and out[-1] == "False"
+
+
+# ---------------------------------------------------------------- expression route: crafted data, known answers
+
+NK_BASE = ["GNLY", "NKG7", "KLRD1", "KLRF1", "NCR1", "TYROBP", "CTSW"]
+PBMC_CRAFTED = {
+    "Naive CD4+ T cell": ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD4", "CD40LG", "CCR7", "LEF1", "SELL", "TCF7"],
+    "Memory CD4+ T cell": ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD4", "CD40LG", "AQP3", "S100A4", "ANXA1",
+                           "KLRB1", "ITGB1"],
+    "Effector memory CD8+ T cell": ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD8A", "CD8B", "CCL5", "GZMH", "CST7",
+                                    "NKG7", "GZMA", "KLRG1"],
+    "B cell": ["MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "CD22"],
+    "Classical monocyte": ["CD14", "LYZ", "FCN1", "S100A8", "S100A9", "VCAN", "CSF1R", "LST1"],
+    "CD56dim NK cell": NK_BASE + ["FCGR3A", "FGFBP2", "SPON2", "PRF1", "GZMB"],
+    "CD56bright NK cell": NK_BASE + ["NCAM1", "XCL1", "XCL2", "KLRC1", "GZMK", "SELL"],
+}
+
+
+def _crafted(types: dict[str, list[str]], n_cells: int = 700, seed: int = 3):
+    import scanpy as sc
+
+    from tests.synthetic import make_counts
+
+    adata = make_counts(n_cells, cell_types=types, seed=seed)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+def _calls(adata, groupby: str, tissue: str = "blood") -> dict[str, ClusterAnnotation]:
+    clusters = [cm(str(c), []) for c in adata.obs[groupby].astype(str).unique()]
+    calls = ReferenceAnnotator().annotate(clusters, tissue=tissue, species="human", adata=adata, groupby=groupby)
+    return {c.cluster: a for c, a in zip(clusters, calls, strict=True)}
+
+
+def test_cd56dim_and_cd56bright_nk_cells_are_told_apart():
+    adata = _crafted(PBMC_CRAFTED)
+    adata.obs["cluster"] = adata.obs["truth"].astype(str)
+    calls = _calls(adata, "cluster")
+    assert calls["CD56dim NK cell"].main_cell_type == "CD56dim NK cell", calls["CD56dim NK cell"].reasoning
+    assert calls["CD56bright NK cell"].main_cell_type == "CD56bright NK cell", calls["CD56bright NK cell"].reasoning
+    # the CL definition of the CD56bright subset is CD16-negative: a CD16 (FCGR3A) cluster is never called so
+    reference = ReferenceAnnotator().reference
+    assert "FCGR3A" in reference.by_name("CD56bright NK cell").absent_markers
+    assert reference.by_name("CD56dim NK cell").cl_id == "CL:0000939"

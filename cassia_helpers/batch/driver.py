@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from cassia_helpers.batch.discovery import Dataset, discover, single_input
 from cassia_helpers.batch.interrupts import Interrupts
+from cassia_helpers.batch.on_dask import Launcher, recorded, run_on_dask
 from cassia_helpers.contract import (
     FAILED,
     INTERRUPTED,
@@ -43,11 +43,9 @@ from cassia_helpers.files import remove_temporary, write_json
 from cassia_helpers.settings import RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
-    from cassia_helpers.batch.dask.tasks import Progress as DaskProgress
     from cassia_helpers.batch.execute import AggregationNotebook
 
 log = logging.getLogger("cassia_helpers")
-Launcher = Callable[[dict, Callable[[], bool]], dict]
 
 
 @dataclass
@@ -215,9 +213,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     if settings.resume is not None:  # check what the folder says before trusting it
         from cassia_helpers.batch.resume import recheck
 
-        manifest["sessions"][-1]["rerun"] = [{"tissue": t, "dataset": d, "reason": r}
-                                             for (t, d), r in recheck(run_dir, datasets).items()]
-        write_json(run_dir / RUN_MANIFEST, manifest)
+        recheck(run_dir, datasets, manifest)
     todo = _pending(run_dir, datasets, result)
     progress = Progress(run_dir, todo, quiet=settings.quiet)
 
@@ -238,7 +234,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                 else:
                     jobs[_task_key(run_dir, dataset)] = (dataset, _job(settings, run_dir, dataset))
             if jobs and not interrupts.event.is_set():
-                run = _run_in_threads if in_process else _run_on_dask
+                run = _run_in_threads if in_process else run_on_dask
                 result.cause = run(settings, run_dir, jobs, launcher, interrupts, progress, finished,
                                    ahead or _nothing) or ""
         except KeyboardInterrupt:
@@ -298,93 +294,7 @@ def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Lau
                     record = future.result()
                 except Exception as exc:  # noqa: BLE001 - a launcher bug fails its dataset, not the batch
                     record = {"status": FAILED, "error": f"{type(exc).__name__}: {exc}", "error_type": "LauncherError"}
-                finished(dataset, _recorded(run_dir, dataset, record))
-
-
-def _run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
-                 progress, finished: Callable[[Dataset, dict], None], ahead: Callable[[], None]) -> str:
-    """Run the jobs as Dask tasks, one per dataset, until done or interrupted; ``ahead()`` once every
-    dataset is on a worker. Returns why the run stopped early (its scheduler was lost), or ``""``."""
-
-    def polled(state: DaskProgress) -> None:
-        progress.poll()
-        if state.queued == 0:
-            ahead()
-
-    from cassia_helpers.batch.dask.client import ClusterError, check_shared_storage, dashboard_link, open_client
-    from cassia_helpers.batch.dask.tasks import DatasetExecutor
-
-    slurm = settings.cluster == "slurm" and not settings.scheduler
-    since = time.time()
-    try:
-        options = None
-        if slurm:
-            from cassia_helpers.batch.dask.slurm import cluster_options
-
-            options = cluster_options(settings, run_dir)
-        with open_client(workers=settings.workers, scheduler=settings.scheduler or None,
-                         cluster=None if settings.scheduler else settings.cluster, cluster_options=options,
-                         cluster_timeout=settings.cluster_timeout, name=f"cassia-{run_dir.name}",
-                         stop=interrupts.event.is_set) as client:
-            if not interrupts.event.is_set():
-                problem = check_shared_storage(client, run_dir)
-                if problem:
-                    raise UsageError(problem)
-            upkeep = None
-            if client.cassia_slurm is not None:
-                upkeep = partial(client.cassia_slurm.upkeep, give_up_s=settings.cluster_timeout)
-            executor = DatasetExecutor(client, upkeep=upkeep)
-            interrupts.on_stop = executor.stop
-            if interrupts.event.is_set():
-                executor.stop()
-            link = dashboard_link(client)
-            if link:
-                log.info("Dask dashboard: %s", link)
-
-            def done(key: str, record: dict) -> None:
-                dataset = jobs[key][0]
-                finished(dataset, _recorded(run_dir, dataset, record, executor.started(key), since=since))
-
-            executor.run_jobs(launcher, {key: job for key, (_, job) in jobs.items()}, on_done=done,
-                              on_progress=polled)
-            return executor.lost
-    except ClusterError as exc:
-        raise UsageError(str(exc)) from None
-    finally:
-        interrupts.on_stop = None
-
-
-def _recorded(run_dir: Path, dataset: Dataset, record: dict, started: dict | None = None, *,
-              since: float = 0.0) -> dict:
-    """The dataset's status record, with where it ran (``started``: its SLURM job and log, start time).
-
-    A record the executor made (a dead worker or job, a stop, a lost scheduler) is written to the status
-    file here: a dead SLURM job's reason comes from the job's state and log; a dataset running when the
-    scheduler was lost keeps the status its runner still records (waited for a while).
-    """
-    paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
-    started = started or {}
-    where = {key: started[key] for key in ("slurm_job_id", "slurm_log") if started.get(key)}
-    if "dataset" in record:
-        if where and any(record.get(key) != value for key, value in where.items()):
-            record = {**record, **where}
-            write_json(paths.status_json, record)
-        return record
-    error, error_type = record.get("error", ""), record.get("error_type", "")
-    if error_type == "SchedulerLost" and not error.startswith("not started"):
-        deadline = time.monotonic() + 60.0
-        while time.monotonic() < deadline:
-            own = read_status(paths)
-            if own and paths.status_json.stat().st_mtime >= since:
-                return own
-            time.sleep(1.0)
-    if error_type == "WorkerDied" and where.get("slurm_job_id"):
-        from cassia_helpers.batch.dask.slurm import job_end
-
-        error, error_type = job_end(where["slurm_job_id"], where.get("slurm_log", ""))
-    duration = time.time() - started["t0"] if started.get("t0") else 0.0
-    return write_status(paths, record.get("status", FAILED), error=error, error_type=error_type,
-                        duration=duration, started_at=started.get("started_at", ""), extra=where)
+                finished(dataset, recorded(run_dir, dataset, record))
 
 
 def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:

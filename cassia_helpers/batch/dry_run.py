@@ -9,11 +9,12 @@ from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.prompts import (
     ANNOTATOR_SYSTEM,
     FORMATTER_SYSTEM,
+    REFERENCE_NOTE_CHARS,
     VALIDATOR_SYSTEM,
     cluster_prompt,
 )
 from cassia_helpers.inputs import InputError, check_input
-from cassia_helpers.ledger import PriceTable
+from cassia_helpers.ledger import PriceTable, format_cost
 from cassia_helpers.settings import Settings, context_text
 
 # Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.
@@ -35,7 +36,8 @@ def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, context: st
     annotator_in = (len(ANNOTATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN
     analysis = OUTPUT_TOKENS["annotator"]
     formatter_in = (len(FORMATTER_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis
-    validator_in = (len(VALIDATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis + OUTPUT_TOKENS["formatter"]
+    validator_in = ((len(VALIDATOR_SYSTEM) + len(prompt) + REFERENCE_NOTE_CHARS) // CHARS_PER_TOKEN + analysis
+                    + OUTPUT_TOKENS["formatter"])
     best_in = annotator_in + formatter_in + validator_in
     best_out = sum(OUTPUT_TOKENS.values())
     # later rounds resend the growing conversation; the formatter may fall back twice
@@ -98,10 +100,10 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
                      f"{f'{calls[0]}-{calls[1]}':>11} {f'{tokens[0]:,}-{tokens[1]:,}':>17}")
     lines += ["", f"Estimated API calls: {totals[0]:,}-{totals[1]:,} (before retries; cached answers cost nothing)",
               f"Estimated tokens: {totals[2]:,}-{totals[3]:,}",
-              f"Estimated cost: ${totals[4]:.2f}-${totals[5]:.2f}"
+              f"Estimated cost: {format_cost(totals[4])}-{format_cost(totals[5])}"
               + ("" if price.known or not llm else f" (no known price for {settings.model}: set --price-file)")]
     if settings.max_cost:
-        lines.append(f"Budget (--max-cost): ${settings.max_cost:.2f}")
+        lines.append(f"Budget (--max-cost): {format_cost(settings.max_cost)}")
     if found.skipped:
         lines += ["", "Skipped entries:"] + [f"  {line}" for line in found.skipped]
     if problems:

@@ -26,8 +26,8 @@ from pathlib import Path
 from cassia_helpers.batch.discovery import Dataset, check_name
 from cassia_helpers.batch.execute import REQUIRED_OUTPUTS
 from cassia_helpers.batch.runner import RUNNER_LOCK
-from cassia_helpers.contract import SUCCESS, DatasetPaths, read_result, read_status
-from cassia_helpers.files import remove_temporary
+from cassia_helpers.contract import RUN_MANIFEST, SUCCESS, DatasetPaths, read_result, read_status
+from cassia_helpers.files import remove_temporary, write_json
 from cassia_helpers.settings import BY_NAME, SETTINGS, UsageError
 
 log = logging.getLogger("cassia_helpers")
@@ -156,10 +156,11 @@ def _busy(folder: Path) -> bool:
     return False
 
 
-def recheck(run_dir: Path, datasets: list[Dataset]) -> dict[tuple[str, str], str]:
+def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tuple[str, str], str]:
     """Before a resumed run: remove left-over temporary files, and set aside the files of every dataset
-    recorded ``success`` that :func:`verify_complete` finds incomplete (it runs again). Returns the reason of
-    each dataset set aside, by ``(tissue, name)``."""
+    recorded ``success`` that :func:`verify_complete` finds incomplete (it runs again). The reasons go to the
+    manifest's last session (``rerun``: tissue, dataset, reason; the run summary lists them) and are returned
+    by ``(tissue, name)``."""
     removed = remove_temporary(run_dir)
     reasons = {}
     for dataset in datasets:
@@ -178,4 +179,7 @@ def recheck(run_dir: Path, datasets: list[Dataset]) -> dict[tuple[str, str], str
             reasons[(dataset.tissue, dataset.name)] = reason
     if removed:
         log.info("Removed %d temporary file(s) left by an interrupted write", len(removed))
+    if manifest.get("sessions"):
+        manifest["sessions"][-1]["rerun"] = [{"tissue": t, "dataset": d, "reason": r} for (t, d), r in reasons.items()]
+        write_json(run_dir / RUN_MANIFEST, manifest)
     return reasons

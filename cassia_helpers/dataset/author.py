@@ -30,7 +30,8 @@ RUN_WRITES: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     "obsm": (frozenset({"X_pca", "X_umap"}), ()),
     "varm": (frozenset({"PCs"}), ()),
     "obsp": (frozenset({"distances", "connectivities"}), ()),
-    "uns": (frozenset({"leiden", "pca", "neighbors", "umap"}), ("cell_type", "leiden_")),
+    "uns": (frozenset({"leiden", "pca", "neighbors", "umap", "hvg", "log1p", "rank_genes_groups"}),
+            ("cell_type", "leiden_")),
 }
 
 

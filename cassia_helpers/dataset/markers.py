@@ -212,7 +212,8 @@ def _single_cluster_markers(adata: ad.AnnData, group: str, n_genes: int | None) 
 #: nuclear pseudogenes (MTRNR2L*), and ubiquitous transcripts that rank high in any cluster with more RNA
 #: (translation elongation factors, thymosins, ferritins, actins, GAPDH, B2M, MALAT1/NEAT1, ...). They say
 #: how many transcripts a cell has, not which type it is, and crowd out the markers that do.
-UNINFORMATIVE_PATTERN = re.compile(r"^(?:RP[SL]\d|RPLP\d|RPSA$|MT-|MTRNR2L\d)", re.IGNORECASE)
+UNINFORMATIVE_PATTERN = re.compile(r"^(?:RP[SL](?!\d+K[AB])\d+[A-Z]{0,2}\d*$|RPLP\d$|RPSA$|MT-|MTRNR2L\d)",
+                                   re.IGNORECASE)  # not the S6 kinases (RPS6KA1, RPS6KB1)
 UBIQUITOUS_GENES = frozenset({
     "MALAT1", "NEAT1", "EEF1A1", "EEF1B2", "EEF1D", "EEF1G", "EEF2", "TPT1", "TMSB4X", "TMSB10", "FTL", "FTH1",
     "ACTB", "ACTG1", "GAPDH", "B2M", "UBA52", "FAU", "PTMA", "HSP90AB1", "PFN1", "MYL6", "NACA", "BTF3",
@@ -248,7 +249,9 @@ def cluster_markers(
     cluster with fewer than 5 passing genes keeps its top ranked informative genes instead (recorded as a
     warning). The full table (every gene) stays in ``markers`` for the CSV and the boost's look-ups.
 
-    Writes ``uns['cassia_batch']['marker_filter']`` (the filters, the ranking and the excluded genes).
+    Writes ``uns['cassia_batch']['marker_filter']``: the filters, the ranking, the genes left out
+    (``excluded``) and how many of them were among the first ``n_top`` of the test's ranking, all clusters
+    together (``n_left_out``).
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
@@ -256,7 +259,7 @@ def cluster_markers(
     sizes = adata.obs[groupby].astype(str).value_counts()
     result = []
     relaxed = []
-    excluded = 0
+    excluded = 0  # left-out genes among the first n_top of the test's ranking
     for cluster, rows in markers.groupby("cluster", sort=False):
         rows = rows.sort_values("rank")
         if informative_only:
@@ -286,7 +289,7 @@ def cluster_markers(
         "n_top": n_top, "max_pval_adj": max_pval_adj, "min_logfc": min_logfc, "min_pct": min_pct,
         "excluded": ("ribosomal (RPS/RPL), mitochondrial (MT-) and ubiquitous genes "
                      f"({', '.join(sorted(UBIQUITOUS_GENES))})" if informative_only else "none"),
-        "excluded_from_top": excluded,
+        "n_left_out": excluded,
     }
     if relaxed:
         warn(adata, f"clusters {', '.join(relaxed)} had fewer than 5 markers passing the filters: "

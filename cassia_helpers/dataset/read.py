@@ -273,7 +273,8 @@ def _counts_choice(adata: AnnData, matrix, profile: dict, source: str, path: Pat
 
 
 def _from_raw(adata: AnnData) -> AnnData:
-    """``adata`` with ``raw.X`` as ``X`` (and ``raw.var`` as ``var`` when raw holds other genes)."""
+    """``adata`` with ``raw.X`` as ``X`` (and ``raw.var`` as ``var`` when raw holds other genes; the columns
+    of ``var`` that ``raw.var`` lacks are kept, empty for the genes ``X`` did not hold)."""
     raw = adata.raw
     if raw.n_vars == adata.n_vars and raw.var_names.equals(adata.var_names):
         adata.X = raw.X.copy()
@@ -284,7 +285,7 @@ def _from_raw(adata: AnnData) -> AnnData:
     return AnnData(
         X=raw.X.copy(),
         obs=adata.obs,
-        var=raw.var.copy(),
+        var=raw.var.join(adata.var[adata.var.columns.difference(raw.var.columns)]),
         uns=dict(adata.uns),
         obsm=dict(adata.obsm),
     )

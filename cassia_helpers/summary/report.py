@@ -22,6 +22,7 @@ import pandas as pd
 
 from cassia_helpers.contract import CELL_TYPES_PNG, REPORT_HTML, RUN_MANIFEST, TOKEN_TRACKING_JSON, DatasetPaths
 from cassia_helpers.files import read_json, write_text
+from cassia_helpers.ledger import format_cost
 from cassia_helpers.palette import UNKNOWN_COLOR, is_no_call, run_palette
 from cassia_helpers.settings import BY_NAME, default
 from cassia_helpers.summary.explore import load_summary
@@ -307,6 +308,8 @@ def render_report(context: dict) -> str:
         undefined=jinja2.StrictUndefined,
     )
     environment.filters["thousands"] = lambda n: f"{int(n):,}" if n is not None else "–"
+    # a cost under a cent keeps its digits (0.0042, not 0.00)
+    environment.filters["usd"] = lambda x: format_cost(float(x or 0.0)).removeprefix("$")
     # one number format per measure, whatever the CSV held (0.917 and 0.7932 both show as 0.92 / 0.79)
     environment.filters["fixed"] = lambda x, digits=0: "–" if x is None else f"{x:.{digits}f}"
     # long dataset names may wrap after "/" and "_" (<wbr> adds no character: search and copy see the name)

@@ -55,7 +55,7 @@ def load_cluster_options(path: str | Path | None = None, overrides: Mapping | No
         if not isinstance(loaded, dict):
             raise ClusterError(f"{path}: expected a mapping of cluster options")
         options.update(loaded)
-    unknown = sorted(set(options) - set(FILE_KEYS))
+    unknown = sorted((set(options) | set(overrides or {})) - set(FILE_KEYS))
     if unknown:
         raise ClusterError(f"unknown cluster option(s): {', '.join(unknown)} (known: {', '.join(FILE_KEYS)})")
     for key, value in (overrides or {}).items():

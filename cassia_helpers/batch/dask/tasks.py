@@ -81,6 +81,8 @@ class DatasetExecutor:
 
     def started(self, key: str) -> dict:
         """Where and when a dataset started (:func:`~cassia_helpers.batch.dask.plugin.start_info`), or ``{}``."""
+        if self.lost:
+            return {}
         try:
             info = self.client.get_metadata([self._started_prefix, key], None)
         except Exception:  # noqa: BLE001 - the scheduler is gone: nothing is known

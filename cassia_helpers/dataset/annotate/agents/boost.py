@@ -1,10 +1,11 @@
 """The annotation boost: a weak call re-examined with gene look-ups in the cluster's full differential
 expression, for a bounded number of rounds, then a revised structured answer.
 
-Calls per boosted cluster are bounded whatever the model says: ``rounds`` boost calls, one more to force a
-conclusion when none came, then the formatter (its fallbacks only on refused formats) only when the conclusion
-carries no readable JSON answer of its own. The re-scoring and the
-choice of the answer kept are the pipeline's (:mod:`cassia_helpers.dataset.annotate.agents.pipeline`).
+Calls per boosted cluster are bounded whatever the model says: ``rounds`` boost calls (a reply that neither
+asks for genes nor concludes ends the boost), one more to force a conclusion when none came, then the
+formatter (its fallbacks only on refused formats) only when the conclusion carries no readable JSON answer of
+its own. The re-scoring and the choice of the answer kept are the pipeline's
+(:mod:`cassia_helpers.dataset.annotate.agents.pipeline`).
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotatio
                 result.turns.append({"agent": f"gene look-up (round {round_number})", "content": answer})
                 conversation.append({"role": "user", "content": answer})
             else:
-                conversation.append({"role": "user", "content": "Your feedback: ask for genes inside "
-                                     "<check_genes>...</check_genes> or conclude with FINAL ANNOTATION: <type>."})
+                # neither a gene request nor a conclusion: unusable text is not asked about again
+                result.reason = "the boost agent's reply neither asked for genes nor concluded"
+                return result
         if not conclusion:
             result.reason = f"the boost agent did not conclude in {result.calls} calls"
             return result

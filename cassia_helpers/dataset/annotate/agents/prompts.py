@@ -71,6 +71,11 @@ def cluster_prompt(markers: ClusterMarkers, *, tissue: str, species: str, contex
     return "\n".join(lines)
 
 
+#: typical size in characters of the :func:`reference_check` note (the called type and two rivals, six genes
+#: each), for estimates made before any data is read
+REFERENCE_NOTE_CHARS = 400
+
+
 def _prompt_field(prompt: str, name: str) -> str:
     """A ``Name: value`` line of a :func:`cluster_prompt` message."""
     for line in prompt.splitlines():

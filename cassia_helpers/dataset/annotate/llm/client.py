@@ -325,7 +325,8 @@ class LLMClient:
             except openai.APIConnectionError as exc:
                 certificate = certificate_problem(exc)
                 if certificate:
-                    message = f"the TLS certificate of {self.endpoint} was refused ({certificate})"
+                    message = (f"the TLS certificate of {self.endpoint} was refused ({certificate}); for a "
+                               "private certificate authority, give its certificate file in SSL_CERT_FILE")
                     done(ERROR, message)
                     raise self._fatal_error(message, "certificate") from None
                 message = safe_message(exc)

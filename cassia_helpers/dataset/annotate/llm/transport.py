@@ -17,6 +17,7 @@ carry a credential). Retries, the cache, the ledger and the run's limits are :mo
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 import ssl
@@ -27,16 +28,22 @@ from collections.abc import Callable
 import openai
 
 from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets
-from cassia_helpers.ledger import estimate_tokens
+from cassia_helpers.ledger import MAX_PLAUSIBLE_TOKENS, estimate_tokens
 
-try:  # the HTTP library under the ``openai`` client: httpx2 in recent releases, httpx before
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - older openai releases
-    import httpx as _http
+
+def _http_library():
+    """The HTTP library under the ``openai`` client (httpx2 in recent releases, httpx before), whose
+    limits, hooks and errors :func:`http_client` and :func:`post_chat` use."""
+    for base in openai.DefaultHttpxClient.__mro__:
+        root = base.__module__.partition(".")[0]
+        if root in ("httpx2", "httpx"):
+            return importlib.import_module(root)
+    raise ImportError(f"openai {openai.__version__}: no httpx-compatible client found")
+
+
+_http = _http_library()
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read to the end
-# No model reads or writes this many tokens in one request; a count above it is not a count.
-MAX_PLAUSIBLE_TOKENS = 10_000_000
 
 
 class DeadlineExceeded(Exception):
@@ -119,8 +126,8 @@ def _refuse_redirect(response) -> None:
     """Response hook: a redirect is followed only to the same scheme, host and port, keeping the request.
 
     A 307/308 to the same origin keeps the method and the body (e.g. a path with a trailing slash). Any
-    other redirect is refused with its target named: to another host it would carry the prompts (and
-    the key) where the run's provenance does not say, and 301/302/303 turn the POST into a GET.
+    other redirect is refused with its target named: to another host it would carry the prompts where
+    the run's provenance does not say, and 301/302/303 turn the POST into a GET.
     """
     if not response.has_redirect_location:
         return
@@ -226,7 +233,10 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
         _current.exchange = None
     if not exchange.sent and on_send is not None:
         on_send()  # a transport without the trace hook: the reply proves the request left
-    return json.loads(b"".join(chunks)), size
+    try:
+        return json.loads(b"".join(chunks)), size
+    except RecursionError:  # e.g. a body of 100,000 nested brackets
+        raise ValueError("reply body nested too deeply to be a chat completion") from None
 
 
 def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
