@@ -19,7 +19,6 @@ from cassia_helpers.dataset.annotate.llm.limits import SCHEDULER_ENV
 
 PLUGIN_NAME = "cassia-worker-setup"
 THREADS_ENV = "CASSIA_DATASET_THREADS"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 # Set by a SLURM job's script: the job's log file, recorded with each dataset the job runs.
 SLURM_LOG_ENV = "CASSIA_SLURM_LOG"
 
@@ -43,6 +42,8 @@ def apply_dataset_threads() -> None:
     Dask's nanny caps BLAS/OpenMP threads at 1 in its worker's environment, which the dataset's kernel
     would inherit.
     """
+    from cassia_helpers.batch.runner import THREAD_VARIABLES  # here: the runner's package imports this module
+
     threads = os.environ.get(THREADS_ENV, "")
     if threads.isdigit() and int(threads) > 0:
         for name in THREAD_VARIABLES:
