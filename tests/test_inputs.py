@@ -817,3 +817,13 @@ def test_var_columns_survive_when_raw_holds_more_genes(tmp_path):
     assert read.n_vars == 400  # every raw gene, with the columns only X's genes had
     assert read.var.loc[adata.var_names, "chromosome"].eq("chr1").all()
     assert read.var.loc[adata.var_names, "author_highly_variable"].astype(bool).all()
+
+
+def test_a_manifest_from_before_context_file_is_migrated_explicitly(tmp_path):
+    from cassia_helpers.batch.resume import MIGRATIONS, manifest_analysis
+    from cassia_helpers.settings import Settings
+
+    analysis = Settings(annotator="reference", min_genes=50).values()
+    del analysis["context_file"]  # the versions before --context-file did not write it
+    migrated = manifest_analysis({"analysis": analysis}, tmp_path / "run_manifest.json")
+    assert migrated["context_file"] == "" and migrated["min_genes"] == 50 and MIGRATIONS["context_file"] is None

@@ -163,7 +163,8 @@ def test_a_full_disk_fails_the_dataset_and_never_crashes_the_driver(blood_dir, t
     # 1 MiB holds the run's small records but not the dataset's h5ad and figures
     script = ('mount -t tmpfs -o size=1m tmpfs "$0" && "$1" "$2" --data-dir "$3" --tissues blood --output-dir "$0" '
               '> "$0/../stdout" 2> "$0/../stderr"; echo "exit=$?" > "$0/../code"; '
-              'cat "$0"/run_*/batch_summary.csv > "$0/../summary.csv" 2>/dev/null; true')
+              'cat "$0"/run_*/batch_summary.csv > "$0/../summary.csv" 2>/dev/null; '
+              'find "$0" -name ".*.tmp" > "$0/../leftovers"; true')
     subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(out),
                     sys.executable, str(REPO / "run_batch.py"), str(blood_dir)],
                    env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600, check=True)
@@ -171,6 +172,7 @@ def test_a_full_disk_fails_the_dataset_and_never_crashes_the_driver(blood_dir, t
     assert (tmp_path / "code").read_text().strip() == "exit=1", err
     assert "Traceback" not in err
     assert "failed" in err and "No space left on device" in err
+    assert (tmp_path / "leftovers").read_text() == ""  # no temporary file fills the disk for the next dataset
 
 
 def _cellxgene_like(seed: int):
