@@ -11,7 +11,7 @@ from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator, parse_answer
 from cassia_helpers.dataset.annotate.agents.replies import read_groupings, read_score, read_verdict
 from cassia_helpers.ledger import read_ledger
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, llm_annotator
 
 CLUSTERS = [
     ClusterMarkers("0", ["CD3E", "CD8A", "CD8B", "GZMK", "CCL5"], n_cells=120),
@@ -26,7 +26,7 @@ def annotator(server, tmp_path: Path, name: str = "ledger", **options) -> LLMAnn
     settings = dict(model="scripted-model", base_url=server.base_url, cache_dir=str(tmp_path / "cache"),
                     ledger_path=tmp_path / f"{name}.jsonl", dataset="pbmc", tissue="blood", concurrency=4)
     settings.update(options)
-    return LLMAnnotator(**settings)
+    return llm_annotator(**settings)
 
 
 def sent(records: list[dict]) -> list[dict]:
