@@ -30,11 +30,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
-# JupyterLab with this project's environment as a named kernel ("cassia-batch")
+# JupyterLab with this project's environment as a named kernel ("cassia-batch"), rooted at the project folder
+# so the run folders (executed notebooks, h5ad files, report.html) open beside notebooks/; it opens the
+# explore notebook. Jupyter refuses to run as root unless told: as root (containers, cloud VMs) it gets
+# --allow-root. LAB_ARGS passes more options, e.g. `make lab LAB_ARGS="--no-browser --port 8890"`.
+LAB_ARGS ?=
+LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm,lab]'
 	$(BIN)/python -m ipykernel install --user --name cassia-batch --display-name "cassia-batch"
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. $(LAB_ARGS) notebooks/explore_run.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

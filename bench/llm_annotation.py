@@ -36,6 +36,7 @@ Usage::
 
     python bench/llm_annotation.py
     python bench/llm_annotation.py --latency 0.5 --clusters 60 --llm-concurrency 16 --markers synthetic
+    python bench/llm_annotation.py --selection    # the marker selections compared (bench/_selection.py)
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def run(server, clusters, *, concurrency: int, cache_dir: Path, ledger: Path, mo
 
 
 def run_pipeline(server, clusters, lookup, *, pipeline: str, concurrency: int, cache_dir: Path, ledger: Path,
-                 model: str):
+                 model: str, tissue: str = "blood"):
     from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
     from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
     from cassia_helpers.ledger import read_ledger
@@ -134,7 +135,7 @@ def run_pipeline(server, clusters, lookup, *, pipeline: str, concurrency: int, c
                              cache_dir=str(cache_dir), ledger_path=ledger)
     runner = AnnotationPipeline(annotator, PipelineSettings(pipeline=pipeline), lookup=lookup)
     start = time.perf_counter()
-    results = runner.annotate(clusters, tissue="blood", species="human")
+    results = runner.annotate(clusters, tissue=tissue, species="human")
     wall = time.perf_counter() - start
     return {"wall": wall, "stats": server.stats(), "ledger": read_ledger(ledger), "results": results}
 
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt-4o-mini", help="model name sent (prices from the ledger table)")
     parser.add_argument("--pipelines", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the fast and full pipelines")
+    parser.add_argument("--selection", action="store_true",
+                        help="only compare the marker selections (see bench/_selection.py): canonical markers sent, "
+                             "requests, tokens and correct calls, fast and full, on PBMC and synthetic tissues")
     args = parser.parse_args(argv)
 
     os.environ["OPENAI_API_KEY"] = "sk-bench-dummy"
@@ -187,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     from tests.scripted_llm_server import ScriptedLLMServer
 
     _common.print_machine()
+    if args.selection:
+        import _selection
+
+        with ScriptedLLMServer(latency=0.0) as server:
+            _selection.main(server, run_pipeline, _common.print_table)
+        return 0
     clusters, source, lookup = (pbmc_clusters if args.markers == "pbmc" else synthetic_clusters)(args.clusters)
     n = len(clusters)
     print(f"clusters: {n} from {source}; markers per cluster: "

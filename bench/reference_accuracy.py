@@ -1,6 +1,7 @@
 """Accuracy of the offline reference annotator on scanpy's bundled PBMC 68k subset and a synthetic brain set.
 
-Run with ``python bench/reference_accuracy.py`` (offline: the PBMC data ship with scanpy).
+Run with ``python bench/reference_accuracy.py`` (offline: the PBMC data ship with scanpy); it ends with the
+stability table of ``bench/reference_stability.py`` (``--stability-only``, ``--save FILE``, ``--before FILE``).
 
 Measurements on ``sc.datasets.pbmc68k_reduced()`` (700 cells, 765 genes, ``.raw`` log-normalised), the
 annotator scoring each group on the expression of the reference markers (``adata=`` given):
@@ -67,7 +68,7 @@ STRICT: dict[str, tuple[str, ...]] = {
     # sorted CD8+CD45RA+ cells: naive CD8 T cells, or CD8 T cells in general
     "CD8+/CD45RA+ Naive Cytotoxic": ("Naive CD8+ T cell", "CD8+ T cell"),
     # sorted CD56+ cells: NK cells of either subset
-    "CD56+ NK": ("NK cell", "CD56bright NK cell"),
+    "CD56+ NK": ("NK cell", "CD56dim NK cell", "CD56bright NK cell"),
     # sorted CD34+ cells: haematopoietic stem/progenitor cells and committed progenitors
     "CD34+": ("Hematopoietic stem/progenitor cell", "Myeloid progenitor", "Erythroid progenitor"),
     # sorted CD11c+ cells ("Dendritic"): any dendritic-cell call
@@ -173,8 +174,29 @@ BRAIN_TRUTH: dict[str, str] = {
 }
 
 
-def synthetic_brain(n_cells: int = 1600, seed: int = 0):
-    """Counts for BRAIN_TRUTH's types from the reference's cited markers (see above)."""
+# A third tissue for the stability table: a synthetic breast set built the same way, except for two
+# populations with fixed programmes (BREAST_FIXED): CD8+ T cells of which only CD3D is a marker of the
+# "T cell" root, and basal cells expressing none of the root epithelial markers (which the luminal cells
+# do express): the lineage can only be seen through the subtypes' markers.
+BREAST_TRUTH: dict[str, str] = {
+    "Hormone-sensing luminal cell": "CL:4033058",
+    "Luminal progenitor cell": "CL:4033057",
+    "Basal/myoepithelial cell": "CL:0002324",
+    "Fibroblast": "CL:0000057",
+    "Endothelial cell": "CL:0000115",
+    "Macrophage": "CL:0000235",
+    "CD8+ T cell": "CL:0000625",
+}
+BREAST_FIXED: dict[str, list[str]] = {
+    "CD8+ T cell": ["CD3D", "CD8A", "CD8B", "GZMK", "CCL5", "CST7", "GZMH"],
+    "Basal/myoepithelial cell": ["KRT5", "KRT14", "TP63", "KRT17", "OXTR", "MYLK", "ACTA2"],
+}
+
+
+def synthetic_tissue(truth_types: dict[str, str], n_cells: int = 1600, seed: int = 0,
+                     fixed: dict[str, list[str]] | None = None):
+    """Counts for ``truth_types`` from the reference's cited markers (each type and its parent, see above);
+    the types in ``fixed`` express exactly the genes listed."""
     import anndata as ad
     import scipy.sparse as sp
 
@@ -183,19 +205,21 @@ def synthetic_brain(n_cells: int = 1600, seed: int = 0):
     ref = load_reference()
     rng = np.random.default_rng(seed)
     programme = {}
-    for name in BRAIN_TRUTH:
+    for name in truth_types:
         markers = list(ref.by_name(name).markers)
         parent = ref.by_name(name).parent
         if parent is not None:
             markers += list(ref.by_name(parent).markers)
         keep = rng.choice(len(markers), max(3, int(0.5 * len(markers))), replace=False)
         programme[name] = {markers[i]: float(rng.uniform(3, 12)) for i in sorted(keep)}
+        if fixed and name in fixed:
+            programme[name] = {gene: float(rng.uniform(3, 12)) for gene in fixed[name]}
     marker_genes = sorted({g for p in programme.values() for g in p})
     genes = marker_genes + [f"BG{i}" for i in range(2000)]
     base = rng.lognormal(0.0, 1.2, len(genes))
     base /= base.sum()
     index = {g: i for i, g in enumerate(genes)}
-    labels = rng.choice(list(BRAIN_TRUTH), n_cells, p=None)
+    labels = rng.choice(list(truth_types), n_cells, p=None)
     rows = []
     for label in labels:
         profile = base.copy()
@@ -208,13 +232,29 @@ def synthetic_brain(n_cells: int = 1600, seed: int = 0):
     return adata
 
 
-def brain_accuracy(annotator: ReferenceAnnotator) -> tuple[float, float]:
-    """Cell-level (exact-or-ancestor CL term, lineage) accuracy on the synthetic brain set's leiden clusters."""
-    adata = synthetic_brain()
+def synthetic_brain(n_cells: int = 1600, seed: int = 0):
+    """The synthetic brain set (BRAIN_TRUTH's types)."""
+    return synthetic_tissue(BRAIN_TRUTH, n_cells, seed)
+
+
+def prepared(adata):
+    """Log-normalised, ``.raw`` set, PCA (30 components) computed: what the clustering runs on."""
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
     adata.raw = adata
     sc.pp.pca(adata, n_comps=30, random_state=0)
+    return adata
+
+
+def term_correct(truth_types: dict[str, str]):
+    """A call is right when its CL term is the truth's."""
+    onto = load_cell_ontology()
+    return lambda call, truth: onto.match(call).term_id == truth_types[truth]
+
+
+def brain_accuracy(annotator: ReferenceAnnotator) -> tuple[float, float]:
+    """Cell-level (exact-or-ancestor CL term, lineage) accuracy on the synthetic brain set's leiden clusters."""
+    adata = prepared(synthetic_brain())
     sc.pp.neighbors(adata, random_state=0)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=0.5, random_state=0)
     clusters = cluster_markers(adata, "leiden")
@@ -244,7 +284,43 @@ def brain_accuracy(annotator: ReferenceAnnotator) -> tuple[float, float]:
     return float(exact.mean()), float(lineage.mean())
 
 
-def main() -> int:
+def stability_datasets() -> list:
+    """The stability table's datasets (see bench/reference_stability.py)."""
+    from bench.reference_stability import Dataset
+
+    def pbmc():
+        adata = sc.datasets.pbmc68k_reduced()
+        adata.obs["truth"] = adata.obs["bulk_labels"].astype(str)
+        return adata
+
+    return [
+        Dataset("pbmc68k_reduced (bulk_labels, accepted mapping)", "pbmc", pbmc,
+                lambda call, truth: call in ACCEPTED[truth], use_raw=True),
+        Dataset("synthetic brain (CL term)", "brain", lambda: prepared(synthetic_brain()),
+                term_correct(BRAIN_TRUTH)),
+        Dataset("synthetic breast (CL term)", "breast",
+                lambda: prepared(synthetic_tissue(BREAST_TRUTH, fixed=BREAST_FIXED)),
+                term_correct(BREAST_TRUTH)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stability-only", action="store_true", help="print only the stability table")
+    parser.add_argument("--save", help="write every stability run's per-cell labels to this JSON file")
+    parser.add_argument("--before", help="a file written by --save: print accuracy before/after per run")
+    args = parser.parse_args(argv)
+    if not args.stability_only:
+        accuracy()
+    from bench.reference_stability import stability
+
+    stability(stability_datasets(), save=args.save, before=args.before)
+    return 0
+
+
+def accuracy() -> None:
     adata = sc.datasets.pbmc68k_reduced()
     truth = adata.obs["bulk_labels"].astype(str)
     annotator = ReferenceAnnotator(species="human")
@@ -308,7 +384,7 @@ def main() -> int:
           "right for most of its cells)")
     print()
     brain_accuracy(annotator)
-    return 0
+    print()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 # public name -> module that defines it (relative to this package)
 _EXPORTS = {
     "Settings": ".settings",
+    "context_text": ".settings",
     "DatasetPaths": ".contract",
     "InputError": ".dataset.read",
     "read_dataset": ".dataset.read",
@@ -44,7 +45,7 @@ _SUBMODULES = {"pp": ".dataset.pp", "figures": ".dataset.figures", "explore": ".
 
 __all__ = [
     "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
-    "annotate_ontology", "annotate_subclusters", "marker_evidence",
+    "annotate_ontology", "annotate_subclusters", "context_text", "marker_evidence",
     "cluster_markers", "explore", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
     "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
     "write_result", "write_summary",
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
         write_summary,
     )
     from cassia_helpers.dataset.read import InputError, read_dataset
-    from cassia_helpers.settings import Settings
+    from cassia_helpers.settings import Settings, context_text
     from cassia_helpers.summary import explore
 
 

@@ -156,6 +156,9 @@ class DatasetPaths:
         return self._file("_progress.jsonl")
 
 
+# The environment variable that tells a dataset's kernel where to append its progress (``progress_jsonl``).
+PROGRESS_ENV = "CASSIA_PROGRESS_FILE"
+
 
 def task_record(key: str, status: str, error: str, error_type: str) -> dict:
     """The record of a dataset whose task could not produce its own status (the driver writes it)."""

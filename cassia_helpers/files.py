@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 _umask_lock = threading.Lock()
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# A cell starting with one of these is always read as a formula (or hides one) by spreadsheet programs.
+FORMULA_PREFIXES = ("=", "@", "\t", "\r")
+# A cell starting with a sign is a formula only with formula syntax after it (a function call, a DDE or
+# sheet reference, a comparison): "-rf", "+5" or "-2.5" stay as written and read back unchanged.
+SIGN_PREFIXES = ("+", "-")
+FORMULA_SYNTAX = frozenset('()|!=@"')
 
 
 def current_umask() -> int:
@@ -57,6 +62,20 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def remove_temporary(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_path` left in ``folder`` (``.{name}.*.tmp``: a write cut short
+    by a killed process); return them. Only a folder no writer is using may be cleaned."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        try:
+            if path.is_file():
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
 def write_text(target: str | Path, text: str) -> None:
     """Write text atomically (UTF-8)."""
     with atomic_path(target) as tmp:
@@ -79,9 +98,13 @@ def write_csv(target: str | Path, table: Any) -> None:
 
 
 def csv_safe(value: object) -> object:
-    """A CSV cell that a spreadsheet will not run as a formula: text starting with ``= + - @``, a tab or a
-    carriage return gets a leading apostrophe. Numbers and other non-text values are returned as they are."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+    """A CSV cell that a spreadsheet will not run as a formula: text starting with ``=`` or ``@``, a tab or a
+    carriage return, or with ``+``/``-`` followed by formula syntax (``( ) | ! = @ "``, as in
+    ``-cmd|' /C calc'!A0``) gets a leading apostrophe. Other text (``-rf``, ``+5``, ``CD8+``) is written as
+    it is, so it reads back unchanged; numbers and other non-text values are returned as they are."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(FORMULA_PREFIXES) or (value.startswith(SIGN_PREFIXES) and FORMULA_SYNTAX & set(value)):
         return "'" + value
     return value
 

@@ -4,10 +4,12 @@ Each dataset's kernel appends to ``{dataset}_llm_calls.jsonl``; the aggregation 
 files into the run's ``token_tracking.json``. Cache hits are recorded too (``status="cache_hit"``, no
 tokens, no cost) but are not API calls.
 
-The ledger is written ahead: a ``pending`` line (with an estimated input size) goes to disk before a
-request is sent, and a final line with the same ``call_id`` when its reply (or error) arrives. A request
-left pending by an interrupt or a killed kernel is read back as ``interrupted``: counted as sent, with
-its estimated tokens marked ``estimated``, so the number of calls equals what the server received.
+The ledger is written ahead: a ``pending`` line (with an estimated input size) goes to disk just before
+the request's first byte leaves, and a final line with the same ``call_id`` when its reply (or error)
+arrives. A request left pending by an interrupt or a killed kernel is read back as ``interrupted``:
+counted as sent, with its estimated tokens marked ``estimated``. A request that never left (a refused
+connection, an untrusted certificate, Ctrl-C while connecting) has no pending line and ends ``not_sent``,
+which is not a call: the number of calls equals what the server received.
 When a server reports no ``usage`` the tokens are estimated locally (characters / 4: no tokenizer that
 works offline is available) and the record says ``estimated: true``.
 """
@@ -15,6 +17,7 @@ works offline is available) and the record says ``estimated: true``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections import defaultdict
@@ -23,11 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 OK, ERROR, CACHE_HIT, SKIPPED_BUDGET = "ok", "error", "cache_hit", "budget"
-PENDING, INTERRUPTED, BREAKER_OPEN = "pending", "interrupted", "breaker_open"
+PENDING, INTERRUPTED, BREAKER_OPEN, NOT_SENT = "pending", "interrupted", "breaker_open", "not_sent"
 # Statuses of requests that reached (or may have reached) the server: they count as calls.
 SENT = (OK, ERROR, INTERRUPTED)
 # Characters per token of the local estimate used when a server reports no usage.
 CHARS_PER_TOKEN = 4
+# No model reads or writes this many tokens in one request: a larger count is not a count. At the highest
+# list prices (~$150 per 1M tokens) no single request can cost more than MAX_REQUEST_COST either.
+MAX_PLAUSIBLE_TOKENS = 10_000_000
+MAX_REQUEST_COST = 10_000.0
 
 # USD per 1M tokens (input, output), from the providers' public price lists (2025).
 # Prices change: override with --price-file or --input-price/--output-price.
@@ -141,6 +148,7 @@ class Ledger:
         self._lock = threading.Lock()
         self.records: list[CallRecord] = []
         self._pending: dict[str, CallRecord] = {}
+        self._written: set[str] = set()
 
     def _write(self, record: CallRecord) -> None:
         if self.path is not None:
@@ -155,17 +163,30 @@ class Ledger:
         with self._lock:
             if record.call_id:
                 self._pending.pop(record.call_id, None)
+                self._written.discard(record.call_id)
             self.records.append(record)
             self._write(record)
 
-    def begin(self, record: CallRecord) -> None:
-        """Write the ``pending`` line of a request about to be sent (``record.call_id`` must be set)."""
+    def begin(self, record: CallRecord, *, deferred: bool = False) -> None:
+        """Hold the ``pending`` record of a request about to be sent (``record.call_id`` must be set); its
+        line is written now, or with ``deferred`` by :meth:`mark_sent` when the request starts to leave.
+        A held record counts in :meth:`spent` either way."""
         if not record.call_id:
             raise ValueError("a pending record needs a call_id")
         record.status = PENDING
         with self._lock:
             self._pending[record.call_id] = record
-            self._write(record)
+            if not deferred:
+                self._written.add(record.call_id)
+                self._write(record)
+
+    def mark_sent(self, call_id: str) -> None:
+        """Write the ``pending`` line of a request held by :meth:`begin` (once)."""
+        with self._lock:
+            record = self._pending.get(call_id)
+            if record is not None and call_id not in self._written:
+                self._written.add(call_id)
+                self._write(record)
 
     def spent(self) -> float:
         with self._lock:
@@ -207,8 +228,30 @@ def read_ledger(path: str | Path, *, resolve: bool = True) -> list[dict]:
         except ValueError:
             continue
         if isinstance(record, dict):
-            records.append(record)
+            records.append(_checked(record))
     return resolve_pending(records) if resolve else records
+
+
+def _plausible(value, most: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
+        return None  # also NaN, which compares False
+    return value
+
+
+def _count(value) -> int:
+    """A token count read back from a ledger line: a whole number from 0 to MAX_PLAUSIBLE_TOKENS, else 0."""
+    value = _plausible(value, MAX_PLAUSIBLE_TOKENS)
+    return 0 if value is None else int(value)
+
+
+def _checked(record: dict) -> dict:
+    """A ledger line with numbers a sum can use: a line written by an older version may hold whatever a
+    server sent (text, negative or absurd token counts, the cost computed from them); such a number reads
+    as 0."""
+    cost = _plausible(record.get("cost"), MAX_REQUEST_COST)
+    cost = 0.0 if cost is None else float(cost)
+    return dict(record, input_tokens=_count(record.get("input_tokens")),
+                output_tokens=_count(record.get("output_tokens")), cost=cost)
 
 
 def estimate_tokens(text: str) -> int:
@@ -218,6 +261,17 @@ def estimate_tokens(text: str) -> int:
     batch run without internet access cannot do; the estimate is marked ``estimated`` wherever it is used.
     """
     return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN if text else 0
+
+
+def format_cost(usd: float) -> str:
+    """A cost in USD for people: cents for a cent or more (``$1.23``), two significant digits below
+    (``$0.0042``, ``$0.000012``), so a small run never reads ``$0.00``."""
+    if not usd or usd != usd:
+        return "$0.00"
+    if abs(usd) >= 0.01:
+        return f"${usd:,.2f}"
+    decimals = min(12, 1 - math.floor(math.log10(abs(usd))))
+    return f"${usd:.{decimals}f}"
 
 
 def check_budget_prices(model: str, max_cost: float, price_file: str | Path | None = None,
@@ -262,12 +316,13 @@ def tracking_from_ledgers(paths: Iterable[str | Path]) -> dict:
     """Merge dataset ledgers into the run's token record (the body of ``token_tracking.json``).
 
     Pending requests are resolved (:func:`resolve_pending`), so ``total_calls`` counts every request the
-    server received, including those cut off by an interrupt. Token figures that are local estimates
-    (no ``usage`` from the server, or interrupted calls) are counted in ``estimated_calls`` /
-    ``estimated_tokens`` and ``tokens_estimated`` is true when there are any. ``circuit_breaker`` lists
+    server received, including those cut off by an interrupt; ``not_sent`` counts the requests that never
+    reached it (refused connections, untrusted certificates), which are not calls. Token figures that are
+    local estimates (no ``usage`` from the server, or interrupted calls) are counted in ``estimated_calls``
+    / ``estimated_tokens`` and ``tokens_estimated`` is true when there are any. ``circuit_breaker`` lists
     the times requests were stopped because the server kept failing.
     """
-    calls, hits, skipped, breaker = [], [], [], []
+    calls, hits, skipped, breaker, unsent = [], [], [], [], 0
     for path in paths:
         for record in read_ledger(path):
             status = record.get("status")
@@ -279,6 +334,8 @@ def tracking_from_ledgers(paths: Iterable[str | Path]) -> dict:
                 breaker.append({k: record.get(k, "") for k in ("timestamp", "dataset", "tissue", "error")})
             elif status in SENT:
                 calls.append(record)
+            elif status == NOT_SENT:
+                unsent += 1
     calls.sort(key=lambda c: c.get("timestamp", ""))
     by_dataset, by_model = defaultdict(list), defaultdict(list)
     for call in calls:
@@ -300,6 +357,7 @@ def tracking_from_ledgers(paths: Iterable[str | Path]) -> dict:
         "estimated_tokens": overall["estimated_tokens"],
         "cache_hits": len(hits),
         "budget_skipped": len(skipped),
+        "not_sent": unsent,
         "circuit_breaker": sorted(breaker, key=lambda e: e["timestamp"]),
         "unknown_price_models": unknown_price,
         "by_dataset": {k: _totals(v) for k, v in sorted(by_dataset.items())},

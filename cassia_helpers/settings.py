@@ -171,6 +171,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("base_url", "", "OpenAI-compatible endpoint, e.g. http://localhost:11434/v1 (env OPENAI_BASE_URL); "
             "credentials go in OPENAI_API_KEY, never in the URL", _LLM, env="OPENAI_BASE_URL"),
     Setting("context", "", "free-text context sent with every cluster", _LLM),
+    Setting("context_file", "", "UTF-8 text file whose content is the context sent with every cluster (for a "
+            "context too long for the command line; instead of --context)", _LLM, metavar="FILE"),
     Setting("llm_concurrency", 8, "requests in flight at once to the model server, for the whole run", _LLM,
             minimum=1, maximum=256),
     Setting("llm_timeout", 120.0, "seconds to connect, and the longest silence while a reply arrives", _LLM, above=0),
@@ -272,6 +274,24 @@ class Settings:
         """A run's recorded analysis settings (e.g. from its manifest) with this session's run settings."""
         known = {k: v for k, v in analysis.items() if k in BY_NAME and BY_NAME[k].scope == ANALYSIS}
         return cls(**known, **run_values)
+
+
+def context_text(settings: Settings) -> str:
+    """The context sent with every cluster: ``settings.context``, or the text of ``settings.context_file``
+    (read where it is used, so a long context travels as a path, never on a command line).
+
+    Raises
+    ------
+    UsageError
+        The file cannot be read as UTF-8 text; the message names it.
+    """
+    if not settings.context_file:
+        return settings.context
+    try:
+        return Path(settings.context_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UsageError(f"{settings.context_file}: --context-file cannot be read as UTF-8 text ({reason})") from None
 
 
 def notebook_parameters(settings: Settings, *, dataset: str, tissue: str, input_path: str | Path,

@@ -465,8 +465,10 @@ class _PipelineAgents:
     Knobs: ``score_out_of_range`` (the next N scorer answers give 150), ``boost_never_concludes`` (the boost
     agent asks for genes forever), ``boost_unknown_genes`` (its requests also name genes that exist nowhere),
     ``disagree_runs`` (annotator answers for "independent run k" with k in the set give the runner-up type),
+    ``reply_styles`` (a set of :data:`REPLY_STYLES`: how the validator, scorer and merger deviate from their
+    format; a validator or scorer asked for structured output answers JSON unless ``text_only``),
     ``disagree_models`` (same for requests naming these models), ``merge_drops`` (the next N merging answers
-    leave the last cluster out).
+    leave the last cluster out), ``fixed_call`` (the annotator answers this type for every cluster).
     """
 
     def _init_pipeline_faults(self) -> None:
@@ -476,20 +478,32 @@ class _PipelineAgents:
         self.disagree_runs: set[int] = set()
         self.disagree_models: set[str] = set()
         self.merge_drops = 0
+        self.fixed_call: str | None = None
+        self.reply_styles: set[str] = set()  # see REPLY_STYLES
+
+    def fixed_annotator(self, body: dict) -> str | None:
+        """With ``fixed_call`` set, the annotator answers that one type for every cluster, citing the cluster's
+        own top markers as its evidence (a model that ignores the data but sounds sure)."""
+        if not self.fixed_call:
+            return None
+        cited = parse_markers(body)[:3]
+        return (f"Let me reason step by step.\nStep 1: The top markers {', '.join(cited)} are highly specific.\n"
+                f"Step 2: Together they indicate {self.fixed_call}.\nFINAL ANNOTATION: {self.fixed_call}")
 
     def pipeline_answer(self, body: dict, agent: str) -> str:
+        if "unusable_checks" in self.reply_styles:
+            return garbage_answer(body)
         if agent == "scorer":
             with self._lock:
                 wrong = self.score_out_of_range > 0
                 self.score_out_of_range -= 1 if wrong else 0
             score = 150 if wrong else scripted_score(body)
-            return (f"<reasoning>The call was weighed against the ranked markers and any genes checked; "
-                    f"evidence strength gives {score}.</reasoning>\n<score>{score}</score>")
+            return styled_score(body, score, self.reply_styles)
         if agent == "merger":
             with self._lock:
                 drop = self.merge_drops > 0
                 self.merge_drops -= 1 if drop else 0
-            return json.dumps(merger_payload(body, drop))
+            return json.dumps(styled_groupings(merger_payload(body, drop), self.reply_styles))
         return self._boost_answer(body)
 
     def _boost_answer(self, body: dict) -> str:
@@ -500,8 +514,19 @@ class _PipelineAgents:
                     f"the candidates.\n<check_genes>{','.join(genes or ['GAPDH'])}</check_genes>")
         evidence = _evidence(body)
         cell_type, support = call_cell_type(evidence)
-        return (f"FINAL ANNOTATION COMPLETED\nThe checked genes {', '.join(support) or 'do not help'} settle it.\n"
+        text = (f"FINAL ANNOTATION COMPLETED\nThe checked genes {', '.join(support) or 'do not help'} settle it.\n"
                 f"FINAL ANNOTATION: {cell_type}")
+        system = _content_text(_messages(body)[0].get("content")).lower() if _messages(body) else ""
+        if "answer as json" in system:  # asked to end with the structured answer, as a real model would
+            ranked = [t for t, _, _ in score_markers(evidence) if t != cell_type]
+            payload = {"main_cell_type": cell_type,
+                       "sub_cell_types": [t for t in ranked if _lineage(t) == _lineage(cell_type)][:3]
+                       if cell_type in CELL_TYPES else [],
+                       "mixed_cell_types": [], "confidence": 80 if support else 20, "key_markers": support[:4],
+                       "reasoning": f"The checked genes {', '.join(support) or 'do not help'} settle it.",
+                       "cell_ontology_id": CL_IDS.get(cell_type, "")}
+            text += "\n```json\n" + json.dumps(payload) + "\n```"
+        return text
 
     def disagreeing_annotator(self, body: dict) -> str | None:
         """The annotator's answer with the runner-up type, for the runs / models told to disagree."""
@@ -516,11 +541,73 @@ class _PipelineAgents:
                 f"FINAL ANNOTATION: {cell_type}")
 
 
+# --------------------------------------------------------------------------- reply styles of real models
+
+#: What ``reply_styles`` may hold: deviations real models make from the format each agent is given.
+REPLY_STYLES = (
+    "verdict_last",  # the validator reasons first and ends with its verdict line
+    "both_verdicts",  # the validator names both verdicts ("... would be VALIDATION FAILED if ...")
+    "score_json",  # the scorer answers {"reasoning": ..., "score": N} in plain text
+    "score_slash",  # "Score: N/100"
+    "score_out_of",  # "I would rate this call N out of 100."
+    "groupings_key",  # the merger's entries under "merged_clusters", with cluster_id / broad_group / ...
+    "junk_labels",  # the merger's labels hold newlines, CRs, formulas and 300 characters
+    "text_only",  # structured output is accepted but ignored: the agents answer in their text formats
+    "no_score",  # the scorer judges in words and never gives a score
+    "unusable_checks",  # the annotator and formatter answer well; validator, scorer, boost, merger send garbage
+)
+_VERDICT_TEXT = re.compile(r"^(VALIDATION (?:PASSED|FAILED))\W*\s*(.*)$", re.DOTALL)
+
+
+def _structured(body: dict) -> bool:
+    rf = body.get("response_format")
+    return isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object")
+
+
+def styled_validator(body: dict, text: str, styles: set[str]) -> str:
+    """The validator's scripted ``text`` as JSON (structured output asked for) or in a model's own style."""
+    match = _VERDICT_TEXT.match(text)
+    verdict, rest = (match.group(1), match.group(2).strip()) if match else ("", text)
+    if _structured(body) and "text_only" not in styles:
+        return json.dumps({"verdict": verdict, "feedback": rest})
+    if "both_verdicts" in styles:
+        other = "VALIDATION FAILED" if verdict == "VALIDATION PASSED" else "VALIDATION PASSED"
+        return f"{rest}\nIt is not {other}, I think, though one could argue for it.\n{verdict}"
+    if "verdict_last" in styles:
+        return f"Checking the cited markers against the ranked list.\n{rest}\n\n**{verdict}**"
+    return text
+
+
+def styled_score(body: dict, score: int, styles: set[str]) -> str:
+    reasoning = ("The call was weighed against the ranked markers and any genes checked; "
+                 f"evidence strength gives {score}.")
+    if "no_score" in styles:
+        return "The call looks broadly reasonable given the markers, but I would rather not put a number on it."
+    if (_structured(body) and "text_only" not in styles) or "score_json" in styles:
+        return json.dumps({"reasoning": reasoning, "score": score})
+    if "score_slash" in styles:
+        return f"{reasoning}\n\nScore: {score}/100"
+    if "score_out_of" in styles:
+        return f"{reasoning} Overall I would rate this call {score} out of 100."
+    return f"<reasoning>{reasoning}</reasoning>\n<score>{score}</score>"
+
+
+def styled_groupings(payload: dict, styles: set[str]) -> dict:
+    entries = payload["groupings"]
+    if "junk_labels" in styles:
+        entries = [dict(e, broad=f"=cmd|' /C calc'!A0\n{e['broad']}", detailed="@" + e["detailed"] * 30,
+                        fine=f"+{e['fine']}\r\nline two") for e in entries]
+    if "groupings_key" in styles:
+        return {"merged_clusters": [{"cluster_id": e["cluster"], "broad_group": e["broad"],
+                                     "detailed_group": e["detailed"], "fine_group": e["fine"]} for e in entries]}
+    return {"groupings": entries}
+
+
 # --------------------------------------------------------------------------- the server
 
 
 class _Reply:
-    __slots__ = ("status", "payload", "raw", "headers", "delay", "trickle", "hang")
+    __slots__ = ("status", "payload", "raw", "headers", "delay", "trickle", "hang", "trickle_head")
 
     def __init__(
         self,
@@ -537,6 +624,7 @@ class _Reply:
         self.delay = delay
         self.trickle = 0.0  # seconds between body bytes (a stalling proxy)
         self.hang = False  # headers never sent: the connection stays open until the server stops
+        self.trickle_head = 0.0  # seconds between the bytes of the status line and headers
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -578,7 +666,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay > 0 and owner._stopping.wait(reply.delay):
             self.close_connection = True
             return
-        if reply.hang or reply.trickle > 0:
+        if reply.hang or reply.trickle > 0 or reply.trickle_head > 0:
             self._send_stalling(reply)
             return
         data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
@@ -599,7 +687,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _send_stalling(self, reply: _Reply) -> None:
-        """Hang (never answer) or send the body one byte every ``reply.trickle`` seconds."""
+        """Hang (never answer), or send the headers (``reply.trickle_head``) and/or the body (``reply.trickle``)
+        one byte at a time."""
         owner = self.server.owner
         self.close_connection = True
         if reply.hang:
@@ -607,13 +696,25 @@ class _Handler(BaseHTTPRequestHandler):
             return
         data = reply.raw if reply.raw is not None else json.dumps(reply.payload).encode()
         try:
-            self._send_head(reply, data, extra=False)
-            self.wfile.flush()
-            for index in range(len(data)):
+            if reply.trickle_head > 0:
+                head = (f"HTTP/1.1 {reply.status} OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(data)}\r\n\r\n").encode()
+                for index in range(len(head)):
+                    self.wfile.write(head[index:index + 1])
+                    self.wfile.flush()
+                    if owner._stopping.wait(reply.trickle_head):
+                        return
+            else:
+                self._send_head(reply, data, extra=False)
+                self.wfile.flush()
+            for index in range(len(data) if reply.trickle > 0 else 0):
                 self.wfile.write(data[index:index + 1])
                 self.wfile.flush()
                 if owner._stopping.wait(reply.trickle):
                     return
+            if reply.trickle <= 0:
+                self.wfile.write(data)
+                self.wfile.flush()
         except OSError:  # the client gave up
             pass
 
@@ -631,6 +732,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         raw = self._read_body()
+        owner = self.server.owner
+        if self._path() in owner.redirects:
+            status, location = owner.redirects[self._path()]
+            with owner._lock:
+                owner.redirected += 1
+            self._send(_Reply(status, {}, headers={"Location": location}))
+            return
         if self._path() == "/v1/chat/completions":
             headers = _Headers((k.lower(), v) for k, v in self.headers.items())
             owner = self.server.owner
@@ -715,6 +823,12 @@ class ScriptedLLMServer(_PipelineAgents):
         self.huge_answer_chars = 0
         self.echo_authorization = False
         self.tricky_verdict = False
+        self.trickle_headers_s = 0.0
+        self.usage_override: dict = {}
+        self.raw_reply: bytes | None = None  # the body of every 200 answer, as it is
+        # path -> (status, Location): POSTs to the path are answered with that redirect (counted in ``redirected``)
+        self.redirects: dict[str, tuple[int, str]] = {}
+        self.redirected = 0
         self._fail_queue: list[tuple[int, float | None]] = []
         self._malformed_left = 0
         self._rates = (0.0, 0.0, 0.0, 0.0)
@@ -836,6 +950,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
         self.error_in_body = self.no_choices = False
+        self.trickle_headers_s, self.usage_override, self.redirects, self.raw_reply = 0.0, {}, {}, None
         self._init_pipeline_faults()
 
     # -- stats --------------------------------------------------------------------------------
@@ -949,7 +1064,10 @@ class ScriptedLLMServer(_PipelineAgents):
         """Misbehaviour of a reachable server, applied to a decided answer.
 
         ``hang``: accept the request, never answer. ``trickle_s``: send the body one byte every
-        ``trickle_s`` seconds. On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
+        ``trickle_s`` seconds. ``trickle_headers_s``: send the status line and headers one byte every
+        ``trickle_headers_s`` seconds. ``usage_override``: these ``usage`` fields in every 200 answer;
+        ``raw_reply``: this body instead.
+        On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
         Authorization header appended to the content; ``tricky_verdict`` -> a validator answer that
         fails but mentions "VALIDATION PASSED" later in its first line; ``error_in_body`` -> an error
@@ -963,7 +1081,14 @@ class ScriptedLLMServer(_PipelineAgents):
         if self.trickle_s > 0:
             self._note_fault("trickle")
             reply.trickle = float(self.trickle_s)
+        if self.trickle_headers_s > 0:
+            self._note_fault("trickle_headers")
+            reply.trickle_head = float(self.trickle_headers_s)
         if reply.status != 200 or not reply.payload:
+            return reply
+        if self.raw_reply is not None:
+            self._note_fault("raw_reply")
+            reply.raw = self.raw_reply
             return reply
         if self.error_in_body:
             self._note_fault("error_in_body")
@@ -994,6 +1119,9 @@ class ScriptedLLMServer(_PipelineAgents):
         if usage:
             usage["completion_tokens"] = count_words(content)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if self.usage_override:
+                self._note_fault("usage_override")
+                usage.update(self.usage_override)
         return reply
 
     def _validate(self, body: dict) -> _Reply | None:
@@ -1070,11 +1198,13 @@ class ScriptedLLMServer(_PipelineAgents):
             with self._lock:
                 fail = self._validator_seen < self._validator_fails
                 self._validator_seen += 1
-            content = validator_answer(body, fail)
+            content = styled_validator(body, validator_answer(body, fail), self.reply_styles)
+            if "unusable_checks" in self.reply_styles:
+                content = garbage_answer(body)
         elif agent == "formatter" or _wants_json(body):
             content = formatter_answer(body)
         else:  # annotator and unknown
-            content = self.disagreeing_annotator(body) or annotator_answer(body)
+            content = self.fixed_annotator(body) or self.disagreeing_annotator(body) or annotator_answer(body)
         digest = hashlib.sha256(_canonical_json(body).encode()).hexdigest()[:24]
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{digest}",
@@ -1110,7 +1240,7 @@ class ScriptedLLMServer(_PipelineAgents):
             self._by_status[reply.status] += 1
             if reply.status == 200:
                 self._ok += 1
-                if usage:
+                if usage and not self.usage_override:
                     self._prompt_tokens += usage["prompt_tokens"]
                     self._completion_tokens += usage["completion_tokens"]
             else:

@@ -25,6 +25,10 @@ BREAST_TYPES = {
     "Endothelial cell": ["PECAM1", "VWF", "CDH5", "CLDN5", "KDR", "EMCN"],
 }
 
+# ribosomal, mitochondrial and ubiquitous genes (see make_counts(housekeeping=True))
+HOUSEKEEPING = ["RPS27", "RPL32", "RPS12", "RPL13", "RPLP1", "MT-CO1", "MT-ND1", "MT-ATP6", "MALAT1", "EEF1A1",
+                "TPT1", "TMSB4X"]
+
 
 def make_counts(
     n_cells: int = 400,
@@ -33,24 +37,32 @@ def make_counts(
     n_background: int = 400,
     seed: int = 0,
     mouse: bool = False,
+    housekeeping: bool = False,
 ) -> ad.AnnData:
     """Poisson counts: a shared background profile, each cell type's markers raised 60-fold.
 
-    ``obs['truth']`` holds the cell type each cell was drawn from.
+    ``obs['truth']`` holds the cell type each cell was drawn from. With ``housekeeping``, ribosomal,
+    mitochondrial and ubiquitous genes (``HOUSEKEEPING``) are highly expressed everywhere and raised 3-fold
+    in the first cell type, as in cells with more RNA: they pass any marker test for that type.
     """
     rng = np.random.default_rng(seed)
     cell_types = cell_types or BLOOD_TYPES
     markers = list(dict.fromkeys(g for genes in cell_types.values() for g in genes))
-    genes = markers + [f"GENE{i}" for i in range(n_background)] + ["MT-CO1", "MT-ND1", "MT-ATP6"]
+    extra = [g for g in HOUSEKEEPING if g not in ("MT-CO1", "MT-ND1", "MT-ATP6")] if housekeeping else []
+    genes = markers + [f"GENE{i}" for i in range(n_background)] + ["MT-CO1", "MT-ND1", "MT-ATP6"] + extra
     base = rng.lognormal(0.0, 1.0, len(genes))
-    base /= base.sum()
     index = {g: i for i, g in enumerate(genes)}
+    if housekeeping:
+        base[[index[g] for g in HOUSEKEEPING]] *= 20
+    base /= base.sum()
     names = list(cell_types)
     labels = rng.choice(names, n_cells)
     profiles = {}
     for name, type_markers in cell_types.items():
         profile = base.copy()
         profile[[index[g] for g in type_markers]] *= 60
+        if housekeeping and name == names[0]:
+            profile[[index[g] for g in HOUSEKEEPING]] *= 3
         profiles[name] = profile / profile.sum()
     library = rng.integers(1500, 3500, n_cells)
     rows = np.stack([rng.poisson(profiles[label] * size) for label, size in zip(labels, library, strict=True)])

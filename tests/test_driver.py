@@ -60,10 +60,25 @@ class FakeLauncher:
                 time.sleep(0.01)
             if parameters["dataset"] in self.fail:
                 return write_status(paths, FAILED, error=f"{parameters['input_path']}: broken", error_type="X")
+            write_outputs(paths)
             return write_status(paths, SUCCESS, duration=self.delay)
         finally:
             with self._lock:
                 self.running -= 1
+
+
+def write_outputs(paths: DatasetPaths) -> None:
+    """Small but complete contract files, as a real worker leaves them (``--resume`` checks them)."""
+    import anndata as ad
+
+    ad.AnnData(obs=pd.DataFrame(index=["c0", "c1"]), var=pd.DataFrame(index=["g0"])).write_h5ad(
+        paths.annotated_h5ad)
+    paths.markers_csv.write_text("cluster,gene\n0,g0\n")
+    paths.clusters_csv.write_text("cluster,cell_type\n0,T cell\n")
+    for text in (paths.annotation_txt, paths.summary_txt):
+        text.write_text("done\n")
+    paths.result_json.write_text(json.dumps({"dataset": paths.dataset, "tissue": paths.tissue, "n_cells": 2,
+                                             "n_genes": 1}))
 
 
 @pytest.fixture

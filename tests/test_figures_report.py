@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -198,8 +199,12 @@ def test_report_is_self_contained(tiny, tmp_path):
     assert FAILURE in html  # the failure's one-line reason, in full
     assert html.count("data:image/png;base64,") == 4  # the successful dataset's four figures
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)  # nothing fetched at view time
-    assert "<link" not in html and "@import" not in html and "<script" not in html
-    assert "&lt;b&gt;" in html and "markers are high" in html  # reasoning escaped, folded in <details>
+    assert "<link" not in html and "@import" not in html and not re.search(r"<script[^>]*\bsrc", html, re.I)
+    assert "&lt;b&gt;" in html and "markers are high" in html  # reasoning escaped, in its folded row
+    # figures and the notebook are links to the files in the run folder, relative so the folder can move
+    assert 'href="blood/Data_Good000_Blood/Data_Good000_Blood_umap.png">full size</a>' in html
+    # what the scores mean, said once above the table; one number format per measure
+    assert "Confidence</strong> (0–100)" in html and ">87.5<" not in html and ">88<" in html
     assert "0.01 USD" in html and "10,000" in html  # cost and tokens from token_tracking.json
     assert not re.search(r">\s*\d+\.0\s*<", html)  # counts are integers, not 700.0
     assert load_summary(run)["n_cells"].dtype == "Int64"
@@ -207,10 +212,13 @@ def test_report_is_self_contained(tiny, tmp_path):
 
 def test_report_stays_small_for_100_datasets(tiny, tmp_path):
     run = make_run(tmp_path, tiny, n_success=100, n_failed=3)
-    size = write_report(run).stat().st_size
+    html = write_report(run).read_text(encoding="utf-8")
+    size = len(html.encode("utf-8"))
     figure_bytes = sum(p.stat().st_size for p in run.glob("blood/*/*.png"))
-    print(f"report.html for 100 datasets: {size / 1e6:.1f} MB (figures on disk {figure_bytes / 1e6:.1f} MB)")
-    assert size < 8e6 and size < figure_bytes / 3
+    embedded = sum(len(m) for m in re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]+", html))
+    print(f"report.html for 100 datasets: {size / 1e6:.1f} MB, of which images {embedded / 1e6:.1f} MB "
+          f"(figures on disk {figure_bytes / 1e6:.1f} MB)")
+    assert size < 8e6 and embedded < figure_bytes / 3
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
@@ -236,6 +244,79 @@ def test_report_renders_in_a_headless_browser(tiny, tmp_path):
     dom = dump_dom(run / "report.html")
     assert "<title>Cell-type annotation report: run_blood_20260216_151425</title>" in dom
     assert dom.count("<img") == 4 and FAILURE in dom
+
+
+def _probe(run: Path, script: str, *, width: int) -> dict:
+    sys.path.insert(0, str(SCREENSHOT.parent))
+    try:
+        from report_screenshot import probe
+    finally:
+        sys.path.remove(str(SCREENSHOT.parent))
+    return probe(run / "report.html", script, width=width, height=1000)
+
+
+LONG_TERM = "CD14-positive, CD16-negative classical monocyte"  # 47 characters, as Cell Ontology names go
+#: what a reader does in the page, in the real browser: filter, search, sort, open a reasoning row
+INTERACT = """
+var t = document.getElementById("cluster-table");
+function shown() { return Array.prototype.filter.call(t.tBodies, function (b) { return !b.hidden; }); }
+function set(id, value, event) { var c = document.getElementById(id); c.value = value;
+  c.dispatchEvent(new Event(event || "change")); }
+var out = {all: shown().length, images: Array.prototype.map.call(document.images, function (i) {
+  return i.complete && i.naturalWidth > 0; })};
+set("f-show", "low"); out.low = shown().map(function (b) { return b.dataset.type; });
+set("f-show", "unknown"); out.unknown = shown().map(function (b) { return b.dataset.type; });
+set("f-show", "attention"); out.attention = shown().length; set("f-show", "");
+set("f-dataset", document.getElementById("f-dataset").options[2].value);
+out.dataset = shown().map(function (b) { return b.dataset.dataset; }); set("f-dataset", "");
+set("f-search", "nk  cell", "input"); out.search = shown().map(function (b) { return b.dataset.type; });
+set("f-search", "", "input");
+var th = t.querySelector("th[data-key=cells]");
+th.click(); out.ascending = shown().map(function (b) { return +b.dataset.cells; });
+th.click(); out.descending = shown().map(function (b) { return +b.dataset.cells; });
+var body = t.tBodies[0], detail = body.querySelector("tr.detail");
+out.closed = detail.hidden; body.querySelector("button.more").click();
+out.open = !detail.hidden; out.detail_width = detail.getBoundingClientRect().width;
+out.table_width = t.getBoundingClientRect().width;
+out.scroll_width = document.documentElement.scrollWidth; out.inner_width = window.innerWidth;
+return out;
+"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (CI installs it with `apt-get install -y chromium`)")
+def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
+    """No sideways scrolling at the widths people use, even with long ontology names, long reasoning and long
+    dataset names; the cluster table filters, searches and sorts; every image loads."""
+    run = make_run(tmp_path, tiny, n_success=2)
+    for path in run.glob("blood/*/*_clusters.csv"):
+        table = pd.read_csv(path, dtype={"cluster": str}, keep_default_na=False)
+        table["cell_type_ontology_term"] = LONG_TERM
+        table["reasoning"] = table["reasoning"] + " Because " + "the markers agree with the reference " * 20
+        table["key_markers"] = "HLA-DRB1,HLA-DQA1,HLA-DPB1,CD74,LYZ,S100A8,S100A9,FCN1,VCAN,CTSS,LST1,AIF1"
+        table.to_csv(path, index=False)
+    from cassia_helpers.summary.crossqc import cell_type_table, plot_cell_type_heatmap
+
+    records = [{"dataset": f"Data_Good{j:03d}_Blood", "term_id": f"CL:{i}", "term_name": name, "n_cells": 5 + i}
+               for j in range(2) for i, name in enumerate(CL_NAMES)]
+    plot_cell_type_heatmap(cell_type_table(records=records), run / "cell_types.png")
+    html = write_report(run).read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 2 * 4 + 1  # each dataset's four figures and the heatmap
+    for width in (1024, 1400, 1900):
+        found = _probe(run, "return [document.documentElement.scrollWidth, window.innerWidth];", width=width)
+        assert found[0] <= found[1] == width, f"the page scrolls sideways at {width} px: {found}"
+    found = _probe(run, INTERACT, width=1280)
+    assert "error" not in found, found
+    n_types = tiny.obs["leiden"].nunique()
+    assert found["all"] == 2 * n_types and found["images"] and all(found["images"])
+    assert found["low"] == found["unknown"] == ["Unknown", "Unknown"]  # confidence 0 < 75; 87.5 is not low
+    assert found["attention"] == 2
+    assert found["dataset"] == ["blood/Data_Good001_Blood"] * n_types
+    assert found["search"] == ["NK cell", "NK cell"]  # a phrase, any spacing, any case
+    assert found["ascending"] == sorted(found["ascending"]) and found["descending"] == sorted(found["ascending"])[::-1]
+    assert found["closed"] and found["open"]
+    assert found["detail_width"] > 0.9 * found["table_width"]  # the reasoning gets the table's width
+    assert found["scroll_width"] <= found["inner_width"]  # still no sideways scrolling with it open
 
 
 # --- notebooks (real kernel) -----------------------------------------------------------------------------
@@ -276,3 +357,228 @@ def test_explore_helpers_show_a_run(tiny, tmp_path):
     adata = explore.load_dataset(run, "blood/Data_Good000_Blood")
     scores = explore.cluster_scores(adata).to_html()
     assert "87.5" in scores and "no valid answer" in scores and "no mitochondrial genes" in scores
+
+
+# --- the run's cross-dataset heatmap (cell_types.png) ----------------------------------------------------
+
+CL_NAMES = [LONG_TERM, "naive thymus-derived CD4-positive, alpha-beta T cell", "oligodendrocyte precursor cell",
+            "CD1c-positive myeloid dendritic cell", "astrocyte of the cerebral cortex", "microglial cell",
+            "L2/3-6 intratelencephalic projecting glutamatergic neuron", "unknown"]
+
+
+@pytest.mark.parametrize("datasets", [["Brain_Sample_01"], ["Brain_Sample_01", "Breast_Biopsy_Long_Name_0042"]])
+def test_cell_type_heatmap_is_sized_from_its_long_labels(tmp_path, datasets):
+    """One or two datasets with 47+ character Cell Ontology names: the cells keep a readable size, the labels
+    neither overlap nor get cut off, and matplotlib does not warn that the layout collapsed."""
+    import warnings
+
+    from PIL import Image
+
+    from cassia_helpers.summary.crossqc import cell_type_heatmap_figure, cell_type_table, plot_cell_type_heatmap
+
+    records = [{"dataset": d, "tissue": "brain", "term_id": f"CL:{i:07d}", "term_name": name, "lineage_name": "",
+                "n_cells": 10 + 7 * i + j} for j, d in enumerate(datasets) for i, name in enumerate(CL_NAMES)]
+    table = cell_type_table(records=records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied because axes sizes collapsed to zero"
+        figure = cell_type_heatmap_figure(table)
+        figure.canvas.draw()
+        png = plot_cell_type_heatmap(table, tmp_path / "cell_types.png")
+    renderer = figure.canvas.get_renderer()
+    ax = figure.axes[0]
+    box = ax.get_window_extent(renderer)
+    assert box.height >= 0.25 * figure.dpi * len(datasets) and box.width >= 0.25 * figure.dpi * len(CL_NAMES)
+    figure_box = figure.bbox
+    for label in ax.get_xticklabels() + ax.get_yticklabels():  # every label whole, inside the figure
+        extent = label.get_window_extent(renderer)
+        assert extent.x0 >= figure_box.x0 - 1 and extent.y0 >= figure_box.y0 - 1, label.get_text()
+        assert extent.x1 <= figure_box.x1 + 1 and extent.y1 <= figure_box.y1 + 1, label.get_text()
+    rows = [label.get_window_extent(renderer) for label in ax.get_yticklabels()]
+    assert not any(a.overlaps(b) for a, b in zip(rows, rows[1:], strict=False))  # dataset names apart
+    with Image.open(png) as image:
+        assert image.height >= 300 and image.width >= 500 and image.height < 4000, image.size
+
+
+# --- UMAP labels and colours that do not mislead -----------------------------------------------------------
+
+CROWDED = ["Conventional dendritic cell type 1", "Memory B cell", "Naive CD4+ T cell", "NK cell",
+           "CD14-positive, CD16-negative classical monocyte", "Plasmacytoid dendritic cell", "Platelet",
+           "Effector memory CD8-positive, alpha-beta T cell", "Unknown"]
+
+
+def crowded_umap(seed: int = 3):
+    """Nine cell types in touching blobs of very different sizes, most with long names: where free-moving
+    labels used to end up on a neighbour's cells."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    sizes = [40, 400, 300, 150, 500, 30, 25, 250, 60]
+    centres = np.array([(x, y) for y in (0, 3, 6) for x in (0, 3, 6)], dtype=float)
+    coords = np.concatenate([c + rng.normal(0, 0.6, (n, 2)) for c, n in zip(centres, sizes, strict=True)])
+    types = np.repeat(CROWDED, sizes)
+    adata = ad.AnnData(np.zeros((len(types), 1), dtype=np.float32))
+    adata.obsm["X_umap"] = coords
+    adata.obs["cell_type"] = pd.Categorical(types)
+    adata.obs["leiden"] = pd.Categorical(np.repeat([str(i) for i in range(len(CROWDED))], sizes))
+    return adata
+
+
+def test_umap_labels_sit_on_their_own_cells():
+    from scipy.spatial import cKDTree
+
+    adata = crowded_umap()
+    figure = figures.umap_figure(adata)
+    coords = np.asarray(adata.obsm["X_umap"])
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    clusters = adata.obs["leiden"].astype(str).to_numpy()
+    tree = cKDTree(coords)
+    renderer = figure.canvas.get_renderer()
+    for ax, groups in zip(figure.axes[:2], (types, clusters), strict=True):
+        texts = [t for t in ax.texts if t.get_text()]
+        # every group labelled once (a long name may be broken onto two lines)
+        assert sorted(t.get_text().replace("\n", " ") for t in texts) == sorted(set(groups))
+        for text in texts:
+            name = text.get_text().replace("\n", " ")
+            _, nearest = tree.query(text.get_position(), k=15)
+            own = float(np.mean(groups[nearest] == name))
+            assert own >= 0.7, f"label {name!r} sits on other cells ({own:.0%} of its 15 nearest are its own)"
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "labels overlap"
+
+
+def test_run_palette_keeps_a_dataset_s_colours_apart():
+    from cassia_helpers.palette import MIN_DISTANCE, color_distance
+
+    assert color_distance("#000000", "#000000") == 0 and color_distance("#000000", "#ffffff") > 99
+    assert color_distance("#555522", "#446600") < MIN_DISTANCE  # the two olives the issue saw side by side
+    pool = sorted({*CROWDED, *BLOOD_TYPES, "Astrocyte", "Microglial cell", "Oligodendrocyte", "Fibroblast",
+                   "Endothelial cell", "Pericyte", "Luminal epithelial cell", "Basal cell", "Adipocyte",
+                   "Mast cell", "Macrophage", "Neutrophil", "Regulatory T cell", "Erythrocyte"} - {"Unknown"})
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 10, 15, 20):
+        for _ in range(20):
+            labels = list(rng.choice(pool, n, replace=False))
+            colors = list(run_palette(labels).values())
+            closest = min(color_distance(a, b) for i, a in enumerate(colors) for b in colors[i + 1:])
+            assert closest >= MIN_DISTANCE, (n, labels, closest)
+    # the two types the issue found in the same olive stay apart, and a label alone keeps its hashed colour
+    pair = run_palette(["Memory B cell", "Conventional dendritic cell type 1"])
+    assert color_distance(*pair.values()) >= MIN_DISTANCE
+    alone = run_palette(["Memory B cell"])["Memory B cell"]
+    assert alone == run_palette(["Memory B cell", "Platelet"])["Memory B cell"]
+
+
+# --- QC figure without recorded histograms, dot plot filters, preprocessing without plotting ------------------
+
+def test_qc_figure_without_recorded_histograms_shows_the_cells_kept(tiny):
+    adata = tiny.copy()
+    adata.uns["cassia_batch"] = {"qc": {"min_genes": 120}}  # an h5ad from elsewhere: no distributions
+    figure = figures.qc_figure(adata)
+    for ax in figure.axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert "not recorded" not in texts, ax.get_title()
+        bars = [p for p in ax.patches if p.get_label() == "after QC"]
+        assert len(bars) == 1 and not [p for p in ax.patches if p.get_label() == "before QC"], ax.get_title()
+
+
+def test_dotplot_filters_markers_as_the_run_did(tiny):
+    adata = tiny.copy()
+    clusters = [str(c) for c in adata.obs["leiden"].cat.categories]
+    genes = list(adata.var_names[:2])
+    # per cluster: a weak gene ranked first (log fold change 0.1), a strong one second
+    markers = pd.DataFrame([{"cluster": c, "rank": r, "gene": g, "logfoldchange": lfc, "pval_adj": 0.001}
+                            for c in clusters for r, (g, lfc) in enumerate(zip(genes, (0.1, 2.0), strict=True))])
+
+    def shown(**used):
+        adata.uns["cassia_batch"]["marker_filter"] = used
+        figure = figures.dotplot_figure(adata, markers=markers)
+        return [label.get_text() for label in figure.axes[0].get_xticklabels()]
+
+    assert shown(max_pval_adj=0.05, min_logfc=0.25) == [genes[1]]  # the run's filter: the weak gene is out
+    assert shown(max_pval_adj=0.05, min_logfc=0.05) == genes  # a run with a looser filter shows it
+    assert shown() == [genes[1]]  # no record: the settings' defaults (0.05, 0.25)
+
+
+def test_preprocessing_does_not_import_plotting():
+    code = "import sys, cassia_helpers.dataset.pp; print('cassia_helpers.dataset.figures' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+# --- JupyterLab ----------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("uid", ["0", "1000"])
+def test_make_lab_opens_the_project_folder_and_runs_as_root(tmp_path, uid):
+    """`make lab`'s command: rooted at the project folder (run folders and notebooks/ both visible), the explore
+    notebook open, and Jupyter's --allow-root exactly when run as root (`id -u` answers as root or not)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (fake / "id").chmod(0o755)
+    done = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--no-browser"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    command = [line for line in done.stdout.splitlines() if "jupyter lab" in line][-1].split()
+    assert ("--allow-root" in command) == (uid == "0")
+    assert "--ServerApp.root_dir=." in command and "--no-browser" in command
+    assert command[-1] == "notebooks/explore_run.ipynb" and (REPO / command[-1]).is_file()
+
+
+def test_explore_opens_the_newest_finished_run(tiny, tmp_path):
+    from cassia_helpers.summary import explore
+
+    run = make_run(tmp_path, tiny)  # run_blood_20260216_151425
+    broken = tmp_path / "run_blood_20260301_090000"  # newer, stopped before its summaries
+    broken.mkdir()
+    (broken / "run_manifest.json").write_text("{}")
+    assert explore.latest_run(tmp_path) == run
+    (run / "batch_summary.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="no run has a batch_summary.csv yet"):
+        explore.latest_run(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (CI installs it with `apt-get install -y chromium`)")
+def test_explore_cluster_scores_wrap_between_words(tiny, tmp_path):
+    """The explore notebook's per-cluster table, as Jupyter shows it in a 900 px column: text breaks between
+    words, never a letter per line."""
+    from cassia_helpers.summary import explore
+
+    adata = tiny.copy()
+    table = adata.uns["cassia_batch"]["annotation"]["clusters"]
+    table["reason"] = table["reason"].where(table["reason"] == "", "no valid answer after 3 attempts: " * 3)
+    for i in range(16):  # as many columns as a full pipeline's table (scores, ontology, evidence, levels)
+        table[f"check_{i}"] = f"a few words of check {i}"
+    page = tmp_path / "scores.html"
+    page.write_text(f"<html><body>{explore.cluster_scores(adata).to_html()}</body></html>", encoding="utf-8")
+    found = _probe_page(page, "return Array.prototype.map.call(document.querySelectorAll('td'), function (td) {"
+                              " return [td.textContent.trim(), td.getBoundingClientRect().width]; });", width=900)
+    squeezed = [(text, width) for text, width in found if len(text) > 12 and width < 60]
+    assert not squeezed, squeezed
+
+
+def _probe_page(page: Path, script: str, *, width: int):
+    sys.path.insert(0, str(SCREENSHOT.parent))
+    try:
+        from report_screenshot import probe
+    finally:
+        sys.path.remove(str(SCREENSHOT.parent))
+    return probe(page, script, width=width, height=900)
+
+
+def test_qc_mito_panel_stays_readable_when_every_cell_is_far_below_the_threshold(tiny):
+    """A log-normalised input: mitochondrial shares of a fraction of a percent against max_pct_mt = 20. The
+    panel's axis keeps to the data (bars wider than a pixel) and still names the threshold."""
+    adata = tiny.copy()
+    adata.obs["pct_counts_mt"] = np.random.default_rng(0).uniform(0, 0.6, adata.n_obs)
+    adata.uns["cassia_batch"] = {"qc": {"min_genes": 120, "max_pct_mt": 20.0}}
+    figure = figures.qc_figure(adata)
+    mito = figure.axes[2]
+    figure.canvas.draw()
+    assert mito.get_xlim()[1] < 1.0
+    bar = [p for p in mito.patches if p.get_label() == "after QC"][0].get_window_extent()
+    assert bar.width > 100  # the histogram spans the panel, not a sliver at its left edge
+    assert any("max_pct_mt = 20" in t.get_text() for t in mito.texts)

@@ -5,6 +5,10 @@ Inputs are tiny synthetic count matrices written to ``tmp_path``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -19,6 +23,7 @@ from cassia_helpers.dataset import pp
 from cassia_helpers.dataset.counts import counts_layer
 from cassia_helpers.dataset.markers import rank_markers
 from cassia_helpers.dataset.read import InputError, read_dataset
+from tests.conftest import REPO
 
 HUMAN_MARKERS = [["CD3E", "CD3D", "IL7R"], ["CD19", "MS4A1", "CD79A"], ["LYZ", "CD14", "S100A8"]]
 HUMAN_MITO = ["MT-CO1", "MT-ND1", "MT-ATP6"]
@@ -597,3 +602,228 @@ def test_counts_with_tiny_negative_noise_are_clipped_with_a_warning(tmp_path):
     assert read.uns["cassia_batch"]["input"]["is_counts"] is True
     assert read.X.min() >= 0
     assert any("tiny negative values" in w for w in warnings_of(read))
+
+
+# --------------------------------------------------------------------------- the input's own annotations
+
+
+def test_the_inputs_own_annotations_are_kept_under_author_and_named_in_the_warnings(tmp_path):
+    adata = make_counts(200)
+    adata.obs["cell_type"] = pd.Categorical(np.where(adata.obs["truth"] == "0", "T cell", "B cell"))
+    adata.obs["cell_type_ontology_term_id"] = "CL:0000084"
+    adata.obs["leiden"] = pd.Categorical(adata.obs["truth"].astype(str))
+    adata.obs["donor"] = "d1"
+    adata.uns["cell_type_colors"] = ["#ff0000", "#00ff00"]
+    adata.obsm["X_umap"] = np.arange(400, dtype=np.float32).reshape(200, 2)
+    adata.var["highly_variable"] = True
+    read = read_dataset(write(adata, tmp_path / "cellxgene.h5ad"))
+    assert read.obs["author_cell_type"].tolist() == adata.obs["cell_type"].tolist()
+    assert set(read.obs["author_cell_type_ontology_term_id"]) == {"CL:0000084"}
+    assert read.obs["author_leiden"].tolist() == adata.obs["leiden"].tolist()
+    assert "cell_type" not in read.obs and "leiden" not in read.obs and read.obs["donor"].eq("d1").all()
+    assert np.array_equal(read.obsm["author_X_umap"], adata.obsm["X_umap"]) and "X_umap" not in read.obsm
+    assert read.var["author_highly_variable"].all()
+    assert list(read.uns["author_cell_type_colors"]) == ["#ff0000", "#00ff00"]
+    [warning] = [w for w in warnings_of(read) if "author_" in w]
+    for name in ("cell_type -> author_cell_type", "leiden -> author_leiden", "X_umap -> author_X_umap",
+                 "cell_type_ontology_term_id -> author_cell_type_ontology_term_id"):
+        assert name in warning
+    assert "donor" not in warning and "\n" not in warning
+
+
+def test_an_author_column_already_taken_keeps_both(tmp_path):
+    adata = make_counts(100)
+    adata.obs["cell_type"], adata.obs["author_cell_type"] = "new", "old"
+    read = read_dataset(write(adata, tmp_path / "twice.h5ad"))
+    # the name already taken stays as it is; the input's cell_type gets the prefix once more
+    assert set(read.obs["author_cell_type"]) == {"old"} and set(read.obs["author_author_cell_type"]) == {"new"}
+
+
+def test_an_input_without_clashing_names_has_no_author_warning(tmp_path):
+    read = read_dataset(write(make_counts(100), tmp_path / "plain.h5ad"))
+    assert not [w for w in warnings_of(read) if "author_" in w]
+    assert "renamed" not in read.uns["cassia_batch"]["input"]
+
+
+# --------------------------------------------------------------------------- corrupt or overflowing matrices
+
+
+def _corrupt(path: Path, how: str) -> None:
+    with h5py.File(path, "r+") as handle:
+        indices, indptr = handle["X/indices"][:], handle["X/indptr"][:]
+        if how == "index beyond the genes":
+            indices[7] = 10_000_000
+            handle["X/indices"][:] = indices
+        elif how == "negative index":
+            indices[7] = -4
+            handle["X/indices"][:] = indices
+        elif how == "indptr decreasing":
+            indptr[20] = 0
+            handle["X/indptr"][:] = indptr
+        elif how == "indptr too short":
+            del handle["X/indptr"]
+            handle["X"].create_dataset("indptr", data=indptr[:-3])
+        else:  # indptr ends past the stored values
+            indptr[-1] += 50
+            handle["X/indptr"][:] = indptr
+
+
+@pytest.mark.parametrize("how", ["index beyond the genes", "negative index", "indptr decreasing",
+                                 "indptr too short", "indptr ends past the values"])
+def test_a_corrupt_sparse_matrix_is_a_one_line_error_naming_the_file(tmp_path, how):
+    path = write(make_counts(120), tmp_path / "corrupt.h5ad")
+    _corrupt(path, how)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "corrupt sparse matrix in X")
+
+
+@pytest.mark.parametrize("value", [3.0e38, 2.0e9])
+def test_counts_too_large_to_be_counts_are_rejected_before_they_overflow(tmp_path, value):
+    adata = make_counts(120)
+    adata.X = adata.X.astype(np.float64)
+    adata.X[5, 3] = value  # a float32 library size of such a cell is infinite (or lost to rounding)
+    path = write(adata, tmp_path / "huge.h5ad")
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert_one_line_error(excinfo, path, "X holds a count of", "above 1e+09", "provide raw counts")
+
+
+def test_the_largest_accepted_count_still_normalises_to_finite_values(tmp_path):
+    adata = make_counts(120)
+    adata.X = adata.X.astype(np.float64)
+    adata.X[5, 3] = 1e9
+    read = read_dataset(write(adata, tmp_path / "large.h5ad"))
+    pp.normalize(read)
+    assert np.isfinite(read.X.data).all() and np.isfinite(read.obs["library_size"]).all()
+
+
+# --------------------------------------------------------------------------- what run_batch.py is given
+
+
+def run_batch_py(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    return subprocess.run([sys.executable, str(REPO / "run_batch.py"), *args],
+                          env={**base, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def a_run_folder(tmp_path: Path, *, analysis: dict | None = None, tissue: str = "blood", name: str = "A") -> Path:
+    """A run folder as an earlier run left it: its manifest and one dataset's input."""
+    from cassia_helpers.settings import Settings
+
+    source = write(make_counts(100), tmp_path / "data" / "blood" / "A.h5ad")
+    run = tmp_path / "out" / "run_blood_20260101_000000"
+    run.mkdir(parents=True)
+    manifest = {"run_dir": str(run), "created_at": "2026-01-01T00:00:00+00:00", "data_dir": str(tmp_path / "data"),
+                "tissues": ["blood"], "analysis": Settings(annotator="reference").values() if analysis is None
+                else analysis, "datasets": [{"name": name, "tissue": tissue, "path": str(source)}],
+                "skipped_inputs": [], "sessions": []}
+    (run / "run_manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def test_resuming_a_manifest_from_another_version_names_the_keys_and_changes_nothing(tmp_path):
+    from cassia_helpers.settings import Settings
+
+    analysis = Settings(annotator="reference").values()
+    analysis["min_genes_per_cell"] = analysis.pop("min_genes")  # a renamed key: never a silent default
+    analysis["organism"] = analysis.pop("species")
+    run = a_run_folder(tmp_path, analysis=analysis)
+    result = run_batch_py("--resume", str(run))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "unknown analysis setting(s) min_genes_per_cell, organism" in line
+    assert "missing analysis setting(s) min_genes, species" in line and str(run / "run_manifest.json") in line
+    assert sorted(p.name for p in run.iterdir()) == ["run_manifest.json"]
+
+
+@pytest.mark.parametrize("field, value", [("tissue", "../../../escaped"), ("name", "../../escaped"),
+                                          ("tissue", "/tmp"), ("name", "two\nlines"), ("tissue", "")])
+def test_names_from_a_manifest_must_stay_inside_the_run_folder(tmp_path, field, value):
+    run = a_run_folder(tmp_path, **{field: value})
+    result = run_batch_py("--resume", str(run))
+    assert result.returncode == 2, result.stderr
+    assert f"{'tissue' if field == 'tissue' else 'dataset name'} {value!r} is" in result.stderr
+    assert not list(tmp_path.rglob("escaped")) and sorted(p.name for p in run.iterdir()) == ["run_manifest.json"]
+
+
+def test_a_tissue_that_leaves_the_output_folder_is_a_usage_error(tmp_path):
+    source = write(make_counts(100), tmp_path / "A.h5ad")
+    result = run_batch_py("--input", str(source), "--tissue", "../../escaped", "--output-dir", str(tmp_path / "out"),
+                          "--annotator", "reference")
+    assert result.returncode == 2 and "--tissue: tissue '../../escaped' is" in result.stderr
+    assert not list(tmp_path.rglob("escaped"))
+
+
+def _estimate(stdout: str) -> tuple[int, int]:
+    line = next(x for x in stdout.splitlines() if x.startswith("Estimated tokens:"))
+    low, high = line.split(":", 1)[1].strip().replace(",", "").split("-")
+    return int(low), int(high)
+
+
+def test_a_context_file_is_counted_by_the_dry_run_and_checked_up_front(tmp_path):
+    write(make_counts(300), tmp_path / "data" / "blood" / "A.h5ad")
+    context = tmp_path / "context.txt"
+    context.write_text("x" * 200_000)  # 50,000 tokens: longer than one command-line argument may be
+    common = ("--data-dir", str(tmp_path / "data"), "--tissues", "blood", "--dry-run", "--annotator", "llm",
+              "--pipeline", "fast")
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # nothing is sent by a dry run
+    plain = run_batch_py(*common, env=env)
+    with_context = run_batch_py(*common, "--context-file", str(context), env=env)
+    assert plain.returncode == 0 and with_context.returncode == 0, with_context.stderr
+    (low, high), (low_c, high_c) = _estimate(plain.stdout), _estimate(with_context.stdout)
+    clusters = int(next(x for x in plain.stdout.splitlines() if x.startswith("blood")).split()[4].split("-")[0])
+    assert low_c - low >= clusters * 3 * 50_000  # the context rides in each of a cluster's three calls
+    assert high_c > high
+
+    both = run_batch_py(*common, "--context", "short", "--context-file", str(context), env=env)
+    assert both.returncode == 2 and "not both" in both.stderr
+    context.write_bytes(b"\xff\xfe not text")
+    unreadable = run_batch_py(*common, "--context-file", str(context), env=env)
+    assert unreadable.returncode == 2 and f"{context}: --context-file cannot be read as UTF-8 text" in unreadable.stderr
+    missing = run_batch_py(*common, "--context-file", str(tmp_path / "nope.txt"), env=env)
+    assert missing.returncode == 2 and "nope.txt: --context-file cannot be read" in missing.stderr
+
+
+def test_the_kernel_reads_the_context_from_its_file(tmp_path):
+    from cassia_helpers import context_text
+    from cassia_helpers.settings import Settings
+
+    context = tmp_path / "context.txt"
+    context.write_text("  lung tumour, smokers\n")
+    assert context_text(Settings(context_file=str(context))) == "lung tumour, smokers"
+    assert context_text(Settings(context="given inline")) == "given inline"
+
+
+def test_a_file_named_with_a_newline_is_skipped_on_one_line_and_the_others_run(tmp_path):
+    from cassia_helpers.batch.discovery import discover
+
+    write(make_counts(100), tmp_path / "data" / "blood" / "A.h5ad")
+    write(make_counts(100), tmp_path / "data" / "blood" / "B\nC.h5ad")
+    found = discover(tmp_path / "data", ["blood"])
+    assert [d.name for d in found.datasets] == ["A"]
+    [skipped] = found.skipped
+    assert "\n" not in skipped and "B\\nC.h5ad" in skipped and "control character" in skipped
+
+
+def test_var_columns_survive_when_raw_holds_more_genes(tmp_path):
+    full = make_counts(100)
+    adata = full[:, :200].copy()
+    adata.raw = full
+    adata.X = lognorm(adata.X)
+    adata.var["highly_variable"], adata.var["chromosome"] = True, "chr1"
+    read = read_dataset(write(adata, tmp_path / "hvg_subset.h5ad"))
+    assert read.n_vars == 400  # every raw gene, with the columns only X's genes had
+    assert read.var.loc[adata.var_names, "chromosome"].eq("chr1").all()
+    assert read.var.loc[adata.var_names, "author_highly_variable"].astype(bool).all()
+
+
+def test_a_manifest_from_before_context_file_is_migrated_explicitly(tmp_path):
+    from cassia_helpers.batch.resume import MIGRATIONS, manifest_analysis
+    from cassia_helpers.settings import Settings
+
+    analysis = Settings(annotator="reference", min_genes=50).values()
+    del analysis["context_file"]  # the versions before --context-file did not write it
+    migrated = manifest_analysis({"analysis": analysis}, tmp_path / "run_manifest.json")
+    assert migrated["context_file"] == "" and migrated["min_genes"] == 50 and MIGRATIONS["context_file"] is None

@@ -69,3 +69,20 @@ def test_every_module_stays_small_enough_to_read():
     long = {str(path.relative_to(REPO)): n for path in PACKAGE.rglob("*.py")
             if (n := len(path.read_text("utf-8").splitlines())) > MAX_MODULE_LINES}
     assert not long
+
+
+def test_every_setting_the_code_reads_is_declared():
+    # Settings answers any attribute at run time, so a misspelt setting would only fail inside a dataset's
+    # kernel, after the run started: every `settings.<name>` in the package must name a declared setting
+    from cassia_helpers.settings import BY_NAME, Settings
+
+    known = set(BY_NAME) | {name for name in vars(Settings) if not name.startswith("_")}
+    read = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            # a plain `settings` name is a batch's Settings throughout the package (not scanpy's sc.settings,
+            # nor the agents' own PipelineSettings, which are dataclasses and checked by Python itself)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "settings":
+                read.setdefault(node.attr, str(path.relative_to(REPO)))
+    assert len(read) > 20  # the scan sees the code that reads settings
+    assert {name: where for name, where in read.items() if name not in known} == {}

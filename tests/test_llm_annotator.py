@@ -9,6 +9,7 @@ import pytest
 
 from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator, parse_answer
+from cassia_helpers.dataset.annotate.agents.replies import read_groupings, read_score, read_verdict
 from cassia_helpers.ledger import read_ledger
 from tests.conftest import API_KEY
 
@@ -201,3 +202,170 @@ def test_an_answer_is_kept_when_the_validator_cannot_be_reached(llm_env, tmp_pat
         CLUSTERS[:2], tissue="blood", species="human")
     assert results[0].main_cell_type == "CD8+ T cell" and "not confirm" in results[0].reasoning
     assert results[1].main_cell_type == "Unknown" and results[1].reason_kind == "budget"
+
+
+# --------------------------------------------------------------------------- replies as real models give them
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ('{"verdict": "VALIDATION PASSED", "feedback": "fits"}', True),
+    ('{"passed": false, "feedback": "CD8A is not cited"}', False),
+    ("The cited markers are all in the list and support the call.\n\n**VALIDATION PASSED**", True),
+    ("Checking...\nVerdict: VALIDATION FAILED\nCite CD8A next time.", False),
+    ("VALIDATION PASSED\nThough one could argue for VALIDATION FAILED.", None),
+    ("The markers fit well.", None),
+])
+def test_the_verdict_is_read_from_json_or_the_first_or_last_line(text, verdict):
+    assert read_verdict(text) is verdict
+
+
+@pytest.mark.parametrize("text, score", [
+    ("<reasoning>ok</reasoning><score>85</score>", 85.0),
+    ('{"reasoning": "ok", "score": 85}', 85.0),
+    ('```json\n{"score": "85/100"}\n```', 85.0),
+    ("Solid call.\n\nScore: 85/100", 85.0),
+    ("Overall I would rate this call 85 out of 100.", 85.0),
+    ("**Score:** 8.5/10", 85.0),
+    ("Score: 150/100", None),
+    ('{"score": -3}', None),
+    ("A fine call, scoring well on most criteria.", None),
+])
+def test_scores_are_read_in_every_common_form_and_validated(text, score):
+    assert read_score(text)[0] == score
+
+
+def test_groupings_are_read_under_another_key_and_sanitised():
+    reply = json.dumps({"result": {"merged_clusters": [
+        {"cluster_id": "0", "broad_group": "=cmd|' /C calc'!A0\nImmune", "detailed_group": "T cell" * 60,
+         "fine_group": "+CD8+ T cell\r\nx"},
+        {"cluster_id": "cluster 1", "broad_group": "Immune", "detailed_group": "B cell", "fine_group": ""}]}})
+    found = read_groupings(reply, ["0", "1"])
+    assert list(found) == ["0"]  # cluster 1 lacks its fine level: left to the next call
+    broad, detailed, fine = found["0"]
+    assert all("\n" not in x and "\r" not in x and len(x) <= 100 and x[0] not in "=+-@" for x in found["0"])
+    assert broad.endswith("Immune") and fine.startswith("CD8+ T cell") and detailed.endswith("…")
+    assert read_groupings('{"0": {"broad": "Immune", "detailed": "T cell", "fine": "CD8+ T cell"}}', ["0"]) == {
+        "0": ["Immune", "T cell", "CD8+ T cell"]}
+
+
+def test_a_verdict_on_the_last_line_needs_no_second_round_and_a_rerun_sends_nothing(llm_env, tmp_path):
+    llm_env.reply_styles = {"verdict_last", "text_only"}
+    results = annotator(llm_env, tmp_path).annotate(CLUSTERS, tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell", "Monocyte"]
+    assert all(r.validated is True and r.iterations == 1 and "not confirm" not in r.reasoning for r in results)
+    assert llm_env.stats()["requests"] == 3 * len(CLUSTERS)  # annotator, formatter, validator: one round each
+    assert llm_env.stats()["by_agent"]["validator"] == len(CLUSTERS)
+    # the validator was asked for structured output first (it answered in text anyway)
+    assert all(b["response_format"]["type"] == "json_schema" for b in llm_env.received if b["_agent"] == "validator")
+    llm_env.reset_stats()
+    again = annotator(llm_env, tmp_path, name="rerun").annotate(CLUSTERS, tissue="blood", species="human")
+    assert llm_env.stats()["requests"] == 0
+    assert [(r.main_cell_type, r.validated) for r in again] == [(r.main_cell_type, True) for r in results]
+
+
+def test_a_reply_naming_both_verdicts_is_never_a_pass_and_is_cached(llm_env, tmp_path):
+    llm_env.reply_styles = {"both_verdicts", "text_only"}
+    results = annotator(llm_env, tmp_path).annotate(CLUSTERS[:2], tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == ["CD8+ T cell", "B cell"]
+    assert all(r.validated is False and "did not confirm" in r.reasoning for r in results)
+    llm_env.reset_stats()
+    annotator(llm_env, tmp_path, name="rerun").annotate(CLUSTERS[:2], tissue="blood", species="human")
+    assert llm_env.stats()["requests"] == 0  # cached whatever the verdict
+
+
+@pytest.mark.parametrize("style", ["score_json", "score_slash", "score_out_of", "structured"])
+def test_scores_in_other_forms_are_read_and_a_rerun_sends_nothing(llm_env, tmp_path, style):
+    from tests.test_pipeline import CLUSTERS as PIPELINE_CLUSTERS
+    from tests.test_pipeline import pipeline
+
+    llm_env.reply_styles = {"groupings_key"} | ({style, "text_only"} if style != "structured" else set())
+    results = pipeline(llm_env, tmp_path).annotate(PIPELINE_CLUSTERS, tissue="blood", species="human")
+    assert [r.score for r in results[:2]] == [90, 90]
+    assert all(r.score is not None and not any(n.startswith("score:") for n in r.notes) for r in results)
+    assert [r.merged_groupings for r in results][:2] == [["Immune cell", "T cell", "CD8+ T cell"],
+                                                         ["Immune cell", "B cell", "B cell"]]
+    assert not any(n.startswith("merging:") for r in results for n in r.notes)
+    assert llm_env.stats()["by_agent"]["scorer"] == 2 + 2 * 2  # every cluster once, the two boosted again
+    llm_env.reset_stats()
+    pipeline(llm_env, tmp_path, name="rerun").annotate(PIPELINE_CLUSTERS, tissue="blood", species="human")
+    assert llm_env.stats()["requests"] == 0
+
+
+def test_unusable_model_costs_at_most_five_requests_per_cluster_and_stops_asking(llm_env, tmp_path):
+    from tests.test_pipeline import pipeline
+
+    clusters = [ClusterMarkers(str(i), m.genes, n_cells=50) for i, m in enumerate(CLUSTERS * 3)]  # 9 clusters
+    llm_env.garbage = True
+    for name, mode, concurrency in (("fast", "fast", 1), ("full", "full", 1), ("parallel", "full", 4)):
+        llm_env.reset_stats()
+        run = pipeline(llm_env, tmp_path, name=name, cache=name, concurrency=concurrency, pipeline=mode)
+        results = run.annotate(clusters, tissue="blood", species="human")
+        stats = llm_env.stats()
+        assert all(r.main_cell_type == "Unknown" and r.score is None and not r.boosted for r in results)
+        assert stats["requests"] <= 5 * len(clusters), (name, stats)
+        assert set(stats["by_agent"]) == {"annotator", "formatter"}, name  # no score, boost or merge asked
+        assert len(sent(read_ledger(tmp_path / f"{name}.jsonl"))) == stats["requests"]
+        assert [n for n in run.notices if "not sent" in n] == [
+            "the model's replies named no cell type for 3 clusters in a row: the remaining clusters of this "
+            "dataset were not sent"], name
+        if concurrency == 1:  # 3 clusters x 2 rounds x (annotator + formatter), the other 6 never sent
+            assert stats["requests"] == 12 and sum("not sent" in r.reason for r in results) == 6
+
+
+# 6 clusters with clear markers and 3 with a single canonical one (scored weak and boosted): a third boosted
+DONE_WHEN_CLUSTERS = [ClusterMarkers(str(i), genes, n_cells=100) for i, genes in enumerate([
+    ["CD3E", "CD8A", "CD8B", "GZMK"], ["MS4A1", "CD79A", "CD19", "BANK1"], ["CD14", "LYZ", "FCN1", "S100A8"],
+    ["NKG7", "GNLY", "KLRD1", "PRF1"], ["FCER1A", "CLEC10A", "CST3", "HLA-DRA"], ["PPBP", "PF4", "GNG11"],
+    ["GENE1", "CD3E", "GENE2", "GENE3"], ["GENE4", "MS4A1", "GENE5"], ["GENE6", "CD14", "GENE7"]])]
+DONE_WHEN_DE = {"6": {"CD3D": 2.0, "CD8A": 2.5, "CD8B": 2.1}, "7": {"CD79A": 2.0, "CD19": 2.2},
+                "8": {"LYZ": 2.0, "FCN1": 1.5}}
+
+
+@pytest.mark.parametrize("styles", [set(), {"verdict_last", "score_slash", "groupings_key", "text_only"}],
+                         ids=["structured", "text-with-deviations"])
+def test_requests_per_cluster_meet_the_goal_and_a_rerun_sends_none(llm_env, tmp_path, styles):
+    """fast <= 3.1 and full <= 5 requests per cluster with a third of the clusters boosted, a rerun 0, against
+    a model that answers in JSON where asked, or one that ignores structured output and deviates as real
+    models do (verdict on the last line, "Score: N/100", groupings under another key)."""
+    import pandas as pd
+
+    from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
+    from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
+
+    table = pd.DataFrame([dict(cluster=c, rank=50 + i, gene=g, score=4.0, logfoldchange=lfc, pval=1e-6,
+                               pval_adj=1e-5, pct_in_cluster=0.7, pct_out_cluster=0.1)
+                          for c, genes in DONE_WHEN_DE.items() for i, (g, lfc) in enumerate(genes.items())])
+    lookup = GeneLookup(table, var_names=sorted({g for genes in DONE_WHEN_DE.values() for g in genes}))
+    llm_env.reply_styles = set(styles)
+    n = len(DONE_WHEN_CLUSTERS)
+    for mode, goal in (("fast", 3.1), ("full", 5.0)):
+        for run in ("first", "rerun"):
+            llm_env.reset_stats()
+            agents = annotator(llm_env, tmp_path, name=f"{mode}-{run}", cache_dir=str(tmp_path / mode))
+            results = AnnotationPipeline(agents, PipelineSettings(pipeline=mode), lookup=lookup).annotate(
+                DONE_WHEN_CLUSTERS, tissue="blood", species="human")
+            requests = llm_env.stats()["requests"]
+            assert requests / n <= (goal if run == "first" else 0), (mode, run, llm_env.stats())
+            assert all(r.status == "ok" and r.validated for r in results)
+            if mode == "full":
+                assert sum(r.boosted for r in results) == n // 3
+                assert all(r.score is not None and len(r.merged_groupings) == 3 for r in results)
+
+
+def test_unusable_checks_cost_at_most_five_requests_per_cluster_and_are_warned(llm_env, tmp_path):
+    """Good calls, but a validator, scorer, boost agent and merger that answer unusable text: no second
+    round, no second scoring call, the boost ends at its first reply, and the failed steps are warned."""
+    from tests.test_pipeline import CLUSTERS as PIPELINE_CLUSTERS
+    from tests.test_pipeline import pipeline
+
+    llm_env.reply_styles = {"unusable_checks"}
+    run = pipeline(llm_env, tmp_path)
+    results = run.annotate(PIPELINE_CLUSTERS, tissue="blood", species="human")
+    stats = llm_env.stats()
+    assert stats["requests"] <= 5 * len(PIPELINE_CLUSTERS), stats
+    assert stats["by_agent"]["validator"] == stats["by_agent"]["annotator"] == len(PIPELINE_CLUSTERS)
+    assert stats["by_agent"]["scorer"] == len(PIPELINE_CLUSTERS) and stats["by_agent"].get("boost", 0) <= 1
+    assert [r.main_cell_type for r in results[:2]] == ["CD8+ T cell", "B cell"]
+    assert all(r.validated is False and r.score is None for r in results if r.status == "ok")
+    assert any(n.startswith("scoring failed for 4 of 4 clusters") for n in run.notices), run.notices
+    assert any(n.startswith("merging failed for") for n in run.notices), run.notices

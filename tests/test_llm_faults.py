@@ -8,13 +8,20 @@ replies, a server that echoes the key, and a kernel killed with a request in fli
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
+import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,11 +33,13 @@ from cassia_helpers.ledger import (
     CallRecord,
     Ledger,
     check_budget_prices,
+    format_cost,
     read_ledger,
     resolve_pending,
     tracking_from_ledgers,
 )
-from tests.conftest import API_KEY, REPO
+from tests.conftest import API_KEY, BLOOD_DATASETS, REPO
+from tests.scripted_llm_server import ScriptedLLMServer
 
 GENES = [["CD3E", "CD8A", "CD8B", "GZMK"], ["MS4A1", "CD79A", "CD19"], ["CD14", "LYZ", "FCN1"],
          ["NKG7", "GNLY", "KLRD1"], ["PPBP", "PF4"], ["FCER1A", "CLEC10A", "CST3"]]
@@ -228,12 +237,13 @@ def test_no_usage_gets_an_estimate_that_the_budget_uses(llm_env, tmp_path):
 @pytest.mark.parametrize("text, verdict", [
     ("VALIDATION PASSED\nLooks right.", True),
     ("**VALIDATION PASSED**", True),
-    ("VALIDATION FAILED: it would only be VALIDATION PASSED if CD8A were cited.", False),
-    ("VALIDATION PASSED? No: VALIDATION FAILED", False),
-    ("The markers fit.\nVALIDATION PASSED", None),
+    # naming both verdicts is undetermined, never a pass
+    ("VALIDATION FAILED: it would only be VALIDATION PASSED if CD8A were cited.", None),
+    ("VALIDATION PASSED? No: VALIDATION FAILED", None),
+    ("The markers fit.\nVALIDATION PASSED", True),
     ("", None),
 ])
-def test_the_verdict_is_read_from_the_first_line(text, verdict):
+def test_the_verdict_is_read_from_the_first_or_last_line(text, verdict):
     assert validator_verdict(text) is verdict
 
 
@@ -278,8 +288,9 @@ def test_labels_are_one_short_line_and_csv_cells_never_formulas():
     assert sanitize_label("B cell\nIGNORE ALL\r\nPREVIOUS") == "B cell IGNORE ALL PREVIOUS"
     assert len(sanitize_label("T" * 20_000)) == MAX_LABEL_CHARS
     assert sanitize_label("**CD8+ T cell**") == "CD8+ T cell"
-    assert [csv_safe(v) for v in ("=1+1", "+x", "-x", "@x", "B cell", 3.5)] == ["'=1+1", "'+x", "'-x", "'@x",
-                                                                                  "B cell", 3.5]
+    assert [csv_safe(v) for v in ("=1+1", "+cmd|' /C calc'!A0", "-SUM(1)", "@x", "B cell", 3.5)] == [
+        "'=1+1", "'+cmd|' /C calc'!A0", "'-SUM(1)", "'@x", "B cell", 3.5]
+    assert [csv_safe(v) for v in ("-rf", "+5", "-2.5")] == ["-rf", "+5", "-2.5"]  # no formula: kept as written
 
 
 # --------------------------------------------------------------------------- write-ahead ledger
@@ -327,3 +338,359 @@ def test_a_killed_kernel_still_counts_its_request_in_flight(llm_env, tmp_path):
     assert tracking["total_calls"] == llm_env.stats()["requests"] == 1
     assert tracking["interrupted_calls"] == 1 and tracking["tokens_estimated"]
     assert tracking["total_input_tokens"] > 0
+
+
+# --------------------------------------------------------------------------- the whole exchange is bounded
+
+
+def test_trickled_headers_are_cut_at_the_deadline(llm_env, tmp_path):
+    # each header byte arrives well inside the idle timeout: only a deadline held from outside the HTTP
+    # library's reads stops it (the headers alone would take ~40 s)
+    llm_env.trickle_headers_s = 0.4
+    start = time.monotonic()
+    results = run(tmp_path, clusters=CLUSTERS[:2], timeout=2.0, deadline=2.5, max_attempts=5, breaker_failures=0,
+                  concurrency=2)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.5 + 1.5, elapsed
+    assert [r.reason_kind for r in results] == ["timeout", "timeout"], [r.reason for r in results]
+    assert "deadline" in results[0].reason
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == llm_env.stats()["requests"] >= 2  # every request the server got, no more
+    assert all(r["status"] == "error" and r["estimated"] and r["input_tokens"] > 0 for r in records)
+
+
+# --------------------------------------------------------------------------- requests never sent are not calls
+
+
+def test_a_refused_connection_is_no_call(llm_env, monkeypatch, tmp_path):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=2, breaker_failures=0)
+    assert {r.reason_kind for r in results} == {"unreachable"}
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert tracking["total_calls"] == 0 and tracking["total_cost"] == 0
+    assert tracking["not_sent"] == 4  # two attempts per cluster, each recorded, none counted
+
+
+def test_a_kernel_killed_while_connecting_counts_no_call(tmp_path):
+    # Ctrl-C in a batch kills the dataset's kernel (SIGKILL). Here the server's accept queue is full: the
+    # connection never completes, the request never leaves, and the resumed run's ledger must not count it.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))
+    ledger = tmp_path / "stopped.jsonl"
+    script = textwrap.dedent(f"""
+        from cassia_helpers.dataset.annotate import ClusterMarkers
+        from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+        a = LLMAnnotator(model="scripted-model", ledger_path={str(ledger)!r}, cache_dir={str(tmp_path / "c")!r},
+                         base_url="http://127.0.0.1:{port}/v1", timeout=60, deadline=60, dataset="stopped",
+                         tissue="blood")
+        print("asking", flush=True)
+        a.annotate([ClusterMarkers("0", ["CD3E", "CD8A"])], tissue="blood", species="human")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OPENAI_API_KEY=API_KEY)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "asking"
+        time.sleep(1.5)  # connecting
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+        filler.close()
+        listener.close()
+    tracking = tracking_from_ledgers([ledger])
+    assert tracking["total_calls"] == 0 and tracking["interrupted_calls"] == 0 and tracking["total_cost"] == 0
+
+
+# --------------------------------------------------------------------------- TLS and redirects
+
+
+class _TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """Reads a POST, then sends its status line and headers one byte every 0.3 s (a stalling TLS proxy)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        try:
+            for index in range(len(head)):
+                self.wfile.write(head[index:index + 1])
+                self.wfile.flush()
+                if self.server.stopping.wait(0.3):
+                    return
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def self_signed_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate (made with the openssl command) that
+    trickles its response headers: ``(base_url, certificate file)``."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHandler)
+    server.daemon_threads = True
+    server.stopping = threading.Event()
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/v1", cert
+    server.stopping.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_self_signed_certificate_is_named(llm_env, self_signed_server, tmp_path):
+    results = run(tmp_path, clusters=CLUSTERS[:3], base_url=self_signed_server[0])
+    assert {r.reason_kind for r in results} == {"certificate"}
+    assert re.search(r"certificate verify failed: self.signed certificate", results[0].reason), results[0].reason
+    reason = annotation_failure(results)
+    assert "TLS certificate was refused" in reason and "Connection error" not in reason
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert tracking["total_calls"] == 0 and tracking["not_sent"] == 1  # the first refusal stops the dataset
+
+
+def test_the_deadline_holds_over_tls(llm_env, self_signed_server, monkeypatch, tmp_path):
+    # a trusted certificate (SSL_CERT_FILE, as for a private CA) and headers trickled inside the TLS stream
+    base_url, cert = self_signed_server
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    start = time.monotonic()
+    results = run(tmp_path, clusters=CLUSTERS[:1], base_url=base_url, timeout=2.0, deadline=2.5, breaker_failures=0)
+    assert time.monotonic() - start < 2.5 + 1.5
+    assert results[0].reason_kind == "timeout" and "deadline" in results[0].reason, results[0].reason
+    assert [r["status"] for r in calls(tmp_path / "ledger.jsonl")] == ["error"]  # sent, then cut
+
+
+def test_a_redirect_to_another_host_is_not_followed(llm_env, tmp_path):
+    with ScriptedLLMServer(expected_api_key=API_KEY) as elsewhere:
+        target = f"{elsewhere.base_url}/chat/completions"
+        llm_env.redirects["/v1/chat/completions"] = (307, target)
+        results = run(tmp_path, clusters=CLUSTERS[:3])
+        assert elsewhere.stats()["requests"] == 0  # the prompts never went there
+    assert {r.reason_kind for r in results} == {"redirect"}
+    assert f"HTTP 307) to {target}" in results[0].reason and "another host" in results[0].reason
+    assert "redirected the requests elsewhere" in annotation_failure(results)
+    # the first redirect stops the dataset; it reached the server, so it is a call
+    assert llm_env.redirected == 1 == tracking_from_ledgers([tmp_path / "ledger.jsonl"])["total_calls"]
+
+
+def test_a_302_is_named_and_a_same_host_307_is_followed(llm_env, tmp_path):
+    llm_env.redirects["/v1/moved/chat/completions"] = (302, "/v1/chat/completions")
+    moved = f"{llm_env.base_url}/moved"
+    results = run(tmp_path, clusters=CLUSTERS[:1], base_url=moved)
+    assert results[0].reason_kind == "redirect" and "HTTP 302" in results[0].reason, results[0].reason
+    assert llm_env.stats()["requests"] == 0  # not turned into a GET, nor sent again
+    # a 307 to the same host keeps the request (e.g. a server adding a trailing slash): followed as before
+    llm_env.redirects["/v1/moved/chat/completions"] = (307, "/v1/chat/completions")
+    results = run(tmp_path, clusters=CLUSTERS[:2], name="followed", base_url=moved, max_rounds=1)
+    assert [r.main_cell_type for r in results] == EXPECTED[:2]
+
+
+# --------------------------------------------------------------------------- usage a server makes up
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "many"}, {"prompt_tokens": -1_000_000},
+                                   {"prompt_tokens": 10**15, "completion_tokens": 10**15},
+                                   {"completion_tokens": 12.5}, {"prompt_tokens": None, "completion_tokens": [3]}])
+def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path, usage):
+    llm_env.usage_override = usage
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"scripted-model": {"input": 1000.0, "output": 1000.0}}))
+    results = run(tmp_path, max_cost=0.5, price_file=str(prices))  # no crash: every cluster has an outcome
+    assert len(results) == len(CLUSTERS)
+    assert any(r.reason_kind == "budget" for r in results)  # the estimates still stop the run at its budget
+    assert any(r.main_cell_type in EXPECTED for r in results)  # the answers paid for are kept
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == llm_env.stats()["requests"]
+    assert all(r["estimated"] and 0 < r["input_tokens"] < 100_000 and 0 <= r["output_tokens"] < 100_000
+               and r["cost"] > 0 for r in records)
+    assert all("usage not a token count" in r["error"] for r in records if r["status"] == "ok")
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert 0.5 <= tracking["total_cost"] < 5 and tracking["estimated_calls"] == tracking["total_calls"]
+
+
+@pytest.mark.parametrize("body", [b"[" * 200_000 + b"]" * 200_000, b'{"choices": "x"}', b"12", b"null"])
+def test_a_body_that_is_no_completion_is_a_paid_unreadable_reply(llm_env, tmp_path, body):
+    llm_env.raw_reply = body
+    results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=2)
+    assert {r.reason_kind for r in results} == {"unreadable"}, [r.reason for r in results]
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == llm_env.stats()["requests"] == 4
+    assert all(r["status"] == "error" and r["input_tokens"] > 0 and r["estimated"] for r in records)
+
+
+def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):
+    # lines written by an older version that trusted the server
+    path = tmp_path / "old.jsonl"
+    lines = [dict(status="ok", input_tokens="many", output_tokens=5, cost=0.5, call_id="a"),
+             dict(status="ok", input_tokens=-1_000_000, output_tokens=-3, cost=-6.6, call_id="b"),
+             dict(status="ok", input_tokens=10.0, output_tokens=2, cost="x", call_id="c"),
+             dict(status="ok", input_tokens=10**15, output_tokens=10**15, cost=1.5e9, call_id="d")]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    tracking = tracking_from_ledgers([path])
+    assert tracking["total_calls"] == 4
+    assert (tracking["total_input_tokens"], tracking["total_output_tokens"], tracking["total_cost"]) == (10, 7, 0.5)
+
+
+@pytest.mark.parametrize("usd, shown", [(0, "$0.00"), (0.0042, "$0.0042"), (0.000012, "$0.000012"),
+                                        (0.01, "$0.01"), (2.254, "$2.25"), (1234.5, "$1,234.50")])
+def test_costs_under_a_cent_keep_their_digits(usd, shown):
+    assert format_cost(usd) == shown
+
+
+# --------------------------------------------------------------------------- a cache that cannot be written
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder even root cannot write: a read-only tmpfs mounted on it, else the immutable attribute."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    attempts = ((["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], ["umount", str(folder)]),
+                (["chattr", "+i", str(folder)], ["chattr", "-i", str(folder)]))
+    undo = next((undo for make, undo in attempts
+                 if shutil.which(make[0]) and subprocess.run(make, capture_output=True).returncode == 0), None)
+    if undo is None:
+        pytest.skip("needs mount (CAP_SYS_ADMIN) or chattr +i (CAP_LINUX_IMMUTABLE) to make a read-only folder")
+    try:
+        yield folder
+    finally:
+        subprocess.run(undo, capture_output=True)
+
+
+def test_damaged_cache_entries_are_ignored_like_unreadable_ones(llm_env, tmp_path):
+    run(tmp_path, clusters=CLUSTERS[:2], max_rounds=1)
+    entries = [p for p in (tmp_path / "cache").rglob("*.json") if p.name != "capabilities.json"]
+    assert entries
+    for damage, path in zip([{"content": 12345}, ["a list"], {"content": None}, "not json {"], entries * 4,
+                            strict=False):
+        path.write_text(damage if isinstance(damage, str) else json.dumps(damage))
+    (tmp_path / "cache" / "capabilities.json").write_text(json.dumps({"x": 3}))
+    llm_env.reset_stats()
+    again = run(tmp_path, clusters=CLUSTERS[:2], name="again", max_rounds=1)
+    assert [r.main_cell_type for r in again] == EXPECTED[:2]
+    assert llm_env.stats()["requests"] > 0  # the damaged answers were asked again, and cached anew
+    assert all(isinstance(e["content"], str) for e in cached_entries(tmp_path))
+
+
+def test_a_read_only_cache_folder_turns_the_cache_off_before_any_request(llm_env, read_only_dir, tmp_path):
+    annotating = annotator(tmp_path, cache_dir=str(read_only_dir / "cache"))
+    results = annotating.annotate(CLUSTERS[:3], tissue="blood", species="human")
+    assert [r.main_cell_type for r in results] == EXPECTED[:3]  # the run went on, without the cache
+    assert len(annotating.warnings) == 1 and "cannot be written" in annotating.warnings[0]
+    assert str(read_only_dir) in annotating.warnings[0]
+    tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
+    assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
+
+
+def test_an_unwritable_cache_dir_is_a_usage_error_before_anything_is_paid(llm_env, read_only_dir, blood_dir,
+                                                                         tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(blood_dir), "--output-dir",
+         str(tmp_path / "out"), "--tissues", "blood", "--annotator", "llm", "--model", "scripted-model",
+         "--cache-dir", str(read_only_dir)],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "--cache-dir" in result.stderr and str(read_only_dir) in result.stderr and "--no-cache" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert llm_env.stats()["requests"] == 0
+
+
+@pytest.mark.slow
+def test_a_read_only_home_runs_the_batch_without_the_cache(llm_env, read_only_dir, blood_dir, tmp_path):
+    # many compute nodes mount $HOME read-only: the default cache folder cannot be written there
+    for name in BLOOD_DATASETS[1:]:
+        (blood_dir / "blood" / f"{name}.h5ad").unlink()
+    env = dict(os.environ, PYTHONPATH=str(REPO), HOME=str(read_only_dir))
+    env.pop("XDG_CACHE_HOME", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(blood_dir), "--output-dir",
+         str(tmp_path / "out"), "--tissues", "blood", "--annotator", "llm", "--model", "scripted-model"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "the LLM response cache cannot be written" in result.stderr and str(read_only_dir) in result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    dataset = BLOOD_DATASETS[0]
+    summary = json.loads((run_dir / "blood" / dataset / f"{dataset}_result.json").read_text())
+    assert any("cache cannot be written" in w for w in summary["warnings"]), summary["warnings"]
+    tracking = json.loads((run_dir / "token_tracking.json").read_text())
+    assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
+
+
+# --------------------------------------------------------------------------- what the summary says about money
+
+
+def _ledger_line(status: str, cost: float = 0.0, **fields) -> str:
+    record = dict(timestamp="2026-01-01T00:00:00", dataset="d1", tissue="blood", cluster="0", agent="annotator",
+                  model="gpt-4o-mini", input_tokens=0, output_tokens=0, cost=cost, latency_s=0.1, status=status,
+                  call_id=uuid.uuid4().hex)
+    record.update(fields)
+    return json.dumps(record) + "\n"
+
+
+@pytest.mark.parametrize("budget_unknown", [0, 2])
+def test_the_summary_tells_true_money_figures(tmp_path, budget_unknown):
+    from cassia_helpers.contract import SUCCESS, DatasetPaths, write_status
+    from cassia_helpers.summary.aggregate import write_run_summaries
+
+    run_dir = tmp_path / "run_test"
+    paths = DatasetPaths(run_dir, "blood", "d1")
+    paths.folder.mkdir(parents=True)
+    (run_dir / "run_manifest.json").write_text(json.dumps({
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "datasets": [{"name": "d1", "tissue": "blood", "path": "d1.h5ad"}]}))
+    write_status(paths, SUCCESS, duration=3.0)
+    paths.result_json.write_text(json.dumps({"n_cells": 100, "n_genes": 50, "n_clusters": 3, "annotator": "llm",
+                                             "unknown_clusters": budget_unknown, "warnings": [],
+                                             "cell_type_terms": []}))
+    kinds = ["budget"] * budget_unknown + [""] * (3 - budget_unknown)
+    rows = [f"{i},{'Unknown' if kind else 'B cell'},{'unknown' if kind else 'ok'},{kind}\n"
+            for i, kind in enumerate(kinds)]
+    paths.clusters_csv.write_text("cluster,cell_type,status,reason_kind\n" + "".join(rows))
+    # one paid call of under a cent, one budget skip (a later step: a label was kept), one refused connection
+    paths.llm_calls_jsonl.write_text(_ledger_line("ok", 0.0042, input_tokens=20_000, output_tokens=2000)
+                                     + _ledger_line("budget") + _ledger_line("not_sent"))
+    write_run_summaries(run_dir)
+    text = (run_dir / "batch_summary.txt").read_text()
+    assert "Total cost: $0.0042" in text and "$0.00\n" not in text
+    assert "API calls: 1 (0 failed" in text  # the refused connection is not a call...
+    assert "Not sent: 1 request(s)" in text  # ...but it is told
+    if budget_unknown:
+        assert "2 cluster(s) are Unknown with reason 'budget'" in text
+    else:
+        assert "no cluster became Unknown for it" in text and "are Unknown with reason" not in text
+    tracking = json.loads((run_dir / "token_tracking.json").read_text())
+    assert (tracking["total_calls"], tracking["not_sent"], tracking["budget_skipped"]) == (1, 1, 1)
+
+
+@pytest.mark.slow
+def test_a_batch_against_a_server_trickling_its_headers_ends_in_bounded_time(llm_env, blood_dir, tmp_path):
+    for name in BLOOD_DATASETS[1:]:
+        (blood_dir / "blood" / f"{name}.h5ad").unlink()
+    llm_env.trickle_headers_s = 0.5  # the headers alone would take ~50 s, each byte inside --llm-timeout
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_batch.py"), "--data-dir", str(blood_dir), "--output-dir",
+         str(tmp_path / "out"), "--tissues", "blood", "--annotator", "llm", "--model", "scripted-model",
+         "--cache-dir", str(tmp_path / "cache"), "--llm-timeout", "2", "--llm-deadline", "3"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr  # a failed dataset, told as such
+    run_dir = next((tmp_path / "out").glob("run_*"))
+    status = json.loads((run_dir / "blood" / BLOOD_DATASETS[0] / f"{BLOOD_DATASETS[0]}_status.json").read_text())
+    assert status["status"] == "failed" and "did not answer in time" in status["error"], status
+    tracking = json.loads((run_dir / "token_tracking.json").read_text())
+    assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
+    assert max(call["latency_s"] for call in tracking["api_calls"]) < 3 + 1.0

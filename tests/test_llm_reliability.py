@@ -101,3 +101,66 @@ def test_budget_stops_spending_and_is_reported(llm_env, blood_dir, tmp_path):
     assert "[budget" in annotation and "budget of $1.00 reached" in annotation
 
 
+
+
+def test_a_step_that_fails_for_most_clusters_is_a_warning_wherever_a_user_reads_and_merge_labels_are_safe(
+        llm_env, blood_dir, tmp_path):
+    """A scorer that never gives a score and a merger whose labels hold newlines, formulas and 300
+    characters: the batch succeeds, the failed step is said on the terminal, in batch_summary.txt, the
+    dataset summary and the report, and every merged label in the CSVs is one capped, formula-free line."""
+    import csv
+
+    import anndata
+
+    from cassia_helpers.contract import DatasetPaths
+
+    keep_only(blood_dir, 1)
+    llm_env.reply_styles = {"no_score", "junk_labels"}
+    process = start(tmp_path, "--tissues", "blood", "--pipeline", "full", *llm_args(tmp_path), offline=False)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    run, name = the_run(tmp_path), DATASETS[0]
+    paths = DatasetPaths(run, "blood", name)
+    warning = "scoring failed for "
+    assert f"blood/{name}  warning: {warning}" in err
+    assert f"WARNING blood/{name}: {warning}" in (run / "batch_summary.txt").read_text()
+    assert warning in paths.summary_txt.read_text()
+    assert warning in (run / "report.html").read_text()
+    n_clusters = len(pd.read_csv(paths.clusters_csv, dtype=str, keep_default_na=False))
+    stats = llm_env.stats()
+    assert stats["requests"] <= 5 * n_clusters, stats
+    assert "scorer" in stats["by_agent"] and "merger" in stats["by_agent"]
+    # every model-provided label: one line per row, capped, no formula trigger (the ' guard is csv_safe's)
+    for path, columns in ((paths.clusters_csv, ("broad", "detailed", "fine")),
+                          (paths.cassia_csv, ("Merged_Grouping_1", "Merged_Grouping_2", "Merged_Grouping_3"))):
+        text = path.read_text()
+        assert len(text.splitlines()) == n_clusters + 1, path
+        rows = list(csv.DictReader(text.splitlines()))
+        for row in rows:
+            for column in columns:
+                value = row[column]
+                assert value and len(value) <= 100 and value[0] not in "=+-@'", (path, column, value)
+    obs = anndata.read_h5ad(paths.annotated_h5ad).obs
+    for column in ("cell_type_broad", "cell_type_detailed", "cell_type_fine"):
+        labels = set(obs[column].astype(str))
+        assert all(x and "\n" not in x and len(x) <= 100 and x[0] not in "=+-@" for x in labels), (column, labels)
+    validation = set(pd.read_csv(paths.clusters_csv, dtype=str, keep_default_na=False)["validation"])
+    assert validation <= {"confirmed", "not confirmed", ""} and "confirmed" in validation
+
+
+def test_the_shared_llm_batch_stays_within_five_requests_per_cluster_and_reports_validation(shared_batch):
+    """The session's real LLM batch (default pipeline ``full``): requests per cluster within the goal, the
+    cached rerun sends none, and every call says whether the validator confirmed it."""
+    run = shared_batch.runs()["llm"]
+    assert shared_batch.outcome("llm")["returncode"] == 0
+    tables = [pd.read_csv(p, dtype=str, keep_default_na=False) for p in sorted(run.glob("blood/*/*_clusters.csv"))]
+    n_clusters = sum(len(t) for t in tables)
+    assert len(tables) == 2 and n_clusters > 0
+    assert shared_batch.record["llm_stats"]["requests"] / n_clusters <= 5, shared_batch.record["llm_stats"]
+    assert shared_batch.record["llm_rerun_stats"]["requests"] == 0
+    for table in tables:
+        assert set(table["validation"]) <= {"confirmed", "not confirmed"}
+    unconfirmed = sum(t["validation"].eq("not confirmed").sum() for t in tables)
+    results = [json.loads(p.read_text()) for p in run.glob("blood/*/*_result.json")]
+    assert sum(r["unconfirmed_clusters"] for r in results) == unconfirmed
+    assert f"Calls not confirmed by the validator: {unconfirmed}" in (run / "batch_summary.txt").read_text()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -273,3 +275,176 @@ def test_reference_on_pbmc68k_bulk_labels():
     strict = sum(sizes[c.cluster] for c, a in zip(groups, calls, strict=True) if a.main_cell_type in STRICT[c.cluster])
     assert lineage / adata.n_obs >= 0.95
     assert strict / adata.n_obs >= 0.75
+
+
+# ---------------------------------------------------------------- genes sent, calls against the reference
+
+
+def _notebook_run(server, tmp_path, *, tissue="blood", types=BLOOD_TYPES, pipeline="fast", seed=5):
+    """The template's helper calls on a synthetic dataset (clusters = the true types), LLM agents against the
+    scripted server: markers, annotation, ontology, evidence, summary text."""
+    import cassia_helpers as ch
+    from cassia_helpers.contract import DatasetPaths
+    from cassia_helpers.dataset.outputs import dataset_summary_text
+    from cassia_helpers.settings import Settings
+
+    adata = make_counts(450, cell_types=types, housekeeping=True, seed=seed)
+    ch.pp.normalize(adata)
+    adata.obs["leiden"] = adata.obs["truth"].astype(str).astype("category")
+    markers = ch.rank_markers(adata, n_genes=None)
+    clusters = ch.cluster_markers(adata, markers)
+    settings = Settings(annotator="llm", model="scripted-model", base_url=server.base_url, pipeline=pipeline,
+                        cache_dir=str(tmp_path / "cache"))
+    annotator = ch.make_annotator(settings, dataset="d", tissue=tissue, run_dir=str(tmp_path),
+                                  ledger_path=tmp_path / "calls.jsonl", markers=markers, adata=adata)
+    ch.annotate_clusters(adata, clusters, annotator=annotator, tissue=tissue, species="human")
+    ch.annotate_ontology(adata)
+    table = ch.marker_evidence(adata, species="human")
+    paths = DatasetPaths(tmp_path, tissue, "d")
+    summary = dataset_summary_text(adata, paths, settings)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    ch.write_cluster_table(adata, paths, markers=markers)
+    return adata, markers, clusters, table, summary
+
+
+def test_housekeeping_genes_stay_in_the_table_but_never_reach_a_prompt(llm_env, tmp_path):
+    from cassia_helpers.dataset.markers import informative
+    from tests.scripted_llm_server import parse_markers
+    from tests.synthetic import HOUSEKEEPING
+
+    adata, markers, clusters, _, summary = _notebook_run(llm_env, tmp_path)
+    first = markers[markers["cluster"] == "T cell"]
+    # they pass the marker test of the T cells (3-fold there) and stay in the full table
+    assert set(HOUSEKEEPING) <= set(first[first["pval_adj"] < 0.05]["gene"])
+    assert llm_env.received
+    for body in llm_env.received:
+        text = json.dumps(body.get("messages", []))
+        assert not [g for g in HOUSEKEEPING if g in text], body["_agent"]
+        assert all(informative(g) for g in parse_markers(body))
+    # the canonical markers come first (ranked by log2 fold change)
+    t_cell = next(c for c in clusters if c.cluster == "T cell")
+    assert set(t_cell.genes[:6]) == set(BLOOD_TYPES["T cell"])
+    record = adata.uns["cassia_batch"]["marker_filter"]
+    assert record["ranking"].startswith("log2 fold change") and "MALAT1" in record["excluded"]
+    assert "markers sent: up to 50 per cluster, ranked by log2 fold change" in summary
+
+
+def test_score_ranking_and_no_filter_are_still_available():
+    import cassia_helpers as ch
+
+    adata = make_counts(300, cell_types=BLOOD_TYPES, housekeeping=True, seed=2)
+    ch.pp.normalize(adata)
+    adata.obs["leiden"] = adata.obs["truth"].astype(str)
+    table = ch.rank_markers(adata, n_genes=None)
+    old = ch.cluster_markers(adata, table, ranking="score", informative_only=False, min_pct=0)
+    assert any(g in sum((c.genes for c in old), []) for g in ("RPS27", "MT-CO1", "MALAT1"))
+    with pytest.raises(ValueError, match="ranking"):
+        ch.cluster_markers(adata, table, ranking="pvalue")
+
+
+def test_one_implausible_type_for_every_cluster_is_flagged_and_the_summary_says_so(llm_env, tmp_path):
+    llm_env.fixed_call = "Hepatocyte"
+    adata, _, _, table, summary = _notebook_run(llm_env, tmp_path)
+    assert set(table["label"]) == {"Hepatocyte"}
+    # the model cited the clusters' real, enriched markers: the cited-marker check alone passes them
+    assert all(json.loads(m)[0]["enriched"] for m in table["markers"])
+    assert table["flag"].mean() >= 0.9
+    assert all("contradicted" in k and "implausible_for_tissue" in k for k in table["flag_kind"])
+    assert "Hepatocyte is not expected in blood" in table["flag_reason"].iloc[0]
+    assert set(adata.obs["marker_evidence_flag_kind"].astype(str)) == {"contradicted, implausible_for_tissue"}
+    n = len(table)
+    assert f"marker evidence: {n} of {n} clusters flagged (contradicted {n}, implausible_for_tissue {n}" in summary
+    assert summary.count("    FLAG ") == n
+    written = pd.read_csv(next(tmp_path.rglob("d_clusters.csv")), keep_default_na=False)
+    assert written["evidence_flag"].all()
+    assert set(written["evidence_flag_kind"]) == {"contradicted, implausible_for_tissue"}
+    assert written["evidence_flag_reason"].str.contains("implausible_for_tissue: Hepatocyte").all()
+    assert adata.uns["cassia_batch"]["marker_evidence"]["flags"]["implausible_for_tissue"] == n
+    # the validator was given the reference's markers of the call and of the rivals the list points to
+    validator = [b for b in llm_env.received if b["_agent"] == "validator"]
+    text = json.dumps(validator[0]["messages"])
+    assert "called type, Hepatocyte: ALB" in text and "[not expected in blood]" in text
+    assert "alternative, " in text
+
+
+@pytest.mark.parametrize(("tissue", "types"), [("blood", BLOOD_TYPES), ("brain", BRAIN_TYPES)])
+def test_a_clean_run_flags_no_correct_call(llm_env, tmp_path, tissue, types):
+    adata, _, _, table, summary = _notebook_run(llm_env, tmp_path, tissue=tissue, types=types)
+    onto = load_cell_ontology()
+    truth = {t: map_label(t).term_id for t in types}
+    for row in table.itertuples():
+        term = adata.uns["cassia_batch"]["ontology"]["clusters"].loc[row.cluster, "term_id"]
+        assert onto.related(term, truth[row.cluster]), (row.cluster, row.label)  # the call is right
+    assert not table["flag"].any(), table["flag_reason"].tolist()
+    assert "marker evidence: 0 of 3 clusters flagged" in summary
+
+
+def test_a_dendritic_cluster_called_b_cell_is_contradicted():
+    types = {**BLOOD_TYPES, "Dendritic cell": ["FCER1A", "CLEC10A", "CD1C", "CST3", "HLA-DQA1", "FLT3"]}
+    adata = make_counts(500, cell_types=types, seed=4)
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    calls = {"Dendritic cell": {"main_cell_type": "B cell", "key_markers": ["CST3", "HLA-DQA1"]},
+             "Monocyte": {"main_cell_type": "CD14+ monocyte", "key_markers": ["CD14"]}}
+    table = marker_evidence(adata, calls, groupby="truth", tissue="blood")
+    assert table.loc["Dendritic cell", "flag"] and table.loc["Dendritic cell", "flag_kind"] == "contradicted"
+    assert "canonical markers of B cell not enriched" in table.loc["Dendritic cell", "flag_reason"]
+    assert not table.loc["Monocyte", "flag"]
+
+
+@pytest.mark.parametrize(
+    ("label", "tissue", "term_id", "method"),
+    [
+        ("Luminal epithelial cell", "breast", "CL:0002326", "tissue"),  # luminal epithelial cell of mammary gland
+        ("luminal epithelial cells", "Breast", "CL:0002326", "tissue"),
+        ("Luminal epithelial cell", "", "CL:0000066", "ancestor"),  # no tissue: epithelial cell
+        ("Basal epithelial cell", "breast", "CL:0000066", "ancestor"),
+        ("CD56dim NK cell", "blood", "CL:0000939", "reference"),  # CD16-positive, CD56-dim natural killer cell
+        ("Adaptive NK cells", "blood", "CL:0000623", "ancestor"),
+        ("Activated CD4+ T cells", "blood", "CL:0000624", "ancestor"),
+        ("T cell", "breast", "CL:0000084", "exact"),  # an exact name is never re-qualified
+    ],
+)
+def test_qualified_labels_reach_cell_ontology(label, tissue, term_id, method):
+    m = map_label(label, tissue=tissue)
+    assert (m.term_id, m.method) == (term_id, method), m
+    if method == "ancestor":
+        assert m.note.startswith("nearest broader term")
+
+
+@pytest.mark.parametrize("label", ["Mixed T and B cells", "T/NK doublets", "Foo cells", "Cycling cells"])
+def test_labels_naming_several_types_or_none_stay_unmatched(label):
+    assert map_label(label).method == "unmatched"
+
+
+def test_reference_note_names_the_called_type_and_its_rivals():
+    from cassia_helpers.dataset.annotate.reference.retrieval import reference_note
+
+    genes = ["FCER1A", "CLEC10A", "CD1C", "LYZ", "CST3", "S100A8", "S100A9"]
+    note = reference_note("B cell", genes, tissue="blood", species="human")
+    assert "called type, B cell: MS4A1, CD79A" in note and "(in the list: none)" in note
+    assert "alternative, Conventional dendritic cell type 2" in note
+    assert len(note.split()) < 80  # a few genes per type, not the whole reference
+    assert reference_note("Gibberish", [], tissue="blood", species="human") == ""
+
+
+@pytest.mark.parametrize(("gene", "sent"), [
+    ("RPS27", False), ("RPL36AL", False), ("RPLP0", False), ("Rps27", False), ("MT-CO1", False), ("mt-Co1", False),
+    ("MTRNR2L12", False), ("MALAT1", False), ("Eef1a1", False),
+    ("RPS6KA1", True), ("Rps6kb1", True), ("RPN1", True), ("CD3E", True), ("MT1G", True),  # kinases, metallothionein
+])
+def test_which_genes_may_be_sent(gene, sent):
+    from cassia_helpers.dataset.markers import informative
+
+    assert informative(gene) is sent
+
+
+def test_the_boost_agent_is_given_the_reference_markers_of_the_call_and_its_rivals():
+    from cassia_helpers.dataset.annotate import ClusterAnnotation
+    from cassia_helpers.dataset.annotate.agents.boost import boost_prompt
+
+    markers = ClusterMarkers("3", ["FCER1A", "CLEC10A", "CD1C", "LYZ", "CST3"], n_cells=40)
+    prompt = boost_prompt(markers, ClusterAnnotation("3", "B cell", reasoning="CD74 and HLA-DRA"), tissue="blood",
+                          species="human")
+    assert "called type, B cell: MS4A1" in prompt
+    assert "alternative, Conventional dendritic cell type 2: CD1C, FCER1A, CLEC10A" in prompt

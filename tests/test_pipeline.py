@@ -108,9 +108,10 @@ def test_fast_pipeline_is_the_single_pass(llm_env, tmp_path):
 def test_boost_only_under_the_threshold(llm_env, tmp_path):
     results = pipeline(llm_env, tmp_path, boost_below=95).annotate(CLUSTERS, tissue="blood", species="human")
     assert [r.boosted for r in results] == [True, True, True, True]
-    # a boost that does not score higher leaves the first answer in place, and says so
+    # a boost that confirms the first call leaves it in place without asking the scorer again, and says so
     assert results[0].kept_answer == "initial" and results[0].main_cell_type == "CD8+ T cell"
-    assert "not above" in results[0].notes[-1]
+    assert "confirmed the initial call" in results[0].notes[-1] and results[0].boost_score is None
+    assert llm_env.stats()["by_agent"]["scorer"] == 4 + 2  # re-scored: only the two boosts that changed the call
     llm_env.reset_stats()
     results = pipeline(llm_env, tmp_path, "none", cache="other", boost_below=0).annotate(
         CLUSTERS[:3], tissue="blood", species="human")

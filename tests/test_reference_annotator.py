@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib import resources
 
+import numpy as np
 import pytest
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
@@ -47,7 +48,7 @@ def raw_json() -> dict:
         ("pbmc", ["MS4A1", "CD79A", "CD79B", "BANK1", "CD19"], {"B cell"}),
         ("blood", ["CD14", "LYZ", "VCAN", "S100A8", "S100A9", "FCN1"], {"Classical monocyte"}),
         ("blood", ["FCGR3A", "MS4A7", "CDKN1C", "LST1", "RHOC"], {"Non-classical monocyte"}),
-        ("pbmc", ["GNLY", "NKG7", "KLRF1", "KLRD1", "PRF1", "NCR1"], {"NK cell"}),
+        ("pbmc", ["GNLY", "NKG7", "KLRF1", "KLRD1", "PRF1", "NCR1"], {"NK cell", "CD56dim NK cell"}),
         ("pbmc", ["FOXP3", "IL2RA", "CTLA4", "CD4", "RTKN2", "IKZF2"], {"Regulatory T cell"}),
         ("pbmc", ["CCR7", "LEF1", "SELL", "CD4", "CD3E", "TCF7"], {"Naive CD4+ T cell"}),
         ("pbmc", ["LILRA4", "CLEC4C", "IL3RA", "TCF4", "IRF7"], {"Plasmacytoid dendritic cell"}),
@@ -444,3 +445,125 @@ def test_the_offline_annotator_does_not_load_the_llm_client():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO).stdout.split()
     assert out[0:2] == ["T", "cell"] and out[-1] == "False"
+
+
+# ---------------------------------------------------------------- expression route: crafted data, known answers
+
+NK_BASE = ["GNLY", "NKG7", "KLRD1", "KLRF1", "NCR1", "TYROBP", "CTSW"]
+PBMC_CRAFTED = {
+    "Naive CD4+ T cell": ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD4", "CD40LG", "CCR7", "LEF1", "SELL", "TCF7"],
+    "Memory CD4+ T cell": ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD4", "CD40LG", "AQP3", "S100A4", "ANXA1",
+                           "KLRB1", "ITGB1"],
+    "Effector memory CD8+ T cell": ["CD3E", "CD3D", "CD3G", "CD2", "LCK", "CD8A", "CD8B", "CCL5", "GZMH", "CST7",
+                                    "NKG7", "GZMA", "KLRG1"],
+    "B cell": ["MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "CD22"],
+    "Classical monocyte": ["CD14", "LYZ", "FCN1", "S100A8", "S100A9", "VCAN", "CSF1R", "LST1"],
+    "CD56dim NK cell": NK_BASE + ["FCGR3A", "FGFBP2", "SPON2", "PRF1", "GZMB"],
+    "CD56bright NK cell": NK_BASE + ["NCAM1", "XCL1", "XCL2", "KLRC1", "GZMK", "SELL"],
+}
+
+
+def _crafted(types: dict[str, list[str]], n_cells: int = 700, seed: int = 3):
+    import scanpy as sc
+
+    from tests.synthetic import make_counts
+
+    adata = make_counts(n_cells, cell_types=types, seed=seed)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    return adata
+
+
+def _calls(adata, groupby: str, tissue: str = "blood") -> dict[str, ClusterAnnotation]:
+    clusters = [cm(str(c), []) for c in adata.obs[groupby].astype(str).unique()]
+    calls = ReferenceAnnotator().annotate(clusters, tissue=tissue, species="human", adata=adata, groupby=groupby)
+    return {c.cluster: a for c, a in zip(clusters, calls, strict=True)}
+
+
+def test_cd56dim_and_cd56bright_nk_cells_are_told_apart():
+    adata = _crafted(PBMC_CRAFTED)
+    adata.obs["cluster"] = adata.obs["truth"].astype(str)
+    calls = _calls(adata, "cluster")
+    assert calls["CD56dim NK cell"].main_cell_type == "CD56dim NK cell", calls["CD56dim NK cell"].reasoning
+    assert calls["CD56bright NK cell"].main_cell_type == "CD56bright NK cell", calls["CD56bright NK cell"].reasoning
+    # the CL definition of the CD56bright subset is CD16-negative: a CD16 (FCGR3A) cluster is never called so
+    reference = ReferenceAnnotator().reference
+    assert "FCGR3A" in reference.by_name("CD56bright NK cell").absent_markers
+    assert reference.by_name("CD56dim NK cell").cl_id == "CL:0000939"
+
+
+def test_a_pure_subtype_cluster_gets_one_label_however_finely_it_is_cut():
+    """The same cells cut into 1, 2 and 4 clusters per population (coarse to fine resolution): every piece
+    keeps its population's subtype, though the pieces of one population no longer stand out from each other."""
+    adata = _crafted(PBMC_CRAFTED, n_cells=800)
+    truth = adata.obs["truth"].astype(str).to_numpy()
+    rng = np.random.default_rng(0)
+    for pieces in (1, 2, 4):
+        adata.obs["cluster"] = [f"{t}|{rng.integers(pieces)}" for t in truth]
+        calls = _calls(adata, "cluster")
+        assert len(calls) == len(PBMC_CRAFTED) * pieces
+        for name, call in calls.items():
+            assert call.main_cell_type == name.split("|")[0], (pieces, name, call.reasoning)
+
+
+def test_a_cluster_split_between_two_lineages_or_two_subtypes_is_flagged_mixed():
+    adata = _crafted(PBMC_CRAFTED, n_cells=800)
+    labels = adata.obs["truth"].astype(str).to_numpy().copy()
+    b_cells = np.flatnonzero(labels == "B cell")
+    labels[b_cells[: int(0.6 * len(b_cells))]] = "Naive CD4+ T cell"  # ~64 % naive CD4+ T, ~36 % B cells
+    adata.obs["cluster"] = labels
+    call = _calls(adata, "cluster")["Naive CD4+ T cell"]
+    # no reference type spans two lineages: the call follows the majority's cells, the split is named
+    assert call.main_cell_type == "Naive CD4+ T cell", call.reasoning
+    assert len(call.mixed_cell_types) == 2
+    (major, minor) = call.mixed_cell_types
+    assert major.startswith("T cell (") and minor.startswith("B cell (") and "% of cells" in minor
+    assert 55 <= int(major.split("(")[1].split("%")[0]) <= 75
+    assert "split between lineages" in call.reasoning and call.confidence < 50
+    # a cluster split between two subtypes of one lineage stays at their common parent
+    labels = adata.obs["truth"].astype(str).to_numpy().copy()
+    memory = np.flatnonzero(labels == "Memory CD4+ T cell")
+    labels[memory[: int(0.8 * len(memory))]] = "Naive CD4+ T cell"
+    adata.obs["cluster"] = labels
+    call = _calls(adata, "cluster")["Naive CD4+ T cell"]
+    assert call.main_cell_type == "CD4+ T cell", call.reasoning
+    assert [m.split(" (")[0] for m in call.mixed_cell_types] == ["Naive CD4+ T cell", "Memory CD4+ T cell"]
+
+
+def test_a_lineage_measured_through_one_marker_is_reached_through_its_subtypes():
+    """Only CD3D of the T-cell markers is measured, and basal cells express none of the measured
+    epithelial markers: CD8A/CD8B/GZMK and KRT5/KRT14/TP63 carry the lineage, and the reasoning says so."""
+    from tests.synthetic import BREAST_TYPES
+
+    types = dict(BREAST_TYPES) | {"CD8+ T cell": ["CD3D", "CD8A", "CD8B", "GZMK", "CCL5", "CST7"],
+                                  "Basal/myoepithelial cell": ["KRT5", "KRT14", "TP63", "KRT17", "OXTR"]}
+    adata = _crafted(types, n_cells=600, seed=7)
+    assert not {"CD3E", "CD3G", "CD2", "LCK", "TRAC"} & set(adata.var_names)
+    adata.obs["cluster"] = adata.obs["truth"].astype(str)
+    calls = _calls(adata, "cluster", tissue="breast")
+    for name in ("CD8+ T cell", "Basal/myoepithelial cell"):
+        assert calls[name].main_cell_type == name, calls[name].reasoning
+        assert f"reached through {name}'s markers" in calls[name].reasoning
+    assert "CD8A" in calls["CD8+ T cell"].reasoning and "KRT14" in calls["Basal/myoepithelial cell"].reasoning
+    assert calls["Fibroblast"].main_cell_type == "Fibroblast" and "reached through" not in calls["Fibroblast"].reasoning
+
+
+def test_pbmc68k_monocytes_without_cd14_in_the_panel_get_a_low_confidence_naming_it():
+    """scanpy's bundled PBMC panel has no CD14: its sorted CD14+ monocytes (FCGR3A in most cells) cannot be
+    told from non-classical monocytes, and the call says so instead of claiming full confidence."""
+    import scanpy as sc
+
+    adata = sc.datasets.pbmc68k_reduced()
+    assert "CD14" not in adata.raw.var_names
+    groups = [cm(c, []) for c in adata.obs["bulk_labels"].cat.categories]
+    calls = ReferenceAnnotator().annotate(groups, tissue="pbmc", species="human", adata=adata,
+                                          groupby="bulk_labels", use_raw=True)
+    by_group = {c.cluster: a for c, a in zip(groups, calls, strict=True)}
+    mono = by_group["CD14+ Monocyte"]
+    assert mono.main_cell_type in {"Monocyte", "Classical monocyte", "Non-classical monocyte"}
+    if mono.main_cell_type != "Monocyte":
+        assert mono.confidence <= 40, mono.reasoning
+        assert "CD14 (Classical monocyte)" in mono.reasoning
+    # a call the panel does support keeps a high confidence
+    assert by_group["CD19+ B"].main_cell_type in {"B cell", "Memory B cell", "Naive B cell"}
+    assert by_group["CD34+"].confidence >= 60

@@ -63,6 +63,40 @@ def dump_dom(html: Path, *, timeout: float = 120) -> str:
     return done.stdout
 
 
+PROBE_ID = "report-probe"
+
+
+def probe(html: Path, script: str, *, width: int = 1280, height: int = 1800, timeout: float = 120):
+    """Run ``script`` in the laid-out page at ``width`` × ``height`` CSS pixels and return what it returns.
+
+    ``script`` is the body of a JavaScript function; its return value (JSON-serialisable) comes back as
+    Python data. The page is copied beside the original (so relative links resolve the same) with the
+    script appended at the end of ``<body>``; the original file is untouched.
+    """
+    import json
+
+    browser = find_browser()
+    if browser is None:
+        raise FileNotFoundError("no Chromium found (Debian: apt-get install -y chromium)")
+    wrapped = (f'<script>(function () {{ var out; try {{ out = (function () {{ {script} }})(); }} '
+               f'catch (e) {{ out = {{"error": String(e)}}; }} var pre = document.createElement("pre"); '
+               f'pre.id = "{PROBE_ID}"; pre.textContent = JSON.stringify(out); '
+               f'document.body.appendChild(pre); }})();</script>')
+    page = html.read_text(encoding="utf-8")
+    cut = page.rindex("</body>")
+    with tempfile.TemporaryDirectory() as profile, \
+            tempfile.NamedTemporaryFile("w", suffix=".html", dir=html.parent, encoding="utf-8") as copy:
+        copy.write(page[:cut] + wrapped + page[cut:])
+        copy.flush()
+        done = subprocess.run(browser_command(browser, Path(profile), f"--window-size={width},{height}",
+                                              "--dump-dom", Path(copy.name).resolve().as_uri()),
+                              check=True, capture_output=True, text=True, timeout=timeout)
+    start = done.stdout.index(f'<pre id="{PROBE_ID}">') + len(f'<pre id="{PROBE_ID}">')
+    import html as markup
+
+    return json.loads(markup.unescape(done.stdout[start:done.stdout.index("</pre>", start)]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder written by run_batch.py")

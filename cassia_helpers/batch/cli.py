@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cassia_helpers.settings import SETTINGS, Settings, UsageError, default
+from cassia_helpers.settings import SETTINGS, Settings, UsageError, context_text, default
 
 
 def _version() -> str:
@@ -82,11 +82,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     values["base_url"] = _endpoint(args.base_url or "")
     if args.annotator == "auto":
         values["annotator"] = "llm" if llm_configured(values["base_url"]) else "reference"
-    for name in ("cache_dir", "price_file"):
+    if args.context and args.context_file:
+        raise UsageError("give the context with --context or --context-file, not both")
+    for name in ("cache_dir", "price_file", "context_file"):
         values[name] = str(Path(values[name]).expanduser().resolve()) if values[name] else ""
     if values["price_file"] and not Path(values["price_file"]).is_file():
         raise UsageError(f"{values['price_file']}: price file not found")
     settings = Settings(**values)
+    context_text(settings)  # an unreadable --context-file is a usage error now, not in every dataset
     check_llm_setup(settings)
     return settings
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,30 @@ UNSUPPORTED = {".h5ad.gz": "compressed h5ad (gunzip it first)", ".zarr": "zarr s
                ".rds": "R object (export it as .h5ad, e.g. with zellkonverter or SeuratDisk)",
                ".csv": "text matrix (read it with scanpy and write_h5ad)", ".mtx": "matrix market (read it with "
                "scanpy.read_10x_mtx and write_h5ad)"}
+
+
+def name_problem(name: object) -> str:
+    """Why ``name`` cannot be a tissue or dataset folder inside the run folder, or ``""``.
+
+    A name is one path component (no ``/``, not ``.`` or ``..``, not hidden) without control characters: a
+    newline or carriage return would split the progress lines and the summaries' rows.
+    """
+    if not isinstance(name, str) or not name.strip():
+        return "an empty name"
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        return "a name that is not a single folder inside the run folder"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        return "a name with a control character (newline, carriage return, tab, ...)"
+    return ""
+
+
+def check_name(name: object, *, what: str, source: str | Path) -> str:
+    """``name`` if it is a valid :func:`name_problem`-free folder name, else a :class:`UsageError` naming
+    ``source`` (the file or flag it came from)."""
+    problem = name_problem(name)
+    if problem:
+        raise UsageError(f"{source}: {what} {name!r} is {problem}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,8 @@ def _classify(path: Path) -> tuple[str, str]:
     if path.is_symlink() and not path.exists():
         return "skip", "broken symbolic link"
     lower = name.lower()
+    if lower.endswith(SUFFIX) and name_problem(name[: -len(SUFFIX)]):
+        return "skip", f"not usable as an output folder name: {name_problem(name[: -len(SUFFIX)])} (rename it)"
     if lower.endswith(SUFFIX):
         return ("dataset", "") if path.is_file() else ("skip", "named .h5ad but not a file")
     for suffix, reason in UNSUPPORTED.items():
@@ -60,7 +87,8 @@ def scan_tissue(folder: Path, tissue: str) -> Discovery:
         if kind == "dataset":
             found.datasets.append(Dataset(name=path.name[: -len(SUFFIX)], tissue=tissue, path=path.absolute()))
         elif kind == "skip":
-            found.skipped.append(f"{path}: skipped: {reason}")
+            shown = str(path) if str(path).isprintable() else repr(str(path))
+            found.skipped.append(f"{shown}: skipped: {reason}")
     return found
 
 
@@ -92,6 +120,9 @@ def discover(data_dir: Path, tissues: list[str]) -> Discovery:
         selected = list(dict.fromkeys(tissues))
     result = Discovery()
     for tissue in selected:
+        if name_problem(tissue):
+            result.skipped.append(f"{str(data_dir / tissue)!r}: skipped: tissue folder with {name_problem(tissue)}")
+            continue
         part = scan_tissue(data_dir / tissue, tissue)
         result.datasets += part.datasets
         result.skipped += part.skipped
@@ -109,6 +140,7 @@ def discover(data_dir: Path, tissues: list[str]) -> Discovery:
 
 def single_input(path: Path, tissue: str) -> Discovery:
     """``--input FILE --tissue NAME``: one dataset without a tissue folder."""
+    check_name(tissue, what="tissue", source="--tissue")
     kind, reason = _classify(path)
     if not path.exists() and not path.is_symlink():
         raise UsageError(f"{path}: input file not found")

@@ -39,7 +39,7 @@ from cassia_helpers.contract import (
     run_label,
     write_status,
 )
-from cassia_helpers.files import write_json
+from cassia_helpers.files import remove_temporary, write_json
 from cassia_helpers.settings import RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
@@ -88,11 +88,11 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
         if manifest is None:
             reason = "no" if not (run_dir / RUN_MANIFEST).exists() else "an unreadable"
             raise UsageError(f"{run_dir}: not a run folder ({reason} {RUN_MANIFEST})")
-        try:
-            datasets = [Dataset(d["name"], d["tissue"], Path(d["path"])) for d in manifest["datasets"]]
-            run_settings = Settings.with_analysis(manifest.get("analysis", {}), **settings.values(RUN))
-        except (KeyError, TypeError) as exc:
-            raise UsageError(f"{run_dir / RUN_MANIFEST}: damaged manifest ({exc})") from None
+        from cassia_helpers.batch.resume import manifest_analysis, manifest_datasets
+
+        datasets = manifest_datasets(manifest, run_dir / RUN_MANIFEST)
+        run_settings = Settings.with_analysis(manifest_analysis(manifest, run_dir / RUN_MANIFEST),
+                                              **settings.values(RUN))
         from cassia_helpers.dataset.annotate.factory import check_llm_setup
 
         check_llm_setup(run_settings)
@@ -210,12 +210,18 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     manifest.setdefault("sessions", []).append({"started_at": now_iso(), "resumed": settings.resume is not None})
     write_json(run_dir / RUN_MANIFEST, manifest)
     log.info("Run folder: %s", run_dir)
+    if settings.resume is not None:  # check what the folder says before trusting it
+        from cassia_helpers.batch.resume import recheck
+
+        recheck(run_dir, datasets, manifest)
     todo = _pending(run_dir, datasets, result)
     progress = Progress(run_dir, todo, quiet=settings.quiet)
 
     def finished(dataset: Dataset, record: dict) -> None:
         key = (dataset.tissue, dataset.name)
         result.statuses[key], result.errors[key] = record["status"], record.get("error", "")
+        if record["status"] != SUCCESS:  # a write cut short (a full disk, a killed kernel) leaves its temporary
+            remove_temporary(DatasetPaths(run_dir, dataset.tissue, dataset.name).folder)
         progress.done(dataset, record)
 
     with Interrupts() as interrupts:

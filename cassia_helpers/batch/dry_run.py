@@ -9,12 +9,13 @@ from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.prompts import (
     ANNOTATOR_SYSTEM,
     FORMATTER_SYSTEM,
+    REFERENCE_NOTE_CHARS,
     VALIDATOR_SYSTEM,
     cluster_prompt,
 )
 from cassia_helpers.inputs import InputError, check_input
-from cassia_helpers.ledger import PriceTable
-from cassia_helpers.settings import Settings
+from cassia_helpers.ledger import PriceTable, format_cost
+from cassia_helpers.settings import Settings, context_text
 
 # Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.
 OUTPUT_TOKENS = {"annotator": 450, "formatter": 150, "validator": 120}
@@ -26,14 +27,17 @@ def cluster_range(n_cells: int) -> tuple[int, int]:
     return max(1, min(5, n_cells // 50)), max(2, min(80, int(6 * math.log10(max(n_cells, 10)) ** 1.5)))
 
 
-def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, max_rounds: int = 2) -> dict[str, tuple]:
-    """(input, output) tokens of one cluster's calls: best case (validated at once) and worst case."""
+def tokens_per_cluster(n_markers: int, *, tissue: str, species: str, context: str = "",
+                       max_rounds: int = 2) -> dict[str, tuple]:
+    """(input, output) tokens of one cluster's calls: best case (validated at once) and worst case. Every
+    prompt part counts: the agents' instructions, the markers, tissue, species and ``context``."""
     markers = ClusterMarkers("0", [f"GENE{i:05d}" for i in range(n_markers)], n_cells=1000)
-    prompt = cluster_prompt(markers, tissue=tissue, species=species, context="")
+    prompt = cluster_prompt(markers, tissue=tissue, species=species, context=context)
     annotator_in = (len(ANNOTATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN
     analysis = OUTPUT_TOKENS["annotator"]
     formatter_in = (len(FORMATTER_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis
-    validator_in = (len(VALIDATOR_SYSTEM) + len(prompt)) // CHARS_PER_TOKEN + analysis + OUTPUT_TOKENS["formatter"]
+    validator_in = ((len(VALIDATOR_SYSTEM) + len(prompt) + REFERENCE_NOTE_CHARS) // CHARS_PER_TOKEN + analysis
+                    + OUTPUT_TOKENS["formatter"])
     best_in = annotator_in + formatter_in + validator_in
     best_out = sum(OUTPUT_TOKENS.values())
     # later rounds resend the growing conversation; the formatter may fall back twice
@@ -48,7 +52,8 @@ def per_cluster(settings: Settings, *, tissue: str) -> dict[str, tuple]:
     the single pass's token sizes scaled by the pipeline's bounded call counts."""
     from cassia_helpers.dataset.annotate.agents.pipeline import PipelineSettings, estimate_calls
 
-    single = tokens_per_cluster(settings.n_markers, tissue=tissue, species=settings.species)
+    single = tokens_per_cluster(settings.n_markers, tissue=tissue, species=settings.species,
+                                context=context_text(settings))
     options = PipelineSettings.from_options(
         pipeline=settings.pipeline, boost_below=settings.boost_below, boost_rounds=settings.boost_rounds,
         n_runs=settings.n_runs, models=settings.models, agreement_threshold=settings.agreement_threshold)
@@ -95,10 +100,10 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
                      f"{f'{calls[0]}-{calls[1]}':>11} {f'{tokens[0]:,}-{tokens[1]:,}':>17}")
     lines += ["", f"Estimated API calls: {totals[0]:,}-{totals[1]:,} (before retries; cached answers cost nothing)",
               f"Estimated tokens: {totals[2]:,}-{totals[3]:,}",
-              f"Estimated cost: ${totals[4]:.2f}-${totals[5]:.2f}"
+              f"Estimated cost: {format_cost(totals[4])}-{format_cost(totals[5])}"
               + ("" if price.known or not llm else f" (no known price for {settings.model}: set --price-file)")]
     if settings.max_cost:
-        lines.append(f"Budget (--max-cost): ${settings.max_cost:.2f}")
+        lines.append(f"Budget (--max-cost): {format_cost(settings.max_cost)}")
     if found.skipped:
         lines += ["", "Skipped entries:"] + [f"  {line}" for line in found.skipped]
     if problems:

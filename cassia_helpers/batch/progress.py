@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from cassia_helpers.contract import BATCH_SUMMARY_TXT, SUCCESS, DatasetPaths
+from cassia_helpers.contract import BATCH_SUMMARY_TXT, SUCCESS, DatasetPaths, read_result
 
 log = logging.getLogger("cassia_helpers")
 STEP_NAMES = {"load": "loading", "qc": "QC", "normalize": "normalising", "pca": "HVG + PCA",
@@ -63,6 +63,10 @@ class Progress:
                  f"{len(self.pending) - running} queued)")
         if record["status"] == SUCCESS:
             self._say(f"{self._label(*key)}  done in {seconds:.0f} s  {tally}")
+            # a step that failed for most clusters (e.g. no scores) is said even when the dataset succeeded
+            result = read_result(DatasetPaths(self.run_dir, *key)) or {}
+            for warning in result.get("step_warnings", []) or []:
+                log.warning("%s  warning: %s", self._label(*key), " ".join(str(warning).split()))
         else:
             log.warning("%s  %s: %s  %s", self._label(*key), record["status"], record.get("error", ""), tally)
 

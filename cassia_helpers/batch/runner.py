@@ -23,13 +23,13 @@ from cassia_helpers.batch.execute import STOP_GRACE_S, execute_dataset
 from cassia_helpers.contract import (
     FAILED,
     INTERRUPTED,
+    PROGRESS_ENV,
     SUCCESS,
     DatasetPaths,
     now_iso,
     read_status,
     write_status,
 )
-from cassia_helpers.dataset.record import PROGRESS_ENV
 
 # Variables the kernel must not inherit: the endpoint travels as a notebook parameter, and plots must use
 # the kernel's own inline backend so that the executed notebook shows them.

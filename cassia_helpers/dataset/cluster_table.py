@@ -112,7 +112,7 @@ CHECK_COLUMNS = (
     ("ontology", "term_id", "cell_type_ontology_term_id"), ("ontology", "term_name", "cell_type_ontology_term"),
     ("ontology", "lineage_name", "cell_type_lineage"), ("ontology", "method", "ontology_match"),
     ("marker_evidence", "evidence_score", "evidence_score"), ("marker_evidence", "flag", "evidence_flag"),
-    ("marker_evidence", "flag_reason", "evidence_flag_reason"),
+    ("marker_evidence", "flag_reason", "evidence_flag_reason"), ("marker_evidence", "flag_kind", "evidence_flag_kind"),
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ClusterProfile", "cluster_profile", "marker_evidence", "MIN_FRACTION"]
+__all__ = ["FLAG_KINDS", "ClusterProfile", "cluster_profile", "flag_counts", "marker_evidence", "MIN_FRACTION"]
 
 #: a key marker detected in fewer of the cluster's cells than this is not enriched
 MIN_FRACTION = 0.2
@@ -22,7 +22,13 @@ MIN_FRACTION = 0.2
 MIN_DELTA = 0.05
 #: ... or whose mean (log scale) is not at least this much higher
 MIN_MEAN_DELTA = 0.25
-_PROVENANCE_KEY = "cassia_batch"
+#: a called type is contradicted when fewer than this share of its measured canonical markers are enriched
+MIN_CANONICAL_SHARE = 1 / 3
+#: ... or when an unrelated reference type of the tissue scores at least this many times higher in the
+#: cluster, and at least RIVAL_MARGIN higher (scores: mean marker strength, 0-1)
+RIVAL_RATIO, RIVAL_MARGIN = 2.0, 0.15
+#: the kinds of flag, in the order they are reported
+FLAG_KINDS = ("contradicted", "implausible_for_tissue", "markers_not_enriched")
 
 
 @dataclass
@@ -120,24 +126,62 @@ def _enriched(f_in: float, f_out: float, m_in: float, m_out: float, min_fraction
 
 
 def _canonical(label: str, species: str) -> tuple[str | None, list[str]]:
-    """Reference type whose name or CL term (or the term's nearest ancestor) matches the label, and its markers."""
-    from cassia_helpers.dataset.annotate.reference.catalog import load_reference
-    from cassia_helpers.dataset.ontology import load_cell_ontology
+    """Reference type a label reaches (its name, or its CL term or the term's nearest ancestor) and its markers."""
+    from cassia_helpers.dataset.annotate.reference.retrieval import reference_type
 
-    ref = load_reference()
-    species = species if species in ("human", "mouse") else "human"
-    for ct in ref.cell_types:
-        if ct.name.lower() == label.strip().lower():
-            return ct.name, list(ct.symbols(species))
-    onto = load_cell_ontology()
-    match = onto.match(label)
-    if match.matched:
-        by_id = {ct.cl_id: ct for ct in ref.cell_types if ct.cl_id}
-        # the reference type with the label's CL term, else with its nearest ancestor term
-        for term in [match.term_id, *onto.ancestors(match.term_id)]:
-            if term in by_id:
-                return by_id[term].name, list(by_id[term].symbols(species))
-    return None, []
+    ct = reference_type(label)
+    return (ct.name, list(ct.symbols(species))) if ct is not None else (None, [])
+
+
+def _strength(prof: ClusterProfile, i: int, genes: list[str]) -> tuple[float, int, int]:
+    """(mean strength, markers measured, markers enriched) of ``genes`` in cluster row ``i``."""
+    values, enriched = [], 0
+    for gene in genes:
+        j = prof.column(gene)
+        if j is None:
+            continue
+        f_in, m_in, m_out = float(prof.frac_in[i, j]), float(prof.mean_in[i, j]), float(prof.mean_out[i, j])
+        values.append(f_in * min(1.0, max(0.0, m_in - m_out)))
+        enriched += _enriched(f_in, float(prof.frac_out[i, j]), m_in, m_out, MIN_FRACTION)
+    return (float(np.mean(values)) if values else 0.0), len(values), enriched
+
+
+def _reference_checks(label: str, tissue: str, species: str, prof: ClusterProfile, i: int) -> list[tuple[str, str]]:
+    """``(kind, reason)`` of the reference checks of one call: ``contradicted`` (the called type's canonical
+    markers are not enriched, or an unrelated type of the tissue clearly scores higher) and
+    ``implausible_for_tissue``."""
+    from cassia_helpers.dataset.annotate.reference.catalog import load_reference
+    from cassia_helpers.dataset.annotate.reference.retrieval import expected_in_tissue, reference_type, related_types
+
+    called = reference_type(label)
+    if called is None:
+        return []
+    flags = []
+    own, measured, enriched = _strength(prof, i, list(called.symbols(species)))
+    if measured >= 3 and enriched < MIN_CANONICAL_SHARE * measured:
+        flags.append(("contradicted", f"{measured - enriched} of {measured} canonical markers of {called.name} "
+                                      "not enriched"))
+    related = related_types(called)
+    best, best_score = None, 0.0
+    for ct in load_reference().candidates(tissue):
+        if ct.name in related:
+            continue
+        score, n, _ = _strength(prof, i, list(ct.symbols(species)))
+        if n >= 3 and score > best_score:
+            best, best_score = ct, score
+    if best is not None and best_score >= RIVAL_RATIO * own and best_score - own >= RIVAL_MARGIN:
+        mine = f"{own:.2f} for {called.name}" if measured else f"none of {called.name}'s markers measured"
+        flags.append(("contradicted", f"{best.name} scores {best_score:.2f} on its reference markers against {mine}"))
+    if expected_in_tissue(called, tissue) is False:
+        flags.append(("implausible_for_tissue", f"{called.name} is not expected in {tissue} "
+                                                f"(reference tissues: {', '.join(called.tissues or ())})"))
+    return flags
+
+
+def flag_counts(table: Any) -> dict[str, int]:
+    """Clusters per flag kind (:data:`FLAG_KINDS`) in a :func:`marker_evidence` table."""
+    kinds = table["flag_kind"].astype(str) if "flag_kind" in getattr(table, "columns", ()) else []
+    return {kind: int(sum(kind in str(k).split(", ") for k in kinds)) for kind in FLAG_KINDS}
 
 
 def marker_evidence(
@@ -147,6 +191,7 @@ def marker_evidence(
     groupby: str | None = None,
     label_key: str | None = None,
     species: str = "human",
+    tissue: str | None = None,
     use_raw: bool = False,
     layer: str | None = None,
     min_fraction: float = MIN_FRACTION,
@@ -169,6 +214,8 @@ def marker_evidence(
         Column with the called labels, used when ``calls`` is ``None`` (default: the annotation's ``key_added``).
     species
         Selects the reference's marker symbols for the canonical markers.
+    tissue
+        The sample's tissue, for the reference checks (default: the tissue the annotation recorded).
     use_raw, layer
         Where to read expression from.
     min_fraction
@@ -181,7 +228,8 @@ def marker_evidence(
     pandas.DataFrame
         One row per cluster: ``cluster``, ``label``, ``reference_type`` (the reference type used for the
         canonical markers, empty if none), ``key_markers``, ``n_enriched``, ``n_key_markers``,
-        ``evidence_score`` (0-1), ``flag`` (bool), ``flag_reason`` and ``markers`` (JSON list of
+        ``evidence_score`` (0-1), ``flag`` (bool), ``flag_kind`` (the kinds of :data:`FLAG_KINDS` that
+        fired, comma-separated, empty if none), ``flag_reason`` and ``markers`` (JSON list of
         ``{"gene", "source", "frac_in", "frac_out", "mean_in", "mean_out", "enriched"}``).
 
     Notes
@@ -194,22 +242,30 @@ def marker_evidence(
     marker is detected in every cell of the cluster at least one log unit above the other cells.
     The flag fires when the call names a cell type and fewer than half of its key markers (the cited ones, else
     the canonical ones, as measured in the data) are enriched, or when none is measured. ``Unknown`` clusters
-    are not flagged (there is nothing to check).
+    are not flagged (there is nothing to check). These flags are of kind ``markers_not_enriched``.
+
+    The call is also checked against the reference (when its label reaches a reference type, through its
+    name or Cell Ontology term and ancestors): ``contradicted`` when fewer than a third of the called type's
+    canonical markers measured (at least 3) are enriched, or when a reference type of the tissue that is
+    neither the called type nor on its path scores at least twice as high and 0.15 higher (score: the mean
+    strength above over the type's markers, at least 3 measured); ``implausible_for_tissue`` when the
+    reference does not expect the type in the tissue (unknown tissues are not judged).
 
     Writes ``obs[f"{key_added}_score"]`` (float; NaN for clusters without a call),
-    ``obs[f"{key_added}_flag"]`` (bool) and
+    ``obs[f"{key_added}_flag"]`` (bool), ``obs[f"{key_added}_flag_kind"]`` (category) and
     ``uns['cassia_batch'][key_added]`` with ``min_fraction`` and the per-cluster table (``clusters``).
     """
     import pandas as pd
 
-    from cassia_helpers.dataset.record import cluster_key
+    from cassia_helpers.dataset.annotate.reference.catalog import load_reference
+    from cassia_helpers.dataset.record import KEY, cluster_key
     from cassia_helpers.dataset.record import label_key as annotation_key
 
     groupby, label_key = groupby or cluster_key(adata), label_key or annotation_key(adata)
     labels = adata.obs[groupby].astype(str)
     per_cluster: dict[str, tuple[str, list[str]]] = {}
     if calls is None:
-        table = adata.uns.get(_PROVENANCE_KEY, {}).get("annotation", {}).get("clusters")
+        table = adata.uns.get(KEY, {}).get("annotation", {}).get("clusters")
         cited = {}
         if table is not None:
             for _, row in pd.DataFrame(table).iterrows():
@@ -228,6 +284,9 @@ def marker_evidence(
     canon = {c: _canonical(label, species) for c, (label, _) in per_cluster.items()}
     genes = [g for label, cited in per_cluster.values() for g in cited]
     genes += [g for _, markers in canon.values() for g in markers]
+    tissue = tissue if tissue is not None else str(adata.uns.get(KEY, {}).get("annotation", {}).get("tissue", ""))
+    ref_species = species if species in ("human", "mouse") else "human"
+    genes += [g for ct in load_reference().candidates(tissue) for g in ct.symbols(ref_species)]
     prof = cluster_profile(adata, genes, groupby=groupby, use_raw=use_raw, layer=layer)
     row_of = {c: i for i, c in enumerate(prof.clusters)}
     rows = []
@@ -253,29 +312,58 @@ def marker_evidence(
         key = [r for r in records if r["source"] == "cited"] or [r for r in records if r["source"] == "canonical"]
         n_enriched = sum(r["enriched"] for r in key)
         is_call = label.strip() != "" and label.strip().lower() != "unknown"
+        flags = []
         if not is_call:
-            flag, reason = False, ""
+            pass
         elif not key:
-            flag, reason = True, "none of the call's markers is measured in the data"
+            flags.append(("markers_not_enriched", "none of the call's markers is measured in the data"))
         elif n_enriched * 2 < len(key):
             weak = ", ".join(f"{r['gene']} ({r['frac_in']:.0%} vs {r['frac_out']:.0%})" for r in key
                              if not r["enriched"])
-            flag, reason = True, f"{len(key) - n_enriched} of {len(key)} key markers not enriched: {weak}"
-        else:
-            flag, reason = False, ""
+            flags.append(("markers_not_enriched",
+                          f"{len(key) - n_enriched} of {len(key)} key markers not enriched: {weak}"))
+        if is_call and cluster in row_of:
+            flags = _reference_checks(label, tissue, ref_species, prof, row_of[cluster]) + flags
+        flag = bool(flags)
+        kind = ", ".join(k for k in FLAG_KINDS if any(f[0] == k for f in flags))
+        reason = "; ".join(f"{k}: {r}" for k, r in flags)
         rows.append({
             "cluster": cluster, "label": label, "reference_type": ref_type or "",
             "key_markers": ", ".join(r["gene"] for r in key), "n_enriched": int(n_enriched),
-            "n_key_markers": len(key), "evidence_score": round(score, 4), "flag": flag,
+            "n_key_markers": len(key), "evidence_score": round(score, 4), "flag": flag, "flag_kind": kind,
             "flag_reason": reason, "markers": json.dumps(records),
         })
     table = pd.DataFrame(rows, columns=["cluster", "label", "reference_type", "key_markers", "n_enriched",
-                                        "n_key_markers", "evidence_score", "flag", "flag_reason", "markers"])
+                                        "n_key_markers", "evidence_score", "flag", "flag_kind", "flag_reason",
+                                        "markers"])
     table.index = table["cluster"].to_numpy()
     score_of = dict(zip(table["cluster"], table["evidence_score"], strict=True))
     flag_of = dict(zip(table["cluster"], table["flag"], strict=True))
     adata.obs[f"{key_added}_score"] = labels.map(score_of).astype("float32").to_numpy()
     adata.obs[f"{key_added}_flag"] = np.array([bool(flag_of.get(c, False)) for c in labels], dtype=bool)
-    adata.uns.setdefault(_PROVENANCE_KEY, {})[key_added] = {"min_fraction": float(min_fraction),
-                                                           "clusters": table}
+    kind_of = dict(zip(table["cluster"], table["flag_kind"], strict=True))
+    adata.obs[f"{key_added}_flag_kind"] = pd.Categorical(labels.map(kind_of).fillna("").to_numpy())
+    adata.uns.setdefault(KEY, {})[key_added] = {"min_fraction": float(min_fraction), "tissue": tissue,
+                                                "flags": flag_counts(table), "clusters": table}
     return table
+
+
+def summary_lines(record: dict) -> list[str]:
+    """The dataset summary's lines on the genes sent and the marker evidence flags (from ``uns['cassia_batch']``)."""
+    import pandas as pd
+
+    lines = []
+    sent = record.get("marker_filter", {})
+    if sent:
+        lines.append(f"  markers sent: up to {sent.get('n_top')} per cluster, ranked by {sent.get('ranking')}; "
+                     f"left out: {sent.get('excluded', 'none')}"
+                     + (f" ({sent['n_left_out']} of them in the test's top {sent.get('n_top')}, all clusters)"
+                        if sent.get("n_left_out") else ""))
+    table = record.get("marker_evidence", {}).get("clusters")
+    if isinstance(table, pd.DataFrame) and len(table):
+        counts = flag_counts(table)
+        lines.append(f"  marker evidence: {int(table['flag'].astype(bool).sum())} of {len(table)} clusters flagged ("
+                     + ", ".join(f"{kind} {n}" for kind, n in counts.items()) + ")")
+        lines += [f"    FLAG {row.cluster:>4}  {row.label}: {row.flag_reason}" for row in table.itertuples()
+                  if bool(row.flag)]
+    return lines

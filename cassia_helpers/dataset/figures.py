@@ -18,16 +18,10 @@ import pandas as pd
 from cassia_helpers.canvas import SavedFigures, new_figure, save_figure
 from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.cluster_table import cluster_label
+from cassia_helpers.dataset.qc_histograms import QC_METRICS, qc_distributions
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
+from cassia_helpers.dataset.umap_labels import label_spots, place_labels
 from cassia_helpers.palette import PALETTE, is_no_call, run_palette
-
-#: File name suffix of each figure in the dataset folder (``{dataset}{suffix}``).
-#: (obs column, title, log scale) of the QC metrics written by ``pp.qc``.
-QC_METRICS = (
-    ("n_genes_by_counts", "Genes per cell", True),
-    ("total_counts", "Counts per cell", True),
-    ("pct_counts_mt", "Mitochondrial counts (%)", False),
-)
 
 
 def label_colors(adata, key: str = "cell_type") -> dict[str, str]:
@@ -55,38 +49,6 @@ def set_colors(adata, key: str = "cell_type", *, fixed: Mapping[str, str] | None
     return colors
 
 
-def qc_distributions(obs: pd.DataFrame, keep: np.ndarray, *, bins: int = 50) -> dict:
-    """Histograms of the QC metrics before and after filtering, small enough for ``uns``.
-
-    Called by ``pp.qc`` before it drops cells (the removed cells' metrics are lost afterwards). For each
-    metric of :data:`QC_METRICS` in ``obs``: ``{"edges": float array (bins + 1), "before": int array,
-    "after": int array}``; log-spaced bins for genes and counts.
-    """
-    keep = np.asarray(keep, dtype=bool)
-    found = {}
-    for metric, _, log in QC_METRICS:
-        if metric not in obs:
-            continue
-        values = obs[metric].to_numpy(dtype=float)
-        finite = np.isfinite(values)
-        values, kept = values[finite], keep[finite]
-        if not len(values):
-            continue
-        if log:
-            low = max(1.0, float(values.min()))
-            high = max(low * 1.01, float(values.max()))
-            edges = np.geomspace(low, high, bins + 1)
-            values = np.clip(values, low, high)
-        else:
-            edges = np.linspace(0.0, max(float(values.max()), 1e-6), bins + 1)
-        found[metric] = {
-            "edges": edges,
-            "before": np.histogram(values, edges)[0].astype(np.int64),
-            "after": np.histogram(values[kept], edges)[0].astype(np.int64),
-        }
-    return found
-
-
 def qc_figure(adata, *, distributions: Mapping | None = None):
     """Genes, counts and % mitochondrial counts per cell, before (grey) and after (blue) the QC thresholds.
 
@@ -96,8 +58,8 @@ def qc_figure(adata, *, distributions: Mapping | None = None):
     record = dict(adata.uns.get(PROVENANCE_KEY, {}).get("qc", {}))
     distributions = distributions if distributions is not None else record.get("distributions")
     if not distributions:
-        distributions = {m: _after_only(adata.obs[m].to_numpy(float), log) for m, _, log in QC_METRICS
-                         if m in adata.obs}
+        kept = qc_distributions(adata.obs, np.ones(adata.n_obs, dtype=bool))
+        distributions = {metric: {**part, "before": None} for metric, part in kept.items()}
     thresholds = {"n_genes_by_counts": ("min_genes", record.get("min_genes")),
                   "pct_counts_mt": ("max_pct_mt", record.get("max_pct_mt"))}
     figure = new_figure(11, 3.2)
@@ -118,7 +80,13 @@ def qc_figure(adata, *, distributions: Mapping | None = None):
         if log:
             _plain_log_axis(ax)
         name, value = thresholds.get(metric, (None, None))
-        if value is not None:
+        if value is not None and not log and float(value) > 2 * edges[-1]:
+            # every cell far below the threshold (e.g. a log-normalised input's mitochondrial share): the axis
+            # keeps to the data, so the bars stay visible, and the threshold is named at the edge
+            ax.set_xlim(edges[0], edges[-1] * 1.05)
+            ax.annotate(f"{name} = {float(value):g} →\n(every cell below)", xy=(1, 1), xycoords="axes fraction",
+                        ha="right", va="top", fontsize=8, color="#d62728")
+        elif value is not None:
             ax.axvline(float(value), color="#d62728", linestyle="--", linewidth=1)
             ax.annotate(f"{name} = {float(value):g}", xy=(float(value), 1), xycoords=("data", "axes fraction"),
                         xytext=(3, -2), textcoords="offset points", va="top", fontsize=8, color="#d62728")
@@ -144,17 +112,6 @@ def _plain_log_axis(ax) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _after_only(values: np.ndarray, log: bool, bins: int = 50) -> dict:
-    part = qc_distributions(pd.DataFrame({"v": values}), np.ones(len(values), bool), bins=bins)
-    return {"edges": part["v"]["edges"], "after": part["v"]["after"], "before": None} if part else None
-
-
-def _anchor(points: np.ndarray) -> tuple[float, float]:
-    """The cell nearest the median of ``points``: a label position that lies on the data."""
-    median = np.median(points, axis=0)
-    return tuple(points[np.argmin(((points - median) ** 2).sum(axis=1))])
-
-
 def _scatter(ax, coords: np.ndarray, colors: np.ndarray, order: np.ndarray) -> None:
     size = float(np.clip(9000 / max(len(coords), 1), 0.4, 25))
     ax.scatter(coords[order, 0], coords[order, 1], c=colors[order], s=size, linewidths=0, rasterized=True)
@@ -164,24 +121,6 @@ def _scatter(ax, coords: np.ndarray, colors: np.ndarray, order: np.ndarray) -> N
         ax.spines[side].set_visible(False)
     ax.set_xlabel("UMAP1", fontsize=8, loc="left")
     ax.set_ylabel("UMAP2", fontsize=8, loc="bottom")
-
-
-#: label-placement steps per UMAP panel. adjustText's default is to iterate for one second of wall time,
-#: so the figure depended on the machine's speed and every dataset paid about a second per panel; on the
-#: bench datasets 100 steps place the labels as that second did.
-LABEL_ITERATIONS = 100
-
-
-def _on_data_labels(ax, anchors: Mapping[str, tuple[float, float]], *, fontsize: float) -> None:
-    import matplotlib.patheffects as effects
-    from adjustText import adjust_text
-
-    outline = [effects.withStroke(linewidth=2.5, foreground="white")]
-    texts = [ax.text(x, y, label, fontsize=fontsize, ha="center", va="center", weight="bold",
-                     path_effects=outline, zorder=5) for label, (x, y) in anchors.items()]
-    if len(texts) > 1:
-        adjust_text(texts, ax=ax, expand=(1.1, 1.3), ensure_inside_axes=True, iter_lim=LABEL_ITERATIONS,
-                    arrowprops={"arrowstyle": "-", "color": "#555555", "lw": 0.6})
 
 
 def umap_figure(adata, *, color: str = "cell_type", groupby: str = "leiden", basis: str = "X_umap"):
@@ -203,31 +142,37 @@ def umap_figure(adata, *, color: str = "cell_type", groupby: str = "leiden", bas
     left, right = figure.subplots(1, 2, width_ratios=[1, 1.25])
     _scatter(left, coords, np.array([type_colors[t] for t in types]), order)
     left.set_title(f"Cell type ({len(set(types))})", fontsize=11)
-    anchors = {}
-    for cell_type in sorted(set(types), key=lambda t: -(types == t).sum()):
-        in_type = types == cell_type
-        # the type's largest cluster: a type split over distant clusters gets its label on its main one
-        biggest = pd.Series(clusters[in_type]).value_counts().index[0]
-        anchors[cell_type] = _anchor(coords[in_type & (clusters == biggest)])
-    _on_data_labels(left, anchors, fontsize=8 if len(anchors) <= 15 else 6.5)
-
     cluster_colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(cluster_order)}
     _scatter(right, coords, np.array([cluster_colors[c] for c in clusters]), rng.permutation(adata.n_obs))
     right.set_title(f"Leiden cluster ({len(cluster_order)})", fontsize=11)
     first_type = pd.Series(types).groupby(clusters).agg(lambda s: s.value_counts().index[0])
     present = [c for c in cluster_order if (clusters == c).any()]
-    _on_data_labels(right, {c: _anchor(coords[clusters == c]) for c in present}, fontsize=8)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], marker="o", linestyle="", markersize=6, color=cluster_colors[c]) for c in present]
     right.legend(handles, [cluster_label(c, first_type[c]) for c in present], loc="center left",
                  bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=7.5, ncol=1 if len(present) <= 24 else 2,
                  handletextpad=0.2)
+    # labels last: their placement needs the final layout (each on its own cells, see umap_labels)
+    place_labels(left, label_spots(coords, types, clusters), coords, types,
+                 fontsize=8 if len(set(types)) <= 15 else 6.5)
+    place_labels(right, label_spots(coords, clusters, clusters), coords, clusters, fontsize=8)
     return figure
 
 
 def _categories(column: pd.Series) -> list:
     return list(column.cat.categories) if hasattr(column, "cat") else sorted(set(column.astype(str)))
+
+
+def _marker_thresholds(adata) -> tuple[float, float]:
+    """The marker filter the annotator's markers passed (``uns['cassia_batch']['marker_filter']``, written by
+    ``cluster_markers`` from the run's settings), else the settings' defaults: the dot plot shows the same
+    kind of genes the annotator was sent."""
+    from cassia_helpers.settings import BY_NAME, default
+
+    used = adata.uns.get(PROVENANCE_KEY, {}).get("marker_filter", {})
+    return (float(used.get("max_pval_adj", default(BY_NAME["marker_max_pval_adj"]))),
+            float(used.get("min_logfc", default(BY_NAME["marker_min_logfc"]))))
 
 
 def _marker_genes(adata, *, genes, markers, groupby: str, order: list[str], per_cluster: int) -> dict[str, list]:
@@ -236,10 +181,11 @@ def _marker_genes(adata, *, genes, markers, groupby: str, order: list[str], per_
         return {str(c): list(g)[:per_cluster] for c, g in genes.items()}
     if markers is not None and len(markers):
         table = markers.copy()
+        max_pval_adj, min_logfc = _marker_thresholds(adata)
         if "pval_adj" in table:
-            table = table[table["pval_adj"].fillna(1) <= 0.05]
+            table = table[table["pval_adj"].fillna(1) <= max_pval_adj]
         if "logfoldchange" in table:
-            table = table[table["logfoldchange"].fillna(0) > 0]
+            table = table[table["logfoldchange"].fillna(-np.inf) >= min_logfc]
         if "rank" in table:
             table = table.sort_values("rank")
         table["cluster"] = table["cluster"].astype(str)
@@ -265,7 +211,8 @@ def dotplot_figure(
 
     Dot size is the fraction of the cluster's cells expressing the gene (``X > 0``), colour the mean of
     ``X`` scaled to 0–1 per gene. Genes are ``genes[cluster]`` if given, else the best of ``markers``
-    (:func:`cassia_helpers.rank_markers`; adjusted p ≤ 0.05, positive log fold change), else the annotator's
+    (:func:`cassia_helpers.rank_markers`, filtered by the run's ``marker_max_pval_adj`` and ``marker_min_logfc``
+    as the annotator's markers were), else the annotator's
     key markers (``uns['cassia_batch']['annotation']['clusters']``); ``n_genes`` per cluster, fewer when
     ``n_genes × clusters`` exceeds ``max_genes``.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import anndata as ad
@@ -13,7 +14,8 @@ from scipy import stats
 
 from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.matrix import row_blocks
-from cassia_helpers.dataset.record import cluster_key, provenance, timed, warn
+from cassia_helpers.dataset.record import cluster_key, provenance, warn
+from cassia_helpers.dataset.steps import timed
 
 MARKER_COLUMNS = [
     "cluster",
@@ -205,6 +207,26 @@ def _single_cluster_markers(adata: ad.AnnData, group: str, n_genes: int | None) 
     })[MARKER_COLUMNS]
 
 
+#: Genes never sent to a model (they stay in the markers CSV and the boost's look-ups): ribosomal proteins
+#: (RPS*/RPL*, RPLP*, RPSA; mouse Rps*/Rpl*), mitochondrially encoded genes (MT-*, mouse mt-*) and their
+#: nuclear pseudogenes (MTRNR2L*), and ubiquitous transcripts that rank high in any cluster with more RNA
+#: (translation elongation factors, thymosins, ferritins, actins, GAPDH, B2M, MALAT1/NEAT1, ...). They say
+#: how many transcripts a cell has, not which type it is, and crowd out the markers that do.
+UNINFORMATIVE_PATTERN = re.compile(r"^(?:RP[SL](?!\d+K[AB])\d+[A-Z]{0,2}\d*$|RPLP\d$|RPSA$|MT-|MTRNR2L\d)",
+                                   re.IGNORECASE)  # not the S6 kinases (RPS6KA1, RPS6KB1)
+UBIQUITOUS_GENES = frozenset({
+    "MALAT1", "NEAT1", "EEF1A1", "EEF1B2", "EEF1D", "EEF1G", "EEF2", "TPT1", "TMSB4X", "TMSB10", "FTL", "FTH1",
+    "ACTB", "ACTG1", "GAPDH", "B2M", "UBA52", "FAU", "PTMA", "HSP90AB1", "PFN1", "MYL6", "NACA", "BTF3",
+})
+#: How the genes sent are ordered after the filters (see :func:`cluster_markers`)
+RANKINGS = ("logfc", "score")
+
+
+def informative(gene: str) -> bool:
+    """Whether a gene may be sent to a model: not ribosomal, mitochondrial or ubiquitous (any species' case)."""
+    return not UNINFORMATIVE_PATTERN.match(gene) and gene.upper() not in UBIQUITOUS_GENES
+
+
 def cluster_markers(
     adata: ad.AnnData,
     markers: pd.DataFrame,
@@ -213,24 +235,46 @@ def cluster_markers(
     n_top: int = 50,
     max_pval_adj: float = 0.05,
     min_logfc: float = 0.25,
+    min_pct: float = 0.1,
+    ranking: str = "logfc",
+    informative_only: bool = True,
 ) -> list[ClusterMarkers]:
-    """The ranked marker list of each cluster, as sent to an annotator.
+    """The marker list of each cluster, as sent to an annotator.
 
-    Genes pass when ``pval_adj <= max_pval_adj`` and ``logfoldchange >= min_logfc``; the first
-    ``n_top`` passing genes are kept in rank order. A cluster with fewer than 5 passing genes keeps its
-    top ranked genes instead (recorded as a warning). Writes ``uns['cassia_batch']['marker_filter']``.
+    Genes pass when ``pval_adj <= max_pval_adj``, ``logfoldchange >= min_logfc`` and they are detected in
+    at least ``min_pct`` of the cluster's cells; with ``informative_only`` ribosomal, mitochondrial and
+    ubiquitous genes (:func:`informative`) are left out. ``ranking="logfc"`` (the default, as CASSIA
+    does) orders the passing genes by log2 fold change, most specific first; ``"score"`` keeps the test's
+    order (the wilcoxon score, which favours highly expressed genes). The first ``n_top`` are kept. A
+    cluster with fewer than 5 passing genes keeps its top ranked informative genes instead (recorded as a
+    warning). The full table (every gene) stays in ``markers`` for the CSV and the boost's look-ups.
+
+    Writes ``uns['cassia_batch']['marker_filter']``: the filters, the ranking, the genes left out
+    (``excluded``) and how many of them were among the first ``n_top`` of the test's ranking, all clusters
+    together (``n_left_out``).
     """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
     groupby = groupby or cluster_key(adata)
     sizes = adata.obs[groupby].astype(str).value_counts()
     result = []
     relaxed = []
+    excluded = 0  # left-out genes among the first n_top of the test's ranking
     for cluster, rows in markers.groupby("cluster", sort=False):
+        rows = rows.sort_values("rank")
+        if informative_only:
+            keep = rows["gene"].astype(str).map(informative).to_numpy(dtype=bool)
+            excluded += int((~keep[:n_top]).sum())
+            rows = rows[keep]
         passing = rows[(rows["pval_adj"].fillna(0) <= max_pval_adj)
-                       & (rows["logfoldchange"].fillna(np.inf) >= min_logfc)]
+                       & (rows["logfoldchange"].fillna(np.inf) >= min_logfc)
+                       & (rows["pct_in_cluster"].fillna(1.0) >= min_pct)]
         if len(passing) < 5:
             relaxed.append(str(cluster))
             passing = rows
-        top = passing.sort_values("rank").head(n_top)
+        elif ranking == "logfc":
+            passing = passing.sort_values("logfoldchange", ascending=False, kind="stable")
+        top = passing.head(n_top)
         result.append(ClusterMarkers(
             cluster=str(cluster),
             genes=top["gene"].astype(str).tolist(),
@@ -240,8 +284,12 @@ def cluster_markers(
             n_cells=int(sizes.get(str(cluster), 0)),
         ))
     provenance(adata)["marker_filter"] = {
-        "ranking": "rank_genes_groups score (best first)",
-        "n_top": n_top, "max_pval_adj": max_pval_adj, "min_logfc": min_logfc,
+        "ranking": ("log2 fold change (best first)" if ranking == "logfc"
+                    else "rank_genes_groups score (best first)"),
+        "n_top": n_top, "max_pval_adj": max_pval_adj, "min_logfc": min_logfc, "min_pct": min_pct,
+        "excluded": ("ribosomal (RPS/RPL), mitochondrial (MT-) and ubiquitous genes "
+                     f"({', '.join(sorted(UBIQUITOUS_GENES))})" if informative_only else "none"),
+        "n_left_out": excluded,
     }
     if relaxed:
         warn(adata, f"clusters {', '.join(relaxed)} had fewer than 5 markers passing the filters: "

@@ -115,3 +115,30 @@ def cells_per_gene(x, cells: np.ndarray) -> np.ndarray:
             counts += np.bincount(x.indices[lo:hi][expressed], minlength=x.shape[1])
         return counts
     return np.asarray((x[cells] != 0).sum(axis=0)).ravel()
+
+
+def sparse_problem(x) -> str:
+    """Why a CSR/CSC matrix's structure is corrupt (``indptr`` not a valid sequence of offsets, ``indices`` out
+    of range, ``data``/``indices`` lengths not matching ``indptr``), or ``""`` when it is sound.
+
+    scipy checks only the lengths when a matrix is built from its arrays; a bad ``indices`` or ``indptr``
+    would otherwise surface as an ``IndexError`` (or silently wrong values) deep inside the pipeline.
+    """
+    if not (sp.issparse(x) and x.format in ("csr", "csc")):
+        return ""
+    n_major, n_minor = (x.shape[0], x.shape[1]) if x.format == "csr" else (x.shape[1], x.shape[0])
+    indptr, indices = np.asarray(x.indptr), np.asarray(x.indices)
+    if indptr.ndim != 1 or len(indptr) != n_major + 1:
+        return f"indptr has {len(indptr)} entries for {n_major} {'rows' if x.format == 'csr' else 'columns'}"
+    if len(indptr) and int(indptr[0]) != 0:
+        return f"indptr starts at {int(indptr[0])}, not 0"
+    if np.any(np.diff(indptr) < 0):
+        return "indptr decreases"
+    if int(indptr[-1]) != len(indices) or len(indices) != len(x.data):
+        return f"indptr ends at {int(indptr[-1])} but there are {len(indices)} indices and {len(x.data)} values"
+    for start in range(0, len(indices), VALUES_PER_BLOCK):
+        block = indices[start:start + VALUES_PER_BLOCK]
+        if block.size and (int(block.min()) < 0 or int(block.max()) >= n_minor):
+            bad = int(block.min()) if int(block.min()) < 0 else int(block.max())
+            return f"index {bad} outside 0..{n_minor - 1}"
+    return ""

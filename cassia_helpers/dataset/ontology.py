@@ -14,8 +14,16 @@ A label is matched in this order, the first stage that gives exactly one term wi
    (``"CD14+ monocyte"`` = ``"CD14-positive monocyte"``; a bare CD marker before a word is read as
    positive, ``"CD8 T cells"`` = ``"CD8+ T cells"``), and word order
    (``"Monocyte (classical)"`` = ``"classical monocyte"``);
-4. ``proposed``: an id proposed by the annotator (e.g. an LLM's ``cell_ontology_id``), accepted only
-   when the id exists in CL and does not contradict the label (:func:`validate_proposed_id`).
+4. ``tissue``: with the sample's tissue, the tissue-qualified term (breast: ``"Luminal epithelial cell"``
+   → luminal epithelial cell of mammary gland), by the same comparisons;
+5. ``proposed``: an id proposed by the annotator (e.g. an LLM's ``cell_ontology_id``), accepted only
+   when the id exists in CL and does not contradict the label (:func:`validate_proposed_id`);
+6. ``ancestor``: the most specific term whose every word is in the label, when there is one
+   (``"Adaptive NK cell"`` → natural killer cell, ``"Basal epithelial cell"`` → epithelial cell): the
+   nearest broader term, and the note names the words left out.
+
+CL's related and broad synonyms are not in the CL release the subset is built from (its one synonym list is
+what the subset carries), so qualifiers CL does not name end at the nearest broader term (stage 6).
 
 There is no fuzzy matching: a misspelt label stays unmatched rather than land on a wrong term.
 Unmatched labels get the id and name ``"unknown"`` (CELLxGENE's value for an unknown cell type).
@@ -35,7 +43,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cassia_helpers.dataset import label_text
+from cassia_helpers.dataset import broader_terms, label_text
 
 __all__ = [
     "UNMATCHED",
@@ -49,7 +57,6 @@ __all__ = [
 
 #: id and name written for a label without a CL term (the CELLxGENE schema's value)
 UNMATCHED = "unknown"
-_PROVENANCE_KEY = "cassia_batch"
 _ID_RE = re.compile(r"^\s*CL[:_ ]?(\d{7})\s*$", re.IGNORECASE)
 _UNKNOWN_LABELS = frozenset({"", "unknown", "unassigned", "na", "nan", "none", "unclassified", "other"})
 
@@ -59,7 +66,8 @@ class OntologyMatch:
     """The CL term a label was mapped to.
 
     ``term_id`` and ``term_name`` are ``"unknown"`` when nothing matched; ``method`` says how the match
-    was made (``exact``, ``reference``, ``normalised``, ``proposed`` or ``unmatched``) and ``note``
+    was made (``exact``, ``reference``, ``normalised``, ``tissue``, ``proposed``, ``ancestor`` or
+    ``unmatched``) and ``note`` what a broader (``ancestor``) match left out,
     why a proposed id was rejected or a label left unmatched.
     """
 
@@ -209,7 +217,7 @@ class CellOntology:
             return words <= own
         return any(label_text.similar(word, t) for word in informative for t in wider)
 
-    def match(self, label: str, *, proposed_id: str | None = None) -> OntologyMatch:
+    def match(self, label: str, *, proposed_id: str | None = None, tissue: str = "") -> OntologyMatch:
         """Map one label (and optionally an annotator-proposed CL id) to a term.
 
         Parameters
@@ -219,6 +227,8 @@ class CellOntology:
         proposed_id
             A CL id proposed for it (``"CL:0000084"``); used only when the label itself does not match,
             and only when :meth:`consistent` accepts it.
+        tissue
+            The sample's tissue, for tissue-qualified terms.
 
         Returns
         -------
@@ -231,6 +241,9 @@ class CellOntology:
         found, method, note = self._deterministic(label)
         if found is not None:
             return self._result(label, found, method)
+        qualified = broader_terms.tissue_qualified(self, label, tissue)
+        if qualified is not None:
+            return self._result(label, qualified, "tissue", f"the {tissue} term of the label")
         if proposed_id:
             term = self.normalise_id(proposed_id)
             if term is None or term not in self.terms:
@@ -239,6 +252,11 @@ class CellOntology:
                 note = "; ".join(filter(None, [note, f"proposed {term} ({self.name(term)}) contradicts the label"]))
             else:
                 return self._result(label, term, "proposed")
+        broader = broader_terms.broader(self, label)
+        if broader is not None:
+            term, left_out = broader
+            return self._result(label, term, "ancestor", "nearest broader term; CL has no term for "
+                                + (", ".join(left_out) if left_out else "the label's qualifiers"))
         return self._unmatched(label, note or "no CL term with this name or synonym")
 
 
@@ -270,9 +288,9 @@ def load_cell_ontology(path: str | Path | None = None) -> CellOntology:
     return _load(None if path is None else str(Path(path).resolve()))
 
 
-def map_label(label: str, proposed_id: str | None = None) -> OntologyMatch:
+def map_label(label: str, proposed_id: str | None = None, *, tissue: str = "") -> OntologyMatch:
     """Map a label to a CL term with the packaged ontology; see :meth:`CellOntology.match`."""
-    return load_cell_ontology().match(label, proposed_id=proposed_id)
+    return load_cell_ontology().match(label, proposed_id=proposed_id, tissue=tissue)
 
 
 def validate_proposed_id(label: str, cl_id: str) -> OntologyMatch | None:
@@ -339,7 +357,7 @@ def annotate_ontology(
     """
     import pandas as pd
 
-    from cassia_helpers.dataset.record import cluster_key, provenance
+    from cassia_helpers.dataset.record import KEY, cluster_key, provenance
     from cassia_helpers.dataset.record import label_key as annotation_key
 
     label_key = label_key or annotation_key(adata)
@@ -351,6 +369,7 @@ def annotate_ontology(
         calls = json.loads(provenance(adata).get("annotation", {}).get("results_json", "[]") or "[]")
         proposed_ids = {str(c["cluster"]): c.get("cell_ontology_id", "") for c in calls if c.get("cell_ontology_id")}
     onto = load_cell_ontology()
+    tissue = str(provenance(adata).get("annotation", {}).get("tissue", ""))
     clusters = adata.obs[groupby].astype(str)
     labels = adata.obs[label_key].astype(str)
     proposed = {str(k): v for k, v in (proposed_ids or {}).items()}
@@ -359,7 +378,7 @@ def annotate_ontology(
     for cluster in pd.unique(clusters):
         mask = (clusters == cluster).to_numpy()
         label = labels[mask].mode().iloc[0]
-        m = onto.match(label, proposed_id=proposed.get(cluster))
+        m = onto.match(label, proposed_id=proposed.get(cluster), tissue=tissue)
         by_cluster[cluster] = m
         rows.append({"cluster": cluster, **{k: v for k, v in m.to_dict().items()}, "n_cells": int(mask.sum())})
     table = pd.DataFrame(rows, columns=["cluster", "label", "term_id", "term_name", "lineage_id",
@@ -369,7 +388,7 @@ def annotate_ontology(
                          ("lineage", "lineage_name"), ("ontology_match", "method")):
         adata.obs[f"{key_added}_{suffix}"] = pd.Categorical(clusters.map({c: getattr(m, attr)
                                                                           for c, m in by_cluster.items()}))
-    adata.uns.setdefault(_PROVENANCE_KEY, {})["ontology"] = {
+    adata.uns.setdefault(KEY, {})["ontology"] = {
         "cl_version": onto.version,
         "cellxgene_schema_version": onto.schema_version,
         "key_added": key_added,

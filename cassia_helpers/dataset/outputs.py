@@ -18,7 +18,9 @@ from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines
 from cassia_helpers.dataset.counts import write_counts_layer
-from cassia_helpers.dataset.record import cluster_key, label_key, phase_times, provenance
+from cassia_helpers.dataset.evidence import summary_lines as evidence_summary_lines
+from cassia_helpers.dataset.record import cluster_key, label_key, provenance
+from cassia_helpers.dataset.steps import phase_times
 from cassia_helpers.files import atomic_path, write_csv, write_json, write_text
 from cassia_helpers.settings import Settings
 
@@ -179,9 +181,12 @@ def dataset_summary_text(adata: ad.AnnData, paths: DatasetPaths, settings: Setti
     if isinstance(table, pd.DataFrame) and len(table):
         unknown = int((table["status"] != "ok").sum())
         lines.append(f"  clusters labelled: {len(table) - unknown}, Unknown: {unknown}")
+        if "validation" in table and (table["validation"] != "").any():
+            lines.append(f"  not confirmed by the validator: {_unconfirmed(table)} of {len(table)} clusters")
         for _, row in table.iterrows():
             reason = f" [{row['reason']}]" if row["status"] != "ok" else ""
             lines.append(f"    {row['cluster']:>4}  {row['n_cells']:>7} cells  {row['main_cell_type']}{reason}")
+    lines += evidence_summary_lines(record)
     lines += ["", "Timings (seconds)"]
     lines += [f"  {step:<19} {seconds:9.2f}" for step, seconds in timings.items()]
     lines += [f"  {'preprocessing total':<19} {preprocessing:9.2f}"]
@@ -206,6 +211,13 @@ def _terms(adata: ad.AnnData) -> list[dict]:
     counts = adata.obs[columns].astype(str).value_counts()
     return [{"term_id": t, "term_name": n, "lineage_name": lineage, "n_cells": int(c)}
             for (t, n, lineage), c in counts.items()]
+
+
+def _unconfirmed(table) -> int:
+    """Calls the LLM validator did not confirm (the annotation table's ``validation`` column)."""
+    if not isinstance(table, pd.DataFrame) or "validation" not in table:
+        return 0
+    return int((table["validation"].astype(str) == "not confirmed").sum())
 
 
 def _flagged(record: dict) -> int:
@@ -249,9 +261,12 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         if labels in adata.obs else {},
         "warnings": list(record.get("warnings", [])),
         "annotation_failure": record.get("annotation", {}).get("failure", ""),
+        "unconfirmed_clusters": _unconfirmed(table),
+        "step_warnings": list(record.get("annotation", {}).get("step_warnings", [])),
         **_pipeline_summary(record.get("pipeline", {}).get("clusters")),
         "cell_type_terms": _terms(adata),
         "flagged_clusters": _flagged(record),
+        "evidence_flags": record.get("marker_evidence", {}).get("flags", {}),
     }
     write_json(paths.result_json, result)
     return paths.result_json

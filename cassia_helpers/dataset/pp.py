@@ -19,8 +19,10 @@ import scipy.sparse as sp
 from cassia_helpers.dataset.counts import LIBRARY_SIZE_KEY
 from cassia_helpers.dataset.matrix import cells_per_gene, dense_blocks, row_blocks, subset_in_place
 from cassia_helpers.dataset.numba_cache import import_umap, quiet_uncachable
+from cassia_helpers.dataset.qc_histograms import qc_distributions
 from cassia_helpers.dataset.read import InputError
-from cassia_helpers.dataset.record import provenance, timed, warn
+from cassia_helpers.dataset.record import provenance, warn
+from cassia_helpers.dataset.steps import timed
 
 MITO_PREFIX = "MT-"
 
@@ -60,8 +62,6 @@ def qc(
             f"{_file(adata)}: no cells left after QC (min_genes={min_genes}, max_pct_mt={max_pct_mt}; "
             f"{before[0]} cells before)"
         )
-    from cassia_helpers.dataset.figures import qc_distributions
-
     distributions = qc_distributions(adata.obs, keep)  # the removed cells' metrics, for the QC figure
     gene_keep = cells_per_gene(adata.X, keep) >= min_cells
     if not gene_keep.any():

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from cassia_helpers.dataset.author import keep_author_annotations, renamed_warning
+from cassia_helpers.dataset.matrix import sparse_problem
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 from cassia_helpers.dataset.record import provenance, warn
 from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input, one_line
@@ -31,6 +33,10 @@ BLOCK_VALUES = 4_000_000
 LOG_MAX = 30.0
 # Values this close to an integer are integers (float32 storage of counts).
 INTEGER_TOLERANCE = 1e-3
+# No assay counts a billion molecules of one gene in one cell: larger values are corrupt or mis-scaled data.
+# They are rejected rather than clipped, because a clipped value is still wrong and library sizes near
+# float32's maximum (3.4e38) overflow to infinity, turning the normalised matrix into NaN.
+COUNT_MAX = 1e9
 # Negative values no further below zero than this are numerical noise and are clipped to 0.
 NOISE_FLOOR = -1e-3
 
@@ -59,7 +65,9 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     Returns
     -------
     The AnnData, with ``uns['cassia_batch']['input']`` (``file``, ``n_cells``, ``n_genes``,
-    ``symbol_source``, ``is_counts``, ``counts_source``), ``uns['cassia_batch']['warnings']`` and
+    ``symbol_source``, ``is_counts``, ``counts_source``, and ``renamed``: the input's own entries the run
+    would overwrite, kept as ``author_{name}`` by :func:`~cassia_helpers.dataset.author.keep_author_annotations`),
+    ``uns['cassia_batch']['warnings']`` and
     ``uns['cassia_batch']['timings']['load']`` written.
 
     Raises
@@ -83,11 +91,16 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
         raise InputError(f"{path}: no cells (0 observations)")
     if adata.n_vars == 0:
         raise InputError(f"{path}: no genes (0 variables)")
+    _check_sparse_structure(adata, path)
 
     adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own record
     adata, counts = _select_matrix(adata, path)
+    renamed = keep_author_annotations(adata)
     record = provenance(adata)
     record["input"] = {"file": str(path), "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), **counts}
+    if renamed:
+        record["input"]["renamed"] = renamed
+        warn(adata, renamed_warning(renamed))
     if not counts["is_counts"]:
         source = "X" if counts["counts_source"] == "none" else "raw.X"
         warn(adata, f"{source} is already log-normalised (non-integer values, no raw counts found): "
@@ -108,6 +121,17 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
         adata.X = adata.X.astype(np.float32)
     record["timings"]["load"] = round(time.perf_counter() - start, 3)
     return adata
+
+
+def _check_sparse_structure(adata: AnnData, path: Path) -> None:
+    """Reject a sparse matrix whose ``indices``/``indptr`` are corrupt before any step indexes with them."""
+    matrices = {"X": adata.X, **{f"layers['{k}']": v for k, v in adata.layers.items()}}
+    if adata.raw is not None:
+        matrices["raw.X"] = adata.raw.X
+    for where, matrix in matrices.items():
+        problem = sparse_problem(matrix)
+        if problem:
+            raise InputError(f"{path}: corrupt sparse matrix in {where}: {problem}")
 
 
 def _use_gene_symbols(adata: AnnData, path: Path) -> None:
@@ -208,17 +232,17 @@ def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
         where = f" (first in cell {adata.obs_names[x['row']]!r}, row {x['row']})" if x.get("row") is not None else ""
         raise InputError(f"{path}: X holds NaN, infinite or non-numeric values{where}; provide raw counts")
     if x["kind"] == "counts":
-        return adata, _counts_choice(adata, adata.X, x, "X")
+        return adata, _counts_choice(adata, adata.X, x, "X", path)
     if "counts" in adata.layers:
         layer = matrix_profile(adata.layers["counts"])
         if layer["kind"] == "counts":
             adata.X = adata.layers["counts"]
             del adata.layers["counts"]  # qc stores a copy of the filtered counts there again
-            return adata, _counts_choice(adata, adata.X, layer, "layers['counts']")
+            return adata, _counts_choice(adata, adata.X, layer, "layers['counts']", path)
     raw = matrix_profile(adata.raw.X) if adata.raw is not None else {"kind": "missing"}
     if raw["kind"] == "counts":
         adata = _from_raw(adata)
-        return adata, _counts_choice(adata, adata.X, raw, "raw.X")
+        return adata, _counts_choice(adata, adata.X, raw, "raw.X", path)
     if x["kind"] == "lognorm" and not (raw["kind"] == "lognorm" and adata.raw.n_vars > adata.n_vars):
         return adata, {"is_counts": False, "counts_source": "none"}
     if raw["kind"] == "lognorm":  # X scaled, or a gene subset of raw (as after HVG selection)
@@ -231,8 +255,13 @@ def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
     )
 
 
-def _counts_choice(adata: AnnData, matrix, profile: dict, source: str) -> dict:
-    """Record counts taken from ``source``, clipping numerical noise and noting non-integer counts."""
+def _counts_choice(adata: AnnData, matrix, profile: dict, source: str, path: Path) -> dict:
+    """Record counts taken from ``source``, clipping numerical noise and noting non-integer counts; counts above
+    :data:`COUNT_MAX` are an :class:`InputError`."""
+    if profile["max"] > COUNT_MAX:
+        raise InputError(f"{path}: {source} holds a count of {profile['max']:.4g}, above "
+                         f"{COUNT_MAX:.0e} (corrupt or mis-scaled data; library sizes would overflow); "
+                         "provide raw counts")
     if profile["noise"]:
         _clip_noise(matrix)
         warn(adata, f"{source}: {profile['noise']} tiny negative values (above {NOISE_FLOOR:g}, numerical noise) "
@@ -244,7 +273,8 @@ def _counts_choice(adata: AnnData, matrix, profile: dict, source: str) -> dict:
 
 
 def _from_raw(adata: AnnData) -> AnnData:
-    """``adata`` with ``raw.X`` as ``X`` (and ``raw.var`` as ``var`` when raw holds other genes)."""
+    """``adata`` with ``raw.X`` as ``X`` (and ``raw.var`` as ``var`` when raw holds other genes; the columns
+    of ``var`` that ``raw.var`` lacks are kept, empty for the genes ``X`` did not hold)."""
     raw = adata.raw
     if raw.n_vars == adata.n_vars and raw.var_names.equals(adata.var_names):
         adata.X = raw.X.copy()
@@ -255,7 +285,7 @@ def _from_raw(adata: AnnData) -> AnnData:
     return AnnData(
         X=raw.X.copy(),
         obs=adata.obs,
-        var=raw.var.copy(),
+        var=raw.var.join(adata.var[adata.var.columns.difference(raw.var.columns)]),
         uns=dict(adata.uns),
         obsm=dict(adata.obsm),
     )

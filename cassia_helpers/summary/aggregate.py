@@ -28,7 +28,7 @@ from cassia_helpers.contract import (
 )
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE
 from cassia_helpers.files import write_csv, write_json, write_text
-from cassia_helpers.ledger import tracking_from_ledgers
+from cassia_helpers.ledger import format_cost, tracking_from_ledgers
 
 SUMMARY_COLUMNS = [
     "dataset", "tissue", "file_path", "n_cells", "n_genes", "n_clusters",
@@ -70,10 +70,12 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
             "annotator": result.get("annotator", ""),
             "unknown_clusters": result.get("unknown_clusters"),
             "warnings": len(result.get("warnings", [])),
+            "unconfirmed_clusters": result.get("unconfirmed_clusters"),
+            "step_warnings": [str(w) for w in result.get("step_warnings", []) or []],
             "cell_type_terms": result.get("cell_type_terms", []),
         })
     table = pd.DataFrame(rows)
-    for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters"):
+    for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters", "unconfirmed_clusters"):
         table[column] = table[column].astype("Int64")
     return table
 
@@ -84,6 +86,21 @@ def token_tracking(run_dir: str | Path) -> dict:
     datasets = load_manifest(run_dir)["datasets"]
     ledgers = [DatasetPaths(run_dir, d["tissue"], d["name"]).llm_calls_jsonl for d in datasets]
     return {"generated_at": datetime.now(UTC).isoformat(timespec="seconds"), **tracking_from_ledgers(ledgers)}
+
+
+def _budget_unknown(run_dir: Path, table: pd.DataFrame) -> int:
+    """Clusters left Unknown because the budget stopped their requests (``reason_kind`` in each
+    ``{dataset}_clusters.csv``)."""
+    lost = 0
+    for row in table.itertuples():
+        try:
+            clusters = pd.read_csv(DatasetPaths(run_dir, row.tissue, row.dataset).clusters_csv, dtype=str,
+                                   keep_default_na=False)
+        except (OSError, ValueError):
+            continue
+        if "reason_kind" in clusters and "status" in clusters:
+            lost += int(((clusters["reason_kind"] == "budget") & (clusters["status"] != "ok")).sum())
+    return lost
 
 
 def _fmt_seconds(value) -> str:
@@ -122,8 +139,12 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     if annotators == ["reference"]:
         lines.append(f"  {REFERENCE_NOTE}")
     unknown = table["unknown_clusters"].fillna(0).sum() if "unknown_clusters" in table else 0
+    lines.append(f"  Clusters labelled Unknown: {int(unknown)}")
+    if "unconfirmed_clusters" in table and table["unconfirmed_clusters"].notna().any():
+        lines.append(f"  Calls not confirmed by the validator: {int(table['unconfirmed_clusters'].fillna(0).sum())}")
+    for row in table.itertuples():
+        lines += [f"  WARNING {row.tissue}/{row.dataset}: {w}" for w in getattr(row, "step_warnings", None) or []]
     lines += [
-        f"  Clusters labelled Unknown: {int(unknown)}",
         "",
         "Token usage",
         f"  API calls: {tracking['total_calls']} ({tracking['failed_calls']} failed, "
@@ -133,11 +154,16 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
         f"  Total tokens: {tracking['total_tokens']:,}",
         "",
         "Cost breakdown",
-        f"Total cost: ${tracking['total_cost']:.2f}",
+        f"Total cost: {format_cost(tracking['total_cost'])}",
     ]
     if tracking["budget_skipped"]:
+        lost = _budget_unknown(run_dir, table)
         lines.append(f"  Budget reached: {tracking['budget_skipped']} request(s) not sent (--max-cost); "
-                     "those clusters are Unknown with reason 'budget'")
+                     + (f"{lost} cluster(s) are Unknown with reason 'budget'" if lost else
+                        "no cluster became Unknown for it (each kept the answer it had)"))
+    if tracking.get("not_sent"):
+        lines.append(f"  Not sent: {tracking['not_sent']} request(s) never reached the server (refused connection, "
+                     "refused certificate, or stopped while connecting); they are not counted as calls")
     if tracking.get("tokens_estimated"):
         lines.append(f"  Estimated: {tracking['estimated_tokens']:,} tokens of {tracking['estimated_calls']} call(s) "
                      "are local estimates (the server reported no usage, or the call was cut off)")
@@ -152,10 +178,10 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     for name, part in tracking["by_model"].items():
         flag = "" if part["price_known"] else "  (price unknown)"
         lines.append(f"  model {name}: {part['calls']} calls, {part['input_tokens']:,} in, "
-                     f"{part['output_tokens']:,} out, ${part['cost']:.4f}{flag}")
+                     f"{part['output_tokens']:,} out, {format_cost(part['cost'])}{flag}")
     for name, part in tracking["by_dataset"].items():
         lines.append(f"  dataset {name}: {part['calls']} calls, {part['input_tokens']:,} in, "
-                     f"{part['output_tokens']:,} out, ${part['cost']:.4f}")
+                     f"{part['output_tokens']:,} out, {format_cost(part['cost'])}")
     checks = checks or {}
     flagged = checks.get("flagged", pd.DataFrame())
     missing = checks.get("missing", pd.DataFrame())
@@ -173,6 +199,10 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
         detail = f"{row.n_cells} cells, {row.n_clusters} clusters, {_fmt_seconds(row.total_time)}" \
             if row.status == "success" else (row.error or "")
         lines.append(f"  {row.status:<11} {row.tissue}/{row.dataset}: {detail}")
+    reruns = [r for s in manifest.get("sessions", []) if isinstance(s, dict) for r in s.get("rerun") or []]
+    if reruns:  # --resume found them incomplete (batch.resume): say why they ran again
+        lines += ["", "Re-run on resume (the earlier files are in the dataset's superseded/ folder)"]
+        lines += [f"  {r.get('tissue')}/{r.get('dataset')}: {r.get('reason')}" for r in reruns]
     return "\n".join(lines) + "\n"
 
 

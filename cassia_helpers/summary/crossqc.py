@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["cell_type_table", "flagged_datasets", "missing_types", "plot_cell_type_heatmap"]
+__all__ = ["cell_type_heatmap_figure", "cell_type_table", "flagged_datasets", "missing_types",
+           "plot_cell_type_heatmap"]
 
 TERM_ID = "cell_type_ontology_term_id"
 TERM = "cell_type_ontology_term"
@@ -133,9 +135,54 @@ def flagged_datasets(clusters: pd.DataFrame, *, max_share: float = 0.25) -> pd.D
     return out.sort_values(["share", "dataset"], ascending=[False, True], ignore_index=True)
 
 
+#: font size of the heatmap's labels, and the width of one of its characters in inches (the average glyph of
+#: matplotlib's sans-serif is about 0.6 em): the figure is sized from its longest labels
+LABEL_FONTSIZE = 8
+CHAR_INCHES = 0.6 * LABEL_FONTSIZE / 72
+CELL_INCHES = 0.3
+MAX_ANNOTATED_CELLS = 400
+
+
+def cell_type_heatmap_figure(table: pd.DataFrame, *, value: str = "fraction", max_terms: int = 60):
+    """The dataset x CL term table as a heatmap :class:`~matplotlib.figure.Figure`, sized from its content.
+
+    The figure grows with the number of datasets and terms and with the longest names (rotated Cell Ontology
+    names need their length in height), so the cells never collapse however long the labels are.
+    Arguments as :func:`plot_cell_type_heatmap`.
+    """
+    from cassia_helpers.canvas import new_figure
+
+    grid = table.pivot_table(index="dataset", columns=TERM, values=value, aggfunc="sum", fill_value=0)
+    order = table.groupby(TERM)["n_cells"].sum().sort_values(ascending=False).index[:max_terms]
+    grid = grid[[t for t in order if t in grid.columns]]
+    n_rows, n_cols = max(grid.shape[0], 1), max(grid.shape[1], 1)
+    longest_term = max((len(str(t)) for t in grid.columns), default=0)
+    longest_dataset = max((len(str(d)) for d in grid.index), default=0)
+    # labels + cells + title, axis labels and the colour bar
+    width = longest_dataset * CHAR_INCHES + n_cols * CELL_INCHES + 2.4
+    height = longest_term * CHAR_INCHES + n_rows * CELL_INCHES + 1.4
+    fig = new_figure(max(width, 5.0), max(height, 3.0))
+    ax = fig.add_subplot(1, 1, 1)
+    values = grid.to_numpy(dtype=float) if grid.size else np.zeros((1, 1))
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0)
+    if grid.size <= MAX_ANNOTATED_CELLS:  # small grids: the number in each cell
+        top = max(float(values.max()), 1e-12)
+        for (row, col), number in np.ndenumerate(values):
+            ax.text(col, row, f"{number:.0%}" if value == "fraction" else f"{number:,.0f}", ha="center",
+                    va="center", fontsize=6.5, color="black" if number > 0.6 * top else "white")
+    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=90, fontsize=LABEL_FONTSIZE)
+    ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=LABEL_FONTSIZE)
+    ax.set_xlabel("Cell Ontology term", fontsize=9)
+    ax.set_ylabel("dataset", fontsize=9)
+    fig.colorbar(image, ax=ax, label="fraction of cells" if value == "fraction" else "cells",
+                 shrink=min(1.0, 3.0 / max(n_rows * CELL_INCHES, 0.1)), aspect=12)
+    ax.set_title("Cell types across datasets", fontsize=10, loc="left")
+    return fig
+
+
 def plot_cell_type_heatmap(table: pd.DataFrame, path: str | Path, *, value: str = "fraction",
                            max_terms: int = 60) -> Path:
-    """Draw the dataset x CL term table as a heatmap PNG.
+    """Draw the dataset x CL term table as a heatmap PNG (:func:`cell_type_heatmap_figure`).
 
     Drawn with :func:`cassia_helpers.canvas.new_figure` (no pyplot state, no backend switch) and written
     atomically by :func:`cassia_helpers.canvas.save_figure`.
@@ -156,20 +203,6 @@ def plot_cell_type_heatmap(table: pd.DataFrame, path: str | Path, *, value: str 
     pathlib.Path
         The file written.
     """
-    from cassia_helpers.canvas import new_figure, save_figure
+    from cassia_helpers.canvas import save_figure
 
-    grid = table.pivot_table(index="dataset", columns=TERM, values=value, aggfunc="sum", fill_value=0)
-    order = table.groupby(TERM)["n_cells"].sum().sort_values(ascending=False).index[:max_terms]
-    grid = grid[[t for t in order if t in grid.columns]]
-    n_rows, n_cols = max(grid.shape[0], 1), max(grid.shape[1], 1)
-    fig = new_figure(min(max(6.0, 3 + 0.35 * n_cols), 40), min(max(3.0, 2 + 0.3 * n_rows), 40))
-    ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(grid.to_numpy(dtype=float) if grid.size else [[0.0]], aspect="auto", cmap="viridis")
-    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=90, fontsize=7)
-    ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
-    ax.set_xlabel("Cell Ontology term")
-    ax.set_ylabel("dataset")
-    fig.colorbar(image, ax=ax, label="fraction of cells" if value == "fraction" else "cells")
-    ax.set_title("Cell types across datasets")
-    # saved with a tight box: the labels (long CL names, dataset names) decide the size, nothing is cut off
-    return save_figure(fig, path)
+    return save_figure(cell_type_heatmap_figure(table, value=value, max_terms=max_terms), path)

@@ -21,15 +21,20 @@ from cassia_helpers.files import read_json
 
 INTEGER_COLUMNS = ("n_cells", "n_genes", "n_clusters", "calls", "failed_calls", "input_tokens", "output_tokens",
                    "total_tokens")
-_WRAP = {"white-space": "pre-wrap", "text-align": "left", "word-break": "break-word"}
+# text wraps between words; "word-break: break-word" also let the browser squeeze a column to one letter per line
+_WRAP = {"white-space": "pre-wrap", "text-align": "left", "overflow-wrap": "break-word", "min-width": "14ch"}
 
 
 def latest_run(output_dir: str | Path = "batch_results") -> Path:
-    """The most recent ``run_*`` folder of ``output_dir`` (by its timestamp)."""
+    """The most recent ``run_*`` folder of ``output_dir`` (by its timestamp) that has a ``batch_summary.csv``:
+    a run that stopped before its summaries (e.g. the wrong Python, a missing package) is passed over."""
     runs = sorted(Path(output_dir).glob(f"{RUN_PREFIX}*"), key=lambda p: p.name[-15:])
     if not runs:
         raise FileNotFoundError(f"{output_dir}: no run folders yet (run `python run_batch.py --tissues ...` first)")
-    return runs[-1]
+    finished = [run for run in runs if (run / BATCH_SUMMARY_CSV).is_file()]
+    if not finished:
+        raise FileNotFoundError(f"{output_dir}: no run has a {BATCH_SUMMARY_CSV} yet ({len(runs)} unfinished)")
+    return finished[-1]
 
 
 def find_run(run_dir: str | Path = "", output_dir: str | Path = "batch_results") -> Path:
@@ -38,10 +43,12 @@ def find_run(run_dir: str | Path = "", output_dir: str | Path = "batch_results")
 
 
 def load_summary(run_dir: str | Path) -> pd.DataFrame:
-    """``batch_summary.csv`` of a run, counts as integers and missing errors as ``""``."""
+    """``batch_summary.csv`` of a run: counts as integers (``700``, not ``700.0``), missing errors, statuses,
+    tissues and dataset names as ``""``."""
     table = pd.read_csv(Path(run_dir) / BATCH_SUMMARY_CSV, dtype={c: "Int64" for c in INTEGER_COLUMNS})
-    if "error" in table:
-        table["error"] = table["error"].fillna("").astype(str)
+    for column in ("error", "status", "tissue", "dataset"):
+        if column in table:
+            table[column] = table[column].fillna("").astype(str)
     return table
 
 

@@ -13,15 +13,19 @@ import base64
 import io
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from cassia_helpers.contract import BATCH_SUMMARY_CSV, REPORT_HTML, RUN_MANIFEST, TOKEN_TRACKING_JSON, DatasetPaths
+from cassia_helpers.contract import CELL_TYPES_PNG, REPORT_HTML, RUN_MANIFEST, TOKEN_TRACKING_JSON, DatasetPaths
 from cassia_helpers.files import read_json, write_text
+from cassia_helpers.ledger import format_cost
 from cassia_helpers.palette import UNKNOWN_COLOR, is_no_call, run_palette
+from cassia_helpers.settings import BY_NAME, default
+from cassia_helpers.summary.explore import load_summary
 
 TEMPLATE = "report.html.j2"
 #: figure (``DatasetPaths.figure_pngs``) -> (caption, thumbnail width in pixels)
@@ -31,12 +35,11 @@ FIGURES = {
     "qc": ("Quality control before and after the thresholds", 900),
     "cluster_sizes": ("Cluster sizes", 600),
 }
-#: per-cluster columns of {dataset}_clusters.csv shown when a run has them (not all empty), with their headings
-OPTIONAL_COLUMNS = {"confidence": "Confidence", "score": "Score", "cell_type_ontology_term": "Cell Ontology",
-                    "evidence_score": "Marker evidence", "evidence_flag_reason": "Flag", "agreement": "Agreement",
-                    "broad": "Broad type"}
-INTEGER_COLUMNS = ("n_cells", "n_genes", "n_clusters")
 OPEN_SECTIONS_UP_TO = 10
+HEATMAP_WIDTH = 1400
+#: what makes a cluster worth a second look, in the order the report lists them (see ``_clusters``)
+CHECK_KINDS = {"unknown": "Unknown or failed", "flagged": "flagged by marker evidence",
+               "low": "low score", "disputed": "disputed"}
 
 
 def thumbnail_uri(path: Path, *, width: int, colors: int = 64) -> str:
@@ -85,15 +88,6 @@ def _seconds(value) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def load_summary(run_dir: Path) -> pd.DataFrame:
-    """``batch_summary.csv`` with counts as integers (``700``, not ``700.0``) and empty errors as ``""``."""
-    table = pd.read_csv(run_dir / BATCH_SUMMARY_CSV, dtype={c: "Int64" for c in INTEGER_COLUMNS})
-    for column in ("error", "status", "tissue", "dataset"):
-        if column in table:
-            table[column] = table[column].fillna("").astype(str)
-    return table
-
-
 def _wall_time(statuses: list[dict], manifest: dict) -> float | None:
     starts = [s.get("started_at") for s in statuses if s.get("started_at")] + [manifest.get("created_at")]
     ends = [s.get("finished_at") for s in statuses if s.get("finished_at")]
@@ -105,32 +99,62 @@ def _wall_time(statuses: list[dict], manifest: dict) -> float | None:
     return max((last - first).total_seconds(), 0.0)
 
 
-def _clusters(path: Path) -> list[dict]:
-    """The rows of ``{dataset}_clusters.csv`` ready for the template (empty when the file is missing)."""
+def _float(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _true(value) -> bool:
+    return str(value).strip().casefold() in ("true", "1", "yes")
+
+
+def _clusters(path: Path, *, dataset: str, anchor: str, low_score: float) -> list[dict]:
+    """The rows of ``{dataset}_clusters.csv`` ready for the template (empty when the file is missing): numbers
+    as numbers (``None`` when empty), text on one line, and what needs a reader's attention under ``checks``."""
     if not path.is_file():
         return []
     table = pd.read_csv(path, dtype={"cluster": str}, keep_default_na=False)
-    optional = [c for c in OPTIONAL_COLUMNS if c in table and (table[c].astype(str).str.strip() != "").any()]
+    has_score = "score" in table and pd.to_numeric(table["score"], errors="coerce").notna().any()
     rows = []
     for record in table.to_dict("records"):
-        record["optional"] = {c: _format_value(record.get(c)) for c in optional}
-        record["flag"] = _one_line(record.get("reason")) if str(record.get("status", "ok")) not in ("ok", "") else ""
-        rows.append(record)
+        text = {key: _one_line(record.get(key)) for key in (
+            "cluster", "cell_type", "status", "reason", "sub_cell_types", "mixed_cell_types", "key_markers",
+            "top_markers", "cell_type_ontology_term", "cell_type_ontology_term_id", "cell_type_lineage",
+            "broad", "evidence_flag_reason", "color")}
+        row = {**text, "dataset": dataset, "anchor": anchor, "reasoning": str(record.get("reasoning") or "").strip(),
+               "n_cells": _number(_float(record.get("n_cells"))) or 0, "pct_cells": _float(record.get("pct_cells")),
+               "score": _float(record.get("score")), "confidence": _float(record.get("confidence")),
+               "evidence": _float(record.get("evidence_score")), "agreement": _float(record.get("agreement"))}
+        row["lineage"] = row["cell_type_lineage"] or row["broad"]
+        checks = []
+        if is_no_call(row["cell_type"]):
+            checks.append(("unknown", "Unknown", row["reason"] or "no cell type called"))
+        elif row["status"] not in ("", "ok"):
+            checks.append(("unknown", row["status"], row["reason"]))
+        if _true(record.get("evidence_flag")):
+            checks.append(("flagged", "markers not enriched", row["evidence_flag_reason"]))
+        # the quality score where the annotator gives one, else its confidence (an LLM run without scoring)
+        ranking = row["score"] if has_score else row["confidence"]
+        if ranking is not None and ranking < low_score:
+            checks.append(("low", f"score < {low_score:g}", ""))
+        if _true(record.get("disputed")):
+            checks.append(("disputed", "disputed", "the repeated runs disagree"))
+        row["checks"] = [{"kind": k, "text": t, "detail": d} for k, t, d in checks]
+        row["kinds"] = " ".join(dict.fromkeys(k for k, _, _ in checks))
+        rows.append(row)
     return rows
 
 
-def _format_value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:g}" if not math.isnan(value) else ""
-    return _one_line(value)
-
-
-def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor) -> dict:
+def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor, *, low_score: float) -> dict:
     tissue, name = row["tissue"], row["dataset"]
     paths = DatasetPaths(run_dir, tissue, name)
+    anchor = f"ds-{tissue}-{name}".replace(" ", "_")
     status = _read_json(paths.status_json)
     result = _read_json(paths.result_json) if row["status"] == "success" else {}
-    clusters = _clusters(paths.clusters_csv)
+    clusters = _clusters(paths.clusters_csv, dataset=f"{tissue}/{name}", anchor=anchor, low_score=low_score)
     figures = []
     for key, path in paths.figure_pngs.items():
         caption, width = FIGURES[key]
@@ -139,7 +163,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor)
                             "file": f"{tissue}/{name}/{path.name}"})
     usage = tracking.get("by_dataset", {}).get(f"{tissue}/{name}", {})
     return {
-        "anchor": f"ds-{tissue}-{name}".replace(" ", "_"),
+        "anchor": anchor,
         "tissue": tissue,
         "name": name,
         "status": row["status"],
@@ -155,14 +179,17 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor)
         "annotator": result.get("annotator", ""),
         "model": result.get("model", ""),
         "unknown_clusters": result.get("unknown_clusters"),
+        "unconfirmed_clusters": result.get("unconfirmed_clusters"),
         "warnings": [_one_line(w) for w in result.get("warnings", [])],
         "cell_types": {str(k): int(v) for k, v in result.get("cell_types", {}).items()},
         "tokens": int(usage.get("total_tokens", 0)),
         "cost": float(usage.get("cost", 0.0)),
         "clusters": clusters,
-        "optional_columns": [OPTIONAL_COLUMNS[c] for c in clusters[0]["optional"]] if clusters else [],
+        "n_attention": sum(bool(c["checks"]) for c in clusters),
         "figures": figures,
-        "notebook": f"{tissue}/{name}/{paths.notebook.name}",
+        # links only to files that exist (an input rejected before its notebook ran has none)
+        "notebook": f"{tissue}/{name}/{paths.notebook.name}" if paths.notebook.is_file() else "",
+        "kernel_log": f"{tissue}/{name}/{paths.kernel_log.name}" if paths.kernel_log.is_file() else "",
     }
 
 
@@ -199,12 +226,17 @@ def report_context(run_dir: str | Path) -> dict:
     summary = load_summary(run_dir)
     tracking = _read_json(run_dir / TOKEN_TRACKING_JSON)
     manifest = _read_json(run_dir / RUN_MANIFEST)
+    low_score = _low_score(manifest)
     # thumbnails are made on a few threads (Pillow releases the GIL while decoding, resizing and encoding)
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        datasets = [_dataset(run_dir, row, tracking, pool) for row in summary.to_dict("records")]
+        datasets = [_dataset(run_dir, row, tracking, pool, low_score=low_score) for row in summary.to_dict("records")]
+        heatmap = run_dir / CELL_TYPES_PNG
+        cross = pool.submit(thumbnail_uri, heatmap, width=HEATMAP_WIDTH) if heatmap.is_file() else None
         for dataset in datasets:
             for figure in dataset["figures"]:
                 figure["src"] = figure["src"].result()
+        cross = {"src": cross.result(), "file": CELL_TYPES_PNG} if cross is not None else None
+    clusters = [c for d in datasets if d["status"] == "success" for c in d["clusters"]]
     statuses = [d["status_record"] for d in datasets]
     counts = summary["status"].value_counts().to_dict()
     bars, colors = _composition([d for d in datasets if d["status"] == "success"])
@@ -219,11 +251,13 @@ def report_context(run_dir: str | Path) -> dict:
         "n_success": int(counts.get("success", 0)),
         "n_failed": int(sum(v for k, v in counts.items() if k != "success")),
         "status_counts": counts,
+        "check_kinds": CHECK_KINDS,
         "wall_time": _seconds(_wall_time(statuses, manifest)),
         "dataset_time": _seconds(float(pd.to_numeric(summary.get("total_time"), errors="coerce").fillna(0).sum())),
         "n_cells": int(sum(d["n_cells"] or 0 for d in datasets)),
         "n_clusters": int(sum(d["n_clusters"] or 0 for d in datasets)),
         "unknown_clusters": int(sum(d["unknown_clusters"] or 0 for d in datasets)),
+        "unconfirmed_clusters": int(sum(d["unconfirmed_clusters"] or 0 for d in datasets)),
         "annotators": annotators,
         "models": models,
         "tracking": {
@@ -242,12 +276,29 @@ def report_context(run_dir: str | Path) -> dict:
         "composition": bars,
         "colors": colors,
         "open_sections": len(datasets) <= OPEN_SECTIONS_UP_TO,
+        "clusters": clusters,
+        "checks": {kind: sum(kind in c["kinds"].split() for c in clusters) for kind in CHECK_KINDS},
+        "n_attention": sum(bool(c["checks"]) for c in clusters),
+        "low_score": low_score,
+        # the offline annotator reports one measure as both: the table then shows one column, and says so
+        "same_measure": all(c["confidence"] == c["score"] for c in clusters),
+        "has": {key: any(c[key] not in (None, "") for c in clusters)
+                for key in ("score", "confidence", "evidence", "agreement", "lineage", "cell_type_ontology_term")},
+        "lineages": sorted({c["lineage"] for c in clusters if c["lineage"]}, key=str.casefold),
+        "cross": cross,
     }
+
+
+def _low_score(manifest: dict) -> float:
+    """Scores below the run's ``boost_below`` (the pipeline's own bar for a weak call) are highlighted."""
+    value = _float(manifest.get("analysis", {}).get("boost_below"))
+    return value if value is not None else float(default(BY_NAME["boost_below"]))
 
 
 def render_report(context: dict) -> str:
     """The HTML of the report (jinja2 template shipped in ``cassia_helpers/summary/templates``)."""
     import jinja2
+    import markupsafe
 
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("cassia_helpers.summary", "templates"),
@@ -257,6 +308,14 @@ def render_report(context: dict) -> str:
         undefined=jinja2.StrictUndefined,
     )
     environment.filters["thousands"] = lambda n: f"{int(n):,}" if n is not None else "–"
+    # a cost under a cent keeps its digits (0.0042, not 0.00)
+    environment.filters["usd"] = lambda x: format_cost(float(x or 0.0)).removeprefix("$")
+    # one number format per measure, whatever the CSV held (0.917 and 0.7932 both show as 0.92 / 0.79)
+    environment.filters["fixed"] = lambda x, digits=0: "–" if x is None else f"{x:.{digits}f}"
+    # long dataset names may wrap after "/" and "_" (<wbr> adds no character: search and copy see the name)
+    environment.filters["breakable"] = lambda text: markupsafe.Markup("<wbr>").join(
+        re.split(r"(?<=[/_])", str(text)))
+    environment.filters["sortable"] = lambda x: "" if x is None else f"{x:.6g}"
     return environment.get_template(TEMPLATE).render(**context)
 
 

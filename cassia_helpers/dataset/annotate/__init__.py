@@ -45,6 +45,8 @@ class ClusterAnnotation:
     ``"boosted"``: the higher-scoring answer is kept) with ``boost_score``; ``consensus``, ``agreement``
     (fraction of runs agreeing with it), ``runners_up`` and ``disputed``; ``merged_groupings`` (broad,
     detailed, fine); ``notes`` (why a step left the earlier result in place).
+    ``validated`` is ``True`` when the LLM validator confirmed the call, ``False`` when it did not (failed,
+    or gave no readable verdict), ``None`` when no validator ran (the offline reference, or no call).
     """
 
     cluster: str
@@ -74,6 +76,7 @@ class ClusterAnnotation:
     disputed: bool = False
     merged_groupings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    validated: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +105,8 @@ SERVICE_FAILURES = {
     "budget": "the --max-cost budget was reached or cannot be enforced",
     "model_not_found": "the model server does not know the model",
     "endpoint_not_found": "the server has no chat completions endpoint at this address (check --base-url)",
+    "redirect": "the model server redirected the requests elsewhere (not followed; check --base-url)",
+    "certificate": "the model server's TLS certificate was refused",
     "server_error": "the model server answered with errors",
     "unreadable": "the model server's replies were not chat completions",
     "rejected": "the model server rejected the requests",

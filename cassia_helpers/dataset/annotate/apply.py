@@ -11,10 +11,14 @@ import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, Annotator, ClusterAnnotation, ClusterMarkers, annotation_failure
 from cassia_helpers.dataset.annotate.columns import write_pipeline_columns
-from cassia_helpers.dataset.record import cluster_key, provenance, timed
+from cassia_helpers.dataset.record import cluster_key, provenance, warn
+from cassia_helpers.dataset.steps import timed
+
+# ``validation`` column of the cluster table: the LLM validator's outcome for a call
+VALIDATION_LABELS = {True: "confirmed", False: "not confirmed", None: ""}
 
 
-@timed("annotation", phase="annotation")
+@timed("annotation")
 def annotate_clusters(
     adata: ad.AnnData,
     clusters: list[ClusterMarkers],
@@ -34,13 +38,19 @@ def annotate_clusters(
     ``uns['cassia_batch']['annotation']`` with the per-cluster table (``clusters``), the full results
     as JSON (``results_json``), the annotator's provenance (``provenance``) and ``failure``: a one-line
     reason when most clusters got no answer because of the model service (empty otherwise), which makes
-    the dataset ``failed``. The pipeline's columns (quality score, consensus, merged groupings) are written
-    by :func:`~cassia_helpers.dataset.annotate.columns.write_pipeline_columns`.
+    the dataset ``failed``, and ``step_warnings``: the annotator's one-line notices (steps that failed for
+    most clusters, clusters no longer sent), also added to ``uns['cassia_batch']['warnings']``. The table's
+    ``validation`` column says whether the LLM validator confirmed each call (``confirmed``, ``not
+    confirmed``, empty when no validator ran). The pipeline's columns (quality score, consensus, merged
+    groupings) are written by :func:`~cassia_helpers.dataset.annotate.columns.write_pipeline_columns`.
     """
     start = time.perf_counter()
     groupby = groupby or cluster_key(adata)
     expression = {"adata": adata, "groupby": groupby} if getattr(annotator, "reads_expression", False) else {}
     results = annotator.annotate(clusters, tissue=tissue, species=species, context=context, **expression)
+    # e.g. an LLM response cache that could not be written (a pipeline's first annotator holds the client)
+    for message in dict.fromkeys(getattr(getattr(annotator, "annotator", annotator), "warnings", ())):
+        warn(adata, message)
     by_cluster = {r.cluster: r for r in results}
     for markers in clusters:
         if markers.cluster not in by_cluster:
@@ -77,12 +87,16 @@ def annotate_clusters(
             "reason": r.reason,
             "reason_kind": r.reason_kind,
             "iterations": int(r.iterations),
+            "validation": VALIDATION_LABELS.get(r.validated, ""),
             "n_cells": int((labels == r.cluster).sum()),
         }
         for r in ordered
     ])
     table.index = table["cluster"].astype(str).to_numpy()
     description = {k: ("" if v is None else v) for k, v in annotator.describe().items()}
+    notices = [str(n) for n in getattr(annotator, "notices", [])]
+    for notice in notices:
+        warn(adata, notice)
     provenance(adata)["annotation"] = {
         "key_added": key_added,
         "tissue": tissue,
@@ -93,6 +107,7 @@ def annotate_clusters(
         "provenance": {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in description.items()},
         "seconds": round(time.perf_counter() - start, 3),
         "failure": annotation_failure(ordered) or "",
+        "step_warnings": notices,
     }
     settings = getattr(annotator, "settings", None)
     write_pipeline_columns(adata, ordered, groupby=groupby, key_added=key_added,

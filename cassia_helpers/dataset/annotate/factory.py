@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,8 +74,8 @@ def check_llm_setup(settings: Settings) -> None:
     Raises
     ------
     UsageError
-        ``annotator="llm"`` with neither ``OPENAI_API_KEY`` nor a base URL, or ``max_cost`` for a model
-        without a known price.
+        ``annotator="llm"`` with neither ``OPENAI_API_KEY`` nor a base URL, ``max_cost`` for a model
+        without a known price, or a ``--cache-dir`` that cannot be written (:func:`check_cache_dir`).
     """
     from cassia_helpers.settings import UsageError
 
@@ -89,3 +90,25 @@ def check_llm_setup(settings: Settings) -> None:
                                   settings.input_price, settings.output_price)
     if problem:
         raise UsageError(problem)
+    if settings.use_cache:
+        check_cache_dir(settings.cache_dir)
+
+
+def check_cache_dir(cache_dir: str) -> None:
+    """The response cache can be written before any request is paid for.
+
+    A ``--cache-dir`` the user chose that cannot be written is a usage error: it is a typo or a wrong
+    mount, and the run would silently pay again for what it meant to reuse. The default folder (under
+    ``$HOME``, often read-only on compute nodes) that cannot be written only warns: the run goes on
+    without the cache, as each dataset's kernel does where its own node's folder cannot be written.
+    """
+    from cassia_helpers.dataset.annotate.llm.cache import cache_problem
+    from cassia_helpers.settings import UsageError
+
+    problem = cache_problem(cache_dir or None)
+    if problem and cache_dir:
+        raise UsageError(f"--cache-dir {problem}: give a writable folder, or --no-cache")
+    if problem:
+        logging.getLogger("cassia_helpers").warning(
+            f"warning: the LLM response cache cannot be written ({problem}): the run goes on without it "
+            "(give a writable --cache-dir to reuse answers)")

@@ -3,13 +3,19 @@ returns a structured answer, and a validator (an LLM check plus a deterministic 
 annotator back with feedback for a bounded number of rounds.
 
 Calls per cluster are bounded whatever the model says: at most ``max_rounds`` rounds of
-(annotator 1 + formatter ≤ 3 + validator 1) logical calls, each with at most ``max_attempts`` requests.
+(annotator 1 + formatter ≤ 3 + validator 1) logical calls, each with at most ``max_attempts`` requests. A
+further round is asked only on feedback that can be acted on (a failed or self-contradicting verdict, cited
+markers not in the list, no cell type); a validator reply without any verdict leaves the call unconfirmed.
+After :data:`UNUSABLE_RUN` clusters in a row got no usable answer, the dataset's remaining clusters are not
+sent (an unusable model costs at most 2 rounds x 2 requests for the clusters already started).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
@@ -22,7 +28,9 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
     PROMPT_VERSION,
     VALIDATOR_SYSTEM,
     cluster_prompt,
+    reference_check,
 )
+from cassia_helpers.dataset.annotate.agents.replies import VERDICT_SCHEMA, read_verdict, structured_chat, verdict_words
 from cassia_helpers.dataset.annotate.llm.client import (
     DEFAULT_DEADLINE_S,
     DEFAULT_MAX_TOKENS,
@@ -35,24 +43,22 @@ from cassia_helpers.dataset.annotate.llm.client import (
 )
 from cassia_helpers.dataset.annotate.llm.limits import run_limits
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker
-from cassia_helpers.dataset.annotate.llm.untrusted import sanitize_label, sanitize_text
+from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, sanitize_label
 from cassia_helpers.ledger import Ledger, PriceTable
 
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 FINAL_LINE = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
-VERDICT = re.compile(r"^[\s*_#>`]*VALIDATION\s+(PASSED|FAILED)\b", re.IGNORECASE)
+# Clusters in a row without a usable answer after which a dataset's remaining clusters are not sent.
+UNUSABLE_RUN = 3
+# The kinds of Unknown that mean the model gave no usable answer (not "the model could not tell").
+NO_ANSWER = "invalid_answer"
 
 
 def validator_verdict(text: str) -> bool | None:
-    """The validator's verdict from the first non-empty line only: ``True`` for a line that starts with
-    ``VALIDATION PASSED`` and says nothing of failing, ``False`` for ``VALIDATION FAILED``, ``None`` when
-    the first line holds no verdict. "VALIDATION FAILED ... would only be VALIDATION PASSED if" fails."""
-    lines = [line for line in THINKING.sub("", text).splitlines() if line.strip()]
-    match = VERDICT.match(lines[0]) if lines else None
-    if match is None:
-        return None
-    return match.group(1).upper() == "PASSED" and "FAIL" not in lines[0].upper()
+    """The validator's verdict (see :func:`~cassia_helpers.dataset.annotate.agents.replies.read_verdict`):
+    from JSON, or the first or last line; ``None`` when undetermined (none, or both verdicts named)."""
+    return read_verdict(text)
 
 
 def parse_answer(text: str) -> dict | None:
@@ -103,7 +109,7 @@ def _normalise(data: dict) -> dict:
         "mixed_cell_types": _as_list(data.get("mixed_cell_types")),
         "confidence": max(0.0, min(100.0, confidence)),
         "key_markers": _as_list(data.get("key_markers")),
-        "reasoning": sanitize_text(data.get("reasoning", "")),
+        "reasoning": sanitize_label(data.get("reasoning", ""), max_chars=MAX_REASONING_CHARS),
         # a proposal only: checked against the ontology before it is used (cassia_helpers.dataset.ontology)
         "cell_ontology_id": sanitize_label(data.get("cell_ontology_id", ""), max_chars=20),
     }
@@ -160,6 +166,16 @@ class LLMAnnotator:
             max_tokens=max_tokens,
         )
         self.price_known = prices.lookup(model).known
+        # the run of clusters without a usable answer (shared by this dataset's threads)
+        self._guard = threading.Lock()
+        self._unusable_run = 0
+        self.stopped: str = ""
+        self.notices: list[str] = []
+
+    @property
+    def warnings(self) -> list[str]:
+        """The client's one-line warnings for the dataset's summary (e.g. the cache could not be written)."""
+        return self.client.warnings
 
     def describe(self) -> dict:
         return {
@@ -210,7 +226,23 @@ class LLMAnnotator:
         """The formatter agent (schema → JSON mode → prose fallbacks) on a free-text analysis."""
         return self._format(prompt, analysis, cluster, transcript)
 
+    def _count_usable(self, result: ClusterAnnotation, n_clusters: int | None = None) -> None:
+        """Track runs of clusters without a usable answer; after :data:`UNUSABLE_RUN`, stop asking."""
+        with self._guard:
+            if result.reason_kind != NO_ANSWER:
+                self._unusable_run = 0
+                return
+            self._unusable_run += 1
+            if self._unusable_run < UNUSABLE_RUN or self.stopped:
+                return
+            self.stopped = (f"the model's replies named no cell type for {UNUSABLE_RUN} clusters in a row: the "
+                            "remaining clusters of this dataset were not sent")
+            self.notices.append(self.stopped)
+        print(f"LLM annotation stopped: {self.stopped}", file=sys.stderr, flush=True)
+
     def _annotate_safely(self, markers, tissue, species, context) -> ClusterAnnotation:
+        if self.stopped:
+            return ClusterAnnotation.unknown(markers.cluster, f"not sent ({self.stopped})", markers.genes, NO_ANSWER)
         try:
             result = self._annotate_one(markers, tissue, species, context)
         except BudgetExceeded as exc:
@@ -221,6 +253,7 @@ class LLMAnnotator:
         except LLMError as exc:
             result = ClusterAnnotation.unknown(markers.cluster, f"request failed ({exc})", markers.genes,
                                                exc.kind)
+        self._count_usable(result)
         tokens = [r for r in self.ledger.records if r.cluster == markers.cluster]
         result.input_tokens = sum(r.input_tokens for r in tokens)
         result.output_tokens = sum(r.output_tokens for r in tokens)
@@ -253,6 +286,9 @@ class LLMAnnotator:
         best: dict | None = None
         last_problem = "no answer"
         for round_number in range(1, self.max_rounds + 1):
+            if round_number > 1 and best is None and self.stopped:
+                last_problem = "the model gave no recognisable cell type (the dataset stopped asking)"
+                break
             try:
                 outcome = self._round(markers, prompt, conversation, transcript, round_number)
             except LLMError as exc:
@@ -264,23 +300,26 @@ class LLMAnnotator:
             if outcome is None:
                 last_problem = "the model gave no recognisable cell type"
                 continue
-            cleaned, passed = outcome
+            cleaned, passed, actionable = outcome
             best = cleaned
-            if passed:
-                return self._result(markers, cleaned, transcript, round_number, validated=True)
+            if passed or not actionable:
+                return self._result(markers, cleaned, transcript, round_number, validated=passed)
             last_problem = "validation did not pass"
         if best is not None:
             return self._result(markers, best, transcript, self.max_rounds, validated=False)
         unknown = ClusterAnnotation.unknown(markers.cluster, f"{last_problem} after {self.max_rounds} rounds",
-                                           markers.genes, "invalid_answer")
+                                           markers.genes, NO_ANSWER)
         unknown.transcript, unknown.iterations = transcript, self.max_rounds
         return unknown
 
     def _round(self, markers: ClusterMarkers, prompt: str, conversation: list[dict], transcript: list[dict],
-               round_number: int) -> tuple[dict, bool] | None:
-        """One annotator → formatter → validator round; ``None`` when no cell type could be read.
+               round_number: int) -> tuple[dict, bool, bool] | None:
+        """One annotator → formatter → validator round: ``(answer, passed, actionable)``, or ``None`` when no
+        cell type could be read. ``actionable``: the check gave feedback a further round can act on.
 
         Adds the feedback for the next round to ``conversation`` when the answer is missing or not validated.
+        A well-formed reply is cached whatever it concludes (a rerun asks nothing again): an analysis that names
+        a cell type, a review that names a verdict, passed, failed or both; unusable text is asked again.
         """
         analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator",
                                     accept=lambda text: parse_answer(text) is not None).content
@@ -295,23 +334,28 @@ class LLMAnnotator:
         cleaned = dict(answer, key_markers=[m for m in answer["key_markers"]
                                             if m.upper() in {g.upper() for g in markers.genes}])
         try:
-            review = self.client.chat(
+            review = structured_chat(
+                self.client,
                 [{"role": "system", "content": VALIDATOR_SYSTEM},
                  {"role": "user", "content": f"{prompt}\n\nAnnotation to check:\n{analysis}\n\n"
-                                             f"Structured answer:\n{json.dumps(answer)}"}],
-                cluster=markers.cluster, agent="validator",
-                accept=lambda text: validator_verdict(text) is not None).content
+                                             f"Structured answer:\n{json.dumps(answer)}"
+                                             + reference_check(answer["main_cell_type"], prompt, markers.genes)}],
+                schema=VERDICT_SCHEMA, cluster=markers.cluster, agent="validator",
+                accept=lambda text: read_verdict(text) is not None or bool(verdict_words(text))).content
         except LLMError as exc:
             # The answer stands, unconfirmed; a later round (if any) may still confirm it.
             review = f"validator unavailable ({exc})"
         transcript.append({"agent": f"validator (round {round_number})", "content": review})
         if problems:
             transcript.append({"agent": "marker check", "content": " ".join(problems)})
-        passed = validator_verdict(review) is True and not problems
+        verdict = read_verdict(review)
+        passed = verdict is True and not problems
+        # a review naming no verdict at all (unusable text, an unavailable validator) gives nothing to act on
+        actionable = bool(problems) or verdict is False or bool(verdict_words(review))
         if not passed:
             conversation.append({"role": "user", "content": "Validator feedback: " + " ".join(problems + [review])
                                  + "\nRevise your analysis and end with 'FINAL ANNOTATION: <main cell type>'."})
-        return cleaned, passed
+        return cleaned, passed, actionable
 
     def _result(self, markers, answer, transcript, rounds, *, validated: bool) -> ClusterAnnotation:
         if UNKNOWN_ANSWER.match(answer["main_cell_type"]):
@@ -333,6 +377,7 @@ class LLMAnnotator:
             cell_ontology_id=answer["cell_ontology_id"],
             status="ok",
             iterations=rounds,
+            validated=validated,
             markers_sent=list(markers.genes),
             transcript=transcript,
         )

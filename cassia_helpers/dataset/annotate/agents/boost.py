@@ -1,13 +1,16 @@
 """The annotation boost: a weak call re-examined with gene look-ups in the cluster's full differential
 expression, for a bounded number of rounds, then a revised structured answer.
 
-Calls per boosted cluster are bounded whatever the model says: ``rounds`` boost calls, one more to force a
-conclusion when none came, then the formatter (its fallbacks only on refused formats). The re-scoring and the
-choice of the answer kept are the pipeline's (:mod:`cassia_helpers.dataset.annotate.agents.pipeline`).
+Calls per boosted cluster are bounded whatever the model says: ``rounds`` boost calls (a reply that neither
+asks for genes nor concludes ends the boost), one more to force a conclusion when none came, then the
+formatter (its fallbacks only on refused formats) only when the conclusion carries no readable JSON answer of
+its own. The re-scoring and the choice of the answer kept are the pipeline's
+(:mod:`cassia_helpers.dataset.annotate.agents.pipeline`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -15,7 +18,9 @@ import numpy as np
 import pandas as pd
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
-from cassia_helpers.dataset.annotate.agents.annotator import UNKNOWN_ANSWER, cluster_prompt
+from cassia_helpers.dataset.annotate.agents.annotator import UNKNOWN_ANSWER, cluster_prompt, parse_answer
+from cassia_helpers.dataset.annotate.agents.prompts import reference_check
+from cassia_helpers.dataset.annotate.agents.replies import json_object, read_conclusion
 from cassia_helpers.dataset.annotate.llm.client import LLMError
 
 BOOST_SYSTEM = """You are the boost agent of a cell-type annotation team. An earlier call for one cluster \
@@ -24,12 +29,11 @@ identity, then ask for the genes that would tell them apart, inside <check_genes
 (gene symbols only, at most {max_genes}). For each gene you will get its log2 fold change, the fraction of \
 the cluster's cells and of the other cells where it is detected, and the adjusted p-value of the cluster \
 against the rest. When the evidence is enough, write FINAL ANNOTATION COMPLETED, your conclusion (the most \
-likely cell type, up to three more specific sub types, any mixture), and end with the line \
-FINAL ANNOTATION: <main cell type>."""
+likely cell type, up to three more specific sub types, any mixture), the line \
+FINAL ANNOTATION: <main cell type>, and then the answer as JSON with the fields main_cell_type, \
+sub_cell_types, mixed_cell_types, confidence (0-100), key_markers, reasoning and cell_ontology_id."""
 
 _CHECK = re.compile(r"<check_genes>\s*(.*?)\s*</check_genes>", re.IGNORECASE | re.DOTALL)
-_DONE = re.compile(r"FINAL ANNOTATION COMPLETED", re.IGNORECASE)
-_FINAL = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
 
 
 def requested_genes(text: str, limit: int = 20) -> list[str]:
@@ -44,12 +48,9 @@ def requested_genes(text: str, limit: int = 20) -> list[str]:
 
 
 def concluded(text: str) -> str | None:
-    """The main cell type of a concluding reply, or ``None`` when the reply does not conclude."""
-    matches = _FINAL.findall(text or "")
-    label = matches[-1].strip().strip("*").strip() if matches else ""
-    if (_DONE.search(text or "") or label) and label and not label.startswith("<"):
-        return label
-    return None
+    """The main cell type of a concluding reply, or ``None`` when the reply does not conclude (or concludes
+    without naming a type; see :func:`~cassia_helpers.dataset.annotate.agents.replies.read_conclusion`)."""
+    return read_conclusion(text) or None
 
 
 class GeneLookup:
@@ -136,6 +137,12 @@ class BoostResult:
     turns: list[dict] = field(default_factory=list)
 
 
+def _json_answer(text: str) -> dict | None:
+    """The structured answer a conclusion carries as JSON (not from its prose: that is the formatter's job)."""
+    data = json_object(text)
+    return parse_answer(json.dumps(data)) if isinstance(data, dict) and data.get("main_cell_type") else None
+
+
 def boost_prompt(markers: ClusterMarkers, previous: ClusterAnnotation, *, tissue: str, species: str,
                  context: str = "") -> str:
     lines = [cluster_prompt(markers, tissue=tissue, species=species, context=context), "",
@@ -144,7 +151,7 @@ def boost_prompt(markers: ClusterMarkers, previous: ClusterAnnotation, *, tissue
              f"Its reasoning: {previous.reasoning or '-'}"]
     if previous.score is not None:
         lines.append(f"Quality score {previous.score:.0f}/100: {previous.score_reasoning or '-'}")
-    return "\n".join(lines)
+    return "\n".join(lines) + reference_check(previous.main_cell_type, lines[0], markers.genes)
 
 
 def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotation, lookup: GeneLookup, *,
@@ -168,13 +175,16 @@ def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotatio
                 conversation.append({"role": "user", "content": "No more genes can be checked. Write FINAL "
                                      "ANNOTATION COMPLETED, your conclusion, and the line FINAL ANNOTATION: "
                                      "<main cell type> now."})
-            reply = client.chat(conversation, cluster=markers.cluster, agent="boost").content
+            # cached when it asks for genes or concludes, whatever it concludes
+            reply = client.chat(conversation, cluster=markers.cluster, agent="boost",
+                                accept=lambda text: bool(requested_genes(text)) or read_conclusion(text) is not None
+                                ).content
             result.calls += 1
             result.turns.append({"agent": f"boost ({'conclusion' if final_call else f'round {round_number}'})",
                                  "content": reply})
             conversation.append({"role": "assistant", "content": reply})
             genes = [] if final_call else requested_genes(reply, max_genes)
-            if concluded(reply) and not genes:
+            if read_conclusion(reply) is not None and not genes:
                 conclusion = reply
                 break
             if final_call:
@@ -185,12 +195,15 @@ def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotatio
                 result.turns.append({"agent": f"gene look-up (round {round_number})", "content": answer})
                 conversation.append({"role": "user", "content": answer})
             else:
-                conversation.append({"role": "user", "content": "Your feedback: ask for genes inside "
-                                     "<check_genes>...</check_genes> or conclude with FINAL ANNOTATION: <type>."})
+                # neither a gene request nor a conclusion: unusable text is not asked about again
+                result.reason = "the boost agent's reply neither asked for genes nor concluded"
+                return result
         if not conclusion:
             result.reason = f"the boost agent did not conclude in {result.calls} calls"
             return result
-        answer = annotator.format_answer(prompt, conclusion, markers.cluster, result.turns)
+        # the conclusion's own JSON answer saves the formatter's request
+        answer = _json_answer(conclusion) or annotator.format_answer(prompt, conclusion, markers.cluster,
+                                                                     result.turns)
     except LLMError as exc:
         result.reason = f"boost request failed ({exc})"
         return result

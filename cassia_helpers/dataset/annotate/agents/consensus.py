@@ -6,29 +6,21 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from cassia_helpers.dataset import label_text
 from cassia_helpers.dataset.annotate import UNKNOWN
 
-_PLURAL = re.compile(r"(?<=[a-z])s\b")
-_SYNONYMS = {
-    "t lymphocyte": "t cell", "b lymphocyte": "b cell", "natural killer cell": "nk cell",
-    "monocytes": "monocyte", "macrophages": "macrophage",
-}
+_SYNONYMS = {"t lymphocyte": "t cell", "b lymphocyte": "b cell", "natural killer cell": "nk cell"}
 
 
 def normalise_label(name: str) -> str:
-    """A cell-type name in a comparable form: case, punctuation, plurals, ``-positive``/``+`` and a few
-    common synonyms (``T lymphocytes`` and ``T cell`` agree; ``CD8+ T cell`` and ``CD8-positive T cells``
-    agree)."""
+    """A cell-type name in a comparable form (:func:`cassia_helpers.dataset.label_text.key`: case,
+    punctuation, plurals, ``-positive``/``+``) and a few common synonyms (``T lymphocytes`` and ``T cell``
+    agree; ``CD8+ T cell`` and ``CD8-positive T cells`` agree)."""
     text = (name or "").strip().lower()
-    text = re.sub(r"-?positive\b", "+", text)
-    text = re.sub(r"[_/,;()\[\]]", " ", text)
-    text = re.sub(r"\s*\+\s*", "+ ", text)
-    text = re.sub(r"(?<=\w)-(?=\w)", " ", text)
-    text = " ".join(_PLURAL.sub("", word) if len(word) > 3 else word for word in text.split())
-    text = _SYNONYMS.get(text, text)
     if re.match(r"^(unknown|unclear|undetermined|n/?a)\b", text):
         return UNKNOWN.lower()
-    return text
+    text = label_text.key(text)
+    return _SYNONYMS.get(text, text)
 
 
 @dataclass

@@ -8,12 +8,12 @@ annotator's hook).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation
+from cassia_helpers.dataset.annotate.agents.replies import GROUPINGS_SCHEMA, read_groupings, structured_chat
+from cassia_helpers.dataset.annotate.llm.untrusted import sanitize_label
 
 if TYPE_CHECKING:  # the LLM client (and openai) is imported only when the merging agent is asked
     from cassia_helpers.dataset.annotate.llm.client import LLMClient
@@ -39,29 +39,15 @@ def merging_prompt(results: list[ClusterAnnotation], *, tissue: str, species: st
 
 
 def parse_groupings(text: str, clusters: list[str]) -> dict[str, list[str]]:
-    """``cluster -> [broad, detailed, fine]`` for the clusters found in a JSON reply (others left out)."""
-    text = re.sub(r"<think>.*?</think>", "", text or "", flags=re.DOTALL | re.IGNORECASE)
-    start, end = text.find("{"), text.rfind("}")
-    try:
-        data = json.loads(text[start:end + 1]) if 0 <= start < end else None
-    except ValueError:
-        data = None
-    entries = data.get("groupings", []) if isinstance(data, dict) else []
-    wanted = {str(c) for c in clusters}
-    found: dict[str, list[str]] = {}
-    for entry in entries if isinstance(entries, list) else []:
-        if not isinstance(entry, dict):
-            continue
-        cluster = str(entry.get("cluster", "")).strip()
-        levels = [str(entry.get(level, "") or "").strip() for level in LEVELS]
-        if cluster in wanted and all(levels):
-            found[cluster] = levels
-    return found
+    """``cluster -> [broad, detailed, fine]`` for the clusters found in a JSON reply (others left out), under
+    ``groupings`` or another key (see :func:`~cassia_helpers.dataset.annotate.agents.replies.read_groupings`),
+    every label sanitised and capped like the calls."""
+    return read_groupings(text, clusters)
 
 
 def _own_levels(r: ClusterAnnotation) -> list[str]:
     fine = r.sub_cell_types[0] if r.sub_cell_types else r.main_cell_type
-    return [r.main_cell_type, r.main_cell_type, fine]
+    return [sanitize_label(x) for x in (r.main_cell_type, r.main_cell_type, fine)]
 
 
 def merge_annotations(client: LLMClient, results: list[ClusterAnnotation], *, tissue: str, species: str,
@@ -87,7 +73,10 @@ def merge_annotations(client: LLMClient, results: list[ClusterAnnotation], *, ti
                     {"role": "user", "content": merging_prompt(known, tissue=tissue, species=species,
                                                                only=None if not placed else pending)}]
         try:
-            reply = _ask(client, messages)
+            wanted = sorted(pending)
+            reply = structured_chat(client, messages, schema=GROUPINGS_SCHEMA, cluster=MERGE_CLUSTER,
+                                    agent="merger", accept=lambda text, w=wanted: bool(read_groupings(text, w))
+                                    ).content
         except LLMError as exc:
             problem = f"merging request failed ({exc})"
             break
@@ -104,18 +93,6 @@ def merge_annotations(client: LLMClient, results: list[ClusterAnnotation], *, ti
     return results
 
 
-def _ask(client: LLMClient, messages: list[dict]) -> str:
-    from cassia_helpers.dataset.annotate.llm.client import RequestRejected
-
-    if client.supports("json_object"):
-        try:
-            return client.chat(messages, cluster=MERGE_CLUSTER, agent="merger",
-                               response_format={"type": "json_object"}).content
-        except RequestRejected:
-            client.mark_unsupported("json_object")
-    return client.chat(messages, cluster=MERGE_CLUSTER, agent="merger").content
-
-
 def merge_from_hierarchy(results: list[ClusterAnnotation],
                          parent: Callable[[str], str | None]) -> list[ClusterAnnotation]:
     """Merging without an LLM: ``parent(label)`` gives a label's parent type (``None`` at the top).
@@ -130,7 +107,7 @@ def merge_from_hierarchy(results: list[ClusterAnnotation],
         while (up := parent(chain[-1])) and up not in chain and len(chain) < 10:
             chain.append(up)
         fine = r.sub_cell_types[0] if r.sub_cell_types else r.main_cell_type
-        r.merged_groupings = [chain[-1], r.main_cell_type, fine]
+        r.merged_groupings = [sanitize_label(x) for x in (chain[-1], r.main_cell_type, fine)]
     return results
 
 

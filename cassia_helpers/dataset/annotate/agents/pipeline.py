@@ -5,7 +5,9 @@ for a consensus.
 Every request goes through the annotator's one :class:`~cassia_helpers.dataset.annotate.llm.client.LLMClient` (or a
 sibling sharing its ledger, throttle and budget). Each step has a fixed bound of logical calls per cluster
 (:func:`estimate_calls`), whatever the model says; a step that gets no valid answer leaves the earlier result
-in place and records why in the cluster's ``notes``.
+in place and records why in the cluster's ``notes``. A cluster without a first answer (the model's replies
+named no cell type, or the service failed) is neither scored nor boosted. A step that failed for more than
+half of a dataset's clusters is said in :attr:`AnnotationPipeline.notices` (the dataset's warnings).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
-from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate import SERVICE_FAILURES, UNKNOWN, ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.boost import GeneLookup, boost_cluster
-from cassia_helpers.dataset.annotate.agents.consensus import consensus
+from cassia_helpers.dataset.annotate.agents.consensus import consensus, normalise_label
 from cassia_helpers.dataset.annotate.agents.merging import merge_annotations
 from cassia_helpers.dataset.annotate.agents.scoring import score_annotation
 
@@ -117,6 +119,7 @@ class AnnotationPipeline:
         self.annotator = annotator
         self.settings = settings or PipelineSettings()
         self.lookup = lookup
+        self._step_notices: list[str] = []
         # The primary annotation (run 1 of ``--model``) always votes; every other model of ``models`` and
         # every further run are voters too.
         primary = annotator.client.model
@@ -129,6 +132,11 @@ class AnnotationPipeline:
             self.voters += [(first, 1)] if first is not annotator else []
             self.voters += [(first.sibling(seed=seed + run - 1, temperature=RUN_TEMPERATURE), run)
                             for run in range(2, self.settings.n_runs + 1)]
+
+    @property
+    def notices(self) -> list[str]:
+        """One-line warnings for the dataset: clusters no longer sent, steps that failed for most clusters."""
+        return [*getattr(self.annotator, "notices", []), *self._step_notices]
 
     def describe(self) -> dict:
         out = dict(self.annotator.describe())
@@ -143,6 +151,7 @@ class AnnotationPipeline:
         if self.settings.pipeline == "full":
             merge_annotations(self.annotator.client, results, tissue=tissue, species=species,
                               max_calls=MERGE_CALLS)
+        self._step_notices = step_failures(results, self.settings)
         for r in results:
             records = [x for x in self.annotator.ledger.records if x.cluster == r.cluster]
             r.input_tokens = sum(x.input_tokens for x in records)
@@ -153,7 +162,7 @@ class AnnotationPipeline:
         result = self.annotator.annotate_one(markers, tissue=tissue, species=species, context=context)
         if self.voters:
             self._vote(result, markers, tissue, species, context)
-        if self.settings.pipeline == "fast" or not markers.genes:
+        if self.settings.pipeline == "fast" or not markers.genes or _no_answer(result):
             return result
         scored = score_annotation(self.annotator.client, markers, result, tissue=tissue, species=species,
                                   context=context, max_calls=SCORE_CALLS)
@@ -192,6 +201,12 @@ class AnnotationPipeline:
             initial.notes.append(f"boost: {boosted.reason}; the initial answer is kept")
             return initial
         candidate = _with_answer(initial, boosted.answer)
+        if normalise_label(candidate.main_cell_type) == normalise_label(initial.main_cell_type):
+            # the re-score only chooses between two different calls: a confirmed call is not asked about again
+            initial.kept_answer = "initial"
+            initial.notes.append(f"boost: confirmed the initial call {initial.main_cell_type!r} with "
+                                 f"{len(boosted.genes_asked)} genes checked; not re-scored")
+            return initial
         rescored = score_annotation(self.annotator.client, markers, candidate, tissue=tissue, species=species,
                                     context=context, max_calls=SCORE_CALLS, label="scorer (boosted)")
         initial.transcript += rescored.turns
@@ -211,6 +226,36 @@ class AnnotationPipeline:
                                               f"{'-' if initial.score is None else f'{initial.score:.0f}'}) "
                                               f"with {candidate.main_cell_type!r} (score {rescored.score:.0f})"])
         return kept
+
+
+def _no_answer(result: ClusterAnnotation) -> bool:
+    """The cluster got no first answer from the model (nothing to score or boost)."""
+    return result.status != "ok" and result.reason_kind in SERVICE_FAILURES
+
+
+def step_failures(results: list[ClusterAnnotation], settings: PipelineSettings) -> list[str]:
+    """One line per step that failed for more than half of the dataset's clusters: the validator gave no
+    verdict, no score, no boosted conclusion, no merged groupings (each counted among the clusters the step
+    was asked about)."""
+    lines = []
+    answered = [r for r in results if not _no_answer(r)]
+
+    def check(step: str, asked: list[ClusterAnnotation], failed: list[ClusterAnnotation], note: str) -> None:
+        if asked and len(failed) * 2 > len(asked):
+            example = next((n for r in failed for n in r.notes if n.startswith(note)), "")
+            lines.append(f"{step} failed for {len(failed)} of {len(asked)} clusters"
+                         + (f" ({' '.join(example.split())[:200]})" if example else ""))
+
+    if settings.pipeline == "full":
+        asked = [r for r in answered if r.markers_sent]
+        check("scoring", asked, [r for r in asked if r.score is None], "score:")
+        boosted = [r for r in answered if r.boosted]
+        check("boost", boosted, [r for r in boosted if r.kept_answer == "initial" and any(
+            n.startswith("boost:") and ("failed" in n or "did not conclude" in n or "named no" in n)
+            for n in r.notes)], "boost:")
+        merged = [r for r in answered if r.main_cell_type != UNKNOWN]
+        check("merging", merged, [r for r in merged if any(n.startswith("merging:") for n in r.notes)], "merging:")
+    return lines
 
 
 def run_pipeline(annotator, clusters: list[ClusterMarkers], *, tissue: str, species: str, context: str = "",

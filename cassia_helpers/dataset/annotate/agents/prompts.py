@@ -69,3 +69,29 @@ def cluster_prompt(markers: ClusterMarkers, *, tissue: str, species: str, contex
         lines.append(f"Context: {context}")
     lines.append(f"Ranked markers (best first): {', '.join(markers.genes)}")
     return "\n".join(lines)
+
+
+#: typical size in characters of the :func:`reference_check` note (the called type and two rivals, six genes
+#: each), for estimates made before any data is read
+REFERENCE_NOTE_CHARS = 400
+
+
+def _prompt_field(prompt: str, name: str) -> str:
+    """A ``Name: value`` line of a :func:`cluster_prompt` message."""
+    for line in prompt.splitlines():
+        if line.startswith(f"{name}: "):
+            return line[len(name) + 2:].strip()
+    return ""
+
+
+def reference_check(call: str, prompt: str, genes: list[str]) -> str:
+    """The marker reference's canonical markers of the called type and of its nearest rivals (the types the
+    cluster's list points to), for the validator and the boost agent: a blank line and the note, or ``""``.
+
+    ``prompt`` is the cluster's :func:`cluster_prompt` message (its species and tissue are read from it).
+    """
+    from cassia_helpers.dataset.annotate.reference.retrieval import reference_note
+
+    note = reference_note(call, genes, tissue=_prompt_field(prompt, "Tissue"),
+                          species=_prompt_field(prompt, "Species"))
+    return f"\n\n{note}" if note else ""

@@ -2,17 +2,21 @@
 
 The score is the agent's judgement of the whole annotation (markers, reasoning, validation), separate from
 the formatter's self-reported confidence. At most ``max_calls`` logical calls per cluster: a reply without a
-valid score (missing, not a number, outside 0-100) is sent back once with the problem stated.
+valid score (outside 0-100) is sent back once with the problem stated; a reply without any score is not (an
+unusable scorer costs one call per cluster, and the step's failure is said in the dataset's warnings). The score is
+asked for as structured output where the server accepts it, and read tolerantly
+(:func:`~cassia_helpers.dataset.annotate.agents.replies.read_score`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
 from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate.agents.replies import SCORE_SCHEMA, read_score, structured_chat
 from cassia_helpers.dataset.annotate.llm.client import LLMClient, LLMError
+from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, sanitize_label
 
 SCORER_SYSTEM = """You are the scoring agent of a cell-type annotation team. You judge the work of the \
 other agents on one cluster of a single-cell RNA-seq dataset. Weigh: is the call biologically right for \
@@ -20,12 +24,6 @@ these markers, species and tissue; does it use several markers rather than one; 
 given more weight; was a likelier cell type or a mixture overlooked? Reply with your judgement inside \
 <reasoning>...</reasoning>, then the quality score as a whole number from 0 (wrong or unusable) to 100 \
 (correct and complete) inside <score>...</score>."""
-
-_SCORE = re.compile(r"<score>\s*([-+]?\d+(?:\.\d+)?)\s*</score>", re.IGNORECASE)
-_SCORE_LOOSE = re.compile(r"\bscore\s*[:=]\s*([-+]?\d+(?:\.\d+)?)", re.IGNORECASE)
-_REASONING = re.compile(r"<reasoning>(.*?)</reasoning>", re.IGNORECASE | re.DOTALL)
-_THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-
 
 @dataclass
 class ScoreResult:
@@ -38,17 +36,16 @@ class ScoreResult:
 
 
 def parse_score(text: str) -> tuple[float | None, str, str]:
-    """``(score, reasoning, problem)``: the score is ``None`` and ``problem`` non-empty when invalid."""
-    text = _THINKING.sub("", text or "")
-    match = _SCORE.search(text) or _SCORE_LOOSE.search(text)
-    reasoning_match = _REASONING.search(text)
-    reasoning = (reasoning_match.group(1) if reasoning_match else _SCORE.sub("", text)).strip()
-    if not match:
-        return None, reasoning, "no <score> was given"
-    value = float(match.group(1))
-    if not 0 <= value <= 100:
-        return None, reasoning, f"the score {match.group(1)} is outside 0-100"
-    return value, reasoning, ""
+    """``(score, reasoning, problem)``: the score is ``None`` and ``problem`` non-empty when invalid
+    (see :func:`~cassia_helpers.dataset.annotate.agents.replies.read_score` for the forms read)."""
+    return read_score(text)
+
+
+def _scored(text: str) -> bool:
+    """A reply worth keeping in the cache: it gives a score, even an invalid one (it is asked again with
+    the problem stated, and that exchange is cached too)."""
+    score, _, problem = read_score(text)
+    return score is not None or "outside" in problem
 
 
 def _history(annotation: ClusterAnnotation) -> str:
@@ -91,20 +88,23 @@ def score_annotation(client: LLMClient, markers: ClusterMarkers, annotation: Clu
     problem = "not scored"
     for attempt in range(1, max(1, max_calls) + 1):
         try:
-            reply = client.chat(messages, cluster=markers.cluster, agent="scorer").content
+            reply = structured_chat(client, messages, schema=SCORE_SCHEMA, cluster=markers.cluster, agent="scorer",
+                                    accept=_scored).content
         except LLMError as exc:
             result.reason = f"scoring request failed ({exc})"
             return result
         result.turns.append({"agent": f"{label} (call {attempt})", "content": reply})
         score, reasoning, problem = parse_score(reply)
         if score is not None:
-            result.score, result.reasoning = score, reasoning
+            result.score, result.reasoning = score, sanitize_label(reasoning, max_chars=MAX_REASONING_CHARS)
             return result
+        if not _scored(reply):
+            break
         messages += [{"role": "assistant", "content": reply},
                      {"role": "user", "content": f"Your feedback: {problem}. Reply again with <reasoning>"
                                                  "...</reasoning> and a whole number from 0 to 100 in "
                                                  "<score>...</score>."}]
-    result.reason = f"no valid score after {max(1, max_calls)} calls ({problem})"
+    result.reason = f"no valid score after {attempt} call{'s' if attempt > 1 else ''} ({problem})"
     return result
 
 

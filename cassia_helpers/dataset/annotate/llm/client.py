@@ -25,12 +25,24 @@ import openai
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from cassia_helpers.dataset.annotate.llm.cache import CAPABILITIES_FILE, ResponseCache, default_cache_dir
+from cassia_helpers.dataset.annotate.llm.errors import (
+    BudgetExceeded,
+    FatalLLMError,
+    LLMError,
+    RequestRejected,
+    ServiceUnavailable,
+    _Retryable,
+)
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker, RunBudget, RunThrottle
 from cassia_helpers.dataset.annotate.llm.transport import (
     DeadlineExceeded,
+    RedirectRefused,
+    certificate_problem,
+    http_client,
     post_chat,
     refused_option,
     reply_fields,
+    reply_tokens,
     retry_after_seconds,
     safe_message,
 )
@@ -40,12 +52,14 @@ from cassia_helpers.ledger import (
     CACHE_HIT,
     ERROR,
     INTERRUPTED,
+    NOT_SENT,
     OK,
     SKIPPED_BUDGET,
     CallRecord,
     Ledger,
     PriceTable,
     estimate_tokens,
+    format_cost,
 )
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -56,52 +70,6 @@ MIN_ATTEMPT_S = 1.0  # no new attempt with less time than this left before the d
 __all__ = ["CAPABILITIES_FILE", "DEFAULT_BASE_URL", "DEFAULT_DEADLINE_S", "DEFAULT_MAX_TOKENS", "BudgetExceeded",
            "ChatAnswer", "FatalLLMError", "LLMClient", "LLMError", "RequestRejected", "ServiceUnavailable",
            "default_cache_dir", "endpoint_label"]
-
-
-class LLMError(RuntimeError):
-    """No usable answer for one logical call; the message is safe to show (no credentials).
-
-    ``kind`` says why, machine-readably: one of
-    :data:`~cassia_helpers.dataset.annotate.SERVICE_FAILURES` (``timeout``, ``unreachable``, ``budget``, ``auth``,
-    ``no_key``, ``model_not_found``, ``endpoint_not_found``, ``server_error``, ``unreadable``,
-    ``rejected``, ``error``).
-    """
-
-    def __init__(self, message: str, kind: str = "error") -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class BudgetExceeded(LLMError):
-    """The run's ``--max-cost`` budget is reached (or cannot be enforced): nothing more is sent."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "budget")
-
-
-class RequestRejected(LLMError):
-    """The endpoint rejected this request as invalid (400/422), e.g. an unsupported response_format."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "rejected")
-
-
-class FatalLLMError(LLMError):
-    """The endpoint refuses us outright (bad key, unknown model): no point trying other clusters."""
-
-
-class ServiceUnavailable(LLMError):
-    """The circuit breaker is open: the server kept failing, nothing is sent during the cool-down."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "unreachable")
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None, kind: str = "error") -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.kind = kind
 
 
 @dataclass
@@ -175,11 +143,17 @@ class LLMClient:
             base_url=self.base_url,
             timeout=timeout,
             max_retries=0,
+            http_client=http_client(),
         )
 
     @property
     def cache_dir(self) -> Path:
         return self.cache.directory
+
+    @property
+    def warnings(self) -> list[str]:
+        """One-line warnings for the dataset's summary (e.g. a cache folder that cannot be written)."""
+        return [self.cache.warning] if self.cache.warning else []
 
     def supports(self, feature: str) -> bool:
         return self.cache.supports(feature)
@@ -201,7 +175,7 @@ class LLMClient:
             estimated=estimated,
         )
         if pending:
-            self.ledger.begin(record)
+            self.ledger.begin(record, deferred=True)
             return
         self.ledger.add(record)
         if cost:
@@ -247,8 +221,8 @@ class LLMClient:
                 raise ServiceUnavailable(refused)
             if self.budget.exhausted():
                 self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET,
-                             error=f"budget of ${self.budget.max_cost:.2f} reached")
-                raise BudgetExceeded(f"budget of ${self.budget.max_cost:.2f} reached")
+                             error=f"budget of {format_cost(self.budget.max_cost)} reached")
+                raise BudgetExceeded(f"budget of {format_cost(self.budget.max_cost)} reached")
             left = give_up_at - time.monotonic()
             if left < MIN_ATTEMPT_S:
                 raise LLMError(f"no answer within the {self.deadline:g} s deadline "
@@ -303,34 +277,58 @@ class LLMClient:
         options = self._options(messages, response_format)
         estimated_input = estimate_tokens(_messages_text(messages))
         call_id = uuid.uuid4().hex
+        sent = False
+
+        def on_send() -> None:
+            # the write-ahead line goes to disk just before the request's first byte: a request that
+            # never left (refused connection, Ctrl-C while connecting) is never counted as a call
+            nonlocal sent
+            self.ledger.mark_sent(call_id)
+            sent = True
+
         with self.throttle.slot():
             # checked again once a slot is held: requests that queued for a slot must not pass the budget
             if self.budget.exhausted():
                 self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET,
-                             error=f"budget of ${self.budget.max_cost:.2f} reached")
-                raise BudgetExceeded(f"budget of ${self.budget.max_cost:.2f} reached")
+                             error=f"budget of {format_cost(self.budget.max_cost)} reached")
+                raise BudgetExceeded(f"budget of {format_cost(self.budget.max_cost)} reached")
+            # held in memory (the budget counts it) until on_send writes it
             self._record(cluster=cluster, agent=agent, status=OK, input_tokens=estimated_input, attempt=attempt,
                          call_id=call_id, estimated=True, pending=True)
             start = time.perf_counter()
 
             def done(status: str, error: str = "", **fields) -> None:
+                if not sent and status in (ERROR, INTERRUPTED):
+                    status, fields = NOT_SENT, {}
+                    error = f"{error} (the request was not sent)"
                 self._record(cluster=cluster, agent=agent, status=status, error=error, attempt=attempt,
                              latency=time.perf_counter() - start, call_id=call_id, **fields)
 
             try:
-                data, size = post_chat(self._client, options, timeout=self.timeout, limit=limit)
+                data, size = post_chat(self._client, options, timeout=self.timeout, limit=limit, on_send=on_send)
                 content, usage, request_id, fingerprint = reply_fields(data)
             except openai.APIStatusError as exc:
                 self.breaker.success()  # the server answered
                 message = safe_message(exc)
                 done(ERROR, message)
                 raise self._status_error(exc, message, options) from None
+            except RedirectRefused as exc:
+                self.breaker.success()
+                message = scrub_secrets(str(exc))[:300]
+                done(ERROR, message)
+                raise self._fatal_error(message, "redirect") from None
             except (openai.APITimeoutError, DeadlineExceeded) as exc:
                 # The server has the request and may bill it: its input is counted, as an estimate.
                 message = safe_message(exc)
                 done(ERROR, message, input_tokens=estimated_input, estimated=True)
                 raise self._fail_to_reach(message, "timeout", cluster, agent) from None
             except openai.APIConnectionError as exc:
+                certificate = certificate_problem(exc)
+                if certificate:
+                    message = (f"the TLS certificate of {self.endpoint} was refused ({certificate}); for a "
+                               "private certificate authority, give its certificate file in SSL_CERT_FILE")
+                    done(ERROR, message)
+                    raise self._fatal_error(message, "certificate") from None
                 message = safe_message(exc)
                 done(ERROR, message)
                 raise self._fail_to_reach(message, "unreachable", cluster, agent) from None
@@ -344,22 +342,25 @@ class LLMClient:
                      estimated=True)
                 raise
         self.breaker.success()
-        estimated = usage is None
-        if estimated:
-            input_tokens, output_tokens = estimated_input, estimate_tokens(content)
-        else:
-            input_tokens = int(usage.get("prompt_tokens") or 0)
-            output_tokens = int(usage.get("completion_tokens") or 0)
+        input_tokens, output_tokens, note = reply_tokens(usage, prompt_estimate=estimated_input, content=content)
+        estimated = bool(note)
         if fingerprint:
             with self._lock:
                 self.fingerprints.add(fingerprint)
         stored = untrusted_reply(content)
-        notes = [n for n in ("no usage reported: tokens estimated from characters" if estimated else "",
-                             f"reply of {len(content)} characters cut to {len(stored)}" if len(stored) < len(content)
-                             else "") if n]
-        done(OK, "; ".join(notes), input_tokens=input_tokens, output_tokens=output_tokens,
+        notes = [note] if note else []
+        if len(stored) < len(content):
+            notes.append(f"reply of {len(content)} characters cut to {len(stored)}")
+        done(OK, scrub_secrets("; ".join(notes)), input_tokens=input_tokens, output_tokens=output_tokens,
              request_id=scrub_secrets(request_id)[:200], estimated=estimated)
         return ChatAnswer(stored, input_tokens, output_tokens, False, scrub_secrets(fingerprint)[:200], estimated)
+
+    def _fatal_error(self, message: str, kind: str) -> FatalLLMError:
+        """The same answer awaits every request (a redirect elsewhere, an untrusted certificate): stop asking."""
+        fatal = FatalLLMError(message, kind)
+        with self._lock:
+            self._fatal = fatal
+        return fatal
 
     def _status_error(self, exc: openai.APIStatusError, message: str, options: dict) -> Exception:
         retry_after = retry_after_seconds(exc)
@@ -379,10 +380,7 @@ class LLMClient:
                 kind = "model_not_found" if "model" in message.lower() else "endpoint_not_found"
             else:
                 kind = "auth" if os.environ.get("OPENAI_API_KEY") else "no_key"
-            fatal = FatalLLMError(message, kind)
-            with self._lock:
-                self._fatal = fatal
-            return fatal
+            return self._fatal_error(message, kind)
         if status in (400, 422):
             return RequestRejected(message)
         return LLMError(message)

@@ -1,42 +1,181 @@
 """One chat-completion request to an OpenAI-compatible endpoint, and reading what comes back.
 
-:func:`post_chat` sends a request through the ``openai`` client and reads the reply body in chunks against
-a wall-clock limit, so a server that trickles bytes cannot hold a request open past it, nor make us read an
-endless body. :func:`reply_fields` takes the answer out of a chat completion body. An error is read by
-:func:`retry_after_seconds` (the wait the server asks for), :func:`refused_option` (the optional request
-field a 400 complains about) and :func:`safe_message` (one line without anything that could carry a
-credential). Retries, the cache, the ledger and the run's limits are :mod:`~.client`'s.
+:func:`post_chat` sends a request through the ``openai`` client, on the HTTP client of :func:`http_client`,
+and bounds the whole exchange (connecting, sending, the response headers and the body) by a wall-clock
+limit held from outside the HTTP library: a timer shuts the request's socket down when the limit passes,
+so a server that trickles its headers or its body one byte at a time cannot hold a request open past it,
+whatever the per-read timeouts. The same hooks tell when the request starts to leave (``on_send``: the
+ledger's write-ahead line is written then, so a request that never left is never counted), and refuse a
+redirect that would carry the prompts to another host, or turn the request into a GET.
+
+:func:`reply_fields` takes the answer out of a chat completion body, :func:`reply_tokens` checks the
+token counts a server reports. An error is read by :func:`retry_after_seconds` (the wait the server asks
+for), :func:`refused_option` (the optional request field a 400 complains about), :func:`certificate_problem`
+(a TLS certificate that was not trusted) and :func:`safe_message` (one line without anything that could
+carry a credential). Retries, the cache, the ledger and the run's limits are :mod:`~.client`'s.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import socket
+import ssl
+import threading
 import time
+from collections.abc import Callable
 
 import openai
 
 from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets
+from cassia_helpers.ledger import MAX_PLAUSIBLE_TOKENS, estimate_tokens
+
+
+def _http_library():
+    """The HTTP library under the ``openai`` client (httpx2 in recent releases, httpx before), whose
+    limits, hooks and errors :func:`http_client` and :func:`post_chat` use."""
+    for base in openai.DefaultHttpxClient.__mro__:
+        root = base.__module__.partition(".")[0]
+        if root in ("httpx2", "httpx"):
+            return importlib.import_module(root)
+    raise ImportError(f"openai {openai.__version__}: no httpx-compatible client found")
+
+
+_http = _http_library()
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read to the end
 
 
 class DeadlineExceeded(Exception):
-    """The reply body was not complete within the request's wall-clock limit."""
+    """The exchange (connect, headers, body) was not complete within the request's wall-clock limit."""
 
 
-def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: float) -> tuple[dict, int]:
+class RedirectRefused(Exception):
+    """The server answered with a redirect that is not followed (another host, or one that drops the body)."""
+
+
+class _Exchange:
+    """One request's connections, watched: its sockets are shut down when the wall-clock limit passes.
+
+    Filled from the HTTP library's ``trace`` extension, in the sending thread: each new connection's
+    socket (keep-alive is off, so every request has its own), and the moment the request starts to leave.
+    """
+
+    def __init__(self, on_send: Callable[[], None] | None) -> None:
+        self.on_send = on_send
+        self.sent = False
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def trace(self, name: str, info: dict) -> None:
+        if name.endswith(("connect_tcp.complete", "start_tls.complete", "connect_unix_socket.complete")):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with self._lock:
+                    self._sockets.append(sock)
+                    expired = self.expired
+                if expired:
+                    _shut(sock)
+        elif name.endswith("send_request_headers.started") and not self.sent:
+            # before the first byte of the request: a write-ahead record written here is never a request
+            # that did not leave, and a request that left always has one
+            if self.on_send is not None:
+                self.on_send()
+            self.sent = True
+
+    def expire(self) -> None:
+        """Called by the timer: every socket of the exchange is shut down, which ends any blocked read."""
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        # the plain socket call, also on a TLS socket: its own ``shutdown`` would unwrap TLS under a reader
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+_current = threading.local()
+
+
+def _watch(request) -> None:
+    """Request hook: the exchange of the calling thread follows this request's connection."""
+    exchange = getattr(_current, "exchange", None)
+    if exchange is not None:
+        request.extensions["trace"] = exchange.trace
+
+
+def _same_origin(a, b) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
+
+
+def _where(url) -> str:
+    """``scheme://host[:port]/path`` of a URL, without credentials or query."""
+    port = f":{url.port}" if url.port else ""
+    return f"{url.scheme}://{url.host}{port}{url.path}"
+
+
+def _refuse_redirect(response) -> None:
+    """Response hook: a redirect is followed only to the same scheme, host and port, keeping the request.
+
+    A 307/308 to the same origin keeps the method and the body (e.g. a path with a trailing slash). Any
+    other redirect is refused with its target named: to another host it would carry the prompts where
+    the run's provenance does not say, and 301/302/303 turn the POST into a GET.
+    """
+    if not response.has_redirect_location:
+        return
+    request = response.request
+    target = request.url.join(response.headers.get("location", ""))
+    if response.status_code in (307, 308) and _same_origin(target, request.url):
+        return
+    where = "another host" if not _same_origin(target, request.url) else "the same host, as a GET"
+    raise RedirectRefused(
+        f"the server redirected the request (HTTP {response.status_code}) to {_where(target)} ({where}): "
+        f"not followed; check --base-url")
+
+
+def http_client(*, max_connections: int = 1000):
+    """The HTTP client for :class:`openai.OpenAI`: no keep-alive (each request's socket is its own, so the
+    watchdog can end it), the trace hook of :func:`post_chat`, and redirects checked."""
+    return openai.DefaultHttpxClient(
+        limits=_http.Limits(max_connections=max_connections, max_keepalive_connections=0),
+        event_hooks={"request": [_watch], "response": [_refuse_redirect]},
+    )
+
+
+def _caused_by(exc: BaseException, kind: type) -> BaseException | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: float,
+              on_send: Callable[[], None] | None = None) -> tuple[dict, int]:
     """Send one chat completion request and read its body, all within ``limit`` wall-clock seconds.
 
     Parameters
     ----------
     client
-        The ``openai`` client (with its own retries off).
+        The ``openai`` client (with its own retries off), on the HTTP client of :func:`http_client`.
     options
         The request's fields: ``model``, ``messages`` and the optional ones.
     timeout
         Seconds to connect, and seconds of silence while waiting for the reply; never more than ``limit``.
     limit
-        Wall-clock seconds for the whole request, up to the body's last byte.
+        Wall-clock seconds for the whole exchange: connecting, sending, the headers, the body's last byte.
+    on_send
+        Called once, in this thread, just before the first byte of the request leaves.
 
     Returns
     -------
@@ -46,24 +185,58 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
     Raises
     ------
     DeadlineExceeded
-        The body was not complete within ``limit``.
+        The exchange was not complete within ``limit``.
+    RedirectRefused
+        The server redirected the request elsewhere.
     ValueError
         The body is larger than :data:`MAX_BODY_BYTES`, or not JSON.
     openai.APIError
         What the ``openai`` client raises: an error status, a timeout, a connection failure.
     """
-    until = time.monotonic() + limit
     request_timeout = openai.Timeout(min(timeout, limit), connect=min(timeout, limit, 30.0))
+    exchange = _Exchange(on_send)
+    timer = threading.Timer(limit, exchange.expire)
+    timer.daemon = True
     chunks, size = [], 0
-    with client.chat.completions.with_streaming_response.create(**options, timeout=request_timeout) as raw:
-        for chunk in raw.iter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if time.monotonic() > until:
-                raise DeadlineExceeded(f"reply not complete within {limit:.0f} s ({size} bytes read)")
-            if size > MAX_BODY_BYTES:
-                raise ValueError(f"reply body larger than {MAX_BODY_BYTES} bytes")
-    return json.loads(b"".join(chunks)), size
+    start = time.monotonic()
+
+    def late() -> DeadlineExceeded:
+        return DeadlineExceeded(f"no complete reply within {limit:.0f} s ({size} bytes of the body read, "
+                                f"{time.monotonic() - start:.0f} s)")
+
+    _current.exchange = exchange
+    timer.start()
+    try:
+        with client.chat.completions.with_streaming_response.create(**options, timeout=request_timeout) as raw:
+            try:
+                for chunk in raw.iter_bytes():
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if exchange.expired:
+                        raise late()
+                    if size > MAX_BODY_BYTES:
+                        raise ValueError(f"reply body larger than {MAX_BODY_BYTES} bytes")
+            except _http.TimeoutException:
+                raise openai.APITimeoutError(request=raw.http_request) from None
+            except _http.RequestError as exc:
+                raise openai.APIConnectionError(message=f"the reply was cut off ({type(exc).__name__}: {exc})",
+                                                request=raw.http_request) from None
+    except (openai.APIConnectionError, _http.RequestError, OSError, RedirectRefused) as exc:
+        if exchange.expired:
+            raise late() from None
+        refused = _caused_by(exc, RedirectRefused)
+        if refused is not None:
+            raise RedirectRefused(str(refused)) from None
+        raise
+    finally:
+        timer.cancel()
+        _current.exchange = None
+    if not exchange.sent and on_send is not None:
+        on_send()  # a transport without the trace hook: the reply proves the request left
+    try:
+        return json.loads(b"".join(chunks)), size
+    except RecursionError:  # e.g. a body of 100,000 nested brackets
+        raise ValueError("reply body nested too deeply to be a chat completion") from None
 
 
 def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
@@ -97,6 +270,48 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
     usage = data.get("usage")
     return content, usage if isinstance(usage, dict) else None, str(data.get("id") or ""), \
         str(data.get("system_fingerprint") or "")
+
+
+def usage_tokens(usage: dict | None, field: str) -> int | None:
+    """A token count of a reply's ``usage``, or None when it is missing or not a count.
+
+    Only a whole number from 0 to :data:`MAX_PLAUSIBLE_TOKENS` is a count (``12.0`` is 12): text
+    (``"many"``), fractions, negative and absurd numbers are what a broken or hostile server sends, and
+    they must neither lower the spend nor stop the run. The caller estimates what is None.
+    """
+    value = usage.get(field) if isinstance(usage, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value) if 0 <= value <= MAX_PLAUSIBLE_TOKENS else None
+
+
+def reply_tokens(usage: dict | None, *, prompt_estimate: int, content: str) -> tuple[int, int, str]:
+    """The input and output tokens of a reply, and a note saying which were estimated (``""`` if none).
+
+    A count the server reports is used when :func:`usage_tokens` accepts it; a missing or bad one is
+    replaced by the local estimate (``prompt_estimate`` for the input, the reply's characters / 4).
+    """
+    counted_in, counted_out = usage_tokens(usage, "prompt_tokens"), usage_tokens(usage, "completion_tokens")
+    input_tokens = prompt_estimate if counted_in is None else counted_in
+    output_tokens = estimate_tokens(content) if counted_out is None else counted_out
+    if usage is None:
+        return input_tokens, output_tokens, "no usage reported: tokens estimated from characters"
+    bad = [f"{field}={scrub_secrets(str(usage.get(field)))[:20]!r}" for field, counted in
+           (("prompt_tokens", counted_in), ("completion_tokens", counted_out)) if counted is None]
+    note = f"usage not a token count ({', '.join(bad)}): tokens estimated from characters" if bad else ""
+    return input_tokens, output_tokens, note
+
+
+def certificate_problem(exc: BaseException) -> str:
+    """Why the server's TLS certificate was refused (``certificate verify failed: self-signed
+    certificate``), or ``""`` when ``exc`` is not a certificate failure."""
+    failure = _caused_by(exc, ssl.SSLCertVerificationError)
+    if failure is None:
+        return ""
+    reason = getattr(failure, "verify_message", "") or getattr(failure, "reason", "") or str(failure)
+    return f"certificate verify failed: {reason}"
 
 
 def retry_after_seconds(exc: BaseException) -> float | None:

@@ -1,0 +1,138 @@
+"""Stability of the offline reference's calls: the same data clustered differently must get the same labels.
+
+Called by ``bench/reference_accuracy.py`` (``--stability-only`` runs just this part). For each dataset —
+scanpy's bundled ``pbmc68k_reduced`` (truth: ``bulk_labels``, accepted mapping of the accuracy bench),
+the synthetic brain and the synthetic breast sets (truth: the type each cell was drawn from, right when the
+call's CL term is the truth's) — the reference annotates leiden clusters of nine runs:
+
+* resolutions 0.5, 1.0 and 2.0 (seed 0, every cell);
+* seeds 0, 1 and 2 of the neighbour graph and leiden (resolution 1.0);
+* three random 50 % subsamples (resolution 1.0, neighbours recomputed on the subsample).
+
+Every cell inherits its cluster's call. The table gives per run the accuracy (where labels are known) and
+the label agreement with the base run (resolution 1.0, seed 0, all cells) on the cells both runs hold.
+``--save FILE`` writes every run's per-cell labels; ``--before FILE`` compares with a saved file and prints,
+per run, the accuracy before and after and the number of cells that were right and became wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scanpy as sc
+
+from cassia_helpers.dataset.annotate import ClusterMarkers
+from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
+
+RESOLUTIONS = (0.5, 1.0, 2.0)
+SEEDS = (0, 1, 2)
+SUBSAMPLES = (0, 1, 2)
+SUBSAMPLE_FRACTION = 0.5
+BASE = "res 1.0 / seed 0"
+
+
+@dataclass
+class Dataset:
+    """One dataset of the table: how to build it and how to judge a call."""
+
+    name: str
+    tissue: str
+    build: Callable[[], object]  # returns a log-normalised AnnData with obs['truth'] and X_pca
+    correct: Callable[[str, str], bool]  # (call, truth) -> right?
+    use_raw: bool = False
+
+
+def _runs() -> list[tuple[str, float, int, int | None]]:
+    """(name, resolution, seed, subsample seed or None) of every run, the base run first."""
+    runs = [(BASE, 1.0, 0, None)]
+    runs += [(f"res {r} / seed 0", r, 0, None) for r in RESOLUTIONS if r != 1.0]
+    runs += [(f"res 1.0 / seed {s}", 1.0, s, None) for s in SEEDS if s != 0]
+    runs += [(f"50 % subsample {k}", 1.0, 0, k) for k in SUBSAMPLES]
+    return runs
+
+
+def call_cells(adata, annotator: ReferenceAnnotator, *, tissue: str, resolution: float, seed: int,
+               use_raw: bool) -> pd.Series:
+    """Cluster ``adata`` (neighbours on X_pca, leiden) and return every cell's reference call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.neighbors(adata, use_rep="X_pca", random_state=seed)
+        sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=resolution, random_state=seed)
+    groups = adata.obs["leiden"].astype(str)
+    clusters = [ClusterMarkers(cluster=c, genes=[]) for c in sorted(groups.unique(), key=int)]
+    calls = annotator.annotate(clusters, tissue=tissue, species="human", adata=adata, groupby="leiden",
+                               use_raw=use_raw)
+    label_of = {c.cluster: a.main_cell_type for c, a in zip(clusters, calls, strict=True)}
+    return groups.map(label_of)
+
+
+def run_dataset(ds: Dataset, annotator: ReferenceAnnotator) -> dict[str, dict]:
+    """Every run of one dataset: {run name: {"labels": {cell: label}, "accuracy": float | None}}."""
+    full = ds.build()
+    truth = full.obs["truth"].astype(str)
+    out: dict[str, dict] = {}
+    for name, resolution, seed, sub in _runs():
+        adata = full.copy()
+        if sub is not None:
+            rng = np.random.default_rng(100 + sub)
+            keep = np.sort(rng.choice(adata.n_obs, int(SUBSAMPLE_FRACTION * adata.n_obs), replace=False))
+            adata = adata[keep].copy()
+        labels = call_cells(adata, annotator, tissue=ds.tissue, resolution=resolution, seed=seed,
+                            use_raw=ds.use_raw)
+        right = [ds.correct(p, truth[c]) for c, p in labels.items()]
+        out[name] = {"labels": labels.to_dict(), "accuracy": float(np.mean(right)),
+                     "n_clusters": int(adata.obs["leiden"].nunique())}
+    return out
+
+
+def agreement(a: dict[str, str], b: dict[str, str]) -> float:
+    """Share of the cells both runs hold that got the same label."""
+    shared = a.keys() & b.keys()
+    return float(np.mean([a[c] == b[c] for c in shared])) if shared else float("nan")
+
+
+def print_table(ds: Dataset, runs: dict[str, dict], before: dict[str, dict] | None) -> None:
+    """One dataset's stability table, with the before/after columns when a saved run is given."""
+    truth = ds.build().obs["truth"].astype(str) if before else None
+    base = runs[BASE]["labels"]
+    head = f"  {'run':22s} {'clusters':>8s} {'accuracy':>8s} {'agreement':>9s}"
+    if before:
+        head += f"  {'accuracy before':>15s} {'agreement before':>16s} {'right->wrong':>12s} {'wrong->right':>12s}"
+    print(f"stability: {ds.name} (agreement with '{BASE}' on shared cells)")
+    print(head)
+    for name, run in runs.items():
+        line = (f"  {name:22s} {run['n_clusters']:8d} {run['accuracy']:8.3f} "
+                f"{agreement(run['labels'], base):9.3f}")
+        if before and name in before:
+            old = before[name]["labels"]
+            shared = old.keys() & run["labels"].keys()
+            was = {c: ds.correct(old[c], truth[c]) for c in shared}
+            now = {c: ds.correct(run["labels"][c], truth[c]) for c in shared}
+            lost = sum(was[c] and not now[c] for c in shared)
+            won = sum(now[c] and not was[c] for c in shared)
+            line += (f"  {before[name]['accuracy']:15.3f} {agreement(old, before[BASE]['labels']):16.3f} "
+                     f"{lost:12d} {won:12d}")
+        print(line)
+    others = [agreement(r["labels"], base) for n, r in runs.items() if n != BASE]
+    print(f"  lowest accuracy {min(r['accuracy'] for r in runs.values()):.3f}, "
+          f"lowest agreement {min(others):.3f}")
+
+
+def stability(datasets: list[Dataset], *, save: str | None = None, before: str | None = None) -> dict:
+    """Run and print the stability table of every dataset; optionally save or compare with a saved run."""
+    annotator = ReferenceAnnotator(species="human")
+    old = json.loads(open(before, encoding="utf-8").read()) if before else {}
+    results = {}
+    for ds in datasets:
+        results[ds.name] = run_dataset(ds, annotator)
+        print_table(ds, results[ds.name], old.get(ds.name))
+        print()
+    if save:
+        with open(save, "w", encoding="utf-8") as fh:
+            json.dump(results, fh)
+    return results

@@ -1,0 +1,185 @@
+"""``--resume``: what a run folder says is checked before it is trusted.
+
+- The manifest's ``analysis`` settings must be exactly this version's (:func:`manifest_analysis`): a key
+  this version does not know, or one it needs and the manifest lacks, is a usage error naming them, unless
+  :data:`MIGRATIONS` says how an older manifest maps onto this version.
+- Tissue and dataset names, from the manifest as from any file, must name a folder inside the run folder
+  (:func:`check_name`).
+- A dataset recorded ``success`` runs again unless every file of the output contract is present, readable
+  and consistent with its ``{dataset}_result.json`` (:func:`verify_complete`). The files of the earlier
+  attempt are then set aside, never deleted, in ``{dataset}/superseded/{YYYYMMDD_HHMMSS}/`` with a
+  ``REASON.txt`` (:func:`set_aside`), and the reason is recorded in the manifest's session (the run summary
+  lists it).
+- Temporary files that an interrupted or failed write left behind (``.{file}.*.tmp``) are removed
+  (:func:`remove_temporary`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import logging
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from cassia_helpers.batch.discovery import Dataset, check_name
+from cassia_helpers.batch.execute import REQUIRED_OUTPUTS
+from cassia_helpers.batch.runner import RUNNER_LOCK
+from cassia_helpers.contract import RUN_MANIFEST, SUCCESS, DatasetPaths, read_result, read_status
+from cassia_helpers.files import remove_temporary, write_json
+from cassia_helpers.settings import BY_NAME, SETTINGS, UsageError
+
+log = logging.getLogger("cassia_helpers")
+SUPERSEDED = "superseded"
+REASON_TXT = "REASON.txt"
+# Older manifests: analysis key -> how this version reads it. ``None`` maps a key added since to its
+# default, which reproduces what the versions without it did; a string renames a key.
+MIGRATIONS: dict[str, str | None] = {"context_file": None}
+
+
+def manifest_analysis(manifest: dict, manifest_path: Path) -> dict:
+    """The manifest's analysis settings as this version names them; :class:`UsageError` naming the keys that
+    are unknown here or missing there (a manifest from another version: never silent defaults)."""
+    analysis = manifest.get("analysis")
+    if not isinstance(analysis, dict):
+        raise UsageError(f"{manifest_path}: damaged manifest (no analysis settings)")
+    analysis = dict(analysis)
+    for old, new in MIGRATIONS.items():
+        if isinstance(new, str) and old in analysis and new not in analysis:
+            analysis[new] = analysis.pop(old)
+    wanted = {s.name for s in SETTINGS if s.scope == "analysis"}
+    unknown = sorted(set(analysis) - wanted)
+    missing = sorted(name for name in wanted - set(analysis) if MIGRATIONS.get(name, "") is not None)
+    if unknown or missing:
+        parts = ([f"unknown analysis setting(s) {', '.join(unknown)}"] if unknown else []) + \
+                ([f"missing analysis setting(s) {', '.join(missing)}"] if missing else [])
+        raise UsageError(f"{manifest_path}: written by another version of cassia-batch: {'; '.join(parts)}; "
+                         "resume it with the version that made it, or start a new run")
+    for name in wanted - set(analysis):
+        analysis[name] = BY_NAME[name].default
+    if analysis.get("context_file") and not Path(analysis["context_file"]).is_file():
+        raise UsageError(f"{manifest_path}: the run's --context-file {analysis['context_file']} is gone; "
+                         "put it back to resume")
+    return analysis
+
+
+def manifest_datasets(manifest: dict, manifest_path: Path) -> list[Dataset]:
+    """The manifest's datasets; :class:`UsageError` for a damaged entry or a name that leaves the run folder."""
+    datasets = []
+    try:
+        for entry in manifest["datasets"]:
+            tissue = check_name(entry["tissue"], what="tissue", source=manifest_path)
+            name = check_name(entry["name"], what="dataset name", source=manifest_path)
+            datasets.append(Dataset(name, tissue, Path(entry["path"])))
+    except (KeyError, TypeError) as exc:
+        raise UsageError(f"{manifest_path}: damaged manifest ({type(exc).__name__}: {exc})") from None
+    return datasets
+
+
+def _readable_csv(path: Path) -> str:
+    with open(path, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), None)
+    return "" if header else "empty"
+
+
+def _h5ad_shape(path: Path) -> tuple[int, int]:
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        return len(handle["obs"][handle["obs"].attrs["_index"]]), len(handle["var"][handle["var"].attrs["_index"]])
+
+
+def verify_complete(paths: DatasetPaths) -> str:
+    """Why a dataset recorded ``success`` is not complete (one line), or ``""`` when every contract file is
+    present, readable and consistent with its ``{dataset}_result.json``."""
+    missing = [getattr(paths, name).name for name in REQUIRED_OUTPUTS if not getattr(paths, name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    result = read_result(paths)
+    if result is None:
+        return f"{paths.result_json.name} is unreadable"
+    if (result.get("dataset"), result.get("tissue")) != (paths.dataset, paths.tissue):
+        return f"{paths.result_json.name} describes another dataset"
+    try:
+        n_obs, n_vars = _h5ad_shape(paths.annotated_h5ad)
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for damaged files
+        return f"{paths.annotated_h5ad.name} is unreadable ({type(exc).__name__})"
+    if (n_obs, n_vars) != (result.get("n_cells"), result.get("n_genes")):
+        return (f"{paths.annotated_h5ad.name} holds {n_obs} cells x {n_vars} genes, {paths.result_json.name} "
+                f"says {result.get('n_cells')} x {result.get('n_genes')}")
+    for name in ("markers_csv", "clusters_csv"):
+        try:
+            problem = _readable_csv(getattr(paths, name))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            problem = f"unreadable ({type(exc).__name__})"
+        if problem:
+            return f"{getattr(paths, name).name} is {problem}"
+    for name in ("annotation_txt", "summary_txt"):
+        try:
+            if not getattr(paths, name).read_text(encoding="utf-8").strip():
+                return f"{getattr(paths, name).name} is empty"
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"{getattr(paths, name).name} is unreadable ({type(exc).__name__})"
+    return ""
+
+
+def set_aside(paths: DatasetPaths, reason: str) -> Path:
+    """Move the dataset's files into ``superseded/{YYYYMMDD_HHMMSS}/`` of its folder, with ``REASON.txt``;
+    return that folder. Nothing is deleted."""
+    stamp = datetime.now()
+    while True:
+        target = paths.folder / SUPERSEDED / f"{stamp:%Y%m%d_%H%M%S}"
+        try:
+            target.mkdir(parents=True)
+            break
+        except FileExistsError:
+            stamp = datetime.fromtimestamp(stamp.timestamp() + 1)
+    for entry in sorted(paths.folder.iterdir()):
+        if entry.name not in (SUPERSEDED, RUNNER_LOCK):
+            shutil.move(str(entry), str(target / entry.name))
+    (target / REASON_TXT).write_text(f"Set aside by --resume: {reason}\n", encoding="utf-8")
+    return target
+
+
+def _busy(folder: Path) -> bool:
+    """Whether a runner of the dataset still holds its lock (its temporary files are in use)."""
+    lock = folder / RUNNER_LOCK
+    if not lock.exists():
+        return False
+    with open(lock, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tuple[str, str], str]:
+    """Before a resumed run: remove left-over temporary files, and set aside the files of every dataset
+    recorded ``success`` that :func:`verify_complete` finds incomplete (it runs again). The reasons go to the
+    manifest's last session (``rerun``: tissue, dataset, reason; the run summary lists them) and are returned
+    by ``(tissue, name)``."""
+    removed = remove_temporary(run_dir)
+    reasons = {}
+    for dataset in datasets:
+        paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
+        if paths.folder.is_dir() and not _busy(paths.folder):
+            removed += remove_temporary(paths.folder)
+        status = read_status(paths)
+        if not status or status["status"] != SUCCESS:
+            continue
+        reason = verify_complete(paths)
+        if reason:
+            reason = f"recorded success but {reason}"
+            target = set_aside(paths, reason)
+            log.warning("%s/%s runs again: %s (its files are set aside in %s)", dataset.tissue, dataset.name,
+                        reason, target)
+            reasons[(dataset.tissue, dataset.name)] = reason
+    if removed:
+        log.info("Removed %d temporary file(s) left by an interrupted write", len(removed))
+    if manifest.get("sessions"):
+        manifest["sessions"][-1]["rerun"] = [{"tissue": t, "dataset": d, "reason": r} for (t, d), r in reasons.items()]
+        write_json(run_dir / RUN_MANIFEST, manifest)
+    return reasons
