@@ -216,3 +216,36 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
     assert (again["species"], again["context"]) == ("mouse", "aged mice")
     assert (run / "spleen" / "mouse" / "mouse_annotated.h5ad").is_file()
     assert list((run / "spleen" / "mouse" / "superseded").iterdir())
+
+
+def test_cellxgene_labels_are_found_without_a_label_key_and_scored_by_their_ids():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from cassia_helpers.dataset.ontology import load_cell_ontology
+    from cassia_helpers.dataset.self_score import compare, score_against_authors
+
+    # as read_dataset leaves a CELLxGENE file: its own columns under author_, the run's calls beside them
+    calls = ["CL:0000084"] * 4 + ["CL:0000576"] * 4 + ["unknown"] * 2
+    author = ["CL:0000084", "CL:0000084", "CL:0000624", "CL:0000236",  # exact, exact, descendant, other lineage
+              "CL:0000576", "CL:0000235", "CL:0000576", "not an id",  # exact, lineage, exact, unmapped
+              "CL:0000084", "CL:0000084"]                              # an Unknown call earns nothing
+    adata = ad.AnnData(np.zeros((10, 1), np.float32), obs=pd.DataFrame({
+        "leiden": pd.Categorical(["0"] * 4 + ["1"] * 4 + ["2"] * 2),
+        "cell_type_ontology_term_id": calls,
+        "author_cell_type_ontology_term_id": author,
+        "author_cell_type": ["whatever"] * 10}, index=[f"c{i}" for i in range(10)]))
+    table = score_against_authors(adata).set_index("cluster")
+    assert table["self_score"].to_dict() == {"0": "exact", "1": "exact", "2": "wrong"}
+    summary = adata.uns["cassia_batch"]["self_score"]["summary"]
+    assert summary["self_score_key"] == "author_cell_type_ontology_term_id"
+    assert (summary["scored_cells"], summary["unscored_cells"], summary["unmapped_author_labels"]) == (
+        9, 1, ["not an id"])
+    assert (summary["self_exact"], summary["self_partial"], summary["self_lineage"], summary["self_wrong"]) == (
+        round(4 / 9, 4), round(1 / 9, 4), round(1 / 9, 4), round(3 / 9, 4))
+    onto = load_cell_ontology()
+    # CD4-positive, alpha-beta T cell -> mature alpha-beta T cell -> mature T cell -> T cell, either way round
+    assert compare(onto, "CL:0000084", "CL:0000624") == compare(onto, "CL:0000624", "CL:0000084") == ("partial", 3)
+    assert compare(onto, "CL:0000576", "CL:0000576") == ("exact", 0)
+    assert score_against_authors(ad.AnnData(np.zeros((2, 1), np.float32))) is None  # no labels: nothing scored
