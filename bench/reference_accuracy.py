@@ -174,9 +174,10 @@ BRAIN_TRUTH: dict[str, str] = {
 }
 
 
-# A third tissue for the stability table: a synthetic breast set built the same way. It holds a CD8+ T
-# population (its T-lineage markers are those of "CD8+ T cell", so the "T cell" root is seen through few
-# of its own) and basal cells (KRT5, KRT14, TP63 over the epithelial markers).
+# A third tissue for the stability table: a synthetic breast set built the same way, except for two
+# populations with fixed programmes (BREAST_FIXED): CD8+ T cells of which only CD3D is a marker of the
+# "T cell" root, and basal cells expressing none of the root epithelial markers (which the luminal cells
+# do express): the lineage can only be seen through the subtypes' markers.
 BREAST_TRUTH: dict[str, str] = {
     "Hormone-sensing luminal cell": "CL:4033058",
     "Luminal progenitor cell": "CL:4033057",
@@ -186,10 +187,16 @@ BREAST_TRUTH: dict[str, str] = {
     "Macrophage": "CL:0000235",
     "CD8+ T cell": "CL:0000625",
 }
+BREAST_FIXED: dict[str, list[str]] = {
+    "CD8+ T cell": ["CD3D", "CD8A", "CD8B", "GZMK", "CCL5", "CST7", "GZMH"],
+    "Basal/myoepithelial cell": ["KRT5", "KRT14", "TP63", "KRT17", "OXTR", "MYLK", "ACTA2"],
+}
 
 
-def synthetic_tissue(truth_types: dict[str, str], n_cells: int = 1600, seed: int = 0):
-    """Counts for ``truth_types`` from the reference's cited markers (each type and its parent, see above)."""
+def synthetic_tissue(truth_types: dict[str, str], n_cells: int = 1600, seed: int = 0,
+                     fixed: dict[str, list[str]] | None = None):
+    """Counts for ``truth_types`` from the reference's cited markers (each type and its parent, see above);
+    the types in ``fixed`` express exactly the genes listed."""
     import anndata as ad
     import scipy.sparse as sp
 
@@ -205,6 +212,8 @@ def synthetic_tissue(truth_types: dict[str, str], n_cells: int = 1600, seed: int
             markers += list(ref.by_name(parent).markers)
         keep = rng.choice(len(markers), max(3, int(0.5 * len(markers))), replace=False)
         programme[name] = {markers[i]: float(rng.uniform(3, 12)) for i in sorted(keep)}
+        if fixed and name in fixed:
+            programme[name] = {gene: float(rng.uniform(3, 12)) for gene in fixed[name]}
     marker_genes = sorted({g for p in programme.values() for g in p})
     genes = marker_genes + [f"BG{i}" for i in range(2000)]
     base = rng.lognormal(0.0, 1.2, len(genes))
@@ -289,7 +298,8 @@ def stability_datasets() -> list:
                 lambda call, truth: call in ACCEPTED[truth], use_raw=True),
         Dataset("synthetic brain (CL term)", "brain", lambda: prepared(synthetic_brain()),
                 term_correct(BRAIN_TRUTH)),
-        Dataset("synthetic breast (CL term)", "breast", lambda: prepared(synthetic_tissue(BREAST_TRUTH)),
+        Dataset("synthetic breast (CL term)", "breast",
+                lambda: prepared(synthetic_tissue(BREAST_TRUTH, fixed=BREAST_FIXED)),
                 term_correct(BREAST_TRUTH)),
     ]
 

@@ -263,13 +263,16 @@ def test_a_lost_scheduler_keeps_true_statuses_and_names_the_cause(tmp_path):
             env=dict(env, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: list[str] = []
         threading.Thread(target=lambda: lines.extend(iter(driver.stdout.readline, "")), daemon=True).start()
-        wait_for(lambda: any("started" in line for line in lines), timeout=180, what="the first dataset to start")
+        try:
+            wait_for(lambda: any("started" in line for line in lines), timeout=180, what="the first dataset to start")
+        except AssertionError:
+            raise AssertionError("".join(lines)) from None
         scheduler.kill()
         assert driver.wait(timeout=200) == 1, "".join(lines)
     text = "".join(lines)
     (run,) = (tmp_path / "out").iterdir()
     records = {p.parent.name: json.loads(p.read_text()) for p in run.glob("blood/*/*_status.json")}
-    assert len(records) == 3
+    assert len(records) == 3, text
     not_started = [r for r in records.values() if r["error"].startswith("not started")]
     assert len(not_started) == 2 and {r["status"] for r in not_started} == {"interrupted"}
     assert all("Dask scheduler" in r["error"] and "was lost" in r["error"] for r in not_started)

@@ -399,7 +399,8 @@ def test_a_dendritic_cluster_called_b_cell_is_contradicted():
         ("luminal epithelial cells", "Breast", "CL:0002326", "tissue"),
         ("Luminal epithelial cell", "", "CL:0000066", "ancestor"),  # no tissue: epithelial cell
         ("Basal epithelial cell", "breast", "CL:0000066", "ancestor"),
-        ("CD56dim NK cell", "blood", "CL:0000623", "ancestor"),
+        ("CD56dim NK cell", "blood", "CL:0000939", "reference"),  # CD16-positive, CD56-dim natural killer cell
+        ("Adaptive NK cells", "blood", "CL:0000623", "ancestor"),
         ("Activated CD4+ T cells", "blood", "CL:0000624", "ancestor"),
         ("T cell", "breast", "CL:0000084", "exact"),  # an exact name is never re-qualified
     ],
@@ -436,3 +437,14 @@ def test_which_genes_may_be_sent(gene, sent):
     from cassia_helpers.dataset.markers import informative
 
     assert informative(gene) is sent
+
+
+def test_the_boost_agent_is_given_the_reference_markers_of_the_call_and_its_rivals():
+    from cassia_helpers.dataset.annotate import ClusterAnnotation
+    from cassia_helpers.dataset.annotate.agents.boost import boost_prompt
+
+    markers = ClusterMarkers("3", ["FCER1A", "CLEC10A", "CD1C", "LYZ", "CST3"], n_cells=40)
+    prompt = boost_prompt(markers, ClusterAnnotation("3", "B cell", reasoning="CD74 and HLA-DRA"), tissue="blood",
+                          species="human")
+    assert "called type, B cell: MS4A1" in prompt
+    assert "alternative, Conventional dendritic cell type 2: CD1C, FCER1A, CLEC10A" in prompt

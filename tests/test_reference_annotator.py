@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib import resources
 
+import numpy as np
 import pytest
 
 from cassia_helpers.dataset.annotate import UNKNOWN, ClusterAnnotation, ClusterMarkers
@@ -489,3 +490,80 @@ def test_cd56dim_and_cd56bright_nk_cells_are_told_apart():
     reference = ReferenceAnnotator().reference
     assert "FCGR3A" in reference.by_name("CD56bright NK cell").absent_markers
     assert reference.by_name("CD56dim NK cell").cl_id == "CL:0000939"
+
+
+def test_a_pure_subtype_cluster_gets_one_label_however_finely_it_is_cut():
+    """The same cells cut into 1, 2 and 4 clusters per population (coarse to fine resolution): every piece
+    keeps its population's subtype, though the pieces of one population no longer stand out from each other."""
+    adata = _crafted(PBMC_CRAFTED, n_cells=800)
+    truth = adata.obs["truth"].astype(str).to_numpy()
+    rng = np.random.default_rng(0)
+    for pieces in (1, 2, 4):
+        adata.obs["cluster"] = [f"{t}|{rng.integers(pieces)}" for t in truth]
+        calls = _calls(adata, "cluster")
+        assert len(calls) == len(PBMC_CRAFTED) * pieces
+        for name, call in calls.items():
+            assert call.main_cell_type == name.split("|")[0], (pieces, name, call.reasoning)
+
+
+def test_a_cluster_split_between_two_lineages_or_two_subtypes_is_flagged_mixed():
+    adata = _crafted(PBMC_CRAFTED, n_cells=800)
+    labels = adata.obs["truth"].astype(str).to_numpy().copy()
+    b_cells = np.flatnonzero(labels == "B cell")
+    labels[b_cells[: int(0.6 * len(b_cells))]] = "Naive CD4+ T cell"  # ~64 % naive CD4+ T, ~36 % B cells
+    adata.obs["cluster"] = labels
+    call = _calls(adata, "cluster")["Naive CD4+ T cell"]
+    # no reference type spans two lineages: the call follows the majority's cells, the split is named
+    assert call.main_cell_type == "Naive CD4+ T cell", call.reasoning
+    assert len(call.mixed_cell_types) == 2
+    (major, minor) = call.mixed_cell_types
+    assert major.startswith("T cell (") and minor.startswith("B cell (") and "% of cells" in minor
+    assert 55 <= int(major.split("(")[1].split("%")[0]) <= 75
+    assert "split between lineages" in call.reasoning and call.confidence < 50
+    # a cluster split between two subtypes of one lineage stays at their common parent
+    labels = adata.obs["truth"].astype(str).to_numpy().copy()
+    memory = np.flatnonzero(labels == "Memory CD4+ T cell")
+    labels[memory[: int(0.8 * len(memory))]] = "Naive CD4+ T cell"
+    adata.obs["cluster"] = labels
+    call = _calls(adata, "cluster")["Naive CD4+ T cell"]
+    assert call.main_cell_type == "CD4+ T cell", call.reasoning
+    assert [m.split(" (")[0] for m in call.mixed_cell_types] == ["Naive CD4+ T cell", "Memory CD4+ T cell"]
+
+
+def test_a_lineage_measured_through_one_marker_is_reached_through_its_subtypes():
+    """Only CD3D of the T-cell markers is measured, and basal cells express none of the measured
+    epithelial markers: CD8A/CD8B/GZMK and KRT5/KRT14/TP63 carry the lineage, and the reasoning says so."""
+    from tests.synthetic import BREAST_TYPES
+
+    types = dict(BREAST_TYPES) | {"CD8+ T cell": ["CD3D", "CD8A", "CD8B", "GZMK", "CCL5", "CST7"],
+                                  "Basal/myoepithelial cell": ["KRT5", "KRT14", "TP63", "KRT17", "OXTR"]}
+    adata = _crafted(types, n_cells=600, seed=7)
+    assert not {"CD3E", "CD3G", "CD2", "LCK", "TRAC"} & set(adata.var_names)
+    adata.obs["cluster"] = adata.obs["truth"].astype(str)
+    calls = _calls(adata, "cluster", tissue="breast")
+    for name in ("CD8+ T cell", "Basal/myoepithelial cell"):
+        assert calls[name].main_cell_type == name, calls[name].reasoning
+        assert f"reached through {name}'s markers" in calls[name].reasoning
+    assert "CD8A" in calls["CD8+ T cell"].reasoning and "KRT14" in calls["Basal/myoepithelial cell"].reasoning
+    assert calls["Fibroblast"].main_cell_type == "Fibroblast" and "reached through" not in calls["Fibroblast"].reasoning
+
+
+def test_pbmc68k_monocytes_without_cd14_in_the_panel_get_a_low_confidence_naming_it():
+    """scanpy's bundled PBMC panel has no CD14: its sorted CD14+ monocytes (FCGR3A in most cells) cannot be
+    told from non-classical monocytes, and the call says so instead of claiming full confidence."""
+    import scanpy as sc
+
+    adata = sc.datasets.pbmc68k_reduced()
+    assert "CD14" not in adata.raw.var_names
+    groups = [cm(c, []) for c in adata.obs["bulk_labels"].cat.categories]
+    calls = ReferenceAnnotator().annotate(groups, tissue="pbmc", species="human", adata=adata,
+                                          groupby="bulk_labels", use_raw=True)
+    by_group = {c.cluster: a for c, a in zip(groups, calls, strict=True)}
+    mono = by_group["CD14+ Monocyte"]
+    assert mono.main_cell_type in {"Monocyte", "Classical monocyte", "Non-classical monocyte"}
+    if mono.main_cell_type != "Monocyte":
+        assert mono.confidence <= 40, mono.reasoning
+        assert "CD14 (Classical monocyte)" in mono.reasoning
+    # a call the panel does support keeps a high confidence
+    assert by_group["CD19+ B"].main_cell_type in {"B cell", "Memory B cell", "Naive B cell"}
+    assert by_group["CD34+"].confidence >= 60

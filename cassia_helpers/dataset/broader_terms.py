@@ -30,7 +30,7 @@ def tissue_qualified(onto: CellOntology, label: str, tissue: str) -> str | None:
     return None
 
 def broader(onto: CellOntology, label: str) -> tuple[str, list[str]] | None:
-    """The term named by the longest tail of the label's words (``"CD56dim NK cell"`` → ``"NK cell"``), when
+    """The term named by the longest tail of the label's words (``"Adaptive NK cell"`` → ``"NK cell"``), when
     it names one term, and the label's words it leaves out; ``None`` for a label naming several types
     (``"T and B cells"``, ``"mixed"``, ``"doublet"``) or with no such tail."""
     words = label_text.tokens(label)

@@ -19,7 +19,7 @@ A label is matched in this order, the first stage that gives exactly one term wi
 5. ``proposed``: an id proposed by the annotator (e.g. an LLM's ``cell_ontology_id``), accepted only
    when the id exists in CL and does not contradict the label (:func:`validate_proposed_id`);
 6. ``ancestor``: the most specific term whose every word is in the label, when there is one
-   (``"CD56dim NK cell"`` → natural killer cell, ``"Basal epithelial cell"`` → epithelial cell): the
+   (``"Adaptive NK cell"`` → natural killer cell, ``"Basal epithelial cell"`` → epithelial cell): the
    nearest broader term, and the note names the words left out.
 
 CL's related and broad synonyms are not in the CL release the subset is built from (its one synonym list is

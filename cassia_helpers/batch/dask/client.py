@@ -74,7 +74,8 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         either way; worker processes only add seconds of start-up (each imports Dask and this
         package), so the default is threads.
     cluster_timeout
-        SLURM: seconds to wait for the first job to start (:class:`ClusterError` naming the queue after).
+        Seconds to wait for the first worker (SLURM: for the first job to start), then
+        :class:`ClusterError` naming the queue or the scheduler.
     stop
         Polled while waiting for the jobs: true (e.g. Ctrl-C) returns the client at once, perhaps without
         workers.
@@ -99,6 +100,8 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
                 client = Client(scheduler, timeout=connect_timeout)
             except OSError as exc:
                 raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+            stack.enter_context(client)
+            _wait_for_a_worker(client, scheduler, cluster_timeout, stop)
         elif cluster == "slurm":
             from cassia_helpers.batch.dask.slurm import SlurmJobs, load_cluster_options, slurm_cluster
 
@@ -125,11 +128,21 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
             client = Client(built, timeout=connect_timeout)
         else:
             raise ClusterError(f"unknown cluster kind {cluster!r} (known: local, slurm)")
-        if slurm_jobs is None:
+        if slurm_jobs is None and not scheduler:
             stack.enter_context(client)
         client.cassia_slurm = slurm_jobs
         client.register_plugin(WorkerSetup())
         yield client
+
+
+def _wait_for_a_worker(client, address: str, timeout: float, stop: Callable[[], bool]) -> None:
+    """Return once the scheduler has a worker (or ``stop()``); :class:`ClusterError` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not client.nthreads() and not stop():
+        if time.monotonic() > deadline:
+            raise ClusterError(f"no Dask worker connected to the scheduler at {address} within {timeout:g} s "
+                               "(--cluster-timeout)")
+        time.sleep(0.5)
 
 
 def _restore_environ(name: str, value: str | None) -> None:

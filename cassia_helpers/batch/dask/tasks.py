@@ -64,6 +64,7 @@ class DatasetExecutor:
     def __init__(self, client, *, stop_grace_s: float = 20.0, poll_s: float = 0.1,
                  upkeep: Callable[[int], str | None] | None = None) -> None:
         self.client = client
+        self.address = client.scheduler.address
         self.upkeep = upkeep
         self.lost = ""  # why the run lost its scheduler, if it did
         self.stop_grace_s = stop_grace_s
@@ -137,8 +138,13 @@ class DatasetExecutor:
                 self._done += 1
             on_done(key, record)
 
+        vanished = []  # futures cancelled by no stop of ours: their scheduler went away, not their datasets
+
         def collect() -> None:
             for future in finished.next_batch(block=False):
+                if future.status in ("cancelled", "lost") and not self._stop_requested.is_set():
+                    vanished.append(future)
+                    continue
                 with self._lock:
                     key = self._running.pop(future, None)
                 if key is not None:
@@ -148,10 +154,10 @@ class DatasetExecutor:
             while self._queue or self._running:
                 if self._stop_requested.is_set():
                     break
-                if self.client.status != "running":
+                if self.client.status != "running" or vanished:
                     unreachable_since = unreachable_since or time.monotonic()
                     if time.monotonic() - unreachable_since > SCHEDULER_LOST_S:
-                        self.lost = f"the Dask scheduler ({self.client.scheduler.address}) was lost"
+                        self.lost = f"the Dask scheduler ({self.address}) was lost"
                         break
                 else:
                     unreachable_since = None

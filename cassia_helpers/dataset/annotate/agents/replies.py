@@ -50,10 +50,14 @@ def structured_chat(client: LLMClient, messages: list[dict], *, schema: dict, cl
     plain text, each only where the endpoint has not refused it before (a refusal is remembered)."""
     from cassia_helpers.dataset.annotate.llm.client import RequestRejected
 
-    name = schema["json_schema"]["name"]
-    json_hint = {"role": "system", "content": f"Reply with one JSON object only: {JSON_SHAPES[name]}"}
+    # JSON mode needs the shape (and the word JSON) in the instructions: added to the system message, which
+    # some servers accept only first
+    hint = f"\n\nReply with one JSON object only: {JSON_SHAPES[schema['json_schema']['name']]}"
+    first = messages[0] if messages and messages[0].get("role") == "system" else None
+    in_json = ([dict(first, content=f"{first['content']}{hint}"), *messages[1:]] if first is not None
+               else [{"role": "system", "content": hint.strip()}, *messages])
     for feature, response_format, sent in (("json_schema", schema, messages),
-                                           ("json_object", {"type": "json_object"}, [*messages, json_hint]),
+                                           ("json_object", {"type": "json_object"}, in_json),
                                            ("prose", None, messages)):
         if response_format is not None and not client.supports(feature):
             continue

@@ -106,7 +106,7 @@ class ReferenceAnnotator:
         self._last_species = sp
         candidates = self.reference.candidates(tissue)
         if adata is not None:
-            from cassia_helpers.dataset.annotate.reference.expression import annotate_expression
+            from cassia_helpers.dataset.annotate.reference.calls import annotate_expression
 
             results = annotate_expression(self.reference, clusters, candidates, sp, adata, groupby=groupby,
                                           use_raw=use_raw, layer=layer)

@@ -132,6 +132,19 @@ class MarkerReference:
         shared = {sym for sib in siblings if sib.name != cell_type.name for sym in sib.symbols(species)}
         return [(order, sym) for order, sym in self.own_markers(cell_type, species) if sym not in shared]
 
+    def descendants(self, name: str) -> list[str]:
+        """Return every type below ``name`` in the hierarchy (children first)."""
+        return [ct.name for ct in self.cell_types if name in self.ancestors(ct.name)]
+
+    def distinguishing_markers(self, cell_type: ReferenceCellType, siblings: list[ReferenceCellType],
+                               species: str) -> list[tuple[int, str]]:
+        """(order, symbol) of the :meth:`telling_markers` of ``cell_type`` that no sibling's subtype lists
+        either (KLRB1, a MAIT-cell marker, is also listed for memory CD4+ T cells, so it does not tell a
+        MAIT cell from a CD4+ T cell)."""
+        below = {sym for sib in siblings if sib.name != cell_type.name for sub in self.descendants(sib.name)
+                 for sym in self.by_name(sub).symbols(species)}
+        return [(order, sym) for order, sym in self.telling_markers(cell_type, siblings, species) if sym not in below]
+
     def resolve_tissue(self, tissue: str) -> tuple[str, ...]:
         """Map a free-text tissue name to the reference's tissue keys.
 

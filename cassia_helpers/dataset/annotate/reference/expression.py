@@ -14,28 +14,37 @@ less the mean ``m`` of its ``absent_markers`` (genes that define it by their abs
 cells); markers absent from the data do not count; a type with fewer than two measured markers
 cannot be called.
 
-Resolution: (1) the *root* types (no parent) are scored on all their markers and grouped by lineage;
-the best lineage wins if its best root scores at least :data:`MIN_SCORE`; (2) within it the root
-whose subtree holds the best-scoring type (on all its markers) is chosen; (3) the call then descends
-the reference hierarchy: children are scored on the markers that tell them apart (those neither an
-ancestor nor a sibling lists: IL7R, listed for both CD4+ T cells and MAIT cells, tells neither from
-the other), and the best child is taken when it scores at least :data:`REFINE_MIN_SCORE` and
-:data:`REFINE_RATIO` times its best sibling, and when the mean strength of those markers is at least
-:data:`REFINE_RELATIVE` times the current type's on all its markers (both unshrunk: the few markers
-that tell siblings apart are thin evidence by construction, which the ratio to the sibling already
-weighs); otherwise the call stays at the more general type, so a call is only as specific as the
-data supports.
+Resolution: (1) the *root* types (no parent) are scored on all their markers and grouped by lineage; a
+root whose own markers are few in the data (fewer than two measured) or too weak to call it is also
+scored through its subtypes, on their markers that no other lineage lists (CD8A, CD8B for T cells; KRT5,
+KRT14, TP63 for epithelial cells), at :data:`VIA_WEIGHT` of their score, and the call records it; the
+best lineage wins if its best root scores at least :data:`MIN_SCORE`; (2) within it the root whose
+subtree holds the best-scoring type (on all its markers) is chosen; with the cells at hand
+(:class:`CellContext`), a cluster whose cells split between lineages (the second holding at least
+:data:`MIX_SHARE` of the cells that carry a lineage signature, see
+:mod:`~cassia_helpers.dataset.annotate.reference.support`) stays at its majority lineage's root, the split
+recorded; (3) the call then descends the reference hierarchy: children are scored on the markers that
+tell them apart (those no ancestor, sibling or sibling's subtype lists: IL7R, listed for both CD4+ T cells
+and MAIT cells, tells neither from the other). On the cluster, the best child is taken when it scores at
+least :data:`REFINE_MIN_SCORE` and :data:`REFINE_RATIO` times its best sibling, and when the mean strength
+of those markers is at least :data:`REFINE_RELATIVE` times the current type's on all its markers. On the
+cells (compared with the cells of the clusters of the same lineage, so the answer does not depend on how
+finely the lineage is cut), among the children whose markers the cluster expresses at all: the child
+carried by at least :data:`CELL_SUPPORT` of the cells that carry some child's signature is taken; two
+children each carried by at least :data:`MIX_SHARE` make the cluster a mixture, called at the parent; when
+the cells cannot tell (few of the cluster's cells carry any subtype's signature) the
+cluster's rule decides. Otherwise the call stays at the more general type, so a call is only as specific
+as the data supports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.reference.catalog import MarkerReference, ReferenceCellType
+from cassia_helpers.dataset.annotate.reference.support import CellContext
 
 #: a cluster whose best root type scores less is unknown
 MIN_SCORE = 0.08
@@ -51,6 +60,20 @@ REFINE_RELATIVE = 0.25
 ABSENT_WEIGHT = 1.0
 #: another lineage scoring at least this fraction of the call's is reported as a possible mixture
 MIXED_RATIO = 0.75
+#: a lineage's evidence seen through its subtypes' own markers counts this much of their score
+VIA_WEIGHT = 0.8
+#: a lineage scoring at least this fraction of the winner's is weighed cell by cell
+LINEAGE_CONTENDER = 0.3
+#: a cell carries a lineage when its signature stands this far (standardised units) above the dataset's mean
+LINEAGE_CARRY = 0.5
+#: descend when at least this share of the cells carrying some subtype's signature carry the best one's
+CELL_SUPPORT = 0.6
+#: a second type carried by at least this share of those cells makes the cluster a mixture
+MIX_SHARE = 0.25
+#: the cells decide only when at least this fraction of the cluster's cells carry some signature
+MIN_COVERAGE = 0.25
+#: a subtype call is uncertain when this many first telling markers of it or its closest sibling are not measured
+LEADING = 1
 #: cap of the mean difference (log scale) counted per marker
 MAX_DELTA = 1.0
 ORDER_SCALE = 10.0
@@ -68,6 +91,16 @@ class ExpressionCall:
     chain: list[tuple[str, float, float]] = field(default_factory=list)  # (type, own score, runner-up)
     key_markers: list[str] = field(default_factory=list)
     rival: tuple[str, float] | None = None
+    #: how the lineage was reached when its root's own markers did not carry it: (subtype, its markers)
+    via: tuple[str, list[str]] | None = None
+    #: cell-level support of each step taken: (type, fraction of the cluster's cells carrying it)
+    support: list[tuple[str, float]] = field(default_factory=list)
+    #: the cluster's cells split between these types (name, fraction of cells): the call stayed above them
+    mixed: list[tuple[str, float]] = field(default_factory=list)
+    #: the cluster's cells split between these lineages' root types (name, fraction of cells)
+    lineage_split: list[tuple[str, float]] = field(default_factory=list)
+    #: the most specific markers of the types weighed at the last step that the data do not measure
+    unmeasured: list[tuple[str, str]] = field(default_factory=list)  # (gene, type)
 
 
 def marker_strength(profile, row: int, peers: list[int] | None = None) -> dict[str, float]:
@@ -108,6 +141,22 @@ class ExpressionScorer:
         self.species = species
         self.present = present
         self._names = {ct.name for ct in candidates}
+        # the hierarchy's lookups, once per dataset (every cluster asks the same questions)
+        self._below = {ct.name: [d for d in candidates if ct.name in reference.ancestors(d.name)]
+                       for ct in candidates}
+        self._telling: dict[tuple[str, str | None], list[tuple[int, str]]] = {}
+        self._foreign: dict[str, set[str]] = {}
+        for ct in candidates:
+            if ct.lineage not in self._foreign:
+                self._foreign[ct.lineage] = {sym for other in candidates if other.lineage != ct.lineage
+                                             for sym in other.symbols(species)}
+
+    def distinguishing(self, ct: ReferenceCellType, children: list[ReferenceCellType]) -> list[tuple[int, str]]:
+        """:meth:`MarkerReference.distinguishing_markers` of ``ct`` among ``children`` (cached)."""
+        key = (ct.name, ct.parent)
+        if key not in self._telling:
+            self._telling[key] = self.reference.distinguishing_markers(ct, children, self.species)
+        return self._telling[key]
 
     def resolve(self, symbol: str) -> str | None:
         """The gene name of the data for a reference symbol (the symbol or a former name)."""
@@ -119,7 +168,7 @@ class ExpressionScorer:
     def genes_needed(self) -> list[str]:
         out = []
         for ct in self.candidates:
-            for sym in ct.symbols(self.species):
+            for sym in (*ct.symbols(self.species), *ct.absent_symbols(self.species)):
                 out.extend(self.reference.alias_names(sym, self.species))
         return list(dict.fromkeys(out))
 
@@ -156,13 +205,25 @@ class ExpressionScorer:
         sc, measured = self.score(markers, strength, shrink=shrink)
         return max(0.0, sc - self.absent_penalty(ct, strength)), measured
 
-    def call(self, strength: dict[str, float], sub_strength: dict[str, float] | None = None) -> ExpressionCall:
-        """Call one cluster: lineage and root type on ``strength``, subtypes on ``sub_strength``."""
+    def call(self, strength: dict[str, float], sub_strength: dict[str, float] | None = None, *,
+             cells: CellContext | None = None) -> ExpressionCall:
+        """Call one cluster: lineage and root type on ``strength``, subtypes on ``sub_strength``.
+
+        With ``cells`` (the dataset's per-cell scores, the cluster and its lineage's clusters), a cluster
+        whose cells split between lineages stays at its majority lineage's root with the split recorded,
+        and each step down the hierarchy is decided on the share of the cluster's cells carrying each
+        subtype's signature rather than on the cluster's mean.
+        """
         sub_strength = strength if sub_strength is None else sub_strength
         roots = [ct for ct in self.candidates if ct.parent is None or ct.parent not in self._names]
         scored: list[tuple[float, ReferenceCellType]] = []
+        via: dict[str, tuple[float, str, list[str]]] = {}
         for ct in roots:
             sc, measured = self.type_score(ct, strength)
+            through = self._through_subtypes(ct, strength)
+            if through is not None and (measured < MIN_MEASURED or sc < MIN_SCORE) and through[0] > sc:
+                via[ct.name] = through
+                sc, measured = through[0], MIN_MEASURED
             if measured >= MIN_MEASURED:
                 scored.append((sc, ct))
         lineages: dict[str, float] = {}
@@ -179,13 +240,24 @@ class ExpressionScorer:
         in_lineage = [(sc, ct) for sc, ct in scored if ct.lineage == best_lineage]
         top_score, current = max(in_lineage, key=lambda t: (self._subtree_best(t[1], strength), t[0], t[1].name))
         rival = next(((ct.name, sc) for sc, ct in scored if ct.lineage != best_lineage), None)
-        chain: list[tuple[str, float, float]] = []
-        # 3. descend while one child's telling markers clearly win
+        out = ExpressionCall(current, round(top_score, 4), lineages, rival=rival)
+        if current.name in via:
+            out.via = (via[current.name][1], via[current.name][2])
+        if cells is not None:
+            mixed = self._lineage_split(scored, lineages, cells)
+            if mixed is not None:
+                # no reference type spans two lineages: the call follows the majority lineage's cells down
+                # the hierarchy and names the split (fractions of the cells carrying a lineage signature)
+                (major, share), *_ = mixed
+                current = next(ct for sc, ct in scored if ct.name == major)
+                out.lineage_split, out.cell_type = mixed, current
+                out.support.append((current.name, share))
+        # 3. descend while one child clearly wins: on its cells when they can tell, else on the cluster
         while True:
             children = [ct for ct in self.candidates if ct.parent == current.name]
             options = []
             for ct in children:
-                markers = self.reference.telling_markers(ct, children, self.species)
+                markers = self.distinguishing(ct, children)
                 sc, measured = self.type_score(ct, sub_strength, markers=markers)
                 if measured >= 1:
                     options.append((sc, ct, markers))
@@ -195,22 +267,115 @@ class ExpressionScorer:
             best_sc, best_ct, best_markers = options[0]
             runner = options[1][0] if len(options) > 1 else 0.0
             level = self.type_score(best_ct, sub_strength, markers=best_markers, shrink=0.0)[0]
-            if (best_sc < REFINE_MIN_SCORE or best_sc < REFINE_RATIO * runner
-                    or level < REFINE_RELATIVE * self.type_score(current, sub_strength, shrink=0.0)[0]):
+            by_cluster = not (best_sc < REFINE_MIN_SCORE or best_sc < REFINE_RATIO * runner
+                              or level < REFINE_RELATIVE * self.type_score(current, sub_strength, shrink=0.0)[0])
+            # only subtypes whose markers the cluster expresses at all are weighed on its cells
+            eligible = [t for t in options if t[0] >= REFINE_MIN_SCORE]
+            decided = self._by_cells(eligible, cells) if cells is not None and eligible else None
+            if decided is not None:
+                step, support, mixed = decided
+                if step is None and mixed:
+                    out.mixed = mixed
+                    break
+                if step is not None and (len(eligible) > 1 or by_cluster or support >= CELL_SUPPORT):
+                    best_ct = step
+                    best_sc = next(sc for sc, ct, _ in options if ct is step)
+                    runner = max((sc for sc, ct, _ in options if ct is not step), default=0.0)
+                    out.support.append((step.name, support))
+                elif not by_cluster:
+                    break
+            elif not by_cluster:
                 break
-            chain.append((best_ct.name, round(best_sc, 4), round(runner, 4)))
+            out.chain.append((best_ct.name, round(best_sc, 4), round(runner, 4)))
+            rival_ct = next((ct for _, ct, _ in options if ct is not best_ct), None)
+            out.unmeasured = self._unmeasured([best_ct] + ([rival_ct] if rival_ct else []), children)
             current = best_ct
-        key = self._key_markers(current, strength)
-        return ExpressionCall(current, round(top_score, 4), lineages, chain, key, rival)
+        out.cell_type = current
+        out.key_markers = self._key_markers(current, strength)
+        return out
+
+    def _through_subtypes(self, root: ReferenceCellType, strength: dict[str, float]
+                          ) -> tuple[float, str, list[str]] | None:
+        """The lineage evidence of ``root`` seen through its subtypes: the best descendant's score on its
+        markers that no type of another lineage lists (CD8A, CD8B for T cells; KRT5, KRT14, TP63 for
+        epithelial cells), weighted by :data:`VIA_WEIGHT`; ``None`` when no descendant has
+        :data:`MIN_MEASURED` such markers measured."""
+        foreign = self._foreign[root.lineage]
+        best: tuple[float, str, list[str]] | None = None
+        for ct in self._below[root.name]:
+            markers = [(o, s) for o, s in enumerate(ct.symbols(self.species)) if s not in foreign]
+            sc, measured = self.type_score(ct, strength, markers=markers)
+            if measured >= MIN_MEASURED and (best is None or VIA_WEIGHT * sc > best[0]):
+                genes = [g for g in (self.resolve(s) for _, s in markers) if g and strength.get(g, 0.0) > 0]
+                best = (VIA_WEIGHT * sc, ct.name, sorted(genes, key=lambda g: -strength[g])[:4])
+        return best
+
+    def _lineage_split(self, scored: list[tuple[float, ReferenceCellType]], lineages: dict[str, float],
+                       cells: CellContext) -> list[tuple[str, float]] | None:
+        """The roots (one per lineage) whose signatures split the cluster's cells, majority first, or
+        ``None`` when one lineage holds the cluster."""
+        best = max(lineages.values())
+        contenders: dict[str, ReferenceCellType] = {}
+        for sc, ct in scored:  # best root of each lineage scoring within reach of the winner
+            if sc >= LINEAGE_CONTENDER * best and ct.lineage not in contenders:
+                contenders[ct.lineage] = ct
+        if len(contenders) < 2:
+            return None
+        options = {ct.name: self._signature(ct, list(enumerate(ct.symbols(self.species))))
+                   for ct in contenders.values()}
+        support = cells.support.compare(cells.cluster, options, threshold=LINEAGE_CARRY)
+        ranked = support.ranked()
+        if support.assigned < MIN_COVERAGE or len(ranked) < 2 or support.share(ranked[1][0]) < MIX_SHARE:
+            return None
+        return [(name, round(support.share(name), 2)) for name, _ in ranked if support.share(name) >= MIX_SHARE]
+
+    def _by_cells(self, options: list[tuple[float, ReferenceCellType, list[tuple[int, str]]]],
+                  cells: CellContext) -> tuple[ReferenceCellType | None, float, list[tuple[str, float]]] | None:
+        """Decide one step down on the cluster's cells: (child, its share, []) to descend, (None, 0,
+        split) when the cells split between two children, ``None`` when the cells cannot tell (no
+        population to compare with, or too few of its cells carry any child's signature)."""
+        if cells.population is None:
+            return None
+        by_name = {ct.name: ct for _, ct, _ in options}
+        signatures = {ct.name: self._signature(ct, markers) for _, ct, markers in options}
+        support = cells.support.compare(cells.cluster, signatures, population=cells.population)
+        ranked = support.ranked()
+        if support.assigned < MIN_COVERAGE or not ranked:
+            return None
+        first = ranked[0][0]
+        if len(ranked) == 1:  # one candidate: the share of all the cluster's cells that carry it
+            return by_name[first], round(support.fractions[first], 2), []
+        if support.share(first) >= CELL_SUPPORT:
+            return by_name[first], round(support.share(first), 2), []
+        split = [(name, round(support.share(name), 2)) for name, _ in ranked if support.share(name) >= MIX_SHARE]
+        return None, 0.0, split if len(split) >= 2 else []
+
+    def _signature(self, ct: ReferenceCellType, markers: list[tuple[int, str]]
+                   ) -> tuple[list[tuple[int, str]], list[str]]:
+        """(order, data gene) markers and absent data genes of a type, for :mod:`.support`."""
+        genes = [(o, g) for o, g in ((o, self.resolve(s)) for o, s in markers) if g is not None]
+        absent = [g for g in (self.resolve(s) for s in ct.absent_symbols(self.species)) if g is not None]
+        return genes, absent
+
+    def _unmeasured(self, weighed: list[ReferenceCellType], children: list[ReferenceCellType]
+                    ) -> list[tuple[str, str]]:
+        """The leading telling markers (the first :data:`LEADING` of each) of the chosen subtype and its
+        closest sibling that the data do not measure: without them the choice between them is a guess
+        (no CD14 in the panel: classical and non-classical monocytes cannot be told apart)."""
+        out = []
+        for ct in weighed:
+            for _, sym in self.distinguishing(ct, children)[:LEADING]:
+                if self.resolve(sym) is None:
+                    out.append((sym, ct.name))
+        return out
 
     def _subtree_best(self, root: ReferenceCellType, strength: dict[str, float]) -> float:
         """Best full-marker score of ``root`` and its descendants among the candidates."""
         best = 0.0
-        for ct in self.candidates:
-            if ct.name == root.name or root.name in self.reference.ancestors(ct.name):
-                sc, measured = self.type_score(ct, strength)
-                if measured >= MIN_MEASURED:
-                    best = max(best, sc)
+        for ct in [root, *self._below.get(root.name, [])]:
+            sc, measured = self.type_score(ct, strength)
+            if measured >= MIN_MEASURED:
+                best = max(best, sc)
         return best
 
     def _key_markers(self, ct: ReferenceCellType, strength: dict[str, float]) -> list[str]:
@@ -222,69 +387,3 @@ class ExpressionScorer:
         genes = [g for g in dict.fromkeys(genes) if strength.get(g, 0.0) > 0]
         genes.sort(key=lambda g: -strength.get(g, 0.0))
         return genes[:8]
-
-
-def annotate_expression(
-    reference: MarkerReference,
-    clusters: list[ClusterMarkers],
-    candidates: list[ReferenceCellType],
-    species: str,
-    adata: Any,
-    *,
-    groupby: str = "leiden",
-    use_raw: bool = False,
-    layer: str | None = None,
-) -> list[ClusterAnnotation]:
-    """Call every cluster from the expression of the candidates' markers (one call per input cluster).
-
-    Pass 1 finds each cluster's lineage on the whole-dataset contrast; pass 2 resolves subtypes with
-    :func:`subtype_strength` against the other clusters of the same lineage.
-    """
-    from cassia_helpers.dataset.evidence import cluster_profile
-
-    names = adata.raw.var_names if use_raw else adata.var_names
-    scorer = ExpressionScorer(reference, candidates, species, set(map(str, names)))
-    profile = cluster_profile(adata, scorer.genes_needed(), groupby=groupby, use_raw=use_raw, layer=layer)
-    row_of = {c: i for i, c in enumerate(profile.clusters)}
-    # pass 1: lineage of every cluster on the whole-dataset contrast; pass 2: subtypes against the
-    # clusters of the same lineage as well
-    first = {c: scorer.call(marker_strength(profile, i)) for c, i in row_of.items()}
-    lineage = {c: (call.cell_type.lineage if call.cell_type is not None else None) for c, call in first.items()}
-    out = []
-    for cm in clusters:
-        if cm.cluster not in row_of:
-            out.append(ClusterAnnotation.unknown(cm.cluster, f"cluster not found in obs[{groupby!r}]",
-                                                 cm.genes))
-            continue
-        row = row_of[cm.cluster]
-        peers = [row_of[c] for c, lin in lineage.items() if lin is not None and lin == lineage[cm.cluster]
-                 and c != cm.cluster]
-        call = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers))
-        if call.cell_type is None:
-            out.append(ClusterAnnotation.unknown(
-                cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes, "no_match"))
-            continue
-        ordered = sorted(call.lineage_scores.items(), key=lambda kv: -kv[1])
-        runner = ordered[1][1] if len(ordered) > 1 else 0.0
-        margin = max(0.0, (call.score - runner) / call.score) if call.score > 0 else 0.0
-        confidence = round(100.0 * min(1.0, call.score / 0.4) * (0.5 + 0.5 * margin), 1)
-        mixed = [
-            f"{lin} lineage" for lin, sc in ordered[1:] if sc >= MIXED_RATIO * call.score and sc >= MIN_SCORE
-        ]
-        steps = "".join(f", refined to {n} (own markers {s:.2f} vs {r:.2f})" for n, s, r in call.chain)
-        rival = f" Next lineage: {call.rival[0]} ({call.rival[1]:.2f})." if call.rival else ""
-        reasoning = (
-            f"Lineage {call.cell_type.lineage} (best root type score {call.score:.2f}){steps}; "
-            f"expressed markers: {', '.join(call.key_markers[:5])}.{rival}"
-        )
-        out.append(ClusterAnnotation(
-            cluster=cm.cluster,
-            main_cell_type=call.cell_type.name,
-            sub_cell_types=[],
-            mixed_cell_types=mixed,
-            confidence=confidence,
-            key_markers=call.key_markers,
-            reasoning=reasoning,
-            markers_sent=list(cm.genes),
-        ))
-    return out

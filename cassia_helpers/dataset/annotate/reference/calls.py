@@ -1,0 +1,137 @@
+"""The reference's expression route for a whole dataset: profile, lineage pass, cell-level calls, confidence.
+
+Used by :class:`~cassia_helpers.dataset.annotate.reference.annotator.ReferenceAnnotator` when it is given the
+AnnData. Pass 1 finds each cluster's lineage on the whole-dataset contrast
+(:mod:`~cassia_helpers.dataset.annotate.reference.expression`); pass 2 calls every cluster again, weighing
+its cells (:mod:`~cassia_helpers.dataset.annotate.reference.support`) against the cells of the clusters of
+the same lineage, so a subtype call does not depend on where the cluster boundaries fall.
+
+Confidence (0-100) is the lineage score's strength (full at 0.4) times its margin over the next lineage
+(``0.5 + 0.5 * margin``), times the smallest cell-level support of the steps taken (the share of the
+cluster's cells carrying the chosen subtype's signature), halved for a mixture (cells split between two
+subtypes: called at their common parent; between two lineages: called down the majority lineage, since
+no reference type spans both). A subtype chosen while the leading marker of it or of its closest sibling
+is not measured is capped at :data:`UNCERTAIN`, and the reasoning names the missing markers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate.reference.catalog import MarkerReference, ReferenceCellType
+from cassia_helpers.dataset.annotate.reference.expression import (
+    MIN_SCORE,
+    MIXED_RATIO,
+    ExpressionCall,
+    ExpressionScorer,
+    marker_strength,
+    subtype_strength,
+)
+from cassia_helpers.dataset.annotate.reference.support import CellContext, CellSupport
+
+#: the confidence of a subtype call whose telling markers the data do not measure is at most this
+UNCERTAIN = 35.0
+#: a lineage score at or above this counts as full strength
+STRONG_SCORE = 0.4
+
+
+def annotate_expression(
+    reference: MarkerReference,
+    clusters: list[ClusterMarkers],
+    candidates: list[ReferenceCellType],
+    species: str,
+    adata: Any,
+    *,
+    groupby: str = "leiden",
+    use_raw: bool = False,
+    layer: str | None = None,
+) -> list[ClusterAnnotation]:
+    """Call every cluster from the expression of the candidates' markers (one call per input cluster)."""
+    from cassia_helpers.dataset.evidence import cluster_profile
+
+    names = adata.raw.var_names if use_raw else adata.var_names
+    scorer = ExpressionScorer(reference, candidates, species, set(map(str, names)))
+    needed = scorer.genes_needed()
+    profile = cluster_profile(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
+    cells = CellSupport(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
+    row_of = {c: i for i, c in enumerate(profile.clusters)}
+    first = {c: scorer.call(marker_strength(profile, i)) for c, i in row_of.items()}
+    lineage = {c: (call.cell_type.lineage if call.cell_type is not None else None) for c, call in first.items()}
+    out = []
+    for cm in clusters:
+        if cm.cluster not in row_of:
+            out.append(ClusterAnnotation.unknown(cm.cluster, f"cluster not found in obs[{groupby!r}]",
+                                                 cm.genes))
+            continue
+        row = row_of[cm.cluster]
+        same = [c for c, lin in lineage.items() if lin is not None and lin == lineage[cm.cluster]]
+        peers = [row_of[c] for c in same if c != cm.cluster]
+        call = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers),
+                           cells=CellContext(cells, cm.cluster, tuple(same) or None))
+        if call.cell_type is None:
+            out.append(ClusterAnnotation.unknown(
+                cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes, "no_match"))
+            continue
+        out.append(_annotation(cm, call))
+    return out
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f}%"
+
+
+def _annotation(cm: ClusterMarkers, call: ExpressionCall) -> ClusterAnnotation:
+    """The call as an annotation: confidence, mixture and reasoning (see the module docstring)."""
+    ordered = sorted(call.lineage_scores.items(), key=lambda kv: -kv[1])
+    runner = ordered[1][1] if len(ordered) > 1 else 0.0
+    margin = max(0.0, (call.score - runner) / call.score) if call.score > 0 else 0.0
+    confidence = min(1.0, call.score / STRONG_SCORE) * (0.5 + 0.5 * margin)
+    if call.support:
+        confidence *= min(share for _, share in call.support)
+    if call.mixed or call.lineage_split:
+        confidence *= 0.5
+    confidence = 100.0 * confidence
+    if call.unmeasured:
+        confidence = min(confidence, UNCERTAIN)
+    split = [f"{name} ({_percent(share)} of cells)" for name, share in call.lineage_split]
+    within = [f"{name} ({_percent(share)} of cells)" for name, share in call.mixed]
+    if split or within:
+        mixed = split + within
+    else:
+        mixed = [f"{lin} lineage" for lin, sc in ordered[1:]
+                 if sc >= MIXED_RATIO * call.score and sc >= MIN_SCORE]
+    assert call.cell_type is not None
+    parts = [f"Lineage {call.cell_type.lineage} (best root type score {call.score:.2f})"]
+    if call.via is not None:
+        parts[0] += (f", reached through {call.via[0]}'s markers ({', '.join(call.via[1])}): its root's own "
+                     "markers are few or weak in this data")
+    support = dict(call.support)
+    for name, own, rival in call.chain:
+        step = f"refined to {name} (own markers {own:.2f} vs {rival:.2f}"
+        if name in support:
+            step += f"; {_percent(support[name])} of the cells that carry a subtype signature carry its"
+        parts.append(step + ")")
+    text = ", ".join(parts) + f"; expressed markers: {', '.join(call.key_markers[:5])}."
+    if split:
+        text += (" The cluster's cells split between lineages: " + " and ".join(split)
+                 + "; the call follows the majority's cells.")
+    if within:
+        text += (" The cluster's cells split between " + " and ".join(within)
+                 + f", so it is called at the common level ({call.cell_type.name}).")
+    if call.unmeasured:
+        missing = ", ".join(f"{gene} ({name})" for gene, name in call.unmeasured)
+        text += (f" Uncertain subtype: the data do not measure {missing}, so the subtypes cannot be "
+                 "told apart reliably.")
+    if call.rival:
+        text += f" Next lineage: {call.rival[0]} ({call.rival[1]:.2f})."
+    return ClusterAnnotation(
+        cluster=cm.cluster,
+        main_cell_type=call.cell_type.name,
+        sub_cell_types=[],
+        mixed_cell_types=mixed,
+        confidence=round(confidence, 1),
+        key_markers=call.key_markers,
+        reasoning=text,
+        markers_sent=list(cm.genes),
+    )
