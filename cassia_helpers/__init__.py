@@ -23,6 +23,10 @@ _EXPORTS = {
     "DatasetPaths": ".contract",
     "InputError": ".dataset.read",
     "read_dataset": ".dataset.read",
+    "keep_clusters": ".dataset.existing",
+    "cluster_or_keep": ".dataset.existing",
+    "umap_or_keep": ".dataset.existing",
+    "score_against_authors": ".dataset.self_score",
     "ClusterAnnotation": ".dataset.annotate",
     "ClusterMarkers": ".dataset.annotate",
     "annotate_clusters": ".dataset.annotate.apply",
@@ -45,7 +49,8 @@ _SUBMODULES = {"pp": ".dataset.pp", "figures": ".dataset.figures", "explore": ".
 
 __all__ = [
     "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
-    "annotate_ontology", "annotate_subclusters", "context_text", "marker_evidence",
+    "annotate_ontology", "annotate_subclusters", "cluster_or_keep", "context_text", "keep_clusters",
+    "marker_evidence", "score_against_authors", "umap_or_keep",
     "cluster_markers", "explore", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
     "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
     "write_result", "write_summary",
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
     from cassia_helpers.dataset.annotate.subclusters import annotate_subclusters
     from cassia_helpers.dataset.cluster_table import write_cluster_table
     from cassia_helpers.dataset.evidence import marker_evidence
+    from cassia_helpers.dataset.existing import cluster_or_keep, keep_clusters, umap_or_keep
     from cassia_helpers.dataset.figures import save_dataset_figures
     from cassia_helpers.dataset.markers import cluster_markers, rank_markers
     from cassia_helpers.dataset.ontology import annotate_ontology
@@ -72,6 +78,7 @@ if TYPE_CHECKING:
         write_summary,
     )
     from cassia_helpers.dataset.read import InputError, read_dataset
+    from cassia_helpers.dataset.self_score import score_against_authors
     from cassia_helpers.settings import Settings, context_text
     from cassia_helpers.summary import explore
 

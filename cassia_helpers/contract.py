@@ -20,6 +20,7 @@ BATCH_SUMMARY_CSV = "batch_summary.csv"
 TOKEN_TRACKING_JSON = "token_tracking.json"
 AGGREGATE_NOTEBOOK = "aggregate_notebook.ipynb"
 RUN_MANIFEST = "run_manifest.json"
+DATASETS_CSV = "datasets.csv"  # a copy of the --manifest the run was started with
 REPORT_HTML = "report.html"
 CELL_TYPES_CSV = "cell_types.csv"  # dataset x Cell Ontology term: cells and fractions
 CELL_TYPES_PNG = "cell_types.png"

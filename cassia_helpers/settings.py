@@ -98,6 +98,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("input", None, "one input file to run without a tissue folder (with --tissue NAME)", _IO, RUN,
             type=Path, metavar="FILE"),
     Setting("tissue", "", "tissue of --input", _IO, RUN, type=str),
+    Setting("manifest", None, "CSV of the datasets to run, one row each: path, tissue and optionally species, "
+            "context, cluster_key, label_key, dataset (instead of --tissues or --input)", _IO, RUN, type=Path,
+            metavar="CSV"),
     Setting("output_dir", Path("batch_results"), "where run_{tissues}_{timestamp} folders are created", _IO, RUN,
             type=Path),
     Setting("resume", None, "finish an interrupted run folder in place (its analysis settings are kept; "
@@ -147,6 +150,10 @@ SETTINGS: tuple[Setting, ...] = (
             "datasets are queued, at most (-1: three per job)", _CLUSTER, RUN, minimum=-1),
     # analysis
     Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
+    Setting("cluster_key", "", "obs column of the input's own clusters: annotate those instead of a new leiden "
+            "clustering (they are copied into obs['leiden'])", _QC),
+    Setting("label_key", "", "obs column of the input's own cell-type labels (kept; the run is scored against "
+            "them)", _LLM),
     Setting("min_genes", 200, "minimum genes per cell", _QC, minimum=0),
     Setting("min_cells", 3, "minimum cells per gene", _QC, minimum=0),
     Setting("max_pct_mt", 20.0, "maximum percent of counts from mitochondrial genes", _QC, minimum=0, maximum=100),
@@ -210,6 +217,8 @@ BY_NAME = {s.name: s for s in SETTINGS}
 # What an unset ``--slurm-*`` setting means (its flag's help says so too).
 SLURM_DEFAULTS = {"walltime": "04:00:00", "cores": 1, "memory": "8GB"}
 ANALYSIS_NAMES = tuple(s.name for s in SETTINGS if s.scope == ANALYSIS)
+# Analysis settings a row of --manifest may set for its dataset alone (its other columns: path, tissue, dataset).
+PER_DATASET = ("species", "context", "cluster_key", "label_key")
 # What identifies one dataset's notebook run, beside the analysis settings.
 DATASET_PARAMETERS = ("dataset", "tissue", "input_path", "run_dir")
 

@@ -74,9 +74,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     from cassia_helpers.dataset.annotate.factory import check_llm_setup, llm_configured
 
     values = {s.name: getattr(args, s.name) for s in SETTINGS}
-    if args.resume is None and not args.tissues and args.input is None:
+    if args.resume is None and not args.tissues and args.input is None and args.manifest is None:
         raise UsageError("choose tissues with --tissues NAME [NAME ...] or --tissues all, one file with --input "
-                         "FILE --tissue NAME, or --resume RUN_DIR")
+                         "FILE --tissue NAME, a list of datasets with --manifest CSV, or --resume RUN_DIR")
+    if args.manifest is not None and (args.tissues or args.input is not None):
+        raise UsageError("--manifest lists the datasets: give it without --tissues or --input")
     if args.input is not None and not args.tissue:
         raise UsageError("--input needs --tissue NAME (the tissue of that dataset)")
     values["base_url"] = _endpoint(args.base_url or "")
@@ -89,6 +91,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if values["price_file"] and not Path(values["price_file"]).is_file():
         raise UsageError(f"{values['price_file']}: price file not found")
     settings = Settings(**values)
+    if settings.manifest is not None and settings.resume is None:  # every row checked before anything runs
+        from cassia_helpers.batch.manifest import read_manifest_csv
+
+        read_manifest_csv(settings.manifest)
     context_text(settings)  # an unreadable --context-file is a usage error now, not in every dataset
     check_llm_setup(settings)
     return settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cassia_helpers.settings import UsageError
 
@@ -44,11 +45,13 @@ def check_name(name: object, *, what: str, source: str | Path) -> str:
 
 @dataclass(frozen=True)
 class Dataset:
-    """One input file. ``name`` is the file stem, used for every output file name."""
+    """One input file. ``name`` is the file stem (or a manifest's ``dataset``), used for every output file name;
+    ``options`` are the analysis settings of this dataset alone (from ``--manifest``), as ``(name, value)``."""
 
     name: str
     tissue: str
     path: Path
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass

@@ -22,6 +22,7 @@ from cassia_helpers.batch.discovery import Dataset, discover, single_input
 from cassia_helpers.batch.interrupts import Interrupts
 from cassia_helpers.batch.on_dask import Launcher, recorded, run_on_dask
 from cassia_helpers.contract import (
+    DATASETS_CSV,
     FAILED,
     INTERRUPTED,
     NOT_STARTED,
@@ -39,7 +40,7 @@ from cassia_helpers.contract import (
     run_label,
     write_status,
 )
-from cassia_helpers.files import remove_temporary, write_json
+from cassia_helpers.files import remove_temporary, write_json, write_text
 from cassia_helpers.settings import RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
@@ -97,7 +98,12 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
 
         check_llm_setup(run_settings)
         return run_dir, datasets, manifest, run_settings
-    if settings.input is not None:
+    if settings.manifest is not None:
+        from cassia_helpers.batch.manifest import read_manifest_csv
+
+        found = read_manifest_csv(settings.manifest)
+        label = run_label(list(dict.fromkeys(d.tissue for d in found.datasets)), all_tissues=False)
+    elif settings.input is not None:
         found = single_input(settings.input, settings.tissue)
         label = run_label([settings.tissue], all_tissues=False)
     else:
@@ -116,20 +122,30 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
         "data_dir": str(settings.data_dir),
         "tissues": settings.tissues or [settings.tissue],
         "analysis": settings.values(),
-        "datasets": [{"name": d.name, "tissue": d.tissue, "path": str(d.path)} for d in found.datasets],
+        "datasets": [{"name": d.name, "tissue": d.tissue, "path": str(d.path), **({"options": dict(d.options)}
+                      if d.options else {})} for d in found.datasets],
         "skipped_inputs": found.skipped,
         "sessions": [],
     }
+    if settings.manifest is not None:  # the user's own list, as given, beside the run's record of it
+        manifest["manifest"] = str(Path(settings.manifest).absolute())
+        write_text(run_dir / DATASETS_CSV, Path(settings.manifest).read_text(encoding="utf-8-sig"))
     write_json(run_dir / RUN_MANIFEST, manifest)
     return run_dir, found.datasets, manifest, settings
+
+
+def _dataset_settings(settings: Settings, dataset: Dataset) -> Settings:
+    from cassia_helpers.batch.manifest import dataset_settings
+
+    return dataset_settings(settings, dataset)
 
 
 def _job(settings: Settings, run_dir: Path, dataset: Dataset) -> dict:
     # a local cluster shares this machine's cores among its workers; a SLURM job has its own
     share = settings.workers if settings.cluster == "local" and not settings.scheduler else 1
     return {
-        "parameters": notebook_parameters(settings, dataset=dataset.name, tissue=dataset.tissue,
-                                          input_path=dataset.path, run_dir=run_dir.resolve()),
+        "parameters": notebook_parameters(_dataset_settings(settings, dataset), dataset=dataset.name,
+                                          tissue=dataset.tissue, input_path=dataset.path, run_dir=run_dir.resolve()),
         "kernel_name": settings.kernel_name,
         "cell_timeout": settings.cell_timeout,
         "dataset_timeout": settings.dataset_timeout,

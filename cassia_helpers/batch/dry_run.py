@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from cassia_helpers.batch.discovery import discover, single_input
+from cassia_helpers.batch.manifest import dataset_settings, read_manifest_csv
 from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.prompts import (
     ANNOTATOR_SYSTEM,
@@ -67,8 +68,11 @@ def per_cluster(settings: Settings, *, tissue: str) -> dict[str, tuple]:
 def dry_run(settings: Settings) -> tuple[str, bool]:
     """A table of the datasets that would run, with an estimate of calls, tokens and cost, and whether every
     input can run (each is checked from its header, as the real run does before starting a kernel)."""
-    found = (single_input(settings.input, settings.tissue) if settings.input is not None
-             else discover(settings.data_dir, settings.tissues))
+    if settings.manifest is not None:
+        found = read_manifest_csv(settings.manifest)
+    else:
+        found = (single_input(settings.input, settings.tissue) if settings.input is not None
+                 else discover(settings.data_dir, settings.tissues))
     llm = settings.annotator == "llm"
     price = PriceTable.load(settings.price_file or None, model=settings.model, input_price=settings.input_price,
                             output_price=settings.output_price).lookup(settings.model)
@@ -88,7 +92,7 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
             continue
         n_obs, n_vars = shape["n_obs"] or 0, shape["n_vars"] or 0
         low, high = cluster_range(n_obs)
-        per = per_cluster(settings, tissue=dataset.tissue)
+        per = per_cluster(dataset_settings(settings, dataset), tissue=dataset.tissue)
         calls = (low * per["calls"][0], high * per["calls"][1]) if llm else (0, 0)
         tokens = ((low * (per["input"][0] + per["output"][0]), high * (per["input"][1] + per["output"][1]))
                   if llm else (0, 0))

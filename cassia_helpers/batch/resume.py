@@ -28,14 +28,14 @@ from cassia_helpers.batch.execute import REQUIRED_OUTPUTS
 from cassia_helpers.batch.runner import RUNNER_LOCK
 from cassia_helpers.contract import RUN_MANIFEST, SUCCESS, DatasetPaths, read_result, read_status
 from cassia_helpers.files import remove_temporary, write_json
-from cassia_helpers.settings import BY_NAME, SETTINGS, UsageError
+from cassia_helpers.settings import BY_NAME, PER_DATASET, SETTINGS, UsageError
 
 log = logging.getLogger("cassia_helpers")
 SUPERSEDED = "superseded"
 REASON_TXT = "REASON.txt"
 # Older manifests: analysis key -> how this version reads it. ``None`` maps a key added since to its
 # default, which reproduces what the versions without it did; a string renames a key.
-MIGRATIONS: dict[str, str | None] = {"context_file": None}
+MIGRATIONS: dict[str, str | None] = {"context_file": None, "cluster_key": None, "label_key": None}
 
 
 def manifest_analysis(manifest: dict, manifest_path: Path) -> dict:
@@ -71,8 +71,10 @@ def manifest_datasets(manifest: dict, manifest_path: Path) -> list[Dataset]:
         for entry in manifest["datasets"]:
             tissue = check_name(entry["tissue"], what="tissue", source=manifest_path)
             name = check_name(entry["name"], what="dataset name", source=manifest_path)
-            datasets.append(Dataset(name, tissue, Path(entry["path"])))
-    except (KeyError, TypeError) as exc:
+            options = tuple((key, BY_NAME[key].check(value)) for key, value in entry.get("options", {}).items()
+                            if key in PER_DATASET)
+            datasets.append(Dataset(name, tissue, Path(entry["path"]), options))
+    except (KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{manifest_path}: damaged manifest ({type(exc).__name__}: {exc})") from None
     return datasets
 

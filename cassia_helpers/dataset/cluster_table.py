@@ -113,6 +113,9 @@ CHECK_COLUMNS = (
     ("ontology", "lineage_name", "cell_type_lineage"), ("ontology", "method", "ontology_match"),
     ("marker_evidence", "evidence_score", "evidence_score"), ("marker_evidence", "flag", "evidence_flag"),
     ("marker_evidence", "flag_reason", "evidence_flag_reason"), ("marker_evidence", "flag_kind", "evidence_flag_kind"),
+    ("self_score", "author_label", "author_label"), ("self_score", "author_label_fraction", "author_label_fraction"),
+    ("self_score", "author_term_id", "author_term_id"), ("self_score", "self_score", "self_score"),
+    ("self_score", "self_score_distance", "self_score_distance"),
 )
 
 

@@ -267,6 +267,7 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "cell_type_terms": _terms(adata),
         "flagged_clusters": _flagged(record),
         "evidence_flags": record.get("marker_evidence", {}).get("flags", {}),
+        "self_score": dict(record.get("self_score", {}).get("summary", {})),
     }
     write_json(paths.result_json, result)
     return paths.result_json

@@ -29,6 +29,7 @@ from cassia_helpers.contract import (
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE
 from cassia_helpers.files import write_csv, write_json, write_text
 from cassia_helpers.ledger import format_cost, tracking_from_ledgers
+from cassia_helpers.summary.self_scores import SELF_SCORE_COLUMNS, self_score_fields, self_score_lines
 
 SUMMARY_COLUMNS = [
     "dataset", "tissue", "file_path", "n_cells", "n_genes", "n_clusters",
@@ -73,6 +74,7 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
             "unconfirmed_clusters": result.get("unconfirmed_clusters"),
             "step_warnings": [str(w) for w in result.get("step_warnings", []) or []],
             "cell_type_terms": result.get("cell_type_terms", []),
+            **self_score_fields(result),
         })
     table = pd.DataFrame(rows)
     for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters", "unconfirmed_clusters"):
@@ -194,6 +196,7 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     for row in missing.itertuples() if len(missing) else []:
         lines.append(f"  MISSING {row.tissue}/{row.dataset}: no {row.cell_type_ontology_term} "
                      f"(present in {row.present_in} of {row.n_datasets} {row.tissue} datasets)")
+    lines += self_score_lines(table)
     lines += ["", "Per-file status"]
     for row in table.itertuples():
         detail = f"{row.n_cells} cells, {row.n_clusters} clusters, {_fmt_seconds(row.total_time)}" \
@@ -248,7 +251,7 @@ def write_run_summaries(run_dir: str | Path) -> pd.DataFrame:
     tracking = token_tracking(run_dir)
     terms = cell_types(run_dir, table)
     checks = cross_dataset_checks(run_dir, table, terms)
-    write_csv(run_dir / BATCH_SUMMARY_CSV, table[SUMMARY_COLUMNS])
+    write_csv(run_dir / BATCH_SUMMARY_CSV, table[SUMMARY_COLUMNS + SELF_SCORE_COLUMNS])
     write_json(run_dir / TOKEN_TRACKING_JSON, tracking)
     write_csv(run_dir / CELL_TYPES_CSV, terms)
     write_text(run_dir / BATCH_SUMMARY_TXT, run_summary_text(run_dir, table, tracking, manifest, checks))

@@ -26,6 +26,7 @@ from cassia_helpers.ledger import format_cost
 from cassia_helpers.palette import UNKNOWN_COLOR, is_no_call, run_palette
 from cassia_helpers.settings import BY_NAME, default
 from cassia_helpers.summary.explore import load_summary
+from cassia_helpers.summary.self_scores import accuracy_rows
 
 TEMPLATE = "report.html.j2"
 #: figure (``DatasetPaths.figure_pngs``) -> (caption, thumbnail width in pixels)
@@ -286,6 +287,7 @@ def report_context(run_dir: str | Path) -> dict:
                 for key in ("score", "confidence", "evidence", "agreement", "lineage", "cell_type_ontology_term")},
         "lineages": sorted({c["lineage"] for c in clusters if c["lineage"]}, key=str.casefold),
         "cross": cross,
+        "accuracy": accuracy_rows(summary),
     }
 
 

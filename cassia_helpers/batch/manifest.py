@@ -1,0 +1,100 @@
+"""``--manifest datasets.csv``: the datasets of a run listed one per row, each with its own tissue and,
+optionally, its own species, context, clusters and author labels.
+
+Columns: ``path`` and ``tissue`` (required), ``dataset`` (the output name; default the file's stem) and the
+per-dataset analysis settings of :data:`~cassia_helpers.settings.PER_DATASET`. An empty cell means the
+run-wide value. Every row is checked before anything runs, as the flags are (:meth:`Setting.check`): an
+unknown column, a missing file, a name that is not a folder inside the run folder, two rows with the same
+output folder are one-line usage errors naming the manifest and its line.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from cassia_helpers.batch.discovery import SUFFIX, Dataset, Discovery, _classify, check_name
+from cassia_helpers.settings import BY_NAME, PER_DATASET, Settings, UsageError
+
+REQUIRED = ("path", "tissue")
+COLUMNS = (*REQUIRED, "dataset", *PER_DATASET)
+
+
+def _options(row: dict, where: str) -> tuple[tuple[str, object], ...]:
+    options = []
+    for name in PER_DATASET:
+        value = (row.get(name) or "").strip()
+        if value:
+            try:
+                options.append((name, BY_NAME[name].check(value)))
+            except UsageError as exc:
+                raise UsageError(f"{where}: column {name}: {exc}") from None
+    return tuple(options)
+
+
+def read_manifest_csv(path: Path) -> Discovery:
+    """The datasets listed in the manifest ``path``; relative paths are relative to its folder.
+
+    Raises
+    ------
+    UsageError
+        The manifest cannot be read, has unknown or missing columns, or a row is invalid; the message names
+        the file, the line and the problem.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [str(c).strip() for c in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = [(reader.line_num, row) for row in reader]
+    except FileNotFoundError:
+        raise UsageError(f"{path}: manifest not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"{path}: manifest cannot be read as a UTF-8 CSV file ({type(exc).__name__})") from None
+    unknown = [c for c in header if c not in COLUMNS]
+    if unknown:
+        raise UsageError(f"{path}: unknown column(s) {', '.join(map(repr, unknown))}; the columns are "
+                         f"{', '.join(COLUMNS)}")
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise UsageError(f"{path}: missing column(s) {', '.join(missing)}")
+    found = Discovery()
+    seen: dict[tuple[str, str], int] = {}
+    for line, row in rows:
+        where = f"{path}, line {line}"
+        if None in row:
+            raise UsageError(f"{where}: more values than columns")
+        if not any((v or "").strip() for v in row.values()):
+            continue
+        tissue = check_name((row.get("tissue") or "").strip(), what="tissue", source=where)
+        given = (row.get("path") or "").strip()
+        if not given:
+            raise UsageError(f"{where}: empty path")
+        file = Path(given).expanduser()
+        file = (file if file.is_absolute() else path.parent / file).absolute()
+        if not file.exists():
+            raise UsageError(f"{where}: input file {given} not found")
+        kind, reason = _classify(file)
+        if kind != "dataset":
+            raise UsageError(f"{where}: {given}: {reason or 'not an .h5ad file'}")
+        name = (row.get("dataset") or "").strip() or file.name[: -len(SUFFIX)]
+        check_name(name, what="dataset name", source=where)
+        key = (tissue, name.lower())
+        if key in seen:
+            raise UsageError(f"{where}: dataset {tissue}/{name} is already on line {seen[key]} (two rows would "
+                             "share an output folder; set the dataset column)")
+        seen[key] = line
+        found.datasets.append(Dataset(name=name, tissue=tissue, path=file, options=_options(row, where)))
+    if not found.datasets:
+        raise UsageError(f"{path}: the manifest lists no dataset")
+    return found
+
+
+def dataset_settings(settings: Settings, dataset: Dataset) -> Settings:
+    """The settings ``dataset`` runs with: the run's, with its manifest row's own values (a row's context
+    replaces the run's ``--context-file`` too)."""
+    options = dict(dataset.options)
+    if "context" in options:
+        options["context_file"] = ""
+    return settings.replace(**options) if options else settings

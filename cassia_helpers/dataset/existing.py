@@ -1,0 +1,107 @@
+"""The input's own clustering and embedding, kept instead of computed (``cluster_key``).
+
+A lab often has a clustering it has published figures with. With ``cluster_key`` the run annotates those
+clusters: they are copied into ``obs['leiden']`` (the column every output and summary reads, so the output
+contract holds unchanged) and ``uns['cassia_batch']['leiden']`` records where they came from
+(``source: "input"``, ``input_key``). The input's column itself stays as it was (under ``author_`` when the
+run writes the same name, e.g. an input's own ``leiden``).
+
+QC still runs (a cell that fails the thresholds is as unreliable in an author's cluster as in ours), but
+never silently: the cells it removed from each cluster are recorded in ``uns['cassia_batch']['leiden']``
+and named in the dataset's warnings. The input's UMAP is reused when it has one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from cassia_helpers.dataset.author import AUTHOR_PREFIX
+from cassia_helpers.dataset.read import InputError
+from cassia_helpers.dataset.record import provenance, warn
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+UNASSIGNED = "unassigned"  # the cluster of cells the input's column leaves empty
+
+
+def input_column(adata: AnnData, key: str, *, what: str) -> str:
+    """The ``obs`` column holding the input's ``key`` (perhaps renamed ``author_{key}`` when it was read);
+    :class:`InputError` naming the columns there are when it has none."""
+    for name in (key, AUTHOR_PREFIX + key):
+        if name in adata.obs.columns:
+            return name
+    listing = ", ".join(map(str, adata.obs.columns[:20])) or "none"
+    raise InputError(f"{what} {key!r} is not a column of the input's obs (its columns: {listing})")
+
+
+def keep_clusters(adata: AnnData, *, cluster_key: str = "") -> None:
+    """Copy the input's clusters ``obs[cluster_key]`` into ``obs['leiden']`` (before QC); nothing without a key.
+
+    Cluster names keep the input's order (its categories, else sorted); cells without a cluster form the
+    cluster ``unassigned``. Writes ``obs['leiden']`` and ``uns['cassia_batch']['leiden']`` (``source``,
+    ``input_key``, ``key``, ``clusters``, ``cells_before_qc``).
+    """
+    if not cluster_key:
+        return
+    column = input_column(adata, cluster_key, what="cluster_key")
+    values = adata.obs[column]
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        order = [str(c) for c in values.cat.categories]
+    else:
+        order = sorted({str(v) for v in values.dropna()})
+    labels = values.astype(object).where(values.notna(), UNASSIGNED).astype(str)
+    if (labels == UNASSIGNED).any() and UNASSIGNED not in order:
+        order.append(UNASSIGNED)
+    order = [c for c in order if (labels == c).any()]
+    adata.obs["leiden"] = pd.Categorical(labels.to_numpy(), categories=order)
+    counts = adata.obs["leiden"].value_counts().reindex(order)
+    provenance(adata)["leiden"] = {"source": "input", "input_key": column, "key": "leiden", "n_clusters": len(order),
+                                   "clusters": order, "cells_before_qc": [int(n) for n in counts]}
+
+
+def cluster_or_keep(adata: AnnData, *, cluster_key: str = "", resolution: float = 1.0, seed: int = 0) -> None:
+    """Leiden clustering (:func:`cassia_helpers.dataset.pp.cluster`), or, with ``cluster_key``, the input's
+    clusters kept by :func:`keep_clusters`, with the cells QC removed from each recorded.
+
+    Writes ``obs['leiden']``; with ``cluster_key`` also ``uns['cassia_batch']['leiden']['removed_by_qc']``
+    (cells removed per cluster, in the order of ``clusters``) and a warning when QC removed cells.
+    """
+    if not cluster_key:
+        from cassia_helpers.dataset.pp import cluster
+
+        cluster(adata, resolution=resolution, seed=seed)
+        return
+    record = provenance(adata)["leiden"]
+    after = adata.obs["leiden"].value_counts().reindex(record["clusters"], fill_value=0)
+    removed = [int(b - a) for b, a in zip(record["cells_before_qc"], after, strict=True)]
+    record["removed_by_qc"] = removed
+    adata.obs["leiden"] = adata.obs["leiden"].cat.remove_unused_categories()
+    record["n_clusters"] = int(len(adata.obs["leiden"].cat.categories))
+    if any(removed):
+        parts = [f"{name} {n}/{before}" for name, n, before in zip(record["clusters"], removed,
+                                                                    record["cells_before_qc"], strict=True) if n]
+        warn(adata, f"QC removed {sum(removed)} cell(s) from the input's clusters ({record['input_key']}): "
+                    + ", ".join(parts))
+    emptied = [name for name, n in zip(record["clusters"], after, strict=True) if n == 0]
+    if emptied:
+        warn(adata, f"QC removed every cell of the input's cluster(s) {', '.join(emptied)}: not annotated")
+
+
+def umap_or_keep(adata: AnnData, *, cluster_key: str = "", seed: int = 0) -> None:
+    """UMAP (:func:`cassia_helpers.dataset.pp.umap`), or, for a dataset on its own clusters whose input has
+    a UMAP (``X_umap``, kept as ``author_X_umap`` when read), that embedding. Writes ``obsm['X_umap']``
+    and ``uns['cassia_batch']['umap']``."""
+    embedding = adata.obsm.get(AUTHOR_PREFIX + "X_umap") if cluster_key else None
+    if embedding is not None and np.ndim(embedding) == 2 and np.shape(embedding)[1] >= 2:
+        values = np.asarray(embedding, dtype=np.float32)[:, :2]
+        if np.isfinite(values).all():
+            adata.obsm["X_umap"] = values
+            provenance(adata)["umap"] = {"source": "input", "input_key": AUTHOR_PREFIX + "X_umap"}
+            return
+    from cassia_helpers.dataset.pp import umap
+
+    umap(adata, seed=seed)

@@ -1,0 +1,57 @@
+"""The run's agreement with the input's own labels, per dataset: the columns ``batch_summary.csv`` adds, the
+lines of ``batch_summary.txt`` and the report's accuracy table (read from each ``{dataset}_result.json``'s
+``self_score``, written by :func:`cassia_helpers.dataset.self_score.score_against_authors`)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+#: ``batch_summary.csv`` columns after the contract's: the author label column scored against, the shares of
+#: the scored cells whose call is exact, partially correct, in the same lineage or wrong, and the labels
+#: not mapped to the Cell Ontology (``;``-separated). Empty for a dataset without author labels.
+SELF_SCORE_COLUMNS = ["self_score_key", "self_exact", "self_partial", "self_lineage", "self_wrong", "scored_cells",
+                      "unscored_cells", "unmapped_author_labels"]
+
+
+def self_score_fields(result: dict) -> dict:
+    """The :data:`SELF_SCORE_COLUMNS` of one dataset's result record (``None`` when it has no author labels)."""
+    score = result.get("self_score") or {}
+    fields = {name: score.get(name) for name in SELF_SCORE_COLUMNS}
+    if score:
+        fields["unmapped_author_labels"] = "; ".join(map(str, score.get("unmapped_author_labels") or []))
+    return fields
+
+
+def _pct(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * float(value):.1f}%"
+
+
+def accuracy_rows(table: pd.DataFrame) -> list[dict]:
+    """One row per dataset scored against its author labels, for the text summary and the report."""
+    if "self_score_key" not in table:
+        return []
+    rows = []
+    for row in table[table["self_score_key"].notna() & (table["self_score_key"] != "")].to_dict("records"):
+        rows.append({"dataset": f"{row['tissue']}/{row['dataset']}", "key": row["self_score_key"],
+                     **{s: _pct(row.get(f"self_{s}")) for s in ("exact", "partial", "lineage", "wrong")},
+                     "scored_cells": int(row.get("scored_cells") or 0),
+                     "unscored_cells": int(row.get("unscored_cells") or 0),
+                     "unmapped": row.get("unmapped_author_labels") or ""})
+    return rows
+
+
+def self_score_lines(table: pd.DataFrame) -> list[str]:
+    """``batch_summary.txt``'s section on the agreement with the author labels (none without them)."""
+    rows = accuracy_rows(table)
+    if not rows:
+        return []
+    lines = ["", "Agreement with the input's own labels (Cell Ontology; shares of the scored cells)"]
+    for row in rows:
+        lines.append(f"  {row['dataset']} vs {row['key']}: exact {row['exact']}, partial {row['partial']}, "
+                     f"lineage {row['lineage']}, wrong {row['wrong']} ({row['scored_cells']} cells scored, "
+                     f"{row['unscored_cells']} with an unmapped label)")
+        if row["unmapped"]:
+            lines.append(f"    author labels not mapped to the Cell Ontology: {row['unmapped']}")
+    return lines

@@ -1,0 +1,251 @@
+"""``--manifest datasets.csv``: heterogeneous datasets in one run, each with its own tissue, species, context,
+clusters and author labels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import make_counts, write
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_batch_py(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    return subprocess.run([sys.executable, str(REPO / "run_batch.py"), *args],
+                          env={**base, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True, text=True,
+                          timeout=900)
+
+
+def manifest(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lab" / "datasets.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    write(make_counts(120), tmp_path / "lab" / "h5" / "pbmc.h5ad")
+    write(make_counts(120, mouse=True, seed=1), tmp_path / "lab" / "h5" / "mouse_pbmc.h5ad")
+    return tmp_path / "lab" / "h5"
+
+
+def test_rows_are_read_with_paths_relative_to_the_manifest_and_per_dataset_settings(tmp_path, inputs):
+    from cassia_helpers.batch.manifest import dataset_settings, read_manifest_csv
+    from cassia_helpers.settings import Settings
+
+    path = manifest(tmp_path, "path,tissue,species,context,dataset\n"
+                              "h5/pbmc.h5ad,blood,,,\n"
+                              f"{inputs / 'mouse_pbmc.h5ad'},blood,mouse,\"aged, treated\",mouse\n")
+    found = read_manifest_csv(path).datasets
+    assert [(d.tissue, d.name, d.path) for d in found] == [
+        ("blood", "pbmc", inputs / "pbmc.h5ad"), ("blood", "mouse", inputs / "mouse_pbmc.h5ad")]
+    run = Settings(species="human", context_file=str(tmp_path / "ctx.txt"))
+    assert dataset_settings(run, found[0]) == run  # empty cells: the run-wide values
+    mouse = dataset_settings(run, found[1])
+    assert (mouse.species, mouse.context, mouse.context_file) == ("mouse", "aged, treated", "")
+
+
+@pytest.mark.parametrize("text, phrases", [
+    ("path,tissue,organ\nh5/pbmc.h5ad,blood,x\n", ["unknown column(s) 'organ'", "the columns are path, tissue"]),
+    ("path,species\nh5/pbmc.h5ad,human\n", ["missing column(s) tissue"]),
+    ("path,tissue\nh5/nope.h5ad,blood\n", ["line 2", "input file h5/nope.h5ad not found"]),
+    ("path,tissue,species\nh5/pbmc.h5ad,blood,zebrafish\n", ["line 2", "column species", "'zebrafish' is not one"]),
+    ("path,tissue\nh5/pbmc.h5ad,blood\nh5/pbmc.h5ad,blood\n", ["line 3", "blood/pbmc is already on line 2"]),
+    ("path,tissue,dataset\nh5/pbmc.h5ad,blood,a\nh5/mouse_pbmc.h5ad,blood,A\n", ["line 3", "already on line 2"]),
+    ("path,tissue\nh5/pbmc.h5ad,../../escaped\n", ["line 2", "tissue '../../escaped' is a name that is not"]),
+    ("path,tissue,dataset\nh5/pbmc.h5ad,blood,../x\n", ["line 2", "dataset name '../x' is"]),
+    ("path,tissue,dataset\nh5/pbmc.h5ad,blood,\"two\nlines\"\n", ["dataset name 'two\\nlines'", "control"]),
+    ("path,tissue\n", ["lists no dataset"]),
+])
+def test_a_bad_manifest_is_a_one_line_usage_error_before_anything_runs(tmp_path, inputs, text, phrases):
+    path = manifest(tmp_path, text)
+    result = run_batch_py("--manifest", str(path), "--output-dir", str(tmp_path / "out"), "--annotator", "reference")
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"run_batch.py: error: {path}")
+    for phrase in phrases:
+        assert phrase in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.rglob("escaped"))
+
+
+def test_manifest_with_tissues_is_a_usage_error(tmp_path, inputs):
+    path = manifest(tmp_path, "path,tissue\nh5/pbmc.h5ad,blood\n")
+    result = run_batch_py("--manifest", str(path), "--tissues", "blood", "--annotator", "reference")
+    assert result.returncode == 2 and "without --tissues or --input" in result.stderr
+
+
+def test_dry_run_lists_the_manifest_rows_with_their_own_context(tmp_path, inputs):
+    path = manifest(tmp_path, "path,tissue,context,dataset\nh5/pbmc.h5ad,blood,,short\n"
+                              f"h5/pbmc.h5ad,blood,{'x' * 40_000},long\n")
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # nothing is sent by a dry run
+    result = run_batch_py("--manifest", str(path), "--dry-run", "--annotator", "llm", "--pipeline", "fast",
+                          "--output-dir", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("blood ")}
+    assert set(rows) == {"short", "long"}
+
+    def low_tokens(row: str) -> int:
+        return int(row.split()[-1].split("-")[0].replace(",", ""))
+
+    # the long row's context (10,000 tokens) rides in each of its clusters' three calls; the short row has none
+    assert low_tokens(rows["long"]) - low_tokens(rows["short"]) >= 3 * 10_000
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- a lab's own heterogeneous datasets
+
+AUTHOR = {"T cell": "T cell", "B cell": "lymphocyte", "Monocyte": "macrophage"}
+CLUSTERS = {"T cell": "lab_T", "B cell": "lab_B", "Monocyte": "lab_M"}
+
+
+def labelled_dataset(path: Path) -> list[str]:
+    """Blood cells on the lab's own clusters with author labels whose scores are known: T cell (exact), lymphocyte
+    for the B cells (partial: B cell -> lymphocyte of B lineage -> lymphocyte, 2 steps), macrophage for the
+    monocytes (same myeloid lineage), 12 T cells labelled hepatocyte (wrong), 10 monocytes 'Mystery blob'
+    (unmapped); 5 B cells with too few genes for QC; the lab's own UMAP."""
+    import numpy as np
+
+    adata = make_counts(300, seed=3)
+    truth = adata.obs["truth"].astype(str)
+    author = truth.map(AUTHOR).to_numpy(dtype=object)
+    t_cells, monocytes, b_cells = (np.flatnonzero(truth.to_numpy() == t) for t in ("T cell", "Monocyte", "B cell"))
+    author[t_cells[:12]] = "hepatocyte"
+    author[monocytes[:10]] = "Mystery blob"
+    adata.obs["lab_label"] = author
+    adata.obs["lab_cluster"] = truth.map(CLUSTERS).astype("category")
+    x = adata.X.tolil()
+    for cell in b_cells[:5]:  # 50 genes: below --min-genes 200
+        row = x[cell].toarray().ravel()
+        row[np.flatnonzero(row)[50:]] = 0
+        x[cell] = row
+    adata.X = x.tocsr()
+    adata.obsm["X_umap"] = np.column_stack([np.arange(adata.n_obs), -np.arange(adata.n_obs)]).astype(np.float32)
+    write(adata, path)
+    return list(adata.obs_names[b_cells[:5]])
+
+
+def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scored(tmp_path):
+    import anndata as ad
+    import nbformat
+    import pandas as pd
+
+    damaged = labelled_dataset(tmp_path / "lab" / "h5" / "blood_lab.h5ad")
+    write(make_counts(200, mouse=True, seed=4), tmp_path / "lab" / "h5" / "mouse.h5ad")
+    path = manifest(tmp_path, "path,tissue,species,context,cluster_key,label_key,dataset\n"
+                              "h5/blood_lab.h5ad,blood,human,,lab_cluster,lab_label,lab\n"
+                              "h5/mouse.h5ad,spleen,mouse,aged mice,,,\n")
+    common = ("--manifest", str(path), "--annotator", "reference", "--output-dir", str(tmp_path / "out"))
+
+    dry = run_batch_py(*common, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split()[:2] for line in dry.stdout.splitlines() if line.startswith(("blood ", "spleen "))] == [
+        ["blood", "lab"], ["spleen", "mouse"]]
+    assert not (tmp_path / "out").exists()
+
+    result = run_batch_py(*common, "--quiet")
+    assert result.returncode == 0, result.stderr
+    run = Path(result.stdout.strip().splitlines()[-1])
+    assert run.name.startswith("run_blood_spleen_")
+    assert (run / "datasets.csv").read_text() == path.read_text()
+
+    # per-dataset settings reached each notebook
+    def parameters(tissue: str, name: str) -> dict:
+        return nbformat.read(run / tissue / name / f"{name}_notebook.ipynb", as_version=4).metadata["papermill"][
+            "parameters"]
+
+    lab, mouse = parameters("blood", "lab"), parameters("spleen", "mouse")
+    assert (lab["cluster_key"], lab["label_key"]) == ("lab_cluster", "lab_label") and "species" not in lab
+    assert (mouse["species"], mouse["context"]) == ("mouse", "aged mice") and "cluster_key" not in mouse
+
+    # the lab's clusters were kept; QC's removals are reported per cluster; the lab's UMAP reused
+    source = ad.read_h5ad(tmp_path / "lab" / "h5" / "blood_lab.h5ad")
+    out = ad.read_h5ad(run / "blood" / "lab" / "lab_annotated.h5ad")
+    removed = source.obs.loc[source.obs_names.difference(out.obs_names)]
+    assert set(damaged) <= set(removed.index)
+    assert (out.obs["leiden"].astype(str) == source.obs.loc[out.obs_names, "lab_cluster"].astype(str)).all()
+    assert (out.obs["lab_label"] == source.obs.loc[out.obs_names, "lab_label"]).all()  # never overwritten
+    record = out.uns["cassia_batch"]["leiden"]
+    assert record["source"] == "input" and record["input_key"] == "lab_cluster"
+    by_cluster = removed["lab_cluster"].astype(str).value_counts()
+    assert dict(zip(record["clusters"], map(int, record["removed_by_qc"]), strict=True)) == {
+        c: int(by_cluster.get(c, 0)) for c in ("lab_B", "lab_M", "lab_T")}
+    said = f"QC removed {len(removed)} cell(s) from the input's clusters (lab_cluster): lab_B {by_cluster['lab_B']}/"
+    assert any(said in w for w in out.uns["cassia_batch"]["warnings"])
+    assert (out.obsm["X_umap"][:, 0] == source.obsm["X_umap"][source.obs_names.get_indexer(out.obs_names), 0]).all()
+
+    # the self-scores: per cluster and per cell, on the answers the crafted labels give
+    clusters = pd.read_csv(run / "blood" / "lab" / "lab_clusters.csv").set_index("cluster")
+    assert clusters.loc["lab_T", "cell_type_ontology_term_id"] == "CL:0000084"  # the run called T cell
+    assert clusters.loc["lab_B", "cell_type_ontology_term_id"] == "CL:0000236"
+    assert clusters.loc["lab_M", "cell_type_lineage"] == "myeloid cell"
+    assert clusters["self_score"].to_dict() == {"lab_T": "exact", "lab_B": "partial", "lab_M": "lineage"}
+    assert clusters.loc["lab_B", "self_score_distance"] == 2
+    assert clusters["author_label"].to_dict() == {"lab_T": "T cell", "lab_B": "lymphocyte", "lab_M": "macrophage"}
+
+    kept = source.obs.loc[out.obs_names]
+    n_t, n_b, n_m = ((kept["lab_cluster"] == c).sum() for c in ("lab_T", "lab_B", "lab_M"))
+    unmapped = int((kept["lab_label"] == "Mystery blob").sum())
+    wrong = int((kept["lab_label"] == "hepatocyte").sum())
+    scored = out.n_obs - unmapped
+    summary = pd.read_csv(run / "batch_summary.csv").set_index("dataset")
+    row = summary.loc["lab"]
+    assert row["self_score_key"] == "lab_label" and row["scored_cells"] == scored and row["unscored_cells"] == unmapped
+    assert row["self_exact"] == pytest.approx((n_t - wrong) / scored, abs=1e-4)
+    assert row["self_wrong"] == pytest.approx(wrong / scored, abs=1e-4)
+    assert row["self_partial"] == pytest.approx(n_b / scored, abs=1e-4)
+    assert row["self_lineage"] == pytest.approx((n_m - unmapped) / scored, abs=1e-4)
+    assert row["unmapped_author_labels"] == "Mystery blob"
+    assert pd.isna(summary.loc["mouse", "self_score_key"])  # no author labels: nothing scored
+    text = (run / "batch_summary.txt").read_text()
+    assert "blood/lab vs lab_label: exact" in text and "not mapped to the Cell Ontology: Mystery blob" in text
+    html = (run / "report.html").read_text()
+    assert "Agreement with the input&#39;s own labels" in html or "Agreement with the input's own labels" in html
+
+    # --resume: the mouse dataset's outputs are damaged; it runs again with its own species and context
+    (run / "spleen" / "mouse" / "mouse_annotated.h5ad").unlink()
+    resumed = run_batch_py("--resume", str(run), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    again = parameters("spleen", "mouse")
+    assert (again["species"], again["context"]) == ("mouse", "aged mice")
+    assert (run / "spleen" / "mouse" / "mouse_annotated.h5ad").is_file()
+    assert list((run / "spleen" / "mouse" / "superseded").iterdir())
+
+
+def test_cellxgene_labels_are_found_without_a_label_key_and_scored_by_their_ids():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from cassia_helpers.dataset.ontology import load_cell_ontology
+    from cassia_helpers.dataset.self_score import compare, score_against_authors
+
+    # as read_dataset leaves a CELLxGENE file: its own columns under author_, the run's calls beside them
+    calls = ["CL:0000084"] * 4 + ["CL:0000576"] * 4 + ["unknown"] * 2
+    author = ["CL:0000084", "CL:0000084", "CL:0000624", "CL:0000236",  # exact, exact, descendant, other lineage
+              "CL:0000576", "CL:0000235", "CL:0000576", "not an id",  # exact, lineage, exact, unmapped
+              "CL:0000084", "CL:0000084"]                              # an Unknown call earns nothing
+    adata = ad.AnnData(np.zeros((10, 1), np.float32), obs=pd.DataFrame({
+        "leiden": pd.Categorical(["0"] * 4 + ["1"] * 4 + ["2"] * 2),
+        "cell_type_ontology_term_id": calls,
+        "author_cell_type_ontology_term_id": author,
+        "author_cell_type": ["whatever"] * 10}, index=[f"c{i}" for i in range(10)]))
+    table = score_against_authors(adata).set_index("cluster")
+    assert table["self_score"].to_dict() == {"0": "exact", "1": "exact", "2": "wrong"}
+    summary = adata.uns["cassia_batch"]["self_score"]["summary"]
+    assert summary["self_score_key"] == "author_cell_type_ontology_term_id"
+    assert (summary["scored_cells"], summary["unscored_cells"], summary["unmapped_author_labels"]) == (
+        9, 1, ["not an id"])
+    assert (summary["self_exact"], summary["self_partial"], summary["self_lineage"], summary["self_wrong"]) == (
+        round(4 / 9, 4), round(1 / 9, 4), round(1 / 9, 4), round(3 / 9, 4))
+    onto = load_cell_ontology()
+    # CD4-positive, alpha-beta T cell -> mature alpha-beta T cell -> mature T cell -> T cell, either way round
+    assert compare(onto, "CL:0000084", "CL:0000624") == compare(onto, "CL:0000624", "CL:0000084") == ("partial", 3)
+    assert compare(onto, "CL:0000576", "CL:0000576") == ("exact", 0)
+    assert score_against_authors(ad.AnnData(np.zeros((2, 1), np.float32))) is None  # no labels: nothing scored
