@@ -255,3 +255,26 @@ def test_a_dataset_never_has_two_runners(tmp_path, monkeypatch):
                                                     "input_path": "missing.h5ad"}})
     assert record["status"] == "failed" and record["error_type"] == "RunnerBusy"
     assert not paths.notebook.exists()
+
+
+def test_a_python_without_the_projects_packages_says_so_and_leaves_no_run_folder(data, tmp_path):
+    # the system's python3 instead of the project's environment: one line naming that Python and what it
+    # lacks, before any run folder is made (a left-over folder would be "the newest run" for explore_run)
+    import subprocess
+    import sys
+    import venv
+
+    from tests.conftest import REPO
+
+    bare = tmp_path / "bare"
+    venv.create(bare, with_pip=False)
+    python = bare / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run([str(python), str(REPO / "run_batch.py"), "--data-dir", str(data), "--tissues", "all",
+                             "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert sys.executable != str(python)
+    assert result.returncode == 2
+    error = result.stderr.strip()
+    assert len(error.splitlines()) == 1 and str(python) in error and "h5py" in error and ".venv/bin/python" in error
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,8 @@ from tests.shared_batch import GOOD, run_cli
 from tests.synthetic import BRAIN_TYPES, BREAST_TYPES, make_counts, write
 
 SPEC = REPO / "docs" / "batch_output_structure.md"
+# what a run folder holds beyond the contract: its examples must run as printed too
+ADDITIONS = REPO / "docs" / "output_additions.md"
 SPEC_RUN = "run_brain_20260216_151425"
 CONTRACT_FILES = ("_markers.csv", "_annotated.h5ad", "_annotation.txt", "_summary.txt")
 
@@ -137,8 +139,8 @@ def test_executed_notebook_records_parameters_and_no_key(workspace):
     assert tracking["total_calls"] == 0 and tracking["api_calls"] == [] and tracking["total_cost"] == 0
 
 
-def spec_blocks(language: str) -> list[str]:
-    blocks = re.findall(rf"^( *)```{language}\n(.*?)^ *```", SPEC.read_text(), flags=re.DOTALL | re.MULTILINE)
+def spec_blocks(language: str, doc: Path = SPEC) -> list[str]:
+    blocks = re.findall(rf"^( *)```{language}\n(.*?)^ *```", doc.read_text(), flags=re.DOTALL | re.MULTILINE)
     return [textwrap.dedent(code) for _, code in blocks]
 
 
@@ -153,6 +155,7 @@ def test_spec_python_examples_run_verbatim(workspace):
     run = workspace.runs()["multi"]
     blocks = spec_blocks("python")
     assert len(blocks) >= 4
+    blocks += spec_blocks("python", ADDITIONS)
     program = "\n".join(localise(block, run) for block in blocks)
     result = subprocess.run([sys.executable, "-c", program], cwd=workspace.root, capture_output=True, text=True,
                             timeout=300)

@@ -9,12 +9,26 @@ errors answer at once.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from cassia_helpers.settings import SETTINGS, Settings, UsageError, context_text, default
+
+# What a run imports, in the driver or in a dataset's kernel: with one of them missing, nothing can run.
+RUNTIME_MODULES = ("h5py", "anndata", "scanpy", "leidenalg", "matplotlib", "papermill", "nbclient", "ipykernel",
+                   "jinja2", "openai", "tenacity", "distributed")
+
+
+def check_environment() -> None:
+    """Fail before anything is written when this Python lacks what a run needs (e.g. the system's ``python3``
+    instead of the project's environment)."""
+    missing = [name for name in RUNTIME_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"this Python ({sys.executable}) lacks {', '.join(missing)}: run with .venv/bin/python "
+                         "after `make install` (or `make run`)")
 
 
 def _version() -> str:
@@ -118,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_terminal(args.quiet)
     try:
         settings = settings_from_args(args)
+        check_environment()
         if settings.dry_run:
             from cassia_helpers.batch.dry_run import dry_run
 
