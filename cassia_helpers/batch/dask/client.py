@@ -33,8 +33,6 @@ def dask_settings() -> dict:
         # a worker holds one dataset at a time: the others stay queued on the scheduler (cancellable)
         "distributed.scheduler.worker-saturation": 1.0,
         **LEASE_SETTINGS,
-        # a SLURM job that ended is forgotten soon, so that it can be replaced
-        "distributed.deploy.lost-worker-timeout": "2s",
         # the workers' environment is the driver's: no thread caps slipped in (nor into the driver)
         "distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536},
     }
