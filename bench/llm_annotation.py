@@ -113,11 +113,12 @@ def synthetic_clusters(n: int):
 
 def run(server, clusters, *, concurrency: int, cache_dir: Path, ledger: Path, model: str):
     from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+    from cassia_helpers.dataset.annotate.llm.options import LLMOptions
     from cassia_helpers.ledger import read_ledger
 
     server.reset_stats()
-    annotator = LLMAnnotator(model=model, base_url=server.base_url, concurrency=concurrency,
-                             cache_dir=str(cache_dir), ledger_path=ledger)
+    annotator = LLMAnnotator(LLMOptions(model=model, base_url=server.base_url, concurrency=concurrency,
+                                        cache_dir=str(cache_dir)), ledger_path=ledger)
     start = time.perf_counter()
     results = annotator.annotate(clusters, tissue="blood", species="human")
     wall = time.perf_counter() - start
@@ -128,11 +129,12 @@ def run_pipeline(server, clusters, lookup, *, pipeline: str, concurrency: int, c
                  model: str, tissue: str = "blood"):
     from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
     from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
+    from cassia_helpers.dataset.annotate.llm.options import LLMOptions
     from cassia_helpers.ledger import read_ledger
 
     server.reset_stats()
-    annotator = LLMAnnotator(model=model, base_url=server.base_url, concurrency=concurrency,
-                             cache_dir=str(cache_dir), ledger_path=ledger)
+    annotator = LLMAnnotator(LLMOptions(model=model, base_url=server.base_url, concurrency=concurrency,
+                                        cache_dir=str(cache_dir)), ledger_path=ledger)
     runner = AnnotationPipeline(annotator, PipelineSettings(pipeline=pipeline), lookup=lookup)
     start = time.perf_counter()
     results = runner.annotate(clusters, tissue=tissue, species="human")

@@ -29,6 +29,7 @@ SLURM_LOGS = "slurm_logs"  # the SLURM jobs' log files (--cluster slurm, unless 
 SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
 STATUSES = (SUCCESS, FAILED, INTERRUPTED)
 NOT_STARTED = "not started: the run was interrupted"  # the error of a dataset a stop kept from starting
+WORKER_DIED = "the Dask worker running this dataset died"
 
 
 def run_label(tissues: list[str], *, all_tissues: bool) -> str:
@@ -158,6 +159,11 @@ class DatasetPaths:
 
 # The environment variable that tells a dataset's kernel where to append its progress (``progress_jsonl``).
 PROGRESS_ENV = "CASSIA_PROGRESS_FILE"
+
+
+def task_record(key: str, status: str, error: str, error_type: str) -> dict:
+    """The record of a dataset whose task could not produce its own status (the driver writes it)."""
+    return {"key": key, "status": status, "error": error, "error_type": error_type}
 
 
 def now_iso() -> str:

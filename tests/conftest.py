@@ -84,3 +84,16 @@ def blood_dir(tmp_path) -> Path:
     for seed, name in enumerate(BLOOD_DATASETS):
         write(make_counts(300, cell_types=BLOOD_TYPES, seed=20 + seed), tmp_path / "data" / "blood" / f"{name}.h5ad")
     return tmp_path / "data"
+
+
+def llm_annotator(**arguments):
+    """An LLMAnnotator from one flat set of keyword arguments: the LLM options (model, base_url, timeout, …)
+    and the annotator's own (ledger_path, dataset, tissue, run_dir, species, max_rounds)."""
+    from dataclasses import fields
+
+    from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+    from cassia_helpers.dataset.annotate.llm.options import LLMOptions
+
+    names = {f.name for f in fields(LLMOptions)}
+    options = LLMOptions(**{k: v for k, v in arguments.items() if k in names})
+    return LLMAnnotator(options, **{k: v for k, v in arguments.items() if k not in names})

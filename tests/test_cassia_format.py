@@ -18,6 +18,7 @@ from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
 from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
 from cassia_helpers.dataset.annotate.agents.merging import merge_from_hierarchy
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines, write_pipeline_columns
+from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.subclusters import annotate_subclusters
 from cassia_helpers.dataset.markers import rank_markers, store_rank_genes_groups, top_markers
 from tests.synthetic import make_counts
@@ -159,8 +160,9 @@ def test_subclusters_are_annotated_with_the_parent_as_context(llm_env, tmp_path)
              "B": ["MS4A1", "CD79A", "CD19", "BANK1", "CD22", "CD79B"]}
     adata = normalised(360, cell_types=types)
     adata.obs["cell_type"] = pd.Categorical(np.where(adata.obs["truth"] == "B", "B cell", "T cell"))
-    annotator = LLMAnnotator(model="scripted-model", base_url=llm_env.base_url, cache_dir=str(tmp_path / "c"),
-                             ledger_path=tmp_path / "l.jsonl", concurrency=2)
+    annotator = LLMAnnotator(LLMOptions(model="scripted-model", base_url=llm_env.base_url,
+                                        cache_dir=str(tmp_path / "c"), concurrency=2),
+                             ledger_path=tmp_path / "l.jsonl")
     # "gauss" connectivities: the default ("umap") compiles numba kernels for a minute in a fresh process
     results = annotate_subclusters(adata, "T cell", annotator=annotator, tissue="blood", resolution=0.3,
                                    method="gauss")

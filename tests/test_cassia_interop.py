@@ -24,6 +24,7 @@ from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
 from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings
 from cassia_helpers.dataset.annotate.apply import annotate_clusters
 from cassia_helpers.dataset.annotate.columns import write_pipeline_columns
+from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.markers import cluster_markers, rank_markers, store_rank_genes_groups, top_markers
 from tests.conftest import API_KEY
 from tests.synthetic import make_counts
@@ -40,8 +41,9 @@ def our_outputs(server, folder: Path) -> tuple[list, dict[str, Path]]:
     sc.pp.log1p(adata)
     adata.obs["leiden"] = pd.Categorical(adata.obs["truth"].cat.codes.astype(str))
     full = rank_markers(adata, n_genes=None)
-    annotator = LLMAnnotator(model="scripted-model", base_url=server.base_url, cache_dir=str(folder / "cache"),
-                             ledger_path=folder / "ledger.jsonl", concurrency=2)
+    annotator = LLMAnnotator(LLMOptions(model="scripted-model", base_url=server.base_url,
+                                        cache_dir=str(folder / "cache"), concurrency=2),
+                             ledger_path=folder / "ledger.jsonl")
     pipeline = AnnotationPipeline(annotator, PipelineSettings(), lookup=GeneLookup(full, adata=adata))
     results = annotate_clusters(adata, cluster_markers(adata, full, n_top=20), annotator=pipeline, tissue="blood")
     write_pipeline_columns(adata, results)

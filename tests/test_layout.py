@@ -86,3 +86,14 @@ def test_every_setting_the_code_reads_is_declared():
                 read.setdefault(node.attr, str(path.relative_to(REPO)))
     assert len(read) > 20  # the scan sees the code that reads settings
     assert {name: where for name, where in read.items() if name not in known} == {}
+
+
+def test_the_llm_options_are_the_batch_settings_carried_as_one_object():
+    # one declaration: each LLM option is a setting (its name, or llm_ + its name) with that setting's default,
+    # and a batch's settings reach the client unchanged
+    from cassia_helpers.dataset.annotate.llm.options import LLMOptions
+    from cassia_helpers.settings import Settings
+
+    assert LLMOptions.from_settings(Settings()) == LLMOptions()
+    changed = LLMOptions.from_settings(Settings(llm_timeout=7.5, llm_concurrency=3, model="m", max_cost=2.0))
+    assert (changed.timeout, changed.concurrency, changed.model, changed.max_cost) == (7.5, 3, "m", 2.0)

@@ -11,7 +11,7 @@ from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator, parse_answer
 from cassia_helpers.dataset.annotate.agents.replies import read_groupings, read_score, read_verdict
 from cassia_helpers.ledger import read_ledger
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, llm_annotator
 
 CLUSTERS = [
     ClusterMarkers("0", ["CD3E", "CD8A", "CD8B", "GZMK", "CCL5"], n_cells=120),
@@ -26,7 +26,7 @@ def annotator(server, tmp_path: Path, name: str = "ledger", **options) -> LLMAnn
     settings = dict(model="scripted-model", base_url=server.base_url, cache_dir=str(tmp_path / "cache"),
                     ledger_path=tmp_path / f"{name}.jsonl", dataset="pbmc", tissue="blood", concurrency=4)
     settings.update(options)
-    return LLMAnnotator(**settings)
+    return llm_annotator(**settings)
 
 
 def sent(records: list[dict]) -> list[dict]:
@@ -369,3 +369,14 @@ def test_unusable_checks_cost_at_most_five_requests_per_cluster_and_are_warned(l
     assert all(r.validated is False and r.score is None for r in results if r.status == "ok")
     assert any(n.startswith("scoring failed for 4 of 4 clusters") for n in run.notices), run.notices
     assert any(n.startswith("merging failed for") for n in run.notices), run.notices
+
+
+def test_a_refused_schema_falls_back_to_json_mode_for_the_verdict_with_its_shape_in_the_instructions(llm_env,
+                                                                                                    tmp_path):
+    llm_env.reject_json_schema = True
+    results = annotator(llm_env, tmp_path, concurrency=1).annotate(CLUSTERS, tissue="blood", species="human")
+    assert all(r.validated is True for r in results)
+    validator = [b for b in llm_env.received if b["_agent"] == "validator"]
+    assert [b["response_format"]["type"] for b in validator] == ["json_object"] * len(CLUSTERS)
+    system = validator[0]["messages"][0]
+    assert system["role"] == "system" and '"verdict": "VALIDATION PASSED"' in system["content"]

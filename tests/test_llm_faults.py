@@ -38,7 +38,7 @@ from cassia_helpers.ledger import (
     resolve_pending,
     tracking_from_ledgers,
 )
-from tests.conftest import API_KEY, BLOOD_DATASETS, REPO
+from tests.conftest import API_KEY, BLOOD_DATASETS, REPO, llm_annotator
 from tests.scripted_llm_server import ScriptedLLMServer
 
 GENES = [["CD3E", "CD8A", "CD8B", "GZMK"], ["MS4A1", "CD79A", "CD19"], ["CD14", "LYZ", "FCN1"],
@@ -51,7 +51,7 @@ def annotator(tmp_path: Path, name: str = "ledger", **options) -> LLMAnnotator:
     settings = dict(model="scripted-model", cache_dir=str(tmp_path / "cache"), ledger_path=tmp_path / f"{name}.jsonl",
                     dataset=name, tissue="blood", concurrency=1, timeout=5.0, deadline=10.0)
     settings.update(options)
-    return LLMAnnotator(**settings)
+    return llm_annotator(**settings)
 
 
 def run(tmp_path: Path, clusters=CLUSTERS, **options) -> list[ClusterAnnotation]:
@@ -320,8 +320,9 @@ def test_a_killed_kernel_still_counts_its_request_in_flight(llm_env, tmp_path):
     script = textwrap.dedent(f"""
         from cassia_helpers.dataset.annotate import ClusterMarkers
         from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
-        a = LLMAnnotator(model="scripted-model", ledger_path={str(ledger)!r}, cache_dir={str(tmp_path / "c")!r},
-                         timeout=60, deadline=60, dataset="killed", tissue="blood")
+        from cassia_helpers.dataset.annotate.llm.options import LLMOptions
+        a = LLMAnnotator(LLMOptions(model="scripted-model", cache_dir={str(tmp_path / "c")!r}, timeout=60,
+                                    deadline=60), ledger_path={str(ledger)!r}, dataset="killed", tissue="blood")
         a.annotate([ClusterMarkers("0", ["CD3E", "CD8A"])], tissue="blood", species="human")
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -386,9 +387,10 @@ def test_a_kernel_killed_while_connecting_counts_no_call(tmp_path):
     script = textwrap.dedent(f"""
         from cassia_helpers.dataset.annotate import ClusterMarkers
         from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
-        a = LLMAnnotator(model="scripted-model", ledger_path={str(ledger)!r}, cache_dir={str(tmp_path / "c")!r},
-                         base_url="http://127.0.0.1:{port}/v1", timeout=60, deadline=60, dataset="stopped",
-                         tissue="blood")
+        from cassia_helpers.dataset.annotate.llm.options import LLMOptions
+        a = LLMAnnotator(LLMOptions(model="scripted-model", cache_dir={str(tmp_path / "c")!r},
+                                    base_url="http://127.0.0.1:{port}/v1", timeout=60, deadline=60),
+                         ledger_path={str(ledger)!r}, dataset="stopped", tissue="blood")
         print("asking", flush=True)
         a.annotate([ClusterMarkers("0", ["CD3E", "CD8A"])], tissue="blood", species="human")
     """)

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 
 from cassia_helpers.dataset.annotate import ClusterMarkers
-from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
 from cassia_helpers.dataset.annotate.agents.boost import GeneLookup
 from cassia_helpers.dataset.annotate.agents.consensus import consensus, normalise_label
 from cassia_helpers.dataset.annotate.agents.pipeline import AnnotationPipeline, PipelineSettings, estimate_calls
 from cassia_helpers.dataset.annotate.agents.scoring import parse_score
 from cassia_helpers.ledger import read_ledger
+from tests.conftest import llm_annotator
 
 CLUSTERS = [
     ClusterMarkers("0", ["CD3E", "CD8A", "CD8B", "GZMK", "CCL5"], n_cells=120),  # strong: scored 90
@@ -45,7 +45,7 @@ def pipeline(server, tmp_path: Path, name: str = "ledger", *, prices: dict | Non
     if prices:
         (tmp_path / "prices.json").write_text(json.dumps(prices))
         options["price_file"] = str(tmp_path / "prices.json")
-    annotator = LLMAnnotator(**options)
+    annotator = llm_annotator(**options)
     return AnnotationPipeline(annotator, PipelineSettings.from_options(**settings),
                               lookup=GeneLookup(full_table(), var_names=VAR_NAMES))
 

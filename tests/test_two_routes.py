@@ -14,6 +14,7 @@ import scanpy as sc
 
 from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
 from cassia_helpers.dataset.annotate.apply import annotate_clusters
+from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
 from cassia_helpers.dataset.markers import cluster_markers, rank_markers
 from cassia_helpers.dataset.ontology import annotate_ontology, load_cell_ontology
@@ -42,7 +43,8 @@ def _terms_by_population(adata, annotator, tissue: str) -> dict[str, str]:
 
 def _both_routes(llm_server, tmp_path, types: dict[str, list[str]], tissue: str):
     by_reference = _terms_by_population(_dataset(types, seed=11), ReferenceAnnotator(), tissue)
-    llm = LLMAnnotator(model="scripted-model", base_url=llm_server.base_url, cache_dir=str(tmp_path / "cache"),
+    llm = LLMAnnotator(LLMOptions(model="scripted-model", base_url=llm_server.base_url,
+                                  cache_dir=str(tmp_path / "cache")),
                        ledger_path=tmp_path / "ledger.jsonl", dataset="second", tissue=tissue)
     by_llm = _terms_by_population(_dataset(types, seed=12), llm, tissue)
     assert set(by_reference) == set(by_llm) == set(types)

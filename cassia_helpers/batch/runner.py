@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cassia_helpers.batch.dask.process import die_with_parent
+from cassia_helpers.batch.dask.process import THREAD_VARIABLES, die_with_parent
 from cassia_helpers.batch.execute import STOP_GRACE_S, execute_dataset
 from cassia_helpers.contract import (
     FAILED,
@@ -31,7 +31,6 @@ from cassia_helpers.contract import (
     write_status,
 )
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 # Variables the kernel must not inherit: the endpoint travels as a notebook parameter, and plots must use
 # the kernel's own inline backend so that the executed notebook shows them.
 KERNEL_UNSET = ("OPENAI_BASE_URL", "MPLBACKEND")

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 from distributed import Event, WorkerPlugin, get_client, get_worker
 
-from cassia_helpers.contract import FAILED, INTERRUPTED, NOT_STARTED, now_iso
+from cassia_helpers.batch.dask.process import THREAD_VARIABLES, THREADS_ENV
+from cassia_helpers.contract import FAILED, INTERRUPTED, NOT_STARTED, WORKER_DIED, now_iso, task_record
 from cassia_helpers.dataset.annotate.llm.limits import SCHEDULER_ENV
 
 PLUGIN_NAME = "cassia-worker-setup"
-THREADS_ENV = "CASSIA_DATASET_THREADS"
 # Set by a SLURM job's script: the job's log file, recorded with each dataset the job runs.
 SLURM_LOG_ENV = "CASSIA_SLURM_LOG"
 
@@ -42,8 +42,6 @@ def apply_dataset_threads() -> None:
     Dask's nanny caps BLAS/OpenMP threads at 1 in its worker's environment, which the dataset's kernel
     would inherit.
     """
-    from cassia_helpers.batch.runner import THREAD_VARIABLES  # here: the runner's package imports this module
-
     threads = os.environ.get(THREADS_ENV, "")
     if threads.isdigit() and int(threads) > 0:
         for name in THREAD_VARIABLES:
@@ -66,11 +64,6 @@ class WorkerSetup(WorkerPlugin):
         ignore_terminal_signals()
         apply_dataset_threads()
         os.environ[SCHEDULER_ENV] = worker.scheduler.address
-
-
-def status_record(key: str, status: str, error: str, error_type: str) -> dict:
-    """The record a dataset gets when its task could not produce one itself."""
-    return {"key": key, "status": status, "error": error, "error_type": error_type}
 
 
 def start_info() -> dict:
@@ -133,10 +126,10 @@ def execute(task: Callable[[dict, Callable[[], bool]], dict], job: dict, *, task
     client = get_client()
     stop_event_ = Event(stop_event, client=client)
     if stop_event_.is_set():
-        return status_record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
+        return task_record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
     started = Event(f"{started_prefix}{key}", client=client)
     if started.is_set():
-        return status_record(key, FAILED, "the Dask worker running this dataset died", "WorkerDied")
+        return task_record(key, FAILED, WORKER_DIED, "WorkerDied")
     started.set()
     client.set_metadata([started_prefix, key], start_info())
     stop = _StopWatch(stop_event_, key)

@@ -8,6 +8,10 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+# The threads of a dataset's BLAS/OpenMP/numba: set in its kernel's environment; a SLURM job gives its
+# cores through THREADS_ENV (Dask's nanny would cap them at 1).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+THREADS_ENV = "CASSIA_DATASET_THREADS"
 # loaded here, in the parent: a preexec function should do as little as possible between fork and exec
 _LIBC = ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform.startswith("linux") else None
 # The pid of the process that forks, recorded in it just before each fork (subprocess runs the at-fork

@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cassia_helpers.batch.dask.client import WORKER_PRELOAD, ClusterError, secret_values
-from cassia_helpers.batch.dask.plugin import SLURM_LOG_ENV, THREADS_ENV
+from cassia_helpers.batch.dask.plugin import SLURM_LOG_ENV
+from cassia_helpers.batch.dask.process import THREADS_ENV
 from cassia_helpers.settings import BY_NAME, SETTINGS, SLURM_DEFAULTS, UsageError
 
 log = logging.getLogger("cassia_helpers")
@@ -268,7 +269,8 @@ class SlurmJobs:
             time.sleep(1.0)
 
     def upkeep(self, queued: int, give_up_s: float) -> str | None:
-        """While datasets are queued, replace jobs that ended; a reason to give up on the queued ones, or None.
+        """While ``queued`` datasets wait (for the executor or for a worker), replace jobs that ended; a reason
+        to give up on the waiting ones, or None.
 
         Gives up when no worker was connected for ``give_up_s`` seconds, or when jobs ended and no
         replacement is left.

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cassia_helpers.batch.dask.client import dashboard_link
-from cassia_helpers.contract import FAILED, INTERRUPTED, NOT_STARTED
+from cassia_helpers.contract import FAILED, INTERRUPTED, NOT_STARTED, WORKER_DIED, task_record
 
 # How long the scheduler may stay unreachable before the run counts it as lost.
 SCHEDULER_LOST_S = 10.0
@@ -35,10 +35,6 @@ class Progress:
     def __str__(self) -> str:
         text = f"{self.done}/{self.total} done, {self.running} running, {self.queued} queued"
         return f"{text} (dashboard: {self.dashboard})" if self.dashboard else text
-
-
-def _record(key: str, status: str, error: str, error_type: str) -> dict:
-    return {"key": key, "status": status, "error": error, "error_type": error_type}
 
 
 class DatasetExecutor:
@@ -163,12 +159,19 @@ class DatasetExecutor:
                     unreachable_since = None
                 if time.monotonic() - last_capacity > 1.0:
                     capacity, last_capacity = self._capacity(), time.monotonic()
-                    reason = self.upkeep(len(self._queue)) if self.upkeep and unreachable_since is None else None
+                    # datasets handed to the scheduler wait for a worker too (one may have left meanwhile)
+                    waiting = len(self._queue) + len(self._running)
+                    reason = self.upkeep(waiting) if self.upkeep and unreachable_since is None else None
                     if reason:
                         with self._lock:
                             queued, self._queue = self._queue, []
-                        for key, _job in queued:
-                            report(key, _record(key, FAILED, f"not started: {reason}", "NoWorker"))
+                            stranded = list(self._running.items()) if not capacity else []
+                            for future, _key in stranded:
+                                self._running.pop(future, None)
+                        if stranded:
+                            self.client.cancel([future for future, _ in stranded], force=True)
+                        for key in [key for key, _job in queued] + [key for _, key in stranded]:
+                            report(key, task_record(key, FAILED, f"not started: {reason}", "NoWorker"))
                 while self._queue and len(self._running) < capacity and not self._stop_requested.is_set():
                     with self._lock:
                         key, job = self._queue.pop(0)
@@ -211,9 +214,9 @@ class DatasetExecutor:
             queued, self._queue = self._queue, []
             running, self._running = list(self._running.values()), {}
         for key, _job in queued:
-            report(key, _record(key, INTERRUPTED, f"not started: {self.lost}", "SchedulerLost"))
+            report(key, task_record(key, INTERRUPTED, f"not started: {self.lost}", "SchedulerLost"))
         for key in running:
-            report(key, _record(key, INTERRUPTED, f"{self.lost} while it ran", "SchedulerLost"))
+            report(key, task_record(key, INTERRUPTED, f"{self.lost} while it ran", "SchedulerLost"))
 
     def _wind_down(self, collect, report) -> None:
         """Stop: tell the running tasks, report the queued ones, give the running ones time to report."""
@@ -223,7 +226,7 @@ class DatasetExecutor:
         with self._lock:
             queued, self._queue = self._queue, []
         for key, _job in queued:
-            report(key, _record(key, INTERRUPTED, NOT_STARTED, "Interrupted"))
+            report(key, task_record(key, INTERRUPTED, NOT_STARTED, "Interrupted"))
         deadline = time.monotonic() + self.stop_grace_s
         while self._running and time.monotonic() < deadline:
             collect()
@@ -231,7 +234,7 @@ class DatasetExecutor:
         with self._lock:
             late, self._running = list(self._running.values()), {}
         for key in late:
-            report(key, _record(key, INTERRUPTED, f"did not stop within {self.stop_grace_s:g} s of the "
+            report(key, task_record(key, INTERRUPTED, f"did not stop within {self.stop_grace_s:g} s of the "
                                 "interruption", "Interrupted"))
 
     def _outcome(self, key: str, future, cancelled_error) -> dict:
@@ -240,18 +243,18 @@ class DatasetExecutor:
             try:
                 result = future.result(timeout=30)
             except Exception as exc:  # noqa: BLE001
-                return _record(key, FAILED, f"its result could not be fetched: {exc}", type(exc).__name__)
-            return result if isinstance(result, dict) else _record(
+                return task_record(key, FAILED, f"its result could not be fetched: {exc}", type(exc).__name__)
+            return result if isinstance(result, dict) else task_record(
                 key, FAILED, f"the task returned {type(result).__name__}, not a status record", "BadResult")
         if status == "cancelled":
-            return _record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
+            return task_record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
         try:
             exc = future.exception(timeout=30)
         except cancelled_error:
-            return _record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
+            return task_record(key, INTERRUPTED, NOT_STARTED, "Interrupted")
         except Exception as other:  # noqa: BLE001
             exc = other
         if type(exc).__name__ == "KilledWorker":
-            return _record(key, FAILED, "the Dask worker running this dataset died", "WorkerDied")
+            return task_record(key, FAILED, WORKER_DIED, "WorkerDied")
         text = " ".join(str(exc).split())[:300]
-        return _record(key, FAILED, f"{type(exc).__name__}: {text}", type(exc).__name__)
+        return task_record(key, FAILED, f"{type(exc).__name__}: {text}", type(exc).__name__)

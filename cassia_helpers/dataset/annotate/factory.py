@@ -41,17 +41,10 @@ def make_annotator(settings: Settings, *, dataset: str = "", tissue: str = "", r
 
         return ReferenceAnnotator(species=settings.species)
     from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
+    from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 
-    agents = LLMAnnotator(
-        species=settings.species, model=settings.model, base_url=settings.base_url,
-        concurrency=settings.llm_concurrency, timeout=settings.llm_timeout,
-        max_attempts=settings.llm_max_attempts, use_cache=settings.use_cache, cache_dir=settings.cache_dir,
-        max_cost=settings.max_cost, price_file=settings.price_file, input_price=settings.input_price,
-        output_price=settings.output_price, ledger_path=ledger_path, dataset=dataset, tissue=tissue,
-        run_dir=str(run_dir), seed=settings.seed, deadline=settings.llm_deadline,
-        max_tokens=settings.llm_max_tokens, breaker_failures=settings.llm_breaker_failures,
-        breaker_cooldown=settings.llm_breaker_cooldown,
-    )
+    agents = LLMAnnotator(LLMOptions.from_settings(settings), species=settings.species, ledger_path=ledger_path,
+                          dataset=dataset, tissue=tissue, run_dir=str(run_dir))
     if settings.pipeline == "fast" and settings.n_runs == 1 and not settings.models:
         return agents
     from cassia_helpers.dataset.annotate.agents.boost import GeneLookup

@@ -17,6 +17,7 @@ import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -32,8 +33,6 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
 )
 from cassia_helpers.dataset.annotate.agents.replies import VERDICT_SCHEMA, read_verdict, structured_chat, verdict_words
 from cassia_helpers.dataset.annotate.llm.client import (
-    DEFAULT_DEADLINE_S,
-    DEFAULT_MAX_TOKENS,
     BudgetExceeded,
     FatalLLMError,
     LLMClient,
@@ -42,6 +41,7 @@ from cassia_helpers.dataset.annotate.llm.client import (
     endpoint_label,
 )
 from cassia_helpers.dataset.annotate.llm.limits import run_limits
+from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker
 from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, sanitize_label
 from cassia_helpers.ledger import Ledger, PriceTable
@@ -136,36 +136,28 @@ class LLMAnnotator:
 
     name = "llm"
 
-    def __init__(self, *, species: str = "human", model: str, base_url: str = "", concurrency: int = 8,
-                 timeout: float = 120.0, max_attempts: int = 4, use_cache: bool = True, cache_dir: str = "",
-                 max_cost: float = 0.0, price_file: str = "", input_price: float | None = None,
-                 output_price: float | None = None, ledger_path: str | Path | None = None,
+    def __init__(self, options: LLMOptions, *, species: str = "human", ledger_path: str | Path | None = None,
                  dataset: str = "", tissue: str = "", run_dir: str = "", max_rounds: int = 2,
-                 seed: int = 0, deadline: float = DEFAULT_DEADLINE_S, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 breaker_failures: int = 3, breaker_cooldown: float = 60.0) -> None:
-        self._options = dict(species=species, model=model, base_url=base_url, concurrency=concurrency,
-                             timeout=timeout, max_attempts=max_attempts, use_cache=use_cache, cache_dir=cache_dir,
-                             max_cost=max_cost, price_file=price_file, input_price=input_price,
-                             output_price=output_price, dataset=dataset, tissue=tissue, run_dir=run_dir,
-                             max_rounds=max_rounds, seed=seed, deadline=deadline, max_tokens=max_tokens,
-                             breaker_failures=breaker_failures, breaker_cooldown=breaker_cooldown)
+                 share_with: LLMAnnotator | None = None) -> None:
+        self.options = options
         self.species = species
+        self.dataset, self.tissue = dataset, tissue
         self.max_rounds = max(1, int(max_rounds))
-        self.concurrency = max(1, int(concurrency))
-        self.ledger = Ledger(ledger_path)
-        prices = PriceTable.load(price_file or None, model=model, input_price=input_price,
-                                 output_price=output_price)
-        # held by the Dask scheduler when the batch runs on one, else by files in the run folder
-        throttle, budget = run_limits(run_dir or None, self.concurrency, max_cost, local_spent=self.ledger.spent)
-        self.client = LLMClient(
-            model=model, base_url=base_url, ledger=self.ledger, prices=prices,
-            throttle=throttle, budget=budget,
-            breaker=CircuitBreaker(breaker_failures, breaker_cooldown, run_dir or None),
-            dataset=dataset, tissue=tissue, timeout=timeout, max_attempts=max_attempts,
-            cache_dir=cache_dir or None, use_cache=use_cache, seed=seed, deadline=deadline,
-            max_tokens=max_tokens,
-        )
-        self.price_known = prices.lookup(model).known
+        self.concurrency = max(1, int(options.concurrency))
+        prices = PriceTable.load(options.price_file or None, model=options.model, input_price=options.input_price,
+                                 output_price=options.output_price)
+        if share_with is None:
+            self.ledger = Ledger(ledger_path)
+            # held by the Dask scheduler when the batch runs on one, else by files in the run folder
+            throttle, budget = run_limits(run_dir or None, self.concurrency, options.max_cost,
+                                          local_spent=self.ledger.spent)
+            breaker = CircuitBreaker(options.breaker_failures, options.breaker_cooldown, run_dir or None)
+        else:
+            shared = share_with.client
+            self.ledger, throttle, budget, breaker = share_with.ledger, shared.throttle, shared.budget, shared.breaker
+        self.client = LLMClient(options, ledger=self.ledger, prices=prices, throttle=throttle, budget=budget,
+                                breaker=breaker, dataset=dataset, tissue=tissue)
+        self.price_known = prices.lookup(options.model).known
         # the run of clusters without a usable answer (shared by this dataset's threads)
         self._guard = threading.Lock()
         self._unusable_run = 0
@@ -203,16 +195,10 @@ class LLMAnnotator:
     def sibling(self, *, model: str | None = None, seed: int | None = None,
                 temperature: float | None = None) -> LLMAnnotator:
         """An annotator with another model and/or seed that shares this one's ledger, throttle and budget."""
-        options = dict(self._options, ledger_path=None)
-        if model:
-            options["model"] = model
-        if seed is not None:
-            options["seed"] = seed
-        other = LLMAnnotator(**options)
-        other.ledger = self.ledger
-        other.client.ledger = self.ledger
-        other.client.throttle, other.client.budget = self.client.throttle, self.client.budget
-        other.client.breaker = self.client.breaker
+        options = replace(self.options, model=model or self.options.model,
+                          seed=self.options.seed if seed is None else seed)
+        other = LLMAnnotator(options, species=self.species, dataset=self.dataset, tissue=self.tissue,
+                             max_rounds=self.max_rounds, share_with=self)
         if temperature is not None:
             other.client.temperature = temperature
         return other

@@ -33,6 +33,7 @@ from cassia_helpers.dataset.annotate.llm.errors import (
     ServiceUnavailable,
     _Retryable,
 )
+from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker, RunBudget, RunThrottle
 from cassia_helpers.dataset.annotate.llm.transport import (
     DeadlineExceeded,
@@ -63,11 +64,9 @@ from cassia_helpers.ledger import (
 )
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-DEFAULT_MAX_TOKENS = 4096  # room for a reasoning model's thinking; an annotation needs a few hundred
-DEFAULT_DEADLINE_S = 300.0
 MIN_ATTEMPT_S = 1.0  # no new attempt with less time than this left before the deadline
 
-__all__ = ["CAPABILITIES_FILE", "DEFAULT_BASE_URL", "DEFAULT_DEADLINE_S", "DEFAULT_MAX_TOKENS", "BudgetExceeded",
+__all__ = ["CAPABILITIES_FILE", "DEFAULT_BASE_URL", "BudgetExceeded",
            "ChatAnswer", "FatalLLMError", "LLMClient", "LLMError", "RequestRejected", "ServiceUnavailable",
            "default_cache_dir", "endpoint_label"]
 
@@ -100,48 +99,41 @@ class LLMClient:
 
     Parameters
     ----------
-    model, base_url
-        Model name and OpenAI-compatible endpoint (``OPENAI_BASE_URL`` or OpenAI when empty).
+    options
+        The model, endpoint (``OPENAI_BASE_URL`` or OpenAI when empty), timeouts, deadline, attempts, reply
+        length, cache and seed (:class:`~cassia_helpers.dataset.annotate.llm.options.LLMOptions`).
     ledger
         Where every request (and cache hit) is recorded, before it is sent and when it completes.
     throttle, budget, breaker
         Run-wide concurrency/back-off, the ``--max-cost`` budget and the circuit breaker.
-    timeout
-        Seconds to connect, and seconds of silence while waiting for the reply.
-    deadline
-        Wall-clock seconds for one logical call, all attempts and back-off waits included.
-    max_tokens
-        The reply length asked for (``max_tokens``, or ``max_completion_tokens`` where that is refused).
     """
 
-    def __init__(self, *, model: str, base_url: str = "", ledger: Ledger, prices: PriceTable,
-                 throttle: RunThrottle, budget: RunBudget, breaker: CircuitBreaker | None = None,
-                 dataset: str = "", tissue: str = "", timeout: float = 120.0, max_attempts: int = 4,
-                 cache_dir: str | Path | None = None, use_cache: bool = True, seed: int = 0,
-                 max_wait_s: float = 30.0, deadline: float = DEFAULT_DEADLINE_S,
-                 max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-        self.model = model
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    def __init__(self, options: LLMOptions, *, ledger: Ledger, prices: PriceTable, throttle: RunThrottle,
+                 budget: RunBudget, breaker: CircuitBreaker | None = None, dataset: str = "", tissue: str = "",
+                 max_wait_s: float = 30.0) -> None:
+        self.model = options.model
+        self.base_url = options.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         self.endpoint = endpoint_label(self.base_url)
         self.ledger, self.prices, self.throttle, self.budget = ledger, prices, throttle, budget
         self.breaker = breaker or CircuitBreaker(0)
         # 0 for reproducible calls; repeated runs of a consensus sample with a seed of their own
         self.temperature = 0.0
         self.dataset, self.tissue = dataset, tissue
-        self.max_attempts = max(1, int(max_attempts))
+        self.max_attempts = max(1, int(options.max_attempts))
         self.max_wait_s = max_wait_s
-        self.timeout = float(timeout)
-        self.deadline = float(deadline)
-        self.max_tokens = int(max_tokens)
-        self.seed = seed
-        self.cache = ResponseCache(cache_dir, endpoint=self.endpoint, model=model, enabled=use_cache)
+        self.timeout = float(options.timeout)
+        self.deadline = float(options.deadline)
+        self.max_tokens = int(options.max_tokens)
+        self.seed = options.seed
+        self.cache = ResponseCache(options.cache_dir or None, endpoint=self.endpoint, model=self.model,
+                                   enabled=options.use_cache)
         self.fingerprints: set[str] = set()
         self._fatal: LLMError | None = None
         self._lock = threading.Lock()
         self._client = openai.OpenAI(
             api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
             base_url=self.base_url,
-            timeout=timeout,
+            timeout=self.timeout,
             max_retries=0,
             http_client=http_client(),
         )
