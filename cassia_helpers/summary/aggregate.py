@@ -29,7 +29,7 @@ from cassia_helpers.contract import (
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE
 from cassia_helpers.files import write_csv, write_json, write_text
 from cassia_helpers.ledger import format_cost, tracking_from_ledgers
-from cassia_helpers.summary.self_scores import SELF_SCORE_COLUMNS, self_score_fields, self_score_lines
+from cassia_helpers.summary.self_scores import self_score_fields, self_score_lines, summary_self_score_columns
 
 SUMMARY_COLUMNS = [
     "dataset", "tissue", "file_path", "n_cells", "n_genes", "n_clusters",
@@ -251,7 +251,7 @@ def write_run_summaries(run_dir: str | Path) -> pd.DataFrame:
     tracking = token_tracking(run_dir)
     terms = cell_types(run_dir, table)
     checks = cross_dataset_checks(run_dir, table, terms)
-    write_csv(run_dir / BATCH_SUMMARY_CSV, table[SUMMARY_COLUMNS + SELF_SCORE_COLUMNS])
+    write_csv(run_dir / BATCH_SUMMARY_CSV, table[SUMMARY_COLUMNS + summary_self_score_columns(table)])
     write_json(run_dir / TOKEN_TRACKING_JSON, tracking)
     write_csv(run_dir / CELL_TYPES_CSV, terms)
     write_text(run_dir / BATCH_SUMMARY_TXT, run_summary_text(run_dir, table, tracking, manifest, checks))

@@ -10,7 +10,8 @@ import pandas as pd
 
 #: ``batch_summary.csv`` columns after the contract's: the author label column scored against, the shares of
 #: the scored cells whose call is exact, partially correct, in the same lineage or wrong, and the labels
-#: not mapped to the Cell Ontology (``;``-separated). Empty for a dataset without author labels.
+#: not mapped to the Cell Ontology (``;``-separated). Empty for a dataset without author labels; left out
+#: when no dataset of the run has any.
 SELF_SCORE_COLUMNS = ["self_score_key", "self_exact", "self_partial", "self_lineage", "self_wrong", "scored_cells",
                       "unscored_cells", "unmapped_author_labels"]
 
@@ -22,6 +23,13 @@ def self_score_fields(result: dict) -> dict:
     if score:
         fields["unmapped_author_labels"] = "; ".join(map(str, score.get("unmapped_author_labels") or []))
     return fields
+
+
+def summary_self_score_columns(table: pd.DataFrame) -> list[str]:
+    """:data:`SELF_SCORE_COLUMNS` when a dataset of the run was scored, else none (a run without author labels
+    keeps the contract's columns exactly)."""
+    scored = "self_score_key" in table and table["self_score_key"].fillna("").astype(str).ne("").any()
+    return SELF_SCORE_COLUMNS if scored else []
 
 
 def _pct(value) -> str:
