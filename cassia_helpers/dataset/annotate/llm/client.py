@@ -116,6 +116,7 @@ class LLMClient:
         self.endpoint = endpoint_label(self.base_url)
         self.ledger, self.prices, self.throttle, self.budget = ledger, prices, throttle, budget
         self.breaker = breaker or CircuitBreaker(0)
+        self._failure_kind = "unreachable"
         # 0 for reproducible calls; repeated runs of a consensus sample with a seed of their own
         self.temperature = 0.0
         self.dataset, self.tissue = dataset, tissue
@@ -210,7 +211,7 @@ class LLMClient:
             attempt += 1
             refused = self.breaker.check()
             if refused:
-                raise ServiceUnavailable(refused)
+                raise ServiceUnavailable(refused, self._failure_kind)
             if self.budget.exhausted():
                 self._record(cluster=cluster, agent=agent, status=SKIPPED_BUDGET,
                              error=f"budget of {format_cost(self.budget.max_cost)} reached")
@@ -259,6 +260,7 @@ class LLMClient:
 
     def _fail_to_reach(self, message: str, kind: str, cluster: str, agent: str) -> _Retryable:
         """A timeout or connection failure: count it for the circuit breaker, announce an opening once."""
+        self._failure_kind = kind  # what the breaker, once open, says of the server
         if self.breaker.failure(message):
             self._record(cluster=cluster, agent=agent, status=BREAKER_OPEN,
                          error=f"circuit breaker opened after repeated failures ({message}); further "

@@ -37,10 +37,11 @@ class FatalLLMError(LLMError):
 
 
 class ServiceUnavailable(LLMError):
-    """The circuit breaker is open: the server kept failing, nothing is sent during the cool-down."""
+    """The circuit breaker is open: the server kept failing, nothing is sent during the cool-down. ``kind`` is
+    that of the failures that opened it (``timeout`` for a server that stops answering in time)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "unreachable")
+    def __init__(self, message: str, kind: str = "unreachable") -> None:
+        super().__init__(message, kind)
 
 
 class _Retryable(Exception):
