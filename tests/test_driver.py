@@ -278,3 +278,13 @@ def test_a_python_without_the_projects_packages_says_so_and_leaves_no_run_folder
     error = result.stderr.strip()
     assert len(error.splitlines()) == 1 and str(python) in error and "h5py" in error and ".venv/bin/python" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_the_defaults_that_say_something():
+    # a default is shown where it tells the user something (1.0, 50, human), never as "None", "False" or ""
+    from cassia_helpers.batch.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "leiden resolution (default: 1.0)" in text and "(default: human)" in text
+    for noise in ("(default: None)", "(default: False)", "(default: True)", "(default: )", "(default: [])"):
+        assert noise not in text

@@ -40,13 +40,23 @@ def _version() -> str:
         return "unknown"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it says something: not for switches, empty values or None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        quiet = action.default is None or isinstance(action.default, bool) or action.default in ("", [])
+        if quiet or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_batch.py",
         description="Annotate cell types in every single-cell dataset of {data-dir}/{tissue}/*.h5ad: QC, "
         "clustering, marker genes and CASSIA-style annotation, one executed notebook per dataset.",
         epilog="API keys are read from the environment only (OPENAI_API_KEY); never pass them as flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cassia-batch {_version()}")
     groups: dict[str, argparse._ArgumentGroup] = {}
