@@ -214,6 +214,12 @@ def test_an_answer_is_kept_when_the_validator_cannot_be_reached(llm_env, tmp_pat
     ("Checking...\nVerdict: VALIDATION FAILED\nCite CD8A next time.", False),
     ("VALIDATION PASSED\nThough one could argue for VALIDATION FAILED.", None),
     ("The markers fit well.", None),
+    ("VALIDATION PASSED\nLooks right.", True),
+    ("**VALIDATION PASSED**", True),
+    # naming both verdicts is undetermined, never a pass
+    ("VALIDATION FAILED: it would only be VALIDATION PASSED if CD8A were cited.", None),
+    ("VALIDATION PASSED? No: VALIDATION FAILED", None),
+    ("", None),
 ])
 def test_the_verdict_is_read_from_json_or_the_first_or_last_line(text, verdict):
     assert read_verdict(text) is verdict

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers, annotation_failure
-from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator, validator_verdict
+from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
 from cassia_helpers.dataset.annotate.llm.untrusted import MAX_LABEL_CHARS, MAX_REPLY_CHARS, csv_safe, sanitize_label
 from cassia_helpers.ledger import (
     CallRecord,
@@ -232,22 +232,6 @@ def test_no_usage_gets_an_estimate_that_the_budget_uses(llm_env, tmp_path):
     assert sum(r["cost"] for r in records[:-1]) < 0.5 <= sum(r["cost"] for r in records)
     tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
     assert tracking["tokens_estimated"] and tracking["estimated_calls"] == tracking["total_calls"] == len(records)
-
-
-# --------------------------------------------------------------------------- strict verdicts
-
-
-@pytest.mark.parametrize("text, verdict", [
-    ("VALIDATION PASSED\nLooks right.", True),
-    ("**VALIDATION PASSED**", True),
-    # naming both verdicts is undetermined, never a pass
-    ("VALIDATION FAILED: it would only be VALIDATION PASSED if CD8A were cited.", None),
-    ("VALIDATION PASSED? No: VALIDATION FAILED", None),
-    ("The markers fit.\nVALIDATION PASSED", True),
-    ("", None),
-])
-def test_the_verdict_is_read_from_the_first_or_last_line(text, verdict):
-    assert validator_verdict(text) is verdict
 
 
 def test_a_tricky_failed_verdict_is_not_a_pass(llm_env, tmp_path):

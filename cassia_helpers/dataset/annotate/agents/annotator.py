@@ -55,12 +55,6 @@ UNUSABLE_RUN = 3
 NO_ANSWER = "invalid_answer"
 
 
-def validator_verdict(text: str) -> bool | None:
-    """The validator's verdict (see :func:`~cassia_helpers.dataset.annotate.agents.replies.read_verdict`):
-    from JSON, or the first or last line; ``None`` when undetermined (none, or both verdicts named)."""
-    return read_verdict(text)
-
-
 def parse_answer(text: str) -> dict | None:
     """The structured answer from JSON, a fenced JSON block, a JSON object inside prose, or a
     ``FINAL ANNOTATION:`` line; ``None`` when no cell type can be found."""
