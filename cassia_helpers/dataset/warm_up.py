@@ -5,14 +5,18 @@ It runs the pipeline's own steps (:mod:`cassia_helpers.dataset.pp`) on a small r
 umap-learn and pynndescent imported through :func:`~cassia_helpers.dataset.numba_cache.import_umap`. It lives
 apart from :mod:`~cassia_helpers.dataset.numba_cache` because it drives the pipeline, which itself uses that
 module.
+
+:func:`prepare_kernel` is what a dataset's kernel runs as it starts, before it is given its dataset: the
+imports of a fresh process and the first calls of the pipeline (numba's cache loads), paid while the driver
+starts or while the worker's previous dataset runs instead of inside the dataset's notebook.
 """
 
 from __future__ import annotations
 
 
-def warm_up() -> None:
-    """Run normalize, PCA, neighbours, leiden and UMAP once, so that not even the first dataset of the first
-    run pays the compilation."""
+def warm_up(*, markers: bool = False) -> None:
+    """Run normalize, PCA, neighbours, leiden and UMAP once (and the marker ranking if ``markers``), so that
+    not even the first dataset of the first run pays the compilation."""
     import anndata as ad
     import numpy as np
     import scipy.sparse as sp
@@ -28,6 +32,37 @@ def warm_up() -> None:
     pp.neighbors(adata)
     pp.cluster(adata)
     pp.umap(adata)
+    if markers and adata.obs["leiden"].nunique() > 1:
+        from cassia_helpers.dataset.markers import rank_markers
+
+        rank_markers(adata, n_genes=None)
+
+
+def prepare_kernel() -> None:
+    """Import what the template notebook uses and run the pipeline once on a small random matrix.
+
+    Runs in a dataset's kernel before its notebook (nothing is left in the notebook's namespace, no figure
+    is opened, no file is written; the progress file is not set yet). The notebook's results are the same:
+    every step takes its seed from the notebook's parameters. A failure here only means that the notebook
+    pays these costs itself, so it is never raised.
+    """
+    import importlib
+
+    try:
+        import matplotlib.pyplot  # noqa: F401 - with the kernel's own (inline) backend, as the notebook's plots
+        import scanpy  # noqa: F401
+
+        import cassia_helpers as ch
+
+        for module in {*ch._EXPORTS.values(), *ch._SUBMODULES.values()}:
+            if module.startswith(".dataset."):  # the helpers a dataset's notebook calls
+                importlib.import_module(module, "cassia_helpers")
+        from cassia_helpers.dataset.ontology import load_cell_ontology
+
+        load_cell_ontology()
+        warm_up(markers=True)
+    except Exception:  # noqa: BLE001, S110 - an optimisation only: the notebook imports and runs as usual
+        pass
 
 
 if __name__ == "__main__":
