@@ -1,10 +1,10 @@
 """Execute the notebooks with papermill: one dataset's template, and the run's aggregation notebook.
 
 Each notebook runs in a Jupyter kernel of its own (:class:`NotebookKernel`), started before papermill
-is needed and killed once the notebook is done. A dataset's kernel imports the analysis modules and runs
-the pipeline once on a small random matrix as it starts
-(:func:`~cassia_helpers.dataset.warm_up.prepare_kernel`), so that a kernel started ahead of its dataset
-(by :mod:`cassia_helpers.batch.runner`) has paid a fresh process's costs by the time the dataset comes.
+is needed and killed once the notebook is done. A dataset's kernel imports the analysis modules as it
+starts; one started ahead of its dataset (by :mod:`cassia_helpers.batch.runner`) also runs the pipeline once
+on a small random matrix (:func:`~cassia_helpers.dataset.warm_up.prepare_kernel`), so that it has paid a
+fresh process's costs by the time the dataset comes.
 :func:`execute_dataset` writes ``{dataset}_status.json``: ``success`` only when the notebook ran to its end
 *and* wrote every required output. :class:`AggregationNotebook` can start its kernel while the last
 datasets still run.
@@ -44,8 +44,11 @@ AGGREGATE_TEMPLATE = "aggregate_run.ipynb"
 AGGREGATE_PRELOAD = ("IPython.display", "cassia_helpers.summary.aggregate", "cassia_helpers.summary.report",
                      "cassia_helpers.summary.crossqc",
                      "matplotlib.figure", "matplotlib.backends.backend_agg", "PIL.Image", "jinja2")
-# What a dataset's kernel runs as it starts ("module:function"), before it is handed its dataset.
-DATASET_PREPARE = "cassia_helpers.dataset.warm_up:prepare_kernel"
+# What a dataset's kernel runs as it starts ("module:function"): started ahead of its dataset, it imports the
+# analysis modules and warms the pipeline up while it waits; started for its dataset, it only imports them
+# (while its worker imports papermill), since warming up would then delay the notebook.
+DATASET_PREPARE = {True: "cassia_helpers.dataset.warm_up:prepare_kernel",
+                   False: "cassia_helpers.dataset.warm_up:import_template_modules"}
 #: how long a kernel may take to start and prepare (its imports and warm-up) before its notebook runs; a
 #: loaded machine can take minutes where an idle one takes seconds
 KERNEL_READY_S = 300.0
@@ -186,10 +189,10 @@ class NotebookKernel:
         self.close()
 
 
-def dataset_kernel(kernel_name: str, cwd: str | Path) -> NotebookKernel:
-    """A kernel for a dataset's notebook, started now: it imports the analysis modules and warms the pipeline
-    up (:data:`DATASET_PREPARE`) before it reports ready."""
-    return NotebookKernel(kernel_name, cwd, prepare=DATASET_PREPARE)
+def dataset_kernel(kernel_name: str, cwd: str | Path, *, ahead: bool = False) -> NotebookKernel:
+    """A kernel for a dataset's notebook, started now; it imports the analysis modules (and warms the pipeline
+    up, if started ``ahead`` of its dataset) before it reports ready (:data:`DATASET_PREPARE`)."""
+    return NotebookKernel(kernel_name, cwd, prepare=DATASET_PREPARE[ahead])
 
 
 def _entered(kernel: NotebookKernel | None, kernel_name: str, folder: Path,

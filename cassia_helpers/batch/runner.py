@@ -177,13 +177,15 @@ def main() -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop_on_signal)
-    arguments = sys.argv[1:]  # the kernel's name and where it starts (the run folder)
+    # the kernel's name, where it starts (the run folder), and whether this worker was started ahead
+    arguments = sys.argv[1:]
     kernel_name = arguments[0] if arguments else "python3"
     kernel_cwd = arguments[1] if len(arguments) > 1 else os.getcwd()
+    ahead = arguments[2:3] == ["ahead"]
     kernel = record = None
     try:
         try:
-            kernel = dataset_kernel(kernel_name, kernel_cwd)
+            kernel = dataset_kernel(kernel_name, kernel_cwd, ahead=ahead)
         except Exception:  # noqa: BLE001 - execute_dataset starts one itself, and records why it cannot
             kernel = None
         import papermill  # noqa: F401 - while the kernel starts

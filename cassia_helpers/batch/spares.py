@@ -68,12 +68,14 @@ class Worker:
     channel: socket.socket
 
     @classmethod
-    def start(cls, spec: WorkerSpec) -> Worker:
-        """Start a worker in its own process group; it dies with the thread that starts it (Linux)."""
+    def start(cls, spec: WorkerSpec, *, ahead: bool = False) -> Worker:
+        """Start a worker in its own process group (``ahead`` of its dataset: its kernel warms up while it
+        waits); it dies with the thread that starts it (Linux)."""
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [spec.python, "-m", RUNNER_MODULE, spec.kernel_name, spec.kernel_cwd], env=dict(spec.env), cwd=spec.cwd,
+                [spec.python, "-m", RUNNER_MODULE, spec.kernel_name, spec.kernel_cwd, "ahead" if ahead else "now"],
+                env=dict(spec.env), cwd=spec.cwd,
                 stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=die_with_parent,
             )
@@ -169,7 +171,7 @@ class Spares:
                 if generation != self._generation:
                     continue
             try:
-                worker = Worker.start(spec)
+                worker = Worker.start(spec, ahead=True)
             except OSError:
                 continue  # the dataset starts its worker itself, and reports why it cannot
             with self._lock:

@@ -6,7 +6,7 @@ umap-learn and pynndescent imported through :func:`~cassia_helpers.dataset.numba
 apart from :mod:`~cassia_helpers.dataset.numba_cache` because it drives the pipeline, which itself uses that
 module.
 
-:func:`prepare_kernel` is what a dataset's kernel runs as it starts, before it is given its dataset: the
+:func:`prepare_kernel` is what a dataset's kernel started ahead of its dataset runs while it waits: the
 imports of a fresh process and the first calls of the pipeline (numba's cache loads), paid while the driver
 starts or while the worker's previous dataset runs instead of inside the dataset's notebook.
 """
@@ -38,14 +38,10 @@ def warm_up(*, markers: bool = False) -> None:
         rank_markers(adata, n_genes=None)
 
 
-def prepare_kernel() -> None:
-    """Import what the template notebook uses and run the pipeline once on a small random matrix.
-
-    Runs in a dataset's kernel before its notebook (nothing is left in the notebook's namespace, no figure
-    is opened, no file is written; the progress file is not set yet). The notebook's results are the same:
-    every step takes its seed from the notebook's parameters. A failure here only means that the notebook
-    pays these costs itself, so it is never raised.
-    """
+def import_template_modules() -> None:
+    """Import what the template notebook uses: what a kernel started for its dataset does as it starts,
+    while its worker imports papermill. Nothing is left in the notebook's namespace; a failure here only
+    means that the notebook imports them itself, so it is never raised."""
     import importlib
 
     try:
@@ -57,11 +53,25 @@ def prepare_kernel() -> None:
         for module in {*ch._EXPORTS.values(), *ch._SUBMODULES.values()}:
             if module.startswith(".dataset."):  # the helpers a dataset's notebook calls
                 importlib.import_module(module, "cassia_helpers")
+    except Exception:  # noqa: BLE001, S110 - an optimisation only
+        pass
+
+
+def prepare_kernel() -> None:
+    """:func:`import_template_modules`, then the pipeline once on a small random matrix: what a kernel
+    started ahead of its dataset does while it waits (numba's cache loads, the ontology's index).
+
+    No figure is opened, no file is written and the progress file is not set yet. The notebook's results
+    are the same: every step takes its seed from the notebook's parameters. A failure here only means that
+    the notebook pays these costs itself, so it is never raised.
+    """
+    import_template_modules()
+    try:
         from cassia_helpers.dataset.ontology import load_cell_ontology
 
         load_cell_ontology()
         warm_up(markers=True)
-    except Exception:  # noqa: BLE001, S110 - an optimisation only: the notebook imports and runs as usual
+    except Exception:  # noqa: BLE001, S110 - an optimisation only
         pass
 
 
