@@ -45,9 +45,12 @@ def test_the_next_datasets_kernel_is_ready_ahead_and_gives_the_same_results(bloo
     first = DatasetPaths(run, "blood", DATASETS[0])
     wait_for(first.progress_jsonl.exists, timeout=240, what=f"{DATASETS[0]}'s kernel to report a step")
     # while the first dataset runs, the second one's kernel is already up, waiting in the run folder
-    wait_for(lambda: [pid for pid in kernel_pids_under(process.pid) if working_dir(pid) == run],
+    waiting = wait_for(lambda: [pid for pid in kernel_pids_under(process.pid) if working_dir(pid) == run],
                        timeout=120, what="a kernel started ahead for the next dataset")
     assert (status(run, DATASETS[0]) or {}).get("status") is None
+    second = DatasetPaths(run, "blood", DATASETS[1])
+    wait_for(lambda: working_dir(waiting[0]) == second.folder, timeout=600,
+             what="the kernel started ahead to take the next dataset")
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
 
@@ -56,7 +59,6 @@ def test_the_next_datasets_kernel_is_ready_ahead_and_gives_the_same_results(bloo
     from cassia_helpers.settings import Settings, notebook_parameters
 
     alone = tmp_path / "alone"
-    second = DatasetPaths(run, "blood", DATASETS[1])
     mine = DatasetPaths(alone, "blood", DATASETS[1])
     mine.folder.mkdir(parents=True)
     parameters = notebook_parameters(Settings(annotator="reference"), dataset=DATASETS[1], tissue="blood",
