@@ -115,6 +115,10 @@ def test_statuses_exit_code_and_summaries(data, tmp_path, caplog):
     assert "packed.h5ad.gz: skipped: compressed h5ad" in caplog.text
     manifest = json.loads((result.run_dir / "run_manifest.json").read_text())
     assert any("packed.h5ad.gz" in line for line in manifest["skipped_inputs"])
+    # and the summary a colleague reads later says so too, not only the terminal
+    text = (result.run_dir / "batch_summary.txt").read_text()
+    assert any(line.startswith("  not run") and "packed.h5ad.gz: skipped: compressed h5ad" in line
+               for line in text.splitlines())
 
 
 def test_only_changed_settings_reach_the_notebook_and_never_a_key(data, tmp_path, monkeypatch):
