@@ -5,10 +5,10 @@ Part A — overhead on one tiny dataset (``--tiny-cells``, default 3,000 synthet
 ``scale_data.py``), offline reference annotator, same outputs in every variant:
 
 * ``run_batch.py``: ``python run_batch.py --workers 1 --annotator reference`` (driver process, the Dask
-  local cluster, papermill + a Jupyter kernel for the dataset, then the aggregation notebook in a second
-  kernel, and the report);
-* ``execute_dataset``: ``cassia_helpers.batch.execute.execute_dataset`` in a fresh process (papermill + kernel
-  for the dataset only; no driver, no aggregation);
+  local cluster, papermill + a Jupyter kernel for the dataset — started ahead, while the driver starts
+  Dask, and warmed up —, then the aggregation notebook in a second kernel, and the report);
+* ``execute_dataset``: ``cassia_helpers.batch.execute.execute_dataset`` in a fresh process (papermill + a
+  kernel started for the dataset only; no driver, no aggregation);
 * ``direct (cold)``: the template's code cells executed with ``exec`` in a fresh process — the same
   helper calls and outputs without papermill or a kernel (python start and imports included);
 * ``direct (warm)``: the same code run a second time in that process (imports and numba JIT already
