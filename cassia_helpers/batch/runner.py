@@ -135,7 +135,10 @@ def _run_locked(job: dict, paths: DatasetPaths, lock, should_stop: Callable[[], 
     # the job goes through a socket, never the command line (a process listing shows arguments); the worker
     # holds the runner lock too, until it has ended
     worker = SPARES.take(spec)
-    if worker is None or not worker.hand(job, environ, lock.fileno()):
+    if worker is not None and not worker.hand(job, environ, lock.fileno()):
+        worker.stop()  # it ended meanwhile: a fresh worker takes the dataset
+        worker = None
+    if worker is None:
         worker = Worker.start(spec)
         worker.hand(job, environ, lock.fileno())
     if job.get("prepare_next"):
