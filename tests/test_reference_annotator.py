@@ -638,3 +638,16 @@ def test_a_lone_subtype_whose_sibling_the_panel_cannot_show_needs_most_of_the_ce
     calls = _calls(adata, "cluster")
     assert calls["Memory B cell"].main_cell_type == "Memory B cell", calls["Memory B cell"].reasoning
     assert calls["Naive B cell"].main_cell_type in ("B cell", "Naive B cell")
+
+
+def test_a_lineage_of_one_cluster_is_not_weighed_against_its_own_average():
+    """Microglia are the brain set's only myeloid cluster: comparing its cells with the lineage's average is
+    comparing them with themselves (half above, half below), so the cluster's markers decide and the call
+    keeps a high confidence instead of one lowered by a meaningless half-support."""
+    from tests.synthetic import BRAIN_TYPES
+
+    adata = _crafted(BRAIN_TYPES, n_cells=500, seed=5)
+    adata.obs["cluster"] = adata.obs["truth"].astype(str)
+    call = _calls(adata, "cluster", tissue="brain")["Microglia"]
+    assert call.main_cell_type == "Microglia", call.reasoning
+    assert call.confidence >= 80 and "of the cells that carry" not in call.reasoning, call.reasoning
