@@ -18,21 +18,27 @@ is low has clusters that hold two populations (the clustering's limit, not the a
 at one resolution, ``CD4+ T cell`` at another) as agreeing.
 ``--save FILE`` writes every run's per-cell labels; ``--before FILE`` compares with a saved file and prints,
 per run, the accuracy before and after and the number of cells that were right and became wrong.
+``python bench/reference_stability.py [--save FILE] [--before FILE]`` is
+``python bench/reference_accuracy.py --stability-only ...``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scanpy as sc
 
-from cassia_helpers.dataset.annotate import ClusterMarkers
-from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's package
+
+from cassia_helpers.dataset.annotate import ClusterMarkers  # noqa: E402
+from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator  # noqa: E402
 
 RESOLUTIONS = (0.5, 1.0, 2.0)
 SEEDS = (0, 1, 2)
@@ -176,3 +182,9 @@ def stability(datasets: list[Dataset], *, save: str | None = None, before: str |
         with open(save, "w", encoding="utf-8") as fh:
             json.dump(results, fh)
     return results
+
+
+if __name__ == "__main__":
+    from bench.reference_accuracy import main
+
+    raise SystemExit(main(["--stability-only", *sys.argv[1:]]))
