@@ -146,6 +146,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_local_directory", "", "node-local scratch folder of the workers", _CLUSTER, RUN),
     Setting("slurm_log_directory", "", "folder of the jobs' log files (default: slurm_logs/ in the run folder)",
             _CLUSTER, RUN),
+    Setting("slurm_min_time_left", 0.0, "seconds of walltime a job must have left to take a new dataset (default: "
+            "1.25 x the run's longest dataset so far); a job with less is cancelled and a new one submitted",
+            _CLUSTER, RUN, minimum=0),
     Setting("slurm_replacements", -1, "SLURM jobs that ended early (walltime, memory, scancel) replaced while "
             "datasets are queued, at most (-1: three per job)", _CLUSTER, RUN, minimum=-1),
     # analysis

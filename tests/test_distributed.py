@@ -485,3 +485,16 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
         slurm_cluster(leaky)
     with pytest.raises(ClusterError, match="unknown cluster option"):
         load_cluster_options(overrides={"partition": "x"})
+
+
+def test_a_slurm_job_takes_a_dataset_only_with_enough_walltime_left():
+    from cassia_helpers.batch.dask.slurm import slurm_seconds, takes_a_dataset
+
+    # squeue's time left and sbatch's walltimes, as SLURM writes them
+    assert [slurm_seconds(t) for t in ("45", "9:30", "1:02:03", "2-03:04:05", "1-2", "UNLIMITED", "")] == [
+        2700.0, 570.0, 3723.0, 183845.0, 93600.0, None, None]
+    assert takes_a_dataset(600.0, 500.0, 3600.0)
+    assert not takes_a_dataset(400.0, 500.0, 3600.0)  # it would be killed in the middle of the dataset
+    assert takes_a_dataset(None, 500.0, 3600.0)  # its time left is not known yet (or unlimited)
+    assert takes_a_dataset(10.0, 0.0, 3600.0)  # nothing to go by: no dataset ended yet, no --slurm-min-time-left
+    assert takes_a_dataset(400.0, 5000.0, 3600.0)  # a new job would be too short as well: no point waiting

@@ -146,6 +146,10 @@ def runs_of(data: Path) -> dict[str, Run]:
         "walltime": Run(["--input", str(blood / f"{NAMES[1]}.h5ad"), "--tissue", "blood", "--annotator", "llm",
                          "--pipeline", "fast", "--no-cache", "--slurm-walltime", "00:01:00", "--slurm-memory", "2GB",
                          "--llm-timeout", "100", "--llm-deadline", "200"], llm_latency=40.0),
+        # one job of 10 min that must have 9 min 32 s left to take a dataset: after the first dataset
+        # (at least half a minute with its worker's start) it takes no other, and a new job runs the second
+        "retire": Run(["--tissues", "pair", "--annotator", "reference", "--workers", "1", "--slurm-memory", "2GB",
+                       "--slurm-walltime", "00:10:00", "--slurm-min-time-left", "572"]),
         # one job: once it is cancelled, only its replacement can run the second dataset
         "cancel": Run(["--tissues", "pair", "--annotator", "reference", "--workers", "1", "--slurm-memory", "2GB"],
                       during=cancel_the_running_job),
@@ -278,6 +282,20 @@ def test_a_cancelled_job_is_replaced_and_the_queue_drains(runs):
     assert len(others) == 1 and others[0]["slurm_job_id"] != first  # run by the replacement
     assert "replacement" in run.text
     assert_nothing_left({r["slurm_job_id"] for r in records.values()})
+
+
+def test_a_job_short_of_walltime_takes_no_new_dataset_and_a_new_job_does(runs):
+    run = runs["retire"]
+    assert run.returncode == 0, run.text
+    records = run.statuses()
+    assert {name: r["status"] for name, r in records.items()} == dict.fromkeys(NAMES[:2], "success")
+    jobs = [r["slurm_job_id"] for r in sorted(records.values(), key=lambda r: r["started_at"])]
+    assert len(set(jobs)) == 2, records  # the first job ran one dataset only
+    assert "take no new dataset (--slurm-min-time-left): cancelled, 1 new job(s) submitted" in run.text
+    assert "ended early" not in run.text  # retired by the run, not lost
+    first_log = Path(records[min(records, key=lambda n: records[n]["started_at"])]["slurm_log"]).read_text()
+    assert "DUE TO TIME LIMIT" not in first_log
+    assert_nothing_left(set(jobs))
 
 
 def test_the_queue_is_empty_once_every_run_ended(runs):

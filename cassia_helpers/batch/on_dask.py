@@ -55,10 +55,11 @@ def run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launche
                 problem = check_shared_storage(client, run_dir)
                 if problem:
                     raise UsageError(problem)
-            upkeep = None
+            upkeep = ready = None
             if client.cassia_slurm is not None:
                 upkeep = partial(client.cassia_slurm.upkeep, give_up_s=settings.cluster_timeout)
-            executor = DatasetExecutor(client, upkeep=upkeep)
+                ready = client.cassia_slurm.ready_workers
+            executor = DatasetExecutor(client, upkeep=upkeep, ready=ready)
             interrupts.on_stop = executor.stop
             if interrupts.event.is_set():
                 executor.stop()
