@@ -149,6 +149,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_min_time_left", 0.0, "seconds of walltime a job must have left to take a new dataset (default: "
             "1.25 x the run's longest dataset so far); a job with less is cancelled and a new one submitted",
             _CLUSTER, RUN, minimum=0),
+    Setting("slurm_retries", 0, "times a dataset whose job ran out of memory or reached its walltime is run again, "
+            "once the other datasets are done, in new jobs with --slurm-retry-factor times the memory or walltime "
+            "(0: never)", _CLUSTER, RUN, minimum=0),
+    Setting("slurm_retry_factor", 2.0, "how much more memory or walltime each retry of --slurm-retries gets",
+            _CLUSTER, RUN, above=1),
     Setting("slurm_replacements", -1, "SLURM jobs that ended early (walltime, memory, scancel) replaced while "
             "datasets are queued, at most (-1: three per job)", _CLUSTER, RUN, minimum=-1),
     # analysis

@@ -142,6 +142,9 @@ def runs_of(data: Path) -> dict[str, Run]:
                       during=interrupt_once_started),
         "oom": Run(["--input", str(blood / f"{NAMES[0]}.h5ad"), "--tissue", "blood", "--annotator", "reference",
                     "--slurm-memory", "450MB"]),
+        # the same out-of-memory kill, then the dataset again in a new job with five times the memory
+        "retry": Run(["--input", str(blood / f"{NAMES[2]}.h5ad"), "--tissue", "blood", "--annotator", "reference",
+                      "--slurm-memory", "450MB", "--slurm-retries", "1", "--slurm-retry-factor", "5"]),
         # every model answer takes 40 s: the dataset outlives the job's one minute
         "walltime": Run(["--input", str(blood / f"{NAMES[1]}.h5ad"), "--tissue", "blood", "--annotator", "llm",
                          "--pipeline", "fast", "--no-cache", "--slurm-walltime", "00:01:00", "--slurm-memory", "2GB",
@@ -258,6 +261,21 @@ def test_an_out_of_memory_kill_fails_the_dataset_with_its_reason_and_job(runs):
     assert "exceeded memory limit" in Path(record["slurm_log"]).read_text()
     assert record["started_at"] and record["duration_s"] > 0
     assert_nothing_left({record["slurm_job_id"]})
+
+
+def test_an_out_of_memory_kill_is_retried_with_more_memory_when_asked(runs):
+    run = runs["retry"]
+    assert run.returncode == 0, run.text
+    record = run.statuses()[NAMES[2]]
+    assert record["status"] == "success", record
+    (attempt,) = record["slurm_retries"]
+    assert attempt["error_type"] == "JobOutOfMemory" and attempt["slurm_memory"] == "450MB"
+    assert f"SLURM job {attempt['slurm_job_id']} was killed for exceeding its memory limit" in attempt["error"]
+    assert attempt["slurm_job_id"] != record["slurm_job_id"]
+    assert "--slurm-memory 2.10GiB" in run.text
+    (aside,) = (run.folder() / "blood" / NAMES[2] / "superseded").iterdir()
+    assert (aside / "REASON.txt").read_text().startswith("Set aside by --slurm-retries: SLURM job")
+    assert_nothing_left({attempt["slurm_job_id"], record["slurm_job_id"]})
 
 
 def test_a_walltime_kill_fails_the_dataset_with_its_reason_and_job(runs):

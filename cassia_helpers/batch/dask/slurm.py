@@ -320,6 +320,15 @@ class SlurmJobs:
         self.cluster._i = max([self.cluster._i, *(n + 1 for n in used if isinstance(n, int))])
         self.cluster.scale(jobs=self.jobs)
 
+    def resize(self, *, memory: str, walltime: str, jobs: int) -> None:
+        """Cancel the run's jobs (all idle) and submit ``jobs`` new ones with this memory and walltime."""
+        names = list(self.cluster.worker_spec)
+        self.retired.update(names)  # their workers may stay connected a moment: they take no dataset
+        self.cluster.new_spec["options"].update(memory=memory, walltime=walltime)
+        self.walltime_s = slurm_seconds(walltime)
+        self.jobs = jobs
+        self._resubmit(names)
+
     def ready_workers(self, longest_s: float, busy: set[str]) -> list[str]:
         """The connected workers that may take a new dataset: those whose job has enough walltime left
         (:func:`takes_a_dataset`): ``--slurm-min-time-left``, or :data:`TIME_MARGIN` times the run's longest
