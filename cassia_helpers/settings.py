@@ -134,6 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", _CLUSTER, RUN, minimum=0),
     Setting("slurm_memory", "", "memory per dataset, e.g. 16GB (default 8GB); SLURM's limit caps the kernel",
             _CLUSTER, RUN),
+    Setting("slurm_memory_from_inputs", False, "request the memory of the jobs from the inputs' sizes (1 GB + 10 x the "
+            "largest input file), at most --slurm-memory", _CLUSTER, RUN),
     Setting("slurm_jobs", 0, "SLURM jobs at once, i.e. datasets at once (default: --workers)", _CLUSTER, RUN,
             minimum=0),
     Setting("slurm_python", "", "python of the shared virtual environment, as the compute nodes see it",

@@ -498,3 +498,17 @@ def test_a_slurm_job_takes_a_dataset_only_with_enough_walltime_left():
     assert takes_a_dataset(None, 500.0, 3600.0)  # its time left is not known yet (or unlimited)
     assert takes_a_dataset(10.0, 0.0, 3600.0)  # nothing to go by: no dataset ended yet, no --slurm-min-time-left
     assert takes_a_dataset(400.0, 5000.0, 3600.0)  # a new job would be too short as well: no point waiting
+
+
+def test_slurm_memory_from_the_inputs_sizes_is_capped(tmp_path):
+    from cassia_helpers.batch.dask.memory import memory_estimate, memory_for_inputs
+
+    small, folder = tmp_path / "small.h5ad", tmp_path / "matrix"
+    small.write_bytes(b"x" * 1000)
+    folder.mkdir()
+    for name in ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz"):  # a 10x folder counts all its files
+        (folder / name).write_bytes(b"x" * 50_000_000)
+    assert memory_estimate(150_000_000) == 2_500_000_000
+    assert memory_for_inputs([small], cap="8GB") == "953MiB"  # 1 GB + 10 kB
+    assert memory_for_inputs([small, folder], cap="8GB") == "2384MiB"  # the largest input: 1 GB + 1.5 GB
+    assert memory_for_inputs([small, folder], cap="2GB") == "1907MiB"  # never above --slurm-memory

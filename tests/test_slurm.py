@@ -137,7 +137,9 @@ def runs_of(data: Path) -> dict[str, Run]:
     blood = data / "blood"
     return {
         # three datasets in two jobs: one job runs two datasets one after another
-        "batch": Run(["--tissues", "blood", "--annotator", "reference", "--workers", "2", "--slurm-memory", "2GB"]),
+        # with the memory estimated from the inputs (1 GB + 10 x 0.46 MB), under the 2GB cap
+        "batch": Run(["--tissues", "blood", "--annotator", "reference", "--workers", "2", "--slurm-memory", "2GB",
+                      "--slurm-memory-from-inputs"]),
         "ctrl_c": Run(["--tissues", "blood", "--annotator", "reference", "--workers", "1", "--slurm-memory", "2GB"],
                       during=interrupt_once_started),
         "oom": Run(["--input", str(blood / f"{NAMES[0]}.h5ad"), "--tissue", "blood", "--annotator", "reference",
@@ -221,7 +223,7 @@ def assert_nothing_left(job_ids: set[str]) -> None:
     wait_for(lambda: not left(), 30, "the jobs' processes to end")
 
 
-def test_a_batch_runs_in_slurm_jobs_named_after_the_run(runs):
+def test_a_batch_runs_in_slurm_jobs_named_after_the_run(runs, data):
     run = runs["batch"]
     assert run.returncode == 0, run.text
     records = run.statuses()
@@ -236,6 +238,12 @@ def test_a_batch_runs_in_slurm_jobs_named_after_the_run(runs):
         assert record["started_at"] and record["duration_s"] > 0
     assert (folder / "batch_summary.txt").is_file() and (folder / "report.html").is_file()
     assert "waiting for the first to start" in run.text
+    largest = max(path.stat().st_size for path in (data / "blood").iterdir())
+    mib = (1_000_000_000 + 10 * largest) // 2**20
+    assert f"SLURM jobs request {mib}MiB of memory" in run.text and "at most --slurm-memory 2GB" in run.text
+    for job in jobs:  # SLURM still knows the ended jobs (MinJobAge): each had the estimate, not the cap
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+        assert f"MinMemoryNode={mib}M" in shown, shown
     assert_nothing_left(jobs)
     print(f"3 datasets through --cluster slurm in {run.took:.0f} s")
 

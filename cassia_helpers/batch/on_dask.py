@@ -49,6 +49,11 @@ def run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launche
             from cassia_helpers.batch.dask.slurm import cluster_options
 
             options = cluster_options(settings, run_dir)
+            if options["memory_from_inputs"]:
+                from cassia_helpers.batch.dask.memory import memory_for_inputs
+
+                options["memory"] = memory_for_inputs((dataset.path for dataset, _ in jobs.values()),
+                                                      cap=options["memory"])
         with open_client(workers=settings.workers, scheduler=settings.scheduler or None,
                          cluster=None if settings.scheduler else settings.cluster, cluster_options=options,
                          cluster_timeout=settings.cluster_timeout, name=f"cassia-{run_dir.name}",
