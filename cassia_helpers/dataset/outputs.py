@@ -18,6 +18,7 @@ from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines
 from cassia_helpers.dataset.counts import write_counts_layer
+from cassia_helpers.dataset.batches import batch_result, batch_summary_lines
 from cassia_helpers.dataset.evidence import summary_lines as evidence_summary_lines
 from cassia_helpers.dataset.record import cluster_key, label_key, provenance
 from cassia_helpers.dataset.steps import phase_times
@@ -187,6 +188,7 @@ def dataset_summary_text(adata: ad.AnnData, paths: DatasetPaths, settings: Setti
             reason = f" [{row['reason']}]" if row["status"] != "ok" else ""
             lines.append(f"    {row['cluster']:>4}  {row['n_cells']:>7} cells  {row['main_cell_type']}{reason}")
     lines += evidence_summary_lines(record)
+    lines += batch_summary_lines(record)
     lines += ["", "Timings (seconds)"]
     lines += [f"  {step:<19} {seconds:9.2f}" for step, seconds in timings.items()]
     lines += [f"  {'preprocessing total':<19} {preprocessing:9.2f}"]
@@ -268,6 +270,7 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "flagged_clusters": _flagged(record),
         "evidence_flags": record.get("marker_evidence", {}).get("flags", {}),
         "self_score": dict(record.get("self_score", {}).get("summary", {})),
+        **({"batches": batch_result(record)} if record.get("batches") else {}),
     }
     write_json(paths.result_json, result)
     return paths.result_json
