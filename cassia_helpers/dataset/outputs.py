@@ -17,8 +17,8 @@ import pandas as pd
 from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines
-from cassia_helpers.dataset.counts import write_counts_layer
 from cassia_helpers.dataset.batches import batch_result, batch_summary_lines
+from cassia_helpers.dataset.counts import write_counts_layer
 from cassia_helpers.dataset.evidence import summary_lines as evidence_summary_lines
 from cassia_helpers.dataset.record import cluster_key, label_key, provenance
 from cassia_helpers.dataset.steps import phase_times
