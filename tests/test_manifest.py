@@ -131,26 +131,39 @@ def labelled_dataset(path: Path) -> list[str]:
     return list(adata.obs_names[b_cells[:5]])
 
 
+NK = {"NK cell": ["NKG7", "GNLY", "PRF1", "GZMB", "KLRD1", "KLRF1"]}
+
+
 def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scored(tmp_path):
+    """Human blood on the lab's own clusters with its labels; mouse spleen cells of two donors with a known donor
+    effect, run with batch_key and without (NK cells in one donor only); a row whose batch_key the input lacks."""
+    import json
+
     import anndata as ad
     import nbformat
     import pandas as pd
+    from sklearn.metrics import adjusted_rand_score
+
+    from tests.synthetic import BLOOD_TYPES, make_donors
 
     damaged = labelled_dataset(tmp_path / "lab" / "h5" / "blood_lab.h5ad")
-    write(make_counts(200, mouse=True, seed=4), tmp_path / "lab" / "h5" / "mouse.h5ad")
-    path = manifest(tmp_path, "path,tissue,species,context,cluster_key,label_key,dataset\n"
-                              "h5/blood_lab.h5ad,blood,human,,lab_cluster,lab_label,lab\n"
-                              "h5/mouse.h5ad,spleen,mouse,aged mice,,,\n")
+    donors = make_donors(300, cell_types={**BLOOD_TYPES, **NK}, only_in={"NK cell": "donor_B"}, seed=4, mouse=True)
+    write(donors, tmp_path / "lab" / "h5" / "mouse.h5ad")
+    path = manifest(tmp_path, "path,tissue,species,context,cluster_key,label_key,batch_key,dataset\n"
+                              "h5/blood_lab.h5ad,blood,human,,lab_cluster,lab_label,,lab\n"
+                              "h5/mouse.h5ad,spleen,mouse,aged mice,,truth,donor,\n"
+                              "h5/mouse.h5ad,spleen,mouse,aged mice,,truth,,mouse_unintegrated\n"
+                              "h5/mouse.h5ad,spleen,mouse,,,,patient,no_such_key\n")
     common = ("--manifest", str(path), "--annotator", "reference", "--output-dir", str(tmp_path / "out"))
 
     dry = run_batch_py(*common, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert [line.split()[:2] for line in dry.stdout.splitlines() if line.startswith(("blood ", "spleen "))] == [
-        ["blood", "lab"], ["spleen", "mouse"]]
+        ["blood", "lab"], ["spleen", "mouse"], ["spleen", "mouse_unintegrated"], ["spleen", "no_such_key"]]
     assert not (tmp_path / "out").exists()
 
     result = run_batch_py(*common, "--quiet")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # one dataset failed, the others ran
     run = Path(result.stdout.strip().splitlines()[-1])
     assert run.name.startswith("run_blood_spleen_")
     assert (run / "datasets.csv").read_text() == path.read_text()
@@ -163,6 +176,7 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
     lab, mouse = parameters("blood", "lab"), parameters("spleen", "mouse")
     assert (lab["cluster_key"], lab["label_key"]) == ("lab_cluster", "lab_label") and "species" not in lab
     assert (mouse["species"], mouse["context"]) == ("mouse", "aged mice") and "cluster_key" not in mouse
+    assert mouse["batch_key"] == "donor" and "batch_key" not in parameters("spleen", "mouse_unintegrated")
 
     # the lab's clusters were kept; QC's removals are reported per cluster; the lab's UMAP reused
     source = ad.read_h5ad(tmp_path / "lab" / "h5" / "blood_lab.h5ad")
@@ -202,18 +216,54 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
     assert row["self_partial"] == pytest.approx(n_b / scored, abs=1e-4)
     assert row["self_lineage"] == pytest.approx((n_m - unmapped) / scored, abs=1e-4)
     assert row["unmapped_author_labels"] == "Mystery blob"
-    assert pd.isna(summary.loc["mouse", "self_score_key"])  # no author labels: nothing scored
+    assert summary.loc["mouse", "self_score_key"] == "truth"
+    assert pd.isna(summary.loc["no_such_key", "self_score_key"])  # failed: nothing scored
     text = (run / "batch_summary.txt").read_text()
     assert "blood/lab vs lab_label: exact" in text and "not mapped to the Cell Ontology: Mystery blob" in text
     html = (run / "report.html").read_text()
     assert "Agreement with the input&#39;s own labels" in html or "Agreement with the input's own labels" in html
 
+    # the donors: with batch_key the clusters follow the cell types, not the donors; without it they split by donor
+    def clusters_of(name: str) -> tuple[pd.Series, pd.Series]:
+        out = ad.read_h5ad(run / "spleen" / name / f"{name}_annotated.h5ad")
+        return out.obs["leiden"].astype(str), donors.obs.loc[out.obs_names, "truth"].astype(str)
+
+    with_key, without_key = (adjusted_rand_score(*reversed(clusters_of(n))) for n in ("mouse", "mouse_unintegrated"))
+    assert with_key > 0.9 and without_key < 0.8 and with_key > without_key, (with_key, without_key)
+    integrated = ad.read_h5ad(run / "spleen" / "mouse" / "mouse_annotated.h5ad")
+    assert integrated.uns["cassia_batch"]["batches"]["harmony"]["method"].startswith("harmonypy")
+    assert integrated.obsm["X_pca_uncorrected"].shape == integrated.obsm["X_pca"].shape
+    # each cluster's cells per donor; the NK cells' cluster (donor_B only) is the one flagged
+    table = pd.read_csv(run / "spleen" / "mouse" / "mouse_clusters.csv", dtype={"cluster": str}).set_index("cluster")
+    leiden, truth = clusters_of("mouse")
+    nk = leiden[truth == "NK cell"].mode()[0]
+    assert table["single_batch"].to_dict() == {c: c == nk for c in table.index}
+    assert table.loc[nk, "batch_cells"] == f"donor_B: {int((leiden == nk).sum())}" and table.loc[nk, "n_batches"] == 1
+    donor_of = donors.obs.loc[integrated.obs_names, "donor"].astype(str)
+    for cluster in table.index.drop(nk):
+        counts = donor_of[(leiden == cluster).to_numpy()].value_counts()
+        assert set(table.loc[cluster, "batch_cells"].split("; ")) == {f"{d}: {n}" for d, n in counts.items()}
+    result_json = json.loads((run / "spleen" / "mouse" / "mouse_result.json").read_text())
+    assert result_json["batches"]["single_batch_clusters"] == [nk]
+    assert f"made of one donor only: {nk} (donor_B)" in " ".join(result_json["warnings"])
+    assert (run / "spleen" / "mouse" / "mouse_qc_batches.png").is_file()
+    assert "[one batch only]" in (run / "spleen" / "mouse" / "mouse_summary.txt").read_text()
+    assert not (run / "spleen" / "mouse_unintegrated" / "mouse_unintegrated_qc_batches.png").exists()
+    # a batch_key the input does not have: that dataset fails with one line naming it, the batch goes on
+    failed = json.loads((run / "spleen" / "no_such_key" / "no_such_key_status.json").read_text())
+    assert failed["status"] == "failed" and failed["error_type"] == "InputError"
+    assert "batch_key 'patient' is not a column of the input's obs" in failed["error"]
+    assert "\n" not in failed["error"] and str(tmp_path / "lab" / "h5" / "mouse.h5ad") in failed["error"]
+    # the report's confusion view: author labels against the run's calls, for each labelled dataset
+    assert 'id="ds-blood-lab-confusion"' in html and 'id="ds-spleen-mouse-confusion"' in html
+    assert 'href="#ds-blood-lab-confusion"' in html and "Quality control per batch" in html
+
     # --resume: the mouse dataset's outputs are damaged; it runs again with its own species and context
     (run / "spleen" / "mouse" / "mouse_annotated.h5ad").unlink()
     resumed = run_batch_py("--resume", str(run), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 1, resumed.stderr  # the input without the batch key is still rejected as it was
     again = parameters("spleen", "mouse")
-    assert (again["species"], again["context"]) == ("mouse", "aged mice")
+    assert (again["species"], again["context"], again["batch_key"]) == ("mouse", "aged mice", "donor")
     assert (run / "spleen" / "mouse" / "mouse_annotated.h5ad").is_file()
     assert list((run / "spleen" / "mouse" / "superseded").iterdir())
 

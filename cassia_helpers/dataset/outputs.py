@@ -238,6 +238,17 @@ def _pipeline_summary(table) -> dict:
             "disputed_clusters": int(flags.sum()), "boosted_clusters": int(boosted.sum())}
 
 
+def _self_score(record: dict) -> dict:
+    """The dataset's agreement with its author labels, with the cells per (author label, call) pair under
+    ``confusion`` (``[author_label, call, n_cells, self_score]`` rows, for the report's confusion view)."""
+    summary = dict(record.get("summary", {}))
+    confusion = record.get("confusion")
+    if summary and isinstance(confusion, pd.DataFrame):
+        summary["confusion"] = [[str(a), str(c), int(n), str(s)] for a, c, n, s in
+                                confusion[["author_label", "call", "n_cells", "self_score"]].itertuples(index=False)]
+    return summary
+
+
 def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     """``{dataset}_result.json``: the notebook's record for the run summaries, written last."""
     record = provenance(adata)
@@ -269,7 +280,7 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "cell_type_terms": _terms(adata),
         "flagged_clusters": _flagged(record),
         "evidence_flags": record.get("marker_evidence", {}).get("flags", {}),
-        "self_score": dict(record.get("self_score", {}).get("summary", {})),
+        "self_score": _self_score(record.get("self_score", {})),
         **({"batches": batch_result(record)} if record.get("batches") else {}),
     }
     write_json(paths.result_json, result)
