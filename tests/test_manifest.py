@@ -4,6 +4,7 @@ clusters and author labels."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +300,125 @@ def test_cellxgene_labels_are_found_without_a_label_key_and_scored_by_their_ids(
     assert compare(onto, "CL:0000084", "CL:0000624") == compare(onto, "CL:0000624", "CL:0000084") == ("partial", 3)
     assert compare(onto, "CL:0000576", "CL:0000576") == ("exact", 0)
     assert score_against_authors(ad.AnnData(np.zeros((2, 1), np.float32))) is None  # no labels: nothing scored
+
+
+# --------------------------------------------------------------------------- manifest as --data-dir, Harmony missing
+
+def test_a_data_dir_that_is_a_manifest_or_holds_datasets_csv_runs_its_rows(tmp_path, inputs):
+    path = manifest(tmp_path, "path,tissue,dataset\nh5/pbmc.h5ad,blood,one\nh5/mouse_pbmc.h5ad,spleen,two\n")
+    for data_dir in (path, path.parent):  # the CSV itself, or the folder holding datasets.csv
+        result = run_batch_py("--data-dir", str(data_dir), "--dry-run", "--annotator", "reference",
+                              "--output-dir", str(tmp_path / "out"))
+        assert result.returncode == 0, result.stderr
+        assert [line.split()[:2] for line in result.stdout.splitlines() if line.startswith(("blood ", "spleen "))] \
+            == [["blood", "one"], ["spleen", "two"]]
+    # with --tissues the folder's tissue folders run as always, datasets.csv or not
+    (path.parent / "blood").mkdir()
+    write(make_counts(60), path.parent / "blood" / "folder_dataset.h5ad")
+    result = run_batch_py("--data-dir", str(path.parent), "--tissues", "blood", "--dry-run", "--annotator",
+                          "reference", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("blood ")] == ["folder_dataset"]
+    assert not (tmp_path / "out").exists()
+
+
+def without_harmonypy(tmp_path: Path) -> dict:
+    """The environment of a Python where harmonypy is not installed (its import fails as a missing module's
+    does), for run_batch.py and the kernels it starts."""
+    hidden = tmp_path / "no_harmonypy"
+    hidden.mkdir(exist_ok=True)
+    (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['harmonypy'] = None\n")
+    return {"PYTHONPATH": os.pathsep.join([str(hidden), str(REPO)])}
+
+
+@pytest.mark.parametrize("how", ["manifest", "flag"])
+def test_batch_key_without_harmonypy_is_a_one_line_usage_error(tmp_path, inputs, how):
+    path = manifest(tmp_path, "path,tissue,batch_key\nh5/pbmc.h5ad,blood,\nh5/mouse_pbmc.h5ad,blood,donor\n")
+    given = ("--manifest", str(path)) if how == "manifest" else ("--input", str(inputs / "pbmc.h5ad"), "--tissue",
+                                                                 "blood", "--batch-key", "donor")
+    for extra in ((), ("--dry-run",)):
+        result = run_batch_py(*given, *extra, "--annotator", "reference", "--output-dir", str(tmp_path / "out"),
+                              env=without_harmonypy(tmp_path))
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        where = f"{path}: dataset blood/mouse_pbmc" if how == "manifest" else "--batch-key 'donor'"
+        assert line.startswith(f"run_batch.py: error: {where}: batch_key 'donor' needs harmonypy"), line
+        assert "pip install 'cassia-batch[harmony]'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_kernel_without_harmonypy_names_what_to_install(monkeypatch):
+    """A kernel whose Python lacks harmonypy (another environment on a compute node, say) says what to install."""
+    from cassia_helpers.dataset.batches import check_batches
+    from tests.synthetic import make_donors
+
+    monkeypatch.setitem(sys.modules, "harmonypy", None)  # what an absent module looks like to an import
+    with pytest.raises(ModuleNotFoundError, match=r"^batch_key 'donor' needs harmonypy .*cassia-batch\[harmony\]"):
+        check_batches(make_donors(40), batch_key="donor")
+
+
+# --------------------------------------------------------------------------- the report's confusion view
+
+def labelled_run(tmp_path: Path, *, n_labels: int, n_calls: int) -> Path:
+    """A run folder (tests/test_figures_report.py's) whose dataset was scored against ``n_labels`` long author
+    labels, its cells spread over ``n_calls`` long calls."""
+    import json
+
+    import pandas as pd
+
+    from tests.test_figures_report import annotated, make_run
+
+    run = make_run(tmp_path, annotated(), n_failed=0)
+    result_path = next(run.glob("blood/*/*_result.json"))
+    result = json.loads(result_path.read_text())
+    labels = [f"CD{i}-positive, alpha-beta memory T cell of the lamina propria {i}" for i in range(n_labels)]
+    calls = [f"Call{i}-positive, CD16-negative classical monocyte{i}" for i in range(n_calls)]
+    confusion = [[label, calls[(i + j) % n_calls], 100 - 10 * j, ("exact", "partial", "lineage", "wrong")[j % 4]]
+                 for i, label in enumerate(labels) for j in range(4)]
+    result["self_score"] = {"self_score_key": "author_cell_type", "self_exact": 0.5, "self_partial": 0.2,
+                            "self_lineage": 0.1, "self_wrong": 0.2, "scored_cells": 100, "unscored_cells": 0,
+                            "unmapped_author_labels": [], "confusion": confusion}
+    result_path.write_text(json.dumps(result))
+    summary = pd.read_csv(run / "batch_summary.csv")
+    summary["self_score_key"], summary["self_exact"], summary["scored_cells"] = "author_cell_type", 0.5, 100
+    summary.to_csv(run / "batch_summary.csv", index=False)
+    return run
+
+
+def test_the_confusion_view_folds_the_smallest_labels_and_calls():
+    from cassia_helpers.summary.self_scores import CONFUSION_COLUMNS, CONFUSION_ROWS, confusion_view
+
+    rows = [[f"label{i}", f"call{(i + j) % 30}", 100 - i - 10 * j, "wrong" if j else "exact"]
+            for i in range(30) for j in range(3)]
+    rows[0][2] = 500  # label0's cells called call0: the largest label and the largest call
+    view = confusion_view({"confusion": rows})
+    assert view["columns"][-1] == "other calls" and len(view["columns"]) == CONFUSION_COLUMNS + 1
+    assert view["rows"][-1]["label"] == "other labels" and len(view["rows"]) == CONFUSION_ROWS + 1
+    assert sum(r["n"] for r in view["rows"]) == sum(r[2] for r in rows)  # no cell lost in the folding
+    first = view["rows"][0]
+    assert first["label"] == "label0" and first["n"] == 500 + 90 + 80 and view["columns"][0] == "call0"
+    assert first["cells"][0] == {"n": 500, "pct": 100 * 500 / 670, "score": "exact",
+                                 "color": "rgba(27, 140, 58, 0.71)", "dark": True}
+    assert confusion_view({}) is None and confusion_view({"confusion": [["a", "b", "x", "exact"]]}) is None
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (CI installs it with `apt-get install -y chromium`)")
+def test_the_confusion_view_fits_the_screen(tmp_path):
+    from cassia_helpers.summary.report import write_report
+    from tests.test_figures_report import _probe
+
+    run = labelled_run(tmp_path, n_labels=25, n_calls=16)
+    html = write_report(run).read_text(encoding="utf-8")
+    assert "-confusion\"" in html and "other calls" in html and "other labels" in html
+    script = """var t = document.querySelector("table.confusion"), box = t.parentElement.getBoundingClientRect();
+return [document.documentElement.scrollWidth, window.innerWidth, t.getBoundingClientRect().right, box.right,
+        t.tHead.rows[0].cells.length, t.tBodies[0].rows.length,
+        Math.min.apply(null, Array.prototype.map.call(t.tHead.rows[0].cells, function (c) {
+          return c.getBoundingClientRect().width; }))];"""
+    for width in (1024, 1400, 1900):
+        scroll, inner, right, room, n_columns, n_rows, narrowest = _probe(run, script, width=width)
+        assert scroll <= inner == width, f"the page scrolls sideways at {width} px"
+        assert right <= room + 0.5, f"the confusion view overflows its section at {width} px"
+        assert (n_columns, n_rows) == (1 + 10 + 1 + 1, 15 + 1)  # labels, 10 calls, other, cells
+        assert narrowest >= 50, f"a column of the confusion view is {narrowest} px wide at {width} px"
