@@ -84,6 +84,15 @@ def check_lines(checks: pd.DataFrame) -> dict[str, str]:
     return lines
 
 
+def _key_markers(result: ClusterAnnotation, *, mark_unsent: bool) -> str:
+    """The call's key markers; with ``mark_unsent`` (a model's call), each one the model named without having
+    been sent it is marked: a reader checking the call against the data should know which came from the model
+    alone."""
+    sent = {gene.upper() for gene in result.markers_sent}
+    return ", ".join(gene if not mark_unsent or gene.upper() in sent else f"{gene} (not sent)"
+                     for gene in result.key_markers)
+
+
 def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: str, species: str,
                     annotator: dict, checks: dict[str, str] | None = None) -> str:
     """The readable CASSIA-style text: per cluster the markers sent, each agent's turn and the call."""
@@ -113,7 +122,7 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
             f"  sub cell types:   {', '.join(r.sub_cell_types) or '-'}",
             f"  mixed cell types: {', '.join(r.mixed_cell_types) or '-'}",
             f"  confidence:       {r.confidence:.0f}",
-            f"  key markers:      {', '.join(r.key_markers) or '-'}",
+            f"  key markers:      {_key_markers(r, mark_unsent=annotator.get('annotator') == 'llm') or '-'}",
             f"  reasoning:        {r.reasoning}",
         ]
         lines += pipeline_text_lines(r)

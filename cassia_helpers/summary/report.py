@@ -281,6 +281,7 @@ def report_context(run_dir: str | Path) -> dict:
         },
         "datasets": datasets,
         "failures": [d for d in datasets if d["status"] != "success"],
+        "skipped_inputs": [str(line) for line in manifest.get("skipped_inputs") or []],
         "composition": bars,
         "colors": colors,
         "open_sections": len(datasets) <= OPEN_SECTIONS_UP_TO,
