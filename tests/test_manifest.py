@@ -422,3 +422,25 @@ return [document.documentElement.scrollWidth, window.innerWidth, t.getBoundingCl
         assert right <= room + 0.5, f"the confusion view overflows its section at {width} px"
         assert (n_columns, n_rows) == (1 + 10 + 1 + 1, 15 + 1)  # labels, 10 calls, other, cells
         assert narrowest >= 50, f"a column of the confusion view is {narrowest} px wide at {width} px"
+
+
+def test_author_shorthand_without_the_word_cell_is_mapped_and_unmapped_labels_are_listed():
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from cassia_helpers.dataset.self_score import score_against_authors
+
+    # pbmc68k's bulk_labels style: "CD19+ B" is a B cell, "Dendritic" a dendritic cell; "CD4+/CD25 T Reg" is not
+    adata = ad.AnnData(np.zeros((6, 1), np.float32), obs=pd.DataFrame({
+        "leiden": pd.Categorical(["0", "0", "1", "1", "2", "2"]),
+        "cell_type": ["B cell"] * 2 + ["Dendritic cell"] * 2 + ["T cell"] * 2,
+        "cell_type_ontology_term_id": ["CL:0000236"] * 2 + ["CL:0000451"] * 2 + ["CL:0000084"] * 2,
+        "bulk_labels": ["CD19+ B"] * 2 + ["Dendritic"] * 2 + ["CD4+/CD25 T Reg"] * 2}, index=list("abcdef")))
+    table = score_against_authors(adata, label_key="bulk_labels", tissue="blood").set_index("cluster")
+    assert table["author_term_id"].to_dict() == {"0": "CL:0001201", "1": "CL:0000451", "2": "unknown"}
+    assert table["self_score"].to_dict() == {"0": "partial", "1": "exact", "2": "unscored"}
+    record = adata.uns["cassia_batch"]["self_score"]
+    assert record["summary"]["unmapped_author_labels"] == ["CD4+/CD25 T Reg"]
+    confusion = record["confusion"].set_index("author_label")
+    assert confusion.loc["Dendritic", ["call", "n_cells", "self_score"]].tolist() == ["Dendritic cell", 2, "exact"]

@@ -3,7 +3,8 @@
 The author labels are ``obs[label_key]`` or, found automatically, a CELLxGENE file's ``cell_type`` and
 ``cell_type_ontology_term_id`` (kept by :mod:`cassia_helpers.dataset.author` as ``author_cell_type`` and
 ``author_cell_type_ontology_term_id``). They are never changed. Free-text labels are mapped to CL the same way
-the run's calls are (:meth:`CellOntology.match`); CL ids are taken as they are. Each of the run's calls is
+the run's calls are (:meth:`CellOntology.match`; a label that maps to nothing is tried again with the word ``cell``
+appended, for shorthand such as ``CD19+ B`` or ``Dendritic``); CL ids are taken as they are. Each of the run's calls is
 compared with the author's CL term:
 
 - ``exact``: the same term;
@@ -83,7 +84,11 @@ def _author_terms(onto: CellOntology, labels: pd.Series, *, ids: bool, tissue: s
             term = onto.normalise_id(label)
             terms[label] = term if term in onto.terms else UNMATCHED
         else:
-            terms[label] = match(label).term_id
+            term = match(label).term_id
+            if term == UNMATCHED and not str(label).strip().lower().endswith(("cell", "cells")):
+                # author shorthand names the cell without the word: "CD19+ B", "CD56+ NK", "Dendritic"
+                term = match(f"{label} cell").term_id
+            terms[label] = term
     return terms
 
 
