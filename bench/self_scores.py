@@ -90,11 +90,12 @@ def main() -> int:
             row = summary.loc[name]
             batches = json.loads((run / "blood" / name / f"{name}_result.json").read_text()).get("batches")
             rows.append([name, batches["batch_key"] if batches else "-", int(row["n_cells"]), int(row["n_clusters"]),
+                         int(row["scored_cells"]),
                          *(f"{100 * row[f'self_{s}']:.1f}%" for s in ("exact", "partial", "lineage", "wrong")),
                          f"{adjusted_rand_score(labels, out.obs['leiden'].astype(str)):.3f}",
                          len(batches["single_batch_clusters"]) if batches else "-"])
-    _common.print_table(rows, ["dataset", "batch_key", "cells", "clusters", "exact", "partial", "lineage", "wrong",
-                               "ARI vs truth", "one-donor clusters"])
+    _common.print_table(rows, ["dataset", "batch_key", "cells", "clusters", "scored", "exact", "partial", "lineage",
+                               "wrong", "ARI vs truth", "one-donor clusters"])
     print(f"one run_batch.py run of {len(rows)} datasets in {seconds:.0f} s (reference annotator, offline)")
     return 0
 
