@@ -67,3 +67,24 @@ def test_rank_sum_test_rank_sums_by_hand():
     result = rank_sum_test(x, codes, 2)
     np.testing.assert_allclose(result.scores[:, 0], [expected, -expected])
     np.testing.assert_allclose(result.pts[:, 0], [2 / 3, 1 / 3])
+
+
+@pytest.mark.parametrize("method", ["wilcoxon", "t-test"])
+def test_rank_markers_equals_scanpy_for_its_methods(method):
+    """rank_markers on every cell and gene: scanpy's statistics, whichever test computes them."""
+    from cassia_helpers.dataset.markers import rank_markers
+
+    x, codes = _expression(11)
+    labels = pd.Categorical(codes.astype(str))
+    adata = ad.AnnData(X=x, obs=pd.DataFrame({"leiden": labels}, index=[f"c{i}" for i in range(x.shape[0])]))
+    table = rank_markers(adata, groupby="leiden", method=method, n_genes=None, max_cells_per_cluster=None,
+                         min_pct=0, gene_chunk=25, key_added=None)
+    expected = adata.copy()
+    sc.tl.rank_genes_groups(expected, "leiden", method=method, reference="rest", pts=True, use_raw=False)
+    for group in labels.categories:
+        ours = table[table["cluster"] == group].set_index("gene")
+        theirs = sc.get.rank_genes_groups_df(expected, group=group).set_index("names").loc[ours.index]
+        np.testing.assert_allclose(ours["score"], theirs["scores"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours["pval"], theirs["pvals"], rtol=1e-5, atol=1e-300)
+        np.testing.assert_allclose(ours["pct_out_cluster"], theirs["pct_nz_reference"], rtol=1e-12)
+        assert ours["score"].is_monotonic_decreasing
