@@ -99,7 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
             type=Path, metavar="FILE"),
     Setting("tissue", "", "tissue of --input", _IO, RUN, type=str),
     Setting("manifest", None, "CSV of the datasets to run, one row each: path, tissue and optionally species, "
-            "context, cluster_key, label_key, dataset (instead of --tissues or --input)", _IO, RUN, type=Path,
+            "context, cluster_key, label_key, batch_key, dataset (instead of --tissues or --input; a --data-dir that "
+            "is such a CSV, or holds one named datasets.csv, is read the same way)", _IO, RUN, type=Path,
             metavar="CSV"),
     Setting("output_dir", Path("batch_results"), "where run_{tissues}_{timestamp} folders are created", _IO, RUN,
             type=Path),
@@ -162,6 +163,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
     Setting("cluster_key", "", "obs column of the input's own clusters: annotate those instead of a new leiden "
             "clustering (they are copied into obs['leiden'])", _QC),
+    Setting("batch_key", "", "obs column of each cell's donor, sample or batch: genes chosen per batch and the PCA "
+            "integrated with Harmony before the kNN graph (needs the [harmony] extra)", _QC),
     Setting("label_key", "", "obs column of the input's own cell-type labels (kept; the run is scored against "
             "them)", _LLM),
     Setting("min_genes", 200, "minimum genes per cell", _QC, minimum=0),
@@ -228,7 +231,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 SLURM_DEFAULTS = {"walltime": "04:00:00", "cores": 1, "memory": "8GB"}
 ANALYSIS_NAMES = tuple(s.name for s in SETTINGS if s.scope == ANALYSIS)
 # Analysis settings a row of --manifest may set for its dataset alone (its other columns: path, tissue, dataset).
-PER_DATASET = ("species", "context", "cluster_key", "label_key")
+PER_DATASET = ("species", "context", "cluster_key", "label_key", "batch_key")
 # What identifies one dataset's notebook run, beside the analysis settings.
 DATASET_PARAMETERS = ("dataset", "tissue", "input_path", "run_dir")
 
