@@ -124,9 +124,10 @@ def cancel_the_running_job(run: Run) -> None:
             return ["-"]
         if "started" not in run.text:
             return []
-        name = f"cassia-{run.folder().name}-"  # the run's jobs, among the other runs'
-        out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %j"], capture_output=True, text=True).stdout
-        return [line.split()[0] for line in out.splitlines() if line.split()[-1].startswith(name)]
+        # the run's own jobs, by their logs in its folder (another run may have the same run folder name)
+        ids = [log.stem.rsplit("-", 1)[-1] for log in (run.folder() / "slurm_logs").glob("*.err")]
+        out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        return [job for job in ids if job in out]
 
     wait_for(running, 300, "the job to start a dataset")
     run.noted["cancelled"] = running()[0]

@@ -148,7 +148,9 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False, name: str = "cas
         "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"] or None,
         "local_directory": opts["local_directory"] or None, "log_directory": opts["log_directory"] or None,
         "worker_extra_args": ["--preload", WORKER_PRELOAD], "job_name": name, "job_cls": SlotJob,
-        "scheduler_options": {"dashboard": dashboard, **({"host": host} if host else {})},
+        # no dashboard: the scheduler's HTTP server (health, metrics) on a free local port, not 8787
+        "scheduler_options": {"dashboard": dashboard, **({"host": host} if host else {}),
+                              **({} if dashboard else {"dashboard_address": "127.0.0.1:0"})},
     }
     cluster = cluster_cls(**{k: v for k, v in kwargs.items() if v is not None})
     script = cluster.job_script()
