@@ -118,6 +118,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
     values = {s.name: getattr(args, s.name) for s in SETTINGS}
     if args.resume is None and not args.tissues and args.input is None and args.manifest is None:
+        from cassia_helpers.batch.manifest import manifest_in
+
+        values["manifest"] = args.manifest = manifest_in(Path(args.data_dir))  # --data-dir may be a manifest
+    if args.resume is None and not args.tissues and args.input is None and args.manifest is None:
         raise UsageError("choose tissues with --tissues NAME [NAME ...] or --tissues all, one file with --input "
                          "FILE --tissue NAME, a list of datasets with --manifest CSV, or --resume RUN_DIR")
     if args.manifest is not None and (args.tissues or args.input is not None):
@@ -134,10 +138,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if values["price_file"] and not Path(values["price_file"]).is_file():
         raise UsageError(f"{values['price_file']}: price file not found")
     settings = Settings(**values)
-    if settings.manifest is not None and settings.resume is None:  # every row checked before anything runs
-        from cassia_helpers.batch.manifest import read_manifest_csv
+    if settings.resume is None:  # every row checked before anything runs
+        from cassia_helpers.batch.manifest import check_batch_keys, read_manifest_csv
 
-        read_manifest_csv(settings.manifest)
+        listed = read_manifest_csv(settings.manifest).datasets if settings.manifest is not None else []
+        check_batch_keys(settings, listed)
     context_text(settings)  # an unreadable --context-file is a usage error now, not in every dataset
     check_llm_setup(settings)
     return settings
