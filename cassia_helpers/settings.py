@@ -135,6 +135,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", _CLUSTER, RUN, minimum=0),
     Setting("slurm_memory", "", "memory per dataset, e.g. 16GB (default 8GB); SLURM's limit caps the kernel",
             _CLUSTER, RUN),
+    Setting("slurm_memory_from_inputs", False, "request the memory of the jobs from the inputs' sizes (1 GB + 10 x the "
+            "largest input file), at most --slurm-memory", _CLUSTER, RUN),
     Setting("slurm_jobs", 0, "SLURM jobs at once, i.e. datasets at once (default: --workers)", _CLUSTER, RUN,
             minimum=0),
     Setting("slurm_python", "", "python of the shared virtual environment, as the compute nodes see it",
@@ -147,6 +149,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_local_directory", "", "node-local scratch folder of the workers", _CLUSTER, RUN),
     Setting("slurm_log_directory", "", "folder of the jobs' log files (default: slurm_logs/ in the run folder)",
             _CLUSTER, RUN),
+    Setting("slurm_min_time_left", 0.0, "seconds of walltime a job must have left to take a new dataset (default: "
+            "1.25 x the run's longest dataset so far); a job with less is cancelled and a new one submitted",
+            _CLUSTER, RUN, minimum=0),
+    Setting("slurm_retries", 0, "times a dataset whose job ran out of memory or reached its walltime is run again, "
+            "once the other datasets are done, in new jobs with --slurm-retry-factor times the memory or walltime "
+            "(0: never)", _CLUSTER, RUN, minimum=0),
+    Setting("slurm_retry_factor", 2.0, "how much more memory or walltime each retry of --slurm-retries gets",
+            _CLUSTER, RUN, above=1),
     Setting("slurm_replacements", -1, "SLURM jobs that ended early (walltime, memory, scancel) replaced while "
             "datasets are queued, at most (-1: three per job)", _CLUSTER, RUN, minimum=-1),
     # analysis
