@@ -331,19 +331,18 @@ def without_harmonypy(tmp_path: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(hidden), str(REPO)])}
 
 
-@pytest.mark.parametrize("how", ["manifest", "flag"])
-def test_batch_key_without_harmonypy_is_a_one_line_usage_error(tmp_path, inputs, how):
+@pytest.mark.parametrize("how, extra", [("manifest", ("--dry-run",)), ("flag", ())])
+def test_batch_key_without_harmonypy_is_a_one_line_usage_error(tmp_path, inputs, how, extra):
     path = manifest(tmp_path, "path,tissue,batch_key\nh5/pbmc.h5ad,blood,\nh5/mouse_pbmc.h5ad,blood,donor\n")
     given = ("--manifest", str(path)) if how == "manifest" else ("--input", str(inputs / "pbmc.h5ad"), "--tissue",
                                                                  "blood", "--batch-key", "donor")
-    for extra in ((), ("--dry-run",)):
-        result = run_batch_py(*given, *extra, "--annotator", "reference", "--output-dir", str(tmp_path / "out"),
-                              env=without_harmonypy(tmp_path))
-        assert result.returncode == 2, result.stderr
-        [line] = result.stderr.strip().splitlines()
-        where = f"{path}: dataset blood/mouse_pbmc" if how == "manifest" else "--batch-key 'donor'"
-        assert line.startswith(f"run_batch.py: error: {where}: batch_key 'donor' needs harmonypy"), line
-        assert "pip install 'cassia-batch[harmony]'" in line
+    result = run_batch_py(*given, *extra, "--annotator", "reference", "--output-dir", str(tmp_path / "out"),
+                          env=without_harmonypy(tmp_path))
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    where = f"{path}: dataset blood/mouse_pbmc" if how == "manifest" else "--batch-key 'donor'"
+    assert line.startswith(f"run_batch.py: error: {where}: batch_key 'donor' needs harmonypy"), line
+    assert "pip install 'cassia-batch[harmony]'" in line
     assert not (tmp_path / "out").exists()
 
 

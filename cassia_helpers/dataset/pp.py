@@ -129,18 +129,14 @@ def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int 
     then eigendecomposed: the same components as scanpy's ``covariance_eigh`` solver, about ten times
     faster on sparse data because scipy's sparse-sparse product is single-threaded. Memory stays at one
     block plus the HVG × HVG covariance. Each component's sign is fixed (largest loading positive), so the
-    result is exact and the same on every run: there is no random seed to give.
-
-    With ``batch_key`` (checked by :func:`cassia_helpers.dataset.batches.check_batches`), the genes are chosen
-    in each batch (:func:`~cassia_helpers.dataset.batches.highly_variable_per_batch`).
+    result is exact and the same on every run: there is no random seed to give. With ``batch_key``, the genes
+    are chosen in each batch (:func:`~cassia_helpers.dataset.batches.highly_variable_per_batch`).
 
     Writes ``var['highly_variable']``, ``obsm['X_pca']``, ``varm['PCs']`` and ``uns['pca']``
     (``variance``, ``variance_ratio``).
     """
-    if batch_key:
-        mask = highly_variable_per_batch(adata, n_top_genes=n_top_genes)
-    else:
-        mask = highly_variable_genes(adata, n_top_genes=n_top_genes)
+    choose_genes = highly_variable_per_batch if batch_key else highly_variable_genes
+    mask = choose_genes(adata, n_top_genes=n_top_genes)
     n_comps = max(1, min(n_pcs, adata.n_obs - 1, int(mask.sum()) - 1))
     variance, components, mean, total_variance = _covariance_pca(adata.X, mask, n_comps)
     components32, offset = components.astype(np.float32), (mean @ components).astype(np.float32)
