@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm,harmony]'
 	# compile umap-learn's and pynndescent's numba code once, into their cache (about 30 s)
 	$(BIN)/python -m cassia_helpers.dataset.warm_up
 	@touch $(STAMP)
@@ -37,7 +37,7 @@ test: $(STAMP)
 LAB_ARGS ?=
 LAB_ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm,lab]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,interop,slurm,harmony,lab]'
 	$(BIN)/python -m ipykernel install --user --name cassia-batch --display-name "cassia-batch"
 	$(BIN)/jupyter lab $(LAB_ROOT_FLAG) --ServerApp.root_dir=. $(LAB_ARGS) notebooks/explore_run.ipynb
 

@@ -10,24 +10,35 @@ call's CL term is the truth's) — the reference annotates leiden clusters of ni
 * three random 50 % subsamples (resolution 1.0, neighbours recomputed on the subsample).
 
 Every cell inherits its cluster's call. The table gives per run the accuracy (where labels are known) and
-the label agreement with the base run (resolution 1.0, seed 0, all cells) on the cells both runs hold.
+the label agreement with the base run (resolution 1.0, seed 0, all cells) on the cells both runs hold, each
+next to its *ceiling*: the best any annotator could reach giving one label per cluster (each cluster the
+label right for most of its cells; the label most of its cells got in the base run). A run whose ceiling
+is low has clusters that hold two populations (the clustering's limit, not the annotator's); the column
+``consistent`` counts a label that is the other run's label or an ancestor or descendant of it (``T cell``
+at one resolution, ``CD4+ T cell`` at another) as agreeing.
 ``--save FILE`` writes every run's per-cell labels; ``--before FILE`` compares with a saved file and prints,
 per run, the accuracy before and after and the number of cells that were right and became wrong.
+``python bench/reference_stability.py [--save FILE] [--before FILE]`` is
+``python bench/reference_accuracy.py --stability-only ...``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scanpy as sc
 
-from cassia_helpers.dataset.annotate import ClusterMarkers
-from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: this checkout's package
+
+from cassia_helpers.dataset.annotate import ClusterMarkers  # noqa: E402
+from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator  # noqa: E402
 
 RESOLUTIONS = (0.5, 1.0, 2.0)
 SEEDS = (0, 1, 2)
@@ -68,7 +79,7 @@ def call_cells(adata, annotator: ReferenceAnnotator, *, tissue: str, resolution:
     calls = annotator.annotate(clusters, tissue=tissue, species="human", adata=adata, groupby="leiden",
                                use_raw=use_raw)
     label_of = {c.cluster: a.main_cell_type for c, a in zip(clusters, calls, strict=True)}
-    return groups.map(label_of)
+    return groups.map(label_of), groups
 
 
 def run_dataset(ds: Dataset, annotator: ReferenceAnnotator) -> dict[str, dict]:
@@ -82,12 +93,45 @@ def run_dataset(ds: Dataset, annotator: ReferenceAnnotator) -> dict[str, dict]:
             rng = np.random.default_rng(100 + sub)
             keep = np.sort(rng.choice(adata.n_obs, int(SUBSAMPLE_FRACTION * adata.n_obs), replace=False))
             adata = adata[keep].copy()
-        labels = call_cells(adata, annotator, tissue=ds.tissue, resolution=resolution, seed=seed,
-                            use_raw=ds.use_raw)
+        labels, groups = call_cells(adata, annotator, tissue=ds.tissue, resolution=resolution, seed=seed,
+                                    use_raw=ds.use_raw)
         right = [ds.correct(p, truth[c]) for c, p in labels.items()]
+        options = sorted(set(truth) | {ct.name for ct in annotator.reference.cell_types})
         out[name] = {"labels": labels.to_dict(), "accuracy": float(np.mean(right)),
-                     "n_clusters": int(adata.obs["leiden"].nunique())}
+                     "n_clusters": int(adata.obs["leiden"].nunique()),
+                     "accuracy_ceiling": accuracy_ceiling(groups, truth, options, ds.correct),
+                     "clusters": groups.to_dict()}
     return out
+
+
+def accuracy_ceiling(groups: pd.Series, truth: pd.Series, options: list[str],
+                     correct: Callable[[str, str], bool]) -> float:
+    """The best accuracy of one label per cluster, each cluster's label chosen among ``options`` (the
+    reference's types and the truth's names)."""
+    best = 0
+    for _, cells in groups.groupby(groups, observed=True):
+        kinds = truth[cells.index].value_counts()
+        best += max(sum(n for kind, n in kinds.items() if correct(label, kind)) for label in options)
+    return best / len(groups)
+
+
+def agreement_ceiling(groups: dict[str, str], base: dict[str, str]) -> float:
+    """The best agreement with ``base`` of one label per cluster (each cluster its cells' most common base
+    label), on the cells both runs hold."""
+    frame = pd.DataFrame({"cluster": pd.Series(groups), "base": pd.Series(base)}).dropna()
+    return float(frame.groupby("cluster")["base"].agg(lambda s: s.value_counts().iloc[0]).sum() / len(frame))
+
+
+def consistent(a: dict[str, str], b: dict[str, str]) -> float:
+    """Share of the shared cells whose labels are equal or one an ancestor of the other in the reference."""
+    from cassia_helpers.dataset.annotate.reference.catalog import load_reference
+
+    ref = load_reference()
+    names = {ct.name for ct in ref.cell_types}
+    line = {n: {n, *ref.ancestors(n)} for n in names}
+    shared = a.keys() & b.keys()
+    ok = [a[c] == b[c] or a[c] in line.get(b[c], ()) or b[c] in line.get(a[c], ()) for c in shared]
+    return float(np.mean(ok)) if ok else float("nan")
 
 
 def agreement(a: dict[str, str], b: dict[str, str]) -> float:
@@ -100,14 +144,16 @@ def print_table(ds: Dataset, runs: dict[str, dict], before: dict[str, dict] | No
     """One dataset's stability table, with the before/after columns when a saved run is given."""
     truth = ds.build().obs["truth"].astype(str) if before else None
     base = runs[BASE]["labels"]
-    head = f"  {'run':22s} {'clusters':>8s} {'accuracy':>8s} {'agreement':>9s}"
+    head = (f"  {'run':22s} {'clusters':>8s} {'accuracy':>8s} {'(ceiling)':>9s} {'agreement':>9s} {'(ceiling)':>9s} "
+            f"{'consistent':>10s}")
     if before:
         head += f"  {'accuracy before':>15s} {'agreement before':>16s} {'right->wrong':>12s} {'wrong->right':>12s}"
     print(f"stability: {ds.name} (agreement with '{BASE}' on shared cells)")
     print(head)
     for name, run in runs.items():
-        line = (f"  {name:22s} {run['n_clusters']:8d} {run['accuracy']:8.3f} "
-                f"{agreement(run['labels'], base):9.3f}")
+        line = (f"  {name:22s} {run['n_clusters']:8d} {run['accuracy']:8.3f} {run['accuracy_ceiling']:9.3f} "
+                f"{agreement(run['labels'], base):9.3f} {agreement_ceiling(run['clusters'], base):9.3f} "
+                f"{consistent(run['labels'], base):10.3f}")
         if before and name in before:
             old = before[name]["labels"]
             shared = old.keys() & run["labels"].keys()
@@ -136,3 +182,9 @@ def stability(datasets: list[Dataset], *, save: str | None = None, before: str |
         with open(save, "w", encoding="utf-8") as fh:
             json.dump(results, fh)
     return results
+
+
+if __name__ == "__main__":
+    from bench.reference_accuracy import main
+
+    raise SystemExit(main(["--stability-only", *sys.argv[1:]]))

@@ -27,6 +27,10 @@ _EXPORTS = {
     "cluster_or_keep": ".dataset.existing",
     "umap_or_keep": ".dataset.existing",
     "score_against_authors": ".dataset.self_score",
+    "check_batches": ".dataset.batches",
+    "integrate_batches": ".dataset.batches",
+    "count_batches": ".dataset.batches",
+    "save_batch_figure": ".dataset.batch_figure",
     "ClusterAnnotation": ".dataset.annotate",
     "ClusterMarkers": ".dataset.annotate",
     "annotate_clusters": ".dataset.annotate.apply",
@@ -51,6 +55,7 @@ __all__ = [
     "ClusterAnnotation", "ClusterMarkers", "DatasetPaths", "InputError", "Settings", "annotate_clusters",
     "annotate_ontology", "annotate_subclusters", "cluster_or_keep", "context_text", "keep_clusters",
     "marker_evidence", "score_against_authors", "umap_or_keep",
+    "check_batches", "count_batches", "integrate_batches", "save_batch_figure",
     "cluster_markers", "explore", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
     "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
     "write_result", "write_summary",
@@ -64,6 +69,8 @@ if TYPE_CHECKING:
     from cassia_helpers.dataset.annotate.apply import annotate_clusters
     from cassia_helpers.dataset.annotate.factory import make_annotator
     from cassia_helpers.dataset.annotate.subclusters import annotate_subclusters
+    from cassia_helpers.dataset.batch_figure import save_batch_figure
+    from cassia_helpers.dataset.batches import check_batches, count_batches, integrate_batches
     from cassia_helpers.dataset.cluster_table import write_cluster_table
     from cassia_helpers.dataset.evidence import marker_evidence
     from cassia_helpers.dataset.existing import cluster_or_keep, keep_clusters, umap_or_keep

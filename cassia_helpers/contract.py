@@ -118,6 +118,11 @@ class DatasetPaths:
         return self._file("_cluster_sizes.png")
 
     @property
+    def qc_batches_png(self) -> Path:
+        """QC per batch (only for a dataset run with ``batch_key``)."""
+        return self._file("_qc_batches.png")
+
+    @property
     def figure_pngs(self) -> dict[str, Path]:
         """The dataset's figures by name, in the order a reader looks at them."""
         return {"umap": self.umap_png, "dotplot": self.dotplot_png, "qc": self.qc_png,

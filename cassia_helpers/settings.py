@@ -99,7 +99,8 @@ SETTINGS: tuple[Setting, ...] = (
             type=Path, metavar="FILE"),
     Setting("tissue", "", "tissue of --input", _IO, RUN, type=str),
     Setting("manifest", None, "CSV of the datasets to run, one row each: path, tissue and optionally species, "
-            "context, cluster_key, label_key, dataset (instead of --tissues or --input)", _IO, RUN, type=Path,
+            "context, cluster_key, label_key, batch_key, dataset (instead of --tissues or --input; a --data-dir that "
+            "is such a CSV, or holds one named datasets.csv, is read the same way)", _IO, RUN, type=Path,
             metavar="CSV"),
     Setting("output_dir", Path("batch_results"), "where run_{tissues}_{timestamp} folders are created", _IO, RUN,
             type=Path),
@@ -134,6 +135,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", _CLUSTER, RUN, minimum=0),
     Setting("slurm_memory", "", "memory per dataset, e.g. 16GB (default 8GB); SLURM's limit caps the kernel",
             _CLUSTER, RUN),
+    Setting("slurm_memory_from_inputs", False, "request the memory of the jobs from the inputs' sizes (1 GB + 10 x the "
+            "largest input file), at most --slurm-memory", _CLUSTER, RUN),
     Setting("slurm_jobs", 0, "SLURM jobs at once, i.e. datasets at once (default: --workers)", _CLUSTER, RUN,
             minimum=0),
     Setting("slurm_python", "", "python of the shared virtual environment, as the compute nodes see it",
@@ -146,12 +149,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_local_directory", "", "node-local scratch folder of the workers", _CLUSTER, RUN),
     Setting("slurm_log_directory", "", "folder of the jobs' log files (default: slurm_logs/ in the run folder)",
             _CLUSTER, RUN),
+    Setting("slurm_min_time_left", 0.0, "seconds of walltime a job must have left to take a new dataset (default: "
+            "1.25 x the run's longest dataset so far); a job with less is cancelled and a new one submitted",
+            _CLUSTER, RUN, minimum=0),
+    Setting("slurm_retries", 0, "times a dataset whose job ran out of memory or reached its walltime is run again, "
+            "once the other datasets are done, in new jobs with --slurm-retry-factor times the memory or walltime "
+            "(0: never)", _CLUSTER, RUN, minimum=0),
+    Setting("slurm_retry_factor", 2.0, "how much more memory or walltime each retry of --slurm-retries gets",
+            _CLUSTER, RUN, above=1),
     Setting("slurm_replacements", -1, "SLURM jobs that ended early (walltime, memory, scancel) replaced while "
             "datasets are queued, at most (-1: three per job)", _CLUSTER, RUN, minimum=-1),
     # analysis
     Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
     Setting("cluster_key", "", "obs column of the input's own clusters: annotate those instead of a new leiden "
             "clustering (they are copied into obs['leiden'])", _QC),
+    Setting("batch_key", "", "obs column of each cell's donor, sample or batch: genes chosen per batch and the PCA "
+            "integrated with Harmony before the kNN graph (needs the [harmony] extra)", _QC),
     Setting("label_key", "", "obs column of the input's own cell-type labels (kept; the run is scored against "
             "them)", _LLM),
     Setting("min_genes", 200, "minimum genes per cell", _QC, minimum=0),
@@ -218,7 +231,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 SLURM_DEFAULTS = {"walltime": "04:00:00", "cores": 1, "memory": "8GB"}
 ANALYSIS_NAMES = tuple(s.name for s in SETTINGS if s.scope == ANALYSIS)
 # Analysis settings a row of --manifest may set for its dataset alone (its other columns: path, tissue, dataset).
-PER_DATASET = ("species", "context", "cluster_key", "label_key")
+PER_DATASET = ("species", "context", "cluster_key", "label_key", "batch_key")
 # What identifies one dataset's notebook run, beside the analysis settings.
 DATASET_PARAMETERS = ("dataset", "tissue", "input_path", "run_dir")
 

@@ -485,3 +485,30 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
         slurm_cluster(leaky)
     with pytest.raises(ClusterError, match="unknown cluster option"):
         load_cluster_options(overrides={"partition": "x"})
+
+
+def test_a_slurm_job_takes_a_dataset_only_with_enough_walltime_left():
+    from cassia_helpers.batch.dask.slurm import slurm_seconds, takes_a_dataset
+
+    # squeue's time left and sbatch's walltimes, as SLURM writes them
+    assert [slurm_seconds(t) for t in ("45", "9:30", "1:02:03", "2-03:04:05", "1-2", "UNLIMITED", "")] == [
+        2700.0, 570.0, 3723.0, 183845.0, 93600.0, None, None]
+    assert takes_a_dataset(600.0, 500.0, 3600.0)
+    assert not takes_a_dataset(400.0, 500.0, 3600.0)  # it would be killed in the middle of the dataset
+    assert takes_a_dataset(None, 500.0, 3600.0)  # its time left is not known yet (or unlimited)
+    assert takes_a_dataset(10.0, 0.0, 3600.0)  # nothing to go by: no dataset ended yet, no --slurm-min-time-left
+    assert takes_a_dataset(400.0, 5000.0, 3600.0)  # a new job would be too short as well: no point waiting
+
+
+def test_slurm_memory_from_the_inputs_sizes_is_capped(tmp_path):
+    from cassia_helpers.batch.dask.memory import memory_estimate, memory_for_inputs
+
+    small, folder = tmp_path / "small.h5ad", tmp_path / "matrix"
+    small.write_bytes(b"x" * 1000)
+    folder.mkdir()
+    for name in ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz"):  # a 10x folder counts all its files
+        (folder / name).write_bytes(b"x" * 50_000_000)
+    assert memory_estimate(150_000_000) == 2_500_000_000
+    assert memory_for_inputs([small], cap="8GB") == "953MiB"  # 1 GB + 10 kB
+    assert memory_for_inputs([small, folder], cap="8GB") == "2384MiB"  # the largest input: 1 GB + 1.5 GB
+    assert memory_for_inputs([small, folder], cap="2GB") == "1907MiB"  # never above --slurm-memory

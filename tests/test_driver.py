@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from cassia_helpers.batch.driver import _batch
 from cassia_helpers.contract import FAILED, SUCCESS, DatasetPaths, read_status, write_status
 from cassia_helpers.settings import Settings, UsageError
 from cassia_helpers.summary.aggregate import write_run_summaries
+from tests.conftest import REPO
 from tests.synthetic import make_counts, write
 
 
@@ -112,6 +115,10 @@ def test_statuses_exit_code_and_summaries(data, tmp_path, caplog):
     assert "packed.h5ad.gz: skipped: compressed h5ad" in caplog.text
     manifest = json.loads((result.run_dir / "run_manifest.json").read_text())
     assert any("packed.h5ad.gz" in line for line in manifest["skipped_inputs"])
+    # and the summary a colleague reads later says so too, not only the terminal
+    text = (result.run_dir / "batch_summary.txt").read_text()
+    assert any(line.startswith("  not run") and "packed.h5ad.gz: skipped: compressed h5ad" in line
+               for line in text.splitlines())
 
 
 def test_only_changed_settings_reach_the_notebook_and_never_a_key(data, tmp_path, monkeypatch):
@@ -288,3 +295,17 @@ def test_help_shows_the_defaults_that_say_something():
     assert "leiden resolution (default: 1.0)" in text and "(default: human)" in text
     for noise in ("(default: None)", "(default: False)", "(default: True)", "(default: )", "(default: [])"):
         assert noise not in text
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tisues", "brain"], "unrecognized arguments: --tisues brain (did you mean --tissues?)"),
+    (["--tissues", "all", "--annotator", "llmm"], "invalid choice: 'llmm'"),
+    (["--tissues", "all", "--workers", "two"], "argument --workers: invalid int value: 'two'"),
+])
+def test_a_command_line_mistake_is_one_line(argv, expected):
+    # the mistake (and the flag probably meant), not 50 lines of usage burying it
+    result = subprocess.run([sys.executable, str(REPO / "run_batch.py"), *argv], capture_output=True, text=True,
+                            timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+    assert not result.stdout

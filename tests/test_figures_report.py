@@ -300,7 +300,10 @@ def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
     records = [{"dataset": f"Data_Good{j:03d}_Blood", "term_id": f"CL:{i}", "term_name": name, "n_cells": 5 + i}
                for j in range(2) for i, name in enumerate(CL_NAMES)]
     plot_cell_type_heatmap(cell_type_table(records=records), run / "cell_types.png")
+    skipped = "'/data/" + "very_long_folder_name_" * 8 + "/sample.h5ad.gz': skipped: compressed h5ad (gunzip it)"
+    (run / "run_manifest.json").write_text(json.dumps({"skipped_inputs": [skipped]}))
     html = write_report(run).read_text(encoding="utf-8")
+    assert "1 entry of the input folders not run" in html and "sample.h5ad.gz&#39;: skipped" in html
     assert html.count("data:image/png;base64,") == 2 * 4 + 1  # each dataset's four figures and the heatmap
     for width in (1024, 1400, 1900):
         found = _probe(run, "return [document.documentElement.scrollWidth, window.innerWidth];", width=width)

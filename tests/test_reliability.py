@@ -95,6 +95,13 @@ def kernel_pids_under(pid: int) -> list[int]:
     return [p for p, (_, kernel) in parents.items() if kernel and descends(p)]
 
 
+def working_dir(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+
+
 def test_a_killed_kernel_fails_its_dataset_only(blood_dir, tmp_path):
     keep_only(blood_dir, 2)  # one dataset whose kernel is killed, one that must not notice
     process = start(tmp_path, "--tissues", "blood")
@@ -102,7 +109,10 @@ def test_a_killed_kernel_fails_its_dataset_only(blood_dir, tmp_path):
     # the kernel is inside the notebook once it has reported its first step (datasets run one at a time)
     wait_for(DatasetPaths(run, "blood", DATASETS[0]).progress_jsonl.exists, timeout=240,
              what=f"{DATASETS[0]}'s kernel to report a step")
-    kernels = wait_for(lambda: kernel_pids_under(process.pid), timeout=60, what="the kernel process")
+    # the next dataset's kernel may be running too (started ahead): kill the one in the first dataset's folder
+    folder = DatasetPaths(run, "blood", DATASETS[0]).folder.resolve()
+    kernels = wait_for(lambda: [pid for pid in kernel_pids_under(process.pid) if working_dir(pid) == folder],
+                       timeout=60, what="the kernel process")
     os.kill(kernels[0], signal.SIGKILL)
     _, err = process.communicate(timeout=400)
     assert process.returncode == 1, err

@@ -372,3 +372,14 @@ def test_qc_metrics_equal_scanpys(dense):
         for column in reference.columns.difference(["mt", "truth"]):
             np.testing.assert_allclose(frame[column].to_numpy(float), reference[column].to_numpy(float),
                                        rtol=1e-6, equal_nan=True, err_msg=column)
+
+
+def test_annotation_text_marks_key_markers_the_model_was_not_sent():
+    # a model may justify its call with genes it was never shown; the reader checking the call must see which
+    from cassia_helpers.dataset.outputs import annotation_text
+
+    call = ClusterAnnotation("0", "CD8+ T cell", confidence=80, key_markers=["CD8A", "cd3e", "GZMK"],
+                             markers_sent=["CD3E", "CD8A", "NKG7"])
+    for annotator, expected in (("llm", "CD8A, cd3e, GZMK (not sent)"), ("reference", "CD8A, cd3e, GZMK")):
+        text = annotation_text([call], dataset="D", tissue="blood", species="human", annotator={"annotator": annotator})
+        assert f"key markers:      {expected}\n" in text

@@ -9,6 +9,7 @@ errors answer at once.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.util
 import logging
 import sys
@@ -50,10 +51,28 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+USAGE = ("run_batch.py (--tissues NAME [NAME ...] | --input FILE --tissue NAME | --manifest CSV | --resume RUN_DIR) "
+         "[options]")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the mistake and, for a mistyped flag, the flag that was probably meant,
+    instead of the 50-line usage before it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        known = [option for action in self._actions for option in action.option_strings]
+        hints = [close[0] for word in unknown if word.startswith("--")
+                 for close in [difflib.get_close_matches(word.partition("=")[0], known, n=1)] if close]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="run_batch.py",
-        description="Annotate cell types in every single-cell dataset of {data-dir}/{tissue}/*.h5ad: QC, "
+        usage=USAGE,
+        description="Annotate cell types in every single-cell dataset of DATA_DIR/TISSUE/*.h5ad: QC, "
         "clustering, marker genes and CASSIA-style annotation, one executed notebook per dataset.",
         epilog="API keys are read from the environment only (OPENAI_API_KEY); never pass them as flags.",
         formatter_class=_HelpFormatter,
@@ -99,6 +118,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
     values = {s.name: getattr(args, s.name) for s in SETTINGS}
     if args.resume is None and not args.tissues and args.input is None and args.manifest is None:
+        from cassia_helpers.batch.manifest import manifest_in
+
+        values["manifest"] = args.manifest = manifest_in(Path(args.data_dir))  # --data-dir may be a manifest
+    if args.resume is None and not args.tissues and args.input is None and args.manifest is None:
         raise UsageError("choose tissues with --tissues NAME [NAME ...] or --tissues all, one file with --input "
                          "FILE --tissue NAME, a list of datasets with --manifest CSV, or --resume RUN_DIR")
     if args.manifest is not None and (args.tissues or args.input is not None):
@@ -115,10 +138,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if values["price_file"] and not Path(values["price_file"]).is_file():
         raise UsageError(f"{values['price_file']}: price file not found")
     settings = Settings(**values)
-    if settings.manifest is not None and settings.resume is None:  # every row checked before anything runs
-        from cassia_helpers.batch.manifest import read_manifest_csv
+    if settings.resume is None:  # every row checked before anything runs
+        from cassia_helpers.batch.manifest import check_batch_keys, read_manifest_csv
 
-        read_manifest_csv(settings.manifest)
+        listed = read_manifest_csv(settings.manifest).datasets if settings.manifest is not None else []
+        check_batch_keys(settings, listed)
     context_text(settings)  # an unreadable --context-file is a usage error now, not in every dataset
     check_llm_setup(settings)
     return settings

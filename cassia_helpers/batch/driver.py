@@ -215,6 +215,10 @@ def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], mani
     finally:
         if notebook is not None:
             notebook.close()
+        from cassia_helpers.batch import runner
+
+        if launcher is runner.run_dataset:  # the workers started ahead that no dataset took
+            runner.stop_ahead()
 
 
 def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict, launcher: Launcher,
@@ -250,6 +254,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                 else:
                     jobs[_task_key(run_dir, dataset)] = (dataset, _job(settings, run_dir, dataset))
             if jobs and not interrupts.event.is_set():
+                _start_ahead(settings, launcher, [job for _, job in jobs.values()], in_process)
                 run = _run_in_threads if in_process else run_on_dask
                 result.cause = run(settings, run_dir, jobs, launcher, interrupts, progress, finished,
                                    ahead or _nothing) or ""
@@ -277,6 +282,15 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     elif result.interrupted:
         log.warning("Resume with: python run_batch.py --resume %s", run_dir)
     return result
+
+
+def _start_ahead(settings: Settings, launcher: Launcher, jobs: list[dict], in_process: bool) -> None:
+    """On the default local cluster (its workers are threads of this process), start the first datasets'
+    worker processes and kernels now, while Dask starts, and have each dataset start its successor's."""
+    from cassia_helpers.batch import runner
+
+    if launcher is runner.run_dataset and not in_process and settings.cluster == "local" and not settings.scheduler:
+        runner.start_ahead(jobs, max(1, settings.workers))
 
 
 def _task_key(run_dir: Path, dataset: Dataset) -> str:

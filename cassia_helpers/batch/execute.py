@@ -1,9 +1,13 @@
 """Execute the notebooks with papermill: one dataset's template, and the run's aggregation notebook.
 
 Each notebook runs in a Jupyter kernel of its own (:class:`NotebookKernel`), started before papermill
-is needed and killed once the notebook is done. :func:`execute_dataset` writes ``{dataset}_status.json``:
-``success`` only when the notebook ran to its end *and* wrote every required output.
-:class:`AggregationNotebook` can start its kernel while the last datasets still run.
+is needed and killed once the notebook is done. A dataset's kernel imports the analysis modules as it
+starts; one started ahead of its dataset (by :mod:`cassia_helpers.batch.runner`) also runs the pipeline once
+on a small random matrix (:func:`~cassia_helpers.dataset.warm_up.prepare_kernel`), so that it has paid a
+fresh process's costs by the time the dataset comes.
+:func:`execute_dataset` writes ``{dataset}_status.json``: ``success`` only when the notebook ran to its end
+*and* wrote every required output. :class:`AggregationNotebook` can start its kernel while the last
+datasets still run.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
 
+from cassia_helpers.batch.dask.process import die_with_parent
 from cassia_helpers.contract import (
     FAILED,
     INTERRUPTED,
@@ -38,6 +44,14 @@ AGGREGATE_TEMPLATE = "aggregate_run.ipynb"
 AGGREGATE_PRELOAD = ("IPython.display", "cassia_helpers.summary.aggregate", "cassia_helpers.summary.report",
                      "cassia_helpers.summary.crossqc",
                      "matplotlib.figure", "matplotlib.backends.backend_agg", "PIL.Image", "jinja2")
+# What a dataset's kernel runs as it starts ("module:function"): started ahead of its dataset, it imports the
+# analysis modules and warms the pipeline up while it waits; started for its dataset, it only imports them
+# (while its worker imports papermill), since warming up would then delay the notebook.
+DATASET_PREPARE = {True: "cassia_helpers.dataset.warm_up:prepare_kernel",
+                   False: "cassia_helpers.dataset.warm_up:import_template_modules"}
+#: how long a kernel may take to start and prepare (its imports and warm-up) before its notebook runs; a
+#: loaded machine can take minutes where an idle one takes seconds
+KERNEL_READY_S = 300.0
 
 
 def template_path(name: str = "annotate_dataset.ipynb") -> Path:
@@ -95,9 +109,13 @@ class NotebookKernel:
     preload
         Modules the kernel imports as it starts, before it reports ready (nothing is left in the
         notebook's namespace).
+    prepare
+        ``"module:function"``: a function the kernel calls as it starts, after ``preload`` (e.g.
+        :data:`DATASET_PREPARE`); nothing is left in the notebook's namespace.
     """
 
-    def __init__(self, kernel_name: str, cwd: str | Path, *, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, kernel_name: str, cwd: str | Path, *, preload: tuple[str, ...] = (),
+                 prepare: str = "") -> None:
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
@@ -117,10 +135,34 @@ class NotebookKernel:
             names = ", ".join(repr(name) for name in preload)
             arguments.append(f"--IPKernelApp.exec_lines=for _cassia_module in ({names},): __import__(_cassia_module)"
                              "\ndel _cassia_module")
-        # the kernel's own chatter (e.g. its TCP warning) would reach the user's terminal
+        if prepare:
+            module, function = prepare.split(":")
+            arguments.append(f"--IPKernelApp.exec_lines=__import__({module!r}, fromlist=['_']).{function}()")
+        # the kernel's own chatter (e.g. its TCP warning) would reach the user's terminal; the kernel dies with
+        # the process that starts it, even when that process is killed while the kernel still prepares
         run_sync(self.manager.start_kernel)(extra_arguments=arguments, cwd=str(cwd), stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
+                                            stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         self.pid: int | None = getattr(self.manager.provisioner, "pid", None)
+
+    def enter(self, folder: str | Path, environ: Mapping[str, str | None] | None = None, *,
+              timeout: float = KERNEL_READY_S) -> None:
+        """Wait until the kernel is ready, then move it into ``folder`` and set ``environ`` in it (``None``
+        unsets a variable): what a kernel started ahead of its dataset learns only when the dataset comes.
+
+        The code runs silently: it shows nowhere in the notebook and does not count as a cell.
+        """
+        client = self.manager.client()
+        client.start_channels()
+        self._run_sync(client.wait_for_ready)(timeout=timeout)
+        values = {name: value for name, value in (environ or {}).items() if value is not None}
+        unset = sorted(name for name, value in (environ or {}).items() if value is None)
+        code = (f"import os as _cassia_os\n_cassia_os.chdir({str(folder)!r})\n"
+                f"_cassia_os.environ.update({values!r})\n"
+                f"[_cassia_os.environ.pop(_cassia_name, None) for _cassia_name in {unset!r}]\n"
+                "del _cassia_os")
+        reply = self._run_sync(client.execute_interactive)(code, silent=True, store_history=False, timeout=timeout)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"the kernel could not enter {folder}: {reply['content'].get('evalue', '')}")
 
     def kill(self) -> None:
         """Kill the kernel's process group now; safe from any thread (papermill then sees a dead kernel)."""
@@ -147,8 +189,42 @@ class NotebookKernel:
         self.close()
 
 
-def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_timeout: float = 0.0) -> dict:
-    """Run the template for one dataset into its folder; write and return its status record."""
+def dataset_kernel(kernel_name: str, cwd: str | Path, *, ahead: bool = False) -> NotebookKernel:
+    """A kernel for a dataset's notebook, started now; it imports the analysis modules (and warms the pipeline
+    up, if started ``ahead`` of its dataset) before it reports ready (:data:`DATASET_PREPARE`)."""
+    return NotebookKernel(kernel_name, cwd, prepare=DATASET_PREPARE[ahead])
+
+
+def _entered(kernel: NotebookKernel | None, kernel_name: str, folder: Path,
+             environ: Mapping[str, str | None] | None) -> NotebookKernel:
+    """``kernel`` (started ahead of the dataset) moved into the dataset's folder, or a fresh kernel when there
+    is none or it cannot take the dataset (it died or hung meanwhile)."""
+    if kernel is not None:
+        try:
+            kernel.enter(folder, environ)
+            return kernel
+        except BaseException as exc:
+            kernel.close()
+            if not isinstance(exc, Exception):  # Ctrl-C, or the runner told to stop
+                raise
+    kernel = dataset_kernel(kernel_name, folder)
+    try:
+        import papermill  # noqa: F401 - while the kernel starts
+
+        kernel.enter(folder, environ)
+    except BaseException:
+        kernel.close()
+        raise
+    return kernel
+
+
+def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_timeout: float = 0.0,
+                    kernel: NotebookKernel | None = None, environ: Mapping[str, str | None] | None = None) -> dict:
+    """Run the template for one dataset into its folder; write and return its status record.
+
+    ``kernel``: a :func:`dataset_kernel` started ahead of the dataset, used (and killed) instead of a fresh
+    one; ``environ``: variables set in the kernel before the notebook runs (``None`` unsets one).
+    """
     paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
     paths.folder.mkdir(parents=True, exist_ok=True)
     started_at, start = now_iso(), time.perf_counter()
@@ -158,9 +234,9 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
 
     try:
         paths.result_json.unlink(missing_ok=True)
-        with NotebookKernel(kernel_name, paths.folder) as kernel, \
+        with _entered(kernel, kernel_name, paths.folder, environ) as kernel, \
                 open(paths.kernel_log, "w", encoding="utf-8") as log:
-            import papermill as pm  # while the kernel starts
+            import papermill as pm
 
             pm.execute_notebook(
                 papermill_path(template_path()),

@@ -6,6 +6,10 @@ per-dataset analysis settings of :data:`~cassia_helpers.settings.PER_DATASET`. A
 run-wide value. Every row is checked before anything runs, as the flags are (:meth:`Setting.check`): an
 unknown column, a missing file, a name that is not a folder inside the run folder, two rows with the same
 output folder are one-line usage errors naming the manifest and its line.
+
+A manifest may also be given as ``--data-dir``: the CSV file itself, or a data folder holding one named
+``datasets.csv`` (used when neither ``--tissues`` nor ``--input`` is given; with ``--tissues`` the folder's
+tissue folders run as always).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import csv
 from pathlib import Path
 
 from cassia_helpers.batch.discovery import SUFFIX, Dataset, Discovery, _classify, check_name
+from cassia_helpers.contract import DATASETS_CSV
 from cassia_helpers.settings import BY_NAME, PER_DATASET, Settings, UsageError
 
 REQUIRED = ("path", "tissue")
@@ -98,3 +103,29 @@ def dataset_settings(settings: Settings, dataset: Dataset) -> Settings:
     if "context" in options:
         options["context_file"] = ""
     return settings.replace(**options) if options else settings
+
+
+def manifest_in(data_dir: Path) -> Path | None:
+    """The manifest a ``--data-dir`` stands for: the path itself when it is a ``.csv`` file, else the folder's
+    ``datasets.csv`` when it has one; ``None`` for a folder of tissue folders."""
+    data_dir = Path(data_dir)
+    if data_dir.suffix.lower() == ".csv" and data_dir.is_file():
+        return data_dir
+    if data_dir.is_dir() and (data_dir / DATASETS_CSV).is_file():
+        return data_dir / DATASETS_CSV
+    return None
+
+
+def check_batch_keys(settings: Settings, datasets: list[Dataset]) -> None:
+    """A usage error when a dataset is to run with a ``batch_key`` and Harmony (``harmonypy``) is not installed,
+    naming the flag or the manifest row's dataset."""
+    wanted = [(f"--batch-key {settings.batch_key!r}", settings.batch_key)] if settings.batch_key else []
+    wanted += [(f"{settings.manifest}: dataset {d.tissue}/{d.name}", dict(d.options)["batch_key"])
+               for d in datasets if dict(d.options).get("batch_key")]
+    if not wanted:
+        return
+    from cassia_helpers.dataset.batches import harmony_installed, harmony_missing_message
+
+    if not harmony_installed():
+        where, key = wanted[0]
+        raise UsageError(f"{where}: {harmony_missing_message(key)}")

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cassia_helpers")
 Launcher = Callable[[dict, Callable[[], bool]], dict]
+# Why a SLURM job ended that more memory or time may cure (``--slurm-retries``).
+RETRYABLE = {"JobOutOfMemory": "memory", "JobTimeLimit": "walltime"}
 
 
 def run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launcher, interrupts: Interrupts,
@@ -47,6 +49,11 @@ def run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launche
             from cassia_helpers.batch.dask.slurm import cluster_options
 
             options = cluster_options(settings, run_dir)
+            if options["memory_from_inputs"]:
+                from cassia_helpers.batch.dask.memory import memory_for_inputs
+
+                options["memory"] = memory_for_inputs((dataset.path for dataset, _ in jobs.values()),
+                                                      cap=options["memory"])
         with open_client(workers=settings.workers, scheduler=settings.scheduler or None,
                          cluster=None if settings.scheduler else settings.cluster, cluster_options=options,
                          cluster_timeout=settings.cluster_timeout, name=f"cassia-{run_dir.name}",
@@ -55,10 +62,11 @@ def run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launche
                 problem = check_shared_storage(client, run_dir)
                 if problem:
                     raise UsageError(problem)
-            upkeep = None
+            upkeep = ready = None
             if client.cassia_slurm is not None:
                 upkeep = partial(client.cassia_slurm.upkeep, give_up_s=settings.cluster_timeout)
-            executor = DatasetExecutor(client, upkeep=upkeep)
+                ready = client.cassia_slurm.ready_workers
+            executor = DatasetExecutor(client, upkeep=upkeep, ready=ready)
             interrupts.on_stop = executor.stop
             if interrupts.event.is_set():
                 executor.stop()
@@ -66,12 +74,31 @@ def run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launche
             if link:
                 log.info("Dask dashboard: %s", link)
 
+            retries = int(options["retries"]) if options else 0
+            held: dict[str, dict] = {}  # failed records of datasets to run again
+            attempts: dict[str, list[dict]] = {}  # key -> its earlier attempts (``slurm_retries`` of its status)
+            size = {"memory": options["memory"], "walltime": options["walltime"]} if options else {}
+
             def done(key: str, record: dict) -> None:
                 dataset = jobs[key][0]
-                finished(dataset, recorded(run_dir, dataset, record, executor.started(key), since=since))
+                record = recorded(run_dir, dataset, record, executor.started(key), since=since,
+                                  extra={"slurm_retries": attempts[key]} if key in attempts else None)
+                if record.get("error_type") in RETRYABLE and len(attempts.get(key, [])) < retries:
+                    held[key] = record
+                else:
+                    finished(dataset, record)
 
-            executor.run_jobs(launcher, {key: job for key, (_, job) in jobs.items()}, on_done=done,
-                              on_progress=polled)
+            todo = {key: job for key, (_, job) in jobs.items()}
+            while todo:
+                executor.run_jobs(launcher, todo, on_done=done, on_progress=polled)
+                todo = {}
+                if held and not (executor.lost or interrupts.event.is_set()):
+                    todo = _retry(run_dir, jobs, held, attempts, size, float(options["retry_factor"]))
+                    client.cassia_slurm.resize(jobs=min(client.cassia_slurm.jobs, len(todo)), **size)
+                for key, record in held.items():
+                    if key not in todo:
+                        finished(jobs[key][0], record)
+                held.clear()
             return executor.lost
     except ClusterError as exc:
         raise UsageError(str(exc)) from None
@@ -79,8 +106,38 @@ def run_on_dask(settings: Settings, run_dir: Path, jobs: dict, launcher: Launche
         interrupts.on_stop = None
 
 
+def _retry(run_dir: Path, jobs: dict, held: dict[str, dict], attempts: dict[str, list[dict]], size: dict,
+           factor: float) -> dict:
+    """The jobs of the held datasets, to run again with ``factor`` times the memory or walltime that they
+    lacked (``size`` is updated); their failed attempts are noted and their files set aside."""
+    from dask.utils import format_bytes, parse_bytes
+
+    from cassia_helpers.batch.dask.slurm import slurm_seconds
+    from cassia_helpers.batch.resume import set_aside
+
+    before = dict(size)
+    lacked = {RETRYABLE[record["error_type"]] for record in held.values()}
+    if "memory" in lacked:
+        size["memory"] = format_bytes(int(parse_bytes(size["memory"]) * factor)).replace(" ", "")
+    if "walltime" in lacked:
+        seconds = int((slurm_seconds(size["walltime"]) or 0) * factor)
+        size["walltime"] = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    for key, record in held.items():
+        attempt = {name: record.get(name, "") for name in ("slurm_job_id", "slurm_log", "error_type", "error")}
+        attempts.setdefault(key, []).append({**attempt, "slurm_memory": before["memory"],
+                                             "slurm_walltime": before["walltime"]})
+        dataset = jobs[key][0]
+        set_aside(DatasetPaths(run_dir, dataset.tissue, dataset.name),
+                  f"{record['error']}; run again with --slurm-memory {size['memory']} "
+                  f"--slurm-walltime {size['walltime']}", by="--slurm-retries")
+    log.warning("%d dataset(s) ran out of SLURM memory or time; running them again in new jobs with "
+                "--slurm-memory %s --slurm-walltime %s (--slurm-retries)", len(held), size["memory"],
+                size["walltime"])
+    return {key: jobs[key][1] for key in held}
+
+
 def recorded(run_dir: Path, dataset: Dataset, record: dict, started: dict | None = None, *,
-              since: float = 0.0) -> dict:
+              since: float = 0.0, extra: dict | None = None) -> dict:
     """The dataset's status record, with where it ran (``started``: its SLURM job and log, start time).
 
     A record the executor made (a dead worker or job, a stop, a lost scheduler) is written to the status
@@ -90,6 +147,7 @@ def recorded(run_dir: Path, dataset: Dataset, record: dict, started: dict | None
     paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
     started = started or {}
     where = {key: started[key] for key in ("slurm_job_id", "slurm_log") if started.get(key)}
+    where.update(extra or {})
     if "dataset" in record:
         if where and any(record.get(key) != value for key, value in where.items()):
             record = {**record, **where}

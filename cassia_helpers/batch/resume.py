@@ -126,9 +126,9 @@ def verify_complete(paths: DatasetPaths) -> str:
     return ""
 
 
-def set_aside(paths: DatasetPaths, reason: str) -> Path:
-    """Move the dataset's files into ``superseded/{YYYYMMDD_HHMMSS}/`` of its folder, with ``REASON.txt``;
-    return that folder. Nothing is deleted."""
+def set_aside(paths: DatasetPaths, reason: str, *, by: str = "--resume") -> Path:
+    """Move the dataset's files into ``superseded/{YYYYMMDD_HHMMSS}/`` of its folder, with ``REASON.txt``
+    (set aside ``by`` what, for what reason); return that folder. Nothing is deleted."""
     stamp = datetime.now()
     while True:
         target = paths.folder / SUPERSEDED / f"{stamp:%Y%m%d_%H%M%S}"
@@ -140,7 +140,7 @@ def set_aside(paths: DatasetPaths, reason: str) -> Path:
     for entry in sorted(paths.folder.iterdir()):
         if entry.name not in (SUPERSEDED, RUNNER_LOCK):
             shutil.move(str(entry), str(target / entry.name))
-    (target / REASON_TXT).write_text(f"Set aside by --resume: {reason}\n", encoding="utf-8")
+    (target / REASON_TXT).write_text(f"Set aside by {by}: {reason}\n", encoding="utf-8")
     return target
 
 

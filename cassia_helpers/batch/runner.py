@@ -1,25 +1,30 @@
 """Run one dataset: the launcher the driver calls, and the worker process that executes the notebook.
 
-:func:`run_dataset` is the launcher: it starts ``python -m cassia_helpers.batch.runner JOB`` in its own process
-group (the notebook's kernel joins that group), waits for it while watching the stop request and the
-dataset timeout, and returns the dataset's status record. It never raises for a dataset's failure.
-The worker process runs papermill (:func:`~cassia_helpers.batch.execute.execute_dataset`), which writes
-``{dataset}_status.json``.
+:func:`run_dataset` is the launcher: it hands the job to a worker process (``python -m
+cassia_helpers.batch.runner``, in its own process group; :mod:`cassia_helpers.batch.spares`), waits for it
+while watching the stop request and the dataset timeout, and returns the dataset's status record. It never
+raises for a dataset's failure. The worker process runs papermill
+(:func:`~cassia_helpers.batch.execute.execute_dataset`), which writes ``{dataset}_status.json``.
+
+A worker starts its dataset's kernel (which imports the analysis modules and warms the pipeline up) and
+imports papermill *before* it is given its job, so it can be started ahead of its dataset: on the default
+local cluster the driver starts the first datasets' workers while it starts Dask (:func:`start_ahead`), and
+each dataset starts the next one's. Each worker and kernel serve one dataset only, so nothing of a dataset
+(its memory, a crash) reaches the next.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
+import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cassia_helpers.batch.dask.process import THREAD_VARIABLES, die_with_parent
-from cassia_helpers.batch.execute import STOP_GRACE_S, execute_dataset
+from cassia_helpers.batch.dask.process import THREAD_VARIABLES
+from cassia_helpers.batch.spares import SPARES, Worker, WorkerSpec, receive, stop_group
 from cassia_helpers.contract import (
     FAILED,
     INTERRUPTED,
@@ -30,6 +35,7 @@ from cassia_helpers.contract import (
     read_status,
     write_status,
 )
+from cassia_helpers.dataset.annotate.llm.limits import SCHEDULER_ENV
 
 # Variables the kernel must not inherit: the endpoint travels as a notebook parameter, and plots must use
 # the kernel's own inline backend so that the executed notebook shows them.
@@ -37,6 +43,9 @@ KERNEL_UNSET = ("OPENAI_BASE_URL", "MPLBACKEND")
 # How long a dataset waits for an earlier runner of it (e.g. left by a killed driver, dying with it) to end.
 RUNNER_WAIT_S = 90.0
 RUNNER_LOCK = ".runner.lock"
+# Set in the kernel when its dataset comes, not in the worker's environment (unknown when a worker is started
+# ahead): the dataset's progress file, and the scheduler of the run-wide LLM limits (known once Dask is up).
+LATE_VARIABLES = (PROGRESS_ENV, SCHEDULER_ENV)
 
 
 def worker_environment(workers: int, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -60,22 +69,27 @@ def worker_environment(workers: int, environ: dict[str, str] | None = None) -> d
     return env
 
 
-def _stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM the worker's process group (worker and kernel), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            # the kernel may outlive the worker by a moment: make sure the group is gone
-            os.killpg(process.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
+def worker_spec(job: dict) -> WorkerSpec:
+    """What the job's worker is started with (a worker started ahead serves jobs of an equal spec)."""
+    env = worker_environment(int(job.get("workers", 1)))
+    for name in LATE_VARIABLES:
+        env.pop(name, None)
+    return WorkerSpec.of(env, job.get("kernel_name", "python3"), str(Path(job["parameters"]["run_dir"])))
+
+
+def start_ahead(jobs: list[dict], workers: int) -> None:
+    """Start the workers of the first ``workers`` of ``jobs`` now, and mark each job after which its Dask worker
+    (one of ``workers`` threads of this process, taking ``jobs`` in order) still has a dataset to run: that
+    dataset starts the next one's worker (``prepare_next``). Stopped by :func:`stop_ahead`."""
+    for index, job in enumerate(jobs):
+        job["prepare_next"] = len(jobs) - 1 - index >= workers
+    for job in jobs[:workers]:
+        SPARES.prepare(worker_spec(job))
+
+
+def stop_ahead() -> None:
+    """Stop the workers started ahead that no dataset took."""
+    SPARES.close()
 
 
 def run_dataset(job: dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
@@ -116,18 +130,17 @@ def _run_locked(job: dict, paths: DatasetPaths, lock, should_stop: Callable[[], 
     paths.status_json.unlink(missing_ok=True)  # whatever status is found afterwards was written by this worker
     timeout = float(job.get("dataset_timeout") or 0)
     paths.progress_jsonl.unlink(missing_ok=True)
-    env = worker_environment(int(job.get("workers", 1)))
-    env[PROGRESS_ENV] = str(paths.progress_jsonl)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cassia_helpers.batch.runner"],
-        env=env,
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=die_with_parent,
-        pass_fds=(lock.fileno(),),  # the worker holds the runner lock too, until it has ended
-    )
-    # the job goes through a pipe, never the command line (a process listing shows arguments)
-    process.stdin.write(json.dumps(job).encode())
-    process.stdin.close()
+    spec = worker_spec(job)
+    environ = {PROGRESS_ENV: str(paths.progress_jsonl), SCHEDULER_ENV: os.environ.get(SCHEDULER_ENV)}
+    # the job goes through a socket, never the command line (a process listing shows arguments); the worker
+    # holds the runner lock too, until it has ended
+    worker = SPARES.take(spec)
+    if worker is None or not worker.hand(job, environ, lock.fileno()):
+        worker = Worker.start(spec)
+        worker.hand(job, environ, lock.fileno())
+    if job.get("prepare_next"):
+        SPARES.prepare(spec)
+    process = worker.process
     forced = reason = ""
     while process.poll() is None:
         if should_stop():
@@ -135,7 +148,7 @@ def _run_locked(job: dict, paths: DatasetPaths, lock, should_stop: Callable[[], 
         elif timeout and time.monotonic() - started > timeout:
             forced, reason = FAILED, f"dataset timed out after {timeout:g} s (--dataset-timeout)"
         if forced:
-            _stop_group(process)
+            stop_group(process)
             break
         time.sleep(0.2)
     duration = time.monotonic() - started
@@ -158,14 +171,37 @@ def _stop_on_signal(signum, frame) -> None:
 
 
 def main() -> int:
-    """The worker process: read the job from stdin, execute the dataset, exit 0 on success."""
+    """The worker process: start the dataset's kernel, wait for the job on stdin (a socket), execute the
+    dataset; exit 0 on success."""
+    from cassia_helpers.batch.execute import dataset_kernel, execute_dataset
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop_on_signal)
-    job = json.loads(sys.stdin.read())
+    # the kernel's name, where it starts (the run folder), and whether this worker was started ahead
+    arguments = sys.argv[1:]
+    kernel_name = arguments[0] if arguments else "python3"
+    kernel_cwd = arguments[1] if len(arguments) > 1 else os.getcwd()
+    ahead = arguments[2:3] == ["ahead"]
+    kernel = record = None
     try:
-        record = execute_dataset(job["parameters"], kernel_name=job.get("kernel_name", "python3"),
-                                 cell_timeout=job.get("cell_timeout", 0.0))
+        try:
+            kernel = dataset_kernel(kernel_name, kernel_cwd, ahead=ahead)
+        except Exception:  # noqa: BLE001 - execute_dataset starts one itself, and records why it cannot
+            kernel = None
+        import papermill  # noqa: F401 - while the kernel starts
+
+        received = receive(socket.socket(fileno=sys.stdin.fileno()))
+        if received is None:  # no dataset for this worker: the run ended
+            return 0
+        job, environ, _lock = received  # the lock stays open until this process ends
+        given, kernel = kernel, None  # execute_dataset kills it
+        record = execute_dataset(job["parameters"], kernel_name=job.get("kernel_name", kernel_name),
+                                 cell_timeout=job.get("cell_timeout", 0.0), kernel=given, environ=environ)
+    except KeyboardInterrupt:  # stopped before its dataset came
+        return 130
     finally:
+        if kernel is not None:
+            kernel.close()
         if os.getpgrp() == os.getpid():  # started by run_dataset: the group is this worker and its kernel
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:

@@ -116,6 +116,8 @@ CHECK_COLUMNS = (
     ("self_score", "author_label", "author_label"), ("self_score", "author_label_fraction", "author_label_fraction"),
     ("self_score", "author_term_id", "author_term_id"), ("self_score", "self_score", "self_score"),
     ("self_score", "self_score_distance", "self_score_distance"),
+    ("batches", "n_batches", "n_batches"), ("batches", "batch_cells", "batch_cells"),
+    ("batches", "single_batch", "single_batch"),
 )
 
 

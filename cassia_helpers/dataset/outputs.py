@@ -17,6 +17,7 @@ import pandas as pd
 from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines
+from cassia_helpers.dataset.batches import batch_result, batch_summary_lines
 from cassia_helpers.dataset.counts import write_counts_layer
 from cassia_helpers.dataset.evidence import summary_lines as evidence_summary_lines
 from cassia_helpers.dataset.record import cluster_key, label_key, provenance
@@ -83,6 +84,15 @@ def check_lines(checks: pd.DataFrame) -> dict[str, str]:
     return lines
 
 
+def _key_markers(result: ClusterAnnotation, *, mark_unsent: bool) -> str:
+    """The call's key markers; with ``mark_unsent`` (a model's call), each one the model named without having
+    been sent it is marked: a reader checking the call against the data should know which came from the model
+    alone."""
+    sent = {gene.upper() for gene in result.markers_sent}
+    return ", ".join(gene if not mark_unsent or gene.upper() in sent else f"{gene} (not sent)"
+                     for gene in result.key_markers)
+
+
 def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: str, species: str,
                     annotator: dict, checks: dict[str, str] | None = None) -> str:
     """The readable CASSIA-style text: per cluster the markers sent, each agent's turn and the call."""
@@ -112,7 +122,7 @@ def annotation_text(results: list[ClusterAnnotation], *, dataset: str, tissue: s
             f"  sub cell types:   {', '.join(r.sub_cell_types) or '-'}",
             f"  mixed cell types: {', '.join(r.mixed_cell_types) or '-'}",
             f"  confidence:       {r.confidence:.0f}",
-            f"  key markers:      {', '.join(r.key_markers) or '-'}",
+            f"  key markers:      {_key_markers(r, mark_unsent=annotator.get('annotator') == 'llm') or '-'}",
             f"  reasoning:        {r.reasoning}",
         ]
         lines += pipeline_text_lines(r)
@@ -187,6 +197,7 @@ def dataset_summary_text(adata: ad.AnnData, paths: DatasetPaths, settings: Setti
             reason = f" [{row['reason']}]" if row["status"] != "ok" else ""
             lines.append(f"    {row['cluster']:>4}  {row['n_cells']:>7} cells  {row['main_cell_type']}{reason}")
     lines += evidence_summary_lines(record)
+    lines += batch_summary_lines(record)
     lines += ["", "Timings (seconds)"]
     lines += [f"  {step:<19} {seconds:9.2f}" for step, seconds in timings.items()]
     lines += [f"  {'preprocessing total':<19} {preprocessing:9.2f}"]
@@ -236,6 +247,17 @@ def _pipeline_summary(table) -> dict:
             "disputed_clusters": int(flags.sum()), "boosted_clusters": int(boosted.sum())}
 
 
+def _self_score(record: dict) -> dict:
+    """The dataset's agreement with its author labels, with the cells per (author label, call) pair under
+    ``confusion`` (``[author_label, call, n_cells, self_score]`` rows, for the report's confusion view)."""
+    summary = dict(record.get("summary", {}))
+    confusion = record.get("confusion")
+    if summary and isinstance(confusion, pd.DataFrame):
+        summary["confusion"] = [[str(a), str(c), int(n), str(s)] for a, c, n, s in
+                                confusion[["author_label", "call", "n_cells", "self_score"]].itertuples(index=False)]
+    return summary
+
+
 def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     """``{dataset}_result.json``: the notebook's record for the run summaries, written last."""
     record = provenance(adata)
@@ -267,7 +289,8 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "cell_type_terms": _terms(adata),
         "flagged_clusters": _flagged(record),
         "evidence_flags": record.get("marker_evidence", {}).get("flags", {}),
-        "self_score": dict(record.get("self_score", {}).get("summary", {})),
+        "self_score": _self_score(record.get("self_score", {})),
+        **({"batches": batch_result(record)} if record.get("batches") else {}),
     }
     write_json(paths.result_json, result)
     return paths.result_json

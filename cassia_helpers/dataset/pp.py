@@ -16,6 +16,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from cassia_helpers.dataset.batches import highly_variable_per_batch
 from cassia_helpers.dataset.counts import LIBRARY_SIZE_KEY
 from cassia_helpers.dataset.matrix import cells_per_gene, dense_blocks, row_blocks, subset_in_place
 from cassia_helpers.dataset.numba_cache import import_umap, quiet_uncachable
@@ -121,7 +122,7 @@ def normalize(adata: ad.AnnData, *, target_sum: float = 1e4) -> None:
 
 
 @timed("pca")
-def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int = 50) -> None:
+def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int = 50, batch_key: str = "") -> None:
     """Highly variable genes, then PCA on them without densifying the whole matrix or scaling it.
 
     The covariance of the HVG columns is accumulated over dense blocks of rows (a BLAS product per block),
@@ -130,10 +131,16 @@ def reduce_dimensions(adata: ad.AnnData, *, n_top_genes: int = 2000, n_pcs: int 
     block plus the HVG × HVG covariance. Each component's sign is fixed (largest loading positive), so the
     result is exact and the same on every run: there is no random seed to give.
 
+    With ``batch_key`` (checked by :func:`cassia_helpers.dataset.batches.check_batches`), the genes are chosen
+    in each batch (:func:`~cassia_helpers.dataset.batches.highly_variable_per_batch`).
+
     Writes ``var['highly_variable']``, ``obsm['X_pca']``, ``varm['PCs']`` and ``uns['pca']``
     (``variance``, ``variance_ratio``).
     """
-    mask = highly_variable_genes(adata, n_top_genes=n_top_genes)
+    if batch_key:
+        mask = highly_variable_per_batch(adata, n_top_genes=n_top_genes)
+    else:
+        mask = highly_variable_genes(adata, n_top_genes=n_top_genes)
     n_comps = max(1, min(n_pcs, adata.n_obs - 1, int(mask.sum()) - 1))
     variance, components, mean, total_variance = _covariance_pca(adata.X, mask, n_comps)
     components32, offset = components.astype(np.float32), (mean @ components).astype(np.float32)

@@ -3,7 +3,8 @@
 The author labels are ``obs[label_key]`` or, found automatically, a CELLxGENE file's ``cell_type`` and
 ``cell_type_ontology_term_id`` (kept by :mod:`cassia_helpers.dataset.author` as ``author_cell_type`` and
 ``author_cell_type_ontology_term_id``). They are never changed. Free-text labels are mapped to CL the same way
-the run's calls are (:meth:`CellOntology.match`); CL ids are taken as they are. Each of the run's calls is
+the run's calls are (:meth:`CellOntology.match`; a label that maps to nothing is tried again with the word ``cell``
+appended, for shorthand such as ``CD19+ B`` or ``Dendritic``); CL ids are taken as they are. Each of the run's calls is
 compared with the author's CL term:
 
 - ``exact``: the same term;
@@ -27,6 +28,7 @@ import pandas as pd
 from cassia_helpers.dataset.existing import input_column
 from cassia_helpers.dataset.ontology import UNMATCHED, CellOntology, load_cell_ontology
 from cassia_helpers.dataset.record import cluster_key, provenance
+from cassia_helpers.dataset.record import label_key as calls_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -82,7 +84,11 @@ def _author_terms(onto: CellOntology, labels: pd.Series, *, ids: bool, tissue: s
             term = onto.normalise_id(label)
             terms[label] = term if term in onto.terms else UNMATCHED
         else:
-            terms[label] = match(label).term_id
+            term = match(label).term_id
+            if term == UNMATCHED and not str(label).strip().lower().endswith(("cell", "cells")):
+                # author shorthand names the cell without the word: "CD19+ B", "CD56+ NK", "Dendritic"
+                term = match(f"{label} cell").term_id
+            terms[label] = term
     return terms
 
 
@@ -93,7 +99,9 @@ def score_against_authors(adata: AnnData, *, label_key: str = "", tissue: str = 
     Writes ``uns['cassia_batch']['self_score']``: ``label_key`` (the column scored against), ``clusters``
     (one row per cluster: ``cluster``, ``author_label``, ``author_label_fraction``, ``author_term_id``,
     ``call_term_id``, ``self_score``, ``self_score_distance``), ``summary`` (shares of the scored cells per
-    score, ``scored_cells``, ``unscored_cells``, ``unmapped_author_labels``).
+    score, ``scored_cells``, ``unscored_cells``, ``unmapped_author_labels``) and ``confusion`` (cells per pair of
+    author label and call: ``author_label``, ``call``, ``n_cells``, ``self_score``; what the report's confusion
+    view shows).
     """
     if label_key:
         column = input_column(adata, label_key, what="label_key")
@@ -126,5 +134,11 @@ def score_against_authors(adata: AnnData, *, label_key: str = "", tissue: str = 
     summary.update(self_score_key=column, scored_cells=int(len(scored)),
                    unscored_cells=int((per_cell == UNSCORED).sum()),
                    unmapped_author_labels=sorted(label for label, term in terms.items() if term == UNMATCHED))
-    provenance(adata)["self_score"] = {"label_key": column, "clusters": table, "summary": summary}
+    called = adata.obs[calls_key(adata)].astype(str) if calls_key(adata) in adata.obs else calls
+    pairs = pd.DataFrame({"author_label": labels.to_numpy(), "call": called.to_numpy(),
+                          "self_score": per_cell.to_numpy()})
+    confusion = (pairs.groupby(["author_label", "call", "self_score"], observed=True).size()
+                 .rename("n_cells").reset_index().sort_values("n_cells", ascending=False, kind="stable"))
+    provenance(adata)["self_score"] = {"label_key": column, "clusters": table, "summary": summary,
+                                       "confusion": confusion.reset_index(drop=True)}
     return table

@@ -202,6 +202,9 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
         detail = f"{row.n_cells} cells, {row.n_clusters} clusters, {_fmt_seconds(row.total_time)}" \
             if row.status == "success" else (row.error or "")
         lines.append(f"  {row.status:<11} {row.tissue}/{row.dataset}: {detail}")
+    # entries of the tissue folders that were not run (wrong format, unusable name): a colleague reading the
+    # summary later should see them, not only whoever watched the terminal
+    lines += [f"  {'not run':<11} {line}" for line in manifest.get("skipped_inputs") or []]
     reruns = [r for s in manifest.get("sessions", []) if isinstance(s, dict) for r in s.get("rerun") or []]
     if reruns:  # --resume found them incomplete (batch.resume): say why they ran again
         lines += ["", "Re-run on resume (the earlier files are in the dataset's superseded/ folder)"]

@@ -26,7 +26,7 @@ from cassia_helpers.ledger import format_cost
 from cassia_helpers.palette import UNKNOWN_COLOR, is_no_call, run_palette
 from cassia_helpers.settings import BY_NAME, default
 from cassia_helpers.summary.explore import load_summary
-from cassia_helpers.summary.self_scores import accuracy_rows
+from cassia_helpers.summary.self_scores import SCORE_RGB, accuracy_rows, confusion_view
 
 TEMPLATE = "report.html.j2"
 #: figure (``DatasetPaths.figure_pngs``) -> (caption, thumbnail width in pixels)
@@ -35,7 +35,10 @@ FIGURES = {
     "dotplot": ("Marker genes per cluster", 1000),
     "qc": ("Quality control before and after the thresholds", 900),
     "cluster_sizes": ("Cluster sizes", 600),
+    "qc_batches": ("Quality control per batch", 1100),
 }
+#: figures shown at the page's width (the others side by side)
+WIDE_FIGURES = ("umap", "dotplot", "qc_batches")
 OPEN_SECTIONS_UP_TO = 10
 HEATMAP_WIDTH = 1400
 #: what makes a cluster worth a second look, in the order the report lists them (see ``_clusters``)
@@ -157,7 +160,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor,
     result = _read_json(paths.result_json) if row["status"] == "success" else {}
     clusters = _clusters(paths.clusters_csv, dataset=f"{tissue}/{name}", anchor=anchor, low_score=low_score)
     figures = []
-    for key, path in paths.figure_pngs.items():
+    for key, path in {**paths.figure_pngs, "qc_batches": paths.qc_batches_png}.items():
         caption, width = FIGURES[key]
         if path.is_file():
             figures.append({"key": key, "caption": caption, "src": pool.submit(thumbnail_uri, path, width=width),
@@ -188,6 +191,9 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor,
         "clusters": clusters,
         "n_attention": sum(bool(c["checks"]) for c in clusters),
         "figures": figures,
+        "confusion": confusion_view(result.get("self_score")),
+        "self_score_key": (result.get("self_score") or {}).get("self_score_key", ""),
+        "batches": result.get("batches") or {},
         # links only to files that exist (an input rejected before its notebook ran has none)
         "notebook": f"{tissue}/{name}/{paths.notebook.name}" if paths.notebook.is_file() else "",
         "kernel_log": f"{tissue}/{name}/{paths.kernel_log.name}" if paths.kernel_log.is_file() else "",
@@ -238,6 +244,7 @@ def report_context(run_dir: str | Path) -> dict:
                 figure["src"] = figure["src"].result()
         cross = {"src": cross.result(), "file": CELL_TYPES_PNG} if cross is not None else None
     clusters = [c for d in datasets if d["status"] == "success" for c in d["clusters"]]
+    anchors = {f"{d['tissue']}/{d['name']}": d["anchor"] for d in datasets if d["confusion"]}
     statuses = [d["status_record"] for d in datasets]
     counts = summary["status"].value_counts().to_dict()
     bars, colors = _composition([d for d in datasets if d["status"] == "success"])
@@ -274,6 +281,7 @@ def report_context(run_dir: str | Path) -> dict:
         },
         "datasets": datasets,
         "failures": [d for d in datasets if d["status"] != "success"],
+        "skipped_inputs": [str(line) for line in manifest.get("skipped_inputs") or []],
         "composition": bars,
         "colors": colors,
         "open_sections": len(datasets) <= OPEN_SECTIONS_UP_TO,
@@ -287,7 +295,9 @@ def report_context(run_dir: str | Path) -> dict:
                 for key in ("score", "confidence", "evidence", "agreement", "lineage", "cell_type_ontology_term")},
         "lineages": sorted({c["lineage"] for c in clusters if c["lineage"]}, key=str.casefold),
         "cross": cross,
-        "accuracy": accuracy_rows(summary),
+        "accuracy": [{**row, "anchor": anchors.get(row["dataset"], "")} for row in accuracy_rows(summary)],
+        "score_colors": {kind: f"rgb{rgb}" for kind, rgb in SCORE_RGB.items()},
+        "wide_figures": WIDE_FIGURES,
     }
 
 

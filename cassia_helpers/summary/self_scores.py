@@ -63,3 +63,55 @@ def self_score_lines(table: pd.DataFrame) -> list[str]:
         if row["unmapped"]:
             lines.append(f"    author labels not mapped to the Cell Ontology: {row['unmapped']}")
     return lines
+
+
+#: the confusion view's size: the author labels and calls with most cells; the rest are folded into "other"
+CONFUSION_ROWS, CONFUSION_COLUMNS = 15, 10
+OTHER_LABELS, OTHER_CALLS = "other labels", "other calls"
+#: a confusion cell's colour by its score (the share of the row's cells sets how strongly it is shown)
+SCORE_RGB = {"exact": (27, 140, 58), "partial": (120, 180, 60), "lineage": (230, 160, 30), "wrong": (214, 39, 40),
+             "unscored": (150, 150, 150)}
+
+
+def confusion_view(score: dict | None) -> dict | None:
+    """The report's confusion view of one dataset: author labels (rows) against the run's calls (columns), each
+    cell the share of the row's cells, coloured by its score (:data:`SCORE_RGB`); ``None`` without author labels.
+
+    Reads ``self_score.confusion`` of ``{dataset}_result.json`` (``[author_label, call, n_cells, self_score]``
+    rows). Only the :data:`CONFUSION_ROWS` labels and :data:`CONFUSION_COLUMNS` calls with most cells get their
+    own row or column, so the view keeps to the page's width; the others are summed as ``other``.
+    """
+    records = (score or {}).get("confusion") or []
+    try:
+        table = pd.DataFrame([r[:4] for r in records], columns=["label", "call", "n", "score"])
+        table["n"] = pd.to_numeric(table["n"], errors="coerce").fillna(0).astype(int)
+    except (TypeError, ValueError):
+        return None
+    table = table[table["n"] > 0].astype({"label": str, "call": str, "score": str})
+    if table.empty:
+        return None
+    labels = table.groupby("label")["n"].sum().sort_values(ascending=False, kind="stable")
+    calls = table.groupby("call")["n"].sum().sort_values(ascending=False, kind="stable")
+    shown_labels, shown_calls = list(labels.index[:CONFUSION_ROWS]), list(calls.index[:CONFUSION_COLUMNS])
+    table["row"] = table["label"].where(table["label"].isin(shown_labels), OTHER_LABELS)
+    table["column"] = table["call"].where(table["call"].isin(shown_calls), OTHER_CALLS)
+    columns = shown_calls + ([OTHER_CALLS] if len(calls) > len(shown_calls) else [])
+    rows = []
+    for row in shown_labels + ([OTHER_LABELS] if len(labels) > len(shown_labels) else []):
+        part = table[table["row"] == row]
+        total = int(part["n"].sum())
+        cells = []
+        for column in columns:
+            here = part[part["column"] == column]
+            n = int(here["n"].sum())
+            if not n:
+                cells.append(None)
+                continue
+            kind = here.groupby("score")["n"].sum().idxmax()  # a folded cell shows its most common score
+            share = n / total
+            red, green, blue = SCORE_RGB.get(kind, SCORE_RGB["unscored"])
+            cells.append({"n": n, "pct": 100.0 * share, "score": kind,
+                          "color": f"rgba({red}, {green}, {blue}, {0.15 + 0.75 * share:.2f})",
+                          "dark": share >= 0.55})
+        rows.append({"label": row, "n": total, "cells": cells})
+    return {"columns": columns, "rows": rows, "n_labels": int(len(labels)), "n_calls": int(len(calls))}

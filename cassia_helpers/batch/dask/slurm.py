@@ -28,6 +28,8 @@ FILE_KEYS: dict[str, str] = {
     **{s.name.removeprefix("slurm_"): s.name for s in SETTINGS if s.name.startswith("slurm_")},
     "scheduler_host": "scheduler_host",
 }
+# A job takes a new dataset only with at least this many times the run's longest dataset left of its walltime.
+TIME_MARGIN = 1.25
 _ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
           "BOOT_FAIL", "DEADLINE"}
 
@@ -146,7 +148,9 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False, name: str = "cas
         "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"] or None,
         "local_directory": opts["local_directory"] or None, "log_directory": opts["log_directory"] or None,
         "worker_extra_args": ["--preload", WORKER_PRELOAD], "job_name": name, "job_cls": SlotJob,
-        "scheduler_options": {"dashboard": dashboard, **({"host": host} if host else {})},
+        # no dashboard: the scheduler's HTTP server (health, metrics) on a free local port, not 8787
+        "scheduler_options": {"dashboard": dashboard, **({"host": host} if host else {}),
+                              **({} if dashboard else {"dashboard_address": "127.0.0.1:0"})},
     }
     cluster = cluster_cls(**{k: v for k, v in kwargs.items() if v is not None})
     script = cluster.job_script()
@@ -172,12 +176,46 @@ def _run(command: list[str]) -> str:
     return out.stdout if out.returncode == 0 else ""
 
 
+def slurm_seconds(text: str) -> float | None:
+    """SLURM's time (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in seconds; None when it is
+    not a time (``UNLIMITED``, ``NOT_SET``, empty)."""
+    days, _, clock = str(text).strip().rpartition("-")
+    parts = clock.split(":")
+    if not 1 <= len(parts) <= 3 or not all(part.isdigit() for part in parts) or (days and not days.isdigit()):
+        return None
+    units = (3600, 60, 1)[:len(parts)] if days else {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(parts)]
+    return float(sum(int(part) * unit for part, unit in zip(parts, units, strict=True)) + int(days or 0) * 86400)
+
+
 def queue_states(job_ids: list[str]) -> dict[str, str]:
     """``squeue``'s state of each job still in the queue (PENDING, RUNNING, ...); ended jobs are absent."""
+    return {job_id: state for job_id, (state, _left) in _squeue(job_ids).items()}
+
+
+def _squeue(job_ids: list[str]) -> dict[str, tuple[str, float | None]]:
+    """Each queued job's state and the seconds left of its walltime (None: not running, or no limit)."""
     if not job_ids:
         return {}
-    out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"])
-    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split(None, 1)) == 2)
+    out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %L"])
+    found = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            left = slurm_seconds(fields[2]) if len(fields) > 2 and fields[1] == "RUNNING" else None
+            found[fields[0]] = (fields[1], left)
+    return found
+
+
+def takes_a_dataset(left_s: float | None, needed_s: float, walltime_s: float | None) -> bool:
+    """Whether a job with ``left_s`` seconds of walltime left (None: unknown yet, or no limit) takes a new
+    dataset that may need ``needed_s`` seconds, when a fresh job gets ``walltime_s``.
+
+    A job too short for the dataset takes none: it would be killed mid-dataset. Unless a fresh job would be
+    too short as well: then every job takes datasets (a new job gains nothing).
+    """
+    if left_s is None or not needed_s or (walltime_s is not None and walltime_s < needed_s):
+        return True
+    return left_s >= needed_s
 
 
 def job_end(job_id: str, log_path: str = "", *, wait_s: float = 30.0) -> tuple[str, str]:
@@ -233,6 +271,10 @@ class SlurmJobs:
         self.replacements_left = 3 * jobs if limit < 0 else limit
         self.replaced = 0
         self._seen: dict = {}  # worker-spec name -> SLURM job id
+        self.walltime_s = slurm_seconds(options["walltime"])
+        self.min_time_left = float(options["min_time_left"] or 0)
+        self._ends: dict[str, float] = {}  # job id -> when its walltime ends (time.monotonic())
+        self.retired: set = set()  # worker-spec names of the jobs cancelled for their short walltime
         self._last_upkeep = 0.0
         self._no_worker_since: float | None = None
 
@@ -268,6 +310,57 @@ class SlurmJobs:
                 log.info("Waiting for SLURM jobs to start: %d pending in %s", pending, self.queue)
             time.sleep(1.0)
 
+    def _resubmit(self, names: list) -> None:
+        """Forget the jobs of these worker-spec names (ended, or cancelled here) and submit new ones."""
+        for name in names:
+            self._seen.pop(name, None)
+            self.cluster.worker_spec.pop(name, None)
+            self.cluster.workers.pop(name, None)
+        # a new job gets a slot name never used in this run: Dask forgets a lost worker's name late
+        # (``lost-worker-timeout``) and would then take the new one for it
+        used = [_slot(n) for n in (*self.cluster.worker_spec, *names)]
+        self.cluster._i = max([self.cluster._i, *(n + 1 for n in used if isinstance(n, int))])
+        self.cluster.scale(jobs=self.jobs)
+
+    def resize(self, *, memory: str, walltime: str, jobs: int) -> None:
+        """Cancel the run's jobs (all idle) and submit ``jobs`` new ones with this memory and walltime."""
+        names = list(self.cluster.worker_spec)
+        self.retired.update(names)  # their workers may stay connected a moment: they take no dataset
+        self.cluster.new_spec["options"].update(memory=memory, walltime=walltime)
+        self.walltime_s = slurm_seconds(walltime)
+        self.jobs = jobs
+        self._resubmit(names)
+
+    def ready_workers(self, longest_s: float, busy: set[str]) -> list[str]:
+        """The connected workers that may take a new dataset: those whose job has enough walltime left
+        (:func:`takes_a_dataset`): ``--slurm-min-time-left``, or :data:`TIME_MARGIN` times the run's longest
+        dataset so far (``longest_s``). An idle worker with too little left is retired (its job cancelled, a
+        new one submitted) rather than killed by its walltime in the middle of a dataset; a worker running a
+        dataset is left alone.
+        """
+        needed = self.min_time_left or TIME_MARGIN * longest_s
+        try:
+            names = {address: info.get("name") for address, info in self.client.scheduler_info()["workers"].items()}
+        except Exception:  # noqa: BLE001 - the scheduler is busy: none for now
+            return []
+        now, ready, short = time.monotonic(), [], []
+        for address, name in names.items():
+            if name in self.retired:  # its job is being cancelled
+                continue
+            job_id = self._seen.get(name) or str(getattr(self.cluster.workers.get(name), "job_id", "") or "")
+            end = self._ends.get(job_id)
+            if takes_a_dataset(None if end is None else end - now, needed, self.walltime_s):
+                ready.append(address)
+            elif address not in busy and name in self.cluster.worker_spec and job_id:
+                short.append((name, job_id))
+        if short:
+            _run(["scancel", *(job_id for _name, job_id in short)])
+            self.retired.update(name for name, _job_id in short)
+            self._resubmit([name for name, _job_id in short])
+            log.info("%d SLURM job(s) with less than %.0f s of walltime left take no new dataset "
+                     "(--slurm-min-time-left): cancelled, %d new job(s) submitted", len(short), needed, len(short))
+        return ready
+
     def upkeep(self, queued: int, give_up_s: float) -> str | None:
         """While ``queued`` datasets wait (for the executor or for a worker), replace jobs that ended; a reason
         to give up on the waiting ones, or None.
@@ -283,22 +376,18 @@ class SlurmJobs:
         if not queued or now - self._last_upkeep < 3.0:
             return None
         self._last_upkeep = now
-        alive = queue_states(self.job_ids())
+        queued_jobs = _squeue(self.job_ids())
+        alive = {job_id: state for job_id, (state, _left) in queued_jobs.items()}
+        for job_id, (_state, left) in queued_jobs.items():
+            if left is not None:
+                self._ends[job_id] = now + left
         ended = [name for name, job_id in self._seen.items()
                  if job_id not in alive and name in self.cluster.worker_spec]
         if ended and self.replacements_left > 0:
             ended = ended[:self.replacements_left]
             self.replacements_left -= len(ended)
             self.replaced += len(ended)
-            for name in ended:
-                self._seen.pop(name, None)
-                self.cluster.worker_spec.pop(name, None)
-                self.cluster.workers.pop(name, None)
-            # a replacement gets a slot name never used in this run: Dask forgets a lost worker's name late
-            # (``lost-worker-timeout``) and would then take the replacement for it
-            used = [_slot(n) for n in (*self.cluster.worker_spec, *ended)]
-            self.cluster._i = max([self.cluster._i, *(n + 1 for n in used if isinstance(n, int))])
-            self.cluster.scale(jobs=self.jobs)
+            self._resubmit(ended)
             log.warning("%d SLURM job(s) ended early; submitted %d replacement(s) (%d left)", len(ended),
                         len(ended), self.replacements_left)
             self._no_worker_since = None if self._no_worker_since is None else now

@@ -55,13 +55,20 @@ class DatasetExecutor:
     upkeep
         ``upkeep(queued)``, called while waiting: keeps the workers up (e.g. replaces ended SLURM jobs) and
         returns why the queued datasets cannot run any more, or ``None``.
+    ready
+        ``ready(longest_s, busy)``: the addresses of the workers that may take a new dataset, given the
+        longest dataset of this run so far and the workers running one (e.g. SLURM jobs with enough walltime
+        left). Each dataset then goes to one free such worker. ``None``: any worker with a free thread.
     """
 
     def __init__(self, client, *, stop_grace_s: float = 20.0, poll_s: float = 0.1,
-                 upkeep: Callable[[int], str | None] | None = None) -> None:
+                 upkeep: Callable[[int], str | None] | None = None,
+                 ready: Callable[[float, set[str]], list[str]] | None = None) -> None:
         self.client = client
         self.address = client.scheduler.address
         self.upkeep = upkeep
+        self.ready = ready
+        self.longest_s = 0.0  # the longest dataset of this run so far, from its submission to its end
         self.lost = ""  # why the run lost its scheduler, if it did
         self.stop_grace_s = stop_grace_s
         self.poll_s = poll_s
@@ -127,6 +134,8 @@ class DatasetExecutor:
         submitted: list[str] = []
         last_progress = last_capacity = 0.0
         capacity = 0
+        ready: list[str] = []
+        placed: dict = {}  # future -> (its worker's address or None, when it was submitted)
         unreachable_since = None
 
         def report(key: str, record: dict) -> None:
@@ -143,6 +152,9 @@ class DatasetExecutor:
                     continue
                 with self._lock:
                     key = self._running.pop(future, None)
+                _address, since = placed.pop(future, (None, time.monotonic()))
+                if future.status == "finished":
+                    self.longest_s = max(self.longest_s, time.monotonic() - since)
                 if key is not None:
                     report(key, self._outcome(key, future, FutureCancelledError))
 
@@ -172,13 +184,24 @@ class DatasetExecutor:
                             self.client.cancel([future for future, _ in stranded], force=True)
                         for key in [key for key, _job in queued] + [key for _, key in stranded]:
                             report(key, task_record(key, FAILED, f"not started: {reason}", "NoWorker"))
+                    if self.ready and self._queue:
+                        ready = self.ready(self.longest_s, {where for where, _ in placed.values() if where})
                 while self._queue and len(self._running) < capacity and not self._stop_requested.is_set():
+                    where = None
+                    if self.ready:
+                        busy = {address for address, _ in placed.values()}
+                        where = next((address for address in ready if address not in busy), None)
+                        if where is None:
+                            break
                     with self._lock:
                         key, job = self._queue.pop(0)
                         future = self.client.submit(execute, task, job, task_key=key, key=key, pure=False,
                                                     retries=0, stop_event=self.stop_event_name,
-                                                    started_prefix=started_prefix)
+                                                    started_prefix=started_prefix,
+                                                    **({"workers": [where], "allow_other_workers": False}
+                                                       if where else {}))
                         self._running[future] = key
+                        placed[future] = (where, time.monotonic())
                     submitted.append(key)
                     finished.add(future)
                     future.add_done_callback(lambda _: self._wake.set())

@@ -123,6 +123,12 @@ def _annotation(cm: ClusterMarkers, call: ExpressionCall) -> ClusterAnnotation:
         missing = ", ".join(f"{gene} ({name})" for gene, name in call.unmeasured)
         text += (f" Uncertain subtype: the data do not measure {missing}, so the subtypes cannot be "
                  "told apart reliably.")
+    if call.declined:
+        name, share, missing = call.declined
+        text += f" Not refined to {name}: {_percent(share)} of the cells carry its signature"
+        if missing:
+            text += ", and the data do not measure " + ", ".join(f"{gene} ({of})" for gene, of in missing)
+        text += "."
     if call.rival:
         text += f" Next lineage: {call.rival[0]} ({call.rival[1]:.2f})."
     return ClusterAnnotation(

@@ -29,12 +29,15 @@ and MAIT cells, tells neither from the other). On the cluster, the best child is
 least :data:`REFINE_MIN_SCORE` and :data:`REFINE_RATIO` times its best sibling, and when the mean strength
 of those markers is at least :data:`REFINE_RELATIVE` times the current type's on all its markers. On the
 cells (compared with the cells of the clusters of the same lineage, so the answer does not depend on how
-finely the lineage is cut), among the children whose markers the cluster expresses at all: the child
-carried by at least :data:`CELL_SUPPORT` of the cells that carry some child's signature is taken; two
-children each carried by at least :data:`MIX_SHARE` make the cluster a mixture, called at the parent; when
-the cells cannot tell (few of the cluster's cells carry any subtype's signature) the
-cluster's rule decides. Otherwise the call stays at the more general type, so a call is only as specific
-as the data supports.
+finely the lineage is cut), among the children whose markers the cluster expresses at all (a score above
+0, whatever the cluster-level thresholds, which depend on where the boundaries fall): the child carried by
+at least :data:`CELL_SUPPORT` of the cells that carry some child's signature is taken; two children each
+carried by at least :data:`MIX_SHARE` make the cluster a mixture, called at the parent. A lone child in
+view needs :data:`CELL_SUPPORT` of all the cluster's cells, unless the cluster's rule takes it and the
+leading markers of its closest sibling are measured (else half of the cluster may be that sibling, unseen:
+memory B cells in a panel without IGHD). When the cells cannot tell (few of the cluster's cells carry any
+subtype's signature, or the lineage is this one cluster) the cluster's rule decides. Otherwise the call
+stays at the more general type, so a call is only as specific as the data supports.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cassia_helpers.dataset.annotate.reference.catalog import MarkerReference, ReferenceCellType
-from cassia_helpers.dataset.annotate.reference.support import CellContext
+from cassia_helpers.dataset.annotate.reference.support import CELL_SUPPORT, MIN_COVERAGE, MIX_SHARE, CellContext, pick
 
 #: a cluster whose best root type scores less is unknown
 MIN_SCORE = 0.08
@@ -66,12 +69,6 @@ VIA_WEIGHT = 0.8
 LINEAGE_CONTENDER = 0.3
 #: a cell carries a lineage when its signature stands this far (standardised units) above the dataset's mean
 LINEAGE_CARRY = 0.5
-#: descend when at least this share of the cells carrying some subtype's signature carry the best one's
-CELL_SUPPORT = 0.6
-#: a second type carried by at least this share of those cells makes the cluster a mixture
-MIX_SHARE = 0.25
-#: the cells decide only when at least this fraction of the cluster's cells carry some signature
-MIN_COVERAGE = 0.25
 #: a subtype call is uncertain when this many first telling markers of it or its closest sibling are not measured
 LEADING = 1
 #: cap of the mean difference (log scale) counted per marker
@@ -101,6 +98,9 @@ class ExpressionCall:
     lineage_split: list[tuple[str, float]] = field(default_factory=list)
     #: the most specific markers of the types weighed at the last step that the data do not measure
     unmeasured: list[tuple[str, str]] = field(default_factory=list)  # (gene, type)
+    #: a subtype the cluster's markers point to but too few of its cells carry, while the markers that would
+    #: show its sibling are not measured: (type, fraction of cells, unmeasured (gene, type))
+    declined: tuple[str, float, list[tuple[str, str]]] | None = None
 
 
 def marker_strength(profile, row: int, peers: list[int] | None = None) -> dict[str, float]:
@@ -270,25 +270,29 @@ class ExpressionScorer:
             by_cluster = not (best_sc < REFINE_MIN_SCORE or best_sc < REFINE_RATIO * runner
                               or level < REFINE_RELATIVE * self.type_score(current, sub_strength, shrink=0.0)[0])
             # only subtypes whose markers the cluster expresses at all are weighed on its cells
-            eligible = [t for t in options if t[0] >= REFINE_MIN_SCORE]
+            eligible = [t for t in options if t[0] > 0.0]
             decided = self._by_cells(eligible, cells) if cells is not None and eligible else None
             if decided is not None:
                 step, support, mixed = decided
                 if step is None and mixed:
                     out.mixed = mixed
                     break
-                if step is not None and (len(eligible) > 1 or by_cluster or support >= CELL_SUPPORT):
+                # one subtype in view: its cells must carry it, unless the cluster clearly does and the
+                # markers that would show the sibling instead are measured (no CD8 T cells hiding CD4 ones)
+                if step is not None and (len(eligible) > 1 or support >= CELL_SUPPORT or (
+                        by_cluster and not self._unmeasured(self._weighed(step, options), children))):
                     best_ct = step
                     best_sc = next(sc for sc, ct, _ in options if ct is step)
                     runner = max((sc for sc, ct, _ in options if ct is not step), default=0.0)
                     out.support.append((step.name, support))
-                elif not by_cluster:
+                elif step is not None or not by_cluster:
+                    if step is not None:
+                        out.declined = (step.name, support, self._unmeasured(self._weighed(step, options), children))
                     break
             elif not by_cluster:
                 break
             out.chain.append((best_ct.name, round(best_sc, 4), round(runner, 4)))
-            rival_ct = next((ct for _, ct, _ in options if ct is not best_ct), None)
-            out.unmeasured = self._unmeasured([best_ct] + ([rival_ct] if rival_ct else []), children)
+            out.unmeasured = self._unmeasured(self._weighed(best_ct, options), children)
             current = best_ct
         out.cell_type = current
         out.key_markers = self._key_markers(current, strength)
@@ -331,24 +335,18 @@ class ExpressionScorer:
 
     def _by_cells(self, options: list[tuple[float, ReferenceCellType, list[tuple[int, str]]]],
                   cells: CellContext) -> tuple[ReferenceCellType | None, float, list[tuple[str, float]]] | None:
-        """Decide one step down on the cluster's cells: (child, its share, []) to descend, (None, 0,
-        split) when the cells split between two children, ``None`` when the cells cannot tell (no
-        population to compare with, or too few of its cells carry any child's signature)."""
-        if cells.population is None:
+        """Decide one step down on the cluster's cells (:func:`.support.pick`); ``None`` when the cells
+        cannot tell: no population to compare with, or none but the cluster itself (its cells would be
+        compared with their own average)."""
+        if cells.population is None or set(cells.population) <= {cells.cluster}:
             return None
         by_name = {ct.name: ct for _, ct, _ in options}
         signatures = {ct.name: self._signature(ct, markers) for _, ct, markers in options}
-        support = cells.support.compare(cells.cluster, signatures, population=cells.population)
-        ranked = support.ranked()
-        if support.assigned < MIN_COVERAGE or not ranked:
+        picked = pick(cells.support.compare(cells.cluster, signatures, population=cells.population))
+        if picked is None:
             return None
-        first = ranked[0][0]
-        if len(ranked) == 1:  # one candidate: the share of all the cluster's cells that carry it
-            return by_name[first], round(support.fractions[first], 2), []
-        if support.share(first) >= CELL_SUPPORT:
-            return by_name[first], round(support.share(first), 2), []
-        split = [(name, round(support.share(name), 2)) for name, _ in ranked if support.share(name) >= MIX_SHARE]
-        return None, 0.0, split if len(split) >= 2 else []
+        name, share, split = picked
+        return (by_name[name] if name is not None else None), share, split
 
     def _signature(self, ct: ReferenceCellType, markers: list[tuple[int, str]]
                    ) -> tuple[list[tuple[int, str]], list[str]]:
@@ -356,6 +354,13 @@ class ExpressionScorer:
         genes = [(o, g) for o, g in ((o, self.resolve(s)) for o, s in markers) if g is not None]
         absent = [g for g in (self.resolve(s) for s in ct.absent_symbols(self.species)) if g is not None]
         return genes, absent
+
+    @staticmethod
+    def _weighed(chosen: ReferenceCellType, options: list[tuple[float, ReferenceCellType, list[tuple[int, str]]]]
+                 ) -> list[ReferenceCellType]:
+        """The chosen subtype and its closest sibling among the options (best score first)."""
+        rival = next((ct for _, ct, _ in options if ct is not chosen), None)
+        return [chosen] + ([rival] if rival is not None else [])
 
     def _unmeasured(self, weighed: list[ReferenceCellType], children: list[ReferenceCellType]
                     ) -> list[tuple[str, str]]:

@@ -30,6 +30,12 @@ MIN_SD = 0.1
 #: weight of the virtual unexpressed marker in each option's mean (few markers: more caution)
 SHRINK = 1.0
 ORDER_SCALE = 10.0
+#: an option is taken when at least this share of the cells carrying some option's signature carry it
+CELL_SUPPORT = 0.6
+#: a second option carried by at least this share of those cells makes the cluster a mixture
+MIX_SHARE = 0.25
+#: the cells decide only when at least this fraction of the cluster's cells carry some signature
+MIN_COVERAGE = 0.25
 
 
 @dataclass
@@ -133,3 +139,21 @@ class CellSupport:
     def _z(self, rows: np.ndarray, cols: list[int], mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
         block = self._x[rows][:, cols].toarray()
         return np.clip((block - mean[cols]) / sd[cols], -Z_CLIP, Z_CLIP)
+
+
+def pick(support: Support) -> tuple[str | None, float, list[tuple[str, float]]] | None:
+    """The cells' verdict on one comparison: ``(option, its share, [])`` when one option is carried by at least
+    :data:`CELL_SUPPORT` of the cells carrying any (a lone option: the share of all the cluster's cells, which
+    may be below it), ``(None, 0, split)`` when two or more are each carried by at least :data:`MIX_SHARE`
+    (``split``: names and shares, else empty), ``None`` when fewer than :data:`MIN_COVERAGE` of the cells
+    carry any option."""
+    ranked = support.ranked()
+    if support.assigned < MIN_COVERAGE or not ranked:
+        return None
+    first = ranked[0][0]
+    if len(ranked) == 1:
+        return first, round(support.fractions[first], 2), []
+    if support.share(first) >= CELL_SUPPORT:
+        return first, round(support.share(first), 2), []
+    split = [(name, round(support.share(name), 2)) for name, _ in ranked if support.share(name) >= MIX_SHARE]
+    return None, 0.0, split if len(split) >= 2 else []
