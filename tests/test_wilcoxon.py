@@ -67,6 +67,13 @@ def test_rank_sum_test_rank_sums_by_hand():
     result = rank_sum_test(x, codes, 2)
     np.testing.assert_allclose(result.scores[:, 0], [expected, -expected])
     np.testing.assert_allclose(result.pts[:, 0], [2 / 3, 1 / 3])
+    # a zero stored in a sparse matrix is a zero like the others
+    stored = sp.csc_matrix((x[:, 0] + 1, (np.arange(6), np.zeros(6, int))), shape=(6, 1))
+    stored.data -= 1
+    assert (stored.data == 0).sum() == 3
+    again = rank_sum_test(stored, codes, 2)
+    np.testing.assert_allclose(again.scores[:, 0], [expected, -expected])
+    np.testing.assert_allclose(again.pts[:, 0], [2 / 3, 1 / 3])
 
 
 @pytest.mark.parametrize("method", ["wilcoxon", "t-test"])

@@ -272,14 +272,12 @@ def _covariance_pca(x, mask: np.ndarray, n_comps: int) -> tuple[np.ndarray, np.n
 
 
 @timed("neighbors")
-def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0, exact_max_cells: int = 20_000) -> None:
+def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0, exact_max_cells: int = 150_000) -> None:
     """kNN graph on ``obsm['X_pca']``. Writes ``obsp['distances']``, ``obsp['connectivities']``.
 
-    Up to ``exact_max_cells`` cells the neighbours are exact (brute force, BLAS). Above it, an approximate
-    PyNNDescent graph (:func:`graph_only_nndescent`) finds 96-98% of the exact neighbours of every cell
-    (``bench/pipeline_vs_tutorial.py`` measures it on a sample of cells) at 2-4 times less cost at 25-50k cells
-    and ~9 times less at 100k; the exact search grows with the square of the cells. Both are the same on
-    every run for a seed.
+    Up to ``exact_max_cells`` cells the neighbours are exact (brute force, BLAS); above it, an approximate
+    PyNNDescent graph (:func:`graph_only_nndescent`), 2-9 times cheaper from 25k to 100k cells, but at 100k its
+    clusters agreed less with the known cell types (ARI 0.45 against 0.49; ``bench/pipeline_vs_tutorial.py``).
     """
     import_umap()  # scanpy builds the graph's connectivities with umap-learn
     k = max(2, min(n_neighbors, adata.n_obs - 1))
@@ -290,10 +288,8 @@ def neighbors(adata: ad.AnnData, *, n_neighbors: int = 15, seed: int = 0, exact_
     provenance(adata)["neighbors"] = {"n_neighbors": k, "search": "exact" if exact else "pynndescent"}
 
 
-#: PyNNDescent's settings for the kNN graph: 8 random-projection trees to start from (scanpy's default grows
-#: to 21 at 100k cells and 55 at 1M) and 30 candidates per cell and iteration (its default is the number of
-#: neighbours, 15). On 100k cells of PBMC-like data, 96% of the exact neighbours in a fifth of the default's
-#: time (which finds 95.9%): the trees cost more than they help once the descent has more candidates.
+#: PyNNDescent's trees and candidates per cell and iteration (scanpy's: 21 trees at 100k cells, 55 at 1M, and
+#: 15 candidates). At 100k cells: 96.2% of the exact neighbours against 95.9%, in a fifth of the time.
 NNDESCENT_TREES, NNDESCENT_CANDIDATES = 8, 30
 
 
@@ -302,9 +298,8 @@ def graph_only_nndescent(n_obs: int, n_neighbors: int, seed: int):
 
     ``PyNNDescentTransformer.fit_transform`` ends by compressing its index for later queries, which
     compiles a search function numba cannot cache (tens of seconds in every kernel); scanpy never queries
-    the index, so that step is skipped. The graph is the same. Settings: :data:`NNDESCENT_TREES`,
-    :data:`NNDESCENT_CANDIDATES`, and umap-learn's number of iterations (the descent stops earlier once
-    it converges). The graph is the same on every run for a seed.
+    the index, so that step is skipped. Settings: :data:`NNDESCENT_TREES`, :data:`NNDESCENT_CANDIDATES`, and
+    umap-learn's number of iterations. The graph is the same on every run for a seed.
     """
     from pynndescent import PyNNDescentTransformer
 

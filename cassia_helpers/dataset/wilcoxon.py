@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 from scipy import stats
@@ -43,53 +44,74 @@ def rank_sum_test(x, codes: np.ndarray, n_groups: int, *, tie_correct: bool = Fa
         Scale the variance by the tie correction, as scanpy's ``tie_correct=True``; scanpy's default
         (and this one's) is not to.
     """
-    x = sp.csc_matrix(x, dtype=np.float64, copy=True)
-    x.eliminate_zeros()
-    x.sort_indices()
+    x = sp.csc_matrix(x, copy=sp.issparse(x) and x.format == "csc")  # a copy of ours: zeros are dropped
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    x.eliminate_zeros()  # a stored zero is a zero: it shares the zeros' rank
     n_cells, n_genes = x.shape
     codes = np.asarray(codes, dtype=np.int64)
     sizes = np.bincount(codes, minlength=n_groups).astype(np.float64)[:, None]
     rest = n_cells - sizes
-
-    column = np.repeat(np.arange(n_genes), np.diff(x.indptr))
-    order = np.lexsort((x.data, column))
-    values, column = x.data[order], column[order]
-    flat = codes[x.indices[order]] * n_genes + column  # (group, gene) of every stored value
-
-    # average 1-based ranks of the stored values among the stored values of their gene, ties shared
-    position = np.arange(len(values)) - x.indptr[column]
-    first = np.ones(len(values), dtype=bool)
-    first[1:] = (values[1:] != values[:-1]) | (column[1:] != column[:-1])
-    tie = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    counts = np.diff(np.append(starts, len(values))).astype(np.float64)
-    ranks = (position[starts] + (counts + 1) / 2)[tie]
-    # the zeros of a gene rank after its negative values and before its positive ones
-    stored = np.diff(x.indptr).astype(np.float64)
+    rank_sums, stored_in, sums, tied, negative = _stored_rank_sums(
+        x.indptr.astype(np.int64), x.indices.astype(np.int64), x.data, codes, n_groups, n_cells)
+    # every zero of a gene shares one rank, after the gene's negative values and before its positive ones
+    stored = stored_in.sum(axis=0)
     zeros = n_cells - stored
-    negative = np.bincount(column[values < 0], minlength=n_genes)
-    ranks += np.where(values > 0, zeros[column], 0.0)
-    zero_rank = negative + (zeros + 1) / 2
-
-    shape = (n_groups, n_genes)
-    stored_in = np.bincount(flat, minlength=n_groups * n_genes).reshape(shape).astype(np.float64)
-    rank_sums = np.bincount(flat, weights=ranks, minlength=n_groups * n_genes).reshape(shape)
-    rank_sums += (sizes - stored_in) * zero_rank
+    rank_sums += (sizes - stored_in) * (negative + (zeros + 1) / 2)
 
     correction = 1.0
     if tie_correct and n_cells >= 2:
-        tied = np.bincount(column[starts], weights=counts**3 - counts, minlength=n_genes) + zeros**3 - zeros
-        correction = 1.0 - tied / (float(n_cells) ** 3 - n_cells)
+        correction = 1.0 - (tied + zeros**3 - zeros) / (float(n_cells) ** 3 - n_cells)
     with np.errstate(divide="ignore", invalid="ignore"):
         spread = np.sqrt(correction * sizes * rest * (n_cells + 1) / 12.0)
         scores = (rank_sums - sizes * (n_cells + 1) / 2.0) / spread
     scores[~np.isfinite(scores)] = 0
     pvals = 2 * stats.norm.sf(np.abs(scores))
 
-    sums = np.bincount(flat, weights=values, minlength=n_groups * n_genes).reshape(shape)
     total = sums.sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean_in, mean_rest = sums / sizes, (total - sums) / rest
         logfoldchanges = np.log2((np.expm1(mean_in) + 1e-9) / (np.expm1(mean_rest) + 1e-9))
         pts, pts_rest = stored_in / sizes, (stored - stored_in) / rest
     return RankSums(scores=scores, pvals=pvals, logfoldchanges=logfoldchanges, pts=pts, pts_rest=pts_rest)
+
+
+@numba.njit(parallel=True, cache=True)
+def _stored_rank_sums(indptr, indices, data, codes, n_groups, n_cells):
+    """Per group × gene of a CSC matrix: the rank sum, count and sum of the stored non-zero values, ranked
+    within their gene with the gene's zeros counted in (ties share their average rank); per gene, the
+    tie term sum(t³ - t) of the stored values and the number of negative values.
+
+    Genes are independent, so the loop over them runs on all threads and gives the same result on every
+    run: each gene's sums are written by one thread, in the sorted order of its values.
+    """
+    n_genes = len(indptr) - 1
+    rank_sums = np.zeros((n_groups, n_genes))
+    stored_in = np.zeros((n_groups, n_genes))
+    sums = np.zeros((n_groups, n_genes))
+    tied = np.zeros(n_genes)
+    negative = np.zeros(n_genes)
+    for gene in numba.prange(n_genes):
+        lo, hi = indptr[gene], indptr[gene + 1]
+        values = data[lo:hi]
+        order = np.argsort(values)
+        zeros = n_cells - (hi - lo)
+        first = 0
+        while first < hi - lo:
+            value = values[order[first]]
+            last = first
+            while last + 1 < hi - lo and values[order[last + 1]] == value:
+                last += 1
+            count = float(last - first + 1)
+            rank = first + (count + 1) / 2 + (zeros if value > 0 else 0)
+            if value < 0:
+                negative[gene] += count
+            tied[gene] += count**3 - count
+            for k in range(first, last + 1):
+                row = indices[lo + order[k]]
+                group = codes[row]
+                rank_sums[group, gene] += rank
+                stored_in[group, gene] += 1
+                sums[group, gene] += values[order[k]]
+            first = last + 1
+    return rank_sums, stored_in, sums, tied, negative
