@@ -65,8 +65,10 @@ def test_rate_limit_storm_across_parallel_datasets_one_request_at_a_time(llm_env
     keep_only(blood_dir, 2)
     llm_env.latency = 0.05
     llm_env.fail_next(12, status=429, retry_after=0.3)
+    # enough attempts that the storm cannot exhaust one request, whichever dataset reaches the server first
+    # (one dataset may still be clustering while the other's first request takes every 429)
     process = start(tmp_path, "--tissues", "blood", "--workers", "2", "--llm-concurrency", "1",
-                    *llm_args(tmp_path, "--no-cache"), offline=False)
+                    *llm_args(tmp_path, "--no-cache", "--llm-max-attempts", "13"), offline=False)
     _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     # two datasets at once, each with requests of its own in flight, and never two requests on the server

@@ -10,7 +10,7 @@ from pathlib import Path
 from cassia_helpers.contract import BATCH_SUMMARY_TXT, SUCCESS, DatasetPaths, read_result
 
 log = logging.getLogger("cassia_helpers")
-STEP_NAMES = {"load": "loading", "qc": "QC", "normalize": "normalising", "pca": "HVG + PCA",
+STEP_NAMES = {"load": "loading", "qc": "QC", "normalize": "normalising", "pca": "HVG + PCA", "harmony": "Harmony",
               "neighbors": "neighbours", "leiden": "leiden", "umap": "UMAP", "markers": "marker genes",
               "annotation": "annotating"}
 

@@ -110,7 +110,6 @@ def highly_variable_per_batch(adata: AnnData, *, n_top_genes: int = 2000) -> np.
     return adata.var["highly_variable"].to_numpy()
 
 
-@timed("harmony")
 def integrate_batches(adata: AnnData, *, batch_key: str = "", seed: int = 0) -> None:
     """Correct ``obsm['X_pca']`` for the batches of ``obs['cassia_batch']`` with Harmony; nothing without a key
     (or with one batch only).
@@ -119,8 +118,12 @@ def integrate_batches(adata: AnnData, *, batch_key: str = "", seed: int = 0) -> 
     ``uns['cassia_batch']['batches']['harmony']`` (``iterations``, ``converged``, ``n_clusters``, ``seed``).
     """
     record = provenance(adata).get("batches")
-    if not batch_key or not record or len(record["batches"]) < 2:
-        return
+    if batch_key and record and len(record["batches"]) >= 2:  # a step, timed and on the progress lines, only then
+        _harmony(adata, record, seed=seed)
+
+
+@timed("harmony")
+def _harmony(adata: AnnData, record: dict, *, seed: int) -> None:
     import harmonypy
 
     pcs = np.asarray(adata.obsm["X_pca"], dtype=np.float64)
