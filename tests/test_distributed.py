@@ -512,3 +512,23 @@ def test_slurm_memory_from_the_inputs_sizes_is_capped(tmp_path):
     assert memory_for_inputs([small], cap="8GB") == "953MiB"  # 1 GB + 10 kB
     assert memory_for_inputs([small, folder], cap="8GB") == "2384MiB"  # the largest input: 1 GB + 1.5 GB
     assert memory_for_inputs([small, folder], cap="2GB") == "1907MiB"  # never above --slurm-memory
+
+
+def test_a_dataset_sent_to_a_worker_that_left_before_it_started_goes_to_another(client, tmp_path):
+    # With SLURM, the driver sends each dataset to one chosen worker. The list it chose from can be a second old:
+    # a cancelled job's worker may be in it. The dataset must go to another worker, not wait for that one forever.
+    tag = f"cassia-fake-{os.getpid()}-stranded"
+    jobs = jobs_for(tmp_path, ["a", "b"], 0.2, tag)
+    gone = "tcp://127.0.0.1:9"  # a worker that left: nothing listens there
+    offered = []
+
+    def ready(longest_s: float, busy: set[str]) -> list[str]:
+        live = sorted(client.scheduler_info()["workers"])
+        offered.append(live)
+        return [gone] if len(offered) == 1 else live
+
+    done = run_collecting(DatasetExecutor(client, ready=ready), dask_fakes.sleeper, jobs)
+    assert sorted(key for key, _ in done) == sorted(jobs)
+    assert all(record["status"] == "success" for _, record in done), done
+    for name in ("a", "b"):  # each ran once, on a live worker
+        assert len((tmp_path / f"{name}.runs").read_text().splitlines()) == 1

@@ -7,6 +7,7 @@ when it turns true. It never raises for a dataset failure.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -20,6 +21,8 @@ from cassia_helpers.contract import FAILED, INTERRUPTED, NOT_STARTED, WORKER_DIE
 SCHEDULER_LOST_S = 10.0
 
 Task = Callable[[dict, Callable[[], bool]], dict]
+
+log = logging.getLogger("cassia_helpers")
 
 
 @dataclass
@@ -144,9 +147,13 @@ class DatasetExecutor:
             on_done(key, record)
 
         vanished = []  # futures cancelled by no stop of ours: their scheduler went away, not their datasets
+        requeued: set = set()  # futures withdrawn by us: their dataset went back to the queue
+        submissions: dict[str, int] = {}
 
         def collect() -> None:
             for future in finished.next_batch(block=False):
+                if future in requeued:
+                    continue
                 if future.status in ("cancelled", "lost") and not self._stop_requested.is_set():
                     vanished.append(future)
                     continue
@@ -184,6 +191,8 @@ class DatasetExecutor:
                             self.client.cancel([future for future, _ in stranded], force=True)
                         for key in [key for key, _job in queued] + [key for _, key in stranded]:
                             report(key, task_record(key, FAILED, f"not started: {reason}", "NoWorker"))
+                    if self.ready:
+                        self._requeue_stranded(placed, requeued, jobs)
                     if self.ready and self._queue:
                         ready = self.ready(self.longest_s, {where for where, _ in placed.values() if where})
                 while self._queue and len(self._running) < capacity and not self._stop_requested.is_set():
@@ -195,7 +204,10 @@ class DatasetExecutor:
                             break
                     with self._lock:
                         key, job = self._queue.pop(0)
-                        future = self.client.submit(execute, task, job, task_key=key, key=key, pure=False,
+                        # a dataset sent again (its worker left before it started) needs a fresh Dask key
+                        submissions[key] = submissions.get(key, 0) + 1
+                        dask_key = key if submissions[key] == 1 else f"{key}#{submissions[key]}"
+                        future = self.client.submit(execute, task, job, task_key=key, key=dask_key, pure=False,
                                                     retries=0, stop_event=self.stop_event_name,
                                                     started_prefix=started_prefix,
                                                     **({"workers": [where], "allow_other_workers": False}
@@ -229,6 +241,28 @@ class DatasetExecutor:
                         self.client.set_metadata([started_prefix, key], None)
                 except Exception:  # noqa: BLE001 - only tidying the scheduler
                     pass
+
+    def _requeue_stranded(self, placed: dict, requeued: set, jobs: Mapping[str, dict]) -> None:
+        """Datasets sent to a worker that left before they started (its SLURM job ended meanwhile) go back to
+        the front of the queue: pinned to that worker, the scheduler would keep them waiting for it forever."""
+        try:
+            connected = set(self.client.scheduler_info()["workers"])
+        except Exception:  # noqa: BLE001 - the scheduler is busy: look again at the next round
+            return
+        for future, (where, _since) in list(placed.items()):
+            if where is None or where in connected or future.done():
+                continue
+            with self._lock:
+                key = self._running.get(future)
+            if key is None or self.started(key):  # it ran there: its worker's death is its outcome
+                continue
+            requeued.add(future)
+            placed.pop(future, None)
+            with self._lock:
+                self._running.pop(future, None)
+                self._queue.insert(0, (key, jobs[key]))
+            self.client.cancel([future], force=True)
+            log.info("%s: its worker left before it started; it goes to another", key)
 
     def _orphan(self, report) -> None:
         """The scheduler is lost: the queued datasets were not started; the running ones are reported as
