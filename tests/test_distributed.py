@@ -518,7 +518,7 @@ def test_a_dataset_sent_to_a_worker_that_left_before_it_started_goes_to_another(
     # With SLURM, the driver sends each dataset to one chosen worker. The list it chose from can be a second old:
     # a cancelled job's worker may be in it. The dataset must go to another worker, not wait for that one forever.
     tag = f"cassia-fake-{os.getpid()}-stranded"
-    jobs = jobs_for(tmp_path, ["a", "b"], 0.2, tag)
+    jobs = jobs_for(tmp_path, ["a", "b"], 2.0, tag)  # long enough for a wrongly raised stop to be seen
     gone = "tcp://127.0.0.1:9"  # a worker that left: nothing listens there
     offered = []
 
@@ -530,5 +530,6 @@ def test_a_dataset_sent_to_a_worker_that_left_before_it_started_goes_to_another(
     done = run_collecting(DatasetExecutor(client, ready=ready), dask_fakes.sleeper, jobs)
     assert sorted(key for key, _ in done) == sorted(jobs)
     assert all(record["status"] == "success" for _, record in done), done
-    for name in ("a", "b"):  # each ran once, on a live worker
+    for name in ("a", "b"):  # each ran once, on a live worker, to its end
         assert len((tmp_path / f"{name}.runs").read_text().splitlines()) == 1
+        assert not (tmp_path / f"{name}.stopped").exists()

@@ -306,7 +306,7 @@ def test_a_cancelled_job_is_replaced_and_the_queue_drains(runs):
     assert len(cancelled) == 1 and cancelled[0]["error_type"] == "JobCancelled", records
     assert cancelled[0]["slurm_job_id"] == first
     others = [r for r in records.values() if r["status"] == "success"]
-    assert len(others) == 1 and others[0]["slurm_job_id"] != first  # run by the replacement
+    assert len(others) == 1 and others[0]["slurm_job_id"] != first, (records, run.text)  # run by the replacement
     assert "replacement" in run.text
     assert_nothing_left({r["slurm_job_id"] for r in records.values()})
 

@@ -132,7 +132,8 @@ def execute(task: Callable[[dict, Callable[[], bool]], dict], job: dict, *, task
         return task_record(key, FAILED, WORKER_DIED, "WorkerDied")
     started.set()
     client.set_metadata([started_prefix, key], start_info())
-    stop = _StopWatch(stop_event_, key)
+    # the Dask key, which differs from the dataset's for a dataset sent again (its first worker left)
+    stop = _StopWatch(stop_event_, worker.get_current_task())
     try:
         return task(job, stop)
     finally:
