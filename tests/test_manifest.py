@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.synthetic import make_counts, write
@@ -443,3 +444,16 @@ def test_author_shorthand_without_the_word_cell_is_mapped_and_unmapped_labels_ar
     assert record["summary"]["unmapped_author_labels"] == ["CD4+/CD25 T Reg"]
     confusion = record["confusion"].set_index("author_label")
     assert confusion.loc["Dendritic", ["call", "n_cells", "self_score"]].tolist() == ["Dendritic cell", 2, "exact"]
+
+
+def test_a_dataset_whose_labels_all_map_lists_no_unmapped_label(tmp_path):
+    # batch_summary.csv read back gives NaN for an empty cell: the report and the text must not say "nan"
+    from cassia_helpers.summary.self_scores import accuracy_rows, self_score_lines
+
+    pd.DataFrame({"tissue": ["spleen"], "dataset": ["mouse"], "self_score_key": ["truth"], "self_exact": [0.7],
+                  "self_partial": [0.0], "self_lineage": [0.3], "self_wrong": [0.0], "scored_cells": [300],
+                  "unscored_cells": [0], "unmapped_author_labels": [""]}).to_csv(tmp_path / "summary.csv", index=False)
+    table = pd.read_csv(tmp_path / "summary.csv")
+    [row] = accuracy_rows(table)
+    assert row["unmapped"] == "" and row["scored_cells"] == 300 and row["exact"] == "70.0%"
+    assert "nan" not in "\n".join(self_score_lines(table))

@@ -36,6 +36,11 @@ def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * float(value):.1f}%"
 
 
+def _present(value, missing):
+    """``value``, or ``missing`` for an empty cell of the summary table (NaN when read back from CSV)."""
+    return missing if value is None or value == "" or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def accuracy_rows(table: pd.DataFrame) -> list[dict]:
     """One row per dataset scored against its author labels, for the text summary and the report."""
     if "self_score_key" not in table:
@@ -44,9 +49,9 @@ def accuracy_rows(table: pd.DataFrame) -> list[dict]:
     for row in table[table["self_score_key"].notna() & (table["self_score_key"] != "")].to_dict("records"):
         rows.append({"dataset": f"{row['tissue']}/{row['dataset']}", "key": row["self_score_key"],
                      **{s: _pct(row.get(f"self_{s}")) for s in ("exact", "partial", "lineage", "wrong")},
-                     "scored_cells": int(row.get("scored_cells") or 0),
-                     "unscored_cells": int(row.get("unscored_cells") or 0),
-                     "unmapped": row.get("unmapped_author_labels") or ""})
+                     "scored_cells": int(_present(row.get("scored_cells"), 0)),
+                     "unscored_cells": int(_present(row.get("unscored_cells"), 0)),
+                     "unmapped": str(_present(row.get("unmapped_author_labels"), ""))})
     return rows
 
 
