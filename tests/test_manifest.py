@@ -143,7 +143,6 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
 
     import anndata as ad
     import nbformat
-    import pandas as pd
     from sklearn.metrics import adjusted_rand_score
 
     from tests.synthetic import BLOOD_TYPES, make_donors
@@ -273,7 +272,6 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
 def test_cellxgene_labels_are_found_without_a_label_key_and_scored_by_their_ids():
     import anndata as ad
     import numpy as np
-    import pandas as pd
 
     from cassia_helpers.dataset.ontology import load_cell_ontology
     from cassia_helpers.dataset.self_score import compare, score_against_authors
@@ -364,8 +362,6 @@ def labelled_run(tmp_path: Path, *, n_labels: int, n_calls: int) -> Path:
     labels, its cells spread over ``n_calls`` long calls."""
     import json
 
-    import pandas as pd
-
     from tests.test_figures_report import annotated, make_run
 
     run = make_run(tmp_path, annotated(), n_failed=0)
@@ -427,7 +423,6 @@ return [document.documentElement.scrollWidth, window.innerWidth, t.getBoundingCl
 def test_author_shorthand_without_the_word_cell_is_mapped_and_unmapped_labels_are_listed():
     import anndata as ad
     import numpy as np
-    import pandas as pd
 
     from cassia_helpers.dataset.self_score import score_against_authors
 
