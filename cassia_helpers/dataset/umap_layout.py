@@ -11,7 +11,8 @@ thread per epoch:
 * the coordinates of cells of other ranges are read from a copy taken at the start of the epoch; their
   move along the edge (umap-learn's ``move_other``) is kept per edge and applied by their own range's thread
   in a second pass, through the reverse edge (the graph is symmetric), so each end gets the pull umap-learn
-  gives it, one pass later;
+  gives it, one pass later (an edge writes only its reverse edge's slot, and a range reads only its own
+  edges' slots, in order);
 * negative samples come from a random stream per range and epoch, drawn from the seed.
 
 Nothing depends on which thread runs which range, so the layout is the same for a seed whatever the number
@@ -37,15 +38,13 @@ def _next(state: np.uint64) -> np.uint64:
 
 
 @numba.njit(parallel=True, cache=True)
-def _epoch(embedding, snapshot, pulled, head, tail, cell_bounds, edge_bounds, epochs_per_sample,
+def _epoch(embedding, snapshot, pulled, head, tail, reverse, cell_bounds, edge_bounds, epochs_per_sample,
            epochs_per_negative, next_sample, next_negative, a, b, gamma, alpha, epoch, seed):
     n_cells = embedding.shape[0]
     for chunk in numba.prange(len(cell_bounds) - 1):
         first_cell, end_cell = cell_bounds[chunk], cell_bounds[chunk + 1]
         state = _next(_next(np.uint64(seed) ^ (np.uint64(epoch) << np.uint64(20)) ^ np.uint64(chunk)))
         for edge in range(edge_bounds[chunk], edge_bounds[chunk + 1]):
-            pulled[edge, 0] = 0.0
-            pulled[edge, 1] = 0.0
             if next_sample[edge] > epoch:
                 continue
             j, k = head[edge], tail[edge]
@@ -64,9 +63,9 @@ def _epoch(embedding, snapshot, pulled, head, tail, cell_bounds, edge_bounds, ep
             if local:
                 embedding[k, 0] -= gx
                 embedding[k, 1] -= gy
-            else:  # applied to the other end by its own range (:func:`_pull_others`)
-                pulled[edge, 0] = -gx
-                pulled[edge, 1] = -gy
+            else:  # kept on the reverse edge (written by this edge only), applied by :func:`_pull_others`
+                pulled[reverse[edge], 0] = -gx
+                pulled[reverse[edge], 1] = -gy
             next_sample[edge] += epochs_per_sample[edge]
             n_negative = int((epoch - next_negative[edge]) / epochs_per_negative[edge])
             for _ in range(n_negative):
@@ -86,12 +85,14 @@ def _epoch(embedding, snapshot, pulled, head, tail, cell_bounds, edge_bounds, ep
 
 
 @numba.njit(parallel=True, cache=True)
-def _pull_others(embedding, pulled, head, reverse, edge_bounds):
+def _pull_others(embedding, pulled, head, edge_bounds):
     for chunk in numba.prange(len(edge_bounds) - 1):
         for edge in range(edge_bounds[chunk], edge_bounds[chunk + 1]):
-            other = reverse[edge]
-            embedding[head[edge], 0] += pulled[other, 0]
-            embedding[head[edge], 1] += pulled[other, 1]
+            if pulled[edge, 0] != 0.0 or pulled[edge, 1] != 0.0:
+                embedding[head[edge], 0] += pulled[edge, 0]
+                embedding[head[edge], 1] += pulled[edge, 1]
+                pulled[edge, 0] = 0.0
+                pulled[edge, 1] = 0.0
 
 
 def _reverse_edges(head: np.ndarray, tail: np.ndarray, n_cells: int) -> np.ndarray:
@@ -145,10 +146,10 @@ def chunked_layout(graph: sp.spmatrix, start: np.ndarray, *, n_epochs: int, seed
     for epoch in range(n_epochs):
         snapshot[:] = embedding
         alpha = initial_alpha * (1.0 - epoch / float(n_epochs))
-        _epoch(embedding, snapshot, pulled, head, tail, cell_bounds, edge_bounds, epochs_per_sample,
+        _epoch(embedding, snapshot, pulled, head, tail, reverse, cell_bounds, edge_bounds, epochs_per_sample,
                epochs_per_negative, next_sample, next_negative, float(a), float(b), float(gamma), alpha, epoch,
                int(seed) & 0xFFFFFFFF)
-        _pull_others(embedding, pulled, head, reverse, edge_bounds)
+        _pull_others(embedding, pulled, head, edge_bounds)
     return embedding
 
 
