@@ -311,12 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability-only", action="store_true", help="print only the stability table")
     parser.add_argument("--save", help="write every stability run's per-cell labels to this JSON file")
     parser.add_argument("--before", help="a file written by --save: print accuracy before/after per run")
+    parser.add_argument("--no-split-mixed", dest="split", action="store_false",
+                        help="annotate the leiden clusters as they are (no split of the clusters that hold "
+                             "several populations, as with run_batch.py --no-split-mixed)")
     args = parser.parse_args(argv)
     if not args.stability_only:
         accuracy()
     from bench.reference_stability import stability
 
-    stability(stability_datasets(), save=args.save, before=args.before)
+    stability(stability_datasets(), save=args.save, before=args.before, split=args.split)
     return 0
 
 
