@@ -153,3 +153,34 @@ def test_pbmc68k_at_half_resolution_gets_the_labels_of_resolution_one():
     with resolution 1.0's on 0.67 of the cells without the split; with it, 0.99 (bench/reference_stability.py)."""
     coarse, fine = _pbmc_labels(0.5), _pbmc_labels(1.0)
     assert (coarse == fine).mean() >= 0.9
+
+
+def test_run_batch_splits_the_t_and_nk_cluster_of_pbmc68k_at_half_resolution(tmp_path):
+    """The path a user runs: ``run_batch.py`` on the bundled PBMC example at ``--resolution 0.5``, whose one
+    T-cell cluster holds CD4+ T, CD8+ T and NK cells; with ``--no-split-mixed`` it stays one cluster."""
+    import json
+
+    from cassia_helpers.example_data import pbmc68k_counts
+    from tests.shared_batch import run_cli
+
+    pbmc68k_counts().write_h5ad(tmp_path / "pbmc.h5ad")
+    found = {}
+    for name, flags in (("split", []), ("unsplit", ["--no-split-mixed"])):
+        done = run_cli(["--input", "pbmc.h5ad", "--tissue", "blood", "--resolution", "0.5", "--annotator",
+                        "reference", "--output-dir", name, "--quiet", *flags], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        (folder,) = (tmp_path / name).glob("run_*/blood/pbmc")
+        found[name] = (ad.read_h5ad(folder / "pbmc_annotated.h5ad"), (folder / "pbmc_summary.txt").read_text(),
+                       json.loads((folder / "pbmc_result.json").read_text()))
+    adata, summary, result = found["split"]
+    record = adata.uns["cassia_batch"]["split"]
+    assert "leiden_unsplit" in adata.obs and len(record["clusters"]) >= 1
+    assert adata.obs["leiden"].nunique() == result["n_clusters"] > adata.obs["leiden_unsplit"].nunique()
+    assert "split into" in summary and "called T cell" in summary
+    # the sorted NK cells now have a cluster called NK: none had one before
+    nk = adata.obs["bulk_labels"] == "CD56+ NK"
+    assert (adata.obs["cell_type"][nk].astype(str).str.contains("NK")).mean() >= 0.4
+    unsplit, summary, result = found["unsplit"]
+    assert "leiden_unsplit" not in unsplit.obs and "split into" not in summary
+    assert not unsplit.obs["cell_type"][nk].astype(str).str.contains("NK").any()
+    assert result["n_clusters"] == adata.obs["leiden_unsplit"].nunique()

@@ -46,7 +46,6 @@ UNSPLIT_SUFFIX = "_unsplit"
 _TRIAL = "_cassia_split_trial"
 
 
-@timed("split")
 def split_mixed_clusters(adata: AnnData, *, species: str = "human", tissue: str = "", seed: int = 0,
                          cluster_key: str = "", enabled: bool = True, use_raw: bool = False,
                          layer: str | None = None, min_cells: int = MIN_CELLS) -> dict:
@@ -95,6 +94,15 @@ def split_mixed_clusters(adata: AnnData, *, species: str = "human", tissue: str 
         annotator = ReferenceAnnotator(species=species)
     except (ReferenceDataError, ValueError):
         return {}  # a species the reference has no markers for: nothing to judge with
+    return _split(adata, annotator, key=key, species=species, tissue=tissue, seed=seed, use_raw=use_raw,
+                  layer=layer, min_cells=min_cells)
+
+
+@timed("split")
+def _split(adata: AnnData, annotator: Any, *, key: str, species: str, tissue: str, seed: int, use_raw: bool,
+           layer: str | None, min_cells: int) -> dict:
+    """:func:`split_mixed_clusters` once it is known to apply (a timed step of the pipeline)."""
+    record = provenance(adata)
     before = adata.obs[key]
     labels = before.astype(str).to_numpy()
     judge = _Judge(adata, annotator, tissue=tissue, species=species, use_raw=use_raw, layer=layer)
