@@ -365,12 +365,13 @@ def _igraph_from_adjacency(adjacency: sp.csr_matrix, *, chunk: int = 200_000):
 
 @timed("umap")
 def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
-    """UMAP of the kNN graph. Writes ``obsm['X_umap']`` and ``uns['cassia_batch']['umap']``.
+    """UMAP of the kNN graph. Writes ``obsm['X_umap']``, ``uns['umap']`` and ``uns['cassia_batch']['umap']``.
 
     The layout starts from the first two principal components instead of a spectral embedding of the graph
     (the spectral start is ~40% of UMAP's time at 100k cells, for no better separation of cell types;
-    ``bench/pipeline_variants.py``). Datasets above ``large`` cells run 100 epochs, smaller ones 200 instead of
-    umap-learn's 500 below 10k cells: the embedding is for looking at, and clustering does not use it.
+    ``bench/pipeline_variants.py``). Above ``large`` cells: 100 epochs on all threads, the same for a seed
+    whatever their number (:mod:`~cassia_helpers.dataset.umap_layout`); below, 200 with umap-learn's
+    one-thread layout (not its 500 below 10k cells: the embedding is for looking at only).
     """
     if adata.n_obs < 3:
         adata.obsm["X_umap"] = np.zeros((adata.n_obs, 2), dtype=np.float32)
@@ -378,17 +379,21 @@ def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
     start = np.asarray(adata.obsm["X_pca"][:, :2], dtype=np.float32)
     if start.shape[1] < 2:
         start = np.column_stack([start, np.zeros(len(start), np.float32)])
-    # UMAP's own initialisations live in a box of about ±10
-    adata.obsm["_umap_start"] = start * (10.0 / max(float(np.abs(start).max()), 1e-12))
-    # umap-learn runs 500 epochs below 10k cells: 200 give the same picture in 40% of the time
-    epochs = 100 if adata.n_obs > large else 200
+    epochs, layout = (100, "all threads, fixed cell ranges") if adata.n_obs > large else (200, "umap-learn")
     import_umap()
-    try:
-        sc.tl.umap(adata, random_state=seed, init_pos="_umap_start", maxiter=epochs)
-    finally:
-        del adata.obsm["_umap_start"]
+    if epochs == 100:
+        from cassia_helpers.dataset.umap_layout import umap_chunked
+
+        umap_chunked(adata, start, n_epochs=epochs, seed=seed)
+    else:
+        # UMAP's own initialisations live in a box of about ±10
+        adata.obsm["_umap_start"] = start * (10.0 / max(float(np.abs(start).max()), 1e-12))
+        try:
+            sc.tl.umap(adata, random_state=seed, init_pos="_umap_start", maxiter=epochs)
+        finally:
+            del adata.obsm["_umap_start"]
     adata.obsm["X_umap"] = adata.obsm["X_umap"].astype(np.float32)
-    provenance(adata)["umap"] = {"init": "first two PCs", "epochs": epochs}
+    provenance(adata)["umap"] = {"init": "first two PCs", "epochs": epochs, "layout": layout}
 
 
 def _file(adata: ad.AnnData) -> str:

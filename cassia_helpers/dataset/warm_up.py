@@ -1,5 +1,5 @@
 """``python -m cassia_helpers.dataset.warm_up``: compile and cache, once per installation, the numba code
-every dataset's kernel runs (kNN graph, leiden, UMAP); ``make install`` runs it.
+every dataset's kernel runs (kNN graph, leiden, UMAP, the marker ranking); ``make install`` runs it.
 
 It runs the pipeline's own steps (:mod:`cassia_helpers.dataset.pp`) on a small random count matrix, with
 umap-learn and pynndescent imported through :func:`~cassia_helpers.dataset.numba_cache.import_umap`. It lives
@@ -32,6 +32,7 @@ def warm_up(*, markers: bool = False) -> None:
     pp.neighbors(adata)
     pp.cluster(adata)
     pp.umap(adata)
+    pp.umap(adata, large=0)  # the layout of large datasets
     if markers and adata.obs["leiden"].nunique() > 1:
         from cassia_helpers.dataset.markers import rank_markers
 
@@ -76,4 +77,4 @@ def prepare_kernel() -> None:
 
 
 if __name__ == "__main__":
-    warm_up()
+    warm_up(markers=True)
