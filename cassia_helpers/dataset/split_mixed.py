@@ -228,11 +228,12 @@ def _pieces(graph, rows: np.ndarray, *, seed: int, min_cells: int) -> list[np.nd
     indices of the dataset; ``None`` when none is."""
     import igraph
 
-    sub = graph[rows][:, rows].tocoo()
-    upper = sub.row < sub.col  # the graph is symmetric: one edge per pair
-    edges = np.column_stack([sub.row[upper], sub.col[upper]])
-    g = igraph.Graph(n=len(rows), edges=edges.tolist(), directed=False)
-    weights = sub.data[upper].astype(np.float64)
+    sub = graph[rows][:, rows].tocsr()
+    coo = sub.tocoo()
+    upper = coo.row < coo.col  # the graph is symmetric: one edge per pair (the same modularity as both)
+    edges = np.column_stack([coo.row[upper], coo.col[upper]]).astype(np.int64)
+    g = igraph.Graph(n=len(rows), edges=edges, directed=False)  # from the array: no Python tuple per edge
+    weights = coo.data[upper].astype(np.float64)
     for resolution in RESOLUTIONS:
         igraph.set_random_number_generator(random.Random(seed))
         try:
@@ -240,7 +241,7 @@ def _pieces(graph, rows: np.ndarray, *, seed: int, min_cells: int) -> list[np.nd
                                                        resolution=resolution, n_iterations=2).membership)
         finally:
             igraph.set_random_number_generator(random)
-        membership = _absorb_small(membership, sub.tocsr(), min_cells)
+        membership = _absorb_small(membership, sub, min_cells)
         kinds = np.unique(membership)
         if len(kinds) >= 2:
             return [rows[membership == k] for k in kinds]
