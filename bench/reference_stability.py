@@ -3,7 +3,9 @@
 Called by ``bench/reference_accuracy.py`` (``--stability-only`` runs just this part). For each dataset —
 scanpy's bundled ``pbmc68k_reduced`` (truth: ``bulk_labels``, accepted mapping of the accuracy bench),
 the synthetic brain and the synthetic breast sets (truth: the type each cell was drawn from, right when the
-call's CL term is the truth's) — the reference annotates leiden clusters of nine runs:
+call's CL term is the truth's) — the reference annotates leiden clusters of nine runs, after the pipeline's
+split of the clusters that hold several populations (:func:`cassia_helpers.split_mixed_clusters`, as the
+template runs it; ``--no-split-mixed``: the leiden clusters as they are):
 
 * resolutions 0.5, 1.0 and 2.0 (seed 0, every cell);
 * seeds 0, 1 and 2 of the neighbour graph and leiden (resolution 1.0);
