@@ -107,7 +107,11 @@ def test_the_inputs_own_clusters_and_the_switch_leave_everything_as_it_was():
     assert "split" not in adata.uns["cassia_batch"]
 
 
-def test_tiny_data_and_no_graph_are_left_alone():
+def test_tiny_data_no_graph_and_a_species_without_markers_are_left_alone():
+    adata = _graph()
+    _clusters(adata, merged=("Effector memory CD8+ T cell", "CD56dim NK cell"))
+    assert ch.split_mixed_clusters(adata, species="zebrafish", tissue="blood") == {}
+    assert "leiden_unsplit" not in adata.obs
     adata = _graph(n_cells=2 * MIN_CELLS - 1)
     _clusters(adata, merged=tuple(TYPES))
     before = adata.obs["leiden"].copy()
