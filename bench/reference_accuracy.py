@@ -8,7 +8,8 @@ annotator scoring each group on the expression of the reference markers (``adata
 
 (a) the ground-truth ``bulk_labels`` groups are annotated, each group's call is checked against the
     accepted labels below, and cell-weighted figures are reported (strict, and at lineage level);
-(b) leiden clusters (on the stored PCA) are annotated, every cell inherits its cluster's call, and the
+(b) leiden clusters (on the stored PCA; the clusters that hold several populations split as the pipeline
+    does, unless ``--no-split-mixed``) are annotated, every cell inherits its cluster's call, and the
     cell-level accuracy against ``bulk_labels`` is reported (accepted, strict, lineage level).
 
 "Lineage level" compares Cell Ontology broad lineages (:mod:`cassia_helpers.dataset.ontology`): the call's
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cassia_helpers.dataset.annotate import ClusterMarkers  # noqa: E402
 from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator  # noqa: E402
 from cassia_helpers.dataset.ontology import load_cell_ontology  # noqa: E402
+from cassia_helpers.dataset.split_mixed import split_mixed_clusters  # noqa: E402
 
 TOP_N = 50
 MAX_PADJ = 0.05
@@ -252,11 +254,13 @@ def term_correct(truth_types: dict[str, str]):
     return lambda call, truth: onto.match(call).term_id == truth_types[truth]
 
 
-def brain_accuracy(annotator: ReferenceAnnotator) -> tuple[float, float]:
+def brain_accuracy(annotator: ReferenceAnnotator, *, split: bool = True) -> tuple[float, float]:
     """Cell-level (exact-or-ancestor CL term, lineage) accuracy on the synthetic brain set's leiden clusters."""
     adata = prepared(synthetic_brain())
     sc.pp.neighbors(adata, random_state=0)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=0.5, random_state=0)
+    if split:
+        split_mixed_clusters(adata, species="human", tissue="brain", seed=0)
     clusters = cluster_markers(adata, "leiden")
     calls = annotator.annotate(clusters, tissue="brain", species="human", adata=adata, groupby="leiden")
     onto = load_cell_ontology()
@@ -311,16 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stability-only", action="store_true", help="print only the stability table")
     parser.add_argument("--save", help="write every stability run's per-cell labels to this JSON file")
     parser.add_argument("--before", help="a file written by --save: print accuracy before/after per run")
+    parser.add_argument("--no-split-mixed", dest="split", action="store_false",
+                        help="annotate the leiden clusters as they are (no split of the clusters that hold "
+                             "several populations, as with run_batch.py --no-split-mixed)")
     args = parser.parse_args(argv)
     if not args.stability_only:
-        accuracy()
+        accuracy(split=args.split)
     from bench.reference_stability import stability
 
-    stability(stability_datasets(), save=args.save, before=args.before)
+    stability(stability_datasets(), save=args.save, before=args.before, split=args.split)
     return 0
 
 
-def accuracy() -> None:
+def accuracy(*, split: bool = True) -> None:
     adata = sc.datasets.pbmc68k_reduced()
     truth = adata.obs["bulk_labels"].astype(str)
     annotator = ReferenceAnnotator(species="human")
@@ -354,6 +361,8 @@ def accuracy() -> None:
     # (b) leiden clusters
     sc.pp.neighbors(adata, use_rep="X_pca")
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=1.0, random_state=0)
+    if split:  # the pipeline's step after the clustering
+        split_mixed_clusters(adata, species="human", tissue="pbmc", seed=0, use_raw=True)
     clusters = cluster_markers(adata, "leiden")
     calls = annotator.annotate(clusters, tissue="pbmc", species="human", adata=adata, groupby="leiden",
                                use_raw=True)
@@ -383,7 +392,7 @@ def accuracy() -> None:
     print(f"strict ceiling of these clusters: {ceiling:.2f} (each cluster given the one strict label that is "
           "right for most of its cells)")
     print()
-    brain_accuracy(annotator)
+    brain_accuracy(annotator, split=split)
     print()
 
 

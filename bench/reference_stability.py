@@ -3,7 +3,9 @@
 Called by ``bench/reference_accuracy.py`` (``--stability-only`` runs just this part). For each dataset —
 scanpy's bundled ``pbmc68k_reduced`` (truth: ``bulk_labels``, accepted mapping of the accuracy bench),
 the synthetic brain and the synthetic breast sets (truth: the type each cell was drawn from, right when the
-call's CL term is the truth's) — the reference annotates leiden clusters of nine runs:
+call's CL term is the truth's) — the reference annotates leiden clusters of nine runs, after the pipeline's
+split of the clusters that hold several populations (:func:`cassia_helpers.split_mixed_clusters`, as the
+template runs it; ``--no-split-mixed``: the leiden clusters as they are):
 
 * resolutions 0.5, 1.0 and 2.0 (seed 0, every cell);
 * seeds 0, 1 and 2 of the neighbour graph and leiden (resolution 1.0);
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from cassia_helpers.dataset.annotate import ClusterMarkers  # noqa: E402
 from cassia_helpers.dataset.annotate.reference.annotator import ReferenceAnnotator  # noqa: E402
+from cassia_helpers.dataset.split_mixed import split_mixed_clusters  # noqa: E402
 
 RESOLUTIONS = (0.5, 1.0, 2.0)
 SEEDS = (0, 1, 2)
@@ -68,12 +71,15 @@ def _runs() -> list[tuple[str, float, int, int | None]]:
 
 
 def call_cells(adata, annotator: ReferenceAnnotator, *, tissue: str, resolution: float, seed: int,
-               use_raw: bool) -> pd.Series:
-    """Cluster ``adata`` (neighbours on X_pca, leiden) and return every cell's reference call."""
+               use_raw: bool, split: bool = True) -> pd.Series:
+    """Cluster ``adata`` (neighbours on X_pca, leiden, then, unless ``split`` is false, the pipeline's split of
+    the clusters that hold several populations) and return every cell's reference call."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.pp.neighbors(adata, use_rep="X_pca", random_state=seed)
         sc.tl.leiden(adata, flavor="igraph", n_iterations=2, resolution=resolution, random_state=seed)
+    if split:  # the pipeline's step after the clustering (the template's ch.split_mixed_clusters)
+        split_mixed_clusters(adata, species="human", tissue=tissue, seed=seed, use_raw=use_raw)
     groups = adata.obs["leiden"].astype(str)
     clusters = [ClusterMarkers(cluster=c, genes=[]) for c in sorted(groups.unique(), key=int)]
     calls = annotator.annotate(clusters, tissue=tissue, species="human", adata=adata, groupby="leiden",
@@ -82,7 +88,7 @@ def call_cells(adata, annotator: ReferenceAnnotator, *, tissue: str, resolution:
     return groups.map(label_of), groups
 
 
-def run_dataset(ds: Dataset, annotator: ReferenceAnnotator) -> dict[str, dict]:
+def run_dataset(ds: Dataset, annotator: ReferenceAnnotator, *, split: bool = True) -> dict[str, dict]:
     """Every run of one dataset: {run name: {"labels": {cell: label}, "accuracy": float | None}}."""
     full = ds.build()
     truth = full.obs["truth"].astype(str)
@@ -94,11 +100,12 @@ def run_dataset(ds: Dataset, annotator: ReferenceAnnotator) -> dict[str, dict]:
             keep = np.sort(rng.choice(adata.n_obs, int(SUBSAMPLE_FRACTION * adata.n_obs), replace=False))
             adata = adata[keep].copy()
         labels, groups = call_cells(adata, annotator, tissue=ds.tissue, resolution=resolution, seed=seed,
-                                    use_raw=ds.use_raw)
+                                    use_raw=ds.use_raw, split=split)
         right = [ds.correct(p, truth[c]) for c, p in labels.items()]
         options = sorted(set(truth) | {ct.name for ct in annotator.reference.cell_types})
         out[name] = {"labels": labels.to_dict(), "accuracy": float(np.mean(right)),
                      "n_clusters": int(adata.obs["leiden"].nunique()),
+                     "n_unsplit": int(adata.obs.get("leiden_unsplit", adata.obs["leiden"]).nunique()),
                      "accuracy_ceiling": accuracy_ceiling(groups, truth, options, ds.correct),
                      "clusters": groups.to_dict()}
     return out
@@ -144,14 +151,16 @@ def print_table(ds: Dataset, runs: dict[str, dict], before: dict[str, dict] | No
     """One dataset's stability table, with the before/after columns when a saved run is given."""
     truth = ds.build().obs["truth"].astype(str) if before else None
     base = runs[BASE]["labels"]
-    head = (f"  {'run':22s} {'clusters':>8s} {'accuracy':>8s} {'(ceiling)':>9s} {'agreement':>9s} {'(ceiling)':>9s} "
-            f"{'consistent':>10s}")
+    head = (f"  {'run':22s} {'clusters':>8s} {'split':>5s} {'accuracy':>8s} {'(ceiling)':>9s} {'agreement':>9s} "
+            f"{'(ceiling)':>9s} {'consistent':>10s}")
     if before:
         head += f"  {'accuracy before':>15s} {'agreement before':>16s} {'right->wrong':>12s} {'wrong->right':>12s}"
     print(f"stability: {ds.name} (agreement with '{BASE}' on shared cells)")
     print(head)
     for name, run in runs.items():
-        line = (f"  {name:22s} {run['n_clusters']:8d} {run['accuracy']:8.3f} {run['accuracy_ceiling']:9.3f} "
+        added = run["n_clusters"] - run.get("n_unsplit", run["n_clusters"])  # clusters the split added
+        line = (f"  {name:22s} {run['n_clusters']:8d} {added:+5d} "
+                f"{run['accuracy']:8.3f} {run['accuracy_ceiling']:9.3f} "
                 f"{agreement(run['labels'], base):9.3f} {agreement_ceiling(run['clusters'], base):9.3f} "
                 f"{consistent(run['labels'], base):10.3f}")
         if before and name in before:
@@ -169,13 +178,15 @@ def print_table(ds: Dataset, runs: dict[str, dict], before: dict[str, dict] | No
           f"lowest agreement {min(others):.3f}")
 
 
-def stability(datasets: list[Dataset], *, save: str | None = None, before: str | None = None) -> dict:
-    """Run and print the stability table of every dataset; optionally save or compare with a saved run."""
+def stability(datasets: list[Dataset], *, save: str | None = None, before: str | None = None,
+              split: bool = True) -> dict:
+    """Run and print the stability table of every dataset (``split``: through the pipeline's split of the
+    clusters that hold several populations); optionally save or compare with a saved run."""
     annotator = ReferenceAnnotator(species="human")
     old = json.loads(open(before, encoding="utf-8").read()) if before else {}
     results = {}
     for ds in datasets:
-        results[ds.name] = run_dataset(ds, annotator)
+        results[ds.name] = run_dataset(ds, annotator, split=split)
         print_table(ds, results[ds.name], old.get(ds.name))
         print()
     if save:

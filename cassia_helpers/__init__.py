@@ -26,6 +26,7 @@ _EXPORTS = {
     "keep_clusters": ".dataset.existing",
     "cluster_or_keep": ".dataset.existing",
     "umap_or_keep": ".dataset.existing",
+    "split_mixed_clusters": ".dataset.split_mixed",
     "score_against_authors": ".dataset.self_score",
     "check_batches": ".dataset.batches",
     "integrate_batches": ".dataset.batches",
@@ -57,8 +58,8 @@ __all__ = [
     "marker_evidence", "score_against_authors", "umap_or_keep",
     "check_batches", "count_batches", "integrate_batches", "save_batch_figure",
     "cluster_markers", "explore", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
-    "save_dataset_figures", "write_annotated", "write_annotation", "write_cluster_table", "write_markers",
-    "write_result", "write_summary",
+    "save_dataset_figures", "split_mixed_clusters", "write_annotated", "write_annotation", "write_cluster_table",
+    "write_markers", "write_result", "write_summary",
 ]
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ if TYPE_CHECKING:
     )
     from cassia_helpers.dataset.read import InputError, read_dataset
     from cassia_helpers.dataset.self_score import score_against_authors
+    from cassia_helpers.dataset.split_mixed import split_mixed_clusters
     from cassia_helpers.settings import Settings, context_text
     from cassia_helpers.summary import explore
 

@@ -175,6 +175,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("n_pcs", 50, "principal components", _GRAPH, minimum=2),
     Setting("n_neighbors", 15, "kNN graph neighbours", _GRAPH, minimum=2),
     Setting("resolution", 1.0, "leiden resolution", _GRAPH, above=0),
+    Setting("split_mixed", True, "do not split the clusters whose cells the offline reference sees as two or more "
+            "populations (T and NK cells, ...) before markers and annotation", _GRAPH, flag="--no-split-mixed"),
     Setting("seed", 0, "random seed (kNN graph, leiden, UMAP, marker sampling; PCA is exact)", _GRAPH, minimum=0),
     Setting("marker_method", "wilcoxon", "rank_genes_groups method", _MARKERS,
             choices=("wilcoxon", "t-test", "t-test_overestim_var", "logreg")),

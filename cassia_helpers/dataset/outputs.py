@@ -21,6 +21,7 @@ from cassia_helpers.dataset.batches import batch_result, batch_summary_lines
 from cassia_helpers.dataset.counts import write_counts_layer
 from cassia_helpers.dataset.evidence import summary_lines as evidence_summary_lines
 from cassia_helpers.dataset.record import cluster_key, label_key, provenance
+from cassia_helpers.dataset.split_mixed import split_summary_lines
 from cassia_helpers.dataset.steps import phase_times
 from cassia_helpers.files import atomic_path, write_csv, write_json, write_text
 from cassia_helpers.settings import Settings
@@ -177,6 +178,7 @@ def dataset_summary_text(adata: ad.AnnData, paths: DatasetPaths, settings: Setti
         f"  before QC: {qc.get('cells_before', '?')} cells x {qc.get('genes_before', '?')} genes",
         f"  after QC:  {qc.get('cells_after', '?')} cells x {qc.get('genes_after', '?')} genes",
         f"  clusters:  {record.get('leiden', {}).get('n_clusters', '?')}",
+        *split_summary_lines(record),
         "",
         "Annotation",
         f"  annotator: {described.get('annotator', '?')}",

@@ -117,6 +117,18 @@ class ReferenceAnnotator:
 
         return fill_from_reference(results, self.reference)  # its own score and its hierarchy's levels
 
+    def expression_calls(self, adata: Any, *, tissue: str, species: str = "", groupby: str = "leiden",
+                         use_raw: bool = False, layer: str | None = None) -> dict:
+        """The reference's call of every cluster of ``adata.obs[groupby]`` before it is worded: an
+        :class:`~cassia_helpers.dataset.annotate.reference.expression.ExpressionCall` per cluster name, with
+        the type, the cell-level split between lineages (``lineage_split``) or subtypes (``mixed``).
+        The same calls :meth:`annotate` reports with ``adata``."""
+        from cassia_helpers.dataset.annotate.reference.calls import expression_calls
+
+        sp = normalise_species(species) if species and species.strip() else self.species
+        return expression_calls(self.reference, self.reference.candidates(tissue), sp, adata, groupby=groupby,
+                                use_raw=use_raw, layer=layer)
+
     def score_cluster(
         self,
         cluster: ClusterMarkers,

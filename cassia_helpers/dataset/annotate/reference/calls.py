@@ -36,6 +36,37 @@ UNCERTAIN = 35.0
 STRONG_SCORE = 0.4
 
 
+def expression_calls(
+    reference: MarkerReference,
+    candidates: list[ReferenceCellType],
+    species: str,
+    adata: Any,
+    *,
+    groupby: str = "leiden",
+    use_raw: bool = False,
+    layer: str | None = None,
+) -> dict[str, ExpressionCall]:
+    """The scorer's call for every cluster of ``obs[groupby]`` (lineage pass, then cell-level calls), by
+    cluster name: what :func:`annotate_expression` reports, before it is worded."""
+    from cassia_helpers.dataset.evidence import cluster_profile
+
+    names = adata.raw.var_names if use_raw else adata.var_names
+    scorer = ExpressionScorer(reference, candidates, species, set(map(str, names)))
+    needed = scorer.genes_needed()
+    profile = cluster_profile(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
+    cells = CellSupport(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
+    row_of = {c: i for i, c in enumerate(profile.clusters)}
+    first = {c: scorer.call(marker_strength(profile, i)) for c, i in row_of.items()}
+    lineage = {c: (call.cell_type.lineage if call.cell_type is not None else None) for c, call in first.items()}
+    out = {}
+    for cluster, row in row_of.items():
+        same = [c for c, lin in lineage.items() if lin is not None and lin == lineage[cluster]]
+        peers = [row_of[c] for c in same if c != cluster]
+        out[cluster] = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers),
+                                   cells=CellContext(cells, cluster, tuple(same) or None))
+    return out
+
+
 def annotate_expression(
     reference: MarkerReference,
     clusters: list[ClusterMarkers],
@@ -48,32 +79,18 @@ def annotate_expression(
     layer: str | None = None,
 ) -> list[ClusterAnnotation]:
     """Call every cluster from the expression of the candidates' markers (one call per input cluster)."""
-    from cassia_helpers.dataset.evidence import cluster_profile
-
-    names = adata.raw.var_names if use_raw else adata.var_names
-    scorer = ExpressionScorer(reference, candidates, species, set(map(str, names)))
-    needed = scorer.genes_needed()
-    profile = cluster_profile(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
-    cells = CellSupport(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
-    row_of = {c: i for i, c in enumerate(profile.clusters)}
-    first = {c: scorer.call(marker_strength(profile, i)) for c, i in row_of.items()}
-    lineage = {c: (call.cell_type.lineage if call.cell_type is not None else None) for c, call in first.items()}
+    calls = expression_calls(reference, candidates, species, adata, groupby=groupby, use_raw=use_raw, layer=layer)
     out = []
     for cm in clusters:
-        if cm.cluster not in row_of:
+        call = calls.get(cm.cluster)
+        if call is None:
             out.append(ClusterAnnotation.unknown(cm.cluster, f"cluster not found in obs[{groupby!r}]",
                                                  cm.genes))
-            continue
-        row = row_of[cm.cluster]
-        same = [c for c, lin in lineage.items() if lin is not None and lin == lineage[cm.cluster]]
-        peers = [row_of[c] for c in same if c != cm.cluster]
-        call = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers),
-                           cells=CellContext(cells, cm.cluster, tuple(same) or None))
-        if call.cell_type is None:
+        elif call.cell_type is None:
             out.append(ClusterAnnotation.unknown(
                 cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes, "no_match"))
-            continue
-        out.append(_annotation(cm, call))
+        else:
+            out.append(_annotation(cm, call))
     return out
 
 
