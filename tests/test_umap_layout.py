@@ -102,3 +102,15 @@ def test_an_asymmetric_graph_is_refused():
     graph = sp.csr_matrix(np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=np.float32))
     with pytest.raises(ValueError, match="not symmetric"):
         chunked_layout(graph, np.zeros((3, 2), np.float32), n_epochs=10)
+
+
+def test_the_layout_comes_back_in_the_cells_own_order(pbmc):
+    start = pbmc.obsm["X_pca"][:, :2]
+    plain = chunked_layout(pbmc.obsp["connectivities"], start, n_epochs=30, seed=0)
+    identity = chunked_layout(pbmc.obsp["connectivities"], start, n_epochs=30, seed=0, order=np.arange(pbmc.n_obs))
+    assert np.array_equal(plain, identity)
+    by_cluster = np.argsort(pbmc.obs["leiden"].cat.codes.to_numpy(), kind="stable")
+    laid_out = chunked_layout(pbmc.obsp["connectivities"], start, n_epochs=30, seed=0, order=by_cluster)
+    labels = pbmc.obs["leiden"].to_numpy()
+    # each cell keeps its own place: its cluster's cells stay around it
+    assert silhouette_score(laid_out, labels) >= 0.9 * silhouette_score(plain, labels)
