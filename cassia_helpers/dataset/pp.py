@@ -370,8 +370,7 @@ def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
     The layout starts from the first two principal components instead of a spectral embedding of the graph
     (the spectral start is ~40% of UMAP's time at 100k cells, for no better separation of cell types;
     ``bench/pipeline_variants.py``). Above ``large`` cells: 100 epochs on all threads, the same for a seed
-    whatever their number (:mod:`~cassia_helpers.dataset.umap_layout`); below, 200 with umap-learn's
-    one-thread layout (not its 500 below 10k cells: the embedding is for looking at only).
+    whatever their number (:mod:`~cassia_helpers.dataset.umap_layout`); below, 200 (not 500) with umap-learn's.
     """
     if adata.n_obs < 3:
         adata.obsm["X_umap"] = np.zeros((adata.n_obs, 2), dtype=np.float32)
@@ -379,9 +378,10 @@ def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
     start = np.asarray(adata.obsm["X_pca"][:, :2], dtype=np.float32)
     if start.shape[1] < 2:
         start = np.column_stack([start, np.zeros(len(start), np.float32)])
-    epochs, layout = (100, "all threads, fixed cell ranges") if adata.n_obs > large else (200, "umap-learn")
+    chunked = adata.n_obs > large
+    epochs, layout = (100, "all threads, fixed cell ranges") if chunked else (200, "umap-learn")
     import_umap()
-    if epochs == 100:
+    if chunked:
         from cassia_helpers.dataset.umap_layout import umap_chunked
 
         umap_chunked(adata, start, n_epochs=epochs, seed=seed)

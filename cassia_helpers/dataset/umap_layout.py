@@ -120,20 +120,29 @@ def chunked_layout(graph: sp.spmatrix, start: np.ndarray, *, n_epochs: int, seed
 
     Returns the layout (float32, n × 2, in the cells' own order); ``graph`` and ``start`` are not modified.
     """
-    if order is not None:
-        order = np.asarray(order, dtype=np.int64)
-        laid_out = chunked_layout(sp.csr_matrix(graph)[order][:, order], np.asarray(start)[order], n_epochs=n_epochs,
-                                  seed=seed, min_dist=min_dist, spread=spread, gamma=gamma,
-                                  negative_sample_rate=negative_sample_rate, initial_alpha=initial_alpha)
-        out = np.empty_like(laid_out)
-        out[order] = laid_out
-        return out
     from cassia_helpers.dataset.numba_cache import import_umap
 
     import_umap()  # with numba's on-disk cache
-    from umap.umap_ import find_ab_params, make_epochs_per_sample
+    from umap.umap_ import find_ab_params
 
     a, b = find_ab_params(spread, min_dist)
+    if order is not None:  # laid out in that order, returned in the cells' own
+        order = np.asarray(order, dtype=np.int64)
+        graph, start = sp.csr_matrix(graph)[order][:, order], np.asarray(start)[order]
+    embedding = _layout(graph, start, n_epochs=n_epochs, seed=seed, a=float(a), b=float(b), gamma=gamma,
+                        negative_sample_rate=negative_sample_rate, initial_alpha=initial_alpha)
+    if order is None:
+        return embedding
+    out = np.empty_like(embedding)
+    out[order] = embedding
+    return out
+
+
+def _layout(graph: sp.spmatrix, start: np.ndarray, *, n_epochs: int, seed: int, a: float, b: float,
+            gamma: float, negative_sample_rate: int, initial_alpha: float) -> np.ndarray:
+    """:func:`chunked_layout` on the cells in the order given (umap-learn imported)."""
+    from umap.umap_ import make_epochs_per_sample
+
     coo = sp.csr_matrix(graph, dtype=np.float32, copy=True)
     coo.sum_duplicates()
     if coo.nnz == 0:  # no edges: nothing pulls or pushes
@@ -159,7 +168,7 @@ def chunked_layout(graph: sp.spmatrix, start: np.ndarray, *, n_epochs: int, seed
         snapshot[:] = embedding
         alpha = initial_alpha * (1.0 - epoch / float(n_epochs))
         _epoch(embedding, snapshot, pulled, head, tail, reverse, cell_bounds, edge_bounds, epochs_per_sample,
-               epochs_per_negative, next_sample, next_negative, float(a), float(b), float(gamma), alpha, epoch,
+               epochs_per_negative, next_sample, next_negative, a, b, float(gamma), alpha, epoch,
                int(seed) & 0xFFFFFFFF)
         _pull_others(embedding, pulled, head, edge_bounds)
     return embedding
