@@ -151,6 +151,23 @@ def _pbmc_labels(resolution: float) -> pd.Series:
     return adata.obs["leiden"].astype(str).map(names)
 
 
+def test_the_split_judges_on_the_reference_genes_alone_as_the_annotator_does_on_the_whole_data():
+    """The split reads the reference's genes out of the matrix once (``expression_data``); every call on
+    that slice (type, cell-level support, mixtures) is the call the annotator makes on the whole dataset."""
+    import scanpy as sc
+
+    adata = sc.datasets.pbmc68k_reduced()
+    annotator = ReferenceAnnotator()
+    data = annotator.expression_data(adata, tissue="pbmc", use_raw=True)
+    assert data.n_obs == adata.n_obs and 0 < data.n_vars < adata.raw.n_vars
+    data.obs["bulk_labels"] = adata.obs["bulk_labels"].to_numpy()
+    whole = annotator.expression_calls(adata, tissue="pbmc", groupby="bulk_labels", use_raw=True)
+    sliced = annotator.expression_calls(data, tissue="pbmc", groupby="bulk_labels")
+    assert sliced.keys() == whole.keys()
+    for cluster, call in whole.items():
+        assert sliced[cluster] == call, cluster
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_pbmc68k_at_half_resolution_gets_the_labels_of_resolution_one():
     """At resolution 0.5 one leiden cluster holds CD4+ T, CD8+ T and NK cells: the reference's labels agreed

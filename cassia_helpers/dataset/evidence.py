@@ -54,7 +54,8 @@ class ClusterProfile:
             return None
 
 
-def _matrix(adata: Any, *, use_raw: bool, layer: str | None):
+def matrix_of(adata: Any, *, use_raw: bool = False, layer: str | None = None) -> tuple[Any, list[str]]:
+    """The expression matrix read (``raw.X`` with ``use_raw``, else ``layers[layer]`` or ``X``) and its gene names."""
     if use_raw:
         if adata.raw is None:
             raise ValueError("use_raw=True but adata.raw is None")
@@ -92,7 +93,7 @@ def cluster_profile(
     import pandas as pd
     import scipy.sparse as sp
 
-    x, names = _matrix(adata, use_raw=use_raw, layer=layer)
+    x, names = matrix_of(adata, use_raw=use_raw, layer=layer)
     index = {g: i for i, g in enumerate(names)}
     wanted = list(dict.fromkeys(g for g in (names if genes is None else genes) if g in index))
     cols = np.array([index[g] for g in wanted], dtype=int)

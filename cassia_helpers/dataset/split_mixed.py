@@ -207,19 +207,16 @@ def describe_split(origin: str, info: dict) -> str:
 
 
 class _Judge:
-    """The reference's calls of one dataset under a trial clustering (``obs`` gets a column meanwhile)."""
+    """The reference's calls of one dataset under trial clusterings, on the reference's genes read once."""
 
     def __init__(self, adata: AnnData, annotator: Any, *, tissue: str, species: str, use_raw: bool,
                  layer: str | None) -> None:
-        self.adata, self.annotator = adata, annotator
-        self.options = {"tissue": tissue, "species": species, "use_raw": use_raw, "layer": layer}
+        self.annotator, self.options = annotator, {"tissue": tissue, "species": species}
+        self.data = annotator.expression_data(adata, use_raw=use_raw, layer=layer, **self.options)
 
     def calls(self, labels: np.ndarray) -> dict:
-        self.adata.obs[_TRIAL] = pd.Categorical(labels)
-        try:
-            return self.annotator.expression_calls(self.adata, groupby=_TRIAL, **self.options)
-        finally:
-            del self.adata.obs[_TRIAL]
+        self.data.obs[_TRIAL] = pd.Categorical(labels)
+        return self.annotator.expression_calls(self.data, groupby=_TRIAL, **self.options)
 
 
 def _pieces(graph, rows: np.ndarray, *, seed: int, min_cells: int) -> list[np.ndarray] | None:

@@ -129,6 +129,16 @@ class ReferenceAnnotator:
         return expression_calls(self.reference, self.reference.candidates(tissue), sp, adata, groupby=groupby,
                                 use_raw=use_raw, layer=layer)
 
+    def expression_data(self, adata: Any, *, tissue: str, species: str = "", use_raw: bool = False,
+                        layer: str | None = None) -> Any:
+        """The part of ``adata`` :meth:`expression_calls` reads (its cells, the reference's genes): calls on
+        it equal calls on ``adata`` and cost less when made several times."""
+        from cassia_helpers.dataset.annotate.reference.calls import expression_data
+
+        sp = normalise_species(species) if species and species.strip() else self.species
+        return expression_data(self.reference, self.reference.candidates(tissue), sp, adata, use_raw=use_raw,
+                               layer=layer)
+
     def score_cluster(
         self,
         cluster: ClusterMarkers,

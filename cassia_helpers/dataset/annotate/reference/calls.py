@@ -67,6 +67,30 @@ def expression_calls(
     return out
 
 
+def expression_data(reference: MarkerReference, candidates: list[ReferenceCellType], species: str, adata: Any, *,
+                    use_raw: bool = False, layer: str | None = None) -> Any:
+    """The expression :func:`expression_calls` reads, alone: an AnnData of ``adata``'s cells (``obs`` holds
+    their names only) and the reference's genes the data measure, from ``raw`` / ``layer`` / ``X``.
+
+    Every per-gene statistic of the calls is computed gene by gene, so the calls on it are those on
+    ``adata``; a caller that asks for calls several times (the split of mixed clusters) reads the genes'
+    columns out of the whole matrix once instead of at every call.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from cassia_helpers.dataset.evidence import matrix_of
+
+    x, names = matrix_of(adata, use_raw=use_raw, layer=layer)
+    scorer = ExpressionScorer(reference, candidates, species, set(names))
+    index = {g: i for i, g in enumerate(names)}
+    genes = [g for g in scorer.genes_needed() if g in index]
+    columns = x[:, [index[g] for g in genes]]
+    return ad.AnnData(columns.tocsr() if sp.issparse(columns) else sp.csr_matrix(columns),
+                      obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=genes))
+
+
 def annotate_expression(
     reference: MarkerReference,
     clusters: list[ClusterMarkers],

@@ -106,9 +106,13 @@ class MarkerReference:
                 return ct
         raise KeyError(name)
 
+    @functools.cached_property
+    def _parents(self) -> dict[str, str | None]:
+        return {ct.name: ct.parent for ct in self.cell_types}
+
     def ancestors(self, name: str) -> list[str]:
         """Return the chain of parent types of ``name``, nearest first."""
-        parents = {ct.name: ct.parent for ct in self.cell_types}
+        parents = self._parents
         out: list[str] = []
         cur = parents.get(name)
         while cur is not None and cur not in out:

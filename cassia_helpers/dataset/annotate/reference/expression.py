@@ -146,6 +146,7 @@ class ExpressionScorer:
                        for ct in candidates}
         self._telling: dict[tuple[str, str | None], list[tuple[int, str]]] = {}
         self._foreign: dict[str, set[str]] = {}
+        self._resolved: dict[str, str | None] = {}
         for ct in candidates:
             if ct.lineage not in self._foreign:
                 self._foreign[ct.lineage] = {sym for other in candidates if other.lineage != ct.lineage
@@ -160,10 +161,10 @@ class ExpressionScorer:
 
     def resolve(self, symbol: str) -> str | None:
         """The gene name of the data for a reference symbol (the symbol or a former name)."""
-        for name in self.reference.alias_names(symbol, self.species):
-            if name in self.present:
-                return name
-        return None
+        if symbol not in self._resolved:
+            names = self.reference.alias_names(symbol, self.species)
+            self._resolved[symbol] = next((name for name in names if name in self.present), None)
+        return self._resolved[symbol]
 
     def genes_needed(self) -> list[str]:
         out = []

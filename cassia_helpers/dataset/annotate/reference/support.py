@@ -37,6 +37,8 @@ CELL_SUPPORT = 0.6
 MIX_SHARE = 0.25
 #: the cells decide only when at least this fraction of the cluster's cells carry some signature
 MIN_COVERAGE = 0.25
+#: a cluster's cells x genes are kept dense up to this many values (about 200 MB), else read sparse each time
+DENSE_BLOCK = 25_000_000
 
 
 @dataclass
@@ -73,10 +75,9 @@ class CellSupport:
                  layer: str | None = None) -> None:
         import scipy.sparse as sp
 
-        if use_raw:
-            x, names = adata.raw.X, list(map(str, adata.raw.var_names))
-        else:
-            x, names = (adata.layers[layer] if layer is not None else adata.X), list(map(str, adata.var_names))
+        from cassia_helpers.dataset.evidence import matrix_of
+
+        x, names = matrix_of(adata, use_raw=use_raw, layer=layer)
         index = {g: i for i, g in enumerate(names)}
         self.genes = [g for g in dict.fromkeys(genes) if g in index]
         self._col = {g: i for i, g in enumerate(self.genes)}
@@ -90,6 +91,7 @@ class CellSupport:
         order = np.argsort(codes, kind="stable")
         bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
         self._rows = {str(name): order[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
+        self._block: tuple[str, np.ndarray] | None = None
 
     def cells(self, clusters: list[str] | tuple[str, ...]) -> np.ndarray:
         """Row indices of the cells of ``clusters``, in increasing order."""
@@ -120,6 +122,7 @@ class CellSupport:
         carries an option when its score is the highest and above ``threshold``.
         """
         rows = self.cells([cluster])
+        block = self._cluster_block(cluster, rows)
         mean, sd = self._population(tuple(sorted(population)) if population is not None else None)
         names, scores = [], []
         for name, (markers, absent) in options.items():
@@ -128,11 +131,11 @@ class CellSupport:
                 continue
             cols = [self._col[g] for _, g in kept]
             w = np.array([1.0 / (1.0 + o / ORDER_SCALE) for o, _ in kept])
-            z = self._z(rows, cols, mean, sd)
+            z = self._z(block, rows, cols, mean, sd)
             score = z @ w / (w.sum() + SHRINK)
             absent_cols = [self._col[g] for g in absent if g in self._col]
             if absent_cols:
-                score = score - np.maximum(self._z(rows, absent_cols, mean, sd), 0.0).mean(axis=1)
+                score = score - np.maximum(self._z(block, rows, absent_cols, mean, sd), 0.0).mean(axis=1)
             names.append(name)
             scores.append(score)
         if not names or len(rows) == 0:
@@ -143,8 +146,20 @@ class CellSupport:
         fractions = {name: float(np.mean(carried & (best == i))) for i, name in enumerate(names)}
         return Support(fractions, float(carried.mean()), len(rows))
 
-    def _z(self, rows: np.ndarray, cols: list[int], mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
-        block = self._x[rows][:, cols].toarray()
+    def _cluster_block(self, cluster: str, rows: np.ndarray) -> np.ndarray | None:
+        """The cluster's cells x every gene, dense, kept for the next comparisons of the same cluster (a call
+        compares one cluster several times in a row); ``None`` above :data:`DENSE_BLOCK` values."""
+        if self._block is not None and self._block[0] == cluster:
+            return self._block[1]
+        self._block = None
+        if len(rows) * len(self.genes) > DENSE_BLOCK:
+            return None
+        self._block = (cluster, self._x[rows].toarray())
+        return self._block[1]
+
+    def _z(self, block: np.ndarray | None, rows: np.ndarray, cols: list[int], mean: np.ndarray,
+           sd: np.ndarray) -> np.ndarray:
+        block = block[:, cols] if block is not None else self._x[rows][:, cols].toarray()
         return np.clip((block - mean[cols]) / sd[cols], -Z_CLIP, Z_CLIP)
 
 
