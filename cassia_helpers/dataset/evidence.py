@@ -102,12 +102,13 @@ def cluster_profile(
     labels = adata.obs[groupby].astype(str).to_numpy()
     clusters = [str(c) for c in pd.unique(labels)]
     codes = pd.Categorical(labels, categories=clusters).codes
-    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(clusters), len(codes)))
-    n = np.asarray(onehot.sum(axis=1)).ravel()
+    n = np.bincount(codes, minlength=len(clusters)).astype(np.float64)
     total_n = n.sum()
-    detected = (sub > 0).astype(np.float64)
-    det_sum = np.asarray((onehot @ detected).todense())
-    val_sum = np.asarray((onehot @ sub.astype(np.float64)).todense())
+    # every stored value's (cluster, gene) cell of the sums, in one pass over the stored values
+    slot = np.repeat(codes.astype(np.int64), np.diff(sub.indptr)) * len(wanted) + sub.indices
+    size = len(clusters) * len(wanted)
+    det_sum = np.bincount(slot, weights=sub.data > 0, minlength=size).reshape(len(clusters), len(wanted))
+    val_sum = np.bincount(slot, weights=sub.data, minlength=size).reshape(len(clusters), len(wanted))
     det_all, val_all = det_sum.sum(axis=0), val_sum.sum(axis=0)
     rest = np.maximum(total_n - n, 1)[:, None]
     return ClusterProfile(

@@ -101,86 +101,116 @@ def split_mixed_clusters(adata: AnnData, *, species: str = "human", tissue: str 
 @timed("split")
 def _split(adata: AnnData, annotator: Any, *, key: str, species: str, tissue: str, seed: int, use_raw: bool,
            layer: str | None, min_cells: int) -> dict:
-    """:func:`split_mixed_clusters` once it is known to apply (a timed step of the pipeline)."""
+    """:func:`split_mixed_clusters` once it is known to apply (a timed step of the pipeline).
+
+    Clusters and pieces are integer ids into one table of names (``"3"``, ``"3/0"``, ``"3/0/1"``): every
+    lookup over the cells compares integers, not strings (a million cells, a few hundred names)."""
     record = provenance(adata)
     before = adata.obs[key]
-    labels = before.astype(str).to_numpy()
+    original, uniques = pd.factorize(before.astype(str).to_numpy())  # ids in order of first appearance
+    names = _Names(map(str, uniques))
     judge = _Judge(adata, annotator, tissue=tissue, species=species, use_raw=use_raw, layer=layer)
-    first = judge.calls(labels)
+    first = judge.calls(original, names)
     graph = adata.obsp["connectivities"].tocsr()
-    current = labels.astype(object)
-    todo = [c for c in pd.unique(labels) if int((labels == c).sum()) >= 2 * min_cells]
+    current = original.copy()
+    todo = [names[i] for i, n in enumerate(np.bincount(original)) if n >= 2 * min_cells]
     split = {"key": key, "unsplit_key": key + UNSPLIT_SUFFIX, "min_cells": int(min_cells), "examined": len(todo),
-             "n_clusters_before": int(len(pd.unique(labels)))}
+             "n_clusters_before": len(uniques)}
     accepted: dict[str, dict[str, str]] = {}  # original cluster -> {its piece in `current`: the piece's call}
     for _depth in range(MAX_DEPTH):
         trial = current.copy()
         pieces_of: dict[str, list[str]] = {}
         for name in todo:
-            pieces = _pieces(graph, np.flatnonzero(current == name), seed=seed, min_cells=min_cells)
+            pieces = _pieces(graph, np.flatnonzero(current == names.id(name)), seed=seed, min_cells=min_cells)
             if pieces is not None:
                 pieces_of[name] = [f"{name}/{i}" for i in range(len(pieces))]
                 for piece, rows in zip(pieces_of[name], pieces, strict=True):
-                    trial[rows] = piece
+                    trial[rows] = names.id(piece)
         if not pieces_of:
             break
-        calls = judge.calls(trial.astype(str))
+        calls = judge.calls(trial, names)
+        size = names.sizes(trial)
         todo = []
-        for name, names in pieces_of.items():
-            groups = _join_alike(names, calls, annotator.reference)
+        for name, pieces in pieces_of.items():
+            groups = _join_alike(pieces, calls, annotator.reference)
             if len(groups) < 2:
                 continue
             parts = accepted.setdefault(name.split("/")[0], {})
             parts.pop(name, None)
             for i, group in enumerate(groups):
                 merged = f"{name}/{i}"
-                rows = np.isin(trial, group)
-                current[rows] = merged
-                largest = max(group, key=lambda piece: int((trial == piece).sum()))
-                verdict = _verdict(calls.get(largest))
-                parts[merged] = _label(verdict)
+                rows = np.isin(trial, [names.id(piece) for piece in group])
+                current[rows] = names.id(merged)
+                largest = max(group, key=size)
+                parts[merged] = _label(_verdict(calls.get(largest)))
                 if int(rows.sum()) >= 2 * min_cells:
                     todo.append(merged)  # a third population may still hide in a piece
     if accepted:
         # the pieces of every round judged together on the final clusters: alike ones join again
-        calls = judge.calls(current.astype(str))
+        calls = judge.calls(current, names)
         for origin in list(accepted):
             groups = _join_alike(sorted(accepted[origin]), calls, annotator.reference)
             if len(groups) < 2:
-                current[labels == origin] = origin
+                current[original == names.id(origin)] = names.id(origin)
                 del accepted[origin]
                 continue
             accepted[origin] = {}
+            size = names.sizes(current)
             for group in groups:
-                largest = max(group, key=lambda piece: int((current == piece).sum()))
-                current[np.isin(current, group)] = largest
+                largest = max(group, key=size)
+                current[np.isin(current, [names.id(piece) for piece in group])] = names.id(largest)
                 accepted[origin][largest] = _label(_verdict(calls.get(largest)))
     if not accepted:
         split["n_clusters_after"] = split["n_clusters_before"]
         record["split"] = split
         return split
-    new_ids = _renumber(current.astype(str), labels)
+    rank = _renumber(current, original, names)  # the new cluster id of every id of `current`
+    new_ids = rank[current]
+    n_after = int(rank.max()) + 1
     adata.obs[key + UNSPLIT_SUFFIX] = before.copy()
-    adata.obs[key] = pd.Categorical(new_ids, categories=[str(i) for i in range(len(set(new_ids)))])
-    record.setdefault("leiden", {})["n_clusters"] = int(len(set(new_ids)))
+    adata.obs[key] = pd.Categorical.from_codes(new_ids, categories=[str(i) for i in range(n_after)])
+    record.setdefault("leiden", {})["n_clusters"] = n_after
     renumbered: dict[str, list[str]] = {}
-    for old, new in zip(labels, new_ids, strict=True):
-        renumbered.setdefault(str(old), [])
-        if new not in renumbered[str(old)]:
-            renumbered[str(old)].append(new)
+    for old, new in np.unique(np.column_stack([original, new_ids]), axis=0):
+        renumbered.setdefault(names[old], []).append(str(new))
     clusters = {}
+    size = names.sizes(current)
     for origin in sorted(accepted, key=_order):
-        rows = labels == origin
-        pieces = sorted(accepted[origin].items(), key=lambda p: -int((current == p[0]).sum()))
+        n_cells = int(np.sum(original == names.id(origin)))
+        pieces = sorted(accepted[origin].items(), key=lambda p: -size(p[0]))
         clusters[str(origin)] = {
-            "n_cells": int(rows.sum()), "called": _label(_verdict(first.get(origin))),
-            "into": [str(new_ids[np.flatnonzero(current == piece)[0]]) for piece, _ in pieces],
+            "n_cells": n_cells, "called": _label(_verdict(first.get(origin))),
+            "into": [str(rank[names.id(piece)]) for piece, _ in pieces],
             "populations": [call for _, call in pieces],
-            "fractions": [round(float((current == piece).sum() / rows.sum()), 2) for piece, _ in pieces]}
-    split.update(n_clusters_after=int(len(set(new_ids))), clusters=clusters,
+            "fractions": [round(float(size(piece) / n_cells), 2) for piece, _ in pieces]}
+    split.update(n_clusters_after=n_after, clusters=clusters,
                  renumbered={k: sorted(v, key=int) for k, v in renumbered.items()})
     record["split"] = split
     return split
+
+
+class _Names(list):
+    """The names of clusters and pieces; a name's id is its index (new names are appended)."""
+
+    def __init__(self, names) -> None:
+        super().__init__(names)
+        self._ids = {name: i for i, name in enumerate(self)}
+
+    def id(self, name: str) -> int:
+        if name not in self._ids:
+            self._ids[name] = len(self)
+            self.append(name)
+        return self._ids[name]
+
+    def sizes(self, ids: np.ndarray):
+        """A function: a name's number of cells in ``ids`` (counted once, now)."""
+        counts = np.bincount(ids, minlength=len(self))
+
+        def size(name: str) -> int:
+            i = self._ids.get(name, len(counts))  # a name given after the count has no cells in it
+            return int(counts[i]) if i < len(counts) else 0
+
+        return size
 
 
 def split_summary_lines(record: dict) -> list[str]:
@@ -214,8 +244,11 @@ class _Judge:
         self.annotator, self.options = annotator, {"tissue": tissue, "species": species}
         self.data = annotator.expression_data(adata, use_raw=use_raw, layer=layer, **self.options)
 
-    def calls(self, labels: np.ndarray) -> dict:
-        self.data.obs[_TRIAL] = pd.Categorical(labels)
+    def calls(self, ids: np.ndarray, names: list[str]) -> dict:
+        """The calls, by name, of the clusters ``ids`` (every cell's index into ``names``)."""
+        used = np.unique(ids)
+        compact = np.searchsorted(used, ids)  # categories with cells only, as the clusters to call
+        self.data.obs[_TRIAL] = pd.Categorical.from_codes(compact, categories=[names[i] for i in used])
         return self.annotator.expression_calls(self.data, groupby=_TRIAL, **self.options)
 
 
@@ -312,9 +345,11 @@ def _order(name: str) -> tuple[int, str]:
     return (int(name), "") if str(name).isdigit() else (1 << 30, str(name))
 
 
-def _renumber(refined: np.ndarray, original: np.ndarray) -> np.ndarray:
-    """``"0"``, ``"1"``, … by size, largest first (as leiden numbers clusters); ties in the former order."""
-    names, first, sizes = np.unique(refined, return_index=True, return_counts=True)
-    ranked = sorted(range(len(names)), key=lambda i: (-sizes[i], _order(original[first[i]]), first[i]))
-    new = {names[i]: str(rank) for rank, i in enumerate(ranked)}
-    return np.array([new[n] for n in refined], dtype=object)
+def _renumber(refined: np.ndarray, original: np.ndarray, names: list[str]) -> np.ndarray:
+    """``0``, ``1``, … by size, largest first (as leiden numbers clusters); ties in the former order. Returns
+    the new number of every id of ``refined`` (ids without cells: -1)."""
+    ids, first, sizes = np.unique(refined, return_index=True, return_counts=True)
+    ranked = sorted(range(len(ids)), key=lambda i: (-sizes[i], _order(names[original[first[i]]]), first[i]))
+    rank = np.full(len(names), -1, dtype=np.int64)
+    rank[ids[ranked]] = np.arange(len(ranked))
+    return rank
