@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 #: a piece of a split holds at least this many cells (smaller ones join their best-connected piece)
-MIN_CELLS = 10
+MIN_CELLS = 5
 #: leiden resolutions tried in turn on a cluster's own cells, until it falls into two or more pieces
 RESOLUTIONS = (0.3, 0.5, 1.0)
 #: rounds of splitting: the pieces of a kept split are examined once more
