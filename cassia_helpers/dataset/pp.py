@@ -370,7 +370,7 @@ def umap(adata: ad.AnnData, *, seed: int = 0, large: int = 50_000) -> None:
     The layout starts from the first two principal components instead of a spectral embedding of the graph
     (the spectral start is ~40% of UMAP's time at 100k cells, for no better separation of cell types;
     ``bench/pipeline_variants.py``). Above ``large`` cells: 100 epochs on all threads, the same for a seed
-    whatever their number (:mod:`~cassia_helpers.dataset.umap_layout`); below, 200 (not 500) with umap-learn's.
+    whatever their number (:mod:`~cassia_helpers.dataset.umap_layout`); below, umap-learn's layout (200 epochs).
     """
     if adata.n_obs < 3:
         adata.obsm["X_umap"] = np.zeros((adata.n_obs, 2), dtype=np.float32)

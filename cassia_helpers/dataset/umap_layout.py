@@ -29,6 +29,8 @@ import scipy.sparse as sp
 
 #: fixed number of cell ranges: the result does not depend on the number of threads
 N_CHUNKS = 64
+#: scanpy's UMAP defaults: the curve of the low-dimensional similarities (``uns['umap']['params']``)
+MIN_DIST, SPREAD = 0.5, 1.0
 _CLIP = 4.0
 
 
@@ -108,7 +110,7 @@ def _boxed(start: np.ndarray) -> np.ndarray:
 
 
 def chunked_layout(graph: sp.spmatrix, start: np.ndarray, *, n_epochs: int, seed: int = 0,
-                   order: np.ndarray | None = None, min_dist: float = 0.5, spread: float = 1.0,
+                   order: np.ndarray | None = None, min_dist: float = MIN_DIST, spread: float = SPREAD,
                    gamma: float = 1.0, negative_sample_rate: int = 5, initial_alpha: float = 1.0) -> np.ndarray:
     """Optimise a 2-D layout of the symmetric fuzzy graph ``graph`` (``obsp['connectivities']``) from
     ``start`` (n × 2), as umap-learn's ``simplicial_set_embedding`` with scanpy's defaults does, on all
@@ -176,12 +178,12 @@ def _layout(graph: sp.spmatrix, start: np.ndarray, *, n_epochs: int, seed: int, 
 
 def umap_chunked(adata: ad.AnnData, start: np.ndarray, *, n_epochs: int, seed: int = 0,
                  groupby: str = "leiden") -> None:
-    """:func:`chunked_layout` of ``obsp['connectivities']`` with scanpy's UMAP defaults (``min_dist`` 0.5,
-    ``spread`` 1), the cells laid out by cluster (``obs[groupby]``, when present), then along ``start``'s
+    """:func:`chunked_layout` of ``obsp['connectivities']`` with scanpy's UMAP defaults (:data:`MIN_DIST`,
+    :data:`SPREAD`), the cells laid out by cluster (``obs[groupby]``, when present), then along ``start``'s
     first axis. Writes ``obsm['X_umap']`` and ``uns['umap']`` as :func:`scanpy.tl.umap` does."""
     from umap.umap_ import find_ab_params
 
-    a, b = find_ab_params(1.0, 0.5)
+    a, b = find_ab_params(SPREAD, MIN_DIST)
     keys = [np.asarray(start)[:, 0]]
     if groupby in adata.obs:
         keys.append(adata.obs[groupby].astype("category").cat.codes.to_numpy())
