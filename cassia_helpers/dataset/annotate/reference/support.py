@@ -87,10 +87,10 @@ class CellSupport:
         self.labels = adata.obs[groupby].astype(str).to_numpy()
         self._stats: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
         # each cluster's rows, once: a call looks clusters up about a thousand times on a large dataset
-        codes, names = pd.factorize(self.labels)
+        codes, clusters = pd.factorize(self.labels)
         order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-        self._rows = {str(name): order[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)}
+        bounds = np.searchsorted(codes[order], np.arange(len(clusters) + 1))
+        self._rows = {str(name): order[bounds[i]:bounds[i + 1]] for i, name in enumerate(clusters)}
         self._block: tuple[str, np.ndarray] | None = None
 
     def cells(self, clusters: list[str] | tuple[str, ...]) -> np.ndarray:
