@@ -15,14 +15,17 @@ Part A — overhead on one tiny dataset (``--tiny-cells``, default 3,000 synthet
   paid) — the pure per-dataset compute.
 
 ``overhead vs direct cold`` is what papermill/kernel/driver add per dataset on top of doing the same
-work in a plain Python process. Part A runs every variant ``--repeats`` times (default 3) and prints
+work in a plain Python process; ``direct (cold) / direct (warm)`` is the least any run in a fresh process
+can cost against the warm calls. Part A runs every variant ``--repeats`` times (default 3) and prints
 the minimum (steady state) and the median; the first repeat also pays one-off cache filling.
 
 Part B — four equal datasets (``--datasets`` × ``--cells``, default 4 × 3,000 cells, different seeds) in
 ``{data}/blood/``, ``run_batch.py --annotator reference`` with ``--workers 1`` and ``--workers 2``
 (``--repeats-b`` times each, alternating; medians): wall time, per-dataset time (from the
 ``*_status.json`` files), speed-up, and peak memory of the whole process tree (sum of RSS over the
-driver and all its descendants, polled every 0.2 s).
+driver and all its descendants, polled every 0.2 s), CPU seconds of the process tree (user + system, as
+``/usr/bin/time`` counts them) and the cores they kept busy, and the most ``--workers 2`` could gain on this
+machine's cores with that much CPU work.
 
 Part C — the per-dataset cost of the Dask path against a plain process pool: ``--null-jobs`` datasets
 whose launcher only starts and waits for a runner process that does nothing (``python -c pass``, in
@@ -48,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -110,13 +114,21 @@ def timed_run(cmd: list[str], *, cwd: Path, log: Path, root: Path | None = None)
     env.pop("OPENAI_API_KEY", None)
     # the driver, its runners and their kernels all import the package of that checkout
     env["PYTHONPATH"] = os.pathsep.join([str(root or _common.ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), _children_cpu()
     with open(log, "w") as handle:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, env=env)
         poll = TreeRSS(proc.pid)
         rc = proc.wait()
         poll.stop()
-    return {"wall": time.perf_counter() - start, "rc": rc, "peak_tree": poll.peak, "log": str(log)}
+    return {"wall": time.perf_counter() - start, "rc": rc, "peak_tree": poll.peak, "log": str(log),
+            "cpu": _children_cpu() - cpu_before}
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's ended children and everything they waited for (as
+    ``/usr/bin/time`` counts a command's process tree)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def statuses(run_root: Path) -> list[dict]:
@@ -264,6 +276,8 @@ def part_a(work: Path, tiny: Path, repeats: int, trees: dict[str, Path]) -> dict
     _common.print_table(rows, ["variant (1 tiny dataset)", "min s", "median s", "runs s",
                                "overhead vs direct cold (min) s", "(median) s"])
     print("the first repeat also fills numba's on-disk caches and the OS file cache; min is the steady state")
+    print(f"direct (cold) / direct (warm): {best['direct (cold)'] / best['direct (warm)']:.2f}x (minima): what any "
+          f"run that starts a fresh Python process for the dataset pays at least")
     if extra["dataset_s"]:
         print(f"run_batch.py: dataset status duration (worker's execute_dataset) median "
               f"{statistics.median(extra['dataset_s']):.1f} s; the rest of the run_batch.py wall is driver start, "
@@ -311,9 +325,10 @@ def part_b(work: Path, data_root: Path, n_datasets: int, cells: int, repeats: in
             ok = sum(s["status"] == "success" for s in st)
             durs = [s["duration_s"] for s in st]
             errors = sorted({s["error"][:100] for s in st if s["error"]})
+            cpu = statistics.median(res["cpu"] for res in done)
             rows.append([f"{workers}{label}", min(walls), statistics.median(walls),
                          ", ".join(f"{w:.1f}" for w in walls), statistics.median(walls) / n_datasets,
-                         statistics.median(durs) if durs else "-",
+                         statistics.median(durs) if durs else "-", cpu, cpu / statistics.median(walls),
                          f"{ok}/{len(st)}", _common.gib(max(res["peak_tree"] for res in done)),
                          "; ".join(errors) or "-"])
         for kind, pick in (("median", statistics.median), ("min", min)):
@@ -321,10 +336,17 @@ def part_b(work: Path, data_root: Path, n_datasets: int, cells: int, repeats: in
                                            / pick(res["wall"] for res in runs[(label, 2)]))
     print()
     _common.print_table(rows, ["workers", "min wall s", "median wall s", "runs s", "wall s/dataset",
-                               "median dataset s", "success", "peak tree RSS GiB", "errors"])
+                               "median dataset s", "CPU s", "cores busy", "success", "peak tree RSS GiB",
+                               "errors"])
+    cores = len(os.sched_getaffinity(0))
     for label in trees:
         print(f"speed-up --workers 2 vs 1{label}: {speedups[label + '|median']:.2f}x from the medians, "
               f"{speedups[label + '|min']:.2f}x from the minima, on {n_datasets} x {cells:,}-cell datasets")
+        # the CPU work of --workers 2 spread perfectly over the cores is the least wall time it can take
+        one = statistics.median(res["wall"] for res in runs[(label, 1)])
+        two_cpu = statistics.median(res["cpu"] for res in runs[(label, 2)])
+        print(f"  at most {one * cores / two_cpu:.2f}x on {cores} cores with that much CPU work (CPU s of the "
+              f"process trees, user + system)")
     print()
     return speedups
 
