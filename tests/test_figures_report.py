@@ -255,6 +255,16 @@ def _probe(run: Path, script: str, *, width: int) -> dict:
     return probe(run / "report.html", script, width=width, height=1000)
 
 
+#: on a narrow screen: the width of the key markers' column and of each composition bar, and the cluster table's
+#: box (its scrolled width against its visible width)
+NARROW = """
+var t = document.getElementById("cluster-table");
+var markers = Array.prototype.filter.call(t.tHead.rows[0].cells, function (h) {
+  return h.textContent === "Key markers"; })[0];
+return {markers: markers.getBoundingClientRect().width, box: [t.parentElement.scrollWidth, t.parentElement.clientWidth],
+        bars: Array.prototype.map.call(document.querySelectorAll(".barrow .bar"), function (b) {
+          return b.getBoundingClientRect().width; })};
+"""
 LONG_TERM = "CD14-positive, CD16-negative classical monocyte"  # 47 characters, as Cell Ontology names go
 #: what a reader does in the page, in the real browser: filter, search, sort, open a reasoning row
 INTERACT = """
@@ -305,9 +315,15 @@ def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
     html = write_report(run).read_text(encoding="utf-8")
     assert "1 entry of the input folders not run" in html and "sample.h5ad.gz&#39;: skipped" in html
     assert html.count("data:image/png;base64,") == 2 * 4 + 1  # each dataset's four figures and the heatmap
-    for width in (1024, 1400, 1900):
+    # 500 px: headless Chromium's narrowest window, a large phone's width
+    for width in (500, 768, 1024, 1400, 1900):
         found = _probe(run, "return [document.documentElement.scrollWidth, window.innerWidth];", width=width)
         assert found[0] <= found[1] == width, f"the page scrolls sideways at {width} px: {found}"
+    for width in (500, 768):  # a phone, a tablet or half a laptop's screen
+        found = _probe(run, NARROW, width=width)
+        assert found["markers"] >= 100, f"the key markers are crushed at {width} px: {found}"
+        assert found["box"][0] > found["box"][1], f"the cluster table does not scroll in its box at {width} px"
+        assert min(found["bars"]) >= 100, f"the composition bars are crushed at {width} px: {found}"
     found = _probe(run, INTERACT, width=1280)
     assert "error" not in found, found
     n_types = tiny.obs["leiden"].nunique()
