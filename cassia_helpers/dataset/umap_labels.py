@@ -6,7 +6,9 @@ cluster's central half. Each spot is scored: overlap with labels already placed,
 other groups under the label's box, how few of the spot's nearest cells are the group's own, and distance from
 the medoid; the cheapest wins. A long label may be broken onto two lines to fit. The smallest groups are
 labelled first (they have the fewest spots). A label's position is always one of its own cells, unlike a
-free-moving layout (adjustText), which pushed labels onto neighbours. Deterministic: same data, same figure.
+free-moving layout (adjustText), which pushed labels onto neighbours; where every such spot would overlap a
+label already placed (small types packed together), the label stands in the nearest free, emptiest space
+instead, with a thin line to that cell. Deterministic: same data, same figure.
 """
 
 from __future__ import annotations
@@ -106,10 +108,45 @@ def place_labels(ax, spots: dict[str, np.ndarray], coords: np.ndarray, groups: n
                 cost = (10.0 * outside + 5.0 * covered + foreign + (1.0 - purity[rank])
                         + 0.25 * rank / max(len(candidates), 1) + 0.1 * (form != shown))
                 if best is None or cost < best[0]:
-                    best = (cost, form, x, y, box)
-        _, form, x, y, box = best
+                    best = (cost, form, x, y, box, covered)
+        _, form, x, y, box, covered = best
         text.set_text(form)
         text.set_position((float(x), float(y)))
+        if covered > 0:  # no free spot on its own cells: beside them, with a line to them
+            free = _free_spot((x, y), box, placed, under_xy, (x_low, x_high, y_low, y_high))
+            if free is not None:
+                text.remove()
+                text = ax.annotate(form, xy=(float(x), float(y)), xytext=free[:2], fontsize=fontsize, ha="center",
+                                   va="center", weight="bold", path_effects=outline, zorder=5,
+                                   arrowprops={"arrowstyle": "-", "color": "0.25", "lw": 0.7, "shrinkB": 1})
+                box = free[2]
         placed.append(box)
         texts.append(text)
     return texts
+
+
+def _free_spot(anchor: tuple, box: tuple, placed: list[tuple], under_xy: np.ndarray,
+               limits: tuple) -> tuple | None:
+    """The nearest position around ``anchor`` where a label of ``box``'s size overlaps no placed label and stays
+    inside the axes, preferring empty space: ``(x, y, box)``, or ``None`` if there is none."""
+    half_w, half_h = (box[1] - box[0]) / 2, (box[3] - box[2]) / 2
+    x_low, x_high, y_low, y_high = limits
+    steps_x, steps_y = np.meshgrid(np.arange(-4, 5) * half_w, np.arange(-8, 9) * half_h)
+    centres = np.column_stack([anchor[0] + steps_x.ravel(), anchor[1] + steps_y.ravel()])
+    best = None
+    for cx, cy in centres:
+        spot = (cx - half_w, cx + half_w, cy - half_h, cy + half_h)
+        if spot[0] < x_low or spot[1] > x_high or spot[2] < y_low or spot[3] > y_high:
+            continue
+        if any(_overlap_area(spot, other) > 0 for other in placed) or spot[0] <= anchor[0] <= spot[1] and \
+                spot[2] <= anchor[1] <= spot[3]:
+            continue
+        under = ((under_xy[:, 0] >= spot[0]) & (under_xy[:, 0] <= spot[1])
+                 & (under_xy[:, 1] >= spot[2]) & (under_xy[:, 1] <= spot[3])).mean()
+        # the cells under the label against an even spread of them (0: empty space), then the line's length
+        crowding = under * (x_high - x_low) * (y_high - y_low) / (4 * half_w * half_h)
+        distance = np.hypot((cx - anchor[0]) / (x_high - x_low), (cy - anchor[1]) / (y_high - y_low))
+        cost = crowding + 3.0 * distance
+        if best is None or cost < best[0]:
+            best = (cost, float(cx), float(cy), spot)
+    return None if best is None else best[1:]
