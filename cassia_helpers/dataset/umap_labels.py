@@ -138,8 +138,8 @@ def _free_spot(anchor: tuple, box: tuple, placed: list[tuple], under_xy: np.ndar
         spot = (cx - half_w, cx + half_w, cy - half_h, cy + half_h)
         if spot[0] < x_low or spot[1] > x_high or spot[2] < y_low or spot[3] > y_high:
             continue
-        if any(_overlap_area(spot, other) > 0 for other in placed) or spot[0] <= anchor[0] <= spot[1] and \
-                spot[2] <= anchor[1] <= spot[3]:
+        covers_anchor = spot[0] <= anchor[0] <= spot[1] and spot[2] <= anchor[1] <= spot[3]
+        if covers_anchor or any(_overlap_area(spot, other) > 0 for other in placed):
             continue
         under = ((under_xy[:, 0] >= spot[0]) & (under_xy[:, 0] <= spot[1])
                  & (under_xy[:, 1] >= spot[2]) & (under_xy[:, 1] <= spot[3])).mean()
