@@ -12,8 +12,11 @@ deterministic: :mod:`cassia_helpers.dataset.annotate.reference`) judges each clu
 3. pieces the reference calls alike join again: the same type, or one type the other's ancestor
    (``Monocyte`` and ``Classical monocyte``, :func:`_alike`); the split is kept when two or more remain;
 4. the pieces of a kept split are examined once more (at most :data:`MAX_DEPTH` rounds): a cluster of T, NK
-   and B cells may first fall into B and the rest; at the end the pieces of all rounds are judged together on
-   the final clusters, and alike ones join again.
+   and B cells may first fall into B and the rest;
+5. a cluster or piece whose cells the reference found to carry a sibling's signature in a minority (at least
+   a quarter of the cells carrying either: naive CD8+ T cells inside a CD4+ T cluster, which no cut of the
+   graph sets apart) is tried as those cells against the rest, kept when the two are called apart; at the end
+   the pieces of all rounds are judged together on the final clusters, and alike ones join again.
 
 A pure cluster is left as it was: the reference gives every piece of one population the same call, however
 finely it is cut. Nothing is done to the input's own clusters (``cluster_key``). Every decision is the
@@ -145,6 +148,7 @@ def _split(adata: AnnData, annotator: Any, *, key: str, species: str, tissue: st
                 parts[merged] = _label(_verdict(calls.get(largest)))
                 if int(rows.sum()) >= 2 * min_cells:
                     todo.append(merged)  # a third population may still hide in a piece
+    _split_by_cells(current, names, judge, accepted, annotator.reference, min_cells)
     if accepted:
         # the pieces of every round judged together on the final clusters: alike ones join again
         calls = judge.calls(current, names)
@@ -187,6 +191,37 @@ def _split(adata: AnnData, annotator: Any, *, key: str, species: str, tissue: st
                  renumbered={k: sorted(v, key=int) for k, v in renumbered.items()})
     record["split"] = split
     return split
+
+
+def _split_by_cells(current: np.ndarray, names: _Names, judge: _Judge, accepted: dict[str, dict[str, str]],
+                    reference: Any, min_cells: int) -> None:
+    """A minority population that no cut of the graph sets apart (naive CD8+ among CD4+ T cells, told apart by
+    a few genes only): a cluster or piece whose cells the reference finds to carry a sibling's signature
+    (:attr:`ExpressionCall.minority`) is tried as those cells against the rest, and kept when the two are
+    called apart. Updates ``current`` and ``accepted`` in place."""
+    calls = judge.calls(current, names)
+    trial = current.copy()
+    pieces_of: dict[str, list[str]] = {}
+    ids, counts = np.unique(current, return_counts=True)
+    for cluster, n_cells in zip(ids, counts, strict=True):
+        name = names[cluster]
+        minority = getattr(calls.get(name), "minority_rows", None)
+        if minority is None:
+            continue
+        rows = minority[current[minority] == cluster]
+        if len(rows) < min_cells or n_cells - len(rows) < min_cells:
+            continue
+        pieces_of[name] = [name, f"{name}/cells"]
+        trial[rows] = names.id(pieces_of[name][1])
+    if not pieces_of:
+        return
+    calls = judge.calls(trial, names)
+    for name, pieces in pieces_of.items():
+        if len(_join_alike(pieces, calls, reference)) < 2:
+            continue
+        current[trial == names.id(pieces[1])] = names.id(pieces[1])
+        accepted.setdefault(name.split("/")[0], {}).update(
+            {piece: _label(_verdict(calls.get(piece))) for piece in pieces})
 
 
 class _Names(list):

@@ -101,6 +101,10 @@ class ExpressionCall:
     #: a subtype the cluster's markers point to but too few of its cells carry, while the markers that would
     #: show its sibling are not measured: (type, fraction of cells, unmeasured (gene, type))
     declined: tuple[str, float, list[tuple[str, str]]] | None = None
+    #: a sibling of a step taken that a minority of the cluster's cells carry (at least MIX_SHARE of those
+    #: carrying either): (type, its share), and the rows of those cells in the dataset
+    minority: tuple[str, float] | None = None
+    minority_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def marker_strength(profile, row: int, peers: list[int] | None = None) -> dict[str, float]:
@@ -274,7 +278,9 @@ class ExpressionScorer:
             eligible = [t for t in options if t[0] > 0.0]
             decided = self._by_cells(eligible, cells) if cells is not None and eligible else None
             if decided is not None:
-                step, support, mixed = decided
+                step, support, mixed, minority = decided
+                if minority is not None and out.minority is None:
+                    out.minority, out.minority_rows = minority[:2], minority[2]
                 if step is None and mixed:
                     out.mixed = mixed
                     break
@@ -335,19 +341,27 @@ class ExpressionScorer:
         return [(name, round(support.share(name), 2)) for name, _ in ranked if support.share(name) >= MIX_SHARE]
 
     def _by_cells(self, options: list[tuple[float, ReferenceCellType, list[tuple[int, str]]]],
-                  cells: CellContext) -> tuple[ReferenceCellType | None, float, list[tuple[str, float]]] | None:
-        """Decide one step down on the cluster's cells (:func:`.support.pick`); ``None`` when the cells
-        cannot tell: no population to compare with, or none but the cluster itself (its cells would be
+                  cells: CellContext) -> tuple[ReferenceCellType | None, float, list[tuple[str, float]],
+                                               tuple[str, float, np.ndarray] | None] | None:
+        """Decide one step down on the cluster's cells (:func:`.support.pick`): the step, its share, the split
+        and the sibling a minority of the cells carry (:attr:`ExpressionCall.minority`); ``None`` when the
+        cells cannot tell: no population to compare with, or none but the cluster itself (its cells would be
         compared with their own average)."""
         if cells.population is None or set(cells.population) <= {cells.cluster}:
             return None
         by_name = {ct.name: ct for _, ct, _ in options}
         signatures = {ct.name: self._signature(ct, markers) for _, ct, markers in options}
-        picked = pick(cells.support.compare(cells.cluster, signatures, population=cells.population))
+        support = cells.support.compare(cells.cluster, signatures, population=cells.population)
+        picked = pick(support)
         if picked is None:
             return None
         name, share, split = picked
-        return (by_name[name] if name is not None else None), share, split
+        minority = None
+        if name is not None:
+            runners = [(other, support.share(other)) for other, _ in support.ranked() if other != name]
+            if runners and runners[0][1] >= MIX_SHARE:
+                minority = (runners[0][0], round(runners[0][1], 2), support.carriers[runners[0][0]])
+        return (by_name[name] if name is not None else None), share, split, minority
 
     def _signature(self, ct: ReferenceCellType, markers: list[tuple[int, str]]
                    ) -> tuple[list[tuple[int, str]], list[str]]:

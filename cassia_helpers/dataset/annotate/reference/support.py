@@ -18,7 +18,7 @@ the clusters are cut.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ class Support:
     fractions: dict[str, float]  # option -> fraction of the cluster's cells carrying it
     assigned: float  # fraction of the cluster's cells carrying any option
     n_cells: int
+    carriers: dict[str, np.ndarray] = field(default_factory=dict)  # option -> rows of the cells carrying it
 
     def ranked(self) -> list[tuple[str, float]]:
         """Options by support, best first."""
@@ -144,7 +145,8 @@ class CellSupport:
         best = stacked.argmax(axis=0)
         carried = stacked.max(axis=0) > threshold
         fractions = {name: float(np.mean(carried & (best == i))) for i, name in enumerate(names)}
-        return Support(fractions, float(carried.mean()), len(rows))
+        carriers = {name: rows[carried & (best == i)] for i, name in enumerate(names)}
+        return Support(fractions, float(carried.mean()), len(rows), carriers)
 
     def _cluster_block(self, cluster: str, rows: np.ndarray) -> np.ndarray | None:
         """The cluster's cells x every gene, dense, kept for the next comparisons of the same cluster (a call
