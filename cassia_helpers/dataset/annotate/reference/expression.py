@@ -101,9 +101,7 @@ class ExpressionCall:
     #: a subtype the cluster's markers point to but too few of its cells carry, while the markers that would
     #: show its sibling are not measured: (type, fraction of cells, unmeasured (gene, type))
     declined: tuple[str, float, list[tuple[str, str]]] | None = None
-    #: a sibling of a step taken that a minority of the cluster's cells carry (at least MIX_SHARE of those
-    #: carrying either): (type, its share), and the rows of those cells in the dataset
-    minority: tuple[str, float] | None = None
+    #: the rows of the cells carrying a sibling of a step taken, in a minority (:meth:`.Support.minority`)
     minority_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
@@ -279,8 +277,8 @@ class ExpressionScorer:
             decided = self._by_cells(eligible, cells) if cells is not None and eligible else None
             if decided is not None:
                 step, support, mixed, minority = decided
-                if minority is not None and out.minority is None:
-                    out.minority, out.minority_rows = minority[:2], minority[2]
+                if out.minority_rows is None:
+                    out.minority_rows = minority
                 if step is None and mixed:
                     out.mixed = mixed
                     break
@@ -341,12 +339,10 @@ class ExpressionScorer:
         return [(name, round(support.share(name), 2)) for name, _ in ranked if support.share(name) >= MIX_SHARE]
 
     def _by_cells(self, options: list[tuple[float, ReferenceCellType, list[tuple[int, str]]]],
-                  cells: CellContext) -> tuple[ReferenceCellType | None, float, list[tuple[str, float]],
-                                               tuple[str, float, np.ndarray] | None] | None:
+                  cells: CellContext) -> tuple[ReferenceCellType | None, float, list, np.ndarray | None] | None:
         """Decide one step down on the cluster's cells (:func:`.support.pick`): the step, its share, the split
-        and the sibling a minority of the cells carry (:attr:`ExpressionCall.minority`); ``None`` when the
-        cells cannot tell: no population to compare with, or none but the cluster itself (its cells would be
-        compared with their own average)."""
+        and the rows of a sibling's minority (:meth:`.Support.minority`); ``None`` when the cells cannot tell: no
+        population to compare with, or none but the cluster itself (compared with its own average)."""
         if cells.population is None or set(cells.population) <= {cells.cluster}:
             return None
         by_name = {ct.name: ct for _, ct, _ in options}
@@ -356,12 +352,7 @@ class ExpressionScorer:
         if picked is None:
             return None
         name, share, split = picked
-        minority = None
-        if name is not None:
-            runners = [(other, support.share(other)) for other, _ in support.ranked() if other != name]
-            if runners and runners[0][1] >= MIX_SHARE:
-                minority = (runners[0][0], round(runners[0][1], 2), support.carriers[runners[0][0]])
-        return (by_name[name] if name is not None else None), share, split, minority
+        return (by_name[name], share, split, support.minority(name)) if name else (None, share, split, None)
 
     def _signature(self, ct: ReferenceCellType, markers: list[tuple[int, str]]
                    ) -> tuple[list[tuple[int, str]], list[str]]:

@@ -58,6 +58,14 @@ class Support:
         """An option's fraction of the cells that carry some option (0 when none does)."""
         return self.fractions.get(name, 0.0) / self.assigned if self.assigned > 0 else 0.0
 
+    def minority(self, taken: str) -> np.ndarray | None:
+        """The rows of the cells carrying the option after ``taken``, when at least :data:`MIX_SHARE` of the
+        cells carrying some option carry it."""
+        runners = [name for name, _ in self.ranked() if name != taken]
+        if not runners or self.share(runners[0]) < MIX_SHARE:
+            return None
+        return self.carriers[runners[0]]
+
 
 @dataclass
 class CellContext:
