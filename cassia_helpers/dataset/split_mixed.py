@@ -148,10 +148,11 @@ def _split(adata: AnnData, annotator: Any, *, key: str, species: str, tissue: st
                 parts[merged] = _label(_verdict(calls.get(largest)))
                 if int(rows.sum()) >= 2 * min_cells:
                     todo.append(merged)  # a third population may still hide in a piece
-    _split_by_cells(current, names, judge, accepted, annotator.reference, min_cells)
+    calls = judge.calls(current, names) if accepted else first  # the clusters as they now stand
+    if _split_by_cells(current, names, calls, judge, accepted, annotator.reference, min_cells):
+        calls = judge.calls(current, names)
     if accepted:
         # the pieces of every round judged together on the final clusters: alike ones join again
-        calls = judge.calls(current, names)
         for origin in list(accepted):
             groups = _join_alike(sorted(accepted[origin]), calls, annotator.reference)
             if len(groups) < 2:
@@ -193,35 +194,35 @@ def _split(adata: AnnData, annotator: Any, *, key: str, species: str, tissue: st
     return split
 
 
-def _split_by_cells(current: np.ndarray, names: _Names, judge: _Judge, accepted: dict[str, dict[str, str]],
-                    reference: Any, min_cells: int) -> None:
+def _split_by_cells(current: np.ndarray, names: _Names, calls: dict, judge: _Judge,
+                    accepted: dict[str, dict[str, str]], reference: Any, min_cells: int) -> bool:
     """A minority population that no cut of the graph sets apart (naive CD8+ among CD4+ T cells, told apart by
     a few genes only): a cluster or piece whose cells the reference finds to carry a sibling's signature
-    (:attr:`ExpressionCall.minority`) is tried as those cells against the rest, and kept when the two are
-    called apart. Updates ``current`` and ``accepted`` in place."""
-    calls = judge.calls(current, names)
+    (``minority_rows`` of its call in ``calls``, made on ``current``) is tried as those cells against the rest,
+    and kept when the two are called apart. Updates ``current`` and ``accepted`` in place; ``True`` when a
+    split was kept."""
     trial = current.copy()
     pieces_of: dict[str, list[str]] = {}
     ids, counts = np.unique(current, return_counts=True)
     for cluster, n_cells in zip(ids, counts, strict=True):
         name = names[cluster]
-        minority = getattr(calls.get(name), "minority_rows", None)
-        if minority is None:
-            continue
-        rows = minority[current[minority] == cluster]
-        if len(rows) < min_cells or n_cells - len(rows) < min_cells:
+        rows = getattr(calls.get(name), "minority_rows", None)
+        if rows is None or len(rows) < min_cells or n_cells - len(rows) < min_cells:
             continue
         pieces_of[name] = [name, f"{name}/cells"]
         trial[rows] = names.id(pieces_of[name][1])
     if not pieces_of:
-        return
-    calls = judge.calls(trial, names)
+        return False
+    trial_calls = judge.calls(trial, names)
+    kept = False
     for name, pieces in pieces_of.items():
-        if len(_join_alike(pieces, calls, reference)) < 2:
+        if len(_join_alike(pieces, trial_calls, reference)) < 2:
             continue
         current[trial == names.id(pieces[1])] = names.id(pieces[1])
         accepted.setdefault(name.split("/")[0], {}).update(
-            {piece: _label(_verdict(calls.get(piece))) for piece in pieces})
+            {piece: _label(_verdict(trial_calls.get(piece))) for piece in pieces})
+        kept = True
+    return kept
 
 
 class _Names(list):
