@@ -79,6 +79,10 @@ def test_contract_layout_and_summary(workspace):
         assert (folder / f"{dataset}_umap.png").stat().st_size > 1000
         row = summary[summary["dataset"] == dataset].iloc[0]
         assert row["n_clusters"] >= 2 and row["n_cells"] > 0 and row["total_time"] > 0
+    # a folder a lab shares holds outputs, not empty files (a kernel log the kernel wrote nothing to)
+    # (the hidden lock files that keep a second run out of the folder are empty by nature)
+    empty = [p for p in run.rglob("*") if p.is_file() and p.stat().st_size == 0 and not p.name.startswith(".")]
+    assert not empty
     # inputs whose header is broken are rejected by the driver before any kernel starts for them
     for tissue, dataset in [("brain", "Data_Text_Brain"), ("breast", "Data_NoCells_Breast")]:
         status = json.loads((run / tissue / dataset / f"{dataset}_status.json").read_text())

@@ -252,11 +252,14 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
                 execution_timeout=cell_timeout or None,
             )
     except KeyboardInterrupt:
+        _drop_if_empty(paths.kernel_log)
         return status(INTERRUPTED, error="interrupted by the user", error_type="KeyboardInterrupt")
     except Exception as exc:  # noqa: BLE001 - every failure of one dataset is recorded, never raised
+        _drop_if_empty(paths.kernel_log)
         reason, kind = describe_failure(exc)
         rejected = input_fingerprint(parameters["input_path"]) if kind == "InputError" else None
         return status(FAILED, error=reason, error_type=kind, input_file=rejected)
+    _drop_if_empty(paths.kernel_log)
     missing = missing_outputs(paths)
     if missing:
         return status(FAILED, error=f"notebook finished without writing {', '.join(missing)}",
@@ -265,6 +268,15 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
     if failure:  # the outputs are kept, with each cluster's reason, but the dataset did not get its calls
         return status(FAILED, error=failure, error_type="AnnotationFailed")
     return status(SUCCESS)
+
+
+def _drop_if_empty(log: Path) -> None:
+    """Remove a kernel log the kernel wrote nothing to: a folder of outputs, not of empty files."""
+    try:
+        if log.stat().st_size == 0:
+            log.unlink()
+    except OSError:
+        pass
 
 
 class AggregationNotebook:

@@ -7,6 +7,7 @@ and the problem, so the driver can report it and go on with the other datasets.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,7 +83,11 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     import anndata as ad
 
     try:
-        adata = ad.read_h5ad(path)
+        with warnings.catch_warnings():
+            # duplicated names are made unique below and recorded as the dataset's own warning; anndata's
+            # warning would only repeat it (and under PYTHONWARNINGS=error would fail the read)
+            warnings.filterwarnings("ignore", message=r"(Observation|Variable) names are not unique")
+            adata = ad.read_h5ad(path)
     except MemoryError:
         raise InputError(f"{path}: too large for memory: ran out of memory while reading it") from None
     except Exception as exc:  # noqa: BLE001 - anndata raises many types for damaged files
