@@ -48,7 +48,7 @@ def normalised(n_cells: int = 300, **kwargs) -> ad.AnnData:
 
 
 def test_cassia_csv_and_conversations():
-    results = [annotated("0", "T cell", kept_answer="boosted"), annotated("1", "B cell", score=None)]
+    results = [annotated("0", "CD8+ T cell", kept_answer="boosted"), annotated("1", "B cell", score=None)]
     text = cf.cassia_csv(results, tissue="blood", species="human", model="m",
                          provider="https://user:secret@llm.example.org:8443/v1?key=abc")
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -61,6 +61,9 @@ def test_cassia_csv_and_conversations():
     assert conv["0"]["annotations"] == ["A\nFINAL ANNOTATION: T cell", "FINAL ANNOTATION: CD8+ T cell"]
     assert conv["1"]["annotations"] == ["A\nFINAL ANNOTATION: T cell"]  # boosted answer not kept there
     assert conv["0"]["validations"] == ["VALIDATION PASSED"] and conv["0"]["scoring"] == "<score>82</score>"
+    # CASSIA's scoring and report read the structured answer from `formatting`: the kept boost's, not the first's
+    assert json.loads(conv["0"]["formatting"])["main_cell_type"] == "CD8+ T cell"
+    assert conv["1"]["formatting"] == "{}"
     assert [t["agent"] for t in conv["0"]["boost"]] == ["boost (round 1)", "gene look-up (round 1)",
                                                         "boost (round 2)"]
 

@@ -7,6 +7,7 @@ we write in the ``Provider`` column, its key in ``CUSTOMIZED_API_KEY``).
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -76,6 +77,17 @@ def test_html_report_and_anndata_import(outputs):
     text = report.read_text(encoding="utf-8")
     for r in results:
         assert f"Quality Score: {r.score:.0f}" in text and r.merged_groupings[0] in text
+    # with the transcripts, as the README shows: every cluster's own conversation in the report
+    from CASSIA.reports.generate_batch_report import generate_batch_html_report_from_data
+
+    conversations = json.loads(paths["cassia_conversations.json"].read_text())
+    rows = pd.read_csv(paths["cassia.csv"]).to_dict("records")
+    for row in rows:
+        row["Conversation History"] = conversations[str(row["Cluster ID"])]
+    text = Path(generate_batch_html_report_from_data(rows, "with_history.html")).read_text(encoding="utf-8")
+    for r in results:
+        annotator_turn = next(t["content"] for t in r.transcript if t["agent"].startswith("annotator"))
+        assert html.escape(annotator_turn.splitlines()[-1]) in text, r.cluster
     adata = ad.read_h5ad(paths["annotated.h5ad"])
     CASSIA.add_cassia_to_anndata(adata, str(paths["cassia.csv"]), cluster_col="leiden")
     assert (adata.obs["CASSIA_general_celltype"].astype(str) == adata.obs["cell_type"].astype(str)).all()

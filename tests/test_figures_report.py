@@ -210,6 +210,22 @@ def test_report_is_self_contained(tiny, tmp_path):
     assert load_summary(run)["n_cells"].dtype == "Int64"
 
 
+def test_report_names_the_kind_of_each_flagged_call(tiny, tmp_path):
+    run = make_run(tmp_path, tiny)
+    table_path = run / "blood" / "Data_Good000_Blood" / "Data_Good000_Blood_clusters.csv"
+    table = pd.read_csv(table_path, dtype={"cluster": str})
+    kinds = ["contradicted", "implausible_for_tissue", "markers_not_enriched, implausible_for_tissue"]
+    table["evidence_flag"] = [True] * len(kinds) + [False] * (len(table) - len(kinds))
+    table["evidence_flag_kind"] = kinds + [""] * (len(table) - len(kinds))
+    table["evidence_flag_reason"] = [f"reason {i}" for i in range(len(table))]
+    table.to_csv(table_path, index=False)
+    html = write_report(run).read_text(encoding="utf-8")
+    badges = re.findall(r'<span class="badge flagged"[^>]*>([^<]*)</span>', html)
+    assert "contradicted by markers" in badges and "unexpected in tissue" in badges
+    assert "markers not enriched, unexpected in tissue" in badges
+    assert badges.count("markers not enriched") == 0  # a contradicted call is not said to lack enrichment
+
+
 def test_report_stays_small_for_100_datasets(tiny, tmp_path):
     run = make_run(tmp_path, tiny, n_success=100, n_failed=3)
     html = write_report(run).read_text(encoding="utf-8")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -85,12 +86,20 @@ def test_llm_batch_accounts_every_token_and_leaks_no_key(shared_batch):
     for name in ("llm", "llm_rerun"):
         assert API_KEY not in shared_batch.outcome(name)["stdout"] + shared_batch.outcome(name)["stderr"]
 
+    # a run folder is shared with the lab: every file, the hidden state files too, follows the umask
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(run): stat.S_IMODE(p.stat().st_mode) for p in run.rglob("*") if p.is_file()}
+    assert {p: oct(m) for p, m in modes.items() if m != 0o666 & ~umask} == {}
+
     # same inputs again: everything from the cache, zero requests, an honest zero in the ledger
     again = shared_batch.outcome("llm_rerun")
     assert again["returncode"] == 0, again["stderr"]
     assert rerun != run and shared_batch.record["llm_rerun_stats"]["requests"] == 0
     tracking = json.loads((rerun / "token_tracking.json").read_text())
     assert tracking["total_calls"] == 0 and tracking["total_cost"] == 0 and tracking["cache_hits"] > 0
+    text = (rerun / "batch_summary.txt").read_text()
+    assert f"API calls: 0 (0 failed); answers reused from the cache, not sent: {tracking['cache_hits']}" in text
 
 
 @pytest.mark.slow

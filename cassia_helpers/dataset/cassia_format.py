@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cassia_helpers.dataset.annotate import ClusterAnnotation
+from cassia_helpers.dataset.annotate.agents.prompts import ANSWER_FIELDS
 from cassia_helpers.files import csv_safe
 
 # The markers CSV layout: Seurat FindAllMarkers names; ``rank`` and ``score`` (the test statistic) kept from
@@ -115,9 +117,10 @@ def conversations(results: Iterable[ClusterAnnotation]) -> dict[str, dict]:
     """``{dataset}_cassia_conversations.json`` content, keyed by cluster id.
 
     Each cluster has ``annotations`` (every annotator turn, boost turns included, oldest first),
-    ``validations`` (validator turns), ``formatting`` (the last formatter reply), ``scoring`` (the last
-    scorer reply) and ``boost`` (the boost exchange: genes asked and values answered). When the boosted
-    answer was kept, its concluding turn is the last of ``annotations`` (CASSIA's boost reads the last one).
+    ``validations`` (validator turns), ``formatting`` (the last formatter reply; the boost's structured
+    answer when that answer was kept), ``scoring`` (the last scorer reply) and ``boost`` (the boost
+    exchange: genes asked and values answered). When the boosted answer was kept, its concluding turn is
+    also the last of ``annotations`` (CASSIA's boost reads the last one).
     """
     out: dict[str, dict] = {}
     for r in results:
@@ -136,6 +139,8 @@ def conversations(results: Iterable[ClusterAnnotation]) -> dict[str, dict]:
                 entry["boost"].append({"agent": agent, "content": content})
                 if r.kept_answer == "boosted" and agent.startswith("boost") and "FINAL ANNOTATION" in content.upper():
                     entry["annotations"].append(content)
+        if r.kept_answer == "boosted":  # the answer kept, not the formatter's reading of the first call
+            entry["formatting"] = json.dumps({name: getattr(r, name) for name in ANSWER_FIELDS})
         out[str(r.cluster)] = entry
     return out
 

@@ -149,8 +149,8 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
     lines += [
         "",
         "Token usage",
-        f"  API calls: {tracking['total_calls']} ({tracking['failed_calls']} failed, "
-        f"{tracking['cache_hits']} served from cache)",
+        f"  API calls: {tracking['total_calls']} ({tracking['failed_calls']} failed); "
+        f"answers reused from the cache, not sent: {tracking['cache_hits']}",
         f"  Input tokens: {tracking['total_input_tokens']:,}",
         f"  Output tokens: {tracking['total_output_tokens']:,}",
         f"  Total tokens: {tracking['total_tokens']:,}",

@@ -29,6 +29,9 @@ from cassia_helpers.summary.explore import load_summary
 from cassia_helpers.summary.self_scores import SCORE_RGB, accuracy_rows, confusion_view
 
 TEMPLATE = "report.html.j2"
+# the badge of each kind of marker-evidence flag (``evidence_flag_kind`` of {dataset}_clusters.csv)
+FLAG_TEXT = {"contradicted": "contradicted by markers", "implausible_for_tissue": "unexpected in tissue",
+             "markers_not_enriched": "markers not enriched"}
 #: figure (``DatasetPaths.figure_pngs``) -> (caption, thumbnail width in pixels)
 FIGURES = {
     "umap": ("UMAP by cell type and by cluster", 1100),
@@ -139,7 +142,9 @@ def _clusters(path: Path, *, dataset: str, anchor: str, low_score: float) -> lis
         elif row["status"] not in ("", "ok"):
             checks.append(("unknown", row["status"], row["reason"]))
         if _true(record.get("evidence_flag")):
-            checks.append(("flagged", "markers not enriched", row["evidence_flag_reason"]))
+            kinds = [k.strip() for k in str(record.get("evidence_flag_kind") or "").split(",") if k.strip()]
+            text = ", ".join(FLAG_TEXT.get(k, k.replace("_", " ")) for k in kinds) or FLAG_TEXT["markers_not_enriched"]
+            checks.append(("flagged", text, row["evidence_flag_reason"]))
         # the quality score where the annotator gives one, else its confidence (an LLM run without scoring)
         ranking = row["score"] if has_score else row["confidence"]
         if ranking is not None and ranking < low_score:

@@ -58,7 +58,7 @@ class RunThrottle:
         while True:
             for index in range(self.limit):
                 path = self.state_dir / SLOT_PATTERN.format(index)
-                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return handle
@@ -121,7 +121,7 @@ class CircuitBreaker:
                 yield self._state
                 return
             path = self.state_dir / BREAKER_FILE
-            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 with os.fdopen(os.dup(handle), "r+", encoding="utf-8") as stream:
