@@ -279,7 +279,9 @@ var markers = Array.prototype.filter.call(t.tHead.rows[0].cells, function (h) {
   return h.textContent === "Key markers"; })[0];
 return {markers: markers.getBoundingClientRect().width, box: [t.parentElement.scrollWidth, t.parentElement.clientWidth],
         bars: Array.prototype.map.call(document.querySelectorAll(".barrow .bar"), function (b) {
-          return b.getBoundingClientRect().width; })};
+          return b.getBoundingClientRect().width; }),
+        figures: Array.prototype.map.call(document.querySelectorAll("figure.wide img, #cross-dataset img"),
+          function (i) { return [i.getBoundingClientRect().width, i.parentElement.clientWidth]; })};
 """
 LONG_TERM = "CD14-positive, CD16-negative classical monocyte"  # 47 characters, as Cell Ontology names go
 #: what a reader does in the page, in the real browser: filter, search, sort, open a reasoning row
@@ -340,6 +342,8 @@ def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
         assert found["markers"] >= 100, f"the key markers are crushed at {width} px: {found}"
         assert found["box"][0] > found["box"][1], f"the cluster table does not scroll in its box at {width} px"
         assert min(found["bars"]) >= 100, f"the composition bars are crushed at {width} px: {found}"
+        # the UMAP, dot plot and heatmap keep a readable size, scrolling in their box, not shrunk to the phone
+        assert len(found["figures"]) == 2 * 2 + 1 and all(w >= 700 for w, _ in found["figures"]), found
     found = _probe(run, INTERACT, width=1280)
     assert "error" not in found, found
     n_types = tiny.obs["leiden"].nunique()
