@@ -84,7 +84,8 @@ def _inspect(handle: h5py.File, path: Path) -> dict:
 
 
 def _dataset_bytes(node: h5py.Dataset) -> int:
-    return int(node.size) * int(node.dtype.itemsize)
+    # anndata writes None (scanpy's uns['log1p']['base']) as an HDF5 null dataset: no shape, no size
+    return int(node.size or 0) * int(node.dtype.itemsize)
 
 
 def _matrix_bytes(node: Any) -> int:

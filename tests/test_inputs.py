@@ -384,6 +384,17 @@ def test_duplicated_cell_names_made_unique(tmp_path):
     pp.qc(adata, **QC)
 
 
+
+def test_a_scanpy_processed_file_with_none_in_uns_is_read(tmp_path):
+    """scanpy's log1p writes uns['log1p'] = {'base': None}, which anndata stores as an HDF5 null dataset: a file
+    straight out of a standard scanpy workflow (or one of our own annotated files) is an input, not corrupt."""
+    adata = make_counts()
+    adata.uns["log1p"] = {"base": None}
+    adata.uns["rank_genes_groups"] = {"params": {"layer": None, "method": "wilcoxon"}}
+    path = write(adata, tmp_path / "processed.h5ad")
+    assert cio.check_input(path)["n_obs"] == adata.n_obs
+    assert read_dataset(path).n_obs == adata.n_obs
+
 # --- clustering ----------------------------------------------------------------------------------------------------
 
 
