@@ -226,18 +226,27 @@ def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_typ
     return record
 
 
+#: the reason an input is rejected for the memory of the machine, not for what the file holds
+TOO_LARGE = "too large for memory"
+
+
 def input_fingerprint(path: str | Path) -> dict | None:
-    """The input file's path, size and modification time, or ``None`` when it cannot be read."""
+    """The input file's path, size, modification and status-change times (a ``chmod`` changes the latter), or
+    ``None`` when it cannot be read."""
     try:
         stat = Path(path).stat()
     except OSError:
         return None
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
 
 
 def rejected_and_unchanged(record: dict | None, path: str | Path) -> bool:
-    """Whether a status records an input rejected as unreadable or invalid that has not changed since."""
+    """Whether a status records an input rejected as unreadable or invalid that has not changed since (its
+    content, or its permissions); an input too large for one machine's memory may fit in the next's."""
     if not record or record.get("status") != FAILED or record.get("error_type") != "InputError":
         return False
+    if TOO_LARGE in str(record.get("error", "")):
+        return False
     seen, now = record.get("input_file"), input_fingerprint(path)
-    return bool(seen and now) and (seen["size"], seen["mtime_ns"]) == (now["size"], now["mtime_ns"])
+    keys = [k for k in ("size", "mtime_ns", "ctime_ns") if k in (seen or {})]  # older records lack ctime_ns
+    return bool(seen and now) and all(seen[k] == now[k] for k in keys)

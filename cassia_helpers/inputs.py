@@ -9,10 +9,14 @@ reason naming the file.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
+
+from cassia_helpers.contract import TOO_LARGE
 
 ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 # A dataset needs about this many times its matrix's size while it is processed: the pipeline holds one
@@ -97,6 +101,21 @@ def _matrix_bytes(node: Any) -> int:
     return 0
 
 
+def _obs_columns(handle: h5py.File) -> list[str] | None:
+    """The input's ``obs`` column names, from the header (``None`` for a layout that does not list them)."""
+    order = handle["obs"].attrs.get("column-order") if isinstance(handle["obs"], h5py.Group) else None
+    if order is None:
+        return None
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
+
+
+def missing_column(what: str, key: str, columns: Iterable[str]) -> str:
+    """The reason a setting's ``obs`` column is missing, naming the columns the input has."""
+    columns = list(columns)
+    listing = ", ".join(columns[:20]) + (f", ... ({len(columns)} in all)" if len(columns) > 20 else "")
+    return f"{what} {key!r} is not a column of the input's obs (its columns: {listing or 'none'})"
+
+
 def _axis_length(node: Any) -> int | None:
     if isinstance(node, h5py.Dataset):  # anndata < 0.7 stored obs/var as one compound dataset
         return int(node.shape[0]) if node.shape else None
@@ -108,11 +127,14 @@ def _axis_length(node: Any) -> int | None:
     return None
 
 
-def check_input(path: str | Path, *, memory_limit: int | None = None) -> dict:
+def check_input(path: str | Path, *, memory_limit: int | None = None, obs_keys: Mapping[str, str] | None = None
+                ) -> dict:
     """Check an input from its header: an AnnData h5ad with cells, genes and a matrix, that fits in memory.
 
     Returns ``n_obs``, ``n_vars`` and ``needed_bytes``; raises :class:`InputError` with a one-line reason.
     ``memory_limit`` is the bytes the dataset may use (``None``: the memory available now; 0: no check).
+    ``obs_keys`` maps a setting to the ``obs`` column it names (``{"label_key": "celltype"}``): a column the
+    input does not have is an error now, before any work is done for the dataset.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,6 +150,7 @@ def check_input(path: str | Path, *, memory_limit: int | None = None) -> dict:
     try:
         with h5py.File(path, "r") as handle:
             layout = _inspect(handle, path)
+            columns = _obs_columns(handle)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any h5py failure here means a damaged file
@@ -136,10 +159,13 @@ def check_input(path: str | Path, *, memory_limit: int | None = None) -> dict:
         raise InputError(f"{path}: no cells (0 observations)")
     if layout["n_vars"] == 0:
         raise InputError(f"{path}: no genes (0 variables)")
+    for what, key in (obs_keys or {}).items():
+        if key and columns is not None and key not in columns:
+            raise InputError(f"{path}: {missing_column(what, key, columns)}")
     limit = memory_limit if memory_limit is not None else available_memory_bytes()
     if limit and layout["needed_bytes"] > limit:
         raise InputError(
-            f"{path}: too large for memory: reading and processing it needs about "
+            f"{path}: {TOO_LARGE}: reading and processing it needs about "
             f"{_size(layout['needed_bytes'])}, {_size(limit)} available"
         )
     return layout

@@ -234,6 +234,8 @@ SLURM_DEFAULTS = {"walltime": "04:00:00", "cores": 1, "memory": "8GB"}
 ANALYSIS_NAMES = tuple(s.name for s in SETTINGS if s.scope == ANALYSIS)
 # Analysis settings a row of --manifest may set for its dataset alone (its other columns: path, tissue, dataset).
 PER_DATASET = ("species", "context", "cluster_key", "label_key", "batch_key")
+#: the settings that name a column of the input's obs
+OBS_KEYS = ("cluster_key", "batch_key", "label_key")
 # What identifies one dataset's notebook run, beside the analysis settings.
 DATASET_PARAMETERS = ("dataset", "tissue", "input_path", "run_dir")
 
@@ -283,6 +285,10 @@ class Settings:
     def values(self, scope: str | None = ANALYSIS) -> dict[str, Any]:
         """Every value of ``scope`` (``None``: all), JSON-able for the analysis scope."""
         return {s.name: self._values[s.name] for s in SETTINGS if scope is None or s.scope == scope}
+
+    def obs_keys(self) -> dict[str, str]:
+        """The ``obs`` columns the settings name (:data:`OBS_KEYS`), e.g. ``{"label_key": "celltype"}``."""
+        return {name: self._values[name] for name in OBS_KEYS if self._values[name]}
 
     def changed(self, scope: str | None = ANALYSIS) -> dict[str, Any]:
         """The values of ``scope`` that differ from their declared defaults."""

@@ -336,6 +336,37 @@ def test_ensembl_ids_with_symbol_column_use_symbols(tmp_path, column):
     assert adata.uns["cassia_batch"]["qc"]["mito_genes"] == 3
 
 
+def test_row_numbers_as_gene_names_use_the_symbol_column(tmp_path):
+    """An export from R often names the genes 1, 2, 3 ... with the symbols in a column."""
+    adata = make_counts()
+    adata.var["gene_symbols"] = adata.var_names.to_numpy()
+    adata.var_names = [str(i + 1) for i in range(adata.n_vars)]
+    adata = read_dataset(write(adata, tmp_path / "from_r.h5ad"))
+    assert "CD3E" in adata.var_names and adata.var.loc["CD3E", "gene_ids"].isdigit()
+    assert adata.uns["cassia_batch"]["input"]["symbol_source"] == "var['gene_symbols']"
+    bare = make_counts()
+    bare.var_names = [str(i + 1) for i in range(bare.n_vars)]
+    adata = read_dataset(write(bare, tmp_path / "numbers only.h5ad"))
+    assert any("gene names are not gene symbols (e.g. 1)" in w for w in warnings_of(adata))
+
+
+def test_antibody_and_peak_features_are_left_out_of_the_genes(tmp_path):
+    """A 10x CITE-seq or multiome matrix holds antibodies or peaks beside the genes (var['feature_types']):
+    only the genes go through normalisation, HVG and markers, and the warning says what was left out."""
+    genes = make_counts()
+    extra = ad.AnnData(sp.csr_matrix(np.full((genes.n_obs, 3), 500, dtype=np.float32)), obs=genes.obs,
+                       var=pd.DataFrame(index=["CD3_TotalSeqB", "CD19_TotalSeqB", "chr1:100-600"]))
+    adata = ad.concat([genes, extra], axis=1, merge="first")
+    adata.var["feature_types"] = ["Gene Expression"] * genes.n_vars + ["Antibody Capture"] * 2 + ["Peaks"]
+    adata = read_dataset(write(adata, tmp_path / "cite.h5ad"))
+    assert adata.n_vars == genes.n_vars and "CD3_TotalSeqB" not in adata.var_names
+    assert any("left out 2 'Antibody Capture', 1 'Peaks'" in w for w in warnings_of(adata))
+    only = extra.copy()
+    only.var["feature_types"] = "Antibody Capture"
+    with pytest.raises(InputError, match="no 'Gene Expression' features"):
+        read_dataset(write(only, tmp_path / "adt_only.h5ad"))
+
+
 def test_missing_symbols_fall_back_to_ids(tmp_path):
     adata = with_ensembl_ids(make_counts())
     symbols = adata.var.pop("symbols_kept_for_test").astype(object)
@@ -394,6 +425,32 @@ def test_a_scanpy_processed_file_with_none_in_uns_is_read(tmp_path):
     path = write(adata, tmp_path / "processed.h5ad")
     assert cio.check_input(path)["n_obs"] == adata.n_obs
     assert read_dataset(path).n_obs == adata.n_obs
+
+
+def test_a_key_naming_a_renamed_column_reads_the_inputs_own_column(tmp_path):
+    """A CELLxGENE-style input has obs['cell_type'] (renamed author_cell_type when read, since the run writes
+    cell_type) and may have author_cell_type too: label_key='cell_type' is the input's cell_type, never the
+    run's own calls (which would score the run against itself), and author_cell_type stays itself."""
+    from cassia_helpers.dataset.existing import input_column
+
+    adata = make_counts()
+    adata.obs["cell_type"] = adata.obs["truth"].astype(str) + " (author)"
+    adata.obs["author_cell_type"] = "older label"
+    path = write(adata, tmp_path / "cxg.h5ad")
+    adata = read_dataset(path)
+    adata.obs["cell_type"] = "the run's call"
+    own = input_column(adata, "cell_type", what="label_key")
+    assert own != "cell_type" and adata.obs[own].str.endswith("(author)").all()
+    assert input_column(adata, "author_cell_type", what="label_key") == "author_cell_type"
+    with pytest.raises(InputError) as caught:
+        input_column(adata, "celltype", what="label_key")
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "label_key 'celltype'" in message
+    assert "truth, cell_type, author_cell_type" in message  # the input's own columns, as the input names them
+    # the driver and the dry run see it from the header, before any work
+    with pytest.raises(cio.InputError, match="label_key 'celltype' is not a column"):
+        cio.check_input(path, obs_keys={"label_key": "celltype"})
+    assert cio.check_input(path, obs_keys={"label_key": "cell_type", "batch_key": ""})["n_obs"] == adata.n_obs
 
 # --- clustering ----------------------------------------------------------------------------------------------------
 
@@ -649,9 +706,14 @@ def test_the_inputs_own_annotations_are_kept_under_author_and_named_in_the_warni
 def test_an_author_column_already_taken_keeps_both(tmp_path):
     adata = make_counts(100)
     adata.obs["cell_type"], adata.obs["author_cell_type"] = "new", "old"
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype("category")
+    adata.uns["cell_type_colors"] = ["#123456"]
+    adata.obs["leiden_unsplit"] = pd.Categorical(["a"] * 50 + ["b"] * 50)  # an earlier run's output as input
     read = read_dataset(write(adata, tmp_path / "twice.h5ad"))
-    # the name already taken stays as it is; the input's cell_type gets the prefix once more
+    # the name already taken stays as it is; the input's cell_type gets the prefix once more, with its colours
     assert set(read.obs["author_cell_type"]) == {"old"} and set(read.obs["author_author_cell_type"]) == {"new"}
+    assert list(read.uns["author_author_cell_type_colors"]) == ["#123456"] and "cell_type_colors" not in read.uns
+    assert read.obs["author_leiden_unsplit"].tolist() == ["a"] * 50 + ["b"] * 50 and "leiden_unsplit" not in read.obs
 
 
 def test_an_input_without_clashing_names_has_no_author_warning(tmp_path):
@@ -811,15 +873,18 @@ def test_the_kernel_reads_the_context_from_its_file(tmp_path):
     assert context_text(Settings(context="given inline")) == "given inline"
 
 
-def test_a_file_named_with_a_newline_is_skipped_on_one_line_and_the_others_run(tmp_path):
+def test_a_file_named_with_a_newline_or_too_long_a_name_is_skipped_on_one_line_and_the_others_run(tmp_path):
     from cassia_helpers.batch.discovery import discover
 
     write(make_counts(100), tmp_path / "data" / "blood" / "A.h5ad")
     write(make_counts(100), tmp_path / "data" / "blood" / "B\nC.h5ad")
+    long_name = "é" * 110  # 220 bytes: a valid file name, but its outputs' names would not be
+    write(make_counts(100), tmp_path / "data" / "blood" / f"{long_name}.h5ad")
     found = discover(tmp_path / "data", ["blood"])
     assert [d.name for d in found.datasets] == ["A"]
-    [skipped] = found.skipped
-    assert "\n" not in skipped and "B\\nC.h5ad" in skipped and "control character" in skipped
+    newline, long = sorted(found.skipped, key=len)
+    assert "\n" not in newline and "B\\nC.h5ad" in newline and "control character" in newline
+    assert long_name in long and "longer than 200 bytes" in long
 
 
 def test_var_columns_survive_when_raw_holds_more_genes(tmp_path):

@@ -84,14 +84,16 @@ def test_manifest_with_tissues_is_a_usage_error(tmp_path, inputs):
 
 
 def test_dry_run_lists_the_manifest_rows_with_their_own_context(tmp_path, inputs):
-    path = manifest(tmp_path, "path,tissue,context,dataset\nh5/pbmc.h5ad,blood,,short\n"
-                              f"h5/pbmc.h5ad,blood,{'x' * 40_000},long\n")
+    path = manifest(tmp_path, "path,tissue,context,label_key,dataset\nh5/pbmc.h5ad,blood,,,short\n"
+                              f"h5/pbmc.h5ad,blood,{'x' * 40_000},,long\nh5/pbmc.h5ad,blood,,celltype,typo\n")
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # nothing is sent by a dry run
     result = run_batch_py("--manifest", str(path), "--dry-run", "--annotator", "llm", "--pipeline", "fast",
                           "--output-dir", str(tmp_path / "out"), env=env)
-    assert result.returncode == 0, result.stderr
+    # a label_key the input does not have is found now, not after the dataset's whole run
+    assert result.returncode == 1 and "typo" in result.stdout and "cannot run" in result.stdout
+    assert "label_key 'celltype' is not a column of the input's obs (its columns: truth)" in result.stdout
     rows = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("blood ")}
-    assert set(rows) == {"short", "long"}
+    assert set(rows) == {"short", "long", "typo"}
 
     def low_tokens(row: str) -> int:
         return int(row.split()[-1].split("-")[0].replace(",", ""))
@@ -158,7 +160,9 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
     common = ("--manifest", str(path), "--annotator", "reference", "--output-dir", str(tmp_path / "out"))
 
     dry = run_batch_py(*common, "--dry-run")
-    assert dry.returncode == 0, dry.stderr
+    assert dry.returncode == 1, dry.stderr  # the row whose batch_key the input lacks is found before any run
+    assert "mouse.h5ad: batch_key 'patient' is not a column of the input's obs (its columns: truth, donor)" \
+        in dry.stdout
     assert [line.split()[:2] for line in dry.stdout.splitlines() if line.startswith(("blood ", "spleen "))] == [
         ["blood", "lab"], ["spleen", "mouse"], ["spleen", "mouse_unintegrated"], ["spleen", "no_such_key"]]
     assert not (tmp_path / "out").exists()
@@ -439,6 +443,16 @@ def test_author_shorthand_without_the_word_cell_is_mapped_and_unmapped_labels_ar
     assert record["summary"]["unmapped_author_labels"] == ["CD4+/CD25 T Reg"]
     confusion = record["confusion"].set_index("author_label")
     assert confusion.loc["Dendritic", ["call", "n_cells", "self_score"]].tolist() == ["Dendritic cell", 2, "exact"]
+
+    # cells the author left unlabelled are not scored, nor a label "nan", even where they are the majority
+    adata.obs["bulk_labels"] = pd.Series(["CD19+ B", None, None, None, "Dendritic", np.nan], index=adata.obs_names,
+                                         dtype=object)
+    table = score_against_authors(adata, label_key="bulk_labels", tissue="blood").set_index("cluster")
+    assert table["author_label"].to_dict() == {"0": "CD19+ B", "1": "", "2": "Dendritic"}
+    assert table["self_score"].to_dict() == {"0": "partial", "1": "unscored", "2": "wrong"}
+    summary = adata.uns["cassia_batch"]["self_score"]["summary"]
+    assert (summary["scored_cells"], summary["unscored_cells"], summary["unmapped_author_labels"]) == (2, 4, [])
+    assert "nan" not in set(adata.uns["cassia_batch"]["self_score"]["confusion"]["author_label"])
 
 
 def test_a_dataset_whose_labels_all_map_lists_no_unmapped_label(tmp_path):

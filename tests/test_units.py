@@ -383,3 +383,23 @@ def test_annotation_text_marks_key_markers_the_model_was_not_sent():
     for annotator, expected in (("llm", "CD8A, cd3e, GZMK (not sent)"), ("reference", "CD8A, cd3e, GZMK")):
         text = annotation_text([call], dataset="D", tissue="blood", species="human", annotator={"annotator": annotator})
         assert f"key markers:      {expected}\n" in text
+
+
+def test_a_rejected_input_is_tried_again_after_a_chmod_or_on_a_machine_with_more_memory(tmp_path):
+    """--resume leaves an input it rejected alone until the file changes; fixing its permissions is a change,
+    and an input too large for one machine's memory may fit on the next."""
+    import os
+    import time
+
+    from cassia_helpers.contract import TOO_LARGE, input_fingerprint, rejected_and_unchanged
+
+    path = tmp_path / "locked.h5ad"
+    path.write_text("x")
+    record = {"status": "failed", "error_type": "InputError", "input_file": input_fingerprint(path),
+              "error": f"{path}: cannot be read (Permission denied)"}
+    assert rejected_and_unchanged(record, path)
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    os.chmod(path, 0o644)
+    assert not rejected_and_unchanged(record, path)
+    record = {**record, "input_file": input_fingerprint(path), "error": f"{path}: {TOO_LARGE}: needs 90 GiB"}
+    assert not rejected_and_unchanged(record, path)

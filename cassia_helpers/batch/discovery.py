@@ -19,6 +19,10 @@ UNSUPPORTED = {".h5ad.gz": "compressed h5ad (gunzip it first)", ".zarr": "zarr s
                "scanpy.read_10x_mtx and write_h5ad)"}
 
 
+# a file name holds at most 255 bytes; the longest the run writes is ".{name}_cassia_conversations.json.XXXXXXXX.tmp"
+MAX_NAME_BYTES = 200
+
+
 def name_problem(name: object) -> str:
     """Why ``name`` cannot be a tissue or dataset folder inside the run folder, or ``""``.
 
@@ -31,6 +35,9 @@ def name_problem(name: object) -> str:
         return "a name that is not a single folder inside the run folder"
     if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
         return "a name with a control character (newline, carriage return, tab, ...)"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return (f"a name longer than {MAX_NAME_BYTES} bytes (its output files, such as "
+                "{name}_cassia_conversations.json, would pass the file system's 255-byte limit)")
     return ""
 
 

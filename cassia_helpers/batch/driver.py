@@ -248,7 +248,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         try:
             jobs = {}
             for dataset in todo:  # an input its header rejects never reaches a worker
-                rejected = _check_header(run_dir, dataset)
+                rejected = _check_header(run_dir, dataset, _dataset_settings(settings, dataset))
                 if rejected:
                     finished(dataset, rejected)
                 else:
@@ -327,14 +327,16 @@ def _run_in_threads(settings: Settings, run_dir: Path, jobs: dict, launcher: Lau
                 finished(dataset, recorded(run_dir, dataset, record))
 
 
-def _check_header(run_dir: Path, dataset: Dataset) -> dict | None:
-    """The failed status of an input its header already rejects (no kernel is started for it), else ``None``."""
+def _check_header(run_dir: Path, dataset: Dataset, settings: Settings) -> dict | None:
+    """The failed status of an input its header already rejects (no kernel is started for it), else ``None``:
+    not an h5ad, no cells or genes, or no ``obs`` column of the name a ``*_key`` setting gives."""
     from cassia_helpers.inputs import InputError, check_input
 
     paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
     paths.folder.mkdir(parents=True, exist_ok=True)
     try:
-        check_input(dataset.path, memory_limit=0)  # memory is checked by the kernel, when it reads the file
+        # memory is checked by the kernel, when it reads the file
+        check_input(dataset.path, memory_limit=0, obs_keys=settings.obs_keys())
     except InputError as exc:
         return write_status(paths, FAILED, error=str(exc), error_type="InputError",
                             input_file=input_fingerprint(dataset.path))

@@ -85,7 +85,7 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
     problems = []
     for dataset in found.datasets:
         try:
-            shape = check_input(dataset.path)
+            shape = check_input(dataset.path, obs_keys=dataset_settings(settings, dataset).obs_keys())
         except InputError as exc:
             problems.append(str(exc))
             lines.append(f"{dataset.tissue:<14} {dataset.name:<36} cannot run: see below")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cassia_helpers.dataset.counts import LIBRARY_SIZE_KEY
+from cassia_helpers.dataset.split_mixed import UNSPLIT_SUFFIX
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 AUTHOR_PREFIX = "author_"
 # slot -> (exact names, name prefixes) the pipeline writes; a name matching either is renamed in the input
 RUN_WRITES: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
-    "obs": (frozenset({"leiden", LIBRARY_SIZE_KEY, "n_genes_by_counts", "total_counts", "total_counts_mt",
-                       "pct_counts_mt"}),
+    "obs": (frozenset({"leiden", "leiden" + UNSPLIT_SUFFIX, LIBRARY_SIZE_KEY, "n_genes_by_counts", "total_counts",
+                       "total_counts_mt", "pct_counts_mt"}),
             ("cell_type", "cassia_", "marker_evidence")),
     "var": (frozenset({"mt", "n_cells_by_counts", "mean_counts", "pct_dropout_by_counts", "total_counts",
                        "highly_variable", "means", "dispersions", "dispersions_norm", "gene_ids",
@@ -67,9 +68,9 @@ def keep_author_annotations(adata: AnnData) -> dict[str, dict[str, str]]:
         mapping = getattr(adata, slot)
         moves = {str(k): _free_name(str(k), mapping.keys()) for k in list(mapping.keys())
                  if written_by_run(slot, str(k))}
-        for column in renamed.get("obs", {}):
-            if slot == "uns" and f"{column}_colors" in mapping and f"{column}_colors" not in moves:
-                moves[f"{column}_colors"] = _free_name(f"{column}_colors", mapping.keys())
+        for column, new_column in renamed.get("obs", {}).items():
+            if slot == "uns" and f"{column}_colors" in mapping:  # the colours follow their column's new name
+                moves[f"{column}_colors"] = f"{new_column}_colors"
         for old, new in moves.items():
             mapping[new] = mapping[old]
             del mapping[old]

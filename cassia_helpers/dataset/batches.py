@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 
 from cassia_helpers.dataset.existing import input_column
-from cassia_helpers.dataset.read import InputError
 from cassia_helpers.dataset.record import cluster_key, provenance, warn
 from cassia_helpers.dataset.steps import timed
 
@@ -64,11 +63,7 @@ def check_batches(adata: AnnData, *, batch_key: str = "") -> None:
     """
     if not batch_key:
         return
-    file = provenance(adata).get("input", {}).get("file", "input")
-    try:
-        column = input_column(adata, batch_key, what="batch_key")
-    except InputError as exc:
-        raise InputError(f"{file}: {exc}") from None
+    column = input_column(adata, batch_key, what="batch_key")
     if not harmony_installed():
         raise ModuleNotFoundError(harmony_missing_message(batch_key))
     values = adata.obs[column]

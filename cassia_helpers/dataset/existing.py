@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from cassia_helpers.dataset.author import AUTHOR_PREFIX
+from cassia_helpers.dataset.author import AUTHOR_PREFIX, written_by_run
 from cassia_helpers.dataset.read import InputError
 from cassia_helpers.dataset.record import provenance, warn
+from cassia_helpers.inputs import missing_column
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -29,13 +30,20 @@ UNASSIGNED = "unassigned"  # the cluster of cells the input's column leaves empt
 
 
 def input_column(adata: AnnData, key: str, *, what: str) -> str:
-    """The ``obs`` column holding the input's ``key`` (perhaps renamed ``author_{key}`` when it was read);
-    :class:`InputError` naming the columns there are when it has none."""
-    for name in (key, AUTHOR_PREFIX + key):
-        if name in adata.obs.columns:
-            return name
-    listing = ", ".join(map(str, adata.obs.columns[:20])) or "none"
-    raise InputError(f"{what} {key!r} is not a column of the input's obs (its columns: {listing})")
+    """The ``obs`` column holding the input's own ``key``: the column :func:`~cassia_helpers.dataset.read.read_dataset`
+    renamed (``cell_type`` -> ``author_cell_type``: ``obs['cell_type']`` is then the run's), else ``key``
+    itself; :class:`InputError` naming the file and the input's columns when it has none."""
+    record = provenance(adata).get("input", {})
+    renamed = record.get("renamed", {}).get("obs", {})
+    if key in renamed:
+        return renamed[key]
+    if key in adata.obs.columns:
+        return key
+    if not record and AUTHOR_PREFIX + key in adata.obs.columns:  # renamed by an earlier session of the notebook
+        return AUTHOR_PREFIX + key
+    original = {new: old for old, new in renamed.items()}
+    columns = [original.get(c, c) for c in map(str, adata.obs.columns) if c in original or not written_by_run("obs", c)]
+    raise InputError(f"{record.get('file', 'input')}: {missing_column(what, key, columns)}")
 
 
 def keep_clusters(adata: AnnData, *, cluster_key: str = "") -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from cassia_helpers.contract import TOO_LARGE
 from cassia_helpers.dataset.author import keep_author_annotations, renamed_warning
 from cassia_helpers.dataset.matrix import sparse_problem
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
@@ -22,6 +23,8 @@ from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input, one_line
 
 if TYPE_CHECKING:
     from anndata import AnnData
+# the 10x feature type of genes (others: Antibody Capture, CRISPR Guide Capture, Peaks)
+GENE_EXPRESSION = "Gene Expression"
 # var columns that may hold gene symbols when var_names are ids, matched case-insensitively, first found wins
 SYMBOL_COLUMNS = (
     "gene_symbols", "gene_symbol", "feature_name", "feature_names", "gene_name", "gene_names",
@@ -89,7 +92,7 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
             warnings.filterwarnings("ignore", message=r"(Observation|Variable) names are not unique")
             adata = ad.read_h5ad(path)
     except MemoryError:
-        raise InputError(f"{path}: too large for memory: ran out of memory while reading it") from None
+        raise InputError(f"{path}: {TOO_LARGE}: ran out of memory while reading it") from None
     except Exception as exc:  # noqa: BLE001 - anndata raises many types for damaged files
         raise InputError(f"{path}: corrupt or truncated h5ad ({one_line(exc)})") from None
     if adata.n_obs == 0:
@@ -99,6 +102,7 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     _check_sparse_structure(adata, path)
 
     adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own record
+    adata = _gene_expression_only(adata, path)
     adata, counts = _select_matrix(adata, path)
     renamed = keep_author_annotations(adata)
     record = provenance(adata)
@@ -139,12 +143,36 @@ def _check_sparse_structure(adata: AnnData, path: Path) -> None:
             raise InputError(f"{path}: corrupt sparse matrix in {where}: {problem}")
 
 
+def _gene_expression_only(adata: AnnData, path: Path) -> AnnData:
+    """The gene-expression features of a 10x matrix that holds others too (``var['feature_types']``: CITE-seq
+    antibodies, CRISPR guides, multiome peaks), which would otherwise count as genes in every step."""
+    if "feature_types" not in adata.var.columns:
+        return adata
+    types = adata.var["feature_types"].astype(str)
+    genes = (types == GENE_EXPRESSION).to_numpy()
+    if genes.all():
+        return adata
+    if not genes.any():
+        raise InputError(f"{path}: no '{GENE_EXPRESSION}' features (var['feature_types'] holds only "
+                         f"{', '.join(sorted(set(types)))})")
+    others = types[~genes].value_counts()
+    adata = adata[:, genes].copy()
+    warn(adata, f"kept the {int(genes.sum())} '{GENE_EXPRESSION}' features of var['feature_types'] and left out "
+                + ", ".join(f"{n} '{kind}'" for kind, n in others.items()))
+    return adata
+
+
+def _not_a_symbol(name: str) -> bool:
+    """An Ensembl id, or a name without a letter (an R export's row numbers): not a gene symbol."""
+    return bool(ENSEMBL_ID.match(name)) or not any(c.isalpha() for c in name)
+
+
 def _use_gene_symbols(adata: AnnData, path: Path) -> None:
     names = adata.var_names.astype(str)
-    ensembl_share = np.mean([bool(ENSEMBL_ID.match(n)) for n in names[:2000]])
+    id_share = np.mean([_not_a_symbol(n) for n in names[:2000]])
     record = provenance(adata)["input"]
     record["symbol_source"] = "var_names"
-    if ensembl_share < 0.5:
+    if id_share < 0.5:
         return
     columns = {str(column).lower(): column for column in adata.var.columns}
     for wanted in SYMBOL_COLUMNS:
@@ -154,17 +182,19 @@ def _use_gene_symbols(adata: AnnData, path: Path) -> None:
         values = adata.var[column]
         symbols = values.astype(str).to_numpy(dtype=object)
         missing = values.isna().to_numpy() | np.isin(symbols, ["", "nan", "None", "NaN"])
-        if missing.all() or np.mean([bool(ENSEMBL_ID.match(s)) for s in symbols[~missing][:2000]]) >= 0.5:
+        if missing.all() or np.mean([_not_a_symbol(s) for s in symbols[~missing][:2000]]) >= 0.5:
             continue  # empty, or ids again
         adata.var["gene_ids"] = names.to_numpy()
         adata.var_names = np.where(missing, names.to_numpy(dtype=object), symbols)
         record["symbol_source"] = f"var['{column}']"
         return
-    record["symbol_source"] = "ensembl_ids"
+    ensembl = np.mean([bool(ENSEMBL_ID.match(n)) for n in names[:2000]]) >= 0.5
+    record["symbol_source"] = "ensembl_ids" if ensembl else "not_symbols"
     warn(
         adata,
-        f"{path.name}: gene names are Ensembl ids and no symbol column was found "
-        f"(looked for {', '.join(SYMBOL_COLUMNS)}); marker names will be ids and annotation will suffer",
+        f"{path.name}: gene names are {'Ensembl ids' if ensembl else 'not gene symbols (e.g. ' + names[0] + ')'} "
+        f"and no symbol column was found (looked for {', '.join(SYMBOL_COLUMNS)}); marker names will be "
+        "ids and annotation will suffer",
     )
 
 

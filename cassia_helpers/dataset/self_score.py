@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 SCORES = ("exact", "partial", "lineage", "wrong")
 UNSCORED = "unscored"
 CELLXGENE_LABELS = ("author_cell_type_ontology_term_id", "author_cell_type")
+#: author labels that mean "no label" (as text, lower case): those cells are not scored
+MISSING_LABELS = frozenset({"", "nan", "none", "na", "n/a", "null"})
 
 
 def _parents(onto: CellOntology, term: str) -> frozenset[str]:
@@ -110,21 +112,24 @@ def score_against_authors(adata: AnnData, *, label_key: str = "", tissue: str = 
         if not column:
             return None
     onto = load_cell_ontology()
-    labels = adata.obs[column].astype(str)
-    terms = _author_terms(onto, labels, ids=column.endswith("ontology_term_id"), tissue=tissue)
-    author = labels.map(terms)
+    values = adata.obs[column]
+    labels = values.astype(str)
+    # a cell the author left without a label is not scored (nor listed as the label "nan")
+    labelled = (values.notna() & ~labels.str.strip().str.lower().isin(MISSING_LABELS)).to_numpy()
+    terms = _author_terms(onto, labels[labelled], ids=column.endswith("ontology_term_id"), tissue=tissue)
+    author = labels.map(terms).where(labelled, UNMATCHED)
     clusters = adata.obs[cluster_key(adata)].astype(str)
     calls = adata.obs["cell_type_ontology_term_id"].astype(str)
     rows, per_cell = [], pd.Series(UNSCORED, index=adata.obs_names, dtype=object)
     for cluster in pd.unique(clusters):
         mask = (clusters == cluster).to_numpy()
         call = calls[mask].iloc[0]
-        counts = labels[mask].value_counts()
-        top = counts.index[0]
-        score, steps = compare(onto, call, terms[top])
+        counts = labels[mask & labelled].value_counts()
+        top = counts.index[0] if len(counts) else ""
+        score, steps = compare(onto, call, terms.get(top, UNMATCHED))
         rows.append({"cluster": cluster, "author_label": top,
-                     "author_label_fraction": round(float(counts.iloc[0] / mask.sum()), 4),
-                     "author_term_id": terms[top], "call_term_id": call, "self_score": score,
+                     "author_label_fraction": round(float(counts.iloc[0] / mask.sum()) if len(counts) else 0.0, 4),
+                     "author_term_id": terms.get(top, UNMATCHED), "call_term_id": call, "self_score": score,
                      "self_score_distance": float("nan") if steps is None else float(steps)})
         outcome = {term: compare(onto, call, term)[0] for term in pd.unique(author[mask])}
         per_cell[mask] = author[mask].map(outcome).to_numpy()
@@ -136,7 +141,7 @@ def score_against_authors(adata: AnnData, *, label_key: str = "", tissue: str = 
                    unmapped_author_labels=sorted(label for label, term in terms.items() if term == UNMATCHED))
     called = adata.obs[calls_key(adata)].astype(str) if calls_key(adata) in adata.obs else calls
     pairs = pd.DataFrame({"author_label": labels.to_numpy(), "call": called.to_numpy(),
-                          "self_score": per_cell.to_numpy()})
+                          "self_score": per_cell.to_numpy()})[labelled]
     confusion = (pairs.groupby(["author_label", "call", "self_score"], observed=True).size()
                  .rename("n_cells").reset_index().sort_values("n_cells", ascending=False, kind="stable"))
     provenance(adata)["self_score"] = {"label_key": column, "clusters": table, "summary": summary,
