@@ -31,6 +31,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -1069,7 +1070,8 @@ class ScriptedLLMServer(_PipelineAgents):
         ``raw_reply``: this body instead.
         On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
-        Authorization header appended to the content; ``tricky_verdict`` -> a validator answer that
+        Authorization header appended to the content (also JSON- and URL-escaped), its key as the fingerprint;
+        ``tricky_verdict`` -> a validator answer that
         fails but mentions "VALIDATION PASSED" later in its first line; ``error_in_body`` -> an error
         object in place of the completion (as some proxies send with status 200); ``no_choices`` -> a
         completion whose ``choices`` list is empty.
@@ -1106,7 +1108,12 @@ class ScriptedLLMServer(_PipelineAgents):
                        "were lineage-defining.\nFeedback: re-check the markers.")
         if self.echo_authorization:
             self._note_fault("echo_authorization")
-            content += f"\nDebug: Authorization: {headers.get('authorization', '')}"
+            authorization = headers.get("authorization", "")
+            token = authorization.split()[-1] if authorization else ""
+            escaped = "".join(f"\\u{ord(c):04x}" for c in token[:2]) + token[2:]
+            content += (f"\nDebug: Authorization: {authorization}; as JSON \"{escaped}\"; "
+                        f"in a URL ?key={urllib.parse.quote(token, safe='')}")
+            reply.payload["system_fingerprint"] = f"fp_{token}"
         if self.huge_answer_chars:
             self._note_fault("huge")
             filler = " lorem ipsum"

@@ -179,10 +179,31 @@ def test_key_never_written(llm_env, tmp_path):
     ('Sure!\n```json\n{"main_cell_type": "B cell", "key_markers": "MS4A1, CD79A"}\n```', ("B cell", 50.0)),
     ("Reasoning...\nFINAL ANNOTATION: **Astrocyte**", ("Astrocyte", 50.0)),
     ("I cannot tell.", None),
+    # the schema's 0-100 scale: 1 is 1, 2 is 2; a share below 1 is a fraction; text or NaN is not a number
+    ('{"main_cell_type": "B cell", "confidence": 1}', ("B cell", 1.0)),
+    ('{"main_cell_type": "B cell", "confidence": "95%"}', ("B cell", 95.0)),
+    ('{"main_cell_type": "B cell", "confidence": NaN}', ("B cell", 50.0)),
+    ('{"main_cell_type": "B cell", "confidence": true}', ("B cell", 50.0)),
+    ('{"main_cell_type": "B cell", "confidence": "high"}', ("B cell", 50.0)),
+    # a first final line the model moved past is not its answer
+    ("FINAL ANNOTATION: Neuron, but on reflection the markers are immune.\nFINAL ANNOTATION: B cell", ("B cell", 50.0)),
 ])
 def test_tolerant_parsing(text, expected):
     parsed = parse_answer(text)
     assert (parsed["main_cell_type"], parsed["confidence"]) == expected if expected else parsed is None
+
+
+# R1-style: the chat template opened <think>, so the reply holds only its end; the thoughts name other answers
+THOUGHTS = ('Could this be a hepatocyte?\nFINAL ANNOTATION: Hepatocyte\nVALIDATION FAILED maybe? {"score": 3} '
+            "Score: 3/100. Wait.\n</think>\n\n")
+
+
+def test_a_reasoning_models_thoughts_before_a_lone_closing_tag_are_never_its_answer():
+    assert parse_answer(THOUGHTS + "The markers are B-cell markers.\nFINAL ANNOTATION: B cell")["main_cell_type"] \
+        == "B cell"
+    assert read_verdict(THOUGHTS + "VALIDATION PASSED") is True
+    assert read_score(THOUGHTS + "<score>88</score>")[0] == 88
+    assert parse_answer("<think>cut off while thinking: FINAL ANNOTATION: Hepatocyte") is None
 
 
 def test_reasoning_models_without_temperature_and_with_reasoning_content(llm_env, tmp_path):

@@ -21,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -173,6 +174,15 @@ def test_retries_stay_within_the_deadline(llm_env, tmp_path):
     assert len(calls(tmp_path / "ledger.jsonl")) == llm_env.stats()["requests"]
 
 
+def test_a_429_asking_for_a_day_pauses_the_run_no_longer_than_a_call_may_last(llm_env, tmp_path):
+    llm_env.fail_next(1, status=429, retry_after=86_400)
+    start = time.monotonic()
+    results = run(tmp_path, clusters=CLUSTERS[:3], deadline=3.0, max_attempts=5)
+    assert time.monotonic() - start < 3 * 3.0 + 3.0  # bounded by the deadlines, not by the server's day
+    assert sum(r.main_cell_type != "Unknown" for r in results) >= 2  # the server answered again: so do we
+    assert len(calls(tmp_path / "ledger.jsonl")) == llm_env.stats()["requests"]
+
+
 def test_a_hanging_server_opens_the_breaker_once_for_the_whole_run(llm_env, tmp_path):
     llm_env.hang = True
     run_dir = tmp_path / "run"
@@ -258,15 +268,21 @@ def test_huge_replies_are_capped_everywhere(llm_env, tmp_path):
 
 
 def test_an_echoed_key_is_never_stored(llm_env, tmp_path):
+    """Echoed as it is, JSON-escaped, URL-escaped, or as the system fingerprint (which goes into the h5ad)."""
     llm_env.echo_authorization = True
-    results = run(tmp_path, clusters=CLUSTERS[:3])
+    llm = annotator(tmp_path)
+    results = llm.annotate(CLUSTERS[:3], tissue="blood", species="human")
     assert [r.main_cell_type for r in results] == EXPECTED[:3]
     assert API_KEY in llm_env.headers_seen[0]["Authorization"]
     (tmp_path / "results.json").write_text(json.dumps([r.to_dict() for r in results]))
+    (tmp_path / "provenance.json").write_text(json.dumps(llm.describe()))
+    assert llm.describe()["system_fingerprint"] == "fp_[redacted]"
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) > 5
+    escaped = ("\\u0073\\u006b" + API_KEY[2:], urllib.parse.quote(API_KEY, safe=""))
     for path in files:
-        assert API_KEY not in path.read_text(errors="replace"), path
+        text = path.read_text(errors="replace").replace("\\\\", "\\")  # JSON files: as the text they hold
+        assert API_KEY not in text and not any(form in text for form in escaped), path
     assert any("[redacted]" in turn["content"] for r in results for turn in r.transcript)
 
 
@@ -494,7 +510,9 @@ def test_a_302_is_named_and_a_same_host_307_is_followed(llm_env, tmp_path):
 
 @pytest.mark.parametrize("usage", [{"prompt_tokens": "many"}, {"prompt_tokens": -1_000_000},
                                    {"prompt_tokens": 10**15, "completion_tokens": 10**15},
-                                   {"completion_tokens": 12.5}, {"prompt_tokens": None, "completion_tokens": [3]}])
+                                   {"completion_tokens": 12.5}, {"prompt_tokens": None, "completion_tokens": [3]},
+                                   # whole numbers, but more than the prompt could be or than max_tokens allowed
+                                   {"prompt_tokens": 9_999_999, "completion_tokens": 9_999_999}])
 def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path, usage):
     llm_env.usage_override = usage
     prices = tmp_path / "prices.json"
@@ -520,6 +538,16 @@ def test_a_body_that_is_no_completion_is_a_paid_unreadable_reply(llm_env, tmp_pa
     records = calls(tmp_path / "ledger.jsonl")
     assert len(records) == llm_env.stats()["requests"] == 4
     assert all(r["status"] == "error" and r["input_tokens"] > 0 and r["estimated"] for r in records)
+
+
+def test_content_given_as_parts_is_read_as_its_text_parts():
+    """Mistral's reasoning models answer with a list of parts: thinking parts, then the text."""
+    from cassia_helpers.dataset.annotate.llm.transport import reply_fields
+
+    body = {"choices": [{"message": {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "FINAL ANNOTATION: Hepatocyte?"}]},
+        {"type": "text", "text": "Markers MS4A1, CD79A.\n"}, {"type": "text", "text": "FINAL ANNOTATION: B cell"}]}}]}
+    assert reply_fields(body)[0] == "Markers MS4A1, CD79A.\nFINAL ANNOTATION: B cell"
 
 
 def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):

@@ -42,9 +42,10 @@ def test_rows_are_read_with_paths_relative_to_the_manifest_and_per_dataset_setti
     from cassia_helpers.batch.manifest import dataset_settings, read_manifest_csv
     from cassia_helpers.settings import Settings
 
-    path = manifest(tmp_path, "path,tissue,species,context,dataset\n"
-                              "h5/pbmc.h5ad,blood,,,\n"
-                              f"{inputs / 'mouse_pbmc.h5ad'},blood,mouse,\"aged, treated\",mouse\n")
+    # as a spreadsheet saves it: unnamed empty columns, trailing commas, a row left empty
+    path = manifest(tmp_path, "path,tissue,species,context,dataset,,\n"
+                              "h5/pbmc.h5ad,blood,,,,,\n"
+                              f"{inputs / 'mouse_pbmc.h5ad'},blood,mouse,\"aged, treated\",mouse,,,,\n,,,,,,\n")
     found = read_manifest_csv(path).datasets
     assert [(d.tissue, d.name, d.path) for d in found] == [
         ("blood", "pbmc", inputs / "pbmc.h5ad"), ("blood", "mouse", inputs / "mouse_pbmc.h5ad")]
@@ -65,6 +66,7 @@ def test_rows_are_read_with_paths_relative_to_the_manifest_and_per_dataset_setti
     ("path,tissue,dataset\nh5/pbmc.h5ad,blood,../x\n", ["line 2", "dataset name '../x' is"]),
     ("path,tissue,dataset\nh5/pbmc.h5ad,blood,\"two\nlines\"\n", ["dataset name 'two\\nlines'", "control"]),
     ("path,tissue\n", ["lists no dataset"]),
+    ("path,tissue,\nh5/pbmc.h5ad,blood,human\n", ["line 2", "more values than named columns"]),
 ])
 def test_a_bad_manifest_is_a_one_line_usage_error_before_anything_runs(tmp_path, inputs, text, phrases):
     path = manifest(tmp_path, text)

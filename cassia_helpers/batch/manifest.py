@@ -23,6 +23,7 @@ from cassia_helpers.settings import BY_NAME, PER_DATASET, Settings, UsageError
 
 REQUIRED = ("path", "tissue")
 COLUMNS = (*REQUIRED, "dataset", *PER_DATASET)
+UNNAMED = "\0unnamed"  # stands for a header cell left empty (a spreadsheet's trailing commas)
 
 
 def _options(row: dict, where: str) -> tuple[tuple[str, object], ...]:
@@ -50,14 +51,15 @@ def read_manifest_csv(path: Path) -> Discovery:
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            header = [str(c).strip() for c in reader.fieldnames or []]
+            # a spreadsheet saves columns it once showed as unnamed, empty ones (path,tissue,,): placeholders
+            header = [str(c).strip() or f"{UNNAMED}{i}" for i, c in enumerate(reader.fieldnames or [])]
             reader.fieldnames = header
             rows = [(reader.line_num, row) for row in reader]
     except FileNotFoundError:
         raise UsageError(f"{path}: manifest not found") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise UsageError(f"{path}: manifest cannot be read as a UTF-8 CSV file ({type(exc).__name__})") from None
-    unknown = [c for c in header if c not in COLUMNS]
+    unknown = [c for c in header if c not in COLUMNS and not c.startswith(UNNAMED)]
     if unknown:
         raise UsageError(f"{path}: unknown column(s) {', '.join(map(repr, unknown))}; the columns are "
                          f"{', '.join(COLUMNS)}")
@@ -68,8 +70,10 @@ def read_manifest_csv(path: Path) -> Discovery:
     seen: dict[tuple[str, str], int] = {}
     for line, row in rows:
         where = f"{path}, line {line}"
-        if None in row:
-            raise UsageError(f"{where}: more values than columns")
+        spare = [v for k, v in row.items() if k is None or k.startswith(UNNAMED)]
+        if any((v if isinstance(v, str) else "".join(v or [])).strip() for v in spare):
+            raise UsageError(f"{where}: more values than named columns")
+        row = {k: v for k, v in row.items() if k is not None and not k.startswith(UNNAMED)}
         if not any((v or "").strip() for v in row.values()):
             continue
         tissue = check_name((row.get("tissue") or "").strip(), what="tissue", source=where)

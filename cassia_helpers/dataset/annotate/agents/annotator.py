@@ -13,6 +13,7 @@ sent (an unusable model costs at most 2 rounds x 2 requests for the clusters alr
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import threading
@@ -31,7 +32,13 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
     cluster_prompt,
     reference_check,
 )
-from cassia_helpers.dataset.annotate.agents.replies import VERDICT_SCHEMA, read_verdict, structured_chat, verdict_words
+from cassia_helpers.dataset.annotate.agents.replies import (
+    VERDICT_SCHEMA,
+    read_verdict,
+    structured_chat,
+    verdict_words,
+    without_thinking,
+)
 from cassia_helpers.dataset.annotate.llm.client import (
     BudgetExceeded,
     FatalLLMError,
@@ -47,10 +54,11 @@ from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, s
 from cassia_helpers.ledger import Ledger, PriceTable
 
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
-THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 FINAL_LINE = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
 # Clusters in a row without a usable answer after which a dataset's remaining clusters are not sent.
 UNUSABLE_RUN = 3
+# The confidence of an answer that gives none as a number.
+NO_CONFIDENCE = 50.0
 # The kinds of Unknown that mean the model gave no usable answer (not "the model could not tell").
 NO_ANSWER = "invalid_answer"
 
@@ -58,7 +66,7 @@ NO_ANSWER = "invalid_answer"
 def parse_answer(text: str) -> dict | None:
     """The structured answer from JSON, a fenced JSON block, a JSON object inside prose, or a
     ``FINAL ANNOTATION:`` line; ``None`` when no cell type can be found."""
-    text = THINKING.sub("", text)
+    text = without_thinking(text)
     candidates = [text]
     candidates += re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
     start, end = text.find("{"), text.rfind("}")
@@ -71,11 +79,11 @@ def parse_answer(text: str) -> dict | None:
             continue
         if isinstance(data, dict) and sanitize_label(data.get("main_cell_type", "")):
             return _normalise(data)
-    match = FINAL_LINE.search(text)
-    if match:
-        label = sanitize_label(match.group(1))
+    finals = FINAL_LINE.findall(text)
+    if finals:  # the annotator ends with its final line: an earlier one was a thought it moved past
+        label = sanitize_label(finals[-1])
         if label and not label.startswith("<"):
-            return _normalise({"main_cell_type": label, "confidence": 50,
+            return _normalise({"main_cell_type": label, "confidence": None,
                                "reasoning": "Parsed from the annotator's final line."})
     return None
 
@@ -90,18 +98,32 @@ def _as_list(value) -> list[str]:
     return [label for label in (sanitize_label(v) for v in value[:20]) if label]
 
 
-def _normalise(data: dict) -> dict:
+def _confidence(value: object) -> float:
+    """The model's 0-100 confidence: a number, or text holding one ("95%"); a fraction below 1 is read as a
+    share (0.8 -> 80). Anything else (missing, NaN, true, "high") is :data:`NO_CONFIDENCE`, as the README says."""
+    if isinstance(value, str):
+        found = re.search(r"-?\d+(?:\.\d+)?", value)
+        value = found.group() if found else None
+    if isinstance(value, bool) or value is None:
+        return NO_CONFIDENCE
     try:
-        confidence = float(data.get("confidence", 50))
+        confidence = float(value)
     except (TypeError, ValueError):
-        confidence = 50.0
-    if 0 < confidence <= 1:
+        return NO_CONFIDENCE
+    if not math.isfinite(confidence):
+        return NO_CONFIDENCE
+    if 0 < confidence < 1:
         confidence *= 100
+    return max(0.0, min(100.0, confidence))
+
+
+def _normalise(data: dict) -> dict:
+    confidence = _confidence(data.get("confidence"))
     return {
         "main_cell_type": sanitize_label(data.get("main_cell_type", "")),
         "sub_cell_types": _as_list(data.get("sub_cell_types"))[:3],
         "mixed_cell_types": _as_list(data.get("mixed_cell_types")),
-        "confidence": max(0.0, min(100.0, confidence)),
+        "confidence": confidence,
         "key_markers": _as_list(data.get("key_markers")),
         "reasoning": sanitize_label(data.get("reasoning", ""), max_chars=MAX_REASONING_CHARS),
         # a proposal only: checked against the ontology before it is used (cassia_helpers.dataset.ontology)

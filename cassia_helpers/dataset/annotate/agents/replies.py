@@ -21,6 +21,22 @@ if TYPE_CHECKING:  # the LLM client (and openai) is imported only when an agent 
     from cassia_helpers.dataset.annotate.llm.client import ChatAnswer, LLMClient
 
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def without_thinking(text: str | None) -> str:
+    """A reply without a reasoning model's thoughts: every ``<think>...</think>`` block; everything before a
+    lone ``</think>`` (a chat template that opened the block itself, as served R1 distills do); everything from
+    a ``<think>`` never closed (a reply cut off while thinking). The thoughts may name other cell types, scores
+    and verdicts: only what follows them is the answer."""
+    text = THINKING.sub("", text or "")
+    lower = text.lower()
+    if THINK_CLOSE in lower:
+        text = text[lower.rindex(THINK_CLOSE) + len(THINK_CLOSE):]
+        lower = text.lower()
+    if THINK_OPEN in lower:
+        text = text[:lower.index(THINK_OPEN)]
+    return text
 LEVELS = ("broad", "detailed", "fine")
 
 
@@ -72,7 +88,7 @@ def structured_chat(client: LLMClient, messages: list[dict], *, schema: dict, cl
 
 def json_object(text: str) -> object | None:
     """The JSON value of a reply: the whole text, a fenced block, or the outermost ``{...}`` in prose."""
-    text = THINKING.sub("", text or "")
+    text = without_thinking(text)
     candidates = [text, *re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)]
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
@@ -103,7 +119,7 @@ def _kind(word: str) -> str:
 
 def verdict_words(text: str) -> set[str]:
     """The verdicts a reply names anywhere (``{"passed", "failed"}``, one of them, or none)."""
-    return {_kind(w) for w in _VERDICT_WORD.findall(THINKING.sub("", text or ""))}
+    return {_kind(w) for w in _VERDICT_WORD.findall(without_thinking(text))}
 
 
 def read_verdict(text: str) -> bool | None:
@@ -114,7 +130,7 @@ def read_verdict(text: str) -> bool | None:
     both verdicts anywhere is undetermined, never passed ("VALIDATION FAILED: it would only be VALIDATION
     PASSED if ...").
     """
-    text = THINKING.sub("", text or "")
+    text = without_thinking(text)
     data = json_object(text)
     if isinstance(data, dict):
         lowered = {str(k).lower(): v for k, v in data.items()}
@@ -161,7 +177,7 @@ def read_score(text: str) -> tuple[float | None, str, str]:
     Read from ``<score>85</score>``, a JSON answer (``{"score": 85}``), ``85/100``, ``85 out of 100``,
     ``Score: 8.5/10`` or ``Score: 85``.
     """
-    text = THINKING.sub("", text or "")
+    text = without_thinking(text)
     value: float | None = None
     shown = ""
     reasoning = ""
@@ -270,7 +286,7 @@ def read_conclusion(text: str) -> str | None:
     ``Final cell type: <type>``) or a JSON answer with ``main_cell_type``; a reply that says ``FINAL
     ANNOTATION COMPLETED`` without such a line concludes too (its prose goes to the formatter), as ``""``.
     """
-    text = THINKING.sub("", text or "")
+    text = without_thinking(text)
     matches = [sanitize_label(m) for m in _FINAL.findall(text)]
     matches = [m for m in matches if m and not m.startswith("<") and not _DONE.fullmatch(m)
                and not m.upper().startswith("COMPLETED")]

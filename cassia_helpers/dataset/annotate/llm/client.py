@@ -336,8 +336,11 @@ class LLMClient:
                      estimated=True)
                 raise
         self.breaker.success()
-        input_tokens, output_tokens, note = reply_tokens(usage, prompt_estimate=estimated_input, content=content)
+        input_tokens, output_tokens, note = reply_tokens(usage, prompt_estimate=estimated_input, content=content,
+                                                         max_output=int(options.get("max_tokens")
+                                                                        or options.get("max_completion_tokens") or 0))
         estimated = bool(note)
+        fingerprint = scrub_secrets(fingerprint)[:200]  # the server's text: it goes into the shared h5ad
         if fingerprint:
             with self._lock:
                 self.fingerprints.add(fingerprint)
@@ -347,7 +350,7 @@ class LLMClient:
             notes.append(f"reply of {len(content)} characters cut to {len(stored)}")
         done(OK, scrub_secrets("; ".join(notes)), input_tokens=input_tokens, output_tokens=output_tokens,
              request_id=scrub_secrets(request_id)[:200], estimated=estimated)
-        return ChatAnswer(stored, input_tokens, output_tokens, False, scrub_secrets(fingerprint)[:200], estimated)
+        return ChatAnswer(stored, input_tokens, output_tokens, False, fingerprint, estimated)
 
     def _fatal_error(self, message: str, kind: str) -> FatalLLMError:
         """The same answer awaits every request (a redirect elsewhere, an untrusted certificate): stop asking."""
@@ -360,8 +363,9 @@ class LLMClient:
         retry_after = retry_after_seconds(exc)
         status = exc.status_code
         if status in (408, 429) or status >= 500:
-            if status == 429:
-                self.throttle.back_off(retry_after if retry_after is not None else 1.0)
+            if status == 429:  # every worker pauses: at most as long as a retry would wait, or a call may last
+                asked = retry_after if retry_after is not None else 1.0
+                self.throttle.back_off(min(asked, self.max_wait_s, self.deadline))
             return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "server_error")
         refused = refused_option(exc, options)
         if refused:

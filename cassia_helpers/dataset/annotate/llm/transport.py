@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import socket
 import ssl
 import threading
@@ -265,11 +266,18 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
     message = data["choices"][0]["message"]
     # Some servers (reasoning models) put the whole answer in ``reasoning_content``.
     content = message.get("content") or message.get("reasoning_content") or message.get("reasoning") or ""
+    if isinstance(content, list):  # content parts (Mistral's reasoning models): the text parts are the answer
+        content = "".join(part["text"] for part in content if isinstance(part, dict)
+                          and part.get("type") == "text" and isinstance(part.get("text"), str))
     if not isinstance(content, str):
         raise TypeError("message content is not text")
     usage = data.get("usage")
     return content, usage if isinstance(usage, dict) else None, str(data.get("id") or ""), \
         str(data.get("system_fingerprint") or "")
+
+
+#: a server's input count above this many times our estimate of the prompt is not believed
+PROMPT_SLACK = 10
 
 
 def usage_tokens(usage: dict | None, field: str) -> int | None:
@@ -287,13 +295,20 @@ def usage_tokens(usage: dict | None, field: str) -> int | None:
     return int(value) if 0 <= value <= MAX_PLAUSIBLE_TOKENS else None
 
 
-def reply_tokens(usage: dict | None, *, prompt_estimate: int, content: str) -> tuple[int, int, str]:
+def reply_tokens(usage: dict | None, *, prompt_estimate: int, content: str, max_output: int = 0
+                 ) -> tuple[int, int, str]:
     """The input and output tokens of a reply, and a note saying which were estimated (``""`` if none).
 
-    A count the server reports is used when :func:`usage_tokens` accepts it; a missing or bad one is
-    replaced by the local estimate (``prompt_estimate`` for the input, the reply's characters / 4).
+    A count the server reports is used when :func:`usage_tokens` accepts it and it is possible: no more
+    output than the ``max_output`` tokens the request allowed (when it set a limit), no more input than
+    :data:`PROMPT_SLACK` times the local estimate (plus a system prompt's worth); a missing, bad or impossible
+    one is replaced by the local estimate (``prompt_estimate`` for the input, the reply's characters / 4).
     """
     counted_in, counted_out = usage_tokens(usage, "prompt_tokens"), usage_tokens(usage, "completion_tokens")
+    if counted_in is not None and counted_in > PROMPT_SLACK * prompt_estimate + 2_000:
+        counted_in = None
+    if counted_out is not None and max_output > 0 and counted_out > max_output:
+        counted_out = None
     input_tokens = prompt_estimate if counted_in is None else counted_in
     output_tokens = estimate_tokens(content) if counted_out is None else counted_out
     if usage is None:
@@ -322,7 +337,7 @@ def retry_after_seconds(exc: BaseException) -> float | None:
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = response.headers.get(header)
         try:
-            if value is not None:
+            if value is not None and math.isfinite(float(value)):
                 return max(0.0, float(value) * scale)
         except ValueError:
             continue

@@ -6,6 +6,7 @@ name, or with our own API key echoed back. Everything a reply puts into an outpu
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -31,11 +32,23 @@ def secrets_to_scrub() -> list[str]:
 
 
 def scrub_secrets(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with every occurrence of the API key replaced by ``[redacted]``."""
+    """``text`` with every occurrence of the API key replaced by ``[redacted]``, also where its characters are
+    written as JSON ``\\u0073`` escapes or URL ``%2D`` escapes (a model or proxy echoing the key in JSON or a
+    URL: those decode straight back to the key)."""
     for secret in secrets_to_scrub() if secrets is None else secrets:
-        if secret and secret in text:
+        if secret:
             text = text.replace(secret, REDACTED)
+            if "\\u" in text or "%" in text:
+                text = _encoded(secret).sub(REDACTED, text)
     return text
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded(secret: str) -> re.Pattern:
+    """The secret with each character as itself, a JSON ``\\uXXXX`` escape or a URL ``%XX`` escape."""
+    forms = [f"(?:{re.escape(c)}|\\\\u{ord(c):04x}" + (f"|%{ord(c):02x})" if ord(c) < 128 else ")")
+             for c in secret]
+    return re.compile("".join(forms), re.IGNORECASE)
 
 
 def cap_text(text: str, limit: int = MAX_REPLY_CHARS) -> str:
