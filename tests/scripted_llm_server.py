@@ -819,6 +819,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.trickle_s = 0.0
         self.hang = False
         self.empty_answer = False
+        self.cut_replies = False
         self.error_in_body = False
         self.no_choices = False
         self.huge_answer_chars = 0
@@ -950,7 +951,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.reject_seed = self.omit_usage = self.reject_temperature = self.reasoning_only = False
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
-        self.error_in_body = self.no_choices = False
+        self.error_in_body = self.no_choices = self.cut_replies = False
         self.trickle_headers_s, self.usage_override, self.redirects, self.raw_reply = 0.0, {}, {}, None
         self._init_pipeline_faults()
 
@@ -1071,7 +1072,7 @@ class ScriptedLLMServer(_PipelineAgents):
         On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
         Authorization header appended to the content (also JSON- and URL-escaped), its key as the fingerprint;
-        ``tricky_verdict`` -> a validator answer that
+        ``cut_replies`` -> half the content, finish_reason "length"; ``tricky_verdict`` -> a validator answer that
         fails but mentions "VALIDATION PASSED" later in its first line; ``error_in_body`` -> an error
         object in place of the completion (as some proxies send with status 200); ``no_choices`` -> a
         completion whose ``choices`` list is empty.
@@ -1121,6 +1122,10 @@ class ScriptedLLMServer(_PipelineAgents):
         if self.empty_answer:
             self._note_fault("empty")
             content = ""
+        if self.cut_replies:  # the token limit reached halfway through
+            self._note_fault("cut")
+            content = content[: len(content) // 2]
+            reply.payload["choices"][0]["finish_reason"] = "length"
         message["content"] = content
         usage = reply.payload.get("usage")
         if usage:

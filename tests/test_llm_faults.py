@@ -540,6 +540,14 @@ def test_a_body_that_is_no_completion_is_a_paid_unreadable_reply(llm_env, tmp_pa
     assert all(r["status"] == "error" and r["input_tokens"] > 0 and r["estimated"] for r in records)
 
 
+def test_replies_cut_at_the_token_limit_are_named_and_never_cached(llm_env, tmp_path):
+    llm_env.cut_replies = True
+    run(tmp_path, clusters=CLUSTERS[:2], max_attempts=1)
+    records = calls(tmp_path / "ledger.jsonl")
+    assert records and all("reply cut at the token limit" in r["error"] for r in records if r["status"] == "ok")
+    assert cached_entries(tmp_path) == []  # a rerun asks again rather than reuse half an answer
+
+
 def test_content_given_as_parts_is_read_as_its_text_parts():
     """Mistral's reasoning models answer with a list of parts: thinking parts, then the text."""
     from cassia_helpers.dataset.annotate.llm.transport import reply_fields

@@ -39,6 +39,7 @@ from cassia_helpers.dataset.annotate.llm.transport import (
     DeadlineExceeded,
     RedirectRefused,
     certificate_problem,
+    finish_reason,
     http_client,
     post_chat,
     refused_option,
@@ -79,6 +80,7 @@ class ChatAnswer:
     from_cache: bool
     system_fingerprint: str = ""
     estimated: bool = False
+    cut: bool = False  # the server stopped at the token limit (finish_reason "length"): not cached
 
 
 def endpoint_label(base_url: str) -> str:
@@ -238,7 +240,7 @@ class LLMClient:
             answer = retrying(send)
         except _Retryable as exc:
             raise LLMError(f"no answer after {attempt} attempts ({exc})", exc.kind) from None
-        if good(answer.content):
+        if good(answer.content) and not answer.cut:
             self.cache.put(key, content=answer.content, usage=(answer.input_tokens, answer.output_tokens),
                            system_fingerprint=answer.system_fingerprint)
         return answer
@@ -346,11 +348,15 @@ class LLMClient:
                 self.fingerprints.add(fingerprint)
         stored = untrusted_reply(content)
         notes = [note] if note else []
+        cut = finish_reason(data) == "length"
+        if cut:
+            limit = options.get("max_tokens") or options.get("max_completion_tokens") or "the server's"
+            notes.append(f"reply cut at the token limit ({limit} tokens, --llm-max-tokens): not cached")
         if len(stored) < len(content):
             notes.append(f"reply of {len(content)} characters cut to {len(stored)}")
         done(OK, scrub_secrets("; ".join(notes)), input_tokens=input_tokens, output_tokens=output_tokens,
              request_id=scrub_secrets(request_id)[:200], estimated=estimated)
-        return ChatAnswer(stored, input_tokens, output_tokens, False, fingerprint, estimated)
+        return ChatAnswer(stored, input_tokens, output_tokens, False, fingerprint, estimated, cut)
 
     def _fatal_error(self, message: str, kind: str) -> FatalLLMError:
         """The same answer awaits every request (a redirect elsewhere, an untrusted certificate): stop asking."""

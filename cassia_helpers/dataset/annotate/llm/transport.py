@@ -280,6 +280,14 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
 PROMPT_SLACK = 10
 
 
+def finish_reason(data: dict) -> str:
+    """Why the server stopped the reply (``stop``, ``length`` at the token limit ...), ``""`` when not said."""
+    try:
+        return str(data["choices"][0].get("finish_reason") or "")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return ""
+
+
 def usage_tokens(usage: dict | None, field: str) -> int | None:
     """A token count of a reply's ``usage``, or None when it is missing or not a count.
 
