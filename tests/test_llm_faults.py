@@ -548,7 +548,7 @@ def test_replies_cut_at_the_token_limit_are_named_and_never_cached(llm_env, tmp_
     assert cached_entries(tmp_path) == []  # a rerun asks again rather than reuse half an answer
 
 
-def test_content_given_as_parts_is_read_as_its_text_parts():
+def test_content_given_as_parts_is_read_as_its_text_parts_and_a_refusal_is_kept():
     """Mistral's reasoning models answer with a list of parts: thinking parts, then the text."""
     from cassia_helpers.dataset.annotate.llm.transport import reply_fields
 
@@ -556,6 +556,8 @@ def test_content_given_as_parts_is_read_as_its_text_parts():
         {"type": "thinking", "thinking": [{"type": "text", "text": "FINAL ANNOTATION: Hepatocyte?"}]},
         {"type": "text", "text": "Markers MS4A1, CD79A.\n"}, {"type": "text", "text": "FINAL ANNOTATION: B cell"}]}}]}
     assert reply_fields(body)[0] == "Markers MS4A1, CD79A.\nFINAL ANNOTATION: B cell"
+    refusal = {"choices": [{"message": {"role": "assistant", "content": None, "refusal": "I can't help with that."}}]}
+    assert reply_fields(refusal)[0] == "(the model refused: I can't help with that.)"  # the transcript says why
 
 
 def test_a_ledger_with_made_up_numbers_still_adds_up(tmp_path):

@@ -271,6 +271,8 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
                           and part.get("type") == "text" and isinstance(part.get("text"), str))
     if not isinstance(content, str):
         raise TypeError("message content is not text")
+    if not content and isinstance(message.get("refusal"), str) and message["refusal"].strip():
+        content = f"(the model refused: {message['refusal'].strip()})"  # kept in the transcript, names no type
     usage = data.get("usage")
     return content, usage if isinstance(usage, dict) else None, str(data.get("id") or ""), \
         str(data.get("system_fingerprint") or "")
