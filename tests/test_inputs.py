@@ -659,6 +659,23 @@ def test_a_non_finite_value_in_any_row_rejects_the_file_naming_the_cell(tmp_path
     assert_one_line_error(excinfo, path, "NaN", f"cell{row}", f"row {row}")
 
 
+def test_nan_in_x_is_no_reason_to_reject_the_counts_kept_beside_it(tmp_path):
+    """A hand-made X (z-scores with a NaN) over raw counts in layers['counts']: the counts are the input. A
+    counts layer that holds something else is named in a warning, not silently passed over."""
+    adata = make_counts(300)
+    adata.layers["counts"] = adata.X.copy()
+    x = adata.X.toarray()
+    x[3, 3] = np.nan
+    adata.X = sp.csr_matrix(x)
+    read = read_dataset(write(adata, tmp_path / "nan over counts.h5ad"))
+    assert read.uns["cassia_batch"]["input"]["counts_source"] == "layers['counts']"
+    adata = make_counts(300)
+    adata.layers["counts"] = -adata.X
+    adata.X = lognorm(adata.X)
+    read = read_dataset(write(adata, tmp_path / "odd layer.h5ad"))
+    assert any("layers['counts'] was not used: it holds negative values" in w for w in warnings_of(read))
+
+
 def test_log_normalised_rows_beyond_the_first_thousands_are_not_normalised_again(tmp_path):
     adata = make_counts(5_000, n_genes=60, seed=5)
     adata.X = lognorm(adata.X)

@@ -260,12 +260,14 @@ def _clip_noise(matrix) -> None:
     np.maximum(values, 0, out=values)
 
 
+# what a matrix of each non-count kind of :func:`matrix_profile` holds, for a warning
+NOT_COUNTS = {"lognorm": "non-integer values small enough to be log-normalised", "negative": "negative values",
+              "nonfinite": "NaN, infinite or non-numeric values"}
+
+
 def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
     """Put counts in ``X`` when any are found, else log-normalised values; return the choice made."""
     x = matrix_profile(adata.X) if adata.X is not None else {"kind": "missing"}
-    if x["kind"] == "nonfinite":
-        where = f" (first in cell {adata.obs_names[x['row']]!r}, row {x['row']})" if x.get("row") is not None else ""
-        raise InputError(f"{path}: X holds NaN, infinite or non-numeric values{where}; provide raw counts")
     if x["kind"] == "counts":
         return adata, _counts_choice(adata, adata.X, x, "X", path)
     if "counts" in adata.layers:
@@ -274,10 +276,15 @@ def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
             adata.X = adata.layers["counts"]
             del adata.layers["counts"]  # qc stores a copy of the filtered counts there again
             return adata, _counts_choice(adata, adata.X, layer, "layers['counts']", path)
+        warn(adata, f"layers['counts'] was not used: it holds {NOT_COUNTS[layer['kind']]}")
     raw = matrix_profile(adata.raw.X) if adata.raw is not None else {"kind": "missing"}
     if raw["kind"] == "counts":
         adata = _from_raw(adata)
         return adata, _counts_choice(adata, adata.X, raw, "raw.X", path)
+    if x["kind"] == "nonfinite":  # counts elsewhere would have been used: X was the only matrix left
+        where = f" (first in cell {adata.obs_names[x['row']]!r}, row {x['row']})" if x.get("row") is not None else ""
+        raise InputError(f"{path}: X holds NaN, infinite or non-numeric values{where}, and no counts were found "
+                         "in layers['counts'] or raw; provide raw counts")
     if x["kind"] == "lognorm" and not (raw["kind"] == "lognorm" and adata.raw.n_vars > adata.n_vars):
         return adata, {"is_counts": False, "counts_source": "none"}
     if raw["kind"] == "lognorm":  # X scaled, or a gene subset of raw (as after HVG selection)
