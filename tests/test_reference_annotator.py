@@ -528,6 +528,8 @@ def test_a_cluster_split_between_two_lineages_or_two_subtypes_is_flagged_mixed()
     call = _calls(adata, "cluster")["Naive CD4+ T cell"]
     assert call.main_cell_type == "CD4+ T cell", call.reasoning
     assert [m.split(" (")[0] for m in call.mixed_cell_types] == ["Naive CD4+ T cell", "Memory CD4+ T cell"]
+    # CASSIA's "Predicted Detailed Cell Type" (and obs['cell_type_sub']): the subtypes, the majority's first
+    assert call.sub_cell_types == ["Naive CD4+ T cell", "Memory CD4+ T cell"]
 
 
 def test_a_lineage_measured_through_one_marker_is_reached_through_its_subtypes():

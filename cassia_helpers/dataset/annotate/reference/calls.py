@@ -175,7 +175,8 @@ def _annotation(cm: ClusterMarkers, call: ExpressionCall) -> ClusterAnnotation:
     return ClusterAnnotation(
         cluster=cm.cluster,
         main_cell_type=call.cell_type.name,
-        sub_cell_types=[],
+        # a cluster called at the parent of the subtypes its cells split between: those are its likely subtypes
+        sub_cell_types=[name for name, _ in call.mixed][:3],
         mixed_cell_types=mixed,
         confidence=round(confidence, 1),
         key_markers=call.key_markers,
