@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the LLM client (and openai) is imported only when an agent 
 
 THINKING = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+LEVELS = ("broad", "detailed", "fine")
 
 
 def without_thinking(text: str | None) -> str:
@@ -37,7 +38,6 @@ def without_thinking(text: str | None) -> str:
     if THINK_OPEN in lower:
         text = text[:lower.index(THINK_OPEN)]
     return text
-LEVELS = ("broad", "detailed", "fine")
 
 
 def _schema(name: str, properties: dict) -> dict:

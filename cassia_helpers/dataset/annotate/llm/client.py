@@ -338,9 +338,9 @@ class LLMClient:
                      estimated=True)
                 raise
         self.breaker.success()
+        limit = int(options.get("max_tokens") or options.get("max_completion_tokens") or 0)  # 0: none was sent
         input_tokens, output_tokens, note = reply_tokens(usage, prompt_estimate=estimated_input, content=content,
-                                                         max_output=int(options.get("max_tokens")
-                                                                        or options.get("max_completion_tokens") or 0))
+                                                         max_output=limit)
         estimated = bool(note)
         fingerprint = scrub_secrets(fingerprint)[:200]  # the server's text: it goes into the shared h5ad
         if fingerprint:
@@ -350,8 +350,8 @@ class LLMClient:
         notes = [note] if note else []
         cut = finish_reason(data) == "length"
         if cut:
-            limit = options.get("max_tokens") or options.get("max_completion_tokens") or "the server's"
-            notes.append(f"reply cut at the token limit ({limit} tokens, --llm-max-tokens): not cached")
+            notes.append(f"reply cut at the token limit ({limit or 'the server default'} tokens, "
+                         "--llm-max-tokens): not cached")
         if len(stored) < len(content):
             notes.append(f"reply of {len(content)} characters cut to {len(stored)}")
         done(OK, scrub_secrets("; ".join(notes)), input_tokens=input_tokens, output_tokens=output_tokens,
