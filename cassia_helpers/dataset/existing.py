@@ -39,7 +39,7 @@ def input_column(adata: AnnData, key: str, *, what: str) -> str:
         return renamed[key]
     if key in adata.obs.columns:
         return key
-    if not record and AUTHOR_PREFIX + key in adata.obs.columns:  # renamed by an earlier session of the notebook
+    if not record and AUTHOR_PREFIX + key in adata.obs.columns:  # not read by read_dataset: no record of renames
         return AUTHOR_PREFIX + key
     original = {new: old for old, new in renamed.items()}
     columns = [original.get(c, c) for c in map(str, adata.obs.columns) if c in original or not written_by_run("obs", c)]

@@ -23,6 +23,7 @@ from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input, one_line
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
 # the 10x feature type of genes (others: Antibody Capture, CRISPR Guide Capture, Peaks)
 GENE_EXPRESSION = "Gene Expression"
 # var columns that may hold gene symbols when var_names are ids, matched case-insensitively, first found wins
