@@ -643,8 +643,17 @@ def test_decimal_counts_are_counts_with_a_warning(tmp_path):
     assert record["is_counts"] is True and record["integer_counts"] is False
     assert any("non-integer counts" in w for w in warnings_of(read))
     pp.qc(read, **QC)
+    kept = read.X.copy()
     pp.normalize(read)
     assert read.uns["cassia_batch"]["normalize"]["method"].startswith("log1p")
+    # the counts layer written with the outputs is these decimals, not rounded to whole counts (0.93 is far from
+    # any, 1.98 is not)
+    near_whole = kept.copy()
+    near_whole.data = near_whole.data * np.float32(0.998 / 0.93)
+    for x in (kept, near_whole):
+        read.X, read.layers["counts"] = x.copy(), x.copy()
+        pp.normalize(read)
+        assert np.allclose(counts_layer(read).toarray(), x.toarray(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("row", [1_999, 2_001, 4_999])

@@ -30,13 +30,17 @@ def counts_recoverable(adata: ad.AnnData) -> bool:
     return "target_sum" in normalize and LIBRARY_SIZE_KEY in adata.obs
 
 
-def rebuild_counts(values: np.ndarray, library_size: np.ndarray, target_sum: float) -> np.ndarray:
+def rebuild_counts(values: np.ndarray, library_size: np.ndarray, target_sum: float, *, integer: bool = True
+                   ) -> np.ndarray:
     """Counts from log-normalised ``values``; ``library_size`` broadcasts against ``values`` (per value or row).
 
-    Values within float32 noise of an integer (0.01, or 10 ppm of the value) are rounded to it; others are
-    kept as rebuilt.
+    For ``integer`` input counts, values within float32 noise of an integer (0.01, or 10 ppm of the value)
+    are rounded to it; others, and every value of non-integer input counts (ambient-corrected), are kept as
+    rebuilt.
     """
     counts = np.expm1(values.astype(np.float64)) * (np.asarray(library_size, dtype=np.float64) / target_sum)
+    if not integer:
+        return counts.astype(np.float32)
     nearest = np.rint(counts)
     noise = np.maximum(0.01, 1e-5 * np.abs(counts))
     return np.where(np.abs(counts - nearest) < noise, nearest, counts).astype(np.float32)
@@ -52,9 +56,9 @@ def counts_layer(adata: ad.AnnData) -> sp.csr_matrix | np.ndarray:
     if sp.issparse(x):
         x = x.tocsr()
         per_value = np.repeat(library, np.diff(x.indptr))
-        return sp.csr_matrix((rebuild_counts(x.data, per_value, target_sum), x.indices.copy(), x.indptr.copy()),
-                             shape=x.shape)
-    return rebuild_counts(np.asarray(x), library[:, None], target_sum)
+        rebuilt = rebuild_counts(x.data, per_value, target_sum, integer=_integer_input(adata))
+        return sp.csr_matrix((rebuilt, x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    return rebuild_counts(np.asarray(x), library[:, None], target_sum, integer=_integer_input(adata))
 
 
 def write_counts_layer(adata: ad.AnnData, h5ad: str | Path) -> bool:
@@ -73,13 +77,19 @@ def write_counts_layer(adata: ad.AnnData, h5ad: str | Path) -> bool:
             return False
         source = handle["X"]
         if isinstance(source, h5py.Group):
-            _write_sparse(source, layers, library, target_sum)
+            _write_sparse(source, layers, library, target_sum, _integer_input(adata))
         else:
-            _write_dense(source, layers, library, target_sum)
+            _write_dense(source, layers, library, target_sum, _integer_input(adata))
     return True
 
 
-def _write_sparse(source: h5py.Group, layers: h5py.Group, library: np.ndarray, target_sum: float) -> None:
+def _integer_input(adata: ad.AnnData) -> bool:
+    """Whether the input's counts were whole numbers (``uns['cassia_batch']['input']['integer_counts']``)."""
+    return bool(provenance(adata).get("input", {}).get("integer_counts", True))
+
+
+def _write_sparse(source: h5py.Group, layers: h5py.Group, library: np.ndarray, target_sum: float,
+                  integer: bool) -> None:
     if source.attrs["encoding-type"] != "csr_matrix":
         raise ValueError(f"X is stored as {source.attrs['encoding-type']}, expected csr_matrix")
     target = layers.create_group("counts")
@@ -92,12 +102,14 @@ def _write_sparse(source: h5py.Group, layers: h5py.Group, library: np.ndarray, t
     for start, stop in sparse_blocks(indptr):
         lo, hi = int(indptr[start]), int(indptr[stop])
         per_value = np.repeat(library[start:stop], np.diff(indptr[start:stop + 1]))
-        data[lo:hi] = rebuild_counts(source["data"][lo:hi], per_value, target_sum)
+        data[lo:hi] = rebuild_counts(source["data"][lo:hi], per_value, target_sum, integer=integer)
 
 
-def _write_dense(source: h5py.Dataset, layers: h5py.Group, library: np.ndarray, target_sum: float) -> None:
+def _write_dense(source: h5py.Dataset, layers: h5py.Group, library: np.ndarray, target_sum: float,
+                 integer: bool) -> None:
     target = layers.create_dataset("counts", shape=source.shape, dtype=np.float32)
     target.attrs["encoding-type"] = "array"
     target.attrs["encoding-version"] = "0.2.0"
     for start, stop in dense_blocks(source.shape):
-        target[start:stop] = rebuild_counts(source[start:stop], library[start:stop, None], target_sum)
+        target[start:stop] = rebuild_counts(source[start:stop], library[start:stop, None], target_sum,
+                                            integer=integer)
