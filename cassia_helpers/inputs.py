@@ -60,7 +60,9 @@ def _inspect(handle: h5py.File, path: Path) -> dict:
     keys = sorted(handle.keys())
     if "obs" not in handle or "var" not in handle:
         hint = ""
-        if "matrix" in handle:
+        if "row_attrs" in handle and "col_attrs" in handle:
+            hint = "; it looks like a .loom file (convert it with scanpy.read_loom and write_h5ad)"
+        elif "matrix" in handle:
             hint = "; it looks like a 10x Genomics .h5 (convert it with scanpy.read_10x_h5 and write_h5ad)"
         shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
         raise InputError(

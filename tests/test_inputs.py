@@ -137,6 +137,13 @@ def _tenx_h5(path: Path) -> None:
         group["data"] = np.arange(3)
 
 
+def _loom(path: Path) -> None:
+    with h5py.File(path, "w") as handle:
+        handle["matrix"] = np.zeros((3, 2))
+        handle.create_group("row_attrs")
+        handle.create_group("col_attrs")
+
+
 @pytest.mark.parametrize(
     ("make", "phrase"),
     [
@@ -145,8 +152,9 @@ def _tenx_h5(path: Path) -> None:
         (_empty, "empty file (0 bytes)"),
         (_plain_hdf5, "not an AnnData h5ad"),
         (_tenx_h5, "10x Genomics"),
+        (_loom, "a .loom file (convert it with scanpy.read_loom"),
     ],
-    ids=["truncated", "text", "empty", "hdf5-not-anndata", "10x-h5"],
+    ids=["truncated", "text", "empty", "hdf5-not-anndata", "10x-h5", "loom"],
 )
 def test_unreadable_files_raise_one_line_input_error(tmp_path, make, phrase):
     path = tmp_path / "bad input.h5ad"
