@@ -378,6 +378,41 @@ def test_a_refused_connection_is_no_call(llm_env, monkeypatch, tmp_path):
     assert tracking["not_sent"] == 4  # two attempts per cluster, each recorded, none counted
 
 
+def test_a_server_that_reads_the_request_then_hangs_up_is_named_and_its_calls_counted(monkeypatch, tmp_path):
+    """The request reached the server (which may bill it): not "could not be reached", and counted."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    received = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                received.append(len(body))
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{listener.getsockname()[1]}/v1")
+    try:
+        results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=2, breaker_failures=0)
+    finally:
+        listener.close()
+    assert {r.reason_kind for r in results} == {"disconnected"}
+    assert "closed the connection without answering" in annotation_failure(results)
+    records = calls(tmp_path / "ledger.jsonl")
+    assert len(records) == len(received) >= 2 and all(r["estimated"] and r["input_tokens"] > 0 for r in records)
+
+
 def test_a_kernel_killed_while_connecting_counts_no_call(tmp_path):
     # Ctrl-C in a batch kills the dataset's kernel (SIGKILL). Here the server's accept queue is full: the
     # connection never completes, the request never leaves, and the resumed run's ledger must not count it.

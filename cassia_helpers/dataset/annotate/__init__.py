@@ -102,6 +102,7 @@ SERVICE_FAILURES = {
     "no_key": "no API key is set (OPENAI_API_KEY) and the server requires one",
     "unreachable": "the model server could not be reached",
     "timeout": "the model server did not answer in time",
+    "disconnected": "the model server closed the connection without answering",
     "budget": "the --max-cost budget was reached or cannot be enforced",
     "model_not_found": "the model server does not know the model",
     "endpoint_not_found": "the server has no chat completions endpoint at this address (check --base-url)",

@@ -326,8 +326,12 @@ class LLMClient:
                     done(ERROR, message)
                     raise self._fatal_error(message, "certificate") from None
                 message = safe_message(exc)
-                done(ERROR, message)
-                raise self._fail_to_reach(message, "unreachable", cluster, agent) from None
+                if not sent:
+                    done(ERROR, message)
+                    raise self._fail_to_reach(message, "unreachable", cluster, agent) from None
+                # the server read the request, then closed the connection: it may bill it, as for a timeout
+                done(ERROR, message, input_tokens=estimated_input, estimated=True)
+                raise self._fail_to_reach(message, "disconnected", cluster, agent) from None
             except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
                 # An unreadable body: the request was sent and may have been billed, but nothing is known.
                 message = scrub_secrets(f"unreadable response ({type(exc).__name__}: {exc})"[:240])
