@@ -306,6 +306,14 @@ class Settings:
         return cls(**known, **run_values)
 
 
+def voting_models(primary: str, models: str | Iterable[str]) -> list[str]:
+    """The models that annotate every cluster: ``primary`` (``--model``), then the others of ``models``
+    (``--models``, a list or comma-separated text), each once."""
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",")]
+    return [primary] + [m for m in dict.fromkeys(models) if m and m != primary]
+
+
 def context_text(settings: Settings) -> str:
     """The context sent with every cluster: ``settings.context``, or the text of ``settings.context_file``
     (read where it is used, so a long context travels as a path, never on a command line).

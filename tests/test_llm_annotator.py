@@ -185,6 +185,9 @@ def test_key_never_written(llm_env, tmp_path):
     ('{"main_cell_type": "B cell", "confidence": NaN}', ("B cell", 50.0)),
     ('{"main_cell_type": "B cell", "confidence": true}', ("B cell", 50.0)),
     ('{"main_cell_type": "B cell", "confidence": "high"}', ("B cell", 50.0)),
+    # JSON as small models write it: Python quotes and literals, trailing commas
+    ("{'main_cell_type': 'B cell', 'confidence': 80, 'key_markers': ['MS4A1',],}", ("B cell", 80.0)),
+    ('{"main_cell_type": "NK cell", "confidence": 70, "sub_cell_types": [],}', ("NK cell", 70.0)),
     # a first final line the model moved past is not its answer
     ("FINAL ANNOTATION: Neuron, but on reflection the markers are immune.\nFINAL ANNOTATION: B cell", ("B cell", 50.0)),
 ])
@@ -204,6 +207,12 @@ def test_a_reasoning_models_thoughts_before_a_lone_closing_tag_are_never_its_ans
     assert read_verdict(THOUGHTS + "VALIDATION PASSED") is True
     assert read_score(THOUGHTS + "<score>88</score>")[0] == 88
     assert parse_answer("<think>cut off while thinking: FINAL ANNOTATION: Hepatocyte") is None
+
+
+def test_scores_and_groupings_in_python_style_json_are_read():
+    assert read_score("{'score': 85, 'reasoning': 'markers fit',}")[0] == 85
+    groupings = read_groupings("{'groupings': {'0': ['Immune cell', 'T cell', 'CD8+ T cell',],},}", ["0"])
+    assert groupings == {"0": ["Immune cell", "T cell", "CD8+ T cell"]}
 
 
 def test_reasoning_models_without_temperature_and_with_reasoning_content(llm_env, tmp_path):
@@ -407,3 +416,20 @@ def test_a_refused_schema_falls_back_to_json_mode_for_the_verdict_with_its_shape
     assert [b["response_format"]["type"] for b in validator] == ["json_object"] * len(CLUSTERS)
     system = validator[0]["messages"][0]
     assert system["role"] == "system" and '"verdict": "VALIDATION PASSED"' in system["content"]
+
+
+def test_the_price_flags_are_the_primary_models_and_every_model_needs_a_price_for_a_budget(tmp_path):
+    """--input-price/--output-price price --model only: a model of --models is priced from the price file or
+    the known prices, and --max-cost with one of no known price is a usage error (it would count as free)."""
+    from cassia_helpers.dataset.annotate.factory import check_llm_setup
+    from cassia_helpers.settings import Settings, UsageError
+
+    primary = llm_annotator(model="lab-model", input_price=1.0, output_price=2.0, cache_dir=str(tmp_path / "c"),
+                            ledger_path=tmp_path / "ledger.jsonl")
+    assert primary.price_known and not primary.sibling(model="other-model").price_known
+    assert primary.sibling(seed=7).price_known  # another run of the same model keeps its prices
+    settings = Settings(annotator="llm", base_url="http://127.0.0.1:9/v1", model="lab-model", input_price=1.0,
+                        output_price=2.0, max_cost=1.0, models="other-model", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(UsageError, match="no known price for model 'other-model'"):
+        check_llm_setup(settings)
+    check_llm_setup(settings.replace(models="gpt-4o-mini"))  # a model with a known price

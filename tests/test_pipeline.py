@@ -205,6 +205,10 @@ def test_estimate_calls_bounds_and_goal():
     assert set(fast) == {"annotate", "per_cluster", "per_dataset"}
     runs = estimate_calls(PipelineSettings(pipeline="fast", n_runs=3), n_clusters=1)
     assert runs["consensus"] == (6, 20)
+    # --models b with --model a: both annotate every cluster (a listed again counts once)
+    models = PipelineSettings(pipeline="fast", models=("b", "a"))
+    assert estimate_calls(models, model="a", n_clusters=1)["consensus"] == (3, 10)
+    assert estimate_calls(PipelineSettings(pipeline="fast", models=("a",)), model="a")["per_cluster"] == (3, 10)
     with pytest.raises(ValueError):
         PipelineSettings(boost_below=120)
 
@@ -226,3 +230,13 @@ def test_consensus_normalises_names():
     assert (result.label, result.agreement, result.runners_up, result.disputed) == ("T cells", 0.5,
                                                                                    ["B cell", "Unknown"], True)
     assert consensus(["Unknown", "Unknown", "NK cell"]).label == "NK cell"
+
+
+def test_the_dry_run_counts_and_prices_each_model_of_models():
+    from cassia_helpers.batch.dry_run import per_cluster
+    from cassia_helpers.settings import Settings
+
+    one = per_cluster(Settings(model="a", pipeline="fast"), tissue="blood")
+    two = per_cluster(Settings(model="a", models="b,a", pipeline="fast"), tissue="blood")
+    assert two["calls"] == (2 * one["calls"][0], 2 * one["calls"][1])  # b annotates every cluster too
+    assert two["shares"] == {"b": (0.5, 0.5), "a": (0.5, 0.5)}  # each model's part, priced at its own price

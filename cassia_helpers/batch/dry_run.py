@@ -16,7 +16,7 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
 )
 from cassia_helpers.inputs import InputError, check_input
 from cassia_helpers.ledger import PriceTable, format_cost
-from cassia_helpers.settings import Settings, context_text
+from cassia_helpers.settings import Settings, context_text, voting_models
 
 # Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.
 OUTPUT_TOKENS = {"annotator": 450, "formatter": 150, "validator": 120}
@@ -58,9 +58,15 @@ def per_cluster(settings: Settings, *, tissue: str) -> dict[str, tuple]:
     options = PipelineSettings.from_options(
         pipeline=settings.pipeline, boost_below=settings.boost_below, boost_rounds=settings.boost_rounds,
         n_runs=settings.n_runs, models=settings.models, agreement_threshold=settings.agreement_threshold)
-    low, high = estimate_calls(options)["per_cluster"]
+    estimate = estimate_calls(options, model=settings.model)
+    low, high = estimate["per_cluster"]
     scale = (low / single["calls"][0], high / single["calls"][1])
-    return {"calls": (round(low), round(high)),
+    # each other model annotates every cluster n_runs times; the rest (scores, boosts, merges) is --model's
+    others = voting_models(settings.model, settings.models)[1:]
+    each = tuple(options.n_runs * estimate["annotate"][i] / total for i, total in enumerate((low, high)))
+    shares = {m: each for m in others}
+    shares[settings.model] = tuple(1 - len(others) * share for share in each)
+    return {"calls": (round(low), round(high)), "shares": shares,
             **{part: (round(single[part][0] * scale[0]), round(single[part][1] * scale[1]))
                for part in ("input", "output")}}
 
@@ -74,15 +80,15 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
         found = (single_input(settings.input, settings.tissue) if settings.input is not None
                  else discover(settings.data_dir, settings.tissues))
     llm = settings.annotator == "llm"
-    price = PriceTable.load(settings.price_file or None, model=settings.model, input_price=settings.input_price,
-                            output_price=settings.output_price).lookup(settings.model)
+    prices = PriceTable.load(settings.price_file or None, model=settings.model, input_price=settings.input_price,
+                             output_price=settings.output_price)
     lines = [f"Dry run: {len(found.datasets)} dataset(s) would be processed; nothing is sent or written.",
              f"Annotator: {settings.annotator}" + (f" (model {settings.model}, pipeline {settings.pipeline})" if llm
                                                     else " (offline reference: no API calls)"), ""]
     header = f"{'tissue':<14} {'dataset':<36} {'cells':>9} {'genes':>7} {'clusters':>9} {'calls':>11} {'tokens':>17}"
     lines += [header, "-" * len(header)]
     totals = [0, 0, 0, 0, 0.0, 0.0]
-    problems = []
+    problems, unpriced = [], set()
     for dataset in found.datasets:
         try:
             shape = check_input(dataset.path, obs_keys=dataset_settings(settings, dataset).obs_keys())
@@ -96,8 +102,10 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
         calls = (low * per["calls"][0], high * per["calls"][1]) if llm else (0, 0)
         tokens = ((low * (per["input"][0] + per["output"][0]), high * (per["input"][1] + per["output"][1]))
                   if llm else (0, 0))
-        cost = (price.cost(low * per["input"][0], low * per["output"][0]),
-                price.cost(high * per["input"][1], high * per["output"][1])) if llm else (0.0, 0.0)
+        cost = tuple(sum(prices.lookup(model).cost(n * per["input"][i] * share[i], n * per["output"][i] * share[i])
+                         for model, share in per["shares"].items())
+                     for i, n in enumerate((low, high))) if llm else (0.0, 0.0)
+        unpriced.update(model for model in per["shares"] if not prices.lookup(model).known)
         for i, value in enumerate((*calls, *tokens, *cost)):
             totals[i] += value
         lines.append(f"{dataset.tissue:<14} {dataset.name:<36} {n_obs:>9,} {n_vars:>7,} {f'{low}-{high}':>9} "
@@ -105,7 +113,8 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
     lines += ["", f"Estimated API calls: {totals[0]:,}-{totals[1]:,} (before retries; cached answers cost nothing)",
               f"Estimated tokens: {totals[2]:,}-{totals[3]:,}",
               f"Estimated cost: {format_cost(totals[4])}-{format_cost(totals[5])}"
-              + ("" if price.known or not llm else f" (no known price for {settings.model}: set --price-file)")]
+              + (f" (no known price for {', '.join(sorted(unpriced))}: set --price-file)" if unpriced and llm
+                 else "")]
     if settings.max_cost:
         lines.append(f"Budget (--max-cost): {format_cost(settings.max_cost)}")
     if found.skipped:

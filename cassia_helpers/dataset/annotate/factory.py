@@ -78,11 +78,16 @@ def check_llm_setup(settings: Settings) -> None:
         raise UsageError("--annotator llm needs OPENAI_API_KEY in the environment, or --base-url for a local "
                          "server that needs no key")
     from cassia_helpers.ledger import check_budget_prices
+    from cassia_helpers.settings import voting_models
 
-    problem = check_budget_prices(settings.model, settings.max_cost, settings.price_file or None,
-                                  settings.input_price, settings.output_price)
-    if problem:
-        raise UsageError(problem)
+    # the price flags are --model's: the other models of --models need the price file or a known price
+    for model in voting_models(settings.model, settings.models):
+        primary = model == settings.model
+        problem = check_budget_prices(model, settings.max_cost, settings.price_file or None,
+                                      settings.input_price if primary else None,
+                                      settings.output_price if primary else None)
+        if problem:
+            raise UsageError(problem)
     if settings.use_cache:
         check_cache_dir(settings.cache_dir)
 

@@ -34,6 +34,8 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
 )
 from cassia_helpers.dataset.annotate.agents.replies import (
     VERDICT_SCHEMA,
+    json_candidates,
+    loads_leniently,
     read_verdict,
     structured_chat,
     verdict_words,
@@ -67,14 +69,9 @@ def parse_answer(text: str) -> dict | None:
     """The structured answer from JSON, a fenced JSON block, a JSON object inside prose, or a
     ``FINAL ANNOTATION:`` line; ``None`` when no cell type can be found."""
     text = without_thinking(text)
-    candidates = [text]
-    candidates += re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)
-    start, end = text.find("{"), text.rfind("}")
-    if 0 <= start < end:
-        candidates.append(text[start:end + 1])
-    for candidate in candidates:
+    for candidate in json_candidates(text):
         try:
-            data = json.loads(candidate)
+            data = loads_leniently(candidate)
         except ValueError:
             continue
         if isinstance(data, dict) and sanitize_label(data.get("main_cell_type", "")):
@@ -213,6 +210,8 @@ class LLMAnnotator:
         """An annotator with another model and/or seed that shares this one's ledger, throttle and budget."""
         options = replace(self.options, model=model or self.options.model,
                           seed=self.options.seed if seed is None else seed)
+        if options.model != self.options.model:  # --input-price/--output-price are --model's, not this one's
+            options = replace(options, input_price=None, output_price=None)
         other = LLMAnnotator(options, species=self.species, dataset=self.dataset, tissue=self.tissue,
                              max_rounds=self.max_rounds, share_with=self)
         if temperature is not None:

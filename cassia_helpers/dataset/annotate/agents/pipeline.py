@@ -21,6 +21,7 @@ from cassia_helpers.dataset.annotate.agents.boost import GeneLookup, boost_clust
 from cassia_helpers.dataset.annotate.agents.consensus import consensus, normalise_label
 from cassia_helpers.dataset.annotate.agents.merging import merge_annotations
 from cassia_helpers.dataset.annotate.agents.scoring import score_annotation
+from cassia_helpers.settings import voting_models
 
 PIPELINES = ("fast", "full")
 SCORE_CALLS = 2
@@ -65,7 +66,7 @@ class PipelineSettings:
                    agreement_threshold=float(agreement_threshold))
 
 
-def estimate_calls(settings: PipelineSettings, *, max_rounds: int = 2, n_clusters: int = 1,
+def estimate_calls(settings: PipelineSettings, *, model: str = "", max_rounds: int = 2, n_clusters: int = 1,
                    boosted_fraction: float = 1 / 3, max_attempts: int = 1) -> dict:
     """Expected (min, max) logical calls per cluster for each step switched on, and per dataset in all.
 
@@ -74,8 +75,7 @@ def estimate_calls(settings: PipelineSettings, *, max_rounds: int = 2, n_cluster
     ``per_cluster`` is (min, max) over the whole pipeline assuming ``boosted_fraction`` of clusters boosted.
     """
     annotate = (3, max_rounds * (1 + FORMATTER_CALLS + 1))
-    n_models = max(1, len(settings.models))  # the primary model counted among ``models`` when listed
-    runs = settings.n_runs * n_models
+    runs = settings.n_runs * len(voting_models(model, settings.models))
     steps: dict[str, tuple[int, int]] = {"annotate": annotate}
     if runs > 1:
         steps["consensus"] = ((runs - 1) * annotate[0], (runs - 1) * annotate[1])
@@ -127,7 +127,7 @@ class AnnotationPipeline:
         # Run 1 of each model is the reproducible one (temperature 0); further runs sample, each with a
         # seed of its own, where the server accepts a temperature.
         seed = annotator.client.seed
-        for model in [primary] + [m for m in self.settings.models if m != primary]:
+        for model in voting_models(primary, self.settings.models):
             first = annotator if model == primary else annotator.sibling(model=model)
             self.voters += [(first, 1)] if first is not annotator else []
             self.voters += [(first.sibling(seed=seed + run - 1, temperature=RUN_TEMPERATURE), run)

@@ -10,6 +10,7 @@ goes through :func:`~cassia_helpers.dataset.annotate.llm.untrusted.sanitize_labe
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Callable
@@ -86,16 +87,43 @@ def structured_chat(client: LLMClient, messages: list[dict], *, schema: dict, cl
     raise AssertionError("unreachable: the plain-text request either answers or raises")
 
 
-def json_object(text: str) -> object | None:
-    """The JSON value of a reply: the whole text, a fenced block, or the outermost ``{...}`` in prose."""
-    text = without_thinking(text)
+def json_candidates(text: str) -> list[str]:
+    """Where a reply's JSON may be: the whole text, a fenced block, or the outermost ``{...}`` in prose."""
     candidates = [text, *re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)]
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
         candidates.append(text[start:end + 1])
-    for candidate in candidates:
+    return candidates
+
+
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
+
+
+def loads_leniently(candidate: str) -> object:
+    """JSON as small models write it too: strict JSON, else with trailing commas dropped, else a Python
+    literal (single quotes, ``True``/``None``), read by :func:`ast.literal_eval` (literals only, never code).
+    ``ValueError`` when none of them reads."""
+    try:
+        return json.loads(candidate)
+    except ValueError:
+        pass
+    try:
+        return json.loads(_TRAILING_COMMA.sub(r"\1", candidate))
+    except ValueError:
+        pass
+    if len(candidate) > 20_000 or not candidate.lstrip().startswith(("{", "[")):
+        raise ValueError("not JSON")
+    try:
+        return ast.literal_eval(candidate.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError("not JSON") from None
+
+
+def json_object(text: str) -> object | None:
+    """The JSON value of a reply (see :func:`json_candidates` and :func:`loads_leniently`)."""
+    for candidate in json_candidates(without_thinking(text)):
         try:
-            return json.loads(candidate)
+            return loads_leniently(candidate)
         except ValueError:
             continue
     return None
