@@ -115,8 +115,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cell_timeout", 0.0, "seconds one notebook cell may take (0: none)", _EXEC, RUN, minimum=0),
     Setting("kernel_name", "python3", "Jupyter kernel for the notebooks", _EXEC, RUN),
     Setting("quiet", False, "print only failures and the closing table", _EXEC, RUN),
-    Setting("cluster", "local", "where datasets run: local (a Dask cluster of --workers processes on this machine) "
-            "or slurm (one SLURM job per dataset slot; needs the [slurm] extra)", _CLUSTER, RUN,
+    Setting("cluster", "local", "where datasets run: local (a Dask cluster on this machine: --workers threads, "
+            "each running one dataset's notebook kernel at a time) or slurm (one SLURM job per dataset slot; "
+            "needs the [slurm] extra)", _CLUSTER, RUN,
             choices=("local", "slurm")),
     Setting("scheduler", "", "address of a running Dask scheduler (tcp://host:8786) whose workers run the datasets",
             _CLUSTER, RUN),
@@ -158,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_retry_factor", 2.0, "how much more memory or walltime each retry of --slurm-retries gets",
             _CLUSTER, RUN, above=1),
     Setting("slurm_replacements", -1, "SLURM jobs that ended early (walltime, memory, scancel) replaced while "
-            "datasets are queued, at most (-1: three per job)", _CLUSTER, RUN, minimum=-1),
+            "datasets are queued, at most (-1, the default: three per job)", _CLUSTER, RUN, minimum=-1),
     # analysis
     Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
     Setting("cluster_key", "", "obs column of the input's own clusters: annotate those instead of a new leiden "
@@ -184,7 +185,7 @@ SETTINGS: tuple[Setting, ...] = (
             maximum=500),
     Setting("marker_max_pval_adj", 0.05, "markers need an adjusted p-value at most this", _MARKERS, minimum=0,
             maximum=1),
-    Setting("marker_min_logfc", 0.25, "markers need a log fold change at least this", _MARKERS),
+    Setting("marker_min_logfc", 0.25, "markers need a log2 fold change at least this", _MARKERS),
     Setting("max_cells_per_cluster", 1000, "cells sampled per cluster for the marker tests (0: all cells)",
             _MARKERS, minimum=0),
     Setting("annotator", "auto", "auto: llm when OPENAI_API_KEY or a base URL is set, else the offline "
@@ -327,6 +328,8 @@ def context_text(settings: Settings) -> str:
         return settings.context
     try:
         return Path(settings.context_file).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise UsageError(f"{settings.context_file}: --context-file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise UsageError(f"{settings.context_file}: --context-file cannot be read as UTF-8 text ({reason})") from None

@@ -204,6 +204,10 @@ def test_an_unusable_output_folder_is_a_usage_error(data, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="cannot create the run folder"):
         run_batch(settings_for(tmp_path).replace(output_dir=tmp_path / "file" / "out"), launcher=FakeLauncher())
+    with pytest.raises(UsageError, match="--output-dir is a file, not a folder"):
+        run_batch(settings_for(tmp_path).replace(output_dir=tmp_path / "file"), launcher=FakeLauncher())
+    with pytest.raises(UsageError, match="run folder not found"):
+        run_batch(Settings(resume=tmp_path / "no_such_run"), launcher=FakeLauncher())
 
 
 def test_outputs_follow_the_umask(data, tmp_path):
@@ -309,3 +313,18 @@ def test_a_command_line_mistake_is_one_line(argv, expected):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
     assert not result.stdout
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--resume", "RUN", "--resolution", "0.5"], "--resolution cannot change"),
+    (["--resume", "RUN", "--tissues", "brain", "--model", "gpt-4o"], "--model, --tissues cannot change"),
+    (["--input", "x.h5ad", "--tissue", "blood", "--tissues", "brain"], "not --tissues"),
+    (["--tissues", "brain", "--tissue", "blood"], "--tissue NAME goes with --input FILE"),
+])
+def test_flags_that_would_be_ignored_are_usage_errors(tmp_path, capsys, flags, phrase):
+    from cassia_helpers.batch.cli import main
+
+    flags = [str(tmp_path) if f == "RUN" else f for f in flags]
+    code = main(["--data-dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1, err

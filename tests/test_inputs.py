@@ -894,7 +894,7 @@ def test_a_context_file_is_counted_by_the_dry_run_and_checked_up_front(tmp_path)
     unreadable = run_batch_py(*common, "--context-file", str(context), env=env)
     assert unreadable.returncode == 2 and f"{context}: --context-file cannot be read as UTF-8 text" in unreadable.stderr
     missing = run_batch_py(*common, "--context-file", str(tmp_path / "nope.txt"), env=env)
-    assert missing.returncode == 2 and "nope.txt: --context-file cannot be read" in missing.stderr
+    assert missing.returncode == 2 and "nope.txt: --context-file not found" in missing.stderr
 
 
 def test_the_kernel_reads_the_context_from_its_file(tmp_path):

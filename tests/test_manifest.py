@@ -269,6 +269,7 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
     (run / "spleen" / "mouse" / "mouse_annotated.h5ad").unlink()
     resumed = run_batch_py("--resume", str(run), "--quiet")
     assert resumed.returncode == 1, resumed.stderr  # the input without the batch key is still rejected as it was
+    assert f"Report: {run / 'report.html'}" in resumed.stderr  # --quiet keeps the closing table, report included
     again = parameters("spleen", "mouse")
     assert (again["species"], again["context"], again["batch_key"]) == ("mouse", "aged mice", "donor")
     assert (run / "spleen" / "mouse" / "mouse_annotated.h5ad").is_file()

@@ -55,7 +55,10 @@ LINEAGE_TERMS = (
 
 
 def build(out: Path) -> dict:
-    from cellxgene_ontology_guide.ontology_parser import OntologyParser
+    try:
+        from cellxgene_ontology_guide.ontology_parser import OntologyParser
+    except ModuleNotFoundError:
+        raise SystemExit("build_cl_subset.py needs the cl-build extra: pip install -e '.[cl-build]'") from None
 
     parser = OntologyParser()
     schema = parser.cxg_schema

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cassia_helpers.settings import SETTINGS, Settings, UsageError, context_text, default
+from cassia_helpers.settings import ANALYSIS, SETTINGS, Settings, UsageError, context_text, default
 
 # What a run imports, in the driver or in a dataset's kernel: with one of them missing, nothing can run.
 RUNTIME_MODULES = ("h5py", "anndata", "scanpy", "leidenalg", "matplotlib", "papermill", "nbclient", "ipykernel",
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         usage=USAGE,
         description="Annotate cell types in every single-cell dataset of DATA_DIR/TISSUE/*.h5ad: QC, "
         "clustering, marker genes and CASSIA-style annotation, one executed notebook per dataset.",
-        epilog="API keys are read from the environment only (OPENAI_API_KEY); never pass them as flags.",
+        epilog="API keys are read from the environment only (OPENAI_API_KEY); never pass them as flags. "
+               "Exit status: 0 every dataset succeeded, 1 some failed (the others' outputs are written), "
+               "2 a usage error (nothing ran), 130 interrupted (resume with --resume RUN_DIR).",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"cassia-batch {_version()}")
@@ -128,6 +130,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError("--manifest lists the datasets: give it without --tissues or --input")
     if args.input is not None and not args.tissue:
         raise UsageError("--input needs --tissue NAME (the tissue of that dataset)")
+    if args.input is not None and args.tissues:
+        raise UsageError("--input runs one file: give its tissue with --tissue NAME, not --tissues")
+    if args.tissue and args.input is None:
+        raise UsageError("--tissue NAME goes with --input FILE; choose tissue folders with --tissues")
+    if args.resume is not None:
+        # a resumed run keeps its datasets and analysis settings: a flag that would change them is not ignored
+        changed = [f"--{s.name.replace('_', '-')}" for s in SETTINGS
+                   if s.scope == ANALYSIS and values[s.name] != default(s)]  # an exported variable changes nothing
+        changed += [flag for flag, given in (("--tissues", args.tissues), ("--input", args.input is not None),
+                                             ("--manifest", args.manifest is not None)) if given]
+        if changed:
+            raise UsageError(f"--resume finishes the run with its own datasets and analysis settings: "
+                             f"{', '.join(changed)} cannot change (start a new run for that)")
     values["base_url"] = _endpoint(args.base_url or "")
     if args.annotator == "auto":
         values["annotator"] = "llm" if llm_configured(values["base_url"]) else "reference"

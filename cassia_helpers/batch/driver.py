@@ -26,7 +26,6 @@ from cassia_helpers.contract import (
     FAILED,
     INTERRUPTED,
     NOT_STARTED,
-    REPORT_HTML,
     RUN_LOCK,
     RUN_MANIFEST,
     SUCCESS,
@@ -86,6 +85,8 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
     if settings.resume is not None:
         run_dir = Path(settings.resume)
         manifest = read_manifest(run_dir)
+        if not run_dir.is_dir():
+            raise UsageError(f"{run_dir}: run folder not found" if not run_dir.exists() else f"{run_dir}: not a folder")
         if manifest is None:
             reason = "no" if not (run_dir / RUN_MANIFEST).exists() else "an unreadable"
             raise UsageError(f"{run_dir}: not a run folder ({reason} {RUN_MANIFEST})")
@@ -115,7 +116,10 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
     try:
         run_dir = new_run_dir(settings.output_dir, label)
     except OSError as exc:
-        raise UsageError(f"{settings.output_dir}: cannot create the run folder there ({exc.strerror})") from None
+        output = Path(settings.output_dir)
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"{output}: --output-dir is a file, not a folder") from None
+        raise UsageError(f"{output}: cannot create the run folder there ({exc.strerror})") from None
     manifest = {
         "run_dir": str(run_dir),
         "created_at": now_iso(),
@@ -275,8 +279,6 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         return result
     aggregate(run_dir, settings.kernel_name)
     progress.table(result)
-    if (run_dir / REPORT_HTML).is_file():
-        log.info("Report: %s", run_dir / REPORT_HTML)
     if result.cause:
         log.warning("Stopped early: %s. Resume with: python run_batch.py --resume %s", result.cause, run_dir)
     elif result.interrupted:

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from cassia_helpers.contract import BATCH_SUMMARY_TXT, SUCCESS, DatasetPaths, read_result
+from cassia_helpers.contract import BATCH_SUMMARY_TXT, REPORT_HTML, SUCCESS, DatasetPaths, read_result
 
 log = logging.getLogger("cassia_helpers")
 STEP_NAMES = {"load": "loading", "qc": "QC", "normalize": "normalising", "pca": "HVG + PCA", "harmony": "Harmony",
@@ -87,4 +87,7 @@ class Progress:
         summary = self.run_dir / BATCH_SUMMARY_TXT
         lines.append(", ".join(f"{n} {s}" for s, n in counts.items())
                      + (f". Summary: {summary}" if summary.is_file() else ". No summary could be written."))
+        report = self.run_dir / REPORT_HTML
+        if report.is_file():
+            lines.append(f"Report: {report}")
         log.log(logging.WARNING if self.quiet else logging.INFO, "\n".join(lines))
