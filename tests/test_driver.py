@@ -130,6 +130,28 @@ def test_only_changed_settings_reach_the_notebook_and_never_a_key(data, tmp_path
     assert parameters["resolution"] == 0.6 and "sk-never" not in json.dumps(launcher.jobs)
 
 
+def test_resume_does_not_replay_the_interrupted_sessions_progress(data, tmp_path):
+    import logging
+
+    first = run_batch(settings_for(tmp_path), launcher=FakeLauncher(fail=("C",)), **FAST)
+    paths = DatasetPaths(first.run_dir, "blood", "C")
+    # what the interrupted session's kernel of C had written before it stopped
+    paths.progress_jsonl.write_text(json.dumps({"event": "end", "step": "qc", "seconds": 3}) + "\n")
+    shown = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logger = logging.getLogger("cassia_helpers")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        run_batch(Settings(resume=first.run_dir), launcher=FakeLauncher(delay=0.3), **FAST)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert not [m for m in shown if "blood/C  QC (" in m], shown
+
+
 def test_workers_bound_the_datasets_running_at_once(data, tmp_path):
     launcher = FakeLauncher(delay=0.3)
     run_batch(settings_for(tmp_path, workers=2), launcher=launcher, **FAST)

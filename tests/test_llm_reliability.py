@@ -37,6 +37,9 @@ def test_ctrl_c_writes_honest_summaries_and_resume_finishes_in_place_without_rep
     finished = resume(tmp_path, run, "--workers", "2", offline=False)
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.strip() == str(run)
+    for name in DATASETS[1:]:  # each step said once, by this session: not the interrupted one's again
+        steps = [line for line in finished.stderr.splitlines() if f"blood/{name}  QC (" in line]
+        assert len(steps) == 1, finished.stderr
     assert list(pd.read_csv(run / "batch_summary.csv")["status"]) == ["success"] * 3
     second, third = (status(run, name) for name in DATASETS[1:])
     assert second["started_at"] < third["finished_at"] and third["started_at"] < second["finished_at"]

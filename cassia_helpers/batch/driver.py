@@ -239,6 +239,8 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
 
         recheck(run_dir, datasets, manifest)
     todo = _pending(run_dir, datasets, result)
+    for dataset in todo:  # an interrupted session's progress would be shown again as this session's
+        DatasetPaths(run_dir, dataset.tissue, dataset.name).progress_jsonl.unlink(missing_ok=True)
     progress = Progress(run_dir, todo, quiet=settings.quiet)
 
     def finished(dataset: Dataset, record: dict) -> None:
