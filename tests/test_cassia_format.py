@@ -179,3 +179,8 @@ def test_subclusters_are_annotated_with_the_parent_as_context(llm_env, tmp_path)
     assert "all these cells were called T cell" in context
     assert {r["cluster"] for r in json.loads(json.dumps(
         [{"cluster": r.cluster} for r in results]))} <= {f"T cell / {i}" for i in range(10)}
+    # a parent no cluster is called (a typo) is said with the calls there are, on the terminal too
+    adata.uns["cassia_batch"]["annotation"] = {"step_warnings": []}
+    assert annotate_subclusters(adata, "T cel", annotator=annotator, tissue="blood") == []
+    assert adata.uns["cassia_batch"]["annotation"]["step_warnings"] == [
+        "--subcluster 'T cel': no cluster is called that (the calls: B cell, T cell)"]

@@ -51,6 +51,12 @@ def annotate_subclusters(adata: ad.AnnData, parent: str, *, annotator: Annotator
     mask = (adata.obs[key_added].astype(str) == parent).to_numpy()
     if column not in adata.obs:
         adata.obs[column] = adata.obs[key_added].astype(str)
+    if not mask.any():  # most likely a typo: said on the terminal too, with the calls there are
+        calls = ", ".join(sorted(map(str, pd.unique(adata.obs[key_added].astype(str)))))
+        notice = f"--subcluster {parent!r}: no cluster is called that (the calls: {calls})"
+        warn(adata, notice)
+        provenance(adata).get("annotation", {}).setdefault("step_warnings", []).append(notice)
+        return []
     if mask.sum() < MIN_CELLS:
         warn(adata, f"subclusters of {parent!r}: {int(mask.sum())} cells, fewer than {MIN_CELLS}; not re-clustered")
         return []
