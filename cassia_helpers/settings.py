@@ -13,6 +13,7 @@ API keys are never a setting: they are read from the environment by the process 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Setting:
     repeat: bool = False  # the flag may be given several times; the value is a list
     env: str = ""  # environment variable that gives the default
     metavar: str | None = None
+    form: tuple[str, str] = ()  # (regular expression a text value must match, the form in words)
 
     @property
     def option(self) -> str:
@@ -74,6 +76,8 @@ class Setting:
             value = int(value)
         if self.choices and value not in self.choices:
             raise UsageError(f"{self.option}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if self.form and isinstance(value, str) and value and not re.fullmatch(self.form[0], value.strip(), re.I):
+            raise UsageError(f"{self.option}: expected {self.form[1]}, got {value!r}")
         if isinstance(value, int | float) and not isinstance(value, bool):
             if value != value or value in (float("inf"), float("-inf")):
                 raise UsageError(f"{self.option}: must be a finite number, got {value!r}")
@@ -132,10 +136,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("slurm_queue", "", "SLURM partition (sbatch -p)", _CLUSTER, RUN),
     Setting("slurm_account", "", "SLURM account charged for the jobs (sbatch -A)", _CLUSTER, RUN),
     Setting("slurm_walltime", "", "time limit of each job, HH:MM:SS (default 04:00:00); a job runs datasets one "
-            "after another", _CLUSTER, RUN),
+            "after another", _CLUSTER, RUN,
+            form=(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}", "a SLURM time such as 04:00:00 or 1-12:00:00")),
     Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", _CLUSTER, RUN, minimum=0),
     Setting("slurm_memory", "", "memory per dataset, e.g. 16GB (default 8GB); SLURM's limit caps the kernel",
-            _CLUSTER, RUN),
+            _CLUSTER, RUN, form=(r"\d+(\.\d+)?\s*([kmgtp]i?b?)?", "a size such as 16GB or 8000MB")),
     Setting("slurm_memory_from_inputs", False, "request the memory of the jobs from the inputs' sizes (1 GB + 10 x the "
             "largest input file), at most --slurm-memory", _CLUSTER, RUN),
     Setting("slurm_jobs", 0, "SLURM jobs at once, i.e. datasets at once (default: --workers)", _CLUSTER, RUN,

@@ -488,7 +488,7 @@ def test_slurm_job_script_has_the_resources_and_no_key(tmp_path, monkeypatch):
 
 
 def test_a_slurm_job_takes_a_dataset_only_with_enough_walltime_left():
-    from cassia_helpers.batch.dask.slurm import slurm_seconds, takes_a_dataset
+    from cassia_helpers.batch.dask.slurm_jobs import slurm_seconds, takes_a_dataset
 
     # squeue's time left and sbatch's walltimes, as SLURM writes them
     assert [slurm_seconds(t) for t in ("45", "9:30", "1:02:03", "2-03:04:05", "1-2", "UNLIMITED", "")] == [

@@ -246,7 +246,8 @@ def test_outputs_follow_the_umask(data, tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--resolution", "-1"), ("--n-pcs", "0"), ("--dataset-timeout", "-1"),
                                          ("--max-cells-per-cluster", "-1"), ("--target-sum", "0"),
-                                         ("--n-markers", "-3"), ("--workers", "0")])
+                                         ("--n-markers", "-3"), ("--workers", "0"), ("--slurm-memory", "lots"),
+                                         ("--slurm-walltime", "1h")])
 def test_bad_settings_are_usage_errors(tmp_path, capsys, flag, value):
     from cassia_helpers.batch.cli import main
 

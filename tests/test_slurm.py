@@ -190,7 +190,8 @@ def data(tmp_path_factory) -> Path:
 def runs(partition, data, tmp_path_factory) -> dict[str, Run]:
     """Every run of this module, all at once; each test asserts on its own."""
     runs = runs_of(data)
-    base = tmp_path_factory.mktemp("slurm_runs")
+    # a folder with a space in its path, as labs name them: the job scripts' log lines must still parse
+    base = tmp_path_factory.mktemp("slurm_runs") / "lab runs"
     for name, run in runs.items():
         run.out = base / name
     started = time.monotonic()
@@ -323,6 +324,18 @@ def test_a_job_short_of_walltime_takes_no_new_dataset_and_a_new_job_does(runs):
     first_log = Path(records[min(records, key=lambda n: records[n]["started_at"])]["slurm_log"]).read_text()
     assert "DUE TO TIME LIMIT" not in first_log
     assert_nothing_left(set(jobs))
+
+
+def test_a_job_script_sbatch_refuses_is_said_at_once(partition, data, tmp_path):
+    """A partition that does not exist: sbatch's own reason on one line, in seconds, not a queue watched for
+    --cluster-timeout that never starts a job."""
+    started = time.monotonic()
+    result = subprocess.run(command("no-such-partition", data, tmp_path / "out", "--tissues", "blood",
+                                    "--annotator", "reference"), env=env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "sbatch refuses the job script: invalid partition specified: no-such-partition" in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
 
 
 def test_the_queue_is_empty_once_every_run_ended(runs):

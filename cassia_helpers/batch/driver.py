@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shlex
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -276,15 +277,17 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                         paths, INTERRUPTED, error=NOT_STARTED, error_type="Interrupted")
                     result.statuses[key] = record["status"]
     progress.close()
+    resume = f"python run_batch.py --resume {shlex.quote(str(run_dir))}"  # as it can be pasted into a shell
     if interrupts.count >= 2:
-        log.warning("Stopped at once. Resume with: python run_batch.py --resume %s", run_dir)
+        log.warning("Stopped at once. Resume with: %s", resume)
         return result
     aggregate(run_dir, settings.kernel_name)
     progress.table(result)
-    if result.cause:
-        log.warning("Stopped early: %s. Resume with: python run_batch.py --resume %s", result.cause, run_dir)
+    unfinished = any(status != SUCCESS for status in result.statuses.values())
+    if result.cause and unfinished:  # a scheduler lost after every dataset finished stopped nothing
+        log.warning("Stopped early: %s. Resume with: %s", result.cause, resume)
     elif result.interrupted:
-        log.warning("Resume with: python run_batch.py --resume %s", run_dir)
+        log.warning("Resume with: %s", resume)
     return result
 
 

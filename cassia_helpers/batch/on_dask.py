@@ -112,7 +112,7 @@ def _retry(run_dir: Path, jobs: dict, held: dict[str, dict], attempts: dict[str,
     lacked (``size`` is updated); their failed attempts are noted and their files set aside."""
     from dask.utils import format_bytes, parse_bytes
 
-    from cassia_helpers.batch.dask.slurm import slurm_seconds
+    from cassia_helpers.batch.dask.slurm_jobs import slurm_seconds
     from cassia_helpers.batch.resume import set_aside
 
     before = dict(size)
@@ -162,7 +162,7 @@ def recorded(run_dir: Path, dataset: Dataset, record: dict, started: dict | None
                 return own
             time.sleep(1.0)
     if error_type == "WorkerDied" and where.get("slurm_job_id"):
-        from cassia_helpers.batch.dask.slurm import job_end
+        from cassia_helpers.batch.dask.slurm_jobs import job_end
 
         error, error_type = job_end(where["slurm_job_id"], where.get("slurm_log", ""))
     duration = time.time() - started["t0"] if started.get("t0") else 0.0

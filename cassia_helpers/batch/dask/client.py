@@ -61,7 +61,7 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
         ``None``/``"local"``: a local cluster on 127.0.0.1 started in this process (one thread per
         worker); ``"slurm"``: SLURM jobs built from ``cluster_options`` (see
         :func:`~cassia_helpers.batch.dask.slurm.load_cluster_options`), named ``{name}-{slot}``; the
-        client's ``cassia_slurm`` is then their :class:`~cassia_helpers.batch.dask.slurm.SlurmJobs`.
+        client's ``cassia_slurm`` is then their :class:`~cassia_helpers.batch.dask.slurm_jobs.SlurmJobs`.
     dashboard
         Serve the Dask dashboard (local cluster: on 127.0.0.1 only).
     connect_timeout
@@ -101,11 +101,13 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
             stack.enter_context(client)
             _wait_for_a_worker(client, scheduler, cluster_timeout, stop)
         elif cluster == "slurm":
-            from cassia_helpers.batch.dask.slurm import SlurmJobs, load_cluster_options, slurm_cluster
+            from cassia_helpers.batch.dask.slurm import check_job_script, load_cluster_options, slurm_cluster
+            from cassia_helpers.batch.dask.slurm_jobs import SlurmJobs
 
             options = load_cluster_options(overrides=cluster_options)
             jobs = max(1, int(options["jobs"] or workers))
             built = stack.enter_context(slurm_cluster(options, dashboard=dashboard, name=name))
+            check_job_script(built)
             client = stack.enter_context(Client(built, timeout=connect_timeout))
             built.scale(jobs=jobs)
             slurm_jobs = SlurmJobs(built, client, options, jobs)

@@ -1,5 +1,5 @@
-"""SLURM jobs as the run's Dask workers: their options, the job script, waiting for them, replacing the ones
-that end early, and why a job ended.
+"""SLURM jobs as the run's Dask workers: their options and the job script, checked by ``sbatch --test-only``
+before any job is submitted (the jobs once submitted: :mod:`cassia_helpers.batch.dask.slurm_jobs`).
 
 ``dask_jobqueue`` is imported only when a SLURM cluster is built, and without its SIGINT handler: it
 installs one on import (exiting at once), which would replace the driver's Ctrl-C handling.
@@ -13,8 +13,7 @@ import shlex
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from cassia_helpers.batch.dask.client import WORKER_PRELOAD, ClusterError, secret_values
@@ -28,10 +27,6 @@ FILE_KEYS: dict[str, str] = {
     **{s.name.removeprefix("slurm_"): s.name for s in SETTINGS if s.name.startswith("slurm_")},
     "scheduler_host": "scheduler_host",
 }
-# A job takes a new dataset only with at least this many times the run's longest dataset left of its walltime.
-TIME_MARGIN = 1.25
-_ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-          "BOOT_FAIL", "DEADLINE"}
 
 
 def load_cluster_options(path: str | Path | None = None, overrides: Mapping | None = None) -> dict:
@@ -131,22 +126,28 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False, name: str = "cas
         """A job named after the run and its slot (the worker's number in the cluster)."""
 
         def __init__(self, *args, name=None, job_name=None, **kwargs):
-            super().__init__(*args, name=name, job_name=f"{job_name}-{_slot(name)}", **kwargs)
+            super().__init__(*args, name=name, job_name=f"{job_name}-{slot_number(name)}", **kwargs)
 
     cores = max(1, int(opts["cores"]))
     # the job's worker gives its datasets the job's cores (Dask's nanny would cap BLAS/OpenMP threads at 1)
     prologue = [f"export {THREADS_ENV}={cores}"]
+    directives = list(opts["job_extra"])
     if opts["log_directory"]:
-        Path(opts["log_directory"]).mkdir(parents=True, exist_ok=True)
-        folder = shlex.quote(opts["log_directory"])
-        prologue.append(f'export {SLURM_LOG_ENV}={folder}/"$SLURM_JOB_NAME-$SLURM_JOB_ID.err"')
+        logs = opts["log_directory"]
+        if '"' in logs:
+            raise ClusterError(f"{logs}: a SLURM log folder cannot have a double quote in its path "
+                               "(give --slurm-log-directory)")
+        Path(logs).mkdir(parents=True, exist_ok=True)
+        prologue.append(f'export {SLURM_LOG_ENV}={shlex.quote(logs)}/"$SLURM_JOB_NAME-$SLURM_JOB_ID.err"')
+        # quoted, unlike dask-jobqueue's own -e/-o lines: a run folder may have spaces in its path
+        directives += [f'-e "{logs}/%x-%j.err"', f'-o "{logs}/%x-%j.out"']
     host = opts["scheduler_host"] or ("" if opts["interface"] else _default_host())
     kwargs = {
         "queue": opts["queue"] or None, "account": opts["account"] or None, "walltime": opts["walltime"],
         "cores": 1, "processes": 1, "job_cpu": cores, "memory": opts["memory"],
         "python": opts["python"] or None, "job_script_prologue": [*prologue, *opts["prologue"]],
-        "job_extra_directives": list(opts["job_extra"]), "interface": opts["interface"] or None,
-        "local_directory": opts["local_directory"] or None, "log_directory": opts["log_directory"] or None,
+        "job_extra_directives": directives, "interface": opts["interface"] or None,
+        "local_directory": opts["local_directory"] or None,
         "worker_extra_args": ["--preload", WORKER_PRELOAD], "job_name": name, "job_cls": SlotJob,
         # no dashboard: the scheduler's HTTP server (health, metrics) on a free local port, not 8787
         "scheduler_options": {"dashboard": dashboard, **({"host": host} if host else {}),
@@ -162,239 +163,22 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False, name: str = "cas
     return cluster
 
 
-def _slot(name) -> int | str:
+def check_job_script(cluster) -> None:
+    """:class:`ClusterError` when ``sbatch --test-only`` refuses the cluster's job script (an unknown partition,
+    a walltime it cannot read, a directive it cannot parse): said at once, before any job is submitted,
+    rather than by a queue that never starts one. Nothing is said when sbatch cannot be asked."""
+    try:
+        out = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return
+    if out.returncode != 0:
+        errors = [line.removeprefix("sbatch: error: ").strip() for line in out.stderr.splitlines() if line.strip()]
+        raise ClusterError(f"sbatch refuses the job script: {'; '.join(errors[:2]) or out.returncode} (check "
+                           "--slurm-queue, --slurm-walltime, --slurm-memory, --slurm-account, --slurm-job-extra)")
+
+
+def slot_number(name) -> int | str:
     """A worker's slot: the number ending its name (``SLURMCluster-3`` -> 3)."""
     tail = str(name).rsplit("-", 1)[-1]
     return int(tail) if tail.isdigit() else tail
-
-
-def _run(command: list[str]) -> str:
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout if out.returncode == 0 else ""
-
-
-def slurm_seconds(text: str) -> float | None:
-    """SLURM's time (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``) in seconds; None when it is
-    not a time (``UNLIMITED``, ``NOT_SET``, empty)."""
-    days, _, clock = str(text).strip().rpartition("-")
-    parts = clock.split(":")
-    if not 1 <= len(parts) <= 3 or not all(part.isdigit() for part in parts) or (days and not days.isdigit()):
-        return None
-    units = (3600, 60, 1)[:len(parts)] if days else {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(parts)]
-    return float(sum(int(part) * unit for part, unit in zip(parts, units, strict=True)) + int(days or 0) * 86400)
-
-
-def queue_states(job_ids: list[str]) -> dict[str, str]:
-    """``squeue``'s state of each job still in the queue (PENDING, RUNNING, ...); ended jobs are absent."""
-    return {job_id: state for job_id, (state, _left) in _squeue(job_ids).items()}
-
-
-def _squeue(job_ids: list[str]) -> dict[str, tuple[str, float | None]]:
-    """Each queued job's state and the seconds left of its walltime (None: not running, or no limit)."""
-    if not job_ids:
-        return {}
-    out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %L"])
-    found = {}
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) >= 2:
-            left = slurm_seconds(fields[2]) if len(fields) > 2 and fields[1] == "RUNNING" else None
-            found[fields[0]] = (fields[1], left)
-    return found
-
-
-def takes_a_dataset(left_s: float | None, needed_s: float, walltime_s: float | None) -> bool:
-    """Whether a job with ``left_s`` seconds of walltime left (None: unknown yet, or no limit) takes a new
-    dataset that may need ``needed_s`` seconds, when a fresh job gets ``walltime_s``.
-
-    A job too short for the dataset takes none: it would be killed mid-dataset. Unless a fresh job would be
-    too short as well: then every job takes datasets (a new job gains nothing).
-    """
-    if left_s is None or not needed_s or (walltime_s is not None and walltime_s < needed_s):
-        return True
-    return left_s >= needed_s
-
-
-def job_end(job_id: str, log_path: str = "", *, wait_s: float = 30.0) -> tuple[str, str]:
-    """Why a SLURM job ended, as ``(error, error_type)``: from its state (``scontrol``) and its log file.
-
-    Waits up to ``wait_s`` for the job to leave the running states (its worker is seen dead first).
-    """
-    deadline = time.monotonic() + wait_s
-    state, text = "", ""
-    while True:
-        fields = dict(item.split("=", 1) for item in _run(["scontrol", "-o", "show", "job", job_id]).split()
-                      if "=" in item)
-        state = fields.get("JobState", "")
-        log_path = log_path or fields.get("StdErr", "")
-        try:
-            with open(log_path, "rb") as handle:
-                handle.seek(0, 2)
-                handle.seek(max(0, handle.tell() - 20_000))
-                text = handle.read().decode("utf-8", "replace")
-        except OSError:
-            text = ""
-        if "exceeded memory limit" in text.lower() or state in _ENDED or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
-    where = f"; its log: {log_path}" if log_path else ""
-    if "exceeded memory limit" in text.lower() or state == "OUT_OF_MEMORY":
-        return (f"SLURM job {job_id} was killed for exceeding its memory limit (raise --slurm-memory){where}",
-                "JobOutOfMemory")
-    if state == "TIMEOUT" or "DUE TO TIME LIMIT" in text:
-        return f"SLURM job {job_id} reached its walltime (raise --slurm-walltime){where}", "JobTimeLimit"
-    if state == "CANCELLED" or "CANCELLED AT" in text:
-        return f"SLURM job {job_id} was cancelled (scancel){where}", "JobCancelled"
-    return f"SLURM job {job_id} ended ({state or 'state unknown'}) while running this dataset{where}", "JobDied"
-
-
-class SlurmJobs:
-    """The run's SLURM jobs: wait for the first to start, and replace jobs that end while datasets wait.
-
-    Parameters
-    ----------
-    cluster, client
-        The ``SLURMCluster`` (already scaled to ``jobs``) and the run's client.
-    options
-        The cluster options (:func:`load_cluster_options`).
-    jobs
-        Jobs the run keeps while datasets are queued.
-    """
-
-    def __init__(self, cluster, client, options: Mapping, jobs: int) -> None:
-        self.cluster, self.client, self.jobs = cluster, client, jobs
-        self.queue = options["queue"] or "the default partition"
-        limit = int(options["replacements"])
-        self.replacements_left = 3 * jobs if limit < 0 else limit
-        self.replaced = 0
-        self._seen: dict = {}  # worker-spec name -> SLURM job id
-        self.walltime_s = slurm_seconds(options["walltime"])
-        self.min_time_left = float(options["min_time_left"] or 0)
-        self._ends: dict[str, float] = {}  # job id -> when its walltime ends (time.monotonic())
-        self.retired: set = set()  # worker-spec names of the jobs cancelled for their short walltime
-        self._last_upkeep = 0.0
-        self._no_worker_since: float | None = None
-
-    def job_ids(self) -> list[str]:
-        ids = []
-        for name, job in list(self.cluster.workers.items()):
-            job_id = getattr(job, "job_id", None)
-            if job_id:
-                self._seen[name] = str(job_id)
-                ids.append(str(job_id))
-        return ids
-
-    def _connected(self) -> int:
-        try:
-            return len(self.client.nthreads())
-        except Exception:  # noqa: BLE001 - the scheduler is busy: count none for now
-            return 0
-
-    def wait_for_workers(self, timeout: float, stop: Callable[[], bool]) -> None:
-        """Return once a worker is connected (or ``stop()``); :class:`ClusterError` after ``timeout`` s."""
-        started = last_note = time.monotonic()
-        log.info("Submitted %d SLURM job(s) to %s; waiting for the first to start (up to %g s, --cluster-timeout)",
-                 self.jobs, self.queue, timeout)
-        while not self._connected() and not stop():
-            states = queue_states(self.job_ids())
-            pending = sum(1 for s in states.values() if s == "PENDING")
-            if time.monotonic() - started > timeout:
-                raise ClusterError(f"no SLURM job started within {timeout:g} s in {self.queue} ({pending} still "
-                                   f"pending, squeue -j {','.join(states) or '-'}); raise --cluster-timeout or "
-                                   "choose another --slurm-queue")
-            if time.monotonic() - last_note >= 15:
-                last_note = time.monotonic()
-                log.info("Waiting for SLURM jobs to start: %d pending in %s", pending, self.queue)
-            time.sleep(1.0)
-
-    def _resubmit(self, names: list) -> None:
-        """Forget the jobs of these worker-spec names (ended, or cancelled here) and submit new ones."""
-        for name in names:
-            self._seen.pop(name, None)
-            self.cluster.worker_spec.pop(name, None)
-            self.cluster.workers.pop(name, None)
-        # a new job gets a slot name never used in this run: Dask forgets a lost worker's name late
-        # (``lost-worker-timeout``) and would then take the new one for it
-        used = [_slot(n) for n in (*self.cluster.worker_spec, *names)]
-        self.cluster._i = max([self.cluster._i, *(n + 1 for n in used if isinstance(n, int))])
-        self.cluster.scale(jobs=self.jobs)
-
-    def resize(self, *, memory: str, walltime: str, jobs: int) -> None:
-        """Cancel the run's jobs (all idle) and submit ``jobs`` new ones with this memory and walltime."""
-        names = list(self.cluster.worker_spec)
-        self.retired.update(names)  # their workers may stay connected a moment: they take no dataset
-        self.cluster.new_spec["options"].update(memory=memory, walltime=walltime)
-        self.walltime_s = slurm_seconds(walltime)
-        self.jobs = jobs
-        self._resubmit(names)
-
-    def ready_workers(self, longest_s: float, busy: set[str]) -> list[str]:
-        """The connected workers that may take a new dataset: those whose job has enough walltime left
-        (:func:`takes_a_dataset`): ``--slurm-min-time-left``, or :data:`TIME_MARGIN` times the run's longest
-        dataset so far (``longest_s``). An idle worker with too little left is retired (its job cancelled, a
-        new one submitted) rather than killed by its walltime in the middle of a dataset; a worker running a
-        dataset is left alone.
-        """
-        needed = self.min_time_left or TIME_MARGIN * longest_s
-        try:
-            names = {address: info.get("name") for address, info in self.client.scheduler_info()["workers"].items()}
-        except Exception:  # noqa: BLE001 - the scheduler is busy: none for now
-            return []
-        now, ready, short = time.monotonic(), [], []
-        for address, name in names.items():
-            if name in self.retired:  # its job is being cancelled
-                continue
-            job_id = self._seen.get(name) or str(getattr(self.cluster.workers.get(name), "job_id", "") or "")
-            end = self._ends.get(job_id)
-            if takes_a_dataset(None if end is None else end - now, needed, self.walltime_s):
-                ready.append(address)
-            elif address not in busy and name in self.cluster.worker_spec and job_id:
-                short.append((name, job_id))
-        if short:
-            _run(["scancel", *(job_id for _name, job_id in short)])
-            self.retired.update(name for name, _job_id in short)
-            self._resubmit([name for name, _job_id in short])
-            log.info("%d SLURM job(s) with less than %.0f s of walltime left take no new dataset "
-                     "(--slurm-min-time-left): cancelled, %d new job(s) submitted", len(short), needed, len(short))
-        return ready
-
-    def upkeep(self, queued: int, give_up_s: float) -> str | None:
-        """While ``queued`` datasets wait (for the executor or for a worker), replace jobs that ended; a reason
-        to give up on the waiting ones, or None.
-
-        Gives up when no worker was connected for ``give_up_s`` seconds, or when jobs ended and no
-        replacement is left.
-        """
-        now = time.monotonic()
-        if self._connected():
-            self._no_worker_since = None
-        else:
-            self._no_worker_since = self._no_worker_since or now
-        if not queued or now - self._last_upkeep < 3.0:
-            return None
-        self._last_upkeep = now
-        queued_jobs = _squeue(self.job_ids())
-        alive = {job_id: state for job_id, (state, _left) in queued_jobs.items()}
-        for job_id, (_state, left) in queued_jobs.items():
-            if left is not None:
-                self._ends[job_id] = now + left
-        ended = [name for name, job_id in self._seen.items()
-                 if job_id not in alive and name in self.cluster.worker_spec]
-        if ended and self.replacements_left > 0:
-            ended = ended[:self.replacements_left]
-            self.replacements_left -= len(ended)
-            self.replaced += len(ended)
-            self._resubmit(ended)
-            log.warning("%d SLURM job(s) ended early; submitted %d replacement(s) (%d left)", len(ended),
-                        len(ended), self.replacements_left)
-            self._no_worker_since = None if self._no_worker_since is None else now
-            return None
-        if self._no_worker_since is not None and now - self._no_worker_since > give_up_s:
-            if ended and not alive:
-                return (f"no SLURM job left to run it: {self.replaced} job(s) already replaced "
-                        "(--slurm-replacements); see the logs in the run folder")
-            return f"no SLURM job was running for {give_up_s:g} s in {self.queue} (--cluster-timeout)"
-        return None
