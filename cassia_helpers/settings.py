@@ -113,7 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dry_run", False, "list the datasets that would run and estimate API calls, tokens and cost; "
             "send nothing; exit 1 when an input cannot run", _IO, RUN),
     # execution (run scope)
-    Setting("workers", 1, "datasets processed at once (each in its own kernel process)", _EXEC, RUN, minimum=1),
+    Setting("workers", 1, "datasets processed at once (each in its own kernel process); with --scheduler, the "
+            "scheduler's workers decide", _EXEC, RUN, minimum=1),
     Setting("dataset_timeout", 0.0, "seconds one dataset may take before it is stopped and marked failed (0: none)",
             _EXEC, RUN, minimum=0),
     Setting("cell_timeout", 0.0, "seconds one notebook cell may take (0: none)", _EXEC, RUN, minimum=0),

@@ -81,6 +81,8 @@ def cluster_options(settings, run_dir: Path | None = None) -> dict:
         from cassia_helpers.contract import SLURM_LOGS
 
         options["log_directory"] = str((run_dir / SLURM_LOGS).resolve())
+    elif options["log_directory"]:  # recorded in each dataset's status: a path that means the same anywhere
+        options["log_directory"] = str(Path(options["log_directory"]).expanduser().resolve())
     return options
 
 
