@@ -396,6 +396,10 @@ def test_explore_helpers_show_a_run(tiny, tmp_path):
     adata = explore.load_dataset(run, "blood/Data_Good000_Blood")
     scores = explore.cluster_scores(adata).to_html()
     assert "87.5" in scores and "no valid answer" in scores and "no mitochondrial genes" in scores
+    # every dataset has its cost row, zeros for one that sent nothing (not an empty table)
+    costs = explore.cost_by_dataset(run)
+    assert list(costs.index) == ["blood/Data_Good000_Blood", "blood/Data_Bad001_Blood"]
+    assert costs.loc["blood/Data_Bad001_Blood", ["calls", "cost"]].tolist() == [0, 0]
 
 
 # --- the run's cross-dataset heatmap (cell_types.png) ----------------------------------------------------

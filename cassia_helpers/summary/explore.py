@@ -19,8 +19,8 @@ from cassia_helpers.contract import (
 )
 from cassia_helpers.files import read_json
 
-INTEGER_COLUMNS = ("n_cells", "n_genes", "n_clusters", "calls", "failed_calls", "input_tokens", "output_tokens",
-                   "total_tokens")
+INTEGER_COLUMNS = ("n_cells", "n_genes", "n_clusters", "calls", "failed_calls", "interrupted_calls", "input_tokens",
+                   "output_tokens", "total_tokens", "estimated_calls", "estimated_tokens")
 # text wraps between words; "word-break: break-word" also let the browser squeeze a column to one letter per line
 _WRAP = {"white-space": "pre-wrap", "text-align": "left", "overflow-wrap": "break-word", "min-width": "14ch"}
 
@@ -98,9 +98,17 @@ def cell_type_counts(run_dir: str | Path) -> pd.DataFrame:
 
 
 def cost_by_dataset(run_dir: str | Path) -> pd.DataFrame:
-    """Calls, tokens and cost per dataset from ``token_tracking.json``."""
+    """Calls, tokens and cost per dataset (``tissue/dataset``) from ``token_tracking.json``; every dataset of
+    the run has its row, with zeros when it sent nothing (the offline reference, a cached rerun)."""
     tracking = read_json(Path(run_dir) / TOKEN_TRACKING_JSON) or {}
+    summary = load_summary(run_dir)
+    names = [f"{t}/{d}" for t, d in zip(summary["tissue"], summary["dataset"], strict=True)] if len(summary) else []
     table = pd.DataFrame(tracking.get("by_dataset", {})).T
+    table = table.reindex(list(dict.fromkeys([*names, *table.index])))
+    for column in ("calls", "input_tokens", "output_tokens", "cost"):
+        if column not in table:
+            table[column] = 0
+    table = table.fillna(0)
     for column in table.columns:
         table[column] = pd.to_numeric(table[column])
         if column in INTEGER_COLUMNS:
