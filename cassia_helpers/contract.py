@@ -29,6 +29,7 @@ SLURM_LOGS = "slurm_logs"  # the SLURM jobs' log files (--cluster slurm, unless 
 SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
 STATUSES = (SUCCESS, FAILED, INTERRUPTED)
 NOT_STARTED = "not started: the run was interrupted"  # the error of a dataset a stop kept from starting
+STOPPED_RUNNING = "stopped while running: the run was interrupted at once"  # ... and of one a second Ctrl-C cut
 WORKER_DIED = "the Dask worker running this dataset died"
 
 

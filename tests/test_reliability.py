@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -100,6 +101,25 @@ def working_dir(pid: int) -> Path | None:
         return Path(os.readlink(f"/proc/{pid}/cwd"))
     except OSError:
         return None
+
+
+def test_a_second_ctrl_c_stops_at_once_and_tells_the_running_dataset_from_the_queued_one(blood_dir, tmp_path):
+    from cassia_helpers.contract import NOT_STARTED
+
+    keep_only(blood_dir, 2)
+    process = start(tmp_path, "--tissues", "blood")
+    run = the_run(tmp_path)
+    wait_for(DatasetPaths(run, "blood", DATASETS[0]).progress_jsonl.exists, timeout=240,
+             what=f"{DATASETS[0]}'s kernel to report a step")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # a user's second press (two signals at once would arrive as one)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Stopped at once. Resume with: python run_batch.py --resume" in err
+    running, queued = status(run, DATASETS[0]), status(run, DATASETS[1])
+    assert running["status"] == queued["status"] == "interrupted"
+    assert running["error"] != NOT_STARTED and queued["error"] == NOT_STARTED
 
 
 def test_a_killed_kernel_fails_its_dataset_only(blood_dir, tmp_path):

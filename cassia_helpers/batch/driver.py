@@ -29,6 +29,7 @@ from cassia_helpers.contract import (
     NOT_STARTED,
     RUN_LOCK,
     RUN_MANIFEST,
+    STOPPED_RUNNING,
     SUCCESS,
     DatasetPaths,
     input_fingerprint,
@@ -273,8 +274,10 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                 key = (dataset.tissue, dataset.name)
                 if key not in result.statuses:
                     paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
-                    record = read_status(paths) or write_status(
-                        paths, INTERRUPTED, error=NOT_STARTED, error_type="Interrupted")
+                    # its kernel had reported a step (this session cleared the files): it was running
+                    error = STOPPED_RUNNING if paths.progress_jsonl.exists() else NOT_STARTED
+                    record = read_status(paths) or write_status(paths, INTERRUPTED, error=error,
+                                                                error_type="Interrupted")
                     result.statuses[key] = record["status"]
     progress.close()
     resume = f"python run_batch.py --resume {shlex.quote(str(run_dir))}"  # as it can be pasted into a shell
