@@ -143,8 +143,9 @@ def _clusters(path: Path, *, dataset: str, anchor: str, low_score: float) -> lis
             checks.append(("unknown", row["status"], row["reason"]))
         if _true(record.get("evidence_flag")):
             kinds = [k.strip() for k in str(record.get("evidence_flag_kind") or "").split(",") if k.strip()]
-            text = ", ".join(FLAG_TEXT.get(k, k.replace("_", " ")) for k in kinds) or FLAG_TEXT["markers_not_enriched"]
-            checks.append(("flagged", text, row["evidence_flag_reason"]))
+            for i, kind in enumerate(kinds or ["markers_not_enriched"]):  # a badge per kind, the reasons once
+                checks.append(("flagged", FLAG_TEXT.get(kind, kind.replace("_", " ")),
+                               "" if i else row["evidence_flag_reason"]))
         # the quality score where the annotator gives one, else its confidence (an LLM run without scoring)
         ranking = row["score"] if has_score else row["confidence"]
         if ranking is not None and ranking < low_score:
