@@ -230,6 +230,7 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
     started_at, start = now_iso(), time.perf_counter()
 
     def status(state: str, **details) -> dict:
+        _drop_if_empty(paths.kernel_log)  # every way out of the notebook passes here
         return write_status(paths, state, duration=time.perf_counter() - start, started_at=started_at, **details)
 
     try:
@@ -252,14 +253,11 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
                 execution_timeout=cell_timeout or None,
             )
     except KeyboardInterrupt:
-        _drop_if_empty(paths.kernel_log)
         return status(INTERRUPTED, error="interrupted by the user", error_type="KeyboardInterrupt")
     except Exception as exc:  # noqa: BLE001 - every failure of one dataset is recorded, never raised
-        _drop_if_empty(paths.kernel_log)
         reason, kind = describe_failure(exc)
         rejected = input_fingerprint(parameters["input_path"]) if kind == "InputError" else None
         return status(FAILED, error=reason, error_type=kind, input_file=rejected)
-    _drop_if_empty(paths.kernel_log)
     missing = missing_outputs(paths)
     if missing:
         return status(FAILED, error=f"notebook finished without writing {', '.join(missing)}",
