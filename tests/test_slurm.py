@@ -336,6 +336,7 @@ def test_a_job_script_sbatch_refuses_is_said_at_once(partition, data, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "sbatch refuses the job script: invalid partition specified: no-such-partition" in result.stderr
     assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert list((tmp_path / "out").iterdir()) == []  # the rerun makes its own: no folder of a run never started
 
 
 def test_the_queue_is_empty_once_every_run_ended(runs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import shlex
+import shutil
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -202,8 +203,21 @@ def _batch(settings: Settings, launcher: Launcher | None, aggregate: Callable[[P
     lock = _lock(run_dir)
     try:
         return _run_locked(settings, run_dir, datasets, manifest, launcher, aggregate or _aggregate, in_process)
+    except UsageError:
+        if settings.resume is None:
+            _discard_unstarted(run_dir)
+        raise
     finally:
         lock.close()
+
+
+def _discard_unstarted(run_dir: Path) -> None:
+    """Remove a new run folder that holds nothing but the driver's own records (its cluster could not start,
+    say): the rerun with mended options makes its own, and this one would only be mistaken for a run. A
+    dataset's status or a SLURM job's log keeps it."""
+    own = {RUN_MANIFEST, RUN_LOCK, DATASETS_CSV}
+    if all(path.name in own for path in run_dir.rglob("*") if not path.is_dir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
