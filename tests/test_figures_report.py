@@ -187,6 +187,14 @@ def test_cluster_table_labels_scores_and_reasoning(tiny, tmp_path):
     assert table["n_cells"].sum() == tiny.n_obs and table["reasoning"].str.contains("markers are high").all()
     path = write_cluster_table(tiny, DatasetPaths(tmp_path, "blood", "Tiny"))
     assert path.name == "Tiny_clusters.csv" and len(pd.read_csv(path)) == len(table)
+    # the first markers the annotator read (its filtered list), not the ranking's: RPS genes are not sent
+    sent = tiny.copy()
+    results = json.loads(sent.uns["cassia_batch"]["annotation"]["results_json"])
+    results[0]["markers_sent"] = ["CD3E", "CD3D", "IL7R", "LTB", "CD2", "TRAC"]
+    sent.uns["cassia_batch"]["annotation"]["results_json"] = json.dumps(results)
+    ranked = pd.DataFrame({"cluster": results[0]["cluster"], "rank": [1, 2], "gene": ["RPS27", "CD3E"]})
+    top = cluster_table(sent, markers=ranked).set_index("cluster")["top_markers"]
+    assert top[results[0]["cluster"]] == "CD3E, CD3D, IL7R, LTB, CD2"
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -218,8 +226,15 @@ def test_report_names_the_kind_of_each_flagged_call(tiny, tmp_path):
     table["evidence_flag"] = [True] * len(kinds) + [False] * (len(table) - len(kinds))
     table["evidence_flag_kind"] = kinds + [""] * (len(table) - len(kinds))
     table["evidence_flag_reason"] = [f"reason {i}" for i in range(len(table))]
+    table.loc[2, "evidence_flag_reason"] = "markers_not_enriched: 2 of 3 not enriched; implausible_for_tissue: no"
+    table["revised_from"] = ["T cell"] + [""] * (len(table) - 1)
     table.to_csv(table_path, index=False)
     html = write_report(run).read_text(encoding="utf-8")
+    # each badge with its own reason, in words (not the record's kind names)
+    assert ('markers not enriched</span> <span class="why">2 of 3 not enriched</span>' in html
+            and 'unexpected in tissue</span> <span class="why">no</span>' in html)
+    assert "markers_not_enriched:" not in html
+    assert "revised by the boost agent (first call: T cell)" in html
     badges = re.findall(r'<span class="badge flagged"[^>]*>([^<]*)</span>', html)
     assert "contradicted by markers" in badges and "unexpected in tissue" in badges
     assert badges.count("markers not enriched") == 1 and badges.count("unexpected in tissue") == 2  # one per kind
@@ -322,6 +337,9 @@ def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
         table["cell_type_ontology_term"] = LONG_TERM
         table["reasoning"] = table["reasoning"] + " Because " + "the markers agree with the reference " * 20
         table["key_markers"] = "HLA-DRB1,HLA-DQA1,HLA-DPB1,CD74,LYZ,S100A8,S100A9,FCN1,VCAN,CTSS,LST1,AIF1"
+        # an LLM run's every column: its score, the annotator's own confidence, the marker evidence
+        table["score"] = pd.to_numeric(table["confidence"]).where(lambda c: c < 75, 80.0)
+        table["evidence_score"], table["evidence_flag"] = 0.5, False
         table.to_csv(path, index=False)
     from cassia_helpers.summary.crossqc import cell_type_table, plot_cell_type_heatmap
 
@@ -337,9 +355,11 @@ def test_report_fits_the_screen_and_its_cluster_table_works(tiny, tmp_path):
     for width in (500, 768, 1024, 1400, 1900):
         found = _probe(run, "return [document.documentElement.scrollWidth, window.innerWidth];", width=width)
         assert found[0] <= found[1] == width, f"the page scrolls sideways at {width} px: {found}"
-    for width in (500, 768):  # a phone, a tablet or half a laptop's screen
+    for width in (500, 768, 1024, 1280):  # a phone, a tablet or half a laptop's screen, a laptop
         found = _probe(run, NARROW, width=width)
-        assert found["markers"] >= 100, f"the key markers are crushed at {width} px: {found}"
+        assert found["markers"] >= 150, f"the key markers are crushed at {width} px: {found}"
+        if width > 800:
+            continue
         assert found["box"][0] > found["box"][1], f"the cluster table does not scroll in its box at {width} px"
         assert min(found["bars"]) >= 100, f"the composition bars are crushed at {width} px: {found}"
         # the UMAP, dot plot and heatmap keep a readable size, scrolling in their box, not shrunk to the phone

@@ -67,6 +67,10 @@ def test_full_pipeline_scores_boosts_the_weak_and_merges(llm_env, tmp_path):
     assert weak.boosted and weak.kept_answer == "boosted" and weak.main_cell_type == "CD8+ T cell"
     assert weak.score == weak.boost_score == 95 and "replaced 'T cell'" in weak.notes[0]
     assert unknown.boosted and unknown.kept_answer == "boosted" and unknown.main_cell_type == "Endothelial cell"
+    # a revised call says what it replaced, and carries nothing of the first call's verdicts
+    assert (weak.revised_from, unknown.revised_from) == ("T cell", "Unknown")
+    assert unknown.status == "ok" and unknown.reason_kind == "" and unknown.validated is None
+    assert not results[0].revised_from
     lookups = [t["content"] for t in weak.transcript if t["agent"].startswith("gene look-up")]
     assert lookups and "CD8A: log2FC 2.50" in lookups[0] and "CD4: log2FC -1.00" in lookups[0]
     # merging placed every cluster at three levels

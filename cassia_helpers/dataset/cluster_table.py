@@ -1,7 +1,7 @@
 """The per-cluster table of one dataset, ``{dataset}_clusters.csv``: what the run report shows per cluster.
 
 One row per cluster: its label (``"3: NK cell"``), cell type, size, the annotator's confidence and flags,
-key markers, top ranked markers, the agents' reasoning and the cell type's colour. Built from
+key markers, the first markers the annotator was given, the agents' reasoning and the cell type's colour. Built from
 ``uns['cassia_batch']['annotation']`` (written by :func:`cassia_helpers.annotate_clusters`), so the report
 never has to open the h5ad.
 """
@@ -47,8 +47,9 @@ def cluster_table(
         Annotated data: reads ``obs[groupby]``, ``obs[key]``, ``uns[f'{key}_colors']`` when set, and
         ``uns['cassia_batch']['annotation']`` (``clusters`` table and ``results_json``) when present.
     markers
-        The ranked marker table of :func:`cassia_helpers.rank_markers` (``cluster, rank, gene, ...``);
-        its first ``n_markers`` genes per cluster fill ``top_markers``.
+        The ranked marker table of :func:`cassia_helpers.rank_markers` (``cluster, rank, gene, ...``):
+        ``top_markers`` holds the first ``n_markers`` genes the annotator was given (its filtered list, in
+        the order sent), or of this table for a cluster sent none.
 
     Returns
     -------
@@ -92,7 +93,7 @@ def cluster_table(
             "sub_cell_types": row.get("sub_cell_types", "; ".join(result.get("sub_cell_types", []))),
             "mixed_cell_types": row.get("mixed_cell_types", "; ".join(result.get("mixed_cell_types", []))),
             "key_markers": row.get("key_markers", ", ".join(result.get("key_markers", []))),
-            "top_markers": top.get(cluster, ""),
+            "top_markers": ", ".join(result.get("markers_sent", [])[:n_markers]) or top.get(cluster, ""),
             "reasoning": str(result.get("reasoning", "")),
             "color": colors.get(cell_type, ""),
         })

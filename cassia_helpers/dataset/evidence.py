@@ -172,8 +172,9 @@ def _reference_checks(label: str, tissue: str, species: str, prof: ClusterProfil
         if n >= 3 and score > best_score:
             best, best_score = ct, score
     if best is not None and best_score >= RIVAL_RATIO * own and best_score - own >= RIVAL_MARGIN:
-        mine = f"{own:.2f} for {called.name}" if measured else f"none of {called.name}'s markers measured"
-        flags.append(("contradicted", f"{best.name} scores {best_score:.2f} on its reference markers against {mine}"))
+        mine = f"{own:.2f} for {called.name}'s" if measured else f"none of {called.name}'s measured"
+        flags.append(("contradicted", f"{best.name} fits better: its reference markers score {best_score:.2f} "
+                                      f"(0-1) against {mine}"))
     if expected_in_tissue(called, tissue) is False:
         flags.append(("implausible_for_tissue", f"{called.name} is not expected in {tissue} "
                                                 f"(reference tissues: {', '.join(called.tissues or ())})"))

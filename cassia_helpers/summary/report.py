@@ -106,6 +106,14 @@ def _wall_time(statuses: list[dict], manifest: dict) -> float | None:
     return max((last - first).total_seconds(), 0.0)
 
 
+def _utc_minute(stamp: str) -> str:
+    """An ISO time as the report writes its own (``2026-12-07 20:31 UTC``); as given when it is not one."""
+    try:
+        return datetime.fromisoformat(stamp).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (TypeError, ValueError):
+        return stamp
+
+
 def _float(value) -> float | None:
     try:
         number = float(value)
@@ -116,6 +124,16 @@ def _float(value) -> float | None:
 
 def _true(value) -> bool:
     return str(value).strip().casefold() in ("true", "1", "yes")
+
+
+def _reasons_by_kind(text: str) -> dict[str, list[str]]:
+    """``evidence_flag_reason`` (``"kind: reason; kind: reason"``) as the reasons of each kind."""
+    reasons: dict[str, list[str]] = {}
+    for part in re.split(rf"; (?=(?:{'|'.join(FLAG_TEXT)}): )", text or ""):
+        kind, _, reason = part.partition(": ")
+        if kind in FLAG_TEXT and reason:
+            reasons.setdefault(kind, []).append(reason)
+    return reasons
 
 
 def _clusters(path: Path, *, dataset: str, anchor: str, low_score: float) -> list[dict]:
@@ -130,7 +148,7 @@ def _clusters(path: Path, *, dataset: str, anchor: str, low_score: float) -> lis
         text = {key: _one_line(record.get(key)) for key in (
             "cluster", "cell_type", "status", "reason", "sub_cell_types", "mixed_cell_types", "key_markers",
             "top_markers", "cell_type_ontology_term", "cell_type_ontology_term_id", "cell_type_lineage",
-            "broad", "evidence_flag_reason", "color")}
+            "broad", "evidence_flag_reason", "color", "revised_from")}
         row = {**text, "dataset": dataset, "anchor": anchor, "reasoning": str(record.get("reasoning") or "").strip(),
                "n_cells": _number(_float(record.get("n_cells"))) or 0, "pct_cells": _float(record.get("pct_cells")),
                "score": _float(record.get("score")), "confidence": _float(record.get("confidence")),
@@ -143,9 +161,10 @@ def _clusters(path: Path, *, dataset: str, anchor: str, low_score: float) -> lis
             checks.append(("unknown", row["status"], row["reason"]))
         if _true(record.get("evidence_flag")):
             kinds = [k.strip() for k in str(record.get("evidence_flag_kind") or "").split(",") if k.strip()]
-            for i, kind in enumerate(kinds or ["markers_not_enriched"]):  # a badge per kind, the reasons once
+            reasons = _reasons_by_kind(row["evidence_flag_reason"])
+            for kind in kinds or ["markers_not_enriched"]:  # a badge per kind, each with its own reasons
                 checks.append(("flagged", FLAG_TEXT.get(kind, kind.replace("_", " ")),
-                               "" if i else row["evidence_flag_reason"]))
+                               "; ".join(reasons.get(kind, []))))
         # the quality score where the annotator gives one, else its confidence (an LLM run without scoring)
         ranking = row["score"] if has_score else row["confidence"]
         if ranking is not None and ranking < low_score:
@@ -260,7 +279,7 @@ def report_context(run_dir: str | Path) -> dict:
         "title": f"Cell-type annotation report: {run_dir.name}",
         "run_name": run_dir.name,
         "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "started_at": manifest.get("created_at", ""),
+        "started_at": _utc_minute(manifest.get("created_at", "")),
         "n_datasets": len(datasets),
         "n_success": int(counts.get("success", 0)),
         "n_failed": int(sum(v for k, v in counts.items() if k != "success")),

@@ -42,7 +42,8 @@ class ClusterAnnotation:
 
     The full pipeline adds: ``score`` (0-100 from the scoring agent, ``None`` when not scored) and
     ``score_reasoning``; ``boosted`` (the boost agent ran) and ``kept_answer`` (``"initial"`` or
-    ``"boosted"``: the higher-scoring answer is kept) with ``boost_score``; ``consensus``, ``agreement``
+    ``"boosted"``: the higher-scoring answer is kept) with ``boost_score``, and ``revised_from`` (the call
+    a kept boosted answer replaced); ``consensus``, ``agreement``
     (fraction of runs agreeing with it), ``runners_up`` and ``disputed``; ``merged_groupings`` (broad,
     detailed, fine); ``notes`` (why a step left the earlier result in place).
     ``validated`` is ``True`` when the LLM validator confirmed the call, ``False`` when it did not (failed,
@@ -70,6 +71,7 @@ class ClusterAnnotation:
     boosted: bool = False
     kept_answer: str = ""
     boost_score: float | None = None
+    revised_from: str = ""
     consensus: str = ""
     agreement: float | None = None
     runners_up: list[str] = field(default_factory=list)

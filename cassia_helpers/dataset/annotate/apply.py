@@ -16,6 +16,7 @@ from cassia_helpers.dataset.steps import timed
 
 # ``validation`` column of the cluster table: the LLM validator's outcome for a call
 VALIDATION_LABELS = {True: "confirmed", False: "not confirmed", None: ""}
+BOOST_REVISION = "replaced by the boost"  # the validation of a call the boost replaced (it was re-scored)
 
 
 @timed("annotation")
@@ -87,7 +88,9 @@ def annotate_clusters(
             "reason": r.reason,
             "reason_kind": r.reason_kind,
             "iterations": int(r.iterations),
-            "validation": VALIDATION_LABELS.get(r.validated, ""),
+            # the validator saw the first call only: a boosted answer that replaced it was re-scored instead
+            "validation": BOOST_REVISION if r.revised_from else VALIDATION_LABELS.get(r.validated, ""),
+            "revised_from": r.revised_from,
             "n_cells": int((labels == r.cluster).sum()),
         }
         for r in ordered

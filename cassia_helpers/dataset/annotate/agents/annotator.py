@@ -363,6 +363,7 @@ class LLMAnnotator:
             unknown = ClusterAnnotation.unknown(markers.cluster, "the model could not identify the cell type",
                                                markers.genes, "model_unknown")
             unknown.reasoning, unknown.transcript, unknown.iterations = answer["reasoning"], transcript, rounds
+            unknown.validated = validated
             return unknown
         reasoning = answer["reasoning"]
         if not validated:

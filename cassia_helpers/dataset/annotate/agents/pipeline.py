@@ -100,8 +100,9 @@ def _with_answer(base: ClusterAnnotation, answer: dict) -> ClusterAnnotation:
     return replace(base, main_cell_type=answer["main_cell_type"], sub_cell_types=answer["sub_cell_types"],
                    mixed_cell_types=answer["mixed_cell_types"], confidence=answer["confidence"],
                    key_markers=answer["key_markers"], reasoning=answer["reasoning"], status=status,
-                   cell_ontology_id=answer.get("cell_ontology_id", ""),
-                   reason="" if status == "ok" else "the boost could not identify the cell type")
+                   cell_ontology_id=answer.get("cell_ontology_id", ""), validated=None,
+                   reason="" if status == "ok" else "the boost could not identify the cell type",
+                   reason_kind="" if status == "ok" else "model_unknown")
 
 
 class AnnotationPipeline:
@@ -222,6 +223,7 @@ class AnnotationPipeline:
             return initial
         kept = replace(candidate, transcript=initial.transcript, score=rescored.score,
                        score_reasoning=rescored.reasoning, kept_answer="boosted", boost_score=rescored.score,
+                       revised_from=initial.main_cell_type,
                        notes=initial.notes + [f"boost: replaced {initial.main_cell_type!r} (score "
                                               f"{'-' if initial.score is None else f'{initial.score:.0f}'}) "
                                               f"with {candidate.main_cell_type!r} (score {rescored.score:.0f})"])
