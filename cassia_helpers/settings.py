@@ -239,6 +239,8 @@ BY_NAME = {s.name: s for s in SETTINGS}
 # What an unset ``--slurm-*`` setting means (its flag's help says so too).
 SLURM_DEFAULTS = {"walltime": "04:00:00", "cores": 1, "memory": "8GB"}
 ANALYSIS_NAMES = tuple(s.name for s in SETTINGS if s.scope == ANALYSIS)
+# Analysis settings --resume may change: a budget that ran out can be raised to finish the run in place.
+RESUME_MAY_CHANGE = ("max_cost",)
 # Analysis settings a row of --manifest may set for its dataset alone (its other columns: path, tissue, dataset).
 PER_DATASET = ("species", "context", "cluster_key", "label_key", "batch_key")
 #: the settings that name a column of the input's obs

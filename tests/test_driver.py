@@ -172,6 +172,17 @@ def test_resume_runs_only_what_is_not_done_and_keeps_the_analysis_settings(data,
     assert len(list((tmp_path / "out").iterdir())) == 1
 
 
+def test_resume_may_raise_the_budget_that_stopped_the_run(data, tmp_path):
+    first = run_batch(settings_for(tmp_path, max_cost=0.5), launcher=FakeLauncher(fail=("C",)), **FAST)
+    again = FakeLauncher(fail=("C",))
+    run_batch(Settings(resume=first.run_dir, max_cost=2.0), launcher=again, **FAST)
+    assert again.jobs[0]["parameters"]["max_cost"] == 2.0
+    assert json.loads((first.run_dir / "run_manifest.json").read_text())["analysis"]["max_cost"] == 2.0
+    kept = FakeLauncher()  # a resume that does not say keeps the run's budget
+    run_batch(Settings(resume=first.run_dir), launcher=kept, **FAST)
+    assert kept.jobs[0]["parameters"]["max_cost"] == 2.0
+
+
 def test_interrupt_stops_running_datasets_and_marks_the_rest(data, tmp_path):
     def press_ctrl_c(dataset: str) -> None:
         if dataset == "A":

@@ -10,6 +10,7 @@ import pytest
 from cassia_helpers.dataset.annotate import ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator, parse_answer
 from cassia_helpers.dataset.annotate.agents.replies import read_groupings, read_score, read_verdict
+from cassia_helpers.dataset.annotate.llm.transport import reply_fields
 from cassia_helpers.ledger import read_ledger
 from tests.conftest import API_KEY, llm_annotator
 
@@ -190,6 +191,14 @@ def test_key_never_written(llm_env, tmp_path):
     ('{"main_cell_type": "NK cell", "confidence": 70, "sub_cell_types": [],}', ("NK cell", 70.0)),
     # a first final line the model moved past is not its answer
     ("FINAL ANNOTATION: Neuron, but on reflection the markers are immune.\nFINAL ANNOTATION: B cell", ("B cell", 50.0)),
+    # the final line as models write it: the label below it (ranked, fenced), with its reasons or more sentences
+    ("FINAL ANNOTATION:\n1. B cell\n2. Plasma cell", ("B cell", 50.0)),
+    ("FINAL ANNOTATION:\n```\nNK cell\n```", ("NK cell", 50.0)),
+    ("FINAL ANNOTATION: B cell.", ("B cell", 50.0)),
+    ("FINAL ANNOTATION: B cell, based on MS4A1 and CD79A", ("B cell", 50.0)),
+    ("FINAL ANNOTATION: Neuron. Hmm, wait, check again", ("Neuron", 50.0)),
+    ("**Final annotation:** CD8+ T cell (cytotoxic) with high confidence", ("CD8+ T cell (cytotoxic)", 50.0)),
+    ("FINAL ANNOTATION: T cells, CD4+", ("T cells, CD4+", 50.0)),
 ])
 def test_tolerant_parsing(text, expected):
     parsed = parse_answer(text)
@@ -207,6 +216,21 @@ def test_a_reasoning_models_thoughts_before_a_lone_closing_tag_are_never_its_ans
     assert read_verdict(THOUGHTS + "VALIDATION PASSED") is True
     assert read_score(THOUGHTS + "<score>88</score>")[0] == 88
     assert parse_answer("<think>cut off while thinking: FINAL ANNOTATION: Hepatocyte") is None
+
+
+def test_thoughts_alone_are_never_the_answer():
+    """A reasoning model cut off while thinking (or a server that files the whole reply as thoughts): only
+    what follows a closing tag is an answer."""
+    def body(message: dict) -> dict:
+        return {"choices": [{"message": {"role": "assistant", **message}, "finish_reason": "length"}]}
+
+    thinking = "The markers suggest... FINAL ANNOTATION: Neuron. Hmm, wait, check again"
+    assert reply_fields(body({"content": "", "reasoning_content": thinking}))[0] == ""
+    assert reply_fields(body({"content": None, "reasoning": thinking}))[0] == ""
+    assert reply_fields(body({"content": None, "reasoning_content": f"<think>{thinking}</think>\nFINAL ANNOTATION: "
+                                                                   "B cell"}))[0] == "FINAL ANNOTATION: B cell"
+    assert reply_fields(body({"content": "FINAL ANNOTATION: NK cell", "reasoning_content": thinking}))[0] \
+        == "FINAL ANNOTATION: NK cell"
 
 
 def test_scores_and_groupings_in_python_style_json_are_read():
@@ -231,6 +255,17 @@ def test_an_answer_is_kept_when_the_validator_cannot_be_reached(llm_env, tmp_pat
     results = annotator(llm_env, tmp_path, concurrency=1, max_cost=0.35, price_file=str(prices)).annotate(
         CLUSTERS[:2], tissue="blood", species="human")
     assert results[0].main_cell_type == "CD8+ T cell" and "not confirm" in results[0].reasoning
+    assert results[1].main_cell_type == "Unknown" and results[1].reason_kind == "budget"
+
+
+def test_an_answer_paid_for_is_read_from_its_final_line_when_the_formatter_cannot_be_asked(llm_env, tmp_path):
+    prices = tmp_path / "prices.json"
+    # the budget runs out after the first annotator call (about 0.21 USD at these prices)
+    prices.write_text(json.dumps({"scripted-model": {"input": 1000.0, "output": 1000.0}}))
+    results = annotator(llm_env, tmp_path, concurrency=1, max_cost=0.2, price_file=str(prices)).annotate(
+        CLUSTERS[:2], tissue="blood", species="human")
+    assert results[0].main_cell_type == "CD8+ T cell" and not results[0].validated
+    assert any("formatter unavailable" in turn["content"] for turn in results[0].transcript)
     assert results[1].main_cell_type == "Unknown" and results[1].reason_kind == "budget"
 
 
@@ -262,6 +297,14 @@ def test_the_verdict_is_read_from_json_or_the_first_or_last_line(text, verdict):
     ("Solid call.\n\nScore: 85/100", 85.0),
     ("Overall I would rate this call 85 out of 100.", 85.0),
     ("**Score:** 8.5/10", 85.0),
+    # as GPT and Claude write it: bold around the word, a percentage, a share, a rating, a dash
+    ("**Score**: 88", 88.0),
+    ("**Final Score**: 90", 90.0),
+    ("Score: 85%", 85.0),
+    ("Score: 0.88", 88.0),
+    ('{"score": 0.9}', 90.0),
+    ("Rating: 9/10", 90.0),
+    ("Score - 85", 85.0),
     ("Score: 150/100", None),
     ('{"score": -3}', None),
     ("A fine call, scoring well on most criteria.", None),

@@ -16,7 +16,15 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cassia_helpers.settings import ANALYSIS, SETTINGS, Settings, UsageError, context_text, default
+from cassia_helpers.settings import (
+    ANALYSIS,
+    RESUME_MAY_CHANGE,
+    SETTINGS,
+    Settings,
+    UsageError,
+    context_text,
+    default,
+)
 
 # What a run imports, in the driver or in a dataset's kernel: with one of them missing, nothing can run.
 RUNTIME_MODULES = ("h5py", "anndata", "scanpy", "leidenalg", "matplotlib", "papermill", "nbclient", "ipykernel",
@@ -137,7 +145,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.resume is not None:
         # a resumed run keeps its datasets and analysis settings: a flag that would change them is not ignored
         changed = [f"--{s.name.replace('_', '-')}" for s in SETTINGS
-                   if s.scope == ANALYSIS and values[s.name] != default(s)]  # an exported variable changes nothing
+                   if s.scope == ANALYSIS and s.name not in RESUME_MAY_CHANGE
+                   and values[s.name] != default(s)]  # an exported variable changes nothing
         changed += [flag for flag, given in (("--tissues", args.tissues), ("--input", args.input is not None),
                                              ("--manifest", args.manifest is not None)) if given]
         if changed:

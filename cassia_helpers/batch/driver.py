@@ -43,7 +43,7 @@ from cassia_helpers.contract import (
     write_status,
 )
 from cassia_helpers.files import remove_temporary, write_json, write_text
-from cassia_helpers.settings import RUN, Settings, UsageError, notebook_parameters
+from cassia_helpers.settings import RESUME_MAY_CHANGE, RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
     from cassia_helpers.batch.execute import AggregationNotebook
@@ -96,8 +96,12 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
         from cassia_helpers.batch.resume import manifest_analysis, manifest_datasets
 
         datasets = manifest_datasets(manifest, run_dir / RUN_MANIFEST)
-        run_settings = Settings.with_analysis(manifest_analysis(manifest, run_dir / RUN_MANIFEST),
-                                              **settings.values(RUN))
+        analysis = manifest_analysis(manifest, run_dir / RUN_MANIFEST)
+        given = {name: value for name, value in settings.changed().items() if name in RESUME_MAY_CHANGE}
+        if given:  # this session's, recorded with it
+            analysis.update(given)
+            manifest["analysis"] = {**manifest.get("analysis", {}), **given}
+        run_settings = Settings.with_analysis(analysis, **settings.values(RUN))
         from cassia_helpers.dataset.annotate.factory import check_llm_setup
 
         check_llm_setup(run_settings)

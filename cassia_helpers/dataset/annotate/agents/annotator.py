@@ -34,6 +34,7 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
 )
 from cassia_helpers.dataset.annotate.agents.replies import (
     VERDICT_SCHEMA,
+    final_annotation,
     json_candidates,
     loads_leniently,
     read_verdict,
@@ -56,7 +57,6 @@ from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, s
 from cassia_helpers.ledger import Ledger, PriceTable
 
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
-FINAL_LINE = re.compile(r"FINAL ANNOTATION\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
 # Clusters in a row without a usable answer after which a dataset's remaining clusters are not sent.
 UNUSABLE_RUN = 3
 # The confidence of an answer that gives none as a number.
@@ -76,12 +76,10 @@ def parse_answer(text: str) -> dict | None:
             continue
         if isinstance(data, dict) and sanitize_label(data.get("main_cell_type", "")):
             return _normalise(data)
-    finals = FINAL_LINE.findall(text)
-    if finals:  # the annotator ends with its final line: an earlier one was a thought it moved past
-        label = sanitize_label(finals[-1])
-        if label and not label.startswith("<"):
-            return _normalise({"main_cell_type": label, "confidence": None,
-                               "reasoning": "Parsed from the annotator's final line."})
+    label = final_annotation(text)  # the last one: an earlier one was a thought the annotator moved past
+    if label:
+        return _normalise({"main_cell_type": label, "confidence": None,
+                           "reasoning": "Parsed from the annotator's final line."})
     return None
 
 
@@ -276,6 +274,13 @@ class LLMAnnotator:
                     raise
                 self.client.mark_unsupported(feature)
                 continue
+            except LLMError as exc:  # the budget, the server: an analysis already paid for is read as it is
+                answer = parse_answer(analysis)
+                if answer is None:
+                    raise
+                transcript.append({"agent": "note", "content": f"formatter unavailable ({exc}): the annotator's "
+                                                               "final line is read"})
+                return answer
             transcript.append({"agent": f"formatter ({feature})", "content": reply.content})
             return parse_answer(reply.content) or parse_answer(analysis)
         return parse_answer(analysis)

@@ -188,10 +188,13 @@ def read_verdict(text: str) -> bool | None:
 
 _NUMBER = r"([-+]?\d+(?:\.\d+)?)"
 _SCORE_TAG = re.compile(rf"<score>\s*{_NUMBER}\s*(?:/\s*100\s*)?</score>", re.IGNORECASE)
+_SCORE_WORD = r"\b(?:score|rating)\b"
 _SCORE_FORMS = (  # (pattern, scale): the last match of the first form found counts
     (re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*100\b", re.IGNORECASE), 1.0),
-    (re.compile(rf"\bscore\b[^0-9\n+-]{{0,30}}{_NUMBER}\s*(?:/|out\s+of)\s*10\b(?!\s*\d)", re.IGNORECASE), 10.0),
-    (re.compile(rf"\bscore\b(?:\s+(?:is|of))?\s*[:=]?\s*\**\s*{_NUMBER}\b(?!\s*(?:/|out\s+of|%))",
+    (re.compile(rf"{_SCORE_WORD}[^0-9\n+-]{{0,30}}{_NUMBER}\s*(?:/|out\s+of)\s*10\b(?!\s*\d)", re.IGNORECASE), 10.0),
+    (re.compile(rf"{_SCORE_WORD}[^0-9\n+-]{{0,30}}{_NUMBER}\s*%", re.IGNORECASE), 1.0),
+    # "Score: 85", "**Score**: 85", "Final score - 85", "score of 85"
+    (re.compile(rf"{_SCORE_WORD}(?:\s+(?:is|of))?[\s*_]*[:=\-\u2013]?[\s*_]*{_NUMBER}\b(?!\s*(?:/|out\s+of|%))",
                 re.IGNORECASE), 1.0),
 )
 _JSON_SCORE_KEYS = ("score", "quality_score", "final_score", "rating")
@@ -203,7 +206,8 @@ def read_score(text: str) -> tuple[float | None, str, str]:
     when no valid score (a number within 0-100) is found.
 
     Read from ``<score>85</score>``, a JSON answer (``{"score": 85}``), ``85/100``, ``85 out of 100``,
-    ``Score: 8.5/10`` or ``Score: 85``.
+    ``Score: 8.5/10``, ``Rating: 9/10``, ``Score: 85%``, ``**Score**: 85`` or ``Final score - 85``; a
+    fraction below 1 (``0.85``) is a share of 100.
     """
     text = without_thinking(text)
     value: float | None = None
@@ -237,6 +241,8 @@ def read_score(text: str) -> tuple[float | None, str, str]:
     reasoning = reasoning.strip()
     if value is None:
         return None, reasoning, "no <score> was given"
+    if 0 < value < 1 and "." in shown:  # a share, as models scoring 0-1 write it (0.88), as for confidences
+        value *= 100
     if not 0 <= value <= 100:
         return None, reasoning, f"the score {shown} is outside 0-100"
     return value, reasoning, ""
@@ -304,7 +310,35 @@ def read_groupings(text: str, clusters: list[str]) -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- the boost's conclusion
 
 _DONE = re.compile(r"FINAL\s+ANNOTATION\s+COMPLETED", re.IGNORECASE)
-_FINAL = re.compile(r"FINAL\s+(?:ANNOTATION|CELL\s+TYPE|ANSWER)\s*\**\s*[:\-]\s*\**\s*(.+)", re.IGNORECASE)
+# the label on the line itself ([ \t], never across lines), or on the next ones (a code fence, a ranked list)
+_FINAL = re.compile(r"FINAL[ \t]+(?:ANNOTATION|CELL[ \t]+TYPE|ANSWER)[ \t*_]*[:\-][ \t*_]*([^\n]*)", re.IGNORECASE)
+_FENCE = re.compile(r"^\s*(```|~~~)\w*\s*$")
+_LIST_MARK = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+")
+# what follows a label on its line: the reasons for it ("B cell, based on MS4A1"), another sentence
+_AFTER_LABEL = re.compile(
+    r"(?:\s*[,;:(\u2013\u2014]\s*|\s+-\s+|\s+)(?:based on|because|given|due to|supported by|as (?:shown|evidenced|"
+    r"indicated|suggested) by|indicated by|with (?:high|moderate|low|medium)\b|confidence\b).*$"
+    r"|\.(?:\s.*)?$", re.IGNORECASE)
+
+
+def final_annotation(text: str | None) -> str | None:
+    """The cell type of the last ``FINAL ANNOTATION: <type>`` line of a reply (also ``**Final annotation:**``,
+    ``Final cell type:``), ``None`` when there is none. A label put on the lines below (in a code fence, or the
+    first of a ranked list) is read there; list numbering, a closing full stop and the reasons or sentences
+    that follow the label on its line are not part of it."""
+    lines = without_thinking(text).splitlines()
+    found = None
+    for i, line in enumerate(lines):
+        match = _FINAL.search(line)
+        if not match:
+            continue
+        rest = match.group(1)
+        if not rest.strip(" *_`"):
+            rest = next((below for below in lines[i + 1:i + 6] if below.strip() and not _FENCE.match(below)), "")
+        label = sanitize_label(_AFTER_LABEL.sub("", _LIST_MARK.sub("", sanitize_label(rest))))
+        if label and not label.startswith("<") and not label.upper().startswith("COMPLETED"):
+            found = label
+    return found
 
 
 def read_conclusion(text: str) -> str | None:
@@ -315,16 +349,15 @@ def read_conclusion(text: str) -> str | None:
     ANNOTATION COMPLETED`` without such a line concludes too (its prose goes to the formatter), as ``""``.
     """
     text = without_thinking(text)
-    matches = [sanitize_label(m) for m in _FINAL.findall(text)]
-    matches = [m for m in matches if m and not m.startswith("<") and not _DONE.fullmatch(m)
-               and not m.upper().startswith("COMPLETED")]
-    if matches:
-        return matches[-1]
+    found = final_annotation(text)
+    if found:
+        return found
     data = json_object(text)
     if isinstance(data, dict) and sanitize_label(data.get("main_cell_type", "")):
         return sanitize_label(data["main_cell_type"])
     return "" if _DONE.search(text) else None
 
 
-__all__ = ["GROUPINGS_SCHEMA", "SCORE_SCHEMA", "VERDICT_SCHEMA", "json_object", "read_conclusion", "read_groupings",
+__all__ = ["GROUPINGS_SCHEMA", "SCORE_SCHEMA", "VERDICT_SCHEMA", "final_annotation", "json_object",
+           "read_conclusion", "read_groupings",
            "read_score", "read_verdict", "structured_chat", "verdict_words"]

@@ -264,8 +264,12 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
         # some proxies answer a failed upstream call with status 200 and an error object
         raise ValueError(f"the server answered with an error: {str(data['error'].get('message', ''))[:160]}")
     message = data["choices"][0]["message"]
-    # Some servers (reasoning models) put the whole answer in ``reasoning_content``.
-    content = message.get("content") or message.get("reasoning_content") or message.get("reasoning") or ""
+    content = message.get("content") or ""
+    thoughts = message.get("reasoning_content") or message.get("reasoning")
+    if not content and isinstance(thoughts, str) and "</think>" in thoughts:
+        # a server whose reasoning parser missed the end of the thoughts puts the whole reply there: what
+        # follows the closing tag is the answer; thoughts alone never are (a model cut off while thinking)
+        content = thoughts.rsplit("</think>", 1)[1].strip()
     if isinstance(content, list):  # content parts (Mistral's reasoning models): the text parts are the answer
         content = "".join(part["text"] for part in content if isinstance(part, dict)
                           and part.get("type") == "text" and isinstance(part.get("text"), str))
