@@ -23,6 +23,7 @@ Only the standard library is used.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import random
@@ -1112,8 +1113,11 @@ class ScriptedLLMServer(_PipelineAgents):
             authorization = headers.get("authorization", "")
             token = authorization.split()[-1] if authorization else ""
             escaped = "".join(f"\\u{ord(c):04x}" for c in token[:2]) + token[2:]
+            basic = base64.b64encode(f"user:{token}".encode()).decode()
             content += (f"\nDebug: Authorization: {authorization}; as JSON \"{escaped}\"; "
-                        f"in a URL ?key={urllib.parse.quote(token, safe='')}")
+                        f"in a URL ?key={urllib.parse.quote(token, safe='')}; upstream: Basic {basic}; "
+                        f"as HTML {''.join(f'&#{ord(c)};' for c in token)}; hex {token.encode().hex()}; "
+                        f"shouted {token.upper()}")
             reply.payload["system_fingerprint"] = f"fp_{token}"
         if self.huge_answer_chars:
             self._note_fault("huge")

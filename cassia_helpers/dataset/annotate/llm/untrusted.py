@@ -6,6 +6,7 @@ name, or with our own API key echoed back. Everything a reply puts into an outpu
 
 from __future__ import annotations
 
+import base64
 import functools
 import os
 import re
@@ -32,23 +33,33 @@ def secrets_to_scrub() -> list[str]:
 
 
 def scrub_secrets(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with every occurrence of the API key replaced by ``[redacted]``, also where its characters are
-    written as JSON ``\\u0073`` escapes or URL ``%2D`` escapes (a model or proxy echoing the key in JSON or a
-    URL: those decode straight back to the key)."""
+    """``text`` with every occurrence of the API key replaced by ``[redacted]``: as it is, in another case,
+    with its characters written as JSON ``\\u0073``, URL ``%2D`` or HTML ``&#115;`` escapes, in hex, or
+    in base64 (alone or inside an HTTP Basic credential): a model or proxy echoing the key in any of these
+    gives it away as surely as in plain text."""
     for secret in secrets_to_scrub() if secrets is None else secrets:
         if secret:
             text = text.replace(secret, REDACTED)
-            if "\\u" in text or "%" in text:
-                text = _encoded(secret).sub(REDACTED, text)
+            for pattern in _encoded(secret):
+                text = pattern.sub(REDACTED, text)
     return text
 
 
 @functools.lru_cache(maxsize=8)
-def _encoded(secret: str) -> re.Pattern:
-    """The secret with each character as itself, a JSON ``\\uXXXX`` escape or a URL ``%XX`` escape."""
-    forms = [f"(?:{re.escape(c)}|\\\\u{ord(c):04x}" + (f"|%{ord(c):02x})" if ord(c) < 128 else ")")
-             for c in secret]
-    return re.compile("".join(forms), re.IGNORECASE)
+def _encoded(secret: str) -> tuple[re.Pattern, ...]:
+    """Patterns of the secret's encodings: each character as itself (any case) or escaped; its hex; the
+    base64 of it at each of the three byte alignments (its part that does not depend on the bytes around)."""
+    forms = [f"(?:{re.escape(c)}|\\\\u{ord(c):04x}|&#{ord(c)};|&#x{ord(c):x};"
+             + (f"|%{ord(c):02x})" if ord(c) < 128 else ")") for c in secret]
+    patterns = [re.compile("".join(forms), re.IGNORECASE), re.compile(re.escape(secret.encode().hex()), re.IGNORECASE)]
+    raw = secret.encode()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode()
+        core = encoded[-(-8 * offset // 6):-3]  # the characters made of the secret's bits only
+        if len(core) >= _MIN_SECRET_CHARS:
+            url_safe = core.replace("+", "-").replace("/", "_")
+            patterns += [re.compile(re.escape(form)) for form in dict.fromkeys((core, url_safe))]
+    return tuple(patterns)
 
 
 def cap_text(text: str, limit: int = MAX_REPLY_CHARS) -> str:
