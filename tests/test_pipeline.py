@@ -234,6 +234,12 @@ def test_consensus_normalises_names():
     assert (result.label, result.agreement, result.runners_up, result.disputed) == ("T cells", 0.5,
                                                                                    ["B cell", "Unknown"], True)
     assert consensus(["Unknown", "Unknown", "NK cell"]).label == "NK cell"
+    # spellings of one Cell Ontology term agree, as models and papers write them; a broader type does not
+    agreed = consensus(["Monocyte", "Classical monocytes", "Mono (classical)"])
+    assert (agreed.label, agreed.agreement, agreed.disputed) == ("Classical monocytes", 0.6667, False)
+    assert consensus(["CD4+ T cell", "T cells, CD4+", "CD4-positive, alpha-beta T cell"]).agreement == 1.0
+    assert consensus(["Tregs", "regulatory T cell"]).agreement == 1.0
+    assert consensus(["CD4+ T cell", "CD8+ T cell"]).agreement == 0.5
 
 
 def test_the_dry_run_counts_and_prices_each_model_of_models():

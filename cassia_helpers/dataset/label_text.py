@@ -14,6 +14,11 @@ GENERIC_WORDS = frozenset({"cell", "type", "like", "positive", "negative", "of",
                       "a", "an", "in", "population", "subset", "subtype", "cluster"})
 
 
+# short forms of cell-type names common in papers and in models' answers ("CD14+ Mono", "pDC", "Tregs")
+ABBREVIATIONS = {"mono": "monocyte", "dc": "dendritic cell", "pdc": "plasmacytoid dendritic cell",
+                 "cdc": "conventional dendritic cell", "treg": "regulatory t cell", "ctl": "cytotoxic t cell"}
+
+
 def singular(word: str) -> str:
     """The singular of an English plural (``"cells"`` -> ``"cell"``); other words unchanged."""
     if len(word) <= 3 or word.endswith(("ss", "us", "is", "ous")):
@@ -37,7 +42,8 @@ def tokens(text: str) -> list[str]:
     text = re.sub(r"(?<=\d)(?:neg)\b", " negative", text)
     text = re.sub(r"(?<=[0-9a-z])-(?=\s|$|[,/);])", " negative ", text)
     text = re.sub(r"\b(?:hi|high|bright)\b", " bright ", text)
-    words = [singular(w) for w in re.sub(r"[^0-9a-z]+", " ", text).split()]
+    words = [part for w in re.sub(r"[^0-9a-z]+", " ", text).split()
+             for part in ABBREVIATIONS.get(singular(w), singular(w)).split()]
     # a bare CD marker before a cell word means its positive form: "CD8 T cells" = "CD8+ T cells"
     out = []
     for i, word in enumerate(words):

@@ -10,17 +10,25 @@ from cassia_helpers.dataset import label_text
 from cassia_helpers.dataset.annotate import UNKNOWN
 
 _SYNONYMS = {"t lymphocyte": "t cell", "b lymphocyte": "b cell", "natural killer cell": "nk cell"}
+# ontology matches that name the label's own term (not a broader one, nor an annotator's proposed id)
+_SAME_TERM = ("exact", "reference", "normalised")
 
 
 def normalise_label(name: str) -> str:
-    """A cell-type name in a comparable form (:func:`cassia_helpers.dataset.label_text.key`: case,
-    punctuation, plurals, ``-positive``/``+``) and a few common synonyms (``T lymphocytes`` and ``T cell``
-    agree; ``CD8+ T cell`` and ``CD8-positive T cells`` agree)."""
+    """A cell-type name in a comparable form: the Cell Ontology term it names (``T cells, CD4+``, ``CD4+ T
+    cells`` and ``CD4-positive, alpha-beta T cell`` agree; ``Mono (classical)`` and ``Classical monocytes``
+    agree), else its words in any order without case, punctuation, plurals or ``-positive``/``+``
+    (:func:`cassia_helpers.dataset.label_text.bag`) and a few common synonyms."""
     text = (name or "").strip().lower()
     if re.match(r"^(unknown|unclear|undetermined|n/?a)\b", text):
         return UNKNOWN.lower()
+    from cassia_helpers.dataset.ontology import map_label  # its index is built only when runs are compared
+
+    match = map_label(name)
+    if match.method in _SAME_TERM:
+        return match.term_id
     text = label_text.key(text)
-    return _SYNONYMS.get(text, text)
+    return label_text.bag(_SYNONYMS.get(text, text))
 
 
 @dataclass
