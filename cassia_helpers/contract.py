@@ -199,8 +199,9 @@ def write_status(paths: DatasetPaths, status: str, *, error: str = "", error_typ
                  extra: dict | None = None) -> dict:
     """Write ``{dataset}_status.json`` atomically and return it.
 
-    ``input_file`` (the input's ``path``, ``size`` and ``mtime_ns``) is recorded when the input itself was
-    rejected, so that ``--resume`` can leave it alone until the file changes; ``extra`` adds keys (e.g. the
+    ``input_file`` (the input's ``path``, ``size``, ``mtime_ns`` and ``ctime_ns`` when the dataset started):
+    ``--resume`` leaves a rejected input alone until the file changes, and runs a finished dataset again
+    when its input changed since; ``extra`` adds keys (e.g. the
     SLURM job that ran the dataset: ``slurm_job_id``, ``slurm_log``). A status that cannot be
     written (a full disk) is still returned, its error saying so: the driver reports it all the same.
     """
@@ -239,6 +240,17 @@ def input_fingerprint(path: str | Path) -> dict | None:
     except OSError:
         return None
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
+
+
+def input_changed(record: dict | None, path: str | Path) -> str:
+    """Why the input of a dataset's status is no longer the file it ran on (its size or modification time
+    changed since), or ``""`` when it is the same, cannot be compared (an older record) or is gone."""
+    seen, now = (record or {}).get("input_file"), input_fingerprint(path)
+    if not seen or not now:
+        return ""
+    changed = [what for key, what in (("size", "size"), ("mtime_ns", "modification time")) if key in seen
+               and seen[key] != now[key]]
+    return f"its input {Path(path).name} changed since it ran ({' and '.join(changed)})" if changed else ""
 
 
 def rejected_and_unchanged(record: dict | None, path: str | Path) -> bool:

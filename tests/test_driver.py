@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from cassia_helpers.batch.driver import _batch
-from cassia_helpers.contract import FAILED, SUCCESS, DatasetPaths, read_status, write_status
+from cassia_helpers.contract import FAILED, SUCCESS, DatasetPaths, input_fingerprint, read_status, write_status
 from cassia_helpers.settings import Settings, UsageError
 from cassia_helpers.summary.aggregate import write_run_summaries
 from tests.conftest import REPO
@@ -170,6 +170,21 @@ def test_resume_runs_only_what_is_not_done_and_keeps_the_analysis_settings(data,
     assert again.jobs[0]["parameters"]["resolution"] == 0.7 and again.jobs[0]["workers"] == 3
     assert notes.read_text() == "pilot\n"
     assert len(list((tmp_path / "out").iterdir())) == 1
+
+
+def test_resume_runs_a_finished_dataset_again_when_its_input_changed(data, tmp_path):
+    first = run_batch(settings_for(tmp_path), launcher=FakeLauncher(), **FAST)
+    for name in ("A", "C"):  # as the worker records them: the input it read
+        paths = DatasetPaths(first.run_dir, "blood", name)
+        record = json.loads(paths.status_json.read_text())
+        paths.status_json.write_text(json.dumps(
+            {**record, "input_file": input_fingerprint(data / "blood" / f"{name}.h5ad")}))
+    write(make_counts(90, seed=7, n_background=30), data / "blood" / "A.h5ad")  # the lab replaced its file
+    again = FakeLauncher()
+    run_batch(Settings(resume=first.run_dir), launcher=again, **FAST)
+    assert [j["parameters"]["dataset"] for j in again.jobs] == ["A"]  # C's file is the one it ran on
+    [aside] = (first.run_dir / "blood" / "A" / "superseded").iterdir()
+    assert "its input A.h5ad changed since it ran (size and modification time)" in (aside / "REASON.txt").read_text()
 
 
 def test_resume_may_raise_the_budget_that_stopped_the_run(data, tmp_path):

@@ -228,10 +228,12 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
     paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
     paths.folder.mkdir(parents=True, exist_ok=True)
     started_at, start = now_iso(), time.perf_counter()
+    read_from = input_fingerprint(parameters["input_path"])  # what --resume compares the input with
 
     def status(state: str, **details) -> dict:
         _drop_if_empty(paths.kernel_log)  # every way out of the notebook passes here
-        return write_status(paths, state, duration=time.perf_counter() - start, started_at=started_at, **details)
+        return write_status(paths, state, duration=time.perf_counter() - start, started_at=started_at,
+                            input_file=read_from, **details)
 
     try:
         paths.result_json.unlink(missing_ok=True)
@@ -256,8 +258,7 @@ def execute_dataset(parameters: dict, *, kernel_name: str = "python3", cell_time
         return status(INTERRUPTED, error="interrupted by the user", error_type="KeyboardInterrupt")
     except Exception as exc:  # noqa: BLE001 - every failure of one dataset is recorded, never raised
         reason, kind = describe_failure(exc)
-        rejected = input_fingerprint(parameters["input_path"]) if kind == "InputError" else None
-        return status(FAILED, error=reason, error_type=kind, input_file=rejected)
+        return status(FAILED, error=reason, error_type=kind)
     missing = missing_outputs(paths)
     if missing:
         return status(FAILED, error=f"notebook finished without writing {', '.join(missing)}",

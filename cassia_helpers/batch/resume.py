@@ -26,7 +26,7 @@ from pathlib import Path
 from cassia_helpers.batch.discovery import Dataset, check_name
 from cassia_helpers.batch.execute import REQUIRED_OUTPUTS
 from cassia_helpers.batch.runner import RUNNER_LOCK
-from cassia_helpers.contract import RUN_MANIFEST, SUCCESS, DatasetPaths, read_result, read_status
+from cassia_helpers.contract import RUN_MANIFEST, SUCCESS, DatasetPaths, input_changed, read_result, read_status
 from cassia_helpers.files import remove_temporary, write_json
 from cassia_helpers.settings import BY_NAME, PER_DATASET, SETTINGS, UsageError
 
@@ -172,7 +172,7 @@ def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tupl
         status = read_status(paths)
         if not status or status["status"] != SUCCESS:
             continue
-        reason = verify_complete(paths)
+        reason = verify_complete(paths) or input_changed(status, dataset.path)
         if reason:
             reason = f"recorded success but {reason}"
             target = set_aside(paths, reason)
