@@ -180,11 +180,15 @@ def test_resume_runs_a_finished_dataset_again_when_its_input_changed(data, tmp_p
         paths.status_json.write_text(json.dumps(
             {**record, "input_file": input_fingerprint(data / "blood" / f"{name}.h5ad")}))
     write(make_counts(90, seed=7, n_background=30), data / "blood" / "A.h5ad")  # the lab replaced its file
+    DatasetPaths(first.run_dir, "blood", "B {x} \u00fc").status_json.unlink()  # and lost a status file
     again = FakeLauncher()
     run_batch(Settings(resume=first.run_dir), launcher=again, **FAST)
-    assert [j["parameters"]["dataset"] for j in again.jobs] == ["A"]  # C's file is the one it ran on
+    assert sorted(j["parameters"]["dataset"] for j in again.jobs) == ["A", "B {x} \u00fc"]  # C ran on this file
     [aside] = (first.run_dir / "blood" / "A" / "superseded").iterdir()
     assert "its input A.h5ad changed since it ran (size and modification time)" in (aside / "REASON.txt").read_text()
+    [aside] = (first.run_dir / "blood" / "B {x} \u00fc" / "superseded").iterdir()  # set aside, not overwritten
+    assert "no status recorded, yet" in (aside / "REASON.txt").read_text()
+    assert "Re-run on resume" in (first.run_dir / "batch_summary.txt").read_text()
 
 
 def test_resume_may_raise_the_budget_that_stopped_the_run(data, tmp_path):

@@ -158,6 +158,12 @@ def _busy(folder: Path) -> bool:
     return False
 
 
+def _unrecorded(paths: DatasetPaths) -> str:
+    """Why the outputs in a dataset's folder that has no status record are set aside (``""``: none there)."""
+    found = [getattr(paths, name).name for name in REQUIRED_OUTPUTS if getattr(paths, name).is_file()]
+    return f"no status recorded, yet {', '.join(found)} present" if found else ""
+
+
 def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tuple[str, str], str]:
     """Before a resumed run: remove left-over temporary files, and set aside the files of every dataset
     recorded ``success`` that :func:`verify_complete` finds incomplete (it runs again). The reasons go to the
@@ -170,11 +176,14 @@ def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tupl
         if paths.folder.is_dir() and not _busy(paths.folder):
             removed += remove_temporary(paths.folder)
         status = read_status(paths)
-        if not status or status["status"] != SUCCESS:
+        if not status:  # a driver killed meanwhile, a status deleted: its files are not taken for its new ones
+            reason = _unrecorded(paths)
+        elif status["status"] != SUCCESS:
             continue
-        reason = verify_complete(paths) or input_changed(status, dataset.path)
+        else:
+            reason = verify_complete(paths) or input_changed(status, dataset.path)
+            reason = reason and f"recorded success but {reason}"
         if reason:
-            reason = f"recorded success but {reason}"
             target = set_aside(paths, reason)
             log.warning("%s/%s runs again: %s (its files are set aside in %s)", dataset.tissue, dataset.name,
                         reason, target)
