@@ -191,6 +191,28 @@ def test_resume_runs_a_finished_dataset_again_when_its_input_changed(data, tmp_p
     assert "Re-run on resume" in (first.run_dir / "batch_summary.txt").read_text()
 
 
+def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_resume(data, tmp_path, caplog):
+    class ServerDownForC(FakeLauncher):
+        def __call__(self, job: dict, should_stop) -> dict:
+            record = super().__call__(job, should_stop)
+            paths = DatasetPaths(Path(job["parameters"]["run_dir"]), "blood", job["parameters"]["dataset"])
+            if paths.dataset == "C":  # a success: most of its clusters were answered before the server went down
+                paths.clusters_csv.write_text("cluster,cell_type,reason_kind\n0,T cell,\n1,B cell,\n"
+                                              "2,Unknown,unreachable\n")
+            return record
+
+    caplog.set_level("WARNING", logger="cassia_helpers")
+    first = run_batch(settings_for(tmp_path), launcher=ServerDownForC(), **FAST)
+    assert first.statuses[("blood", "C")] == SUCCESS
+    said = [r.getMessage() for r in caplog.records if "blood/C:" in r.getMessage()]
+    assert said == [f"blood/C: 1 of 3 clusters got no answer from the model server (unreachable); python "
+                    f"run_batch.py --resume {first.run_dir} asks for them again (the answers already given come "
+                    "from the cache)"]
+    again = FakeLauncher()
+    run_batch(Settings(resume=first.run_dir), launcher=again, **FAST)
+    assert [j["parameters"]["dataset"] for j in again.jobs] == ["C"]
+
+
 def test_resume_may_raise_the_budget_that_stopped_the_run(data, tmp_path):
     first = run_batch(settings_for(tmp_path, max_cost=0.5), launcher=FakeLauncher(fail=("C",)), **FAST)
     again = FakeLauncher(fail=("C",))

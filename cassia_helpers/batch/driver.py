@@ -304,6 +304,13 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         return result
     aggregate(run_dir, settings.kernel_name)
     progress.table(result)
+    from cassia_helpers.batch.resume import unanswered
+
+    for (tissue, name), state in result.statuses.items():
+        gap = unanswered(DatasetPaths(run_dir, tissue, name)) if state == SUCCESS else ""
+        if gap:
+            log.warning("%s/%s: %s; %s asks for them again (the answers already given come from the cache)",
+                        tissue, name, gap, resume)
     unfinished = any(status != SUCCESS for status in result.statuses.values())
     if result.cause and unfinished:  # a scheduler lost after every dataset finished stopped nothing
         log.warning("Stopped early: %s. Resume with: %s", result.cause, resume)

@@ -158,6 +158,23 @@ def _busy(folder: Path) -> bool:
     return False
 
 
+def unanswered(paths: DatasetPaths) -> str:
+    """Why a finished dataset runs again for clusters the model server never answered (down, out of budget,
+    refusing), or ``""``: run again, its answered clusters come from the cache, not the server."""
+    from cassia_helpers.dataset.annotate import SERVICE_FAILURES
+
+    try:
+        with open(paths.clusters_csv, newline="", encoding="utf-8") as handle:
+            kinds = [row.get("reason_kind", "") for row in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return ""
+    lost = [kind for kind in kinds if kind in SERVICE_FAILURES]
+    if not lost:
+        return ""
+    return (f"{len(lost)} of {len(kinds)} clusters got no answer from the model server "
+            f"({', '.join(sorted(set(lost)))})")
+
+
 def _unrecorded(paths: DatasetPaths) -> str:
     """Why the outputs in a dataset's folder that has no status record are set aside (``""``: none there)."""
     found = [getattr(paths, name).name for name in REQUIRED_OUTPUTS if getattr(paths, name).is_file()]
@@ -181,7 +198,7 @@ def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tupl
         elif status["status"] != SUCCESS:
             continue
         else:
-            reason = verify_complete(paths) or input_changed(status, dataset.path)
+            reason = verify_complete(paths) or input_changed(status, dataset.path) or unanswered(paths)
             reason = reason and f"recorded success but {reason}"
         if reason:
             target = set_aside(paths, reason)
