@@ -469,3 +469,25 @@ def test_a_dataset_whose_labels_all_map_lists_no_unmapped_label(tmp_path):
     [row] = accuracy_rows(table)
     assert row["unmapped"] == "" and row["scored_cells"] == 300 and row["exact"] == "70.0%"
     assert "nan" not in "\n".join(self_score_lines(table))
+
+
+def test_a_labs_own_clusters_keep_their_order_and_their_names():
+    """Numbered clusters in numeric order, whole-number floats without ``.0``, and cells with no cluster kept
+    apart from a cluster the lab itself named ``unassigned`` (and said)."""
+    import anndata as ad
+
+    from cassia_helpers.dataset.existing import keep_clusters
+
+    ids = [0, 1, 2, 10, 11, 2, 10]
+    adata = ad.AnnData(obs=pd.DataFrame({"numbers": ids, "floats": [float(i) for i in ids],
+                                         "named": ["unassigned", None, "T", "T", "B", None, "unassigned"]},
+                                        index=[f"c{i}" for i in range(7)]))
+    keep_clusters(adata, cluster_key="numbers")
+    assert list(adata.obs["leiden"].cat.categories) == ["0", "1", "2", "10", "11"]
+    keep_clusters(adata, cluster_key="floats")
+    assert list(adata.obs["leiden"].cat.categories) == ["0", "1", "2", "10", "11"]
+    keep_clusters(adata, cluster_key="named")
+    assert list(adata.obs["leiden"].cat.categories) == ["B", "T", "unassigned", "unassigned_"]
+    assert adata.obs["leiden"].astype(str).tolist() == ["unassigned", "unassigned_", "T", "T", "B", "unassigned_",
+                                                         "unassigned"]
+    assert "2 cells have no cluster in obs['named']" in " ".join(adata.uns["cassia_batch"]["warnings"])

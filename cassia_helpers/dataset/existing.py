@@ -49,8 +49,9 @@ def input_column(adata: AnnData, key: str, *, what: str) -> str:
 def keep_clusters(adata: AnnData, *, cluster_key: str = "") -> None:
     """Copy the input's clusters ``obs[cluster_key]`` into ``obs['leiden']`` (before QC); nothing without a key.
 
-    Cluster names keep the input's order (its categories, else sorted); cells without a cluster form the
-    cluster ``unassigned``. Writes ``obs['leiden']`` and ``uns['cassia_batch']['leiden']`` (``source``,
+    Cluster names keep the input's order (its categories, else numbers in numeric order and names sorted;
+    ``3.0`` is ``"3"``); cells without a cluster form the cluster ``unassigned`` (``unassigned_`` when the
+    input names a cluster so), with a warning. Writes ``obs['leiden']`` and ``uns['cassia_batch']['leiden']`` (``source``,
     ``input_key``, ``key``, ``clusters``, ``cells_before_qc``).
     """
     if not cluster_key:
@@ -58,17 +59,32 @@ def keep_clusters(adata: AnnData, *, cluster_key: str = "") -> None:
     column = input_column(adata, cluster_key, what="cluster_key")
     values = adata.obs[column]
     if isinstance(values.dtype, pd.CategoricalDtype):
-        order = [str(c) for c in values.cat.categories]
-    else:
-        order = sorted({str(v) for v in values.dropna()})
-    labels = values.astype(object).where(values.notna(), UNASSIGNED).astype(str)
-    if (labels == UNASSIGNED).any() and UNASSIGNED not in order:
-        order.append(UNASSIGNED)
-    order = [c for c in order if (labels == c).any()]
+        order = [_cluster_name(c) for c in values.cat.categories]
+    else:  # numbers in numeric order (2 before 10), names in text order
+        present = values.dropna().unique()
+        order = [_cluster_name(v) for v in (sorted(present) if pd.api.types.is_numeric_dtype(values)
+                                            else sorted(present, key=str))]
+    empty = UNASSIGNED
+    while empty in order:  # a cluster the lab itself named "unassigned" stays its own
+        empty = f"{empty}_"
+    labels = values.astype(object).map(lambda v: empty if pd.isna(v) else _cluster_name(v))
+    missing = int((labels == empty).sum())
+    if missing:
+        order.append(empty)
+        warn(adata, f"{missing} cells have no cluster in obs['{column}']: they are annotated together as "
+                    f"cluster '{empty}'")
+    order = list(dict.fromkeys(c for c in order if (labels == c).any()))
     adata.obs["leiden"] = pd.Categorical(labels.to_numpy(), categories=order)
     counts = adata.obs["leiden"].value_counts().reindex(order)
     provenance(adata)["leiden"] = {"source": "input", "input_key": column, "key": "leiden", "n_clusters": len(order),
                                    "clusters": order, "cells_before_qc": [int(n) for n in counts]}
+
+
+def _cluster_name(value) -> str:
+    """A cluster id as text: a whole number without its ``.0`` (``3.0`` -> ``"3"``)."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def cluster_or_keep(adata: AnnData, *, cluster_key: str = "", resolution: float = 1.0, seed: int = 0) -> None:
