@@ -220,16 +220,32 @@ def test_no_cells_left_after_qc(tmp_path):
      ("no cells left after QC", "max_pct_mt=0.0")),
     ("few cells.h5ad", {"min_genes": 1, "min_cells": 1000, "max_pct_mt": 100.0},
      ("no genes left after QC", "min_cells=1000")),
+    # the genes are lost because min_genes left one cell: the message says so, not only min_cells
+    ("one cell left.h5ad", {"min_genes": "second most", "min_cells": 3, "max_pct_mt": 100.0},
+     ("no genes left after QC: 1 of 60 cells passed min_genes=", "min_cells=3")),
 ])
 def test_nothing_left_after_qc_names_the_threshold(tmp_path, name, thresholds, phrases):
     path = write(make_counts(60, 100), tmp_path / name)
     adata = read_dataset(path)
+    if thresholds["min_genes"] == "second most":  # only the richest cell passes
+        genes = np.sort(np.asarray((adata.X > 0).sum(axis=1)).ravel())
+        thresholds = dict(thresholds, min_genes=int(genes[-2]) + 1)
     with pytest.raises(InputError) as excinfo:
         pp.qc(adata, **thresholds)
     assert_one_line_error(excinfo, path, *phrases)
 
 
 # --- counts, log-normalised and scaled values ----------------------------------------------------------------------
+
+
+def test_qc_that_keeps_under_half_the_cells_says_so():
+    adata = make_counts(100, seed=4)
+    genes = np.sort(np.asarray((adata.X > 0).sum(axis=1)).ravel())
+    pp.qc(adata, min_genes=int(genes[70]), min_cells=1, max_pct_mt=100.0)
+    assert any(w.startswith(f"QC kept {adata.n_obs} of 100 cells") for w in warnings_of(adata))
+    kept = make_counts(100, seed=4)
+    pp.qc(kept, min_genes=int(genes[20]), min_cells=1, max_pct_mt=100.0)
+    assert not any(w.startswith("QC kept") for w in warnings_of(kept))
 
 
 def test_log_normalised_input_skips_normalisation(tmp_path):

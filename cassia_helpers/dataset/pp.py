@@ -29,13 +29,7 @@ MITO_PREFIX = "MT-"
 
 
 @timed("qc")
-def qc(
-    adata: ad.AnnData,
-    *,
-    min_genes: int = 200,
-    min_cells: int = 3,
-    max_pct_mt: float = 20.0,
-) -> None:
+def qc(adata: ad.AnnData, *, min_genes: int = 200, min_cells: int = 3, max_pct_mt: float = 20.0) -> None:
     """Filter cells and genes, in place.
 
     Cells need ``min_genes`` detected genes and at most ``max_pct_mt`` percent mitochondrial counts
@@ -44,7 +38,7 @@ def qc(
 
     Writes ``obs['n_genes_by_counts']``, ``obs['total_counts']``, ``obs['pct_counts_mt']``,
     ``var['mt']`` and ``uns['cassia_batch']['qc']`` (thresholds, sizes before and after, and histograms of
-    the metrics before and after filtering under ``distributions``).
+    the metrics before and after filtering under ``distributions``); a warning when it keeps under half the cells.
 
     Raises
     ------
@@ -58,15 +52,16 @@ def qc(
     keep = (adata.obs["n_genes_by_counts"].to_numpy() >= min_genes) & (
         adata.obs["pct_counts_mt"].to_numpy() <= max_pct_mt
     )
+    thresholds = f"min_genes={min_genes}, max_pct_mt={max_pct_mt}"
     if not keep.any():
-        raise InputError(
-            f"{_file(adata)}: no cells left after QC (min_genes={min_genes}, max_pct_mt={max_pct_mt}; "
-            f"{before[0]} cells before)"
-        )
+        raise InputError(f"{_file(adata)}: no cells left after QC ({thresholds}; {before[0]} cells before)")
     distributions = qc_distributions(adata.obs, keep)  # the removed cells' metrics, for the QC figure
     gene_keep = cells_per_gene(adata.X, keep) >= min_cells
-    if not gene_keep.any():
-        raise InputError(f"{_file(adata)}: no genes left after QC (min_cells={min_cells})")
+    if not gene_keep.any():  # the cells left are too few for any gene to reach min_cells: say who left them
+        raise InputError(f"{_file(adata)}: no genes left after QC: {int(keep.sum())} of {before[0]} cells passed "
+                         f"{thresholds}, too few for any gene to be detected in min_cells={min_cells}")
+    if keep.sum() * 2 < before[0]:
+        warn(adata, f"QC kept {int(keep.sum())} of {before[0]} cells ({thresholds}): check the thresholds")
     if not (keep.all() and gene_keep.all()):
         subset_in_place(adata, keep, gene_keep)
     # subsetting in place rebuilds the AnnData and copies ``uns``: fetch the record again
