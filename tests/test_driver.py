@@ -403,3 +403,19 @@ def test_flags_that_would_be_ignored_are_usage_errors(tmp_path, capsys, flags, p
     code = main(["--data-dir", str(tmp_path), *flags])
     err = capsys.readouterr().err
     assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_runs_wall_clock_is_the_same_however_late_the_summaries_are_written(data, tmp_path):
+    from cassia_helpers.summary.report import _seconds, report_context
+
+    run = run_batch(settings_for(tmp_path), launcher=FakeLauncher(), **FAST).run_dir
+
+    def elapsed() -> str:
+        return next(line for line in (run / "batch_summary.txt").read_text().splitlines() if "Time elapsed" in line)
+
+    first = elapsed()
+    time.sleep(1.2)
+    write_run_summaries(run)  # summaries written again later (a re-aggregation) say the same
+    assert elapsed() == first and "wall clock, from the run's start to its last dataset" in first
+    seconds = float(first.split(":", 1)[1].split("s")[0])
+    assert report_context(run)["wall_time"] == _seconds(seconds)  # the report says the same

@@ -51,8 +51,8 @@ def keep_clusters(adata: AnnData, *, cluster_key: str = "") -> None:
 
     Cluster names keep the input's order (its categories, else numbers in numeric order and names sorted;
     ``3.0`` is ``"3"``); cells without a cluster form the cluster ``unassigned`` (``unassigned_`` when the
-    input names a cluster so), with a warning. Writes ``obs['leiden']`` and ``uns['cassia_batch']['leiden']`` (``source``,
-    ``input_key``, ``key``, ``clusters``, ``cells_before_qc``).
+    input names a cluster so), with a warning. Writes ``obs['leiden']`` and ``uns['cassia_batch']['leiden']``
+    (``source``, ``input_key``, ``key``, ``clusters``, ``cells_before_qc``).
     """
     if not cluster_key:
         return

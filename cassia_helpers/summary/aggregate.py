@@ -105,6 +105,21 @@ def _budget_unknown(run_dir: Path, table: pd.DataFrame) -> int:
     return lost
 
 
+def wall_clock(run_dir: Path, manifest: dict) -> float | None:
+    """Seconds from the run's start to the end of its last dataset, as the records say (``None`` when they
+    do not): the same however late the summaries are written, or written again."""
+    statuses = [read_status(DatasetPaths(run_dir, d.get("tissue", ""), d.get("name", "")))
+                for d in manifest.get("datasets", []) if isinstance(d, dict)]
+    starts = [s.get("started_at") for s in statuses if s and s.get("started_at")] + [manifest.get("created_at")]
+    ends = [s.get("finished_at") for s in statuses if s and s.get("finished_at")]
+    try:
+        first = min(datetime.fromisoformat(s) for s in starts if s)
+        last = max(datetime.fromisoformat(s) for s in ends)
+    except (TypeError, ValueError):
+        return None
+    return max((last - first).total_seconds(), 0.0)
+
+
 def _fmt_seconds(value) -> str:
     return "-" if value is None or pd.isna(value) else f"{float(value):.1f}s"
 
@@ -113,18 +128,13 @@ def run_summary_text(run_dir: Path, table: pd.DataFrame, tracking: dict, manifes
                      checks: dict[str, pd.DataFrame] | None = None) -> str:
     """The human-readable ``batch_summary.txt``."""
     counts = table["status"].value_counts()
-    created = manifest.get("created_at", "")
-    elapsed = ""
-    try:
-        start = datetime.fromisoformat(created)
-        elapsed = f"{(datetime.now(UTC) - start).total_seconds():.1f}s (wall clock since the run began)"
-    except ValueError:
-        pass
+    seconds = wall_clock(run_dir, manifest)
+    elapsed = "" if seconds is None else f"{seconds:.1f}s (wall clock, from the run's start to its last dataset)"
     annotators = sorted({a for a in table.get("annotator", pd.Series(dtype=str)).dropna() if a})
     lines = [
         "CASSIA batch summary",
         f"Run folder: {run_dir.name}",
-        f"Started: {created}",
+        f"Started: {manifest.get('created_at', '')}",
         f"Summarised: {datetime.now(UTC).isoformat(timespec='seconds')}",
         "",
         "Processing statistics",

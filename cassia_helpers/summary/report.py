@@ -25,6 +25,7 @@ from cassia_helpers.files import read_json, write_text
 from cassia_helpers.ledger import format_cost
 from cassia_helpers.palette import UNKNOWN_COLOR, is_no_call, run_palette
 from cassia_helpers.settings import BY_NAME, default
+from cassia_helpers.summary.aggregate import wall_clock
 from cassia_helpers.summary.explore import load_summary
 from cassia_helpers.summary.self_scores import SCORE_RGB, accuracy_rows, confusion_view
 
@@ -93,17 +94,6 @@ def _seconds(value) -> str:
         return f"{minutes} min {seconds:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
-
-
-def _wall_time(statuses: list[dict], manifest: dict) -> float | None:
-    starts = [s.get("started_at") for s in statuses if s.get("started_at")] + [manifest.get("created_at")]
-    ends = [s.get("finished_at") for s in statuses if s.get("finished_at")]
-    try:
-        first = min(datetime.fromisoformat(s) for s in starts if s)
-        last = max(datetime.fromisoformat(s) for s in ends)
-    except ValueError:
-        return None
-    return max((last - first).total_seconds(), 0.0)
 
 
 def _utc_minute(stamp: str) -> str:
@@ -196,7 +186,6 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor,
         "tissue": tissue,
         "name": name,
         "status": row["status"],
-        "status_record": status,
         "error": _one_line(row.get("error") or status.get("error")),
         "error_type": status.get("error_type", ""),
         "input_file": Path(str(row.get("file_path") or "")).name,
@@ -270,7 +259,6 @@ def report_context(run_dir: str | Path) -> dict:
         cross = {"src": cross.result(), "file": CELL_TYPES_PNG} if cross is not None else None
     clusters = [c for d in datasets if d["status"] == "success" for c in d["clusters"]]
     anchors = {f"{d['tissue']}/{d['name']}": d["anchor"] for d in datasets if d["confusion"]}
-    statuses = [d["status_record"] for d in datasets]
     counts = summary["status"].value_counts().to_dict()
     bars, colors = _composition([d for d in datasets if d["status"] == "success"])
     annotators = sorted({d["annotator"] for d in datasets if d["annotator"]})
@@ -285,7 +273,7 @@ def report_context(run_dir: str | Path) -> dict:
         "n_failed": int(sum(v for k, v in counts.items() if k != "success")),
         "status_counts": counts,
         "check_kinds": CHECK_KINDS,
-        "wall_time": _seconds(_wall_time(statuses, manifest)),
+        "wall_time": _seconds(wall_clock(run_dir, manifest)),
         "dataset_time": _seconds(float(pd.to_numeric(summary.get("total_time"), errors="coerce").fillna(0).sum())),
         "n_cells": int(sum(d["n_cells"] or 0 for d in datasets)),
         "n_clusters": int(sum(d["n_clusters"] or 0 for d in datasets)),
