@@ -223,6 +223,9 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
     assert row["self_partial"] == pytest.approx(n_b / scored, abs=1e-4)
     assert row["self_lineage"] == pytest.approx((n_m - unmapped) / scored, abs=1e-4)
     assert row["unmapped_author_labels"] == "Mystery blob"
+    as_written = pd.read_csv(run / "batch_summary.csv", dtype=str, keep_default_na=False).set_index("dataset")
+    assert as_written.loc["lab", "scored_cells"] == str(scored)  # a count, not 580.0, beside a dataset without
+    assert "not scored: no author label, or one not in the Cell Ontology" in (run / "batch_summary.txt").read_text()
     assert summary.loc["mouse", "self_score_key"] == "truth"
     assert pd.isna(summary.loc["no_such_key", "self_score_key"])  # failed: nothing scored
     text = (run / "batch_summary.txt").read_text()

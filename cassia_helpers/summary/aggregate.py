@@ -77,8 +77,10 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
             **self_score_fields(result),
         })
     table = pd.DataFrame(rows)
-    for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters", "unconfirmed_clusters"):
-        table[column] = table[column].astype("Int64")
+    for column in ("n_cells", "n_genes", "n_clusters", "unknown_clusters", "unconfirmed_clusters", "scored_cells",
+                   "unscored_cells"):
+        if column in table:  # counts stay whole numbers where a dataset has none (not 580.0)
+            table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
     return table
 
 

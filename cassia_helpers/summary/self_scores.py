@@ -64,7 +64,7 @@ def self_score_lines(table: pd.DataFrame) -> list[str]:
     for row in rows:
         lines.append(f"  {row['dataset']} vs {row['key']}: exact {row['exact']}, partial {row['partial']}, "
                      f"lineage {row['lineage']}, wrong {row['wrong']} ({row['scored_cells']} cells scored, "
-                     f"{row['unscored_cells']} with an unmapped label)")
+                     f"{row['unscored_cells']} not scored: no author label, or one not in the Cell Ontology)")
         if row["unmapped"]:
             lines.append(f"    author labels not mapped to the Cell Ontology: {row['unmapped']}")
     return lines
