@@ -26,6 +26,12 @@ SIGN_PREFIXES = ("+", "-")
 FORMULA_SYNTAX = frozenset('()|!=@"')
 
 
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute without ``..`` or ``.`` parts, its symbolic links kept as the user gave them
+    (unlike :meth:`Path.resolve`): the same text whatever folder the command ran from."""
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
 def current_umask() -> int:
     """The process umask (read from ``/proc`` where possible, so no other thread sees it change)."""
     try:

@@ -44,10 +44,10 @@ def test_rows_are_read_with_paths_relative_to_the_manifest_and_per_dataset_setti
 
     # as a spreadsheet saves it: unnamed empty columns, trailing commas, a row left empty
     path = manifest(tmp_path, "path,tissue,species,context,dataset,,\n"
-                              "h5/pbmc.h5ad,blood,,,,,\n"
+                              "h5/../h5/./pbmc.h5ad,blood,,,,,\n"
                               f"{inputs / 'mouse_pbmc.h5ad'},blood,mouse,\"aged, treated\",mouse,,,,\n,,,,,,\n")
     found = read_manifest_csv(path).datasets
-    assert [(d.tissue, d.name, d.path) for d in found] == [
+    assert [(d.tissue, d.name, d.path) for d in found] == [  # paths as text that does not depend on the folder
         ("blood", "pbmc", inputs / "pbmc.h5ad"), ("blood", "mouse", inputs / "mouse_pbmc.h5ad")]
     run = Settings(species="human", context_file=str(tmp_path / "ctx.txt"))
     assert dataset_settings(run, found[0]) == run  # empty cells: the run-wide values
@@ -62,6 +62,7 @@ def test_rows_are_read_with_paths_relative_to_the_manifest_and_per_dataset_setti
     ("path,tissue,species\nh5/pbmc.h5ad,blood,zebrafish\n", ["line 2", "column species", "'zebrafish' is not one"]),
     ("path,tissue\nh5/pbmc.h5ad,blood\nh5/pbmc.h5ad,blood\n", ["line 3", "blood/pbmc is already on line 2"]),
     ("path,tissue,dataset\nh5/pbmc.h5ad,blood,a\nh5/mouse_pbmc.h5ad,blood,A\n", ["line 3", "already on line 2"]),
+    ("path,tissue,dataset\nh5/pbmc.h5ad,blood,a\nh5/mouse_pbmc.h5ad,Blood,A\n", ["line 3", "already on line 2"]),
     ("path,tissue\nh5/pbmc.h5ad,../../escaped\n", ["line 2", "tissue '../../escaped' is a name that is not"]),
     ("path,tissue,dataset\nh5/pbmc.h5ad,blood,../x\n", ["line 2", "dataset name '../x' is"]),
     ("path,tissue,dataset\nh5/pbmc.h5ad,blood,\"two\nlines\"\n", ["dataset name 'two\\nlines'", "control"]),

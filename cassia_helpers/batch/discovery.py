@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cassia_helpers.files import absolute
 from cassia_helpers.settings import UsageError
 
 SUFFIX = ".h5ad"
@@ -95,7 +96,7 @@ def scan_tissue(folder: Path, tissue: str) -> Discovery:
     for path in sorted(folder.iterdir()):
         kind, reason = _classify(path)
         if kind == "dataset":
-            found.datasets.append(Dataset(name=path.name[: -len(SUFFIX)], tissue=tissue, path=path.absolute()))
+            found.datasets.append(Dataset(name=path.name[: -len(SUFFIX)], tissue=tissue, path=absolute(path)))
         elif kind == "skip":
             shown = str(path) if str(path).isprintable() else repr(str(path))
             found.skipped.append(f"{shown}: skipped: {reason}")
@@ -156,4 +157,4 @@ def single_input(path: Path, tissue: str) -> Discovery:
         raise UsageError(f"{path}: input file not found")
     if kind != "dataset":
         raise UsageError(f"{path}: {reason or 'not an .h5ad file'}")
-    return Discovery([Dataset(name=path.name[: -len(SUFFIX)], tissue=tissue, path=path.absolute())])
+    return Discovery([Dataset(name=path.name[: -len(SUFFIX)], tissue=tissue, path=absolute(path))])

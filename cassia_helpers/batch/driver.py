@@ -42,7 +42,7 @@ from cassia_helpers.contract import (
     run_label,
     write_status,
 )
-from cassia_helpers.files import remove_temporary, write_json, write_text
+from cassia_helpers.files import absolute, remove_temporary, write_json, write_text
 from cassia_helpers.settings import RESUME_MAY_CHANGE, RUN, Settings, UsageError, notebook_parameters
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
         "sessions": [],
     }
     if settings.manifest is not None:  # the user's own list, as given, beside the run's record of it
-        manifest["manifest"] = str(Path(settings.manifest).absolute())
+        manifest["manifest"] = str(absolute(settings.manifest))
         write_text(run_dir / DATASETS_CSV, Path(settings.manifest).read_text(encoding="utf-8-sig"))
     write_json(run_dir / RUN_MANIFEST, manifest)
     return run_dir, found.datasets, manifest, settings

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cassia_helpers.batch.discovery import SUFFIX, Dataset, Discovery, _classify, check_name
 from cassia_helpers.contract import DATASETS_CSV
+from cassia_helpers.files import absolute
 from cassia_helpers.settings import BY_NAME, PER_DATASET, Settings, UsageError
 
 REQUIRED = ("path", "tissue")
@@ -81,7 +82,7 @@ def read_manifest_csv(path: Path) -> Discovery:
         if not given:
             raise UsageError(f"{where}: empty path")
         file = Path(given).expanduser()
-        file = (file if file.is_absolute() else path.parent / file).absolute()
+        file = absolute(file if file.is_absolute() else path.parent / file)
         if not file.exists():
             raise UsageError(f"{where}: input file {given} not found")
         kind, reason = _classify(file)
@@ -89,7 +90,7 @@ def read_manifest_csv(path: Path) -> Discovery:
             raise UsageError(f"{where}: {given}: {reason or 'not an .h5ad file'}")
         name = (row.get("dataset") or "").strip() or file.name[: -len(SUFFIX)]
         check_name(name, what="dataset name", source=where)
-        key = (tissue, name.lower())
+        key = (tissue.lower(), name.lower())  # one folder on a case-insensitive disk (macOS)
         if key in seen:
             raise UsageError(f"{where}: dataset {tissue}/{name} is already on line {seen[key]} (two rows would "
                              "share an output folder; set the dataset column)")
