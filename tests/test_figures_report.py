@@ -567,6 +567,15 @@ def test_qc_figure_without_recorded_histograms_shows_the_cells_kept(tiny):
         assert len(bars) == 1 and not [p for p in ax.patches if p.get_label() == "before QC"], ax.get_title()
 
 
+def test_qc_figure_of_an_input_without_counts_names_what_it_shows(tiny):
+    adata = tiny.copy()
+    titles = [ax.get_title() for ax in figures.qc_figure(adata).axes]
+    assert titles == ["Genes per cell", "Counts per cell", "Mitochondrial counts (%)"]
+    adata.uns["cassia_batch"] = {**adata.uns["cassia_batch"], "input": {"is_counts": False}}
+    titles = [ax.get_title() for ax in figures.qc_figure(adata).axes]
+    assert titles == ["Genes per cell", "Sum of log-normalised values per cell", "Mitochondrial share of that sum (%)"]
+
+
 def test_dotplot_filters_markers_as_the_run_did(tiny):
     adata = tiny.copy()
     clusters = [str(c) for c in adata.obs["leiden"].cat.categories]

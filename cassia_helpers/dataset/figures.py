@@ -49,6 +49,11 @@ def set_colors(adata, key: str = "cell_type", *, fixed: Mapping[str, str] | None
     return colors
 
 
+#: the QC figure's titles for an input that holds no counts (its values log-normalised)
+LOGNORMALISED_TITLES = {"total_counts": "Sum of log-normalised values per cell",
+                        "pct_counts_mt": "Mitochondrial share of that sum (%)"}
+
+
 def qc_figure(adata, *, distributions: Mapping | None = None):
     """Genes, counts and % mitochondrial counts per cell, before (grey) and after (blue) the QC thresholds.
 
@@ -66,8 +71,10 @@ def qc_figure(adata, *, distributions: Mapping | None = None):
     axes = figure.subplots(1, len(QC_METRICS))
     before_n = record.get("cells_before")
     after_n = record.get("cells_after", adata.n_obs)
+    # an input without counts (log-normalised): its "counts" are sums of log values, and are called so
+    lognormalised = adata.uns.get(PROVENANCE_KEY, {}).get("input", {}).get("is_counts") is False
     for ax, (metric, title, log) in zip(axes, QC_METRICS, strict=True):
-        ax.set_title(title, fontsize=10)
+        ax.set_title(LOGNORMALISED_TITLES.get(metric, title) if lognormalised else title, fontsize=10)
         ax.spines[["top", "right"]].set_visible(False)
         part = distributions.get(metric)
         if part is None:
@@ -77,7 +84,7 @@ def qc_figure(adata, *, distributions: Mapping | None = None):
         if part.get("before") is not None:
             ax.stairs(np.asarray(part["before"]), edges, fill=True, color="#d0d0d0", label="before QC")
         ax.stairs(np.asarray(part["after"]), edges, fill=True, color="#1f77b4", alpha=0.85, label="after QC")
-        if log:
+        if log and edges[-1] > 10 * edges[0]:  # a narrower range reads better on a plain axis
             _plain_log_axis(ax)
         name, value = thresholds.get(metric, (None, None))
         if value is not None and not log and float(value) > 2 * edges[-1]:
