@@ -677,3 +677,14 @@ def test_qc_mito_panel_stays_readable_when_every_cell_is_far_below_the_threshold
     bar = [p for p in mito.patches if p.get_label() == "after QC"][0].get_window_extent()
     assert bar.width > 100  # the histogram spans the panel, not a sliver at its left edge
     assert any("max_pct_mt = 20" in t.get_text() for t in mito.texts)
+
+
+def test_the_clusters_have_the_same_colours_in_our_figures_and_in_scanpys(tiny, tmp_path):
+    adata = tiny.copy()
+    adata.uns.pop("leiden_colors", None)
+    figures.save_dataset_figures(adata, DatasetPaths(tmp_path, "blood", "Tiny"))
+    stored = list(adata.uns["leiden_colors"])  # what sc.pl.umap(color='leiden') will use
+    assert len(stored) == adata.obs["leiden"].cat.categories.size
+    assert figures.cluster_palette(adata, "leiden") == stored
+    adata.uns["leiden_colors"] = np.array(["#000000"] * len(stored), dtype=object)  # the lab's own colours
+    assert figures.cluster_palette(adata, "leiden", store=True) == ["#000000"] * len(stored)

@@ -130,11 +130,25 @@ def _scatter(ax, coords: np.ndarray, colors: np.ndarray, order: np.ndarray) -> N
     ax.set_ylabel("UMAP2", fontsize=8, loc="bottom")
 
 
+def cluster_palette(adata, groupby: str = "leiden", *, store: bool = False) -> list[str]:
+    """One colour per cluster of ``obs[groupby]``, in category order: ``uns[f'{groupby}_colors']`` when it fits,
+    else :data:`PALETTE` (then written there with ``store``, so scanpy's plots colour the clusters alike)."""
+    n = len(_categories(adata.obs[groupby]))
+    stored = adata.uns.get(f"{groupby}_colors")
+    if stored is not None and len(stored) == n:
+        return [str(c) for c in stored]
+    colors = [PALETTE[i % len(PALETTE)] for i in range(n)]
+    if store:
+        adata.uns[f"{groupby}_colors"] = np.array(colors, dtype=object)
+    return colors
+
+
 def umap_figure(adata, *, color: str = "cell_type", groupby: str = "leiden", basis: str = "X_umap"):
     """UMAP coloured by cell type (labels on the data, ``Unknown`` grey) and by cluster (numbers on the data,
     legend ``"3: NK cell"``).
 
-    Reads ``obsm[basis]``, ``obs[color]``, ``obs[groupby]`` and ``uns[f'{color}_colors']`` if set.
+    Reads ``obsm[basis]``, ``obs[color]``, ``obs[groupby]`` and ``uns[f'{color}_colors']`` and
+    ``uns[f'{groupby}_colors']`` if set.
     """
     coords = np.asarray(adata.obsm[basis])[:, :2]
     types = adata.obs[color].astype(str).to_numpy() if color in adata.obs else np.full(adata.n_obs, "Unknown")
@@ -149,7 +163,7 @@ def umap_figure(adata, *, color: str = "cell_type", groupby: str = "leiden", bas
     left, right = figure.subplots(1, 2, width_ratios=[1, 1.25])
     _scatter(left, coords, np.array([type_colors[t] for t in types]), order)
     left.set_title(f"Cell type ({len(set(types))})", fontsize=11)
-    cluster_colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(cluster_order)}
+    cluster_colors = dict(zip(cluster_order, cluster_palette(adata, groupby), strict=True))
     _scatter(right, coords, np.array([cluster_colors[c] for c in clusters]), rng.permutation(adata.n_obs))
     right.set_title(f"Leiden cluster ({len(cluster_order)})", fontsize=11)
     first_type = pd.Series(types).groupby(clusters).agg(lambda s: s.value_counts().index[0])
@@ -323,11 +337,14 @@ def save_dataset_figures(
     """Draw and save every figure of the dataset: ``{dataset}_umap.png``, ``_qc.png``, ``_dotplot.png``,
     ``_cluster_sizes.png`` (see :func:`figure_paths`).
 
-    Sets the run's cell-type colours first (``uns[f'{key}_colors']``, see :func:`set_colors`).
+    Sets the run's cell-type colours first (``uns[f'{key}_colors']``, see :func:`set_colors`), and the
+    clusters' (``uns[f'{groupby}_colors']``, see :func:`cluster_palette`) when not set.
     Returns the paths; in a notebook the result displays the four images.
     """
     if key in adata.obs:
         set_colors(adata, key)
+    if groupby in adata.obs:
+        cluster_palette(adata, groupby, store=True)
     drawers = {
         "umap": lambda: umap_figure(adata, color=key, groupby=groupby),
         "qc": lambda: qc_figure(adata),

@@ -174,8 +174,14 @@ def cell_type_heatmap_figure(table: pd.DataFrame, *, value: str = "fraction", ma
     ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=LABEL_FONTSIZE)
     ax.set_xlabel("Cell Ontology term", fontsize=9)
     ax.set_ylabel("dataset", fontsize=9)
-    fig.colorbar(image, ax=ax, label="fraction of cells" if value == "fraction" else "cells",
-                 shrink=min(1.0, 3.0 / max(n_rows * CELL_INCHES, 0.1)), aspect=12)
+    bar = fig.colorbar(image, ax=ax, label="share of the dataset's cells" if value == "fraction" else "cells",
+                       shrink=min(1.0, 3.0 / max(n_rows * CELL_INCHES, 0.1)), aspect=12)
+    if value == "fraction":  # in % as the cells are labelled
+        from matplotlib.ticker import PercentFormatter
+
+        bar.formatter = PercentFormatter(xmax=1.0, decimals=0)
+    bar.ax.tick_params(labelsize=LABEL_FONTSIZE)
+    bar.set_label(bar.ax.get_ylabel(), fontsize=9)
     ax.set_title("Cell types across datasets", fontsize=10, loc="left")
     return fig
 
