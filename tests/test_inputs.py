@@ -766,6 +766,15 @@ def test_an_author_column_already_taken_keeps_both(tmp_path):
     assert read.obs["author_leiden_unsplit"].tolist() == ["a"] * 50 + ["b"] * 50 and "leiden_unsplit" not in read.obs
 
 
+def test_an_earlier_runs_record_is_kept_beside_this_runs(tmp_path):
+    adata = make_counts(100)
+    adata.uns["cassia_batch"] = {"self_score": {"key": "lab_label"}, "warnings": ["from the earlier run"]}
+    read = read_dataset(write(adata, tmp_path / "annotated before.h5ad"))
+    assert read.uns["author_cassia_batch"]["self_score"]["key"] == "lab_label"
+    assert "from the earlier run" not in warnings_of(read)  # this run's record is its own
+    assert any("cassia_batch -> author_cassia_batch" in w for w in warnings_of(read))
+
+
 def test_an_input_without_clashing_names_has_no_author_warning(tmp_path):
     read = read_dataset(write(make_counts(100), tmp_path / "plain.h5ad"))
     assert not [w for w in warnings_of(read) if "author_" in w]

@@ -79,6 +79,13 @@ def keep_author_annotations(adata: AnnData) -> dict[str, dict[str, str]]:
     return renamed
 
 
+def keep_beside(mapping, name: str, value) -> str:
+    """Store ``value`` in ``mapping`` under ``author_{name}`` (or a longer free name) and return that name."""
+    kept = _free_name(name, mapping.keys())
+    mapping[kept] = value
+    return kept
+
+
 def renamed_warning(renamed: dict[str, dict[str, str]]) -> str:
     """One line naming what :func:`keep_author_annotations` renamed, for the dataset's warnings."""
     parts = [f"{slot} " + ", ".join(f"{old} -> {new}" for old, new in names.items())

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cassia_helpers.contract import TOO_LARGE
-from cassia_helpers.dataset.author import keep_author_annotations, renamed_warning
+from cassia_helpers.dataset.author import keep_author_annotations, keep_beside, renamed_warning
 from cassia_helpers.dataset.matrix import sparse_problem
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 from cassia_helpers.dataset.record import provenance, warn
@@ -102,10 +102,12 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
         raise InputError(f"{path}: no genes (0 variables)")
     _check_sparse_structure(adata, path)
 
-    adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own record
+    earlier = adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own
     adata = _gene_expression_only(adata, path)
     adata, counts = _select_matrix(adata, path)
     renamed = keep_author_annotations(adata)
+    if earlier is not None:  # ... and the earlier run's beside it
+        renamed.setdefault("uns", {})[PROVENANCE_KEY] = keep_beside(adata.uns, PROVENANCE_KEY, earlier)
     record = provenance(adata)
     record["input"] = {"file": str(path), "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), **counts}
     if renamed:
