@@ -526,7 +526,8 @@ def test_a_redirect_to_another_host_is_not_followed(llm_env, tmp_path):
         results = run(tmp_path, clusters=CLUSTERS[:3])
         assert elsewhere.stats()["requests"] == 0  # the prompts never went there
     assert {r.reason_kind for r in results} == {"redirect"}
-    assert f"HTTP 307) to {target}" in results[0].reason and "another host" in results[0].reason
+    assert f"HTTP 307 to {target} (another server)" in results[0].reason
+    assert results[0].reason.count("--base-url") <= 1 and "another host" not in results[0].reason
     assert "redirected the requests elsewhere" in annotation_failure(results)
     # the first redirect stops the dataset; it reached the server, so it is a call
     assert llm_env.redirected == 1 == tracking_from_ledgers([tmp_path / "ledger.jsonl"])["total_calls"]

@@ -6,7 +6,7 @@ limit held from outside the HTTP library: a timer shuts the request's socket dow
 so a server that trickles its headers or its body one byte at a time cannot hold a request open past it,
 whatever the per-read timeouts. The same hooks tell when the request starts to leave (``on_send``: the
 ledger's write-ahead line is written then, so a request that never left is never counted), and refuse a
-redirect that would carry the prompts to another host, or turn the request into a GET.
+redirect that would carry the prompts to another server (scheme, host or port), or turn the request into a GET.
 
 :func:`reply_fields` takes the answer out of a chat completion body, :func:`reply_tokens` checks the
 token counts a server reports. An error is read by :func:`retry_after_seconds` (the wait the server asks
@@ -52,7 +52,7 @@ class DeadlineExceeded(Exception):
 
 
 class RedirectRefused(Exception):
-    """The server answered with a redirect that is not followed (another host, or one that drops the body)."""
+    """The server answered with a redirect that is not followed (another server, or one that drops the body)."""
 
 
 class _Exchange:
@@ -136,10 +136,8 @@ def _refuse_redirect(response) -> None:
     target = request.url.join(response.headers.get("location", ""))
     if response.status_code in (307, 308) and _same_origin(target, request.url):
         return
-    where = "another host" if not _same_origin(target, request.url) else "the same host, as a GET"
-    raise RedirectRefused(
-        f"the server redirected the request (HTTP {response.status_code}) to {_where(target)} ({where}): "
-        f"not followed; check --base-url")
+    where = "another server" if not _same_origin(target, request.url) else "the same server, as a GET"
+    raise RedirectRefused(f"HTTP {response.status_code} to {_where(target)} ({where})")
 
 
 def http_client(*, max_connections: int = 1000):
