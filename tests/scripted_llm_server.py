@@ -825,6 +825,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.no_choices = False
         self.huge_answer_chars = 0
         self.echo_authorization = False
+        self.served_model = ""  # the model the replies say answered ("": the one asked)
         self.tricky_verdict = False
         self.trickle_headers_s = 0.0
         self.usage_override: dict = {}
@@ -952,6 +953,7 @@ class ScriptedLLMServer(_PipelineAgents):
         self.reject_seed = self.omit_usage = self.reject_temperature = self.reasoning_only = False
         self.trickle_s, self.huge_answer_chars = 0.0, 0
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
+        self.served_model = ""
         self.error_in_body = self.no_choices = self.cut_replies = False
         self.trickle_headers_s, self.usage_override, self.redirects, self.raw_reply = 0.0, {}, {}, None
         self._init_pipeline_faults()
@@ -1226,7 +1228,7 @@ class ScriptedLLMServer(_PipelineAgents):
             "id": f"chatcmpl-{digest}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": body["model"],
+            "model": self.served_model or body["model"],
             "choices": [
                 {
                     "index": 0,

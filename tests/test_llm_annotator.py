@@ -248,6 +248,18 @@ def test_reasoning_models_without_temperature_and_with_reasoning_content(llm_env
     assert len(sent(read_ledger(tmp_path / "ledger.jsonl"))) == llm_env.stats()["requests"]
 
 
+def test_the_model_that_answered_is_recorded_and_another_than_asked_is_said(llm_env, tmp_path):
+    llm = annotator(llm_env, tmp_path / "same")
+    llm.annotate(CLUSTERS[:1], tissue="blood", species="human")
+    assert llm.describe()["served_model"] == "scripted-model" and llm.notices == []
+    llm_env.served_model = "anthropic/claude-fallback"  # a router's fallback
+    llm = annotator(llm_env, tmp_path / "other")
+    llm.annotate(CLUSTERS[:1], tissue="blood", species="human")
+    assert llm.describe()["served_model"] == "anthropic/claude-fallback"
+    assert llm.notices == ["the server answered with model anthropic/claude-fallback, not scripted-model (a fallback "
+                           "or an alias: the prices and provenance are those of the model asked)"]
+
+
 def test_an_answer_is_kept_when_the_validator_cannot_be_reached(llm_env, tmp_path):
     prices = tmp_path / "prices.json"
     # the budget runs out after the annotator and formatter calls of the first cluster

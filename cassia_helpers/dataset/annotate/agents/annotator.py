@@ -173,7 +173,7 @@ class LLMAnnotator:
         self._guard = threading.Lock()
         self._unusable_run = 0
         self.stopped: str = ""
-        self.notices: list[str] = []
+        self._notices: list[str] = []
 
     @property
     def warnings(self) -> list[str]:
@@ -194,8 +194,18 @@ class LLMAnnotator:
             "deadline_s": self.client.deadline,
             "price_known": self.price_known,
             "system_fingerprint": ", ".join(sorted(self.client.fingerprints)),
+            "served_model": ", ".join(sorted(self.client.served_models)),
             "openai_version": version("openai"),
         }
+
+    @property
+    def notices(self) -> list[str]:
+        """One-line warnings for the dataset: clusters no longer sent; answers from another model than asked."""
+        asked = self.client.model.lower().rsplit("/", 1)[-1]
+        others = sorted(m for m in self.client.served_models if not m.lower().rsplit("/", 1)[-1].startswith(asked))
+        return self._notices + ([f"the server answered with model {', '.join(others)}, not {self.client.model} "
+                                 "(a fallback or an alias: the prices and provenance are those of the model asked)"]
+                                if others else [])
 
     def annotate(self, clusters: list[ClusterMarkers], *, tissue: str, species: str,
                  context: str = "") -> list[ClusterAnnotation]:
@@ -236,7 +246,7 @@ class LLMAnnotator:
                 return
             self.stopped = (f"the model's replies named no cell type for {UNUSABLE_RUN} clusters in a row: the "
                             "remaining clusters of this dataset were not sent")
-            self.notices.append(self.stopped)
+            self._notices.append(self.stopped)
         print(f"LLM annotation stopped: {self.stopped}", file=sys.stderr, flush=True)
 
     def _annotate_safely(self, markers, tissue, species, context) -> ClusterAnnotation:

@@ -48,7 +48,7 @@ from cassia_helpers.dataset.annotate.llm.transport import (
     retry_after_seconds,
     safe_message,
 )
-from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets, untrusted_reply
+from cassia_helpers.dataset.annotate.llm.untrusted import sanitize_label, scrub_secrets, untrusted_reply
 from cassia_helpers.ledger import (
     BREAKER_OPEN,
     CACHE_HIT,
@@ -131,6 +131,7 @@ class LLMClient:
         self.cache = ResponseCache(options.cache_dir or None, endpoint=self.endpoint, model=self.model,
                                    enabled=options.use_cache)
         self.fingerprints: set[str] = set()
+        self.served_models: set[str] = set()  # the models the server says answered (its "model" field)
         self._fatal: LLMError | None = None
         self._lock = threading.Lock()
         self._client = openai.OpenAI(
@@ -347,9 +348,10 @@ class LLMClient:
                                                          max_output=limit)
         estimated = bool(note)
         fingerprint = scrub_secrets(fingerprint)[:200]  # the server's text: it goes into the shared h5ad
-        if fingerprint:
-            with self._lock:
-                self.fingerprints.add(fingerprint)
+        served = sanitize_label(data.get("model") if isinstance(data.get("model"), str) else "")
+        with self._lock:
+            self.fingerprints.update([fingerprint] if fingerprint else [])
+            self.served_models.update([served] if served else [])
         stored = untrusted_reply(content)
         notes = [note] if note else []
         cut = finish_reason(data) == "length"
