@@ -495,3 +495,19 @@ def test_a_labs_own_clusters_keep_their_order_and_their_names():
     assert adata.obs["leiden"].astype(str).tolist() == ["unassigned", "unassigned_", "T", "T", "B", "unassigned_",
                                                          "unassigned"]
     assert "2 cells have no cluster in obs['named']" in " ".join(adata.uns["cassia_batch"]["warnings"])
+
+
+def test_a_batch_qc_mostly_removed_is_warned():
+    """A failed lane: its loss is hidden in the dataset's total, so it is said by name."""
+    import anndata as ad
+
+    from cassia_helpers.dataset.batches import BATCH_COLUMN, count_batches
+
+    obs = pd.DataFrame({"leiden": pd.Categorical(["0"] * 60 + ["1"] * 42),
+                        BATCH_COLUMN: pd.Categorical(["A"] * 50 + ["B"] * 50 + ["lane3"] * 2)},
+                       index=[f"c{i}" for i in range(102)])
+    adata = ad.AnnData(obs=obs)
+    adata.uns["cassia_batch"] = {"batches": {"input_key": "donor", "key": BATCH_COLUMN,
+                                             "batches": ["A", "B", "lane3"], "cells_before_qc": [55, 50, 25]}}
+    count_batches(adata)
+    assert adata.uns["cassia_batch"]["warnings"] == ["QC kept under half the cells of donor lane3 2/25"]

@@ -140,7 +140,7 @@ def count_batches(adata: AnnData) -> pd.DataFrame | None:
     Writes ``uns['cassia_batch']['batches']``: ``cells_after_qc`` (per batch, in the order of ``batches``),
     ``clusters`` (one row per cluster: ``cluster``, ``n_batches``, ``batch_cells`` as ``"A: 120; B: 98"``,
     largest first, and ``single_batch``) and ``single_batch_clusters``; a warning names the clusters of one
-    batch.
+    batch, another the batches QC kept under half of.
     """
     record = provenance(adata).get("batches")
     if not record:
@@ -160,6 +160,10 @@ def count_batches(adata: AnnData) -> pd.DataFrame | None:
     table = pd.DataFrame(rows, columns=["cluster", "n_batches", "batch_cells", "single_batch"])
     single = table.loc[table["single_batch"], "cluster"].tolist()
     record.update(cells_after_qc=[int(n) for n in counts.sum(axis=0)], clusters=table, single_batch_clusters=single)
+    kept = zip(record["batches"], record["cells_before_qc"], record["cells_after_qc"], strict=True)
+    lost = [f"{name} {after}/{before}" for name, before, after in kept if after * 2 < before]
+    if lost:  # a failed lane or sample: the rest of the dataset hides it
+        warn(adata, f"QC kept under half the cells of {record['input_key']} " + ", ".join(lost))
     if single:
         only = {c: table.set_index("cluster").loc[c, "batch_cells"].split(":")[0] for c in single}
         warn(adata, f"cluster(s) made of one {record['input_key']} only: "

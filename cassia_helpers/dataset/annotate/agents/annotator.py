@@ -260,7 +260,7 @@ class LLMAnnotator:
             result = ClusterAnnotation.unknown(markers.cluster, f"endpoint refused the request ({exc})",
                                                markers.genes, exc.kind)
         except LLMError as exc:
-            result = ClusterAnnotation.unknown(markers.cluster, f"request failed ({exc})", markers.genes,
+            result = ClusterAnnotation.unknown(markers.cluster, f"request failed: {exc}", markers.genes,
                                                exc.kind)
         self._count_usable(result)
         tokens = [r for r in self.ledger.records if r.cluster == markers.cluster]

@@ -205,7 +205,7 @@ def boost_cluster(annotator, markers: ClusterMarkers, previous: ClusterAnnotatio
         answer = _json_answer(conclusion) or annotator.format_answer(prompt, conclusion, markers.cluster,
                                                                      result.turns)
     except LLMError as exc:
-        result.reason = f"boost request failed ({exc})"
+        result.reason = f"boost request failed: {exc}"
         return result
     if answer is None or not answer["main_cell_type"]:
         result.reason = "the boost's conclusion named no cell type"

@@ -78,7 +78,7 @@ def merge_annotations(client: LLMClient, results: list[ClusterAnnotation], *, ti
                                     agent="merger", accept=lambda text, w=wanted: bool(read_groupings(text, w))
                                     ).content
         except LLMError as exc:
-            problem = f"merging request failed ({exc})"
+            problem = f"merging request failed: {exc}"
             break
         found = parse_groupings(reply, sorted(pending))
         placed.update(found)

@@ -91,7 +91,7 @@ def score_annotation(client: LLMClient, markers: ClusterMarkers, annotation: Clu
             reply = structured_chat(client, messages, schema=SCORE_SCHEMA, cluster=markers.cluster, agent="scorer",
                                     accept=_scored).content
         except LLMError as exc:
-            result.reason = f"scoring request failed ({exc})"
+            result.reason = f"scoring request failed: {exc}"
             return result
         result.turns.append({"agent": f"{label} (call {attempt})", "content": reply})
         score, reasoning, problem = parse_score(reply)

@@ -240,7 +240,7 @@ class LLMClient:
         try:
             answer = retrying(send)
         except _Retryable as exc:
-            raise LLMError(f"no answer after {attempt} attempts ({exc})", exc.kind) from None
+            raise LLMError(f"no answer after {attempt} attempts: {exc}", exc.kind) from None
         if good(answer.content) and not answer.cut:
             self.cache.put(key, content=answer.content, usage=(answer.input_tokens, answer.output_tokens),
                            system_fingerprint=answer.system_fingerprint)
