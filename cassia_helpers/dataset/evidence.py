@@ -360,8 +360,8 @@ def summary_lines(record: dict) -> list[str]:
     if sent:
         lines.append(f"  markers sent: up to {sent.get('n_top')} per cluster, ranked by {sent.get('ranking')}; "
                      f"left out: {sent.get('excluded', 'none')}"
-                     + (f" ({sent['n_left_out']} of them in the test's top {sent.get('n_top')}, all clusters)"
-                        if sent.get("n_left_out") else ""))
+                     + (f" ({sent['n_left_out']} genes left out that the ranking put in a cluster's top "
+                        f"{sent.get('n_top')}, all clusters counted)" if sent.get("n_left_out") else ""))
     table = record.get("marker_evidence", {}).get("clusters")
     if isinstance(table, pd.DataFrame) and len(table):
         counts = flag_counts(table)

@@ -105,7 +105,10 @@ class GeneLookup:
         lines = [f"Expression in cluster {cluster} against all other cells:"]
         for r in self.lookup(cluster, genes):
             if r["status"] == "tested":
-                lines.append(f"- {r['gene']}: log2FC {r['logfoldchange']:.2f}, detected in {r['pct_in']:.0%} of "
+                # a gene absent on one side has a fold change of the pseudocount only (-29): not a number to read
+                change = ("absent from the cluster" if r["pct_in"] == 0 else "absent from the other cells"
+                          if r["pct_out"] == 0 else f"log2FC {r['logfoldchange']:.2f}")
+                lines.append(f"- {r['gene']}: {change}, detected in {r['pct_in']:.0%} of "
                              f"the cluster vs {r['pct_out']:.0%} of other cells, adjusted p {r['pval_adj']:.2g}, "
                              f"rank {r['rank']} of {r['n_tested']}")
             elif r["status"] == "not tested" and "pct_in" in r:
