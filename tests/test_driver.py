@@ -419,3 +419,17 @@ def test_the_runs_wall_clock_is_the_same_however_late_the_summaries_are_written(
     assert elapsed() == first and "wall clock, from the run's start to its last dataset" in first
     seconds = float(first.split(":", 1)[1].split("s")[0])
     assert report_context(run)["wall_time"] == _seconds(seconds)  # the report says the same
+
+
+def test_a_second_ctrl_c_while_the_summaries_are_written_stops_at_once(data, tmp_path, caplog):
+    def slow_summaries(run_dir: Path, kernel_name: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # pressed as the summaries start ...
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)  # ... and again
+        time.sleep(5)
+        raise AssertionError("the second Ctrl-C did not stop the summaries")
+
+    caplog.set_level("WARNING", logger="cassia_helpers")
+    result = _batch(settings_for(tmp_path), FakeLauncher(), slow_summaries, in_process=True)
+    assert result.exit_code == 130
+    assert any(r.getMessage().startswith("Stopped at once. Resume with:") for r in caplog.records)

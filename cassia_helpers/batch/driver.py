@@ -63,9 +63,7 @@ class BatchResult:
 
     @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return 130
-        return 0 if all(s == SUCCESS for s in self.statuses.values()) else 1
+        return 130 if self.interrupted else 0 if all(s == SUCCESS for s in self.statuses.values()) else 1
 
 
 def _lock(run_dir: Path):
@@ -299,18 +297,21 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                     result.statuses[key] = record["status"]
     progress.close()
     resume = f"python run_batch.py --resume {shlex.quote(str(run_dir))}"  # as it can be pasted into a shell
-    if interrupts.count >= 2:
+    with Interrupts() as late:  # a Ctrl-C during the summaries counts on from those before
+        late.count = interrupts.count
+        try:
+            if late.count < 2:
+                aggregate(run_dir, settings.kernel_name)
+        except KeyboardInterrupt:
+            late.count = 2
+    if late.count >= 2:
+        result.interrupted = True
         log.warning("Stopped at once. Resume with: %s", resume)
         return result
-    aggregate(run_dir, settings.kernel_name)
     progress.table(result)
-    from cassia_helpers.batch.resume import unanswered
+    from cassia_helpers.batch.resume import say_unanswered
 
-    for (tissue, name), state in result.statuses.items():
-        gap = unanswered(DatasetPaths(run_dir, tissue, name)) if state == SUCCESS else ""
-        if gap:
-            log.warning("%s/%s: %s; %s asks for them again (the answers already given come from the cache)",
-                        tissue, name, gap, resume)
+    say_unanswered(run_dir, [key for key, state in result.statuses.items() if state == SUCCESS], resume)
     unfinished = any(status != SUCCESS for status in result.statuses.values())
     if result.cause and unfinished:  # a scheduler lost after every dataset finished stopped nothing
         log.warning("Stopped early: %s. Resume with: %s", result.cause, resume)

@@ -175,6 +175,15 @@ def unanswered(paths: DatasetPaths) -> str:
             f"({', '.join(sorted(set(lost)))})")
 
 
+def say_unanswered(run_dir: Path, finished: list[tuple[str, str]], resume: str) -> None:
+    """Name, at the end of a run, the finished datasets with clusters the model server never answered."""
+    for tissue, name in finished:
+        gap = unanswered(DatasetPaths(run_dir, tissue, name))
+        if gap:
+            log.warning("%s/%s: %s; %s asks for them again (the answers already given come from the cache)",
+                        tissue, name, gap, resume)
+
+
 def _unrecorded(paths: DatasetPaths) -> str:
     """Why the outputs in a dataset's folder that has no status record are set aside (``""``: none there)."""
     found = [getattr(paths, name).name for name in REQUIRED_OUTPUTS if getattr(paths, name).is_file()]
