@@ -111,6 +111,20 @@ def _obs_columns(handle: h5py.File) -> list[str] | None:
     return [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(order)]
 
 
+def _n_groups(node: Any) -> int | None:
+    """The distinct values of an ``obs`` column (a lab's clusters), cells without one counted as one more."""
+    try:
+        if isinstance(node, h5py.Group) and "codes" in node:  # categorical: -1 is a missing value
+            codes = node["codes"][:]
+            return len(np.unique(codes[codes >= 0])) + int((codes < 0).any())
+        values = node[:]
+        if values.dtype.kind == "f":
+            return len(np.unique(values[~np.isnan(values)])) + int(np.isnan(values).any())
+        return len(np.unique(values))
+    except (TypeError, ValueError, OSError, KeyError):
+        return None
+
+
 def missing_column(what: str, key: str, columns: Iterable[str]) -> str:
     """The reason a setting's ``obs`` column is missing, naming the columns the input has."""
     columns = list(columns)
@@ -133,7 +147,8 @@ def check_input(path: str | Path, *, memory_limit: int | None = None, obs_keys: 
                 ) -> dict:
     """Check an input from its header: an AnnData h5ad with cells, genes and a matrix, that fits in memory.
 
-    Returns ``n_obs``, ``n_vars`` and ``needed_bytes``; raises :class:`InputError` with a one-line reason.
+    Returns ``n_obs``, ``n_vars``, ``needed_bytes`` and, with a ``cluster_key`` in ``obs_keys``, ``n_clusters``
+    (its clusters); raises :class:`InputError` with a one-line reason.
     ``memory_limit`` is the bytes the dataset may use (``None``: the memory available now; 0: no check).
     ``obs_keys`` maps a setting to the ``obs`` column it names (``{"label_key": "celltype"}``): a column the
     input does not have is an error now, before any work is done for the dataset.
@@ -153,6 +168,9 @@ def check_input(path: str | Path, *, memory_limit: int | None = None, obs_keys: 
         with h5py.File(path, "r") as handle:
             layout = _inspect(handle, path)
             columns = _obs_columns(handle)
+            cluster_key = (obs_keys or {}).get("cluster_key")
+            if cluster_key and columns is not None and cluster_key in columns:
+                layout["n_clusters"] = _n_groups(handle["obs"][cluster_key])
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - any h5py failure here means a damaged file

@@ -168,6 +168,8 @@ def test_a_manifest_of_two_species_one_on_its_own_clusters_is_annotated_and_scor
         in dry.stdout
     assert [line.split()[:2] for line in dry.stdout.splitlines() if line.startswith(("blood ", "spleen "))] == [
         ["blood", "lab"], ["spleen", "mouse"], ["spleen", "mouse_unintegrated"], ["spleen", "no_such_key"]]
+    lab_row = next(line for line in dry.stdout.splitlines() if line.startswith("blood "))
+    assert " 3-3 " in lab_row  # the lab's own three clusters, counted, not guessed from the cells
     assert not (tmp_path / "out").exists()
 
     result = run_batch_py(*common, "--quiet")

@@ -97,7 +97,7 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
             lines.append(f"{dataset.tissue:<14} {dataset.name:<36} cannot run: see below")
             continue
         n_obs, n_vars = shape["n_obs"] or 0, shape["n_vars"] or 0
-        low, high = cluster_range(n_obs)
+        low, high = (shape["n_clusters"],) * 2 if shape.get("n_clusters") else cluster_range(n_obs)
         per = per_cluster(dataset_settings(settings, dataset), tissue=dataset.tissue)
         calls = (low * per["calls"][0], high * per["calls"][1]) if llm else (0, 0)
         tokens = ((low * (per["input"][0] + per["output"][0]), high * (per["input"][1] + per["output"][1]))
