@@ -161,14 +161,14 @@ def _busy(folder: Path) -> bool:
 def unanswered(paths: DatasetPaths) -> str:
     """Why a finished dataset runs again for clusters the model server never answered (down, out of budget,
     refusing), or ``""``: run again, its answered clusters come from the cache, not the server."""
-    from cassia_helpers.dataset.annotate import SERVICE_FAILURES
+    from cassia_helpers.dataset.annotate import NO_ANSWER, SERVICE_FAILURES
 
     try:
         with open(paths.clusters_csv, newline="", encoding="utf-8") as handle:
             kinds = [row.get("reason_kind", "") for row in csv.DictReader(handle)]
     except (OSError, UnicodeDecodeError, csv.Error):
         return ""
-    lost = [kind for kind in kinds if kind in SERVICE_FAILURES]
+    lost = [kind for kind in kinds if kind in SERVICE_FAILURES and kind != NO_ANSWER]  # (that server did answer)
     if not lost:
         return ""
     return (f"{len(lost)} of {len(kinds)} clusters got no answer from the model server "

@@ -117,6 +117,8 @@ SERVICE_FAILURES = {
     "error": "the annotator failed",
 }
 REASON_KINDS = (*SERVICE_FAILURES, "model_unknown", "no_match", "no_markers")
+# The kind of Unknown that means the model's replies gave no usable answer (not "the model could not tell").
+NO_ANSWER = "invalid_answer"
 
 
 def annotation_failure(results: list[ClusterAnnotation]) -> str | None:
@@ -159,5 +161,5 @@ class Annotator(Protocol):
         ...
 
 
-__all__ = ["REASON_KINDS", "REFERENCE_NOTE", "SERVICE_FAILURES", "UNKNOWN", "Annotator", "ClusterAnnotation",
-           "ClusterMarkers", "annotation_failure"]
+__all__ = ["NO_ANSWER", "REASON_KINDS", "REFERENCE_NOTE", "SERVICE_FAILURES", "UNKNOWN", "Annotator",
+           "ClusterAnnotation", "ClusterMarkers", "annotation_failure"]

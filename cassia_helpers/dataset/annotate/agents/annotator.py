@@ -22,7 +22,7 @@ from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
-from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate import NO_ANSWER, ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.agents.prompts import (
     ANNOTATOR_SYSTEM,
     ANSWER_SCHEMA,
@@ -61,8 +61,6 @@ UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGN
 UNUSABLE_RUN = 3
 # The confidence of an answer that gives none as a number.
 NO_CONFIDENCE = 50.0
-# The kinds of Unknown that mean the model gave no usable answer (not "the model could not tell").
-NO_ANSWER = "invalid_answer"
 
 
 def parse_answer(text: str) -> dict | None:
