@@ -25,6 +25,7 @@ REPORT_HTML = "report.html"
 CELL_TYPES_CSV = "cell_types.csv"  # dataset x Cell Ontology term: cells and fractions
 CELL_TYPES_PNG = "cell_types.png"
 RUN_LOCK = ".run.lock"
+BREAKER_FILE = ".llm_breaker.json"  # the run's circuit breaker on the model server (its failures in a row)
 SLURM_LOGS = "slurm_logs"  # the SLURM jobs' log files (--cluster slurm, unless --slurm-log-directory)
 SUCCESS, FAILED, INTERRUPTED = "success", "failed", "interrupted"
 STATUSES = (SUCCESS, FAILED, INTERRUPTED)

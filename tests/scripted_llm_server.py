@@ -1119,7 +1119,7 @@ class ScriptedLLMServer(_PipelineAgents):
             content += (f"\nDebug: Authorization: {authorization}; as JSON \"{escaped}\"; "
                         f"in a URL ?key={urllib.parse.quote(token, safe='')}; upstream: Basic {basic}; "
                         f"as HTML {''.join(f'&#{ord(c)};' for c in token)}; hex {token.encode().hex()}; "
-                        f"shouted {token.upper()}")
+                        f"shouted {token.upper()}; wrapped {token[:8]}\n{token[8:]}")
             reply.payload["system_fingerprint"] = f"fp_{token}"
         if self.huge_answer_chars:
             self._note_fault("huge")

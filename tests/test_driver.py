@@ -113,6 +113,7 @@ def test_statuses_exit_code_and_summaries(data, tmp_path, caplog):
     summary = pd.read_csv(result.run_dir / "batch_summary.csv").set_index("dataset")
     assert summary.loc["C", "status"] == "failed" and summary.loc["C", "error"].endswith("C.h5ad: broken")
     assert "packed.h5ad.gz: skipped: compressed h5ad" in caplog.text
+    assert f"Once their cause is fixed, python run_batch.py --resume {result.run_dir} runs the failed" in caplog.text
     manifest = json.loads((result.run_dir / "run_manifest.json").read_text())
     assert any("packed.h5ad.gz" in line for line in manifest["skipped_inputs"])
     # and the summary a colleague reads later says so too, not only the terminal
@@ -199,6 +200,8 @@ def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_re
             if paths.dataset == "C":  # a success: most of its clusters were answered before the server went down
                 paths.clusters_csv.write_text("cluster,cell_type,reason_kind\n0,T cell,\n1,B cell,\n"
                                               "2,Unknown,unreachable\n")
+            if paths.dataset == "A":  # every cluster called, but the budget held back a validator's request
+                paths.llm_calls_jsonl.write_text(json.dumps({"status": "budget", "agent": "validator"}) + "\n")
             return record
 
     caplog.set_level("WARNING", logger="cassia_helpers")
@@ -208,9 +211,20 @@ def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_re
     assert said == [f"blood/C: 1 of 3 clusters got no answer from the model server (unreachable); python "
                     f"run_batch.py --resume {first.run_dir} asks for them again (the answers already given come "
                     "from the cache)"]
+    assert any("blood/A: the --max-cost budget held back 1 request(s)" in r.getMessage() for r in caplog.records)
     again = FakeLauncher()
     run_batch(Settings(resume=first.run_dir), launcher=again, **FAST)
-    assert [j["parameters"]["dataset"] for j in again.jobs] == ["C"]
+    assert sorted(j["parameters"]["dataset"] for j in again.jobs) == ["A", "C"]
+
+
+def test_a_resume_tries_the_model_server_again_whatever_the_last_sessions_breaker_said(data, tmp_path):
+    from cassia_helpers.contract import BREAKER_FILE
+
+    first = run_batch(settings_for(tmp_path), launcher=FakeLauncher(fail=("C",)), **FAST)
+    # the server had failed when the session ended: its cool-down would hold the resume's first requests
+    (first.run_dir / BREAKER_FILE).write_text(json.dumps({"failures": 6, "open_until": time.time() + 60}))
+    run_batch(Settings(resume=first.run_dir), launcher=FakeLauncher(), **FAST)
+    assert not (first.run_dir / BREAKER_FILE).exists()
 
 
 def test_resume_may_raise_the_budget_that_stopped_the_run(data, tmp_path):

@@ -199,6 +199,9 @@ def test_key_never_written(llm_env, tmp_path):
     ("FINAL ANNOTATION: Neuron. Hmm, wait, check again", ("Neuron", 50.0)),
     ("**Final annotation:** CD8+ T cell (cytotoxic) with high confidence", ("CD8+ T cell (cytotoxic)", 50.0)),
     ("FINAL ANNOTATION: T cells, CD4+", ("T cells, CD4+", 50.0)),
+    ("FINAL ANNOTATION: **CD8+ T cells** (cytotoxic)", ("CD8+ T cells", 50.0)),
+    # the formatter's JSON with a note after it, braces and all
+    ('Here:\n\n{"main_cell_type": "B cell", "confidence": 77}\n\nNote: the {markers} seen.', ("B cell", 77.0)),
 ])
 def test_tolerant_parsing(text, expected):
     parsed = parse_answer(text)

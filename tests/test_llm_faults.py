@@ -270,7 +270,7 @@ def test_huge_replies_are_capped_everywhere(llm_env, tmp_path):
 
 def test_an_echoed_key_is_never_stored(llm_env, tmp_path):
     """Echoed as it is, JSON-escaped, URL-escaped, in HTML entities, hex, base64 (an HTTP Basic credential), in
-    capitals, or as the system fingerprint (which goes into the h5ad)."""
+    capitals, wrapped over two lines, or as the system fingerprint (which goes into the h5ad)."""
     llm_env.echo_authorization = True
     llm = annotator(tmp_path)
     results = llm.annotate(CLUSTERS[:3], tissue="blood", species="human")
@@ -283,7 +283,8 @@ def test_an_echoed_key_is_never_stored(llm_env, tmp_path):
     assert len(files) > 5
     escaped = ("\\u0073\\u006b" + API_KEY[2:], urllib.parse.quote(API_KEY, safe=""), API_KEY.upper(),
                API_KEY.encode().hex(), "".join(f"&#{ord(c)};" for c in API_KEY),
-               base64.b64encode(f"user:{API_KEY}".encode()).decode()[8:-4])  # the key's own part of a Basic
+               base64.b64encode(f"user:{API_KEY}".encode()).decode()[8:-4],  # the key's own part of a Basic
+               API_KEY[8:])  # what follows a line break inside the key
     for path in files:
         text = path.read_text(errors="replace").replace("\\\\", "\\")  # JSON files: as the text they hold
         assert API_KEY not in text and not any(form in text for form in escaped), path

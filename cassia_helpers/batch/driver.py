@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 
 from cassia_helpers.batch.discovery import Dataset, discover, single_input
 from cassia_helpers.batch.interrupts import Interrupts
+from cassia_helpers.batch.manifest import dataset_settings
 from cassia_helpers.batch.on_dask import Launcher, recorded, run_on_dask
 from cassia_helpers.contract import (
+    BREAKER_FILE,
     DATASETS_CSV,
     FAILED,
     INTERRUPTED,
@@ -143,17 +145,11 @@ def prepare_run(settings: Settings) -> tuple[Path, list[Dataset], dict, Settings
     return run_dir, found.datasets, manifest, settings
 
 
-def _dataset_settings(settings: Settings, dataset: Dataset) -> Settings:
-    from cassia_helpers.batch.manifest import dataset_settings
-
-    return dataset_settings(settings, dataset)
-
-
 def _job(settings: Settings, run_dir: Path, dataset: Dataset) -> dict:
     # a local cluster shares this machine's cores among its workers; a SLURM job has its own
     share = settings.workers if settings.cluster == "local" and not settings.scheduler else 1
     return {
-        "parameters": notebook_parameters(_dataset_settings(settings, dataset), dataset=dataset.name,
+        "parameters": notebook_parameters(dataset_settings(settings, dataset), dataset=dataset.name,
                                           tissue=dataset.tissue, input_path=dataset.path, run_dir=run_dir.resolve()),
         "kernel_name": settings.kernel_name,
         "cell_timeout": settings.cell_timeout,
@@ -256,6 +252,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         from cassia_helpers.batch.resume import recheck
 
         recheck(run_dir, datasets, manifest)
+        (run_dir / BREAKER_FILE).unlink(missing_ok=True)  # a resume tries the server again, cool-down or not
     todo = _pending(run_dir, datasets, result)
     for dataset in todo:  # an interrupted session's progress would be shown again as this session's
         DatasetPaths(run_dir, dataset.tissue, dataset.name).progress_jsonl.unlink(missing_ok=True)
@@ -272,7 +269,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         try:
             jobs = {}
             for dataset in todo:  # an input its header rejects never reaches a worker
-                rejected = _check_header(run_dir, dataset, _dataset_settings(settings, dataset))
+                rejected = _check_header(run_dir, dataset, dataset_settings(settings, dataset))
                 if rejected:
                     finished(dataset, rejected)
                 else:
@@ -317,6 +314,8 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         log.warning("Stopped early: %s. Resume with: %s", result.cause, resume)
     elif result.interrupted:
         log.warning("Resume with: %s", resume)
+    elif unfinished:
+        log.warning("Once their cause is fixed, %s runs the failed datasets again", resume)
     return result
 
 

@@ -169,10 +169,14 @@ def unanswered(paths: DatasetPaths) -> str:
     except (OSError, UnicodeDecodeError, csv.Error):
         return ""
     lost = [kind for kind in kinds if kind in SERVICE_FAILURES and kind != NO_ANSWER]  # (that server did answer)
-    if not lost:
-        return ""
-    return (f"{len(lost)} of {len(kinds)} clusters got no answer from the model server "
-            f"({', '.join(sorted(set(lost)))})")
+    if lost:
+        return (f"{len(lost)} of {len(kinds)} clusters got no answer from the model server "
+                f"({', '.join(sorted(set(lost)))})")
+    from cassia_helpers.ledger import SKIPPED_BUDGET, read_ledger
+
+    held = sum(record.get("status") == SKIPPED_BUDGET for record in read_ledger(paths.llm_calls_jsonl))
+    return (f"the --max-cost budget held back {held} request(s) (raise it: --resume takes a new --max-cost)"
+            if held else "")
 
 
 def say_unanswered(run_dir: Path, finished: list[tuple[str, str]], resume: str) -> None:

@@ -88,10 +88,15 @@ def structured_chat(client: LLMClient, messages: list[dict], *, schema: dict, cl
 
 
 def json_candidates(text: str) -> list[str]:
-    """Where a reply's JSON may be: the whole text, a fenced block, or the outermost ``{...}`` in prose."""
+    """Where a reply's JSON may be: the whole text, a fenced block, the first whole object in prose (with more
+    prose after it, braces included), or the outermost ``{...}``."""
     candidates = [text, *re.findall(r"```(?:json)?\s*(\{.*?\})\s*```", text, flags=re.DOTALL)]
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
+        try:
+            candidates.append(text[start:start + json.JSONDecoder().raw_decode(text[start:])[1]])
+        except ValueError:
+            pass
         candidates.append(text[start:end + 1])
     return candidates
 
@@ -333,6 +338,8 @@ def final_annotation(text: str | None) -> str | None:
         if not match:
             continue
         rest = match.group(1)
+        # "**CD8+ T cells** (cytotoxic)": the bold part is the label, what follows it a note
+        rest = next((part for part in re.split(r"\*\*|__", rest) if part.strip(" *_`")), rest)
         if not rest.strip(" *_`"):
             rest = next((below for below in lines[i + 1:i + 6] if below.strip() and not _FENCE.match(below)), "")
         label = sanitize_label(_AFTER_LABEL.sub("", _LIST_MARK.sub("", sanitize_label(rest))))

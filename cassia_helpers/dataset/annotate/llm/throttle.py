@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cassia_helpers.contract import BREAKER_FILE
 from cassia_helpers.ledger import SENT, read_ledger
 
 SLOT_PATTERN = ".llm_slot_{}.lock"
 BACKOFF_FILE = ".llm_backoff"
-BREAKER_FILE = ".llm_breaker.json"
 
 
 class RunThrottle:

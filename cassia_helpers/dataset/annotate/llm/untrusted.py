@@ -34,9 +34,9 @@ def secrets_to_scrub() -> list[str]:
 
 def scrub_secrets(text: str, secrets: list[str] | None = None) -> str:
     """``text`` with every occurrence of the API key replaced by ``[redacted]``: as it is, in another case,
-    with its characters written as JSON ``\\u0073``, URL ``%2D`` or HTML ``&#115;`` escapes, in hex, or
-    in base64 (alone or inside an HTTP Basic credential): a model or proxy echoing the key in any of these
-    gives it away as surely as in plain text."""
+    wrapped over lines, with its characters written as JSON ``\\u0073``, URL ``%2D`` or HTML ``&#115;``
+    escapes, in hex, or in base64 (alone or inside an HTTP Basic credential): a model or proxy echoing the
+    key in any of these gives it away as surely as in plain text."""
     for secret in secrets_to_scrub() if secrets is None else secrets:
         if secret:
             text = text.replace(secret, REDACTED)
@@ -51,7 +51,9 @@ def _encoded(secret: str) -> tuple[re.Pattern, ...]:
     base64 of it at each of the three byte alignments (its part that does not depend on the bytes around)."""
     forms = [f"(?:{re.escape(c)}|\\\\u{ord(c):04x}|&#{ord(c)};|&#x{ord(c):x};"
              + (f"|%{ord(c):02x})" if ord(c) < 128 else ")") for c in secret]
-    patterns = [re.compile("".join(forms), re.IGNORECASE), re.compile(re.escape(secret.encode().hex()), re.IGNORECASE)]
+    # a line wrapped inside the key (a model quoting it at its width) breaks it with whitespace
+    patterns = [re.compile(r"\s{0,2}".join(forms), re.IGNORECASE),
+                re.compile(re.escape(secret.encode().hex()), re.IGNORECASE)]
     raw = secret.encode()
     for offset in range(3):
         encoded = base64.b64encode(b"\0" * offset + raw).decode()
