@@ -300,6 +300,11 @@ def test_an_answer_paid_for_is_read_from_its_final_line_when_the_formatter_canno
     ("VALIDATION FAILED: it would only be VALIDATION PASSED if CD8A were cited.", None),
     ("VALIDATION PASSED? No: VALIDATION FAILED", None),
     ("", None),
+    # a verdict line without the word VALIDATION, as chat models write it
+    ("The markers fit.\n\n**Verdict:** \u2705 PASS", True),
+    ("Final decision - FAIL\nCD8A is missing.", False),
+    ("Verdict: PASS\nVerdict: FAIL", None),
+    ("The verdict: pass or fail is unclear.", None),
 ])
 def test_the_verdict_is_read_from_json_or_the_first_or_last_line(text, verdict):
     assert read_verdict(text) is verdict

@@ -142,6 +142,9 @@ _VERDICT_WORD = re.compile(r"VALIDATION\W{0,3}(?:STATUS\W{0,3}|RESULT\W{0,3})?(P
 _VERDICT_LINE = re.compile(r"^[\s*_#>`|-]*(?:(?:final\s+)?(?:verdict|decision|result|conclusion)\W{0,3})?"
                            r"VALIDATION\W{0,3}(?:STATUS\W{0,3}|RESULT\W{0,3})?(PASSED|PASS|FAILED|FAIL)\b",
                            re.IGNORECASE)
+# a verdict line without the word VALIDATION: "**Verdict:** ✅ PASS", "Final decision - FAIL"
+_BARE_VERDICT = re.compile(r"^[\s*_#>`|-]*(?:final\s+)?(?:verdict|decision)[\s*_]*[:\-][^A-Za-z\n]{0,8}"
+                           r"(PASSED|PASS|FAILED|FAIL)\b", re.IGNORECASE | re.MULTILINE)
 _JSON_VERDICT_KEYS = ("verdict", "validation", "result", "status", "decision", "validation_result")
 _JSON_BOOL_KEYS = ("passed", "valid", "validated", "approved")
 
@@ -178,6 +181,9 @@ def read_verdict(text: str) -> bool | None:
             if len(kinds) == 1:
                 return kinds == {"passed"}
     named = verdict_words(text)
+    if not named:
+        bare = {_kind(word) for word in _BARE_VERDICT.findall(text)}
+        return bare == {"passed"} if len(bare) == 1 else None
     if len(named) != 1:
         return None
     lines = [line for line in text.splitlines() if line.strip()]
