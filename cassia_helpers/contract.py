@@ -243,15 +243,22 @@ def input_fingerprint(path: str | Path) -> dict | None:
     return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns}
 
 
+def _changes(record: dict | None, path: str | Path, keys: tuple[str, ...]) -> list[str] | None:
+    """The ``keys`` of the input's fingerprint that differ from the one a status recorded; ``None`` when they
+    cannot be compared (no record of it, the file gone). A key an older record lacks is not compared."""
+    seen, now = (record or {}).get("input_file"), input_fingerprint(path)
+    if not seen or not now:
+        return None
+    return [key for key in keys if key in seen and seen[key] != now[key]]
+
+
 def input_changed(record: dict | None, path: str | Path) -> str:
     """Why the input of a dataset's status is no longer the file it ran on (its size or modification time
     changed since), or ``""`` when it is the same, cannot be compared (an older record) or is gone."""
-    seen, now = (record or {}).get("input_file"), input_fingerprint(path)
-    if not seen or not now:
-        return ""
-    changed = [what for key, what in (("size", "size"), ("mtime_ns", "modification time")) if key in seen
-               and seen[key] != now[key]]
-    return f"its input {Path(path).name} changed since it ran ({' and '.join(changed)})" if changed else ""
+    changed = _changes(record, path, ("size", "mtime_ns"))
+    names = {"size": "size", "mtime_ns": "modification time"}
+    return (f"its input {Path(path).name} changed since it ran ({' and '.join(names[k] for k in changed)})"
+            if changed else "")
 
 
 def rejected_and_unchanged(record: dict | None, path: str | Path) -> bool:
@@ -261,6 +268,4 @@ def rejected_and_unchanged(record: dict | None, path: str | Path) -> bool:
         return False
     if TOO_LARGE in str(record.get("error", "")):
         return False
-    seen, now = record.get("input_file"), input_fingerprint(path)
-    keys = [k for k in ("size", "mtime_ns", "ctime_ns") if k in (seen or {})]  # older records lack ctime_ns
-    return bool(seen and now) and all(seen[k] == now[k] for k in keys)
+    return _changes(record, path, ("size", "mtime_ns", "ctime_ns")) == []
