@@ -120,8 +120,10 @@ def test_cassia_scoring_reads_our_transcripts(outputs, llm_env):
 
 def test_cassia_boost_reads_our_markers_and_history(outputs, llm_env, tmp_path):
     results, paths = outputs
+    # as the README shows: CASSIA 1.4.0 answers a gene with its first row in the table, so pass the cluster's own
+    markers = pd.read_csv(paths["markers.csv"])
     answer = CASSIA.runCASSIA_annotationboost(
-        full_result_path=str(paths["cassia.csv"]), marker=str(paths["markers.csv"]), cluster_name=1,
+        full_result_path=str(paths["cassia.csv"]), marker=markers[markers["cluster"] == 1], cluster_name=1,
         major_cluster_info="human blood", output_name=str(tmp_path / "boost1"), num_iterations=2,
         model="scripted-model", provider=llm_env.base_url,
         conversations_json_path=str(paths["cassia_conversations.json"]), auto_convert_ids=False,
@@ -132,6 +134,10 @@ def test_cassia_boost_reads_our_markers_and_history(outputs, llm_env, tmp_path):
     assert annotator_turn.splitlines()[-1] in first  # our final annotation was its starting point
     gene_answer = llm_env.received[1]["messages"][-1]["content"]
     assert "avg_log2FC" in gene_answer and "pct.1" in gene_answer and "p_val_adj" in gene_answer
+    # the genes looked up are answered with cluster 1's own statistics, not another cluster's row
+    rows = [line.split() for line in gene_answer.splitlines()[1:] if line.strip() and not line.startswith("Note")]
+    own = markers[markers["cluster"] == 1].set_index("gene")["avg_log2FC"]
+    assert rows and all(float(log2fc) == round(own[gene], 2) for gene, log2fc, *_ in rows), gene_answer
 
 
 def test_cassia_validate_accepts_our_markers(outputs):
