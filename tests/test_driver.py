@@ -215,6 +215,9 @@ def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_re
     again = FakeLauncher()
     run_batch(Settings(resume=first.run_dir), launcher=again, **FAST)
     assert sorted(j["parameters"]["dataset"] for j in again.jobs) == ["A", "C"]
+    # A's earlier files are set aside, but not its ledger: what the first session spent still counts
+    ledger = DatasetPaths(first.run_dir, "blood", "A").llm_calls_jsonl
+    assert '"validator"' in ledger.read_text() and not list(ledger.parent.glob("superseded/*/*_llm_calls.jsonl"))
 
 
 def test_a_resume_tries_the_model_server_again_whatever_the_last_sessions_breaker_said(data, tmp_path):

@@ -128,7 +128,10 @@ def verify_complete(paths: DatasetPaths) -> str:
 
 def set_aside(paths: DatasetPaths, reason: str, *, by: str = "--resume") -> Path:
     """Move the dataset's files into ``superseded/{YYYYMMDD_HHMMSS}/`` of its folder, with ``REASON.txt``
-    (set aside ``by`` what, for what reason); return that folder. Nothing is deleted."""
+    (set aside ``by`` what, for what reason); return that folder. Nothing is deleted.
+
+    The LLM ledger stays where it is: the requests it records were sent (and paid for) in this run, so the
+    budget and ``token_tracking.json`` go on counting them, and the next attempt appends to it."""
     stamp = datetime.now()
     while True:
         target = paths.folder / SUPERSEDED / f"{stamp:%Y%m%d_%H%M%S}"
@@ -138,7 +141,7 @@ def set_aside(paths: DatasetPaths, reason: str, *, by: str = "--resume") -> Path
         except FileExistsError:
             stamp = datetime.fromtimestamp(stamp.timestamp() + 1)
     for entry in sorted(paths.folder.iterdir()):
-        if entry.name not in (SUPERSEDED, RUNNER_LOCK):
+        if entry.name not in (SUPERSEDED, RUNNER_LOCK, paths.llm_calls_jsonl.name):
             shutil.move(str(entry), str(target / entry.name))
     (target / REASON_TXT).write_text(f"Set aside by {by}: {reason}\n", encoding="utf-8")
     return target
