@@ -17,7 +17,15 @@ import pandas as pd
 import pytest
 
 from cassia_helpers.batch.driver import _batch
-from cassia_helpers.contract import FAILED, SUCCESS, DatasetPaths, input_fingerprint, read_status, write_status
+from cassia_helpers.contract import (
+    FAILED,
+    SUCCESS,
+    DatasetPaths,
+    input_fingerprint,
+    now_iso,
+    read_status,
+    write_status,
+)
 from cassia_helpers.settings import Settings, UsageError
 from cassia_helpers.summary.aggregate import write_run_summaries
 from tests.conftest import REPO
@@ -157,6 +165,24 @@ def test_workers_bound_the_datasets_running_at_once(data, tmp_path):
     launcher = FakeLauncher(delay=0.3)
     run_batch(settings_for(tmp_path, workers=2), launcher=launcher, **FAST)
     assert launcher.most_at_once == 2
+
+
+def test_the_summary_keeps_the_figures_of_a_dataset_whose_annotation_failed(data, tmp_path):
+    class ServerDown(FakeLauncher):
+        def __call__(self, job: dict, should_stop) -> dict:
+            parameters = job["parameters"]
+            paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
+            started_at = now_iso()
+            write_outputs(paths)  # the notebook ran to the end; the model server answered no cluster
+            if parameters["dataset"] == "C":  # a result left by an earlier attempt is not this one's
+                os.utime(paths.result_json, (time.time() - 60, time.time() - 60))
+            return write_status(paths, FAILED, error="annotation failed for 1 of 1 clusters",
+                                error_type="AnnotationFailed", started_at=started_at)
+
+    result = run_batch(settings_for(tmp_path), launcher=ServerDown(), **FAST)
+    summary = pd.read_csv(result.run_dir / "batch_summary.csv").set_index("dataset")
+    assert summary.loc["A", "status"] == "failed" and summary.loc["A", "n_cells"] == 2
+    assert pd.isna(summary.loc["C", "n_cells"])
 
 
 def test_resume_runs_only_what_is_not_done_and_keeps_the_analysis_settings(data, tmp_path):

@@ -53,8 +53,7 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
     for entry in load_manifest(run_dir)["datasets"]:
         paths = DatasetPaths(run_dir, entry["tissue"], entry["name"])
         status = read_status(paths) or {"status": INTERRUPTED, "error": "never started", "duration_s": 0.0}
-        result = read_result(paths) if status["status"] == SUCCESS else None
-        result = result or {}
+        result = _attempt_result(paths, status)
         rows.append({
             "dataset": entry["name"],
             "tissue": entry["tissue"],
@@ -82,6 +81,19 @@ def collect(run_dir: str | Path) -> pd.DataFrame:
         if column in table:  # counts stay whole numbers where a dataset has none (not 580.0)
             table[column] = pd.to_numeric(table[column], errors="coerce").astype("Int64")
     return table
+
+
+def _attempt_result(paths: DatasetPaths, status: dict) -> dict:
+    """The result record of the dataset's last attempt, or ``{}``. A failed dataset whose notebook ran to the
+    end (the model server failed its annotation) has one; a record older than the attempt is not its."""
+    if status["status"] != SUCCESS:
+        try:
+            started = datetime.fromisoformat(status.get("started_at") or "").timestamp()
+            if paths.result_json.stat().st_mtime < started:
+                return {}
+        except (OSError, ValueError):
+            return {}
+    return read_result(paths) or {}
 
 
 def token_tracking(run_dir: str | Path) -> dict:
