@@ -61,6 +61,10 @@ def test_cassia_csv_and_conversations():
     assert conv["0"]["annotations"] == ["A\nFINAL ANNOTATION: T cell", "FINAL ANNOTATION: CD8+ T cell"]
     assert conv["1"]["annotations"] == ["A\nFINAL ANNOTATION: T cell"]  # boosted answer not kept there
     assert conv["0"]["validations"] == ["VALIDATION PASSED"] and conv["0"]["scoring"] == "<score>82</score>"
+    # a call the boost put in place of the first one was never validated: CASSIA must not show the first one's pass
+    revised = cf.conversations([annotated("2", "CD8+ T cell", kept_answer="boosted", revised_from="Unknown")])["2"]
+    assert "PASSED" not in revised["validations"][-1].upper() and "(Unknown)" in revised["validations"][-1]
+    assert revised["first_call_validations"] == ["VALIDATION PASSED"]
     # CASSIA's scoring and report read the structured answer from `formatting`: the kept boost's, not the first's
     assert json.loads(conv["0"]["formatting"])["main_cell_type"] == "CD8+ T cell"
     assert conv["1"]["formatting"] == "{}"

@@ -120,7 +120,9 @@ def conversations(results: Iterable[ClusterAnnotation]) -> dict[str, dict]:
     ``validations`` (validator turns), ``formatting`` (the last formatter reply; the boost's structured
     answer when that answer was kept), ``scoring`` (the last scorer reply) and ``boost`` (the boost
     exchange: genes asked and values answered). When the boosted answer was kept, its concluding turn is
-    also the last of ``annotations`` (CASSIA's boost reads the last one).
+    also the last of ``annotations`` (CASSIA's boost reads the last one). When that answer replaced the first
+    call, the validator never saw it: ``validations`` then holds one line saying so (CASSIA's report shows
+    "review needed", not the first call's pass) and the validator's turns move to ``first_call_validations``.
     """
     out: dict[str, dict] = {}
     for r in results:
@@ -141,6 +143,11 @@ def conversations(results: Iterable[ClusterAnnotation]) -> dict[str, dict]:
                     entry["annotations"].append(content)
         if r.kept_answer == "boosted":  # the answer kept, not the formatter's reading of the first call
             entry["formatting"] = json.dumps({name: getattr(r, name) for name in ANSWER_FIELDS})
+        if r.revised_from:
+            entry["first_call_validations"] = entry["validations"]
+            entry["validations"] = [f"NOT VALIDATED: the annotation boost replaced the first call "
+                                    f"({r.revised_from}), the one the validator checked; this call was scored "
+                                    "again, not validated."]
         out[str(r.cluster)] = entry
     return out
 
