@@ -65,6 +65,9 @@ def test_cassia_csv_and_conversations():
     revised = cf.conversations([annotated("2", "CD8+ T cell", kept_answer="boosted", revised_from="Unknown")])["2"]
     assert "PASSED" not in revised["validations"][-1].upper() and "(Unknown)" in revised["validations"][-1]
     assert revised["first_call_validations"] == ["VALIDATION PASSED"]
+    # the offline reference has no agents' turns: CASSIA's page shows its reasoning as the analysis
+    offline = ClusterAnnotation(cluster="3", main_cell_type="B cell", reasoning="MS4A1 and CD79A are enriched")
+    assert cf.conversations([offline])["3"]["annotations"] == ["MS4A1 and CD79A are enriched"]
     # CASSIA's scoring and report read the structured answer from `formatting`: the kept boost's, not the first's
     assert json.loads(conv["0"]["formatting"])["main_cell_type"] == "CD8+ T cell"
     assert conv["1"]["formatting"] == "{}"

@@ -117,7 +117,8 @@ def conversations(results: Iterable[ClusterAnnotation]) -> dict[str, dict]:
     """``{dataset}_cassia_conversations.json`` content, keyed by cluster id.
 
     Each cluster has ``annotations`` (every annotator turn, boost turns included, oldest first),
-    ``validations`` (validator turns), ``formatting`` (the last formatter reply; the boost's structured
+    ``validations`` (validator turns; a call without annotator turns, the offline reference's, has its
+    reasoning as its one annotation), ``formatting`` (the last formatter reply; the boost's structured
     answer when that answer was kept), ``scoring`` (the last scorer reply) and ``boost`` (the boost
     exchange: genes asked and values answered). When the boosted answer was kept, its concluding turn is
     also the last of ``annotations`` (CASSIA's boost reads the last one). When that answer replaced the first
@@ -141,6 +142,8 @@ def conversations(results: Iterable[ClusterAnnotation]) -> dict[str, dict]:
                 entry["boost"].append({"agent": agent, "content": content})
                 if r.kept_answer == "boosted" and agent.startswith("boost") and "FINAL ANNOTATION" in content.upper():
                     entry["annotations"].append(content)
+        if not entry["annotations"] and r.reasoning:  # the offline reference: its reasoning is the analysis
+            entry["annotations"].append(r.reasoning)
         if r.kept_answer == "boosted":  # the answer kept, not the formatter's reading of the first call
             entry["formatting"] = json.dumps({name: getattr(r, name) for name in ANSWER_FIELDS})
         if r.revised_from:
