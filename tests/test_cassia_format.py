@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 
+from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset import cassia_format as cf
 from cassia_helpers.dataset.annotate import ClusterAnnotation
 from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
@@ -21,6 +22,7 @@ from cassia_helpers.dataset.annotate.columns import pipeline_text_lines, write_p
 from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.subclusters import annotate_subclusters
 from cassia_helpers.dataset.markers import rank_markers, store_rank_genes_groups, top_markers
+from cassia_helpers.dataset.outputs import write_result
 from tests.synthetic import make_counts
 
 
@@ -186,6 +188,12 @@ def test_subclusters_are_annotated_with_the_parent_as_context(llm_env, tmp_path)
     assert "all these cells were called T cell" in context
     assert {r["cluster"] for r in json.loads(json.dumps(
         [{"cluster": r.cluster} for r in results]))} <= {f"T cell / {i}" for i in range(10)}
+    # the run's report and summaries read them from the result record
+    paths = DatasetPaths(tmp_path, "blood", "d")
+    paths.folder.mkdir(parents=True)
+    recorded = json.loads(write_result(adata, paths).read_text())["subclusters"]["T cell"]
+    assert [c["cluster"] for c in recorded["clusters"]] == [r.cluster for r in results]
+    assert sum(c["n_cells"] for c in recorded["clusters"]) == recorded["n_cells"] == int(t_cells.sum())
     # a parent no cluster is called (a typo) is said with the calls there are, on the terminal too
     adata.uns["cassia_batch"]["annotation"] = {"step_warnings": []}
     assert annotate_subclusters(adata, "T cel", annotator=annotator, tissue="blood") == []

@@ -218,6 +218,21 @@ def test_report_is_self_contained(tiny, tmp_path):
     assert load_summary(run)["n_cells"].dtype == "Int64"
 
 
+def test_report_lists_the_subclusters_of_a_dataset(tiny, tmp_path):
+    run = make_run(tmp_path, tiny, n_failed=0)
+    result = DatasetPaths(run, "blood", "Data_Good000_Blood").result_json
+    result.write_text(json.dumps({**json.loads(result.read_text()), "subclusters": {"CD4+ T cell": {
+        "n_cells": 113, "resolution": 0.5, "clusters": [
+            {"cluster": "CD4+ T cell / 0", "cell_type": "Unknown", "n_cells": 29, "status": "unknown",
+             "reason": "no reference cell type matched the markers", "score": None},
+            {"cluster": "CD4+ T cell / 1", "cell_type": "Naive CD4+ T cell", "n_cells": 84, "status": "ok",
+             "reason": "", "score": 26.7}]}}}))
+    html = write_report(run).read_text(encoding="utf-8")
+    assert ("Subclusters of CD4+ T cell (113 cells, re-clustered at resolution 0.5): CD4+ T cell / 0: Unknown (no "
+            "reference cell type matched the markers), 29 cells; CD4+ T cell / 1: Naive CD4+ T cell, 84 cells, "
+            "score 27.") in html
+
+
 def test_report_names_the_kind_of_each_flagged_call(tiny, tmp_path):
     run = make_run(tmp_path, tiny)
     table_path = run / "blood" / "Data_Good000_Blood" / "Data_Good000_Blood_clusters.csv"

@@ -260,6 +260,21 @@ def _self_score(record: dict) -> dict:
     return summary
 
 
+def _subclusters(record: dict) -> dict:
+    """``--subcluster``'s results: per parent type, its cells, the resolution and each subcluster's call."""
+    out = {}
+    for entry in record.get("subclusters", {}).values():
+        frame = entry.get("clusters")
+        rows = frame.to_dict("records") if isinstance(frame, pd.DataFrame) else []
+        out[str(entry.get("parent", ""))] = {
+            "n_cells": int(entry.get("n_cells", 0)), "resolution": float(entry.get("resolution", 0.0)),
+            "clusters": [{"cluster": str(r["cluster"]), "cell_type": str(r["main_cell_type"]),
+                          "n_cells": int(r["n_cells"]), "status": str(r["status"]), "reason": str(r["reason"]),
+                          "score": None if pd.isna(r["score"]) else round(float(r["score"]), 1)} for r in rows],
+        }
+    return out
+
+
 def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
     """``{dataset}_result.json``: the notebook's record for the run summaries, written last."""
     record = provenance(adata)
@@ -293,6 +308,7 @@ def write_result(adata: ad.AnnData, paths: DatasetPaths) -> Path:
         "evidence_flags": record.get("marker_evidence", {}).get("flags", {}),
         "self_score": _self_score(record.get("self_score", {})),
         **({"batches": batch_result(record)} if record.get("batches") else {}),
+        **({"subclusters": _subclusters(record)} if record.get("subclusters") else {}),
     }
     write_json(paths.result_json, result)
     return paths.result_json

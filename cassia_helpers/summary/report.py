@@ -208,6 +208,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor,
         "confusion": confusion_view(result.get("self_score")),
         "self_score_key": (result.get("self_score") or {}).get("self_score_key", ""),
         "batches": result.get("batches") or {},
+        "subclusters": result.get("subclusters") or {},
         # links only to files that exist (an input rejected before its notebook ran has none)
         "notebook": f"{tissue}/{name}/{paths.notebook.name}" if paths.notebook.is_file() else "",
         "kernel_log": f"{tissue}/{name}/{paths.kernel_log.name}" if paths.kernel_log.is_file() else "",
