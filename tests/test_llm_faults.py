@@ -553,7 +553,9 @@ def test_a_302_is_named_and_a_same_host_307_is_followed(llm_env, tmp_path):
                                    {"prompt_tokens": 10**15, "completion_tokens": 10**15},
                                    {"completion_tokens": 12.5}, {"prompt_tokens": None, "completion_tokens": [3]},
                                    # whole numbers, but more than the prompt could be or than max_tokens allowed
-                                   {"prompt_tokens": 9_999_999, "completion_tokens": 9_999_999}])
+                                   {"prompt_tokens": 9_999_999, "completion_tokens": 9_999_999},
+                                   # nothing for a prompt and a reply that are not empty (Ollama, some proxies)
+                                   {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}])
 def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path, usage):
     llm_env.usage_override = usage
     prices = tmp_path / "prices.json"
@@ -569,6 +571,34 @@ def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path
     assert all("usage not a token count" in r["error"] for r in records if r["status"] == "ok")
     tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
     assert 0.5 <= tracking["total_cost"] < 5 and tracking["estimated_calls"] == tracking["total_calls"]
+
+
+def test_thinking_tokens_a_server_counts_only_in_the_total_are_billed_as_output(llm_env, tmp_path):
+    llm_env.thinking_tokens = 500  # Gemini: completion_tokens leaves the thoughts out, total_tokens has them
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"scripted-model": {"input": 0.0, "output": 1000.0}}))
+    run(tmp_path, clusters=CLUSTERS[:2], max_rounds=1, price_file=str(prices))
+    records = calls(tmp_path / "ledger.jsonl")
+    stats = llm_env.stats()
+    assert len(records) == stats["ok"] == stats["requests"]
+    assert sum(r["output_tokens"] for r in records) == stats["completion_tokens"] + 500 * stats["ok"]
+    assert sum(r["cost"] for r in records) == pytest.approx(sum(r["output_tokens"] for r in records) / 1000)
+    # the server's own counts, not estimates, and the ledger line says where the output count comes from
+    assert all(not r["estimated"] and "total_tokens - prompt_tokens" in r["error"] for r in records)
+
+
+def test_reasoning_tokens_inside_completion_tokens_are_counted_once():
+    from cassia_helpers.dataset.annotate.llm.usage import reply_tokens
+
+    openai_style = {"prompt_tokens": 193, "completion_tokens": 552, "total_tokens": 745,
+                    "completion_tokens_details": {"reasoning_tokens": 500}}
+    gemini_style = dict(openai_style, completion_tokens=52)
+    for usage in (openai_style, gemini_style):
+        tokens = reply_tokens(usage, prompt_estimate=200, content="x" * 200, max_output=4096)
+        assert (tokens.input_tokens, tokens.output_tokens, tokens.estimated) == (193, 552, False)
+    # an empty reply may well cost no output token; an empty prompt no input token
+    assert reply_tokens({"prompt_tokens": 0, "completion_tokens": 0}, prompt_estimate=0, content="") == (
+        0, 0, "", False)
 
 
 @pytest.mark.parametrize("body", [b"[" * 200_000 + b"]" * 200_000, b'{"choices": "x"}', b"12", b"null"])

@@ -44,11 +44,11 @@ from cassia_helpers.dataset.annotate.llm.transport import (
     post_chat,
     refused_option,
     reply_fields,
-    reply_tokens,
     retry_after_seconds,
     safe_message,
 )
 from cassia_helpers.dataset.annotate.llm.untrusted import sanitize_label, scrub_secrets, untrusted_reply
+from cassia_helpers.dataset.annotate.llm.usage import reply_tokens
 from cassia_helpers.ledger import (
     BREAKER_OPEN,
     CACHE_HIT,
@@ -344,9 +344,8 @@ class LLMClient:
                 raise
         self.breaker.success()
         limit = int(options.get("max_tokens") or options.get("max_completion_tokens") or 0)  # 0: none was sent
-        input_tokens, output_tokens, note = reply_tokens(usage, prompt_estimate=estimated_input, content=content,
-                                                         max_output=limit)
-        estimated = bool(note)
+        input_tokens, output_tokens, note, estimated = reply_tokens(usage, prompt_estimate=estimated_input,
+                                                                    content=content, max_output=limit)
         fingerprint = scrub_secrets(fingerprint)[:200]  # the server's text: it goes into the shared h5ad
         served = sanitize_label(data.get("model") if isinstance(data.get("model"), str) else "")
         with self._lock:

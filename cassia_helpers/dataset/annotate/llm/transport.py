@@ -8,8 +8,8 @@ whatever the per-read timeouts. The same hooks tell when the request starts to l
 ledger's write-ahead line is written then, so a request that never left is never counted), and refuse a
 redirect that would carry the prompts to another server (scheme, host or port), or turn the request into a GET.
 
-:func:`reply_fields` takes the answer out of a chat completion body, :func:`reply_tokens` checks the
-token counts a server reports. An error is read by :func:`retry_after_seconds` (the wait the server asks
+:func:`reply_fields` takes the answer out of a chat completion body (its token counts are checked by
+:mod:`~.usage`). An error is read by :func:`retry_after_seconds` (the wait the server asks
 for), :func:`refused_option` (the optional request field a 400 complains about), :func:`certificate_problem`
 (a TLS certificate that was not trusted) and :func:`safe_message` (one line without anything that could
 carry a credential). Retries, the cache, the ledger and the run's limits are :mod:`~.client`'s.
@@ -29,7 +29,6 @@ from collections.abc import Callable
 import openai
 
 from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets
-from cassia_helpers.ledger import MAX_PLAUSIBLE_TOKENS, estimate_tokens
 
 
 def _http_library():
@@ -280,55 +279,12 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
         str(data.get("system_fingerprint") or "")
 
 
-#: a server's input count above this many times our estimate of the prompt is not believed
-PROMPT_SLACK = 10
-
-
 def finish_reason(data: dict) -> str:
     """Why the server stopped the reply (``stop``, ``length`` at the token limit ...), ``""`` when not said."""
     try:
         return str(data["choices"][0].get("finish_reason") or "")
     except (KeyError, IndexError, TypeError, AttributeError):
         return ""
-
-
-def usage_tokens(usage: dict | None, field: str) -> int | None:
-    """A token count of a reply's ``usage``, or None when it is missing or not a count.
-
-    Only a whole number from 0 to :data:`MAX_PLAUSIBLE_TOKENS` is a count (``12.0`` is 12): text
-    (``"many"``), fractions, negative and absurd numbers are what a broken or hostile server sends, and
-    they must neither lower the spend nor stop the run. The caller estimates what is None.
-    """
-    value = usage.get(field) if isinstance(usage, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not value.is_integer():
-        return None
-    return int(value) if 0 <= value <= MAX_PLAUSIBLE_TOKENS else None
-
-
-def reply_tokens(usage: dict | None, *, prompt_estimate: int, content: str, max_output: int = 0
-                 ) -> tuple[int, int, str]:
-    """The input and output tokens of a reply, and a note saying which were estimated (``""`` if none).
-
-    A count the server reports is used when :func:`usage_tokens` accepts it and it is possible: no more
-    output than the ``max_output`` tokens the request allowed (when it set a limit), no more input than
-    :data:`PROMPT_SLACK` times the local estimate (plus a system prompt's worth); a missing, bad or impossible
-    one is replaced by the local estimate (``prompt_estimate`` for the input, the reply's characters / 4).
-    """
-    counted_in, counted_out = usage_tokens(usage, "prompt_tokens"), usage_tokens(usage, "completion_tokens")
-    if counted_in is not None and counted_in > PROMPT_SLACK * prompt_estimate + 2_000:
-        counted_in = None
-    if counted_out is not None and max_output > 0 and counted_out > max_output:
-        counted_out = None
-    input_tokens = prompt_estimate if counted_in is None else counted_in
-    output_tokens = estimate_tokens(content) if counted_out is None else counted_out
-    if usage is None:
-        return input_tokens, output_tokens, "no usage reported: tokens estimated from characters"
-    bad = [f"{field}={scrub_secrets(str(usage.get(field)))[:20]!r}" for field, counted in
-           (("prompt_tokens", counted_in), ("completion_tokens", counted_out)) if counted is None]
-    note = f"usage not a token count ({', '.join(bad)}): tokens estimated from characters" if bad else ""
-    return input_tokens, output_tokens, note
 
 
 def certificate_problem(exc: BaseException) -> str:
