@@ -34,12 +34,12 @@ from cassia_helpers.dataset.annotate.llm.untrusted import MAX_LABEL_CHARS, MAX_R
 from cassia_helpers.ledger import (
     CallRecord,
     Ledger,
-    check_budget_prices,
     format_cost,
     read_ledger,
     resolve_pending,
     tracking_from_ledgers,
 )
+from cassia_helpers.prices import check_budget_prices
 from tests.conftest import API_KEY, BLOOD_DATASETS, REPO, llm_annotator
 from tests.scripted_llm_server import ScriptedLLMServer
 

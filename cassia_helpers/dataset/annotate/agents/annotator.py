@@ -54,7 +54,8 @@ from cassia_helpers.dataset.annotate.llm.limits import run_limits
 from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker
 from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, sanitize_label
-from cassia_helpers.ledger import Ledger, PriceTable
+from cassia_helpers.ledger import Ledger
+from cassia_helpers.prices import PriceTable, same_model
 
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
 # Clusters in a row without a usable answer after which a dataset's remaining clusters are not sent.
@@ -199,8 +200,7 @@ class LLMAnnotator:
     @property
     def notices(self) -> list[str]:
         """One-line warnings for the dataset: clusters no longer sent; answers from another model than asked."""
-        asked = self.client.model.lower().rsplit("/", 1)[-1]
-        others = sorted(m for m in self.client.served_models if not m.lower().rsplit("/", 1)[-1].startswith(asked))
+        others = sorted(m for m in self.client.served_models if not same_model(m, self.client.model))
         return self._notices + ([f"the server answered with model {', '.join(others)}, not {self.client.model} "
                                  "(a fallback or an alias: the prices and provenance are those of the model asked)"]
                                 if others else [])

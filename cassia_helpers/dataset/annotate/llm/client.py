@@ -59,10 +59,10 @@ from cassia_helpers.ledger import (
     SKIPPED_BUDGET,
     CallRecord,
     Ledger,
-    PriceTable,
     estimate_tokens,
     format_cost,
 )
+from cassia_helpers.prices import PriceTable
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MIN_ATTEMPT_S = 1.0  # no new attempt with less time than this left before the deadline
