@@ -9,6 +9,7 @@ replies, a server that echoes the key, and a kernel killed with a request in fli
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.server
 import json
 import os
@@ -175,13 +176,39 @@ def test_retries_stay_within_the_deadline(llm_env, tmp_path):
     assert len(calls(tmp_path / "ledger.jsonl")) == llm_env.stats()["requests"]
 
 
-def test_a_429_asking_for_a_day_pauses_the_run_no_longer_than_a_call_may_last(llm_env, tmp_path):
-    llm_env.fail_next(1, status=429, retry_after=86_400)
+@pytest.mark.parametrize("http_date", [False, True])
+def test_a_429_asking_for_a_day_pauses_the_run_no_longer_than_a_call_may_last(llm_env, tmp_path, http_date):
+    llm_env.fail_next(1, status=429, retry_after=email.utils.formatdate(time.time() + 86_400, usegmt=True)
+                      if http_date else 86_400)
     start = time.monotonic()
     results = run(tmp_path, clusters=CLUSTERS[:3], deadline=3.0, max_attempts=5)
     assert time.monotonic() - start < 3 * 3.0 + 3.0  # bounded by the deadlines, not by the server's day
     assert sum(r.main_cell_type != "Unknown" for r in results) >= 2  # the server answered again: so do we
     assert len(calls(tmp_path / "ledger.jsonl")) == llm_env.stats()["requests"]
+
+
+def test_a_retry_after_given_as_an_http_date_is_waited_for(llm_env, tmp_path):
+    llm_env.fail_next(1, status=429, retry_after=email.utils.formatdate(time.time() + 4, usegmt=True))
+    start = time.monotonic()
+    results = run(tmp_path, clusters=CLUSTERS[:1], max_rounds=1, deadline=20.0, max_attempts=3)
+    # the date has whole seconds: the wait it asks for is more than 3 s (a back-off alone is at most 1 s)
+    assert time.monotonic() - start > 2.9
+    assert results[0].main_cell_type == EXPECTED[0]
+
+
+def test_retry_after_is_read_in_seconds_milliseconds_and_http_dates():
+    from types import SimpleNamespace
+
+    from cassia_helpers.dataset.annotate.llm.transport import retry_after_seconds
+
+    def asked(**headers) -> float | None:
+        return retry_after_seconds(SimpleNamespace(response=SimpleNamespace(headers=headers)), now=1_000_000_000)
+
+    assert asked(**{"retry-after": "7"}) == 7.0 and asked(**{"retry-after-ms": "250"}) == 0.25
+    assert asked(**{"retry-after": "Sun, 09 Sep 2001 01:46:50 GMT"}) == 10.0  # IMF-fixdate, 10 s after now
+    assert asked(**{"retry-after": "Sunday, 09-Sep-01 01:46:50 GMT"}) == 10.0  # the obsolete RFC 850 form
+    assert asked(**{"retry-after": "Sat, 08 Sep 2001 01:46:40 GMT"}) == 0.0  # a date past: no wait
+    assert asked(**{"retry-after": "soon"}) is None and asked(**{"retry-after": "nan"}) is None and asked() is None
 
 
 def test_a_hanging_server_opens_the_breaker_once_for_the_whole_run(llm_env, tmp_path):

@@ -9,14 +9,17 @@ ledger's write-ahead line is written then, so a request that never left is never
 redirect that would carry the prompts to another server (scheme, host or port), or turn the request into a GET.
 
 :func:`reply_fields` takes the answer out of a chat completion body (its token counts are checked by
-:mod:`~.usage`). An error is read by :func:`retry_after_seconds` (the wait the server asks
-for), :func:`refused_option` (the optional request field a 400 complains about), :func:`certificate_problem`
-(a TLS certificate that was not trusted) and :func:`safe_message` (one line without anything that could
-carry a credential). Retries, the cache, the ledger and the run's limits are :mod:`~.client`'s.
+:mod:`~.usage`). An error is read by :func:`retry_after_seconds` (the wait the server asks for, in seconds
+or as an HTTP date), :func:`refused_option` (the optional request field a 400 complains about),
+:func:`certificate_problem` (a TLS certificate that was not trusted) and :func:`safe_message` (one line
+without anything that could carry a credential). Retries, the cache, the ledger and the run's limits are
+:mod:`~.client`'s.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import importlib
 import json
 import math
@@ -297,19 +300,37 @@ def certificate_problem(exc: BaseException) -> str:
     return f"certificate verify failed: {reason}"
 
 
-def retry_after_seconds(exc: BaseException) -> float | None:
-    """The wait an error response asks for (``retry-after-ms`` or ``retry-after``), in seconds; None if none."""
+def retry_after_seconds(exc: BaseException, *, now: float | None = None) -> float | None:
+    """The wait an error response asks for, in seconds; None if none.
+
+    ``retry-after-ms`` (OpenAI's, milliseconds) or ``retry-after``: seconds, or an HTTP date (RFC 9110), read
+    against ``now`` (``time.time()`` by default); a date already past asks for no wait. The caller bounds it.
+    """
     response = getattr(exc, "response", None)
     if response is None:
         return None
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = response.headers.get(header)
-        try:
-            if value is not None and math.isfinite(float(value)):
-                return max(0.0, float(value) * scale)
-        except ValueError:
+        if value is None:
             continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            seconds = _seconds_until(value, time.time() if now is None else now) if scale == 1.0 else None
+        if seconds is not None and math.isfinite(seconds):
+            return max(0.0, seconds)
     return None
+
+
+def _seconds_until(http_date: str, now: float) -> float | None:
+    """Seconds from ``now`` to an HTTP date (``Wed, 21 Oct 2015 07:28:00 GMT``), None if it is not one."""
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; the obsolete forms may carry no zone
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp() - now
 
 
 def refused_option(exc: openai.APIStatusError, options: dict) -> str:
