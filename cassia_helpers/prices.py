@@ -10,6 +10,7 @@ a reply says answered uses it too.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,22 @@ class Price:
         return (input_tokens * self.input_per_1m + output_tokens * self.output_per_1m) / 1_000_000
 
 
+def _usd(value: object, *, price_file: str | Path, model: str, side: str) -> float:
+    """A price of ``price_file`` in USD per 1M tokens: a finite number, 0 or more.
+
+    NaN or a negative price would make every cost NaN or negative, and the ``--max-cost`` budget would then
+    never stop anything: a ``ValueError`` names the file, the model and the value, as for ``--input-price nan``.
+    """
+    try:
+        price = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        price = math.nan
+    if not math.isfinite(price) or price < 0:
+        raise ValueError(f"{price_file}: the {side} price of model {model!r} must be a finite number of USD "
+                         f"per 1M tokens, 0 or more, got {value!r}")
+    return price
+
+
 class PriceTable:
     """Model → price. Unknown models cost 0 and are flagged ``known=False``.
 
@@ -89,18 +106,21 @@ class PriceTable:
         Raises
         ------
         ValueError
-            The file cannot be read or is not such an object; the message names the file.
+            The file cannot be read, is not such an object, or a price is not a finite number ≥ 0 (NaN or a
+            negative price would silently turn the ``--max-cost`` budget off); the message names the file,
+            and the model and the value when one price is wrong.
         """
         table = cls()
         if price_file:
             try:
                 raw = json.loads(Path(price_file).read_text(encoding="utf-8"))
                 entries = {name: (entry["input"], entry["output"]) for name, entry in raw.items()}
-                for name, (input_usd, output_usd) in entries.items():
-                    table.prices[name] = (float(input_usd), float(output_usd))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"{price_file}: not a valid price file ({exc}); expected "
                                  '{"model": {"input": 0.15, "output": 0.6}}') from None
+            for name, (input_usd, output_usd) in entries.items():
+                table.prices[name] = (_usd(input_usd, price_file=price_file, model=name, side="input"),
+                                      _usd(output_usd, price_file=price_file, model=name, side="output"))
         if model and (input_price is not None or output_price is not None):
             current = table.lookup(model)
             table.prices[model] = (
@@ -125,6 +145,7 @@ def check_budget_prices(model: str, max_cost: float, price_file: str | Path | No
 
     A budget needs a price: with an unknown model (not in the defaults nor in ``price_file``) and no
     ``input_price``/``output_price``, every call would cost $0 and the budget would never stop anything.
+    A price file with a price that is not a finite number ≥ 0 is a problem whatever the budget.
     """
     try:
         table = PriceTable.load(price_file or None, model=model, input_price=input_price,

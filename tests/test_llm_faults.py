@@ -251,6 +251,24 @@ def test_max_cost_needs_a_known_price(tmp_path):
     assert "not a valid price file" in check_budget_prices("my-local-model", 1.0, prices)
 
 
+@pytest.mark.parametrize("entry, bad", [({"input": "NaN", "output": 1}, "'NaN'"), ({"input": 1, "output": -5}, "-5"),
+                                        ({"input": 1, "output": "Infinity"}, "'Infinity'"),
+                                        ({"input": True, "output": 1}, "True")])
+def test_a_price_file_with_a_price_that_is_no_price_is_a_usage_error(tmp_path, capsys, monkeypatch, entry, bad):
+    """NaN or a negative price would make every cost NaN or negative: the budget would never stop a run."""
+    from cassia_helpers.batch.cli import main
+
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"my-model": entry}))
+    problem = check_budget_prices("my-model", 0.0, prices)  # whatever the budget
+    assert problem and str(prices) in problem and "'my-model'" in problem and bad in problem, problem
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    code = main(["--data-dir", str(tmp_path), "--tissues", "all", "--annotator", "llm", "--model", "my-model",
+                 "--price-file", str(prices), "--max-cost", "1", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err and "Traceback" not in err
+
+
 def test_a_budget_with_no_price_sends_nothing(llm_env, tmp_path):
     results = run(tmp_path, clusters=CLUSTERS[:3], max_cost=0.01)
     assert llm_env.stats()["requests"] == 0
