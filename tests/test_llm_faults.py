@@ -83,6 +83,30 @@ def test_wrong_key_stops_the_dataset_at_once_with_a_dataset_reason(llm_server, m
     assert len(calls(tmp_path / "ledger.jsonl")) == 1
 
 
+@pytest.mark.parametrize("status, error", [
+    (429, {"message": "You exceeded your current quota, please check your plan and billing details.",
+           "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}),
+    (402, {"message": "Insufficient credits. Add more using https://openrouter.ai/settings/credits", "code": 402}),
+])
+def test_exhausted_quota_or_credits_stop_the_dataset_at_once(llm_env, tmp_path, status, error):
+    llm_env.fail_next(1000, status=status, error={"error": error})
+    results = run(tmp_path)
+    assert llm_env.stats()["requests"] == 1  # no retry, no other cluster: no request can succeed
+    assert all(r.main_cell_type == "Unknown" and r.reason_kind == "quota" for r in results)
+    reason = annotation_failure(results)
+    assert reason and "quota or credits" in reason and "6 of 6" in reason and "\n" not in reason
+
+
+def test_a_web_page_where_the_api_should_be_is_named_and_stops_the_dataset(llm_env, tmp_path):
+    llm_env.raw_reply = b"<html><body><h1>Welcome to nginx!</h1></body></html>"
+    llm_env.raw_content_type = "text/html; charset=utf-8"
+    results = run(tmp_path, clusters=CLUSTERS[:3])
+    assert llm_env.stats()["requests"] == 1
+    assert {r.reason_kind for r in results} == {"endpoint_not_found"}
+    assert "HTML page (Content-Type: text/html), not JSON" in results[0].reason
+    assert "Expecting value" not in results[0].reason and "check --base-url" in annotation_failure(results)
+
+
 def test_no_key_is_named_as_such(llm_server, monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_BASE_URL", llm_server.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

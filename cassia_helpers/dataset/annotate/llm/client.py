@@ -34,15 +34,16 @@ from cassia_helpers.dataset.annotate.llm.errors import (
     _Retryable,
 )
 from cassia_helpers.dataset.annotate.llm.options import LLMOptions
+from cassia_helpers.dataset.annotate.llm.statuses import status_verdict
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker, RunBudget, RunThrottle
 from cassia_helpers.dataset.annotate.llm.transport import (
     DeadlineExceeded,
+    NotJSON,
     RedirectRefused,
     certificate_problem,
     finish_reason,
     http_client,
     post_chat,
-    refused_option,
     reply_fields,
     retry_after_seconds,
     safe_message,
@@ -335,6 +336,10 @@ class LLMClient:
                 raise self._fail_to_reach(message, "disconnected", cluster, agent) from None
             except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
                 # An unreadable body: the request was sent and may have been billed, but nothing is known.
+                if isinstance(exc, NotJSON) and exc.html:  # a web page where the API should be: every request
+                    message = scrub_secrets(str(exc))[:300]  # would get it (a wrong --base-url)
+                    done(ERROR, message, input_tokens=estimated_input, estimated=True)
+                    raise self._fatal_error(message, "endpoint_not_found") from None
                 message = scrub_secrets(f"unreadable response ({type(exc).__name__}: {exc})"[:240])
                 done(ERROR, message, input_tokens=estimated_input, estimated=True)
                 raise _Retryable(message, kind="unreadable") from None
@@ -371,25 +376,16 @@ class LLMClient:
         return fatal
 
     def _status_error(self, exc: openai.APIStatusError, message: str, options: dict) -> Exception:
-        retry_after = retry_after_seconds(exc)
-        status = exc.status_code
-        if status in (408, 429) or status >= 500:
-            if status == 429:  # every worker pauses: at most as long as a retry would wait, or a call may last
+        verdict = status_verdict(exc, options, has_key=bool(os.environ.get("OPENAI_API_KEY")))
+        if verdict.action == "fatal":
+            return self._fatal_error(message + verdict.note, verdict.kind)
+        if verdict.action == "retry":
+            retry_after = retry_after_seconds(exc)
+            if exc.status_code == 429:  # every worker pauses: at most as long as a retry would wait, or a call may last
                 asked = retry_after if retry_after is not None else 1.0
                 self.throttle.back_off(min(asked, self.max_wait_s, self.deadline))
-            return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "server_error")
-        refused = refused_option(exc, options)
-        if refused:
-            # e.g. reasoning models accept only the default temperature and max_completion_tokens
-            self.mark_unsupported(refused)
+            return _Retryable(message, retry_after, kind=verdict.kind)
+        if verdict.action == "drop_option":
+            self.mark_unsupported(verdict.option)
             return _Retryable(message, 0.0)
-        if status in (401, 403, 404):
-            if status == 404:
-                # a 404 that does not name the model is the address itself (e.g. a base URL without /v1)
-                kind = "model_not_found" if "model" in message.lower() else "endpoint_not_found"
-            else:
-                kind = "auth" if os.environ.get("OPENAI_API_KEY") else "no_key"
-            return self._fatal_error(message, kind)
-        if status in (400, 422):
-            return RequestRejected(message)
-        return LLMError(message)
+        return RequestRejected(message) if verdict.action == "rejected" else LLMError(message)

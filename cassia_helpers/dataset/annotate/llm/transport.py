@@ -10,7 +10,7 @@ redirect that would carry the prompts to another server (scheme, host or port), 
 
 :func:`reply_fields` takes the answer out of a chat completion body (its token counts are checked by
 :mod:`~.usage`). An error is read by :func:`retry_after_seconds` (the wait the server asks for, in seconds
-or as an HTTP date), :func:`refused_option` (the optional request field a 400 complains about),
+or as an HTTP date),
 :func:`certificate_problem` (a TLS certificate that was not trusted) and :func:`safe_message` (one line
 without anything that could carry a credential). Retries, the cache, the ledger and the run's limits are
 :mod:`~.client`'s.
@@ -51,6 +51,14 @@ MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read t
 
 class DeadlineExceeded(Exception):
     """The exchange (connect, headers, body) was not complete within the request's wall-clock limit."""
+
+
+class NotJSON(ValueError):
+    """A reply body that is not JSON; ``html``: the server said it is a web page (its Content-Type)."""
+
+    def __init__(self, message: str, *, html: bool) -> None:
+        super().__init__(message)
+        self.html = html
 
 
 class RedirectRefused(Exception):
@@ -190,7 +198,7 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
     RedirectRefused
         The server redirected the request elsewhere.
     ValueError
-        The body is larger than :data:`MAX_BODY_BYTES`, or not JSON.
+        The body is larger than :data:`MAX_BODY_BYTES`, or not JSON (:class:`NotJSON`).
     openai.APIError
         What the ``openai`` client raises: an error status, a timeout, a connection failure.
     """
@@ -198,7 +206,7 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
     exchange = _Exchange(on_send)
     timer = threading.Timer(limit, exchange.expire)
     timer.daemon = True
-    chunks, size = [], 0
+    chunks, size, content_type = [], 0, ""
     start = time.monotonic()
 
     def late() -> DeadlineExceeded:
@@ -209,6 +217,7 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
     timer.start()
     try:
         with client.chat.completions.with_streaming_response.create(**options, timeout=request_timeout) as raw:
+            content_type = raw.headers.get("content-type", "")
             try:
                 for chunk in raw.iter_bytes():
                     chunks.append(chunk)
@@ -238,6 +247,13 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
         return json.loads(b"".join(chunks)), size
     except RecursionError:  # e.g. a body of 100,000 nested brackets
         raise ValueError("reply body nested too deeply to be a chat completion") from None
+    except ValueError as exc:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media in ("text/html", "application/xhtml+xml"):  # a web site's page: not an API at this address
+            raise NotJSON(f"the server answered with an HTML page (Content-Type: {scrub_secrets(media)}), not "
+                          "JSON: is --base-url the address of its OpenAI-compatible API (often ending in /v1)?",
+                          html=True) from None
+        raise NotJSON(f"reply body not JSON ({exc})", html=False) from None
 
 
 def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
@@ -331,30 +347,6 @@ def _seconds_until(http_date: str, now: float) -> float | None:
     if when.tzinfo is None:  # RFC 9110 dates are GMT; the obsolete forms may carry no zone
         when = when.replace(tzinfo=datetime.UTC)
     return when.timestamp() - now
-
-
-def refused_option(exc: openai.APIStatusError, options: dict) -> str:
-    """The optional request field (``seed``, ``temperature``, ``max_tokens``...) a 400 complains about.
-
-    Parameters
-    ----------
-    exc
-        The error status the endpoint answered.
-    options
-        The request's fields: only those sent can be refused.
-
-    Returns
-    -------
-    str
-        The field's name, or ``""`` when the error is not a 400 or names none of them.
-    """
-    if exc.status_code != 400:
-        return ""
-    text = str(exc).lower()
-    for option in ("max_completion_tokens", "max_tokens", "seed", "temperature"):
-        if option in options and option in text:
-            return option
-    return ""
 
 
 def safe_message(exc: BaseException) -> str:
