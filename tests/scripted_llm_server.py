@@ -838,7 +838,7 @@ class ScriptedLLMServer(_PipelineAgents):
         # path -> (status, Location): POSTs to the path are answered with that redirect (counted in ``redirected``)
         self.redirects: dict[str, tuple[int, str]] = {}
         self.redirected = 0
-        self._fail_queue: list[tuple[int, float | str | None, dict | None]] = []
+        self._fail_queue: list[tuple[int, float | str | None, dict | None, str]] = []
         self._malformed_left = 0
         self._rates = (0.0, 0.0, 0.0, 0.0)
         self._timeout_s = 5.0
@@ -910,14 +910,15 @@ class ScriptedLLMServer(_PipelineAgents):
     # -- fault injection -----------------------------------------------------------------------
 
     def fail_next(self, n: int, status: int = 429, retry_after: float | str | None = None,
-                  error: dict | None = None) -> None:
+                  error: dict | None = None, agent: str = "") -> None:
         """The next ``n`` chat requests (after the API-key check) get ``status`` with an error body.
 
         ``retry_after``: a ``Retry-After`` header, seconds or a text sent as it is (an HTTP date);
-        ``error``: this body (e.g. :func:`error_body` with a provider's code) instead of the generic one.
+        ``error``: this body (e.g. :func:`error_body` with a provider's code) instead of the generic one;
+        ``agent``: only that agent's requests fail (``""``: any request).
         """
         with self._lock:
-            self._fail_queue.extend([(int(status), retry_after, error)] * int(n))
+            self._fail_queue.extend([(int(status), retry_after, error, agent)] * int(n))
 
     def fault_rates(
         self,
@@ -1046,7 +1047,8 @@ class ScriptedLLMServer(_PipelineAgents):
         if not self._authorized(headers.get("authorization")):
             return _Reply(401, self._auth_error())
         with self._lock:
-            injected = self._fail_queue.pop(0) if self._fail_queue else None
+            mine = [i for i, failure in enumerate(self._fail_queue) if failure[3] in ("", agent)]
+            injected = self._fail_queue.pop(mine[0])[:3] if mine else None
             malformed = False
             if injected is None and self._malformed_left > 0:
                 self._malformed_left -= 1

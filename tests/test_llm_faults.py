@@ -107,6 +107,47 @@ def test_a_web_page_where_the_api_should_be_is_named_and_stops_the_dataset(llm_e
     assert "Expecting value" not in results[0].reason and "check --base-url" in annotation_failure(results)
 
 
+CONTEXT_400 = ("'max_tokens' or 'max_completion_tokens' is too large: 4096. This model's maximum context length is "
+               "2048 tokens and your request has 900 input tokens (4096 > 2048 - 900). Please reduce the length of "
+               "the messages or completion.")
+FILTER_400 = ("The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+              "Please modify your prompt and retry.")
+
+
+@pytest.mark.parametrize("agent, message, code", [("", CONTEXT_400, None), ("formatter", FILTER_400, "content_filter")])
+def test_a_400_about_one_request_is_not_remembered_as_a_field_the_endpoint_refuses(llm_env, tmp_path, agent,
+                                                                                   message, code):
+    llm_env.fail_next(1, status=400, agent=agent,
+                      error={"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                       "code": code}})
+    llm = annotator(tmp_path)
+    llm.annotate(CLUSTERS[:2], tissue="blood", species="human")
+    capabilities = tmp_path / "cache" / "capabilities.json"
+    assert not capabilities.exists() or False not in json.loads(capabilities.read_text()).popitem()[1].values()
+    assert all(b.get("max_tokens") == 4096 for b in llm_env.received)
+    formatted = [b for b in llm_env.received if b["_agent"] == "formatter"]
+    assert formatted[-1]["response_format"]["type"] == "json_schema"
+    assert llm.describe()["max_tokens"] == 4096
+
+
+def test_a_refused_length_cap_moves_to_max_completion_tokens_and_is_said_not_sent_when_both_are_refused(
+        llm_env, tmp_path):
+    def unsupported(field: str) -> dict:
+        return {"error": {"message": f"Unsupported parameter: '{field}' is not supported with this model.",
+                          "type": "invalid_request_error", "param": field, "code": "unsupported_parameter"}}
+
+    llm_env.fail_next(1, status=400, error=unsupported("max_tokens"))
+    llm = annotator(tmp_path, max_attempts=4)
+    llm.annotate(CLUSTERS[:1], tissue="blood", species="human")
+    assert "max_completion_tokens" in llm_env.received[-1] and "max_tokens" not in llm_env.received[-1]
+    assert llm.describe()["max_tokens"] == 4096
+    llm_env.fail_next(1, status=400, error=unsupported("max_completion_tokens"))
+    llm = annotator(tmp_path, name="again", max_attempts=4)
+    llm.annotate(CLUSTERS[1:2], tissue="blood", species="human")
+    assert not {"max_tokens", "max_completion_tokens"} & set(llm_env.received[-1])
+    assert llm.describe()["max_tokens"] == "not sent (refused by the endpoint)"
+
+
 def test_no_key_is_named_as_such(llm_server, monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_BASE_URL", llm_server.base_url)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

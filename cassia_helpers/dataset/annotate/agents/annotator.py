@@ -189,7 +189,8 @@ class LLMAnnotator:
             "temperature": self.client.temperature,
             "seed": self.client.seed,
             "max_rounds": self.max_rounds,
-            "max_tokens": self.client.max_tokens,
+            "max_tokens": (self.client.max_tokens if self.client.length_field or self.client.max_tokens <= 0
+                           else "not sent (refused by the endpoint)"),
             "deadline_s": self.client.deadline,
             "price_known": self.price_known,
             "system_fingerprint": ", ".join(sorted(self.client.fingerprints)),
@@ -277,10 +278,11 @@ class LLMAnnotator:
                 reply = self.client.chat(messages, cluster=cluster, agent="formatter",
                                          response_format=response_format,
                                          accept=lambda text: parse_answer(text) is not None)
-            except RequestRejected:
+            except RequestRejected as exc:
                 if response_format is None:
                     raise
-                self.client.mark_unsupported(feature)
+                if exc.refused:  # remembered only when the endpoint refuses the format itself
+                    self.client.mark_unsupported(feature)
                 continue
             except LLMError as exc:  # the budget, the server: an analysis already paid for is read as it is
                 answer = parse_answer(analysis)

@@ -255,12 +255,16 @@ class LLMClient:
             options["response_format"] = response_format
         if self.supports("seed"):
             options["seed"] = self.seed
-        if self.max_tokens > 0:
-            if self.supports("max_tokens"):
-                options["max_tokens"] = self.max_tokens
-            elif self.supports("max_completion_tokens"):
-                options["max_completion_tokens"] = self.max_tokens
+        if self.length_field:
+            options[self.length_field] = self.max_tokens
         return options
+
+    @property
+    def length_field(self) -> str:
+        """The field that carries the reply length cap (``max_tokens``, or ``max_completion_tokens`` where the
+        endpoint refused the first), ``""`` when none is sent (no cap, or both refused)."""
+        fields = ("max_tokens", "max_completion_tokens") if self.max_tokens > 0 else ()
+        return next((field for field in fields if self.supports(field)), "")
 
     def _fail_to_reach(self, message: str, kind: str, cluster: str, agent: str) -> _Retryable:
         """A timeout or connection failure: count it for the circuit breaker, announce an opening once."""
@@ -388,4 +392,4 @@ class LLMClient:
         if verdict.action == "drop_option":
             self.mark_unsupported(verdict.option)
             return _Retryable(message, 0.0)
-        return RequestRejected(message) if verdict.action == "rejected" else LLMError(message)
+        return RequestRejected(message, verdict.option) if verdict.action == "rejected" else LLMError(message)

@@ -25,10 +25,13 @@ class BudgetExceeded(LLMError):
 
 
 class RequestRejected(LLMError):
-    """The endpoint rejected this request as invalid (400/422), e.g. an unsupported response_format."""
+    """The endpoint rejected this request as invalid (400/422). ``refused``: the request field it refuses
+    itself (``response_format``: e.g. structured outputs not supported), ``""`` when it refused this request
+    only (a prompt too long for the context, a content filter): nothing to remember about the endpoint."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, refused: str = "") -> None:
         super().__init__(message, "rejected")
+        self.refused = refused
 
 
 class FatalLLMError(LLMError):

@@ -11,6 +11,13 @@ from typing import NamedTuple
 
 import openai
 
+# How a 400 says that a request field itself is not accepted (OpenAI, vLLM, Ollama, LiteLLM, Azure). A 400 that
+# only mentions a field (vLLM's "max_tokens ... is too large: this model's maximum context length is ...", a
+# content filter on one prompt) is about that request, and must not make the field be left out for good.
+REFUSALS = ("unsupported parameter", "unsupported_parameter", "unsupported value", "unrecognized", "unknown field",
+            "unknown parameter", "not supported", "does not support", "extra inputs are not permitted",
+            "unexpected keyword", "not allowed")
+
 
 class StatusVerdict(NamedTuple):
     """``action``: ``retry``, ``fatal`` (every request would meet it: stop asking), ``drop_option`` (send again
@@ -36,15 +43,21 @@ def refused_option(exc: openai.APIStatusError, options: dict) -> str:
     Returns
     -------
     str
-        The field's name, or ``""`` when the error is not a 400 or names none of them.
+        The field's name, or ``""`` when the error is not a 400 refusing one of them (:func:`refuses`).
     """
     if exc.status_code != 400:
         return ""
-    text = str(exc).lower()
     for option in ("max_completion_tokens", "max_tokens", "seed", "temperature"):
-        if option in options and option in text:
+        if option in options and refuses(exc, option):
             return option
     return ""
+
+
+def refuses(exc: openai.APIStatusError, field: str) -> bool:
+    """Whether the 400 ``exc`` refuses the request field ``field`` itself (:data:`REFUSALS`), not the request."""
+    text = " ".join([str(exc), str(getattr(exc, "code", "") or "")]).lower()
+    named = field in text or getattr(exc, "param", None) == field
+    return exc.status_code == 400 and named and any(phrase in text for phrase in REFUSALS)
 
 
 def quota_exhausted(exc: openai.APIStatusError) -> bool:
@@ -77,5 +90,6 @@ def status_verdict(exc: openai.APIStatusError, options: dict, *, has_key: bool) 
     if status in (401, 403):
         return StatusVerdict("fatal", "auth" if has_key else "no_key")
     if status in (400, 422):
-        return StatusVerdict("rejected", "rejected")
+        return StatusVerdict("rejected", "rejected", option="response_format" if refuses(exc, "response_format")
+                             else "")
     return StatusVerdict("error")
