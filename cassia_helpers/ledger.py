@@ -36,82 +36,6 @@ CHARS_PER_TOKEN = 4
 MAX_PLAUSIBLE_TOKENS = 10_000_000
 MAX_REQUEST_COST = 10_000.0
 
-# USD per 1M tokens (input, output), from the providers' public price lists (2025).
-# Prices change: override with --price-file or --input-price/--output-price.
-DEFAULT_PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-5": (1.25, 10.00),
-    "gpt-5-mini": (0.25, 2.00),
-    "gpt-5-nano": (0.05, 0.40),
-    "o3": (2.00, 8.00),
-    "o3-mini": (1.10, 4.40),
-    "o4-mini": (1.10, 4.40),
-    "claude-sonnet-4": (3.00, 15.00),
-    "claude-3.5-haiku": (0.80, 4.00),
-    "claude-3-5-haiku": (0.80, 4.00),
-    "gemini-2.5-pro": (1.25, 10.00),
-    "gemini-2.5-flash": (0.30, 2.50),
-    "deepseek-chat": (0.27, 1.10),
-    "deepseek-r1": (0.55, 2.19),
-}
-
-
-@dataclass(frozen=True)
-class Price:
-    input_per_1m: float
-    output_per_1m: float
-    known: bool
-
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input_per_1m + output_tokens * self.output_per_1m) / 1_000_000
-
-
-class PriceTable:
-    """Model → price. Unknown models cost 0 and are flagged ``known=False``.
-
-    A model name matches its exact entry, then without a provider prefix (``openai/gpt-4o`` →
-    ``gpt-4o``), then the longest entry it starts with (dated snapshots such as ``gpt-4o-2024-08-06``).
-    """
-
-    def __init__(self, prices: dict[str, tuple[float, float]] | None = None) -> None:
-        self.prices = dict(DEFAULT_PRICES if prices is None else prices)
-
-    @classmethod
-    def load(cls, price_file: str | Path | None = None, *, model: str = "", input_price: float | None = None,
-             output_price: float | None = None) -> PriceTable:
-        """Defaults, updated from a JSON file ``{"model": {"input": USD/1M, "output": USD/1M}}`` and flags."""
-        table = cls()
-        if price_file:
-            try:
-                raw = json.loads(Path(price_file).read_text(encoding="utf-8"))
-                for name, entry in raw.items():
-                    table.prices[name] = (float(entry["input"]), float(entry["output"]))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ValueError(f"{price_file}: not a valid price file ({exc}); expected "
-                                 '{"model": {"input": 0.15, "output": 0.6}}') from None
-        if model and (input_price is not None or output_price is not None):
-            current = table.lookup(model)
-            table.prices[model] = (
-                current.input_per_1m if input_price is None else float(input_price),
-                current.output_per_1m if output_price is None else float(output_price),
-            )
-        return table
-
-    def lookup(self, model: str) -> Price:
-        for name in (model, model.rsplit("/", 1)[-1]):
-            if name in self.prices:
-                return Price(*self.prices[name], known=True)
-        base = model.rsplit("/", 1)[-1]
-        candidates = [name for name in self.prices if base.startswith(name + "-")]
-        if candidates:
-            return Price(*self.prices[max(candidates, key=len)], known=True)
-        return Price(0.0, 0.0, known=False)
-
-
 @dataclass
 class CallRecord:
     """One request to the model server (or one cache hit)."""
@@ -272,26 +196,6 @@ def format_cost(usd: float) -> str:
         return f"${usd:,.2f}"
     decimals = min(12, 1 - math.floor(math.log10(abs(usd))))
     return f"${usd:.{decimals}f}"
-
-
-def check_budget_prices(model: str, max_cost: float, price_file: str | Path | None = None,
-                        input_price: float | None = None, output_price: float | None = None) -> str | None:
-    """The one-line problem when ``max_cost`` cannot be enforced for ``model``, else ``None``.
-
-    A budget needs a price: with an unknown model (not in the defaults nor in ``price_file``) and no
-    ``input_price``/``output_price``, every call would cost $0 and the budget would never stop anything.
-    """
-    try:
-        table = PriceTable.load(price_file or None, model=model, input_price=input_price,
-                                output_price=output_price)
-    except ValueError as exc:
-        return str(exc)
-    if not max_cost or max_cost <= 0 or not model:
-        return None
-    if not table.lookup(model).known:
-        return (f"--max-cost {max_cost:g} cannot be enforced: no known price for model {model!r}; "
-                "give --price-file or --input-price and --output-price (USD per 1M tokens)")
-    return None
 
 
 def _totals(records: list[dict]) -> dict:

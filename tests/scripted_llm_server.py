@@ -682,10 +682,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_head(self, reply: _Reply, data: bytes, *, extra: bool) -> None:
         """Status line and headers of a JSON body; ``extra``: the reply's own headers too (Retry-After, …)."""
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", reply.headers.get("Content-Type", "application/json"))
         self.send_header("Content-Length", str(len(data)))
         for key, value in (reply.headers.items() if extra else ()):
-            self.send_header(key, value)
+            if key != "Content-Type":
+                self.send_header(key, value)
         self.end_headers()
 
     def _send_stalling(self, reply: _Reply) -> None:
@@ -821,6 +822,9 @@ class ScriptedLLMServer(_PipelineAgents):
         self.hang = False
         self.empty_answer = False
         self.cut_replies = False
+        self.cut_reason = "length"  # the finish_reason of a cut reply (content_filter: a provider's filter)
+        self.cut_agent = ""  # only this agent's replies are cut ("": every agent's)
+        self.thinking_tokens = 0  # Gemini-style: thinking tokens counted in total_tokens only
         self.error_in_body = False
         self.no_choices = False
         self.huge_answer_chars = 0
@@ -830,10 +834,11 @@ class ScriptedLLMServer(_PipelineAgents):
         self.trickle_headers_s = 0.0
         self.usage_override: dict = {}
         self.raw_reply: bytes | None = None  # the body of every 200 answer, as it is
+        self.raw_content_type = "application/json"  # the Content-Type of ``raw_reply``
         # path -> (status, Location): POSTs to the path are answered with that redirect (counted in ``redirected``)
         self.redirects: dict[str, tuple[int, str]] = {}
         self.redirected = 0
-        self._fail_queue: list[tuple[int, float | None]] = []
+        self._fail_queue: list[tuple[int, float | str | None, dict | None, str]] = []
         self._malformed_left = 0
         self._rates = (0.0, 0.0, 0.0, 0.0)
         self._timeout_s = 5.0
@@ -904,10 +909,16 @@ class ScriptedLLMServer(_PipelineAgents):
 
     # -- fault injection -----------------------------------------------------------------------
 
-    def fail_next(self, n: int, status: int = 429, retry_after: float | None = None) -> None:
-        """The next ``n`` chat requests (after the API-key check) get ``status`` with an error body."""
+    def fail_next(self, n: int, status: int = 429, retry_after: float | str | None = None,
+                  error: dict | None = None, agent: str = "") -> None:
+        """The next ``n`` chat requests (after the API-key check) get ``status`` with an error body.
+
+        ``retry_after``: a ``Retry-After`` header, seconds or a text sent as it is (an HTTP date);
+        ``error``: this body (e.g. :func:`error_body` with a provider's code) instead of the generic one;
+        ``agent``: only that agent's requests fail (``""``: any request).
+        """
         with self._lock:
-            self._fail_queue.extend([(int(status), retry_after)] * int(n))
+            self._fail_queue.extend([(int(status), retry_after, error, agent)] * int(n))
 
     def fault_rates(
         self,
@@ -955,7 +966,9 @@ class ScriptedLLMServer(_PipelineAgents):
         self.hang = self.empty_answer = self.echo_authorization = self.tricky_verdict = False
         self.served_model = ""
         self.error_in_body = self.no_choices = self.cut_replies = False
+        self.cut_reason, self.cut_agent, self.thinking_tokens = "length", "", 0
         self.trickle_headers_s, self.usage_override, self.redirects, self.raw_reply = 0.0, {}, {}, None
+        self.raw_content_type = "application/json"
         self._init_pipeline_faults()
 
     # -- stats --------------------------------------------------------------------------------
@@ -1034,16 +1047,17 @@ class ScriptedLLMServer(_PipelineAgents):
         if not self._authorized(headers.get("authorization")):
             return _Reply(401, self._auth_error())
         with self._lock:
-            injected = self._fail_queue.pop(0) if self._fail_queue else None
+            mine = [i for i, failure in enumerate(self._fail_queue) if failure[3] in ("", agent)]
+            injected = self._fail_queue.pop(mine[0])[:3] if mine else None
             malformed = False
             if injected is None and self._malformed_left > 0:
                 self._malformed_left -= 1
                 malformed = True
         if injected is not None:
-            status, retry_after = injected
+            status, retry_after, error = injected
             extra = {"Retry-After": _fmt_seconds(retry_after)} if retry_after is not None else {}
             self._note_fault(f"fail_{status}")
-            return _Reply(status, _status_error(status), headers=extra)
+            return _Reply(status, error or _status_error(status), headers=extra)
         if malformed:
             self._note_fault("malformed")
             return _Reply(200, raw=MALFORMED_BODY)
@@ -1071,14 +1085,15 @@ class ScriptedLLMServer(_PipelineAgents):
         ``hang``: accept the request, never answer. ``trickle_s``: send the body one byte every
         ``trickle_s`` seconds. ``trickle_headers_s``: send the status line and headers one byte every
         ``trickle_headers_s`` seconds. ``usage_override``: these ``usage`` fields in every 200 answer;
-        ``raw_reply``: this body instead.
+        ``raw_reply``: this body instead (``raw_content_type``).
         On a 200 answer: ``empty_answer`` -> empty content; ``huge_answer_chars``
         -> the content padded to that many characters; ``echo_authorization`` -> the request's
         Authorization header appended to the content (also JSON- and URL-escaped), its key as the fingerprint;
-        ``cut_replies`` -> half the content, finish_reason "length"; ``tricky_verdict`` -> a validator answer that
-        fails but mentions "VALIDATION PASSED" later in its first line; ``error_in_body`` -> an error
-        object in place of the completion (as some proxies send with status 200); ``no_choices`` -> a
-        completion whose ``choices`` list is empty.
+        ``cut_replies`` -> half the content, finish_reason ``cut_reason`` ("length"), for ``cut_agent`` or all;
+        ``thinking_tokens`` -> that many more tokens in ``total_tokens`` only (as Gemini counts its thoughts);
+        ``tricky_verdict`` -> a validator answer that fails but mentions "VALIDATION PASSED" later in its
+        first line; ``error_in_body`` -> an error object in place of the completion (as some proxies send
+        with status 200); ``no_choices`` -> a completion whose ``choices`` list is empty.
         """
         if self.hang:
             self._note_fault("hang")
@@ -1095,6 +1110,7 @@ class ScriptedLLMServer(_PipelineAgents):
         if self.raw_reply is not None:
             self._note_fault("raw_reply")
             reply.raw = self.raw_reply
+            reply.headers["Content-Type"] = self.raw_content_type
             return reply
         if self.error_in_body:
             self._note_fault("error_in_body")
@@ -1128,15 +1144,17 @@ class ScriptedLLMServer(_PipelineAgents):
         if self.empty_answer:
             self._note_fault("empty")
             content = ""
-        if self.cut_replies:  # the token limit reached halfway through
+        if self.cut_replies and self.cut_agent in ("", agent):  # the token limit (or a filter) halfway through
             self._note_fault("cut")
             content = content[: len(content) // 2]
-            reply.payload["choices"][0]["finish_reason"] = "length"
+            reply.payload["choices"][0]["finish_reason"] = self.cut_reason
         message["content"] = content
         usage = reply.payload.get("usage")
         if usage:
             usage["completion_tokens"] = count_words(content)
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"] + self.thinking_tokens
+            if self.thinking_tokens:
+                usage["completion_tokens_details"] = {"reasoning_tokens": self.thinking_tokens}
             if self.usage_override:
                 self._note_fault("usage_override")
                 usage.update(self.usage_override)
@@ -1275,7 +1293,9 @@ def _wants_json(body: dict) -> bool:
     )
 
 
-def _fmt_seconds(value: float) -> str:
+def _fmt_seconds(value: float | str) -> str:
+    if isinstance(value, str):
+        return value
     return str(int(value)) if float(value).is_integer() else str(value)
 
 

@@ -263,6 +263,17 @@ def test_the_model_that_answered_is_recorded_and_another_than_asked_is_said(llm_
                            "or an alias: the prices and provenance are those of the model asked)"]
 
 
+@pytest.mark.parametrize("served, warned", [("gpt-4o-2024-08-06", False), ("GPT-4o", False),
+                                            ("gpt-4o-mini-2024-07-18", True), ("gpt-4o-mini", True)])
+def test_a_dated_snapshot_of_the_model_asked_is_that_model_and_another_model_is_said(llm_env, tmp_path, served,
+                                                                                   warned):
+    llm_env.served_model = served  # gpt-4o-mini's name starts with gpt-4o's: a router's cheaper fallback
+    llm = annotator(llm_env, tmp_path, model="openai/gpt-4o", max_rounds=1)
+    llm.annotate(CLUSTERS[:1], tissue="blood", species="human")
+    assert llm.describe()["served_model"] == served
+    assert bool(llm.notices) == warned, llm.notices
+
+
 def test_an_answer_is_kept_when_the_validator_cannot_be_reached(llm_env, tmp_path):
     prices = tmp_path / "prices.json"
     # the budget runs out after the annotator and formatter calls of the first cluster

@@ -9,6 +9,7 @@ replies, a server that echoes the key, and a kernel killed with a request in fli
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.server
 import json
 import os
@@ -34,12 +35,12 @@ from cassia_helpers.dataset.annotate.llm.untrusted import MAX_LABEL_CHARS, MAX_R
 from cassia_helpers.ledger import (
     CallRecord,
     Ledger,
-    check_budget_prices,
     format_cost,
     read_ledger,
     resolve_pending,
     tracking_from_ledgers,
 )
+from cassia_helpers.prices import check_budget_prices
 from tests.conftest import API_KEY, BLOOD_DATASETS, REPO, llm_annotator
 from tests.scripted_llm_server import ScriptedLLMServer
 
@@ -80,6 +81,71 @@ def test_wrong_key_stops_the_dataset_at_once_with_a_dataset_reason(llm_server, m
     reason = annotation_failure(results)
     assert reason and "refused the API key" in reason and "6 of 6" in reason and "\n" not in reason
     assert len(calls(tmp_path / "ledger.jsonl")) == 1
+
+
+@pytest.mark.parametrize("status, error", [
+    (429, {"message": "You exceeded your current quota, please check your plan and billing details.",
+           "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}),
+    (402, {"message": "Insufficient credits. Add more using https://openrouter.ai/settings/credits", "code": 402}),
+])
+def test_exhausted_quota_or_credits_stop_the_dataset_at_once(llm_env, tmp_path, status, error):
+    llm_env.fail_next(1000, status=status, error={"error": error})
+    results = run(tmp_path)
+    assert llm_env.stats()["requests"] == 1  # no retry, no other cluster: no request can succeed
+    assert all(r.main_cell_type == "Unknown" and r.reason_kind == "quota" for r in results)
+    reason = annotation_failure(results)
+    assert reason and "quota or credits" in reason and "6 of 6" in reason and "\n" not in reason
+
+
+def test_a_web_page_where_the_api_should_be_is_named_and_stops_the_dataset(llm_env, tmp_path):
+    llm_env.raw_reply = b"<html><body><h1>Welcome to nginx!</h1></body></html>"
+    llm_env.raw_content_type = "text/html; charset=utf-8"
+    results = run(tmp_path, clusters=CLUSTERS[:3])
+    assert llm_env.stats()["requests"] == 1
+    assert {r.reason_kind for r in results} == {"endpoint_not_found"}
+    assert "HTML page (Content-Type: text/html), not JSON" in results[0].reason
+    assert "Expecting value" not in results[0].reason and "check --base-url" in annotation_failure(results)
+
+
+CONTEXT_400 = ("'max_tokens' or 'max_completion_tokens' is too large: 4096. This model's maximum context length is "
+               "2048 tokens and your request has 900 input tokens (4096 > 2048 - 900). Please reduce the length of "
+               "the messages or completion.")
+FILTER_400 = ("The response was filtered due to the prompt triggering Azure OpenAI's content management policy. "
+              "Please modify your prompt and retry.")
+
+
+@pytest.mark.parametrize("agent, message, code", [("", CONTEXT_400, None), ("formatter", FILTER_400, "content_filter")])
+def test_a_400_about_one_request_is_not_remembered_as_a_field_the_endpoint_refuses(llm_env, tmp_path, agent,
+                                                                                   message, code):
+    llm_env.fail_next(1, status=400, agent=agent,
+                      error={"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                       "code": code}})
+    llm = annotator(tmp_path)
+    llm.annotate(CLUSTERS[:2], tissue="blood", species="human")
+    capabilities = tmp_path / "cache" / "capabilities.json"
+    assert not capabilities.exists() or False not in json.loads(capabilities.read_text()).popitem()[1].values()
+    assert all(b.get("max_tokens") == 4096 for b in llm_env.received)
+    formatted = [b for b in llm_env.received if b["_agent"] == "formatter"]
+    assert formatted[-1]["response_format"]["type"] == "json_schema"
+    assert llm.describe()["max_tokens"] == 4096
+
+
+def test_a_refused_length_cap_moves_to_max_completion_tokens_and_is_said_not_sent_when_both_are_refused(
+        llm_env, tmp_path):
+    def unsupported(field: str) -> dict:
+        return {"error": {"message": f"Unsupported parameter: '{field}' is not supported with this model.",
+                          "type": "invalid_request_error", "param": field, "code": "unsupported_parameter"}}
+
+    llm_env.fail_next(1, status=400, error=unsupported("max_tokens"))
+    llm = annotator(tmp_path, max_attempts=4)
+    llm.annotate(CLUSTERS[:1], tissue="blood", species="human")
+    assert "max_completion_tokens" in llm_env.received[-1] and "max_tokens" not in llm_env.received[-1]
+    assert llm.describe()["max_tokens"] == 4096
+    llm_env.fail_next(1, status=400, error=unsupported("max_completion_tokens"))
+    llm = annotator(tmp_path, name="again", max_attempts=4)
+    llm.annotate(CLUSTERS[1:2], tissue="blood", species="human")
+    assert not {"max_tokens", "max_completion_tokens"} & set(llm_env.received[-1])
+    assert llm.describe()["max_tokens"] == "not sent (refused by the endpoint)"
 
 
 def test_no_key_is_named_as_such(llm_server, monkeypatch, tmp_path):
@@ -175,13 +241,39 @@ def test_retries_stay_within_the_deadline(llm_env, tmp_path):
     assert len(calls(tmp_path / "ledger.jsonl")) == llm_env.stats()["requests"]
 
 
-def test_a_429_asking_for_a_day_pauses_the_run_no_longer_than_a_call_may_last(llm_env, tmp_path):
-    llm_env.fail_next(1, status=429, retry_after=86_400)
+@pytest.mark.parametrize("http_date", [False, True])
+def test_a_429_asking_for_a_day_pauses_the_run_no_longer_than_a_call_may_last(llm_env, tmp_path, http_date):
+    llm_env.fail_next(1, status=429, retry_after=email.utils.formatdate(time.time() + 86_400, usegmt=True)
+                      if http_date else 86_400)
     start = time.monotonic()
     results = run(tmp_path, clusters=CLUSTERS[:3], deadline=3.0, max_attempts=5)
     assert time.monotonic() - start < 3 * 3.0 + 3.0  # bounded by the deadlines, not by the server's day
     assert sum(r.main_cell_type != "Unknown" for r in results) >= 2  # the server answered again: so do we
     assert len(calls(tmp_path / "ledger.jsonl")) == llm_env.stats()["requests"]
+
+
+def test_a_retry_after_given_as_an_http_date_is_waited_for(llm_env, tmp_path):
+    llm_env.fail_next(1, status=429, retry_after=email.utils.formatdate(time.time() + 4, usegmt=True))
+    start = time.monotonic()
+    results = run(tmp_path, clusters=CLUSTERS[:1], max_rounds=1, deadline=20.0, max_attempts=3)
+    # the date has whole seconds: the wait it asks for is more than 3 s (a back-off alone is at most 1 s)
+    assert time.monotonic() - start > 2.9
+    assert results[0].main_cell_type == EXPECTED[0]
+
+
+def test_retry_after_is_read_in_seconds_milliseconds_and_http_dates():
+    from types import SimpleNamespace
+
+    from cassia_helpers.dataset.annotate.llm.transport import retry_after_seconds
+
+    def asked(**headers) -> float | None:
+        return retry_after_seconds(SimpleNamespace(response=SimpleNamespace(headers=headers)), now=1_000_000_000)
+
+    assert asked(**{"retry-after": "7"}) == 7.0 and asked(**{"retry-after-ms": "250"}) == 0.25
+    assert asked(**{"retry-after": "Sun, 09 Sep 2001 01:46:50 GMT"}) == 10.0  # IMF-fixdate, 10 s after now
+    assert asked(**{"retry-after": "Sunday, 09-Sep-01 01:46:50 GMT"}) == 10.0  # the obsolete RFC 850 form
+    assert asked(**{"retry-after": "Sat, 08 Sep 2001 01:46:40 GMT"}) == 0.0  # a date past: no wait
+    assert asked(**{"retry-after": "soon"}) is None and asked(**{"retry-after": "nan"}) is None and asked() is None
 
 
 def test_a_hanging_server_opens_the_breaker_once_for_the_whole_run(llm_env, tmp_path):
@@ -222,6 +314,24 @@ def test_max_cost_needs_a_known_price(tmp_path):
     assert check_budget_prices("my-local-model", 1.0, prices) is None
     prices.write_text("not json")
     assert "not a valid price file" in check_budget_prices("my-local-model", 1.0, prices)
+
+
+@pytest.mark.parametrize("entry, bad", [({"input": "NaN", "output": 1}, "'NaN'"), ({"input": 1, "output": -5}, "-5"),
+                                        ({"input": 1, "output": "Infinity"}, "'Infinity'"),
+                                        ({"input": True, "output": 1}, "True")])
+def test_a_price_file_with_a_price_that_is_no_price_is_a_usage_error(tmp_path, capsys, monkeypatch, entry, bad):
+    """NaN or a negative price would make every cost NaN or negative: the budget would never stop a run."""
+    from cassia_helpers.batch.cli import main
+
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"my-model": entry}))
+    problem = check_budget_prices("my-model", 0.0, prices)  # whatever the budget
+    assert problem and str(prices) in problem and "'my-model'" in problem and bad in problem, problem
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    code = main(["--data-dir", str(tmp_path), "--tissues", "all", "--annotator", "llm", "--model", "my-model",
+                 "--price-file", str(prices), "--max-cost", "1", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err and "Traceback" not in err
 
 
 def test_a_budget_with_no_price_sends_nothing(llm_env, tmp_path):
@@ -553,7 +663,9 @@ def test_a_302_is_named_and_a_same_host_307_is_followed(llm_env, tmp_path):
                                    {"prompt_tokens": 10**15, "completion_tokens": 10**15},
                                    {"completion_tokens": 12.5}, {"prompt_tokens": None, "completion_tokens": [3]},
                                    # whole numbers, but more than the prompt could be or than max_tokens allowed
-                                   {"prompt_tokens": 9_999_999, "completion_tokens": 9_999_999}])
+                                   {"prompt_tokens": 9_999_999, "completion_tokens": 9_999_999},
+                                   # nothing for a prompt and a reply that are not empty (Ollama, some proxies)
+                                   {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}])
 def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path, usage):
     llm_env.usage_override = usage
     prices = tmp_path / "prices.json"
@@ -569,6 +681,34 @@ def test_made_up_usage_is_estimated_and_never_lowers_the_spend(llm_env, tmp_path
     assert all("usage not a token count" in r["error"] for r in records if r["status"] == "ok")
     tracking = tracking_from_ledgers([tmp_path / "ledger.jsonl"])
     assert 0.5 <= tracking["total_cost"] < 5 and tracking["estimated_calls"] == tracking["total_calls"]
+
+
+def test_thinking_tokens_a_server_counts_only_in_the_total_are_billed_as_output(llm_env, tmp_path):
+    llm_env.thinking_tokens = 500  # Gemini: completion_tokens leaves the thoughts out, total_tokens has them
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"scripted-model": {"input": 0.0, "output": 1000.0}}))
+    run(tmp_path, clusters=CLUSTERS[:2], max_rounds=1, price_file=str(prices))
+    records = calls(tmp_path / "ledger.jsonl")
+    stats = llm_env.stats()
+    assert len(records) == stats["ok"] == stats["requests"]
+    assert sum(r["output_tokens"] for r in records) == stats["completion_tokens"] + 500 * stats["ok"]
+    assert sum(r["cost"] for r in records) == pytest.approx(sum(r["output_tokens"] for r in records) / 1000)
+    # the server's own counts, not estimates, and the ledger line says where the output count comes from
+    assert all(not r["estimated"] and "total_tokens - prompt_tokens" in r["error"] for r in records)
+
+
+def test_reasoning_tokens_inside_completion_tokens_are_counted_once():
+    from cassia_helpers.dataset.annotate.llm.usage import reply_tokens
+
+    openai_style = {"prompt_tokens": 193, "completion_tokens": 552, "total_tokens": 745,
+                    "completion_tokens_details": {"reasoning_tokens": 500}}
+    gemini_style = dict(openai_style, completion_tokens=52)
+    for usage in (openai_style, gemini_style):
+        tokens = reply_tokens(usage, prompt_estimate=200, content="x" * 200, max_output=4096)
+        assert (tokens.input_tokens, tokens.output_tokens, tokens.estimated) == (193, 552, False)
+    # an empty reply may well cost no output token; an empty prompt no input token
+    assert reply_tokens({"prompt_tokens": 0, "completion_tokens": 0}, prompt_estimate=0, content="") == (
+        0, 0, "", False)
 
 
 @pytest.mark.parametrize("body", [b"[" * 200_000 + b"]" * 200_000, b'{"choices": "x"}', b"12", b"null"])

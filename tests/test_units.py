@@ -17,7 +17,7 @@ from cassia_helpers.dataset import markers, record
 from cassia_helpers.dataset import pp as preprocess
 from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.apply import annotate_clusters
-from cassia_helpers.ledger import PriceTable
+from cassia_helpers.prices import PriceTable
 from cassia_helpers.summary.aggregate import token_tracking
 from tests.synthetic import BLOOD_TYPES, make_counts
 
@@ -179,6 +179,19 @@ def test_annotate_clusters_labels_every_cell(clustered):
     table = record.provenance(adata)["annotation"]["clusters"]
     assert list(table["n_cells"]) == [int((adata.obs["leiden"] == c.cluster).sum()) for c in clusters]
     assert adata.obs["cell_type_confidence"].max() == 80
+
+
+@pytest.mark.parametrize("model, price", [
+    ("gpt-4o-2024-08-06", (2.50, 10.00)), ("gpt-4o-2024-05-13", (5.00, 15.00)),  # the snapshot's own entry wins
+    ("openai/gpt-4o-2024-05-13", (5.00, 15.00)), ("GPT-4o-mini", (0.15, 0.60)), ("claude-sonnet-4-20250514",
+    (3.00, 15.00)), ("claude-3-5-haiku-latest", (0.80, 4.00)), ("OpenAI/o3", (2.00, 8.00)),
+    # other models whose names start with a known one, and tiers of a model, have no price of theirs here
+    ("gpt-5-pro", None), ("o3-pro", None), ("o3-deep-research", None), ("o4-mini-deep-research", None),
+    ("openai/gpt-4o-mini:free", None), ("deepseek-r1-distill-llama-70b", None), ("gpt-4o-audio-preview", None),
+])
+def test_a_price_is_that_of_the_model_or_its_dated_snapshot_never_of_a_name_it_starts_with(model, price):
+    found = PriceTable().lookup(model)
+    assert ((found.input_per_1m, found.output_per_1m) if found.known else None) == price
 
 
 def test_price_table_matches_snapshots_and_prefixes_and_flags_unknown(tmp_path):

@@ -15,7 +15,8 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
     cluster_prompt,
 )
 from cassia_helpers.inputs import InputError, check_input
-from cassia_helpers.ledger import PriceTable, format_cost
+from cassia_helpers.ledger import format_cost
+from cassia_helpers.prices import PriceTable
 from cassia_helpers.settings import Settings, context_text, voting_models
 
 # Rough completion sizes of our agents (tokens), from the scripted and real runs' ledgers.

@@ -101,6 +101,7 @@ class ClusterAnnotation:
 # most clusters end so is failed. The others are results: the model or the reference could not tell.
 SERVICE_FAILURES = {
     "auth": "the model server refused the API key",
+    "quota": "the account's quota or credits at the model server are exhausted",
     "no_key": "no API key is set (OPENAI_API_KEY) and the server requires one",
     "unreachable": "the model server could not be reached",
     "timeout": "the model server did not answer in time",

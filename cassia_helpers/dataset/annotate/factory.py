@@ -77,7 +77,7 @@ def check_llm_setup(settings: Settings) -> None:
     if not llm_configured(settings.base_url):
         raise UsageError("--annotator llm needs OPENAI_API_KEY in the environment, or --base-url for a local "
                          "server that needs no key")
-    from cassia_helpers.ledger import check_budget_prices
+    from cassia_helpers.prices import check_budget_prices
     from cassia_helpers.settings import voting_models
 
     # the price flags are --model's: the other models of --models need the price file or a known price

@@ -54,7 +54,8 @@ from cassia_helpers.dataset.annotate.llm.limits import run_limits
 from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker
 from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, sanitize_label
-from cassia_helpers.ledger import Ledger, PriceTable
+from cassia_helpers.ledger import Ledger
+from cassia_helpers.prices import PriceTable, same_model
 
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
 # Clusters in a row without a usable answer after which a dataset's remaining clusters are not sent.
@@ -188,7 +189,8 @@ class LLMAnnotator:
             "temperature": self.client.temperature,
             "seed": self.client.seed,
             "max_rounds": self.max_rounds,
-            "max_tokens": self.client.max_tokens,
+            "max_tokens": (self.client.max_tokens if self.client.length_field or self.client.max_tokens <= 0
+                           else "not sent (refused by the endpoint)"),
             "deadline_s": self.client.deadline,
             "price_known": self.price_known,
             "system_fingerprint": ", ".join(sorted(self.client.fingerprints)),
@@ -199,8 +201,7 @@ class LLMAnnotator:
     @property
     def notices(self) -> list[str]:
         """One-line warnings for the dataset: clusters no longer sent; answers from another model than asked."""
-        asked = self.client.model.lower().rsplit("/", 1)[-1]
-        others = sorted(m for m in self.client.served_models if not m.lower().rsplit("/", 1)[-1].startswith(asked))
+        others = sorted(m for m in self.client.served_models if not same_model(m, self.client.model))
         return self._notices + ([f"the server answered with model {', '.join(others)}, not {self.client.model} "
                                  "(a fallback or an alias: the prices and provenance are those of the model asked)"]
                                 if others else [])
@@ -277,10 +278,11 @@ class LLMAnnotator:
                 reply = self.client.chat(messages, cluster=cluster, agent="formatter",
                                          response_format=response_format,
                                          accept=lambda text: parse_answer(text) is not None)
-            except RequestRejected:
+            except RequestRejected as exc:
                 if response_format is None:
                     raise
-                self.client.mark_unsupported(feature)
+                if exc.refused:  # remembered only when the endpoint refuses the format itself
+                    self.client.mark_unsupported(feature)
                 continue
             except LLMError as exc:  # the budget, the server: an analysis already paid for is read as it is
                 answer = parse_answer(analysis)

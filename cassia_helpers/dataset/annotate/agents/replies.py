@@ -80,10 +80,11 @@ def structured_chat(client: LLMClient, messages: list[dict], *, schema: dict, cl
             continue
         try:
             return client.chat(sent, cluster=cluster, agent=agent, response_format=response_format, accept=accept)
-        except RequestRejected:
+        except RequestRejected as exc:
             if response_format is None:
                 raise
-            client.mark_unsupported(feature)
+            if exc.refused:  # remembered only when the endpoint refuses the format itself, not this request
+                client.mark_unsupported(feature)
     raise AssertionError("unreachable: the plain-text request either answers or raises")
 
 

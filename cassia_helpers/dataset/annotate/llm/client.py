@@ -34,21 +34,22 @@ from cassia_helpers.dataset.annotate.llm.errors import (
     _Retryable,
 )
 from cassia_helpers.dataset.annotate.llm.options import LLMOptions
+from cassia_helpers.dataset.annotate.llm.statuses import status_verdict
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker, RunBudget, RunThrottle
 from cassia_helpers.dataset.annotate.llm.transport import (
     DeadlineExceeded,
+    NotJSON,
     RedirectRefused,
     certificate_problem,
     finish_reason,
     http_client,
     post_chat,
-    refused_option,
     reply_fields,
-    reply_tokens,
     retry_after_seconds,
     safe_message,
 )
 from cassia_helpers.dataset.annotate.llm.untrusted import sanitize_label, scrub_secrets, untrusted_reply
+from cassia_helpers.dataset.annotate.llm.usage import reply_tokens
 from cassia_helpers.ledger import (
     BREAKER_OPEN,
     CACHE_HIT,
@@ -59,10 +60,10 @@ from cassia_helpers.ledger import (
     SKIPPED_BUDGET,
     CallRecord,
     Ledger,
-    PriceTable,
     estimate_tokens,
     format_cost,
 )
+from cassia_helpers.prices import PriceTable
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MIN_ATTEMPT_S = 1.0  # no new attempt with less time than this left before the deadline
@@ -254,12 +255,16 @@ class LLMClient:
             options["response_format"] = response_format
         if self.supports("seed"):
             options["seed"] = self.seed
-        if self.max_tokens > 0:
-            if self.supports("max_tokens"):
-                options["max_tokens"] = self.max_tokens
-            elif self.supports("max_completion_tokens"):
-                options["max_completion_tokens"] = self.max_tokens
+        if self.length_field:
+            options[self.length_field] = self.max_tokens
         return options
+
+    @property
+    def length_field(self) -> str:
+        """The field that carries the reply length cap (``max_tokens``, or ``max_completion_tokens`` where the
+        endpoint refused the first), ``""`` when none is sent (no cap, or both refused)."""
+        fields = ("max_tokens", "max_completion_tokens") if self.max_tokens > 0 else ()
+        return next((field for field in fields if self.supports(field)), "")
 
     def _fail_to_reach(self, message: str, kind: str, cluster: str, agent: str) -> _Retryable:
         """A timeout or connection failure: count it for the circuit breaker, announce an opening once."""
@@ -335,6 +340,10 @@ class LLMClient:
                 raise self._fail_to_reach(message, "disconnected", cluster, agent) from None
             except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
                 # An unreadable body: the request was sent and may have been billed, but nothing is known.
+                if isinstance(exc, NotJSON) and exc.html:  # a web page where the API should be: every request
+                    message = scrub_secrets(str(exc))[:300]  # would get it (a wrong --base-url)
+                    done(ERROR, message, input_tokens=estimated_input, estimated=True)
+                    raise self._fatal_error(message, "endpoint_not_found") from None
                 message = scrub_secrets(f"unreadable response ({type(exc).__name__}: {exc})"[:240])
                 done(ERROR, message, input_tokens=estimated_input, estimated=True)
                 raise _Retryable(message, kind="unreadable") from None
@@ -344,9 +353,8 @@ class LLMClient:
                 raise
         self.breaker.success()
         limit = int(options.get("max_tokens") or options.get("max_completion_tokens") or 0)  # 0: none was sent
-        input_tokens, output_tokens, note = reply_tokens(usage, prompt_estimate=estimated_input, content=content,
-                                                         max_output=limit)
-        estimated = bool(note)
+        input_tokens, output_tokens, note, estimated = reply_tokens(usage, prompt_estimate=estimated_input,
+                                                                    content=content, max_output=limit)
         fingerprint = scrub_secrets(fingerprint)[:200]  # the server's text: it goes into the shared h5ad
         served = sanitize_label(data.get("model") if isinstance(data.get("model"), str) else "")
         with self._lock:
@@ -372,25 +380,16 @@ class LLMClient:
         return fatal
 
     def _status_error(self, exc: openai.APIStatusError, message: str, options: dict) -> Exception:
-        retry_after = retry_after_seconds(exc)
-        status = exc.status_code
-        if status in (408, 429) or status >= 500:
-            if status == 429:  # every worker pauses: at most as long as a retry would wait, or a call may last
+        verdict = status_verdict(exc, options, has_key=bool(os.environ.get("OPENAI_API_KEY")))
+        if verdict.action == "fatal":
+            return self._fatal_error(message + verdict.note, verdict.kind)
+        if verdict.action == "retry":
+            retry_after = retry_after_seconds(exc)
+            if exc.status_code == 429:  # every worker pauses: at most as long as a retry would wait, or a call may last
                 asked = retry_after if retry_after is not None else 1.0
                 self.throttle.back_off(min(asked, self.max_wait_s, self.deadline))
-            return _Retryable(message, retry_after, kind="timeout" if status in (408, 504) else "server_error")
-        refused = refused_option(exc, options)
-        if refused:
-            # e.g. reasoning models accept only the default temperature and max_completion_tokens
-            self.mark_unsupported(refused)
+            return _Retryable(message, retry_after, kind=verdict.kind)
+        if verdict.action == "drop_option":
+            self.mark_unsupported(verdict.option)
             return _Retryable(message, 0.0)
-        if status in (401, 403, 404):
-            if status == 404:
-                # a 404 that does not name the model is the address itself (e.g. a base URL without /v1)
-                kind = "model_not_found" if "model" in message.lower() else "endpoint_not_found"
-            else:
-                kind = "auth" if os.environ.get("OPENAI_API_KEY") else "no_key"
-            return self._fatal_error(message, kind)
-        if status in (400, 422):
-            return RequestRejected(message)
-        return LLMError(message)
+        return RequestRejected(message, verdict.option) if verdict.action == "rejected" else LLMError(message)

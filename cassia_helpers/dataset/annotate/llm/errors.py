@@ -8,7 +8,7 @@ class LLMError(RuntimeError):
 
     ``kind`` says why, machine-readably: one of
     :data:`~cassia_helpers.dataset.annotate.SERVICE_FAILURES` (``timeout``, ``unreachable``, ``budget``, ``auth``,
-    ``no_key``, ``model_not_found``, ``endpoint_not_found``, ``redirect``, ``certificate``, ``server_error``,
+    ``no_key``, ``quota``, ``model_not_found``, ``endpoint_not_found``, ``redirect``, ``certificate``, ``server_error``,
     ``unreadable``, ``rejected``, ``error``).
     """
 
@@ -25,10 +25,13 @@ class BudgetExceeded(LLMError):
 
 
 class RequestRejected(LLMError):
-    """The endpoint rejected this request as invalid (400/422), e.g. an unsupported response_format."""
+    """The endpoint rejected this request as invalid (400/422). ``refused``: the request field it refuses
+    itself (``response_format``: e.g. structured outputs not supported), ``""`` when it refused this request
+    only (a prompt too long for the context, a content filter): nothing to remember about the endpoint."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, refused: str = "") -> None:
         super().__init__(message, "rejected")
+        self.refused = refused
 
 
 class FatalLLMError(LLMError):

@@ -8,15 +8,18 @@ whatever the per-read timeouts. The same hooks tell when the request starts to l
 ledger's write-ahead line is written then, so a request that never left is never counted), and refuse a
 redirect that would carry the prompts to another server (scheme, host or port), or turn the request into a GET.
 
-:func:`reply_fields` takes the answer out of a chat completion body, :func:`reply_tokens` checks the
-token counts a server reports. An error is read by :func:`retry_after_seconds` (the wait the server asks
-for), :func:`refused_option` (the optional request field a 400 complains about), :func:`certificate_problem`
-(a TLS certificate that was not trusted) and :func:`safe_message` (one line without anything that could
-carry a credential). Retries, the cache, the ledger and the run's limits are :mod:`~.client`'s.
+:func:`reply_fields` takes the answer out of a chat completion body (its token counts are checked by
+:mod:`~.usage`). An error is read by :func:`retry_after_seconds` (the wait the server asks for, in seconds
+or as an HTTP date),
+:func:`certificate_problem` (a TLS certificate that was not trusted) and :func:`safe_message` (one line
+without anything that could carry a credential). Retries, the cache, the ledger and the run's limits are
+:mod:`~.client`'s.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import importlib
 import json
 import math
@@ -29,7 +32,6 @@ from collections.abc import Callable
 import openai
 
 from cassia_helpers.dataset.annotate.llm.untrusted import scrub_secrets
-from cassia_helpers.ledger import MAX_PLAUSIBLE_TOKENS, estimate_tokens
 
 
 def _http_library():
@@ -49,6 +51,14 @@ MAX_BODY_BYTES = 16 * 1024 * 1024  # a reply body larger than this is not read t
 
 class DeadlineExceeded(Exception):
     """The exchange (connect, headers, body) was not complete within the request's wall-clock limit."""
+
+
+class NotJSON(ValueError):
+    """A reply body that is not JSON; ``html``: the server said it is a web page (its Content-Type)."""
+
+    def __init__(self, message: str, *, html: bool) -> None:
+        super().__init__(message)
+        self.html = html
 
 
 class RedirectRefused(Exception):
@@ -188,7 +198,7 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
     RedirectRefused
         The server redirected the request elsewhere.
     ValueError
-        The body is larger than :data:`MAX_BODY_BYTES`, or not JSON.
+        The body is larger than :data:`MAX_BODY_BYTES`, or not JSON (:class:`NotJSON`).
     openai.APIError
         What the ``openai`` client raises: an error status, a timeout, a connection failure.
     """
@@ -196,7 +206,7 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
     exchange = _Exchange(on_send)
     timer = threading.Timer(limit, exchange.expire)
     timer.daemon = True
-    chunks, size = [], 0
+    chunks, size, content_type = [], 0, ""
     start = time.monotonic()
 
     def late() -> DeadlineExceeded:
@@ -207,6 +217,7 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
     timer.start()
     try:
         with client.chat.completions.with_streaming_response.create(**options, timeout=request_timeout) as raw:
+            content_type = raw.headers.get("content-type", "")
             try:
                 for chunk in raw.iter_bytes():
                     chunks.append(chunk)
@@ -236,6 +247,13 @@ def post_chat(client: openai.OpenAI, options: dict, *, timeout: float, limit: fl
         return json.loads(b"".join(chunks)), size
     except RecursionError:  # e.g. a body of 100,000 nested brackets
         raise ValueError("reply body nested too deeply to be a chat completion") from None
+    except ValueError as exc:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media in ("text/html", "application/xhtml+xml"):  # a web site's page: not an API at this address
+            raise NotJSON(f"the server answered with an HTML page (Content-Type: {scrub_secrets(media)}), not "
+                          "JSON: is --base-url the address of its OpenAI-compatible API (often ending in /v1)?",
+                          html=True) from None
+        raise NotJSON(f"reply body not JSON ({exc})", html=False) from None
 
 
 def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
@@ -280,55 +298,12 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
         str(data.get("system_fingerprint") or "")
 
 
-#: a server's input count above this many times our estimate of the prompt is not believed
-PROMPT_SLACK = 10
-
-
 def finish_reason(data: dict) -> str:
     """Why the server stopped the reply (``stop``, ``length`` at the token limit ...), ``""`` when not said."""
     try:
         return str(data["choices"][0].get("finish_reason") or "")
     except (KeyError, IndexError, TypeError, AttributeError):
         return ""
-
-
-def usage_tokens(usage: dict | None, field: str) -> int | None:
-    """A token count of a reply's ``usage``, or None when it is missing or not a count.
-
-    Only a whole number from 0 to :data:`MAX_PLAUSIBLE_TOKENS` is a count (``12.0`` is 12): text
-    (``"many"``), fractions, negative and absurd numbers are what a broken or hostile server sends, and
-    they must neither lower the spend nor stop the run. The caller estimates what is None.
-    """
-    value = usage.get(field) if isinstance(usage, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not value.is_integer():
-        return None
-    return int(value) if 0 <= value <= MAX_PLAUSIBLE_TOKENS else None
-
-
-def reply_tokens(usage: dict | None, *, prompt_estimate: int, content: str, max_output: int = 0
-                 ) -> tuple[int, int, str]:
-    """The input and output tokens of a reply, and a note saying which were estimated (``""`` if none).
-
-    A count the server reports is used when :func:`usage_tokens` accepts it and it is possible: no more
-    output than the ``max_output`` tokens the request allowed (when it set a limit), no more input than
-    :data:`PROMPT_SLACK` times the local estimate (plus a system prompt's worth); a missing, bad or impossible
-    one is replaced by the local estimate (``prompt_estimate`` for the input, the reply's characters / 4).
-    """
-    counted_in, counted_out = usage_tokens(usage, "prompt_tokens"), usage_tokens(usage, "completion_tokens")
-    if counted_in is not None and counted_in > PROMPT_SLACK * prompt_estimate + 2_000:
-        counted_in = None
-    if counted_out is not None and max_output > 0 and counted_out > max_output:
-        counted_out = None
-    input_tokens = prompt_estimate if counted_in is None else counted_in
-    output_tokens = estimate_tokens(content) if counted_out is None else counted_out
-    if usage is None:
-        return input_tokens, output_tokens, "no usage reported: tokens estimated from characters"
-    bad = [f"{field}={scrub_secrets(str(usage.get(field)))[:20]!r}" for field, counted in
-           (("prompt_tokens", counted_in), ("completion_tokens", counted_out)) if counted is None]
-    note = f"usage not a token count ({', '.join(bad)}): tokens estimated from characters" if bad else ""
-    return input_tokens, output_tokens, note
 
 
 def certificate_problem(exc: BaseException) -> str:
@@ -341,43 +316,37 @@ def certificate_problem(exc: BaseException) -> str:
     return f"certificate verify failed: {reason}"
 
 
-def retry_after_seconds(exc: BaseException) -> float | None:
-    """The wait an error response asks for (``retry-after-ms`` or ``retry-after``), in seconds; None if none."""
+def retry_after_seconds(exc: BaseException, *, now: float | None = None) -> float | None:
+    """The wait an error response asks for, in seconds; None if none.
+
+    ``retry-after-ms`` (OpenAI's, milliseconds) or ``retry-after``: seconds, or an HTTP date (RFC 9110), read
+    against ``now`` (``time.time()`` by default); a date already past asks for no wait. The caller bounds it.
+    """
     response = getattr(exc, "response", None)
     if response is None:
         return None
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = response.headers.get(header)
-        try:
-            if value is not None and math.isfinite(float(value)):
-                return max(0.0, float(value) * scale)
-        except ValueError:
+        if value is None:
             continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            seconds = _seconds_until(value, time.time() if now is None else now) if scale == 1.0 else None
+        if seconds is not None and math.isfinite(seconds):
+            return max(0.0, seconds)
     return None
 
 
-def refused_option(exc: openai.APIStatusError, options: dict) -> str:
-    """The optional request field (``seed``, ``temperature``, ``max_tokens``...) a 400 complains about.
-
-    Parameters
-    ----------
-    exc
-        The error status the endpoint answered.
-    options
-        The request's fields: only those sent can be refused.
-
-    Returns
-    -------
-    str
-        The field's name, or ``""`` when the error is not a 400 or names none of them.
-    """
-    if exc.status_code != 400:
-        return ""
-    text = str(exc).lower()
-    for option in ("max_completion_tokens", "max_tokens", "seed", "temperature"):
-        if option in options and option in text:
-            return option
-    return ""
+def _seconds_until(http_date: str, now: float) -> float | None:
+    """Seconds from ``now`` to an HTTP date (``Wed, 21 Oct 2015 07:28:00 GMT``), None if it is not one."""
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; the obsolete forms may carry no zone
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp() - now
 
 
 def safe_message(exc: BaseException) -> str:
