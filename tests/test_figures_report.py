@@ -233,6 +233,18 @@ def test_report_lists_the_subclusters_of_a_dataset(tiny, tmp_path):
             "score 27.") in html
 
 
+def test_report_links_and_anchors_work_for_any_dataset_name():
+    from urllib.parse import unquote
+
+    from cassia_helpers.summary.report import _anchor, _link
+
+    for name in ("#1 sample", "ctrl%20a", "what?", "B {x} \u00fc"):
+        link = _link("blood", name, Path(f"{name}_umap.png"))
+        assert not set(link) & set("#? ") and unquote(link) == f"blood/{name}/{name}_umap.png"
+        assert re.fullmatch(r"[A-Za-z0-9_-]+", _anchor("blood", name))
+    assert _anchor("blood", "a b") != _anchor("blood", "a_b") and _anchor("blood", "lab") == "ds-blood-lab"
+
+
 def test_report_names_the_kind_of_each_flagged_call(tiny, tmp_path):
     run = make_run(tmp_path, tiny)
     table_path = run / "blood" / "Data_Good000_Blood" / "Data_Good000_Blood_clusters.csv"

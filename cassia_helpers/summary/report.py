@@ -14,9 +14,11 @@ import io
 import math
 import os
 import re
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -167,10 +169,23 @@ def _clusters(path: Path, *, dataset: str, anchor: str, low_score: float) -> lis
     return rows
 
 
+def _link(tissue: str, name: str, file: Path) -> str:
+    """A relative link to a file of a dataset's folder: names may hold ``#``, ``%``, ``?`` or spaces."""
+    return "/".join(quote(part) for part in (tissue, name, file.name))
+
+
+def _anchor(tissue: str, name: str) -> str:
+    """An element id for the dataset, safe in a ``#fragment``: other characters become ``_``, and a short
+    hash of the names keeps two datasets whose names differ only there apart."""
+    raw = f"ds-{tissue}-{name}"
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", raw)
+    return safe if safe == raw else f"{safe}-{zlib.crc32(raw.encode()):08x}"
+
+
 def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor, *, low_score: float) -> dict:
     tissue, name = row["tissue"], row["dataset"]
     paths = DatasetPaths(run_dir, tissue, name)
-    anchor = f"ds-{tissue}-{name}".replace(" ", "_")
+    anchor = _anchor(tissue, name)
     status = _read_json(paths.status_json)
     result = _read_json(paths.result_json) if row["status"] == "success" else {}
     clusters = _clusters(paths.clusters_csv, dataset=f"{tissue}/{name}", anchor=anchor, low_score=low_score)
@@ -179,7 +194,7 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor,
         caption, width = FIGURES[key]
         if path.is_file():
             figures.append({"key": key, "caption": caption, "src": pool.submit(thumbnail_uri, path, width=width),
-                            "file": f"{tissue}/{name}/{path.name}"})
+                            "file": _link(tissue, name, path)})
     usage = tracking.get("by_dataset", {}).get(f"{tissue}/{name}", {})
     return {
         "anchor": anchor,
@@ -210,8 +225,8 @@ def _dataset(run_dir: Path, row: dict, tracking: dict, pool: ThreadPoolExecutor,
         "batches": result.get("batches") or {},
         "subclusters": result.get("subclusters") or {},
         # links only to files that exist (an input rejected before its notebook ran has none)
-        "notebook": f"{tissue}/{name}/{paths.notebook.name}" if paths.notebook.is_file() else "",
-        "kernel_log": f"{tissue}/{name}/{paths.kernel_log.name}" if paths.kernel_log.is_file() else "",
+        "notebook": _link(tissue, name, paths.notebook) if paths.notebook.is_file() else "",
+        "kernel_log": _link(tissue, name, paths.kernel_log) if paths.kernel_log.is_file() else "",
     }
 
 
