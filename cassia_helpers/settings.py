@@ -92,7 +92,7 @@ class Setting:
 
 _IO, _EXEC, _QC, _MARKERS, _LLM, _COST = (
     "inputs and outputs", "execution", "QC and clustering", "marker genes", "annotation", "cost control")
-_GRAPH, _CLUSTER = _QC, "cluster (Dask)"
+_GRAPH, CLUSTER_GROUP = _QC, "cluster (Dask)"
 
 SETTINGS: tuple[Setting, ...] = (
     # inputs and outputs (run scope)
@@ -122,50 +122,50 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("quiet", False, "print only failures and the closing table", _EXEC, RUN),
     Setting("cluster", "local", "where datasets run: local (a Dask cluster on this machine: --workers threads, "
             "each running one dataset's notebook kernel at a time) or slurm (one SLURM job per dataset slot; "
-            "needs the [slurm] extra)", _CLUSTER, RUN,
+            "needs the [slurm] extra)", CLUSTER_GROUP, RUN,
             choices=("local", "slurm")),
     Setting("scheduler", "", "address of a running Dask scheduler (tcp://host:8786) whose workers run the datasets",
-            _CLUSTER, RUN),
+            CLUSTER_GROUP, RUN),
     Setting("cluster_timeout", 300.0, "seconds to wait for the first worker of --cluster slurm (its jobs may wait "
-            "in the queue) before giving up with an error naming the queue", _CLUSTER, RUN, above=0),
+            "in the queue) before giving up with an error naming the queue", CLUSTER_GROUP, RUN, above=0),
     Setting("scheduler_host", "", "address the run's Dask scheduler listens on, the one the compute nodes reach "
             "(--cluster slurm; default: this machine's address on its default route, never every interface)",
-            _CLUSTER, RUN),
+            CLUSTER_GROUP, RUN),
     Setting("cluster_config", "", "YAML or JSON file of --cluster slurm options (queue, account, walltime, cores, "
-            "memory, jobs, python, prologue, job_extra, ...); flags below override it", _CLUSTER, RUN,
+            "memory, jobs, python, prologue, job_extra, ...); flags below override it", CLUSTER_GROUP, RUN,
             metavar="FILE"),
-    Setting("slurm_queue", "", "SLURM partition (sbatch -p)", _CLUSTER, RUN),
-    Setting("slurm_account", "", "SLURM account charged for the jobs (sbatch -A)", _CLUSTER, RUN),
+    Setting("slurm_queue", "", "SLURM partition (sbatch -p)", CLUSTER_GROUP, RUN),
+    Setting("slurm_account", "", "SLURM account charged for the jobs (sbatch -A)", CLUSTER_GROUP, RUN),
     Setting("slurm_walltime", "", "time limit of each job, HH:MM:SS (default 04:00:00); a job runs datasets one "
-            "after another", _CLUSTER, RUN,
+            "after another", CLUSTER_GROUP, RUN,
             form=(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}", "a SLURM time such as 04:00:00 or 1-12:00:00")),
-    Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", _CLUSTER, RUN, minimum=0),
+    Setting("slurm_cores", 0, "CPU cores per dataset (default 1)", CLUSTER_GROUP, RUN, minimum=0),
     Setting("slurm_memory", "", "memory per dataset, e.g. 16GB (default 8GB); SLURM's limit caps the kernel",
-            _CLUSTER, RUN, form=(r"\d+(\.\d+)?\s*([kmgtp]i?b?)?", "a size such as 16GB or 8000MB")),
+            CLUSTER_GROUP, RUN, form=(r"\d+(\.\d+)?\s*([kmgtp]i?b?)?", "a size such as 16GB or 8000MB")),
     Setting("slurm_memory_from_inputs", False, "request the memory of the jobs from the inputs' sizes (1 GB + 10 x the "
-            "largest input file), at most --slurm-memory", _CLUSTER, RUN),
-    Setting("slurm_jobs", 0, "SLURM jobs at once, i.e. datasets at once (default: --workers)", _CLUSTER, RUN,
+            "largest input file), at most --slurm-memory", CLUSTER_GROUP, RUN),
+    Setting("slurm_jobs", 0, "SLURM jobs at once, i.e. datasets at once (default: --workers)", CLUSTER_GROUP, RUN,
             minimum=0),
     Setting("slurm_python", "", "python of the shared virtual environment, as the compute nodes see it",
-            _CLUSTER, RUN),
+            CLUSTER_GROUP, RUN),
     Setting("slurm_prologue", [], "shell line run in each job before its worker starts, e.g. 'module load python' "
-            "(repeatable)", _CLUSTER, RUN, repeat=True, metavar="LINE"),
+            "(repeatable)", CLUSTER_GROUP, RUN, repeat=True, metavar="LINE"),
     Setting("slurm_job_extra", [], "extra #SBATCH directive, e.g. --slurm-job-extra=--qos=normal (repeatable)",
-            _CLUSTER, RUN, repeat=True, metavar="DIRECTIVE"),
-    Setting("slurm_interface", "", "network interface the workers use (e.g. ib0)", _CLUSTER, RUN),
-    Setting("slurm_local_directory", "", "node-local scratch folder of the workers", _CLUSTER, RUN),
+            CLUSTER_GROUP, RUN, repeat=True, metavar="DIRECTIVE"),
+    Setting("slurm_interface", "", "network interface the workers use (e.g. ib0)", CLUSTER_GROUP, RUN),
+    Setting("slurm_local_directory", "", "node-local scratch folder of the workers", CLUSTER_GROUP, RUN),
     Setting("slurm_log_directory", "", "folder of the jobs' log files (default: slurm_logs/ in the run folder)",
-            _CLUSTER, RUN),
+            CLUSTER_GROUP, RUN),
     Setting("slurm_min_time_left", 0.0, "seconds of walltime a job must have left to take a new dataset (default: "
             "1.25 x the run's longest dataset so far); a job with less is cancelled and a new one submitted",
-            _CLUSTER, RUN, minimum=0),
+            CLUSTER_GROUP, RUN, minimum=0),
     Setting("slurm_retries", 0, "times a dataset whose job ran out of memory or reached its walltime is run again, "
             "once the other datasets are done, in new jobs with --slurm-retry-factor times the memory or walltime "
-            "(0: never)", _CLUSTER, RUN, minimum=0),
+            "(0: never)", CLUSTER_GROUP, RUN, minimum=0),
     Setting("slurm_retry_factor", 2.0, "how much more memory or walltime each retry of --slurm-retries gets",
-            _CLUSTER, RUN, above=1),
+            CLUSTER_GROUP, RUN, above=1),
     Setting("slurm_replacements", -1, "SLURM jobs that ended early (walltime, memory, scancel) replaced while "
-            "datasets are queued, at most (-1, the default: three per job)", _CLUSTER, RUN, minimum=-1),
+            "datasets are queued, at most (-1, the default: three per job)", CLUSTER_GROUP, RUN, minimum=-1),
     # analysis
     Setting("species", "human", "species of every dataset in the batch", _IO, choices=("human", "mouse")),
     Setting("cluster_key", "", "obs column of the input's own clusters: annotate those instead of a new leiden "

@@ -279,7 +279,7 @@ def test_a_lost_scheduler_keeps_true_statuses_and_names_the_cause(tmp_path):
     (ran,) = [r for r in records.values() if not r["error"].startswith("not started")]
     assert ran["status"] in ("success", "failed", "interrupted") and ran["started_at"]  # what its runner recorded
     assert (f"Stopped early: the Dask scheduler ({address}) was lost. "
-            f"Resume with: python run_batch.py --resume {run}") in text
+            f"Resume with: python run_batch.py --resume {run} --scheduler {address}") in text  # there, not here
     for name, record in records.items():  # the closing table says what the records say
         assert any(name in line and record["status"] in line for line in lines)
 

@@ -121,7 +121,8 @@ def test_statuses_exit_code_and_summaries(data, tmp_path, caplog):
     summary = pd.read_csv(result.run_dir / "batch_summary.csv").set_index("dataset")
     assert summary.loc["C", "status"] == "failed" and summary.loc["C", "error"].endswith("C.h5ad: broken")
     assert "packed.h5ad.gz: skipped: compressed h5ad" in caplog.text
-    assert f"Once their cause is fixed, python run_batch.py --resume {result.run_dir} runs the failed" in caplog.text
+    assert (f"Once their cause is fixed, python run_batch.py --resume {result.run_dir} --workers 2 runs the failed"
+            in caplog.text)
     manifest = json.loads((result.run_dir / "run_manifest.json").read_text())
     assert any("packed.h5ad.gz" in line for line in manifest["skipped_inputs"])
     # and the summary a colleague reads later says so too, not only the terminal
@@ -244,6 +245,16 @@ def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_re
     # A's earlier files are set aside, but not its ledger: what the first session spent still counts
     ledger = DatasetPaths(first.run_dir, "blood", "A").llm_calls_jsonl
     assert '"validator"' in ledger.read_text() and not list(ledger.parent.glob("superseded/*/*_llm_calls.jsonl"))
+
+
+def test_the_resume_command_said_runs_where_the_run_did():
+    from cassia_helpers.batch.resume import resume_command
+
+    settings = Settings(cluster="slurm", cluster_config="slurm.yaml", slurm_queue="long", workers=4, resolution=0.8)
+    assert resume_command(Path("out/run a"), settings) == ("python run_batch.py --resume 'out/run a' --workers 4 "
+                                                           "--cluster slurm --cluster-config slurm.yaml "
+                                                           "--slurm-queue long")
+    assert resume_command(Path("out/run"), Settings()) == "python run_batch.py --resume out/run"
 
 
 def test_a_resume_tries_the_model_server_again_whatever_the_last_sessions_breaker_said(data, tmp_path):

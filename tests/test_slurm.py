@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,7 @@ class Run:
     lines: list[str] = field(default_factory=list)
     took: float = 0.0
     noted: dict = field(default_factory=dict)  # what ``during`` saw (e.g. the job it cancelled)
+    path_first: Path | None = None  # a folder of commands found before SLURM's own (PATH)
 
     @property
     def text(self) -> str:
@@ -84,12 +86,13 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def execute(run: Run, partition: str, data: Path) -> Run:
     """Run the user's command to its end (``run.during`` acting on it meanwhile); fills in the outcome."""
-    environ = env()
+    path = {"PATH": f"{run.path_first}{os.pathsep}{os.environ['PATH']}"} if run.path_first else {}
+    environ = env(**path)
     llm = nullcontext() if run.llm_latency is None else ScriptedLLMServer(expected_api_key=API_KEY,
                                                                            latency=run.llm_latency)
     with llm as server:
         if server is not None:
-            environ = env(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.base_url)
+            environ = env(OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=server.base_url, **path)
         started = time.monotonic()
         process = subprocess.Popen(command(partition, data, run.out, *run.args), env=environ, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
@@ -134,6 +137,31 @@ def cancel_the_running_job(run: Run) -> None:
     subprocess.run(["scancel", run.noted["cancelled"]], check=True)
 
 
+def flaky_squeue(folder: Path) -> Path:
+    """A ``squeue`` that fails, as a busy or restarting controller makes it, while ``folder/down`` exists."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "squeue"
+    script.write_text(f"""#!/bin/sh
+if [ -e '{folder / "down"}' ]; then
+  echo "squeue: error: slurm_load_jobs error: Socket timed out on send/recv operation" >&2
+  exit 1
+fi
+exec '{shutil.which("squeue")}' "$@"
+""")
+    script.chmod(0o755)
+    return folder
+
+
+def squeue_fails_for_a_while(run: Run) -> None:
+    """Once a dataset runs (the other waits for the job), ``squeue`` fails for 12 s."""
+    process = run.noted["process"]
+    wait_for(lambda: "started" in run.text or process.poll() is not None, 300, "a dataset to start")
+    down = run.path_first / "down"
+    down.touch()
+    time.sleep(12)
+    down.unlink()
+
+
 def runs_of(data: Path) -> dict[str, Run]:
     blood = data / "blood"
     return {
@@ -159,6 +187,9 @@ def runs_of(data: Path) -> dict[str, Run]:
         # one job: once it is cancelled, only its replacement can run the second dataset
         "cancel": Run(["--tissues", "pair", "--annotator", "reference", "--workers", "1", "--slurm-memory", "2GB"],
                       during=cancel_the_running_job),
+        # squeue fails a while: its job did not end, nothing is submitted in its place
+        "hiccup": Run(["--tissues", "pair", "--annotator", "reference", "--workers", "1", "--slurm-memory", "2GB"],
+                      during=squeue_fails_for_a_while, path_first=flaky_squeue(data.parent / "flaky_squeue")),
     }
 
 
@@ -312,6 +343,14 @@ def test_a_cancelled_job_is_replaced_and_the_queue_drains(runs):
     assert_nothing_left({r["slurm_job_id"] for r in records.values()})
 
 
+def test_a_squeue_that_fails_a_while_is_not_taken_for_jobs_that_ended(runs):
+    run = runs["hiccup"]
+    assert run.returncode == 0, run.text
+    assert "ended early" not in run.text and "replacement" not in run.text
+    assert len(list((run.folder() / "slurm_logs").glob("*.err"))) == 1  # one job ran both datasets
+    assert {s["status"] for s in run.statuses().values()} == {"success"}
+
+
 def test_a_job_short_of_walltime_takes_no_new_dataset_and_a_new_job_does(runs):
     run = runs["retire"]
     assert run.returncode == 0, run.text
@@ -337,6 +376,16 @@ def test_a_job_script_sbatch_refuses_is_said_at_once(partition, data, tmp_path):
     assert "sbatch refuses the job script: invalid partition specified: no-such-partition" in result.stderr
     assert "Traceback" not in result.stderr and time.monotonic() - started < 60
     assert list((tmp_path / "out").iterdir()) == []  # the rerun makes its own: no folder of a run never started
+
+
+def test_no_sbatch_on_path_is_said_at_once(partition, data, tmp_path):
+    """On a node without SLURM's commands (or before ``module load slurm``): one line, at once."""
+    result = subprocess.run(command(partition, data, tmp_path / "out", "--tissues", "blood", "--annotator",
+                                    "reference"), env=env(PATH=str(tmp_path / "no-slurm-here")),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "sbatch is not on PATH" in result.stderr and "Traceback" not in result.stderr
+    assert "Submitted" not in result.stderr + result.stdout
 
 
 def test_the_queue_is_empty_once_every_run_ended(runs):

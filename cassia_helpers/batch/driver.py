@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import shlex
 import shutil
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -293,7 +292,9 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                                                                 error_type="Interrupted")
                     result.statuses[key] = record["status"]
     progress.close()
-    resume = f"python run_batch.py --resume {shlex.quote(str(run_dir))}"  # as it can be pasted into a shell
+    from cassia_helpers.batch.resume import resume_command, say_unanswered
+
+    resume = resume_command(run_dir, settings)
     with Interrupts() as late:  # a Ctrl-C during the summaries counts on from those before
         late.count = interrupts.count
         try:
@@ -306,7 +307,6 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         log.warning("Stopped at once. Resume with: %s", resume)
         return result
     progress.table(result)
-    from cassia_helpers.batch.resume import say_unanswered
 
     say_unanswered(run_dir, [key for key, state in result.statuses.items() if state == SUCCESS], resume)
     unfinished = any(status != SUCCESS for status in result.statuses.values())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import logging
+import shlex
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from cassia_helpers.batch.execute import REQUIRED_OUTPUTS
 from cassia_helpers.batch.runner import RUNNER_LOCK
 from cassia_helpers.contract import RUN_MANIFEST, SUCCESS, DatasetPaths, input_changed, read_result, read_status
 from cassia_helpers.files import remove_temporary, write_json
-from cassia_helpers.settings import BY_NAME, PER_DATASET, SETTINGS, UsageError
+from cassia_helpers.settings import BY_NAME, CLUSTER_GROUP, PER_DATASET, RUN, SETTINGS, UsageError
 
 log = logging.getLogger("cassia_helpers")
 SUPERSEDED = "superseded"
@@ -180,6 +181,25 @@ def unanswered(paths: DatasetPaths) -> str:
     held = sum(record.get("status") == SKIPPED_BUDGET for record in read_ledger(paths.llm_calls_jsonl))
     return (f"the --max-cost budget held back {held} request(s) (raise it: --resume takes a new --max-cost)"
             if held else "")
+
+
+def resume_command(run_dir: Path, settings) -> str:
+    """The command that finishes the run, as it can be pasted into a shell. Where its datasets run
+    (``--cluster``, ``--scheduler``, the SLURM options, ``--workers``) is not kept in the run folder: the flags
+    this session was given are repeated, so the resume runs where the run did, not on this machine alone."""
+    words = ["python", "run_batch.py", "--resume", str(run_dir)]
+    for setting in SETTINGS:
+        if setting.scope != RUN or not (setting.group == CLUSTER_GROUP or setting.name == "workers"):
+            continue
+        value = getattr(settings, setting.name)
+        if value == setting.default or value in ("", None, []):
+            continue
+        if isinstance(value, bool):
+            words.append(setting.option)
+        else:
+            for one in value if isinstance(value, list | tuple) else [value]:
+                words += [setting.option, str(one)]
+    return shlex.join(words)
 
 
 def say_unanswered(run_dir: Path, finished: list[tuple[str, str]], resume: str) -> None:

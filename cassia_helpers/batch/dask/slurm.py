@@ -167,17 +167,25 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False, name: str = "cas
 
 def check_job_script(cluster) -> None:
     """:class:`ClusterError` when ``sbatch --test-only`` refuses the cluster's job script (an unknown partition,
-    a walltime it cannot read, a directive it cannot parse): said at once, before any job is submitted,
-    rather than by a queue that never starts one. Nothing is said when sbatch cannot be asked."""
+    a walltime it cannot read, a directive it cannot parse), when there is no ``sbatch`` to submit jobs with, or
+    when the SLURM controller cannot be reached: said at once, before any job is submitted, rather than by a
+    queue that never starts one. Nothing is said when sbatch does not answer in time (a busy controller)."""
     try:
         out = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True,
                              text=True, timeout=30)
+    except FileNotFoundError:
+        raise ClusterError("sbatch is not on PATH: run on a node with SLURM's commands (a login node), or load "
+                           "them first (e.g. module load slurm)") from None
     except (OSError, subprocess.TimeoutExpired):
         return
     if out.returncode != 0:
         errors = [line.removeprefix("sbatch: error: ").strip() for line in out.stderr.splitlines() if line.strip()]
-        raise ClusterError(f"sbatch refuses the job script: {'; '.join(errors[:2]) or out.returncode} (check "
-                           "--slurm-queue, --slurm-walltime, --slurm-memory, --slurm-account, --slurm-job-extra)")
+        said = "; ".join(errors[:2]) or str(out.returncode)
+        if "unable to contact slurm controller" in said.lower():
+            raise ClusterError(f"the SLURM controller does not answer ({said}): try again once it is back "
+                               "(sinfo tells)")
+        raise ClusterError(f"sbatch refuses the job script: {said} (check --slurm-queue, --slurm-walltime, "
+                           "--slurm-memory, --slurm-account, --slurm-job-extra)")
 
 
 def slot_number(name) -> int | str:

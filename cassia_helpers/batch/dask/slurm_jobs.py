@@ -18,12 +18,13 @@ _ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_
           "BOOT_FAIL", "DEADLINE"}
 
 
-def _run(command: list[str]) -> str:
+def _run(command: list[str]) -> str | None:
+    """The command's output, or None when it could not run or failed (a busy or restarting controller)."""
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout if out.returncode == 0 else ""
+        return None
+    return out.stdout if out.returncode == 0 else None
 
 
 def slurm_seconds(text: str) -> float | None:
@@ -38,15 +39,19 @@ def slurm_seconds(text: str) -> float | None:
 
 
 def queue_states(job_ids: list[str]) -> dict[str, str]:
-    """``squeue``'s state of each job still in the queue (PENDING, RUNNING, ...); ended jobs are absent."""
-    return {job_id: state for job_id, (state, _left) in _squeue(job_ids).items()}
+    """``squeue``'s state of each job still in the queue (PENDING, RUNNING, ...); ended jobs are absent, and
+    so is every job while ``squeue`` does not answer."""
+    return {job_id: state for job_id, (state, _left) in (_squeue(job_ids) or {}).items()}
 
 
-def _squeue(job_ids: list[str]) -> dict[str, tuple[str, float | None]]:
-    """Each queued job's state and the seconds left of its walltime (None: not running, or no limit)."""
+def _squeue(job_ids: list[str]) -> dict[str, tuple[str, float | None]] | None:
+    """Each queued job's state and the seconds left of its walltime (None: not running, or no limit); None
+    when ``squeue`` failed: a controller that does not answer says nothing of the jobs, they did not end."""
     if not job_ids:
         return {}
     out = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T %L"])
+    if out is None:
+        return None
     found = {}
     for line in out.splitlines():
         fields = line.split()
@@ -76,7 +81,7 @@ def job_end(job_id: str, log_path: str = "", *, wait_s: float = 30.0) -> tuple[s
     deadline = time.monotonic() + wait_s
     state, text = "", ""
     while True:
-        fields = dict(item.split("=", 1) for item in _run(["scontrol", "-o", "show", "job", job_id]).split()
+        fields = dict(item.split("=", 1) for item in (_run(["scontrol", "-o", "show", "job", job_id]) or "").split()
                       if "=" in item)
         state = fields.get("JobState", "")
         log_path = log_path or fields.get("StdErr", "")
@@ -227,6 +232,8 @@ class SlurmJobs:
             return None
         self._last_upkeep = now
         queued_jobs = _squeue(self.job_ids())
+        if queued_jobs is None:  # squeue failed this time: no job is taken for ended (nor replaced) on that
+            return self._give_up(ended=False, alive=True, give_up_s=give_up_s, now=now)
         alive = {job_id: state for job_id, (state, _left) in queued_jobs.items()}
         for job_id, (_state, left) in queued_jobs.items():
             if left is not None:
@@ -242,6 +249,10 @@ class SlurmJobs:
                         len(ended), self.replacements_left)
             self._no_worker_since = None if self._no_worker_since is None else now
             return None
+        return self._give_up(ended=bool(ended), alive=bool(alive), give_up_s=give_up_s, now=now)
+
+    def _give_up(self, *, ended: bool, alive: bool, give_up_s: float, now: float) -> str | None:
+        """Why the waiting datasets are given up once no worker was connected for ``give_up_s`` s, or None."""
         if self._no_worker_since is not None and now - self._no_worker_since > give_up_s:
             if ended and not alive:
                 return (f"no SLURM job left to run it: {self.replaced} job(s) already replaced "
