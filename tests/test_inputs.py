@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from cassia_helpers import inputs as cio
 from cassia_helpers.dataset import pp
 from cassia_helpers.dataset.counts import counts_layer
+from cassia_helpers.dataset.existing import kept_as, umap_or_keep
 from cassia_helpers.dataset.markers import rank_markers
 from cassia_helpers.dataset.read import InputError, read_dataset
 from tests.conftest import REPO
@@ -764,6 +765,19 @@ def test_an_author_column_already_taken_keeps_both(tmp_path):
     assert set(read.obs["author_cell_type"]) == {"old"} and set(read.obs["author_author_cell_type"]) == {"new"}
     assert list(read.uns["author_author_cell_type_colors"]) == ["#123456"] and "cell_type_colors" not in read.uns
     assert read.obs["author_leiden_unsplit"].tolist() == ["a"] * 50 + ["b"] * 50 and "leiden_unsplit" not in read.obs
+    # what the run reads of the input's own entries follows the renames: the labels scored against, the UMAP kept
+    assert kept_as(read, "obs", "cell_type") == "author_author_cell_type" and kept_as(read, "obsm", "X_umap") == ""
+
+
+def test_the_input_umap_kept_is_its_own_even_when_the_author_name_was_taken(tmp_path):
+    adata = make_counts(100)
+    adata.obs["clusters"] = pd.Categorical(np.where(np.arange(100) < 50, "a", "b"))
+    adata.obsm["X_umap"] = np.arange(200, dtype=np.float32).reshape(100, 2)
+    adata.obsm["author_X_umap"] = np.zeros((100, 2), dtype=np.float32)  # another tool's, from an earlier pass
+    read = read_dataset(write(adata, tmp_path / "prefixed.h5ad"))
+    umap_or_keep(read, cluster_key="clusters")
+    assert np.array_equal(read.obsm["X_umap"], adata.obsm["X_umap"][:, :2])
+    assert read.uns["cassia_batch"]["umap"] == {"source": "input", "input_key": "author_author_X_umap"}
 
 
 def test_an_earlier_runs_record_is_kept_beside_this_runs(tmp_path):

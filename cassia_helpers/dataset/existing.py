@@ -46,6 +46,16 @@ def input_column(adata: AnnData, key: str, *, what: str) -> str:
     raise InputError(f"{record.get('file', 'input')}: {missing_column(what, key, columns)}")
 
 
+def kept_as(adata: AnnData, slot: str, name: str) -> str:
+    """The name under which the input's own ``slot`` entry ``name`` is kept (``X_umap`` -> ``author_X_umap``,
+    or a longer name when the input had that one too), ``""`` when the input had none."""
+    record = provenance(adata).get("input", {})
+    if record:
+        return record.get("renamed", {}).get(slot, {}).get(name, "")
+    kept = AUTHOR_PREFIX + name  # not read by read_dataset: no record of renames
+    return kept if kept in (adata.obs.columns if slot == "obs" else getattr(adata, slot).keys()) else ""
+
+
 def keep_clusters(adata: AnnData, *, cluster_key: str = "") -> None:
     """Copy the input's clusters ``obs[cluster_key]`` into ``obs['leiden']`` (before QC); nothing without a key.
 
@@ -119,12 +129,13 @@ def umap_or_keep(adata: AnnData, *, cluster_key: str = "", seed: int = 0) -> Non
     """UMAP (:func:`cassia_helpers.dataset.pp.umap`), or, for a dataset on its own clusters whose input has
     a UMAP (``X_umap``, kept as ``author_X_umap`` when read), that embedding. Writes ``obsm['X_umap']``
     and ``uns['cassia_batch']['umap']``."""
-    embedding = adata.obsm.get(AUTHOR_PREFIX + "X_umap") if cluster_key else None
+    kept = kept_as(adata, "obsm", "X_umap") if cluster_key else ""
+    embedding = adata.obsm.get(kept) if kept else None
     if embedding is not None and np.ndim(embedding) == 2 and np.shape(embedding)[1] >= 2:
         values = np.asarray(embedding, dtype=np.float32)[:, :2]
         if np.isfinite(values).all():
             adata.obsm["X_umap"] = values
-            provenance(adata)["umap"] = {"source": "input", "input_key": AUTHOR_PREFIX + "X_umap"}
+            provenance(adata)["umap"] = {"source": "input", "input_key": kept}
             return
     from cassia_helpers.dataset.pp import umap
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from cassia_helpers.dataset.existing import input_column
+from cassia_helpers.dataset.existing import input_column, kept_as
 from cassia_helpers.dataset.ontology import UNMATCHED, CellOntology, load_cell_ontology
 from cassia_helpers.dataset.record import cluster_key, provenance
 from cassia_helpers.dataset.record import label_key as calls_key
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 SCORES = ("exact", "partial", "lineage", "wrong")
 UNSCORED = "unscored"
-CELLXGENE_LABELS = ("author_cell_type_ontology_term_id", "author_cell_type")
+#: the input's own columns of CELLxGENE's schema scored against without a label_key, the term ids first
+CELLXGENE_LABELS = ("cell_type_ontology_term_id", "cell_type")
 #: author labels that mean "no label" (as text, lower case): those cells are not scored
 MISSING_LABELS = frozenset({"", "nan", "none", "na", "n/a", "null"})
 
@@ -108,7 +109,7 @@ def score_against_authors(adata: AnnData, *, label_key: str = "", tissue: str = 
     if label_key:
         column = input_column(adata, label_key, what="label_key")
     else:
-        column = next((c for c in CELLXGENE_LABELS if c in adata.obs.columns), "")
+        column = next(filter(None, (kept_as(adata, "obs", c) for c in CELLXGENE_LABELS)), "")
         if not column:
             return None
     onto = load_cell_ontology()
