@@ -216,21 +216,40 @@ def test_no_cells_left_after_qc(tmp_path):
     assert_one_line_error(excinfo, path, "no cells left after QC", "min_genes=10000", "max_pct_mt=20.0")
 
 
+def test_mitochondrial_genes_named_as_r_writes_them_are_filtered(tmp_path):
+    from cassia_helpers.dataset.markers import informative
+
+    adata = make_counts(60, 100)
+    names = list(adata.var_names)
+    names[:3] = ["MT.CO1", "MT.ND3", "mt.Cytb"]  # MT-CO1 after R's make.names
+    adata.var_names = names
+    adata.X = adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X
+    adata.X[:20, 0] = 5_000  # a third of the cells are mostly mitochondrial RNA
+    adata = read_dataset(write(adata, tmp_path / "from R.h5ad"))
+    pp.qc(adata, min_genes=1, min_cells=1, max_pct_mt=20.0)
+    assert adata.uns["cassia_batch"]["qc"]["mito_genes"] == 3 and adata.n_obs == 40
+    assert not informative("MT.CO1") and not informative("mt.Cytb") and informative("MT1A")
+
+
 @pytest.mark.parametrize("name, thresholds, phrases", [
     ("mito.h5ad", {"min_genes": 1, "min_cells": 1, "max_pct_mt": 0.0},
      ("no cells left after QC", "max_pct_mt=0.0")),
     ("few cells.h5ad", {"min_genes": 1, "min_cells": 1000, "max_pct_mt": 100.0},
      ("no genes left after QC", "min_cells=1000")),
-    # the genes are lost because min_genes left one cell: the message says so, not only min_cells
-    ("one cell left.h5ad", {"min_genes": "second most", "min_cells": 3, "max_pct_mt": 100.0},
-     ("no genes left after QC: 1 of 60 cells passed min_genes=", "min_cells=3")),
+    # the genes are lost because min_genes left two cells: the message says so, not only min_cells
+    ("two cells left.h5ad", {"min_genes": "two most", "min_cells": 1000, "max_pct_mt": 100.0},
+     ("no genes left after QC: ", " of 60 cells passed min_genes=", "min_cells=1000")),
+    # one cell cannot be clustered: said as such, not by a failing PCA
+    ("one cell left.h5ad", {"min_genes": "second most", "min_cells": 0, "max_pct_mt": 100.0},
+     ("1 cell only left after QC (min_genes=", "60 cells before")),
 ])
 def test_nothing_left_after_qc_names_the_threshold(tmp_path, name, thresholds, phrases):
     path = write(make_counts(60, 100), tmp_path / name)
     adata = read_dataset(path)
-    if thresholds["min_genes"] == "second most":  # only the richest cell passes
+    if thresholds["min_genes"] in ("second most", "two most"):  # only the richest cell (or the two richest) passes
         genes = np.sort(np.asarray((adata.X > 0).sum(axis=1)).ravel())
-        thresholds = dict(thresholds, min_genes=int(genes[-2]) + 1)
+        least = int(genes[-2]) + 1 if thresholds["min_genes"] == "second most" else int(genes[-2])
+        thresholds = dict(thresholds, min_genes=least)
     with pytest.raises(InputError) as excinfo:
         pp.qc(adata, **thresholds)
     assert_one_line_error(excinfo, path, *phrases)

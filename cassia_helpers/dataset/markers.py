@@ -241,7 +241,7 @@ def _single_cluster_markers(adata: ad.AnnData, group: str, n_genes: int | None) 
 #: nuclear pseudogenes (MTRNR2L*), and ubiquitous transcripts that rank high in any cluster with more RNA
 #: (translation elongation factors, thymosins, ferritins, actins, GAPDH, B2M, MALAT1/NEAT1, ...). They say
 #: how many transcripts a cell has, not which type it is, and crowd out the markers that do.
-UNINFORMATIVE_PATTERN = re.compile(r"^(?:RP[SL](?!\d+K[AB])\d+[A-Z]{0,2}\d*$|RPLP\d$|RPSA$|MT-|MTRNR2L\d)",
+UNINFORMATIVE_PATTERN = re.compile(r"^(?:RP[SL](?!\d+K[AB])\d+[A-Z]{0,2}\d*$|RPLP\d$|RPSA$|MT[-.]|MTRNR2L\d)",
                                    re.IGNORECASE)  # not the S6 kinases (RPS6KA1, RPS6KB1)
 UBIQUITOUS_GENES = frozenset({
     "MALAT1", "NEAT1", "EEF1A1", "EEF1B2", "EEF1D", "EEF1G", "EEF2", "TPT1", "TMSB4X", "TMSB10", "FTL", "FTH1",

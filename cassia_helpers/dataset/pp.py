@@ -25,7 +25,7 @@ from cassia_helpers.dataset.read import InputError
 from cassia_helpers.dataset.record import provenance, warn
 from cassia_helpers.dataset.steps import timed
 
-MITO_PREFIX = "MT-"
+MITO_PREFIX = ("MT-", "MT.")  # MT.CO1: the name R makes of MT-CO1 (make.names), in files converted through R
 
 
 @timed("qc")
@@ -53,8 +53,9 @@ def qc(adata: ad.AnnData, *, min_genes: int = 200, min_cells: int = 3, max_pct_m
         adata.obs["pct_counts_mt"].to_numpy() <= max_pct_mt
     )
     thresholds = f"min_genes={min_genes}, max_pct_mt={max_pct_mt}"
-    if not keep.any():
-        raise InputError(f"{_file(adata)}: no cells left after QC ({thresholds}; {before[0]} cells before)")
+    if keep.sum() < 2:  # one cell has no neighbours, no clusters and no markers
+        left = "no cells" if not keep.any() else "1 cell only"
+        raise InputError(f"{_file(adata)}: {left} left after QC ({thresholds}; {before[0]} cells before)")
     distributions = qc_distributions(adata.obs, keep)  # the removed cells' metrics, for the QC figure
     gene_keep = cells_per_gene(adata.X, keep) >= min_cells
     if not gene_keep.any():  # the cells left are too few for any gene to reach min_cells: say who left them
@@ -78,7 +79,7 @@ def qc(adata: ad.AnnData, *, min_genes: int = 200, min_cells: int = 3, max_pct_m
         "distributions": distributions,
     }
     if record["qc"]["mito_genes"] == 0:
-        warn(adata, "no mitochondrial genes (MT-/mt-) found: the mitochondrial filter removed nothing")
+        warn(adata, "no mitochondrial genes (MT-, mt-, MT.) found: the mitochondrial filter removed nothing")
 
 
 @timed("normalize")
