@@ -546,7 +546,7 @@ def test_human_symbols_with_species_mouse_warn(tmp_path):
 
 def test_mouse_symbols_with_species_human_warn(tmp_path):
     adata = read_dataset(write(make_counts(mouse=True), tmp_path / "mouse.h5ad"), species="human")
-    assert any("look like mouse symbols" in w for w in warnings_of(adata))
+    assert any("look like mouse symbols" in w and "run it with --species mouse" in w for w in warnings_of(adata))
 
 
 def test_mouse_ensembl_ids_do_not_trigger_case_warning(tmp_path):

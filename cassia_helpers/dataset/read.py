@@ -343,9 +343,12 @@ def _check_species_case(adata: AnnData, species: str) -> None:
     title = np.mean([n[0].isupper() and n[1:] == n[1:].lower() and not n.isupper() for n in names])
     upper = np.mean([n.isupper() for n in names])
     species = species.lower()
+    # the offline reference matches the species' own symbols (Cd3e for mouse, CD3E for human): say what follows
     if species == "human" and title > 0.5:
-        warn(adata, "gene symbols look like mouse symbols (title case) but species is human")
+        warn(adata, "gene symbols look like mouse symbols (title case) but species is human: the offline "
+                    "reference finds no human marker in them (clusters Unknown); run it with --species mouse")
     elif species == "mouse" and upper > 0.8:
-        warn(adata, "gene symbols are upper case (human style) but species is mouse")
+        warn(adata, "gene symbols are upper case (human style) but species is mouse: the offline reference "
+                    "finds no mouse marker in them (clusters Unknown); run it with --species human")
 
 
