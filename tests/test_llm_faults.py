@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers, annotation_failure
+from cassia_helpers.dataset.annotate import NO_ANSWER, ClusterAnnotation, ClusterMarkers, annotation_failure
 from cassia_helpers.dataset.annotate.agents.annotator import LLMAnnotator
 from cassia_helpers.dataset.annotate.llm.untrusted import MAX_LABEL_CHARS, MAX_REPLY_CHARS, csv_safe, sanitize_label
 from cassia_helpers.ledger import (
@@ -727,6 +727,19 @@ def test_replies_cut_at_the_token_limit_are_named_and_never_cached(llm_env, tmp_
     records = calls(tmp_path / "ledger.jsonl")
     assert records and all("reply cut at the token limit" in r["error"] for r in records if r["status"] == "ok")
     assert cached_entries(tmp_path) == []  # a rerun asks again rather than reuse half an answer
+
+
+def test_an_analysis_a_content_filter_cut_off_is_no_call(llm_env, tmp_path):
+    """A provider's filter stops the annotator mid-analysis, before its FINAL ANNOTATION: no formatter is asked
+    to make a call out of half an argument, and the cluster says why it has none."""
+    llm_env.cut_replies, llm_env.cut_reason, llm_env.cut_agent = True, "content_filter", "annotator"
+    results = run(tmp_path, clusters=CLUSTERS[:2], max_attempts=1)
+    assert all(r.main_cell_type == "Unknown" and r.reason_kind == NO_ANSWER for r in results), results
+    assert all("cut off before its conclusion (finish_reason content_filter)" in r.reason for r in results)
+    assert {b["_agent"] for b in llm_env.received} == {"annotator"}
+    records = calls(tmp_path / "ledger.jsonl")
+    assert records and all("content filter" in r["error"] for r in records)
+    assert cached_entries(tmp_path) == []
 
 
 def test_content_given_as_parts_is_read_as_its_text_parts_and_a_refusal_is_kept():

@@ -13,7 +13,6 @@ sent (an unusable model costs at most 2 rounds x 2 requests for the clusters alr
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 import threading
@@ -23,6 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from cassia_helpers.dataset.annotate import NO_ANSWER, ClusterAnnotation, ClusterMarkers
+from cassia_helpers.dataset.annotate.agents.answers import parse_answer
 from cassia_helpers.dataset.annotate.agents.prompts import (
     ANNOTATOR_SYSTEM,
     ANSWER_SCHEMA,
@@ -35,12 +35,9 @@ from cassia_helpers.dataset.annotate.agents.prompts import (
 from cassia_helpers.dataset.annotate.agents.replies import (
     VERDICT_SCHEMA,
     final_annotation,
-    json_candidates,
-    loads_leniently,
     read_verdict,
     structured_chat,
     verdict_words,
-    without_thinking,
 )
 from cassia_helpers.dataset.annotate.llm.client import (
     BudgetExceeded,
@@ -53,78 +50,12 @@ from cassia_helpers.dataset.annotate.llm.client import (
 from cassia_helpers.dataset.annotate.llm.limits import run_limits
 from cassia_helpers.dataset.annotate.llm.options import LLMOptions
 from cassia_helpers.dataset.annotate.llm.throttle import CircuitBreaker
-from cassia_helpers.dataset.annotate.llm.untrusted import MAX_REASONING_CHARS, sanitize_label
 from cassia_helpers.ledger import Ledger
 from cassia_helpers.prices import PriceTable, same_model
 
 UNKNOWN_ANSWER = re.compile(r"^\s*(unknown|unclear|undetermined|n/?a)\b", re.IGNORECASE)
 # Clusters in a row without a usable answer after which a dataset's remaining clusters are not sent.
 UNUSABLE_RUN = 3
-# The confidence of an answer that gives none as a number.
-NO_CONFIDENCE = 50.0
-
-
-def parse_answer(text: str) -> dict | None:
-    """The structured answer from JSON, a fenced JSON block, a JSON object inside prose, or a
-    ``FINAL ANNOTATION:`` line; ``None`` when no cell type can be found."""
-    text = without_thinking(text)
-    for candidate in json_candidates(text):
-        try:
-            data = loads_leniently(candidate)
-        except ValueError:
-            continue
-        if isinstance(data, dict) and sanitize_label(data.get("main_cell_type", "")):
-            return _normalise(data)
-    label = final_annotation(text)  # the last one: an earlier one was a thought the annotator moved past
-    if label:
-        return _normalise({"main_cell_type": label, "confidence": None,
-                           "reasoning": "Parsed from the annotator's final line."})
-    return None
-
-
-def _as_list(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [v for v in re.split(r"[;,]", value)]
-    elif not isinstance(value, list | tuple):
-        value = [value]
-    return [label for label in (sanitize_label(v) for v in value[:20]) if label]
-
-
-def _confidence(value: object) -> float:
-    """The model's 0-100 confidence: a number, or text holding one ("95%"); a fraction below 1 is read as a
-    share (0.8 -> 80). Anything else (missing, NaN, true, "high") is :data:`NO_CONFIDENCE`, as the README says."""
-    if isinstance(value, str):
-        found = re.search(r"-?\d+(?:\.\d+)?", value)
-        value = found.group() if found else None
-    if isinstance(value, bool) or value is None:
-        return NO_CONFIDENCE
-    try:
-        confidence = float(value)
-    except (TypeError, ValueError):
-        return NO_CONFIDENCE
-    if not math.isfinite(confidence):
-        return NO_CONFIDENCE
-    if 0 < confidence < 1:
-        confidence *= 100
-    return max(0.0, min(100.0, confidence))
-
-
-def _normalise(data: dict) -> dict:
-    confidence = _confidence(data.get("confidence"))
-    return {
-        "main_cell_type": sanitize_label(data.get("main_cell_type", "")),
-        "sub_cell_types": _as_list(data.get("sub_cell_types"))[:3],
-        "mixed_cell_types": _as_list(data.get("mixed_cell_types")),
-        "confidence": confidence,
-        "key_markers": _as_list(data.get("key_markers")),
-        "reasoning": sanitize_label(data.get("reasoning", ""), max_chars=MAX_REASONING_CHARS),
-        # a proposal only: checked against the ontology before it is used (cassia_helpers.dataset.ontology)
-        "cell_ontology_id": sanitize_label(data.get("cell_ontology_id", ""), max_chars=20),
-    }
-
-
 def marker_problems(answer: dict, genes: list[str]) -> list[str]:
     """The deterministic check: every marker the answer cites must be in the list sent."""
     sent = {g.upper() for g in genes}
@@ -313,8 +244,8 @@ class LLMAnnotator:
                 # An answer already paid for is kept when a later call cannot be made.
                 transcript.append({"agent": "note", "content": f"stopped early: {exc}"})
                 return self._result(markers, best, transcript, round_number, validated=False)
-            if outcome is None:
-                last_problem = "the model gave no recognisable cell type"
+            if isinstance(outcome, str):
+                last_problem = outcome
                 continue
             cleaned, passed, actionable = outcome
             best = cleaned
@@ -329,23 +260,27 @@ class LLMAnnotator:
         return unknown
 
     def _round(self, markers: ClusterMarkers, prompt: str, conversation: list[dict], transcript: list[dict],
-               round_number: int) -> tuple[dict, bool, bool] | None:
-        """One annotator → formatter → validator round: ``(answer, passed, actionable)``, or ``None`` when no
-        cell type could be read. ``actionable``: the check gave feedback a further round can act on.
+               round_number: int) -> tuple[dict, bool, bool] | str:
+        """One annotator → formatter → validator round: ``(answer, passed, actionable)``, or why no cell type
+        could be read. ``actionable``: the check gave feedback a further round can act on.
 
         Adds the feedback for the next round to ``conversation`` when the answer is missing or not validated.
         A well-formed reply is cached whatever it concludes (a rerun asks nothing again): an analysis that names
         a cell type, a review that names a verdict, passed, failed or both; unusable text is asked again.
         """
-        analysis = self.client.chat(conversation, cluster=markers.cluster, agent="annotator",
-                                    accept=lambda text: parse_answer(text) is not None).content
+        reply = self.client.chat(conversation, cluster=markers.cluster, agent="annotator",
+                                 accept=lambda text: parse_answer(text) is not None)
+        analysis = reply.content
         transcript.append({"agent": f"annotator (round {round_number})", "content": analysis})
         conversation.append({"role": "assistant", "content": analysis})
-        answer = self._format(prompt, analysis, markers.cluster, transcript)
+        # an analysis the server cut off before its conclusion is not a call (a formatter would make one up)
+        answer = None if reply.cut and not final_annotation(analysis) else self._format(
+            prompt, analysis, markers.cluster, transcript)
         if answer is None:
             conversation.append({"role": "user", "content": "Your feedback: the answer named no cell type. "
                                  "Analyse again and end with 'FINAL ANNOTATION: <main cell type>'."})
-            return None
+            return (f"the model's reply was cut off before its conclusion (finish_reason {reply.cut})"
+                    if reply.cut else "the model gave no recognisable cell type")
         problems = marker_problems(answer, markers.genes)
         cleaned = dict(answer, key_markers=[m for m in answer["key_markers"]
                                             if m.upper() in {g.upper() for g in markers.genes}])

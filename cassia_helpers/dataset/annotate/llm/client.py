@@ -81,7 +81,7 @@ class ChatAnswer:
     from_cache: bool
     system_fingerprint: str = ""
     estimated: bool = False
-    cut: bool = False  # the server stopped at the token limit (finish_reason "length"): not cached
+    cut: str = ""  # why the server stopped before the reply's end ("length", "content_filter"): not cached
 
 
 def endpoint_label(base_url: str) -> str:
@@ -362,10 +362,12 @@ class LLMClient:
             self.served_models.update([served] if served else [])
         stored = untrusted_reply(content)
         notes = [note] if note else []
-        cut = finish_reason(data) == "length"
-        if cut:
+        cut = finish_reason(data) if finish_reason(data) in ("length", "content_filter") else ""
+        if cut == "length":
             notes.append(f"reply cut at the token limit ({limit or 'the server default'} tokens, "
                          "--llm-max-tokens): not cached")
+        elif cut:
+            notes.append("reply stopped by the server's content filter: not cached")
         if len(stored) < len(content):
             notes.append(f"reply of {len(content)} characters cut to {len(stored)}")
         done(OK, scrub_secrets("; ".join(notes)), input_tokens=input_tokens, output_tokens=output_tokens,
