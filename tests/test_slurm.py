@@ -376,6 +376,7 @@ def test_a_job_script_sbatch_refuses_is_said_at_once(partition, data, tmp_path):
     assert "sbatch refuses the job script: invalid partition specified: no-such-partition" in result.stderr
     assert "Traceback" not in result.stderr and time.monotonic() - started < 60
     assert list((tmp_path / "out").iterdir()) == []  # the rerun makes its own: no folder of a run never started
+    assert "removed: nothing ran in it" in result.stderr  # the folder named at the start is said gone
 
 
 def test_no_sbatch_on_path_is_said_at_once(partition, data, tmp_path):

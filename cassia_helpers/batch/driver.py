@@ -215,6 +215,7 @@ def _discard_unstarted(run_dir: Path) -> None:
     own = {RUN_MANIFEST, RUN_LOCK, DATASETS_CSV}
     if all(path.name in own for path in run_dir.rglob("*") if not path.is_dir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("Run folder %s removed: nothing ran in it", run_dir)  # it was named at the start
 
 
 def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
