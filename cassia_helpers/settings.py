@@ -111,7 +111,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("resume", None, "finish an interrupted run folder in place (its analysis settings are kept; "
             "--workers and timeouts may be given anew)", _IO, RUN, type=Path, metavar="RUN_DIR"),
     Setting("dry_run", False, "list the datasets that would run and estimate API calls, tokens and cost; "
-            "send nothing; exit 1 when an input cannot run", _IO, RUN),
+            "check the SLURM job script (sbatch --test-only) or the --scheduler address; send nothing; exit 1 "
+            "when an input cannot run or the cluster would refuse the run", _IO, RUN),
     # execution (run scope)
     Setting("workers", 1, "datasets processed at once (each in its own kernel process); with --scheduler, the "
             "scheduler's workers decide", _EXEC, RUN, minimum=1),

@@ -247,6 +247,19 @@ def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_re
     assert '"validator"' in ledger.read_text() and not list(ledger.parent.glob("superseded/*/*_llm_calls.jsonl"))
 
 
+def test_a_dry_run_says_when_the_dask_scheduler_cannot_be_reached():
+    import socket
+
+    from cassia_helpers.batch.dry_run import where_it_runs
+
+    with socket.socket() as free:  # a port nobody listens on
+        free.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{free.getsockname()[1]}"
+    lines, refused = where_it_runs(Settings(scheduler=address))
+    assert not lines and refused.startswith(f"the Dask scheduler {address} cannot be reached")
+    assert where_it_runs(Settings()) == ([], "")  # this machine: nothing to check
+
+
 def test_the_resume_command_said_runs_where_the_run_did():
     from cassia_helpers.batch.resume import resume_command
 

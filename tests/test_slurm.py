@@ -379,6 +379,20 @@ def test_a_job_script_sbatch_refuses_is_said_at_once(partition, data, tmp_path):
     assert "removed: nothing ran in it" in result.stderr  # the folder named at the start is said gone
 
 
+@pytest.mark.parametrize("queue", ["debug", "no-such-partition"])
+def test_a_dry_run_checks_the_job_script_with_sbatch(partition, data, tmp_path, queue):
+    result = subprocess.run([*command(queue, data, tmp_path / "out", "--tissues", "blood", "--annotator",
+                                      "reference"), "--dry-run"], env=env(), capture_output=True, text=True,
+                            timeout=120)
+    if queue == partition:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"SLURM job(s) at a time in {partition}" in result.stdout and "--test-only accepts" in result.stdout
+    else:
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "The run could not start: sbatch refuses the job script: invalid partition" in result.stdout
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
 def test_no_sbatch_on_path_is_said_at_once(partition, data, tmp_path):
     """On a node without SLURM's commands (or before ``module load slurm``): one line, at once."""
     result = subprocess.run(command(partition, data, tmp_path / "out", "--tissues", "blood", "--annotator",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 
 from cassia_helpers.batch.discovery import discover, single_input
 from cassia_helpers.batch.manifest import dataset_settings, read_manifest_csv
@@ -72,6 +73,42 @@ def per_cluster(settings: Settings, *, tissue: str) -> dict[str, tuple]:
                for part in ("input", "output")}}
 
 
+def where_it_runs(settings: Settings) -> tuple[list[str], str]:
+    """Lines on where the datasets would run, and the problem that would stop the run there (``""``: none).
+
+    With ``--cluster slurm`` the job script is built as the run builds it and given to ``sbatch --test-only``
+    (nothing is submitted); with ``--scheduler`` the scheduler's address is tried.
+    """
+    from cassia_helpers.batch.dask.client import ClusterError
+
+    if settings.scheduler:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(settings.scheduler if "://" in settings.scheduler else f"tcp://{settings.scheduler}")
+        try:
+            socket.create_connection((parts.hostname or "", parts.port or 8786), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            return [], f"the Dask scheduler {settings.scheduler} cannot be reached ({exc})"
+        return [f"Datasets run on the workers of the Dask scheduler {settings.scheduler} (reachable)."], ""
+    if settings.cluster != "slurm":
+        return [], ""
+    from cassia_helpers.batch.dask.slurm import check_job_script, cluster_options, slurm_cluster
+
+    try:
+        options = cluster_options(settings)
+        jobs = settings.slurm_jobs or settings.workers
+        said = (f"Datasets run in {jobs} SLURM job(s) at a time in {options['queue'] or 'the default partition'}, "
+                f"each with {options['memory']} and {options['cores']} core(s) for {options['walltime']}")
+        cluster = slurm_cluster(options, name="cassia-dry-run")
+        try:
+            check_job_script(cluster)
+        finally:
+            cluster.close()
+    except ClusterError as exc:
+        return [], str(exc)
+    return [said + " (sbatch --test-only accepts the job script)."], ""
+
+
 def dry_run(settings: Settings) -> tuple[str, bool]:
     """A table of the datasets that would run, with an estimate of calls, tokens and cost, and whether every
     input can run (each is checked from its header, as the real run does before starting a kernel)."""
@@ -122,4 +159,8 @@ def dry_run(settings: Settings) -> tuple[str, bool]:
         lines += ["", "Skipped entries:"] + [f"  {line}" for line in found.skipped]
     if problems:
         lines += ["", f"{len(problems)} input(s) cannot run:"] + [f"  {line}" for line in problems]
-    return "\n".join(lines), not problems
+    where, refused = where_it_runs(settings)
+    lines += ["", *where] if where else []
+    if refused:
+        lines += ["", f"The run could not start: {refused}"]
+    return "\n".join(lines), not problems and not refused
