@@ -480,6 +480,20 @@ def _calls(adata, groupby: str, tissue: str = "blood") -> dict[str, ClusterAnnot
     return {c.cluster: a for c, a in zip(clusters, calls, strict=True)}
 
 
+def test_a_sorted_population_cut_into_clusters_says_why_nothing_matched():
+    from tests.synthetic import BLOOD_TYPES
+
+    adata = _crafted({"T cell": BLOOD_TYPES["T cell"]}, n_cells=300)
+    adata.obs["cluster"] = [str(i % 3) for i in range(adata.n_obs)]  # arbitrary parts of one cell type
+    calls = _calls(adata, "cluster")
+    assert all(c.reason_kind == "no_match" and "against the dataset's other cells" in c.reason
+               for c in calls.values())
+    assert any("a dataset of one cell type" in w and "--cluster-key" in w
+               for w in adata.uns["cassia_batch"]["warnings"])
+    adata.obs["one"] = "all"  # the way out the warning names: the same cells as one cluster are called
+    assert _calls(adata, "one")["all"].main_cell_type != UNKNOWN
+
+
 def test_cd56dim_and_cd56bright_nk_cells_are_told_apart():
     adata = _crafted(PBMC_CRAFTED)
     adata.obs["cluster"] = adata.obs["truth"].astype(str)

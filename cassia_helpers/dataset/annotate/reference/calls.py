@@ -112,9 +112,17 @@ def annotate_expression(
                                                  cm.genes))
         elif call.cell_type is None:
             out.append(ClusterAnnotation.unknown(
-                cm.cluster, "no reference cell type's markers are expressed in the cluster", cm.genes, "no_match"))
+                cm.cluster, "no reference cell type's markers stand out in the cluster against the dataset's "
+                "other cells", cm.genes, "no_match"))
         else:
             out.append(_annotation(cm, call))
+    if len(out) > 1 and all(r.reason_kind == "no_match" for r in out):
+        from cassia_helpers.dataset.record import warn
+
+        # markers are weighed against the other cells: in a sorted population they stand out nowhere
+        warn(adata, "the offline reference matched no cluster: it weighs each cluster's markers against the "
+                    "dataset's other cells, so a dataset of one cell type (a sorted population) shows none; "
+                    "give the dataset as one cluster (--cluster-key of a column with one value) or use the LLM")
     return out
 
 
