@@ -297,6 +297,57 @@ def test_raw_counts_with_more_genes_than_x_uses_all_raw_genes(tmp_path):
     assert adata.uns["cassia_batch"]["input"]["n_genes"] == 400
 
 
+def seurat_style(adata: ad.AnnData, genes) -> ad.AnnData:
+    """As SeuratDisk writes it: X the scaled data of a gene subset, raw.X the counts of every gene."""
+    subset = adata[:, genes].copy()
+    subset.raw = adata
+    dense = lognorm(subset.X).toarray()
+    subset.X = (dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-6)
+    return subset
+
+
+def test_x_var_columns_of_a_seurat_file_are_kept_and_written(tmp_path):
+    """X's var columns (Seurat's vst.variable, scanpy's highly_variable, ...) are kept for the genes X held and
+    missing for the others, and the annotated h5ad can still be written with them."""
+    scaled = seurat_style(make_counts(), slice(100, 300))
+    scaled.var["vst.variable"] = True
+    scaled.var["highly_variable"] = np.arange(200) % 2 == 0  # renamed author_highly_variable
+    scaled.var["vst.rank"] = np.arange(200)
+    scaled.var["module"] = pd.Categorical(["a", "b"] * 100)
+    scaled.var["note"] = np.array(["kept"] * 200, dtype=object)
+    adata = read_dataset(write(scaled, tmp_path / "seurat.h5ad"))
+    assert adata.n_vars == 400
+    pp.qc(adata, **QC)
+    adata.write_h5ad(tmp_path / "annotated.h5ad")
+    var = ad.read_h5ad(tmp_path / "annotated.h5ad").var
+    held = var.index.isin(scaled.var_names)
+    assert var.loc[held, "vst.variable"].eq(True).all() and var.loc[~held, "vst.variable"].isna().all()
+    assert var.loc["GENE100", "author_highly_variable"] and not var.loc["GENE101", "author_highly_variable"]
+    assert var.loc["GENE102", "vst.rank"] == 2 and var.loc["GENE102", "module"] == "a"
+    assert var.loc["GENE102", "note"] == "kept" and var.loc[~held, "note"].isna().all()
+
+
+def test_raw_with_duplicated_gene_names_and_x_a_subset(tmp_path):
+    """raw.var_names may repeat a name (a Seurat object after mapping ids to symbols): the genes are still
+    matched to X's, and the names made unique with the usual warning."""
+    counts = make_counts()
+    names = counts.var_names.to_list()
+    names[names.index("CD3D")] = "LYZ"  # two LYZ
+    with warnings.catch_warnings():  # anndata's warning about the duplicates made on purpose
+        warnings.simplefilter("ignore")
+        counts.var_names = names
+        scaled = seurat_style(counts, [i for i, n in enumerate(names) if n == "LYZ" or 100 <= i < 200])
+        scaled.var["mean_sc"] = np.arange(scaled.n_vars, dtype=float)
+        path = write(scaled, tmp_path / "raw dups.h5ad")
+    with warnings.catch_warnings():  # as under PYTHONWARNINGS=error: the duplicates are the dataset's warning
+        warnings.simplefilter("error")
+        adata = read_dataset(path)
+    assert adata.n_vars == 400 and adata.var_names.is_unique and {"LYZ", "LYZ-1"} <= set(adata.var_names)
+    assert adata.var.loc["LYZ", "mean_sc"] == 0 and adata.var.loc["LYZ-1", "mean_sc"] == 1
+    assert adata.var.loc["GENE100", "mean_sc"] == 2 and np.isnan(adata.var.loc["CD3E", "mean_sc"])
+    assert any("1 duplicated gene names" in w for w in warnings_of(adata))
+
+
 @pytest.mark.parametrize("x_values", ["scaled", "lognorm"])
 def test_log_normalised_raw_with_more_genes_is_used(tmp_path, x_values):
     adata = make_counts()

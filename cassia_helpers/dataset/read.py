@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from cassia_helpers.contract import TOO_LARGE
 from cassia_helpers.dataset.author import keep_author_annotations, keep_beside, renamed_warning
 from cassia_helpers.dataset.matrix import sparse_problem
+from cassia_helpers.dataset.raw import DUPLICATE_NAMES, from_raw
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 from cassia_helpers.dataset.record import provenance, warn
 from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input, one_line
@@ -88,9 +89,7 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
 
     try:
         with warnings.catch_warnings():
-            # duplicated names are made unique below and recorded as the dataset's own warning; anndata's
-            # warning would only repeat it (and under PYTHONWARNINGS=error would fail the read)
-            warnings.filterwarnings("ignore", message=r"(Observation|Variable) names are not unique")
+            warnings.filterwarnings("ignore", message=DUPLICATE_NAMES)  # made unique below, with a warning
             adata = ad.read_h5ad(path)
     except MemoryError:
         raise InputError(f"{path}: {TOO_LARGE}: ran out of memory while reading it") from None
@@ -282,7 +281,7 @@ def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
         warn(adata, f"layers['counts'] was not used: it holds {NOT_COUNTS[layer['kind']]}")
     raw = matrix_profile(adata.raw.X) if adata.raw is not None else {"kind": "missing"}
     if raw["kind"] == "counts":
-        adata = _from_raw(adata)
+        adata = from_raw(adata)
         return adata, _counts_choice(adata, adata.X, raw, "raw.X", path)
     if x["kind"] == "nonfinite":  # counts elsewhere would have been used: X was the only matrix left
         where = f" (first in cell {adata.obs_names[x['row']]!r}, row {x['row']})" if x.get("row") is not None else ""
@@ -291,7 +290,7 @@ def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
     if x["kind"] == "lognorm" and not (raw["kind"] == "lognorm" and adata.raw.n_vars > adata.n_vars):
         return adata, {"is_counts": False, "counts_source": "none"}
     if raw["kind"] == "lognorm":  # X scaled, or a gene subset of raw (as after HVG selection)
-        return _from_raw(adata), {"is_counts": False, "counts_source": "none (log-normalised raw.X)"}
+        return from_raw(adata), {"is_counts": False, "counts_source": "none (log-normalised raw.X)"}
     if x["kind"] == "missing":
         raise InputError(f"{path}: no expression matrix (X is empty and there is no counts layer or raw)")
     raise InputError(
@@ -315,25 +314,6 @@ def _counts_choice(adata: AnnData, matrix, profile: dict, source: str, path: Pat
         warn(adata, f"{source} holds non-integer counts (values up to {profile['max']:.4g}, too large for "
                     "log-normalised data), e.g. after ambient-RNA correction: normalised as counts")
     return {"is_counts": True, "counts_source": source, "integer_counts": bool(profile["integer"])}
-
-
-def _from_raw(adata: AnnData) -> AnnData:
-    """``adata`` with ``raw.X`` as ``X`` (and ``raw.var`` as ``var`` when raw holds other genes; the columns
-    of ``var`` that ``raw.var`` lacks are kept, empty for the genes ``X`` did not hold)."""
-    raw = adata.raw
-    if raw.n_vars == adata.n_vars and raw.var_names.equals(adata.var_names):
-        adata.X = raw.X.copy()
-        adata.raw = None
-        return adata
-    from anndata import AnnData
-
-    return AnnData(
-        X=raw.X.copy(),
-        obs=adata.obs,
-        var=raw.var.join(adata.var[adata.var.columns.difference(raw.var.columns)]),
-        uns=dict(adata.uns),
-        obsm=dict(adata.obsm),
-    )
 
 
 def _check_species_case(adata: AnnData, species: str) -> None:
