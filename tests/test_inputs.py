@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from cassia_helpers import inputs as cio
 from cassia_helpers.dataset import pp
-from cassia_helpers.dataset.counts import counts_layer
+from cassia_helpers.dataset.counts import counts_layer, write_counts_layer
 from cassia_helpers.dataset.markers import rank_markers
 from cassia_helpers.dataset.read import InputError, read_dataset
 from tests.conftest import REPO
@@ -824,6 +824,35 @@ def test_an_earlier_runs_record_is_kept_beside_this_runs(tmp_path):
     assert read.uns["author_cassia_batch"]["self_score"]["key"] == "lab_label"
     assert "from the earlier run" not in warnings_of(read)  # this run's record is its own
     assert any("cassia_batch -> author_cassia_batch" in w for w in warnings_of(read))
+
+
+def test_a_counts_layer_beside_the_counts_analysed_is_kept_as_author_counts(tmp_path):
+    """X holds the counts the run analyses (e.g. ambient-corrected) and layers['counts'] other counts (the
+    uncorrected ones): the written layers['counts'] are the counts analysed, the input's layer author_counts."""
+    adata = make_counts(200)
+    uncorrected = adata.X + sp.csr_matrix((adata.X > 0).astype(np.float32))
+    adata.layers["counts"] = uncorrected
+    read = read_dataset(write(adata, tmp_path / "corrected.h5ad"))
+    assert read.uns["cassia_batch"]["input"]["counts_source"] == "X"
+    assert "counts" not in read.layers and (read.layers["author_counts"] != uncorrected).nnz == 0
+    assert any("layers counts -> author_counts" in w for w in warnings_of(read))
+    pp.qc(read, **QC)
+    pp.normalize(read)
+    read.write_h5ad(tmp_path / "annotated.h5ad")
+    assert write_counts_layer(read, tmp_path / "annotated.h5ad")
+    out = ad.read_h5ad(tmp_path / "annotated.h5ad")
+    analysed = adata[out.obs_names, out.var_names]
+    assert (out.layers["counts"] != analysed.X).nnz == 0
+    np.testing.assert_allclose(np.asarray(out.layers["counts"].sum(axis=1)).ravel(), out.obs["library_size"])
+    assert (out.layers["author_counts"] != analysed.layers["counts"]).nnz == 0
+
+
+def test_a_counts_layer_of_a_log_normalised_input_keeps_its_name(tmp_path):
+    adata = make_counts(100)
+    adata.X = lognorm(adata.X)
+    adata.layers["counts"] = adata.X.copy()  # misnamed, but the run writes no counts layer for this input
+    read = read_dataset(write(adata, tmp_path / "lognorm.h5ad"))
+    assert "counts" in read.layers and "author_counts" not in read.layers
 
 
 def test_an_input_without_clashing_names_has_no_author_warning(tmp_path):

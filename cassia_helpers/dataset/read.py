@@ -104,7 +104,9 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     earlier = adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own
     adata = _gene_expression_only(adata, path)
     adata, counts = _select_matrix(adata, path)
-    renamed = keep_author_annotations(adata)
+    # the run writes layers['counts'] only when it normalises counts: a counts layer of an input it analyses
+    # as log-normalised is no clash
+    renamed = keep_author_annotations(adata, not_written={} if counts["is_counts"] else {"layers": ["counts"]})
     if earlier is not None:  # ... and the earlier run's beside it
         renamed.setdefault("uns", {})[PROVENANCE_KEY] = keep_beside(adata.uns, PROVENANCE_KEY, earlier)
     record = provenance(adata)
