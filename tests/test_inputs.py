@@ -189,6 +189,64 @@ def test_long_reader_error_is_collapsed_and_shortened(tmp_path, monkeypatch):
     assert len(message) <= len(str(path)) + 250
 
 
+def _sparse_float16(path: Path) -> None:
+    with h5py.File(path, "r+") as handle:
+        data = handle["X/data"][:]
+        del handle["X/data"]
+        handle["X/data"] = data.astype(np.float16)
+
+
+def _newer_encoding(path: Path) -> None:
+    with h5py.File(path, "r+") as handle:
+        handle["X"].attrs["encoding-type"] = "csr_matrix_v2"
+
+
+@pytest.mark.parametrize(("damage", "phrases"), [
+    (_sparse_float16, ["data type float16 not supported in sparse matrices (X)"]),
+    (_newer_encoding, ["written by a newer anndata than this one", "encoding csr_matrix_v2 0.1.0 of X",
+                       "update anndata"]),
+], ids=["sparse-float16", "newer-anndata"])
+def test_a_readable_but_unsupported_file_is_not_called_corrupt(tmp_path, damage, phrases):
+    path = write(make_counts(50, 60), tmp_path / "unsupported.h5ad")
+    damage(path)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert "corrupt" not in assert_one_line_error(excinfo, path, *phrases)
+
+
+def test_an_uns_entry_of_a_newer_anndata_is_left_out_with_a_warning(tmp_path):
+    adata = make_counts(50, 60)
+    adata.uns["note"] = "lab note"
+    adata.uns["params"] = {"min_genes": 200}
+    path = write(adata, tmp_path / "newer uns.h5ad")
+    with h5py.File(path, "r+") as handle:
+        handle["uns/note"].attrs["encoding-type"] = "string-v2"
+        handle["uns/note"].attrs["encoding-version"] = "0.3.0"
+    before = path.read_bytes()
+    read = read_dataset(path)
+    assert read.n_obs == 50 and "note" not in read.uns and read.uns["params"]["min_genes"] == 200
+    assert any("uns['note'] was left out: written by a newer anndata" in w and "string-v2 0.3.0" in w
+               for w in warnings_of(read))
+    assert path.read_bytes() == before
+
+
+def test_a_file_another_process_has_open_for_writing_says_so(tmp_path):
+    path = write(make_counts(50, 60), tmp_path / "open elsewhere.h5ad")
+    holder = subprocess.Popen(  # as a colleague's notebook with the file open in anndata's backed="r+" mode
+        [sys.executable, "-c", f"import h5py, sys; f = h5py.File({str(path)!r}, 'r+'); print('open', flush=True); "
+                               "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"})
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for read in (read_dataset, cio.check_input):  # the driver's check and the kernel's read
+            with pytest.raises(InputError) as excinfo:
+                read(path)
+            assert_one_line_error(excinfo, path, "open for writing by another process", "wait for it to finish")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
 # --- empty datasets -----------------------------------------------------------------------------------------------
 
 

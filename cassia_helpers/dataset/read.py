@@ -7,20 +7,19 @@ and the problem, so the driver can report it and go on with the other datasets.
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
-from cassia_helpers.contract import TOO_LARGE
 from cassia_helpers.dataset.author import keep_author_annotations, keep_beside, renamed_warning
+from cassia_helpers.dataset.h5ad import read_h5ad
 from cassia_helpers.dataset.matrix import sparse_problem
-from cassia_helpers.dataset.raw import DUPLICATE_NAMES, from_raw
+from cassia_helpers.dataset.raw import from_raw
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 from cassia_helpers.dataset.record import provenance, warn
-from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input, one_line
+from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -79,22 +78,15 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     Raises
     ------
     InputError
-        Not an h5ad/HDF5 file, truncated or corrupt, no cells or genes, scaled (negative) or non-finite
-        values, or too large for the memory available. The message is one line starting with the path.
+        Not an h5ad/HDF5 file, truncated or corrupt, open for writing by another process, written by a newer
+        anndata (in anything but ``uns``, whose unreadable entries are left out with a warning), no cells or
+        genes, scaled (negative) or non-finite values, or too large for the memory available. The message is
+        one line starting with the path.
     """
     path = Path(path)
     start = time.perf_counter()
     check_input(path, memory_limit=memory_limit)
-    import anndata as ad
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=DUPLICATE_NAMES)  # made unique below, with a warning
-            adata = ad.read_h5ad(path)
-    except MemoryError:
-        raise InputError(f"{path}: {TOO_LARGE}: ran out of memory while reading it") from None
-    except Exception as exc:  # noqa: BLE001 - anndata raises many types for damaged files
-        raise InputError(f"{path}: corrupt or truncated h5ad ({one_line(exc)})") from None
+    adata, left_out = read_h5ad(path)
     if adata.n_obs == 0:
         raise InputError(f"{path}: no cells (0 observations)")
     if adata.n_vars == 0:
@@ -111,6 +103,9 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
         renamed.setdefault("uns", {})[PROVENANCE_KEY] = keep_beside(adata.uns, PROVENANCE_KEY, earlier)
     record = provenance(adata)
     record["input"] = {"file": str(path), "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), **counts}
+    for key, encoding in left_out.items():
+        warn(adata, f"uns['{key}'] was left out: written by a newer anndata, whose encoding {encoding} this one "
+                    "cannot read (update anndata to keep it)")
     if renamed:
         record["input"]["renamed"] = renamed
         warn(adata, renamed_warning(renamed))
