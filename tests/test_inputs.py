@@ -469,6 +469,36 @@ def test_ensembl_ids_with_symbol_column_use_symbols(tmp_path, column):
     assert adata.uns["cassia_batch"]["qc"]["mito_genes"] == 3
 
 
+@pytest.mark.parametrize("column", ["features", "name", "hgnc"])
+def test_a_seurat_or_unnamed_symbol_column_is_found(tmp_path, column):
+    """Seurat exports keep the symbols in var['features'] or var['name']; any text column of distinct,
+    symbol-like values is found too, while columns of categories or free text are not taken for symbols."""
+    adata = with_ensembl_ids(make_counts())
+    adata.var[column] = adata.var.pop("symbols_kept_for_test")
+    adata.var["biotype"] = "protein_coding"
+    adata.var["description"] = [f"gene number {i} of the panel" for i in range(adata.n_vars)]
+    adata = read_dataset(write(adata, tmp_path / "seurat ids.h5ad"))
+    assert adata.uns["cassia_batch"]["input"]["symbol_source"] == f"var['{column}']"
+    assert "CD3E" in adata.var_names and adata.var.loc["CD3E", "gene_ids"].startswith("ENSG")
+
+
+def test_a_10x_gene_ids_column_stays_when_the_names_are_symbols(tmp_path):
+    """The run writes var['gene_ids'] only when it takes symbols from a column: a 10x file named by symbols
+    keeps its own gene_ids under that name."""
+    adata = make_counts()
+    ids = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    adata.var["gene_ids"], adata.var["feature_types"] = ids, "Gene Expression"
+    read = read_dataset(write(adata, tmp_path / "tenx.h5ad"))
+    assert read.var["gene_ids"].tolist() == ids and "author_gene_ids" not in read.var
+    assert not [w for w in warnings_of(read) if "author_" in w]
+    # named by ids, with symbols in a column: the run's gene_ids are the names, the input's column kept beside
+    named_by_ids = with_ensembl_ids(make_counts())
+    named_by_ids.var["gene_symbols"] = named_by_ids.var.pop("symbols_kept_for_test")
+    named_by_ids.var["gene_ids"] = "lab id"
+    read = read_dataset(write(named_by_ids, tmp_path / "ids.h5ad"))
+    assert read.var.loc["CD3E", "gene_ids"].startswith("ENSG") and set(read.var["author_gene_ids"]) == {"lab id"}
+
+
 def test_row_numbers_as_gene_names_use_the_symbol_column(tmp_path):
     """An export from R often names the genes 1, 2, 3 ... with the symbols in a column."""
     adata = make_counts()

@@ -19,6 +19,7 @@ from cassia_helpers.dataset.matrix import sparse_problem
 from cassia_helpers.dataset.raw import from_raw
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 from cassia_helpers.dataset.record import provenance, warn
+from cassia_helpers.dataset.symbols import symbol_column, use_gene_symbols
 from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input
 
 if TYPE_CHECKING:
@@ -26,11 +27,6 @@ if TYPE_CHECKING:
 
 # the 10x feature type of genes (others: Antibody Capture, CRISPR Guide Capture, Peaks)
 GENE_EXPRESSION = "Gene Expression"
-# var columns that may hold gene symbols when var_names are ids, matched case-insensitively, first found wins
-SYMBOL_COLUMNS = (
-    "gene_symbols", "gene_symbol", "feature_name", "feature_names", "gene_name", "gene_names",
-    "gene_short_name", "symbol", "symbols",
-)
 # Deciding counts vs log-normalised vs scaled reads every value, this many at a time (no copy of the matrix).
 BLOCK_VALUES = 4_000_000
 # log1p of any realistic normalised value stays far below this; larger non-integer values are counts
@@ -96,9 +92,11 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     earlier = adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own
     adata = _gene_expression_only(adata, path)
     adata, counts = _select_matrix(adata, path)
-    # the run writes layers['counts'] only when it normalises counts: a counts layer of an input it analyses
-    # as log-normalised is no clash
-    renamed = keep_author_annotations(adata, not_written={} if counts["is_counts"] else {"layers": ["counts"]})
+    # names the run writes for some inputs only: the input's entries of those names are no clash for others
+    # (layers['counts'] is written when counts are normalised, var['gene_ids'] when symbols come from a column)
+    symbols = symbol_column(adata)
+    not_written = {"layers": [] if counts["is_counts"] else ["counts"], "var": [] if symbols else ["gene_ids"]}
+    renamed = keep_author_annotations(adata, not_written=not_written)
     if earlier is not None:  # ... and the earlier run's beside it
         renamed.setdefault("uns", {})[PROVENANCE_KEY] = keep_beside(adata.uns, PROVENANCE_KEY, earlier)
     record = provenance(adata)
@@ -117,7 +115,7 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
         n_dup = int(adata.obs_names.duplicated().sum())
         adata.obs_names_make_unique()
         warn(adata, f"{n_dup} duplicated cell names (obs_names) were made unique (suffix -1, -2, ...)")
-    _use_gene_symbols(adata, path)
+    use_gene_symbols(adata, path, renamed.get("var", {}).get(symbols, symbols))
     if not adata.var_names.is_unique:
         n_dup = int(adata.var_names.duplicated().sum())
         adata.var_names_make_unique()
@@ -159,42 +157,6 @@ def _gene_expression_only(adata: AnnData, path: Path) -> AnnData:
     warn(adata, f"kept the {int(genes.sum())} '{GENE_EXPRESSION}' features of var['feature_types'] and left out "
                 + ", ".join(f"{n} '{kind}'" for kind, n in others.items()))
     return adata
-
-
-def _not_a_symbol(name: str) -> bool:
-    """An Ensembl id, or a name without a letter (an R export's row numbers): not a gene symbol."""
-    return bool(ENSEMBL_ID.match(name)) or not any(c.isalpha() for c in name)
-
-
-def _use_gene_symbols(adata: AnnData, path: Path) -> None:
-    names = adata.var_names.astype(str)
-    id_share = np.mean([_not_a_symbol(n) for n in names[:2000]])
-    record = provenance(adata)["input"]
-    record["symbol_source"] = "var_names"
-    if id_share < 0.5:
-        return
-    columns = {str(column).lower(): column for column in adata.var.columns}
-    for wanted in SYMBOL_COLUMNS:
-        column = columns.get(wanted)
-        if column is None:
-            continue
-        values = adata.var[column]
-        symbols = values.astype(str).to_numpy(dtype=object)
-        missing = values.isna().to_numpy() | np.isin(symbols, ["", "nan", "None", "NaN"])
-        if missing.all() or np.mean([_not_a_symbol(s) for s in symbols[~missing][:2000]]) >= 0.5:
-            continue  # empty, or ids again
-        adata.var["gene_ids"] = names.to_numpy()
-        adata.var_names = np.where(missing, names.to_numpy(dtype=object), symbols)
-        record["symbol_source"] = f"var['{column}']"
-        return
-    ensembl = np.mean([bool(ENSEMBL_ID.match(n)) for n in names[:2000]]) >= 0.5
-    record["symbol_source"] = "ensembl_ids" if ensembl else "not_symbols"
-    warn(
-        adata,
-        f"{path.name}: gene names are {'Ensembl ids' if ensembl else 'not gene symbols (e.g. ' + names[0] + ')'} "
-        f"and no symbol column was found (looked for {', '.join(SYMBOL_COLUMNS)}); marker names will be "
-        "ids and annotation will suffer",
-    )
 
 
 def _value_chunks(matrix):
