@@ -173,8 +173,8 @@ def check_input(path: str | Path, *, memory_limit: int | None = None, obs_keys: 
                 layout["n_clusters"] = _n_groups(handle["obs"][cluster_key])
     except InputError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any h5py failure here means a damaged file
-        raise InputError(f"{path}: corrupt or truncated h5ad ({one_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any other h5py failure here means a damaged file
+        raise unreadable(path, exc) from None
     if layout["n_obs"] == 0:
         raise InputError(f"{path}: no cells (0 observations)")
     if layout["n_vars"] == 0:
@@ -189,6 +189,51 @@ def check_input(path: str | Path, *, memory_limit: int | None = None, obs_keys: 
             f"{_size(layout['needed_bytes'])}, {_size(limit)} available"
         )
     return layout
+
+
+# anndata's note naming the element it failed on: "Error raised while reading key 'note' of <class ...> from /uns"
+FAILED_ELEMENT = re.compile(r"reading key '(?P<key>[^']*)' of .* from (?P<parent>\S+)")
+# anndata's error on an encoding it does not know (written by a newer anndata)
+NEWER_ENCODING = re.compile(r"IOSpec\(encoding_type='(?P<type>[^']*)', encoding_version='(?P<version>[^']*)'\)"
+                            r".*update your installation of anndata")
+UNSUPPORTED_SPARSE_DTYPE = re.compile(r"scipy\.sparse does not support dtype (\w+)")
+
+
+def failed_element(exc: BaseException) -> str:
+    """The element (``X``, ``uns/note``) anndata's note on ``exc`` says it failed to read, else ``""``."""
+    for note in getattr(exc, "__notes__", ()):
+        found = FAILED_ELEMENT.search(note)
+        if found:
+            return f"{found['parent'].strip('/')}/{found['key']}".lstrip("/")
+    return ""
+
+
+def newer_encoding(exc: BaseException) -> str:
+    """``"<encoding> <version>"`` when ``exc`` is anndata's error on an element it has no reader for, else ``""``."""
+    found = NEWER_ENCODING.search(one_line(exc))
+    return f"{found['type']} {found['version']}" if found else ""
+
+
+def unreadable(path: Path, exc: BaseException) -> InputError:
+    """The :class:`InputError` for an h5ad that h5py or anndata could not open or read, naming the problem:
+    a file another process holds open for writing, an encoding of a newer anndata, a data type scipy cannot
+    hold, else a corrupt or truncated file."""
+    detail = one_line(exc)
+    element = failed_element(exc)
+    if isinstance(exc, BlockingIOError) or "unable to lock file" in detail:
+        return InputError(f"{path}: open for writing by another process (HDF5 file lock): wait for it to finish, "
+                          f"then run the dataset again ({detail})")
+    encoding = newer_encoding(exc)
+    if encoding:
+        from importlib.metadata import version  # not anndata itself: the driver does not load it
+
+        return InputError(f"{path}: written by a newer anndata than this one ({version('anndata')}), which cannot "
+                          f"read the encoding {encoding} of {element or 'an element'}: update anndata")
+    dtype = UNSUPPORTED_SPARSE_DTYPE.search(detail)
+    if dtype:
+        return InputError(f"{path}: data type {dtype[1]} not supported in sparse matrices "
+                          f"({element or 'a matrix'}): save it as float32")
+    return InputError(f"{path}: corrupt or truncated h5ad{' in ' + element if element else ''} ({detail})")
 
 
 def one_line(exc: BaseException) -> str:

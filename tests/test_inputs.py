@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from cassia_helpers import inputs as cio
 from cassia_helpers.dataset import pp
-from cassia_helpers.dataset.counts import counts_layer
+from cassia_helpers.dataset.counts import counts_layer, write_counts_layer
 from cassia_helpers.dataset.existing import kept_as, umap_or_keep
 from cassia_helpers.dataset.markers import rank_markers
 from cassia_helpers.dataset.read import InputError, read_dataset
@@ -190,6 +190,64 @@ def test_long_reader_error_is_collapsed_and_shortened(tmp_path, monkeypatch):
     assert len(message) <= len(str(path)) + 250
 
 
+def _sparse_float16(path: Path) -> None:
+    with h5py.File(path, "r+") as handle:
+        data = handle["X/data"][:]
+        del handle["X/data"]
+        handle["X/data"] = data.astype(np.float16)
+
+
+def _newer_encoding(path: Path) -> None:
+    with h5py.File(path, "r+") as handle:
+        handle["X"].attrs["encoding-type"] = "csr_matrix_v2"
+
+
+@pytest.mark.parametrize(("damage", "phrases"), [
+    (_sparse_float16, ["data type float16 not supported in sparse matrices (X)"]),
+    (_newer_encoding, ["written by a newer anndata than this one", "encoding csr_matrix_v2 0.1.0 of X",
+                       "update anndata"]),
+], ids=["sparse-float16", "newer-anndata"])
+def test_a_readable_but_unsupported_file_is_not_called_corrupt(tmp_path, damage, phrases):
+    path = write(make_counts(50, 60), tmp_path / "unsupported.h5ad")
+    damage(path)
+    with pytest.raises(InputError) as excinfo:
+        read_dataset(path)
+    assert "corrupt" not in assert_one_line_error(excinfo, path, *phrases)
+
+
+def test_an_uns_entry_of_a_newer_anndata_is_left_out_with_a_warning(tmp_path):
+    adata = make_counts(50, 60)
+    adata.uns["note"] = "lab note"
+    adata.uns["params"] = {"min_genes": 200}
+    path = write(adata, tmp_path / "newer uns.h5ad")
+    with h5py.File(path, "r+") as handle:
+        handle["uns/note"].attrs["encoding-type"] = "string-v2"
+        handle["uns/note"].attrs["encoding-version"] = "0.3.0"
+    before = path.read_bytes()
+    read = read_dataset(path)
+    assert read.n_obs == 50 and "note" not in read.uns and read.uns["params"]["min_genes"] == 200
+    assert any("uns['note'] was left out: written by a newer anndata" in w and "string-v2 0.3.0" in w
+               for w in warnings_of(read))
+    assert path.read_bytes() == before
+
+
+def test_a_file_another_process_has_open_for_writing_says_so(tmp_path):
+    path = write(make_counts(50, 60), tmp_path / "open elsewhere.h5ad")
+    holder = subprocess.Popen(  # as a colleague's notebook with the file open in anndata's backed="r+" mode
+        [sys.executable, "-c", f"import h5py, sys; f = h5py.File({str(path)!r}, 'r+'); print('open', flush=True); "
+                               "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "HDF5_USE_FILE_LOCKING": "TRUE"})
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for read in (read_dataset, cio.check_input):  # the driver's check and the kernel's read
+            with pytest.raises(InputError) as excinfo:
+                read(path)
+            assert_one_line_error(excinfo, path, "open for writing by another process", "wait for it to finish")
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+
+
 # --- empty datasets -----------------------------------------------------------------------------------------------
 
 
@@ -317,6 +375,57 @@ def test_raw_counts_with_more_genes_than_x_uses_all_raw_genes(tmp_path):
     assert adata.uns["cassia_batch"]["input"]["n_genes"] == 400
 
 
+def seurat_style(adata: ad.AnnData, genes) -> ad.AnnData:
+    """As SeuratDisk writes it: X the scaled data of a gene subset, raw.X the counts of every gene."""
+    subset = adata[:, genes].copy()
+    subset.raw = adata
+    dense = lognorm(subset.X).toarray()
+    subset.X = (dense - dense.mean(axis=0)) / (dense.std(axis=0) + 1e-6)
+    return subset
+
+
+def test_x_var_columns_of_a_seurat_file_are_kept_and_written(tmp_path):
+    """X's var columns (Seurat's vst.variable, scanpy's highly_variable, ...) are kept for the genes X held and
+    missing for the others, and the annotated h5ad can still be written with them."""
+    scaled = seurat_style(make_counts(), slice(100, 300))
+    scaled.var["vst.variable"] = True
+    scaled.var["highly_variable"] = np.arange(200) % 2 == 0  # renamed author_highly_variable
+    scaled.var["vst.rank"] = np.arange(200)
+    scaled.var["module"] = pd.Categorical(["a", "b"] * 100)
+    scaled.var["note"] = np.array(["kept"] * 200, dtype=object)
+    adata = read_dataset(write(scaled, tmp_path / "seurat.h5ad"))
+    assert adata.n_vars == 400
+    pp.qc(adata, **QC)
+    adata.write_h5ad(tmp_path / "annotated.h5ad")
+    var = ad.read_h5ad(tmp_path / "annotated.h5ad").var
+    held = var.index.isin(scaled.var_names)
+    assert var.loc[held, "vst.variable"].eq(True).all() and var.loc[~held, "vst.variable"].isna().all()
+    assert var.loc["GENE100", "author_highly_variable"] and not var.loc["GENE101", "author_highly_variable"]
+    assert var.loc["GENE102", "vst.rank"] == 2 and var.loc["GENE102", "module"] == "a"
+    assert var.loc["GENE102", "note"] == "kept" and var.loc[~held, "note"].isna().all()
+
+
+def test_raw_with_duplicated_gene_names_and_x_a_subset(tmp_path):
+    """raw.var_names may repeat a name (a Seurat object after mapping ids to symbols): the genes are still
+    matched to X's, and the names made unique with the usual warning."""
+    counts = make_counts()
+    names = counts.var_names.to_list()
+    names[names.index("CD3D")] = "LYZ"  # two LYZ
+    with warnings.catch_warnings():  # anndata's warning about the duplicates made on purpose
+        warnings.simplefilter("ignore")
+        counts.var_names = names
+        scaled = seurat_style(counts, [i for i, n in enumerate(names) if n == "LYZ" or 100 <= i < 200])
+        scaled.var["mean_sc"] = np.arange(scaled.n_vars, dtype=float)
+        path = write(scaled, tmp_path / "raw dups.h5ad")
+    with warnings.catch_warnings():  # as under PYTHONWARNINGS=error: the duplicates are the dataset's warning
+        warnings.simplefilter("error")
+        adata = read_dataset(path)
+    assert adata.n_vars == 400 and adata.var_names.is_unique and {"LYZ", "LYZ-1"} <= set(adata.var_names)
+    assert adata.var.loc["LYZ", "mean_sc"] == 0 and adata.var.loc["LYZ-1", "mean_sc"] == 1
+    assert adata.var.loc["GENE100", "mean_sc"] == 2 and np.isnan(adata.var.loc["CD3E", "mean_sc"])
+    assert any("1 duplicated gene names" in w for w in warnings_of(adata))
+
+
 @pytest.mark.parametrize("x_values", ["scaled", "lognorm"])
 def test_log_normalised_raw_with_more_genes_is_used(tmp_path, x_values):
     adata = make_counts()
@@ -378,6 +487,36 @@ def test_ensembl_ids_with_symbol_column_use_symbols(tmp_path, column):
     assert adata.uns["cassia_batch"]["input"]["symbol_source"] == f"var['{column}']"
     pp.qc(adata, **QC)
     assert adata.uns["cassia_batch"]["qc"]["mito_genes"] == 3
+
+
+@pytest.mark.parametrize("column", ["features", "name", "hgnc"])
+def test_a_seurat_or_unnamed_symbol_column_is_found(tmp_path, column):
+    """Seurat exports keep the symbols in var['features'] or var['name']; any text column of distinct,
+    symbol-like values is found too, while columns of categories or free text are not taken for symbols."""
+    adata = with_ensembl_ids(make_counts())
+    adata.var[column] = adata.var.pop("symbols_kept_for_test")
+    adata.var["biotype"] = "protein_coding"
+    adata.var["description"] = [f"gene number {i} of the panel" for i in range(adata.n_vars)]
+    adata = read_dataset(write(adata, tmp_path / "seurat ids.h5ad"))
+    assert adata.uns["cassia_batch"]["input"]["symbol_source"] == f"var['{column}']"
+    assert "CD3E" in adata.var_names and adata.var.loc["CD3E", "gene_ids"].startswith("ENSG")
+
+
+def test_a_10x_gene_ids_column_stays_when_the_names_are_symbols(tmp_path):
+    """The run writes var['gene_ids'] only when it takes symbols from a column: a 10x file named by symbols
+    keeps its own gene_ids under that name."""
+    adata = make_counts()
+    ids = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    adata.var["gene_ids"], adata.var["feature_types"] = ids, "Gene Expression"
+    read = read_dataset(write(adata, tmp_path / "tenx.h5ad"))
+    assert read.var["gene_ids"].tolist() == ids and "author_gene_ids" not in read.var
+    assert not [w for w in warnings_of(read) if "author_" in w]
+    # named by ids, with symbols in a column: the run's gene_ids are the names, the input's column kept beside
+    named_by_ids = with_ensembl_ids(make_counts())
+    named_by_ids.var["gene_symbols"] = named_by_ids.var.pop("symbols_kept_for_test")
+    named_by_ids.var["gene_ids"] = "lab id"
+    read = read_dataset(write(named_by_ids, tmp_path / "ids.h5ad"))
+    assert read.var.loc["CD3E", "gene_ids"].startswith("ENSG") and set(read.var["author_gene_ids"]) == {"lab id"}
 
 
 def test_row_numbers_as_gene_names_use_the_symbol_column(tmp_path):
@@ -806,6 +945,35 @@ def test_an_earlier_runs_record_is_kept_beside_this_runs(tmp_path):
     assert read.uns["author_cassia_batch"]["self_score"]["key"] == "lab_label"
     assert "from the earlier run" not in warnings_of(read)  # this run's record is its own
     assert any("cassia_batch -> author_cassia_batch" in w for w in warnings_of(read))
+
+
+def test_a_counts_layer_beside_the_counts_analysed_is_kept_as_author_counts(tmp_path):
+    """X holds the counts the run analyses (e.g. ambient-corrected) and layers['counts'] other counts (the
+    uncorrected ones): the written layers['counts'] are the counts analysed, the input's layer author_counts."""
+    adata = make_counts(200)
+    uncorrected = adata.X + sp.csr_matrix((adata.X > 0).astype(np.float32))
+    adata.layers["counts"] = uncorrected
+    read = read_dataset(write(adata, tmp_path / "corrected.h5ad"))
+    assert read.uns["cassia_batch"]["input"]["counts_source"] == "X"
+    assert "counts" not in read.layers and (read.layers["author_counts"] != uncorrected).nnz == 0
+    assert any("layers counts -> author_counts" in w for w in warnings_of(read))
+    pp.qc(read, **QC)
+    pp.normalize(read)
+    read.write_h5ad(tmp_path / "annotated.h5ad")
+    assert write_counts_layer(read, tmp_path / "annotated.h5ad")
+    out = ad.read_h5ad(tmp_path / "annotated.h5ad")
+    analysed = adata[out.obs_names, out.var_names]
+    assert (out.layers["counts"] != analysed.X).nnz == 0
+    np.testing.assert_allclose(np.asarray(out.layers["counts"].sum(axis=1)).ravel(), out.obs["library_size"])
+    assert (out.layers["author_counts"] != analysed.layers["counts"]).nnz == 0
+
+
+def test_a_counts_layer_of_a_log_normalised_input_keeps_its_name(tmp_path):
+    adata = make_counts(100)
+    adata.X = lognorm(adata.X)
+    adata.layers["counts"] = adata.X.copy()  # misnamed, but the run writes no counts layer for this input
+    read = read_dataset(write(adata, tmp_path / "lognorm.h5ad"))
+    assert "counts" in read.layers and "author_counts" not in read.layers
 
 
 def test_an_input_without_clashing_names_has_no_author_warning(tmp_path):

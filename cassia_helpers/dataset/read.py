@@ -7,30 +7,26 @@ and the problem, so the driver can report it and go on with the other datasets.
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
-from cassia_helpers.contract import TOO_LARGE
 from cassia_helpers.dataset.author import keep_author_annotations, keep_beside, renamed_warning
+from cassia_helpers.dataset.h5ad import read_h5ad
 from cassia_helpers.dataset.matrix import sparse_problem
+from cassia_helpers.dataset.raw import from_raw
 from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 from cassia_helpers.dataset.record import provenance, warn
-from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input, one_line
+from cassia_helpers.dataset.symbols import symbol_column, use_gene_symbols
+from cassia_helpers.inputs import ENSEMBL_ID, InputError, check_input
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 # the 10x feature type of genes (others: Antibody Capture, CRISPR Guide Capture, Peaks)
 GENE_EXPRESSION = "Gene Expression"
-# var columns that may hold gene symbols when var_names are ids, matched case-insensitively, first found wins
-SYMBOL_COLUMNS = (
-    "gene_symbols", "gene_symbol", "feature_name", "feature_names", "gene_name", "gene_names",
-    "gene_short_name", "symbol", "symbols",
-)
 # Deciding counts vs log-normalised vs scaled reads every value, this many at a time (no copy of the matrix).
 BLOCK_VALUES = 4_000_000
 # log1p of any realistic normalised value stays far below this; larger non-integer values are counts
@@ -78,24 +74,15 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     Raises
     ------
     InputError
-        Not an h5ad/HDF5 file, truncated or corrupt, no cells or genes, scaled (negative) or non-finite
-        values, or too large for the memory available. The message is one line starting with the path.
+        Not an h5ad/HDF5 file, truncated or corrupt, open for writing by another process, written by a newer
+        anndata (in anything but ``uns``, whose unreadable entries are left out with a warning), no cells or
+        genes, scaled (negative) or non-finite values, or too large for the memory available. The message is
+        one line starting with the path.
     """
     path = Path(path)
     start = time.perf_counter()
     check_input(path, memory_limit=memory_limit)
-    import anndata as ad
-
-    try:
-        with warnings.catch_warnings():
-            # duplicated names are made unique below and recorded as the dataset's own warning; anndata's
-            # warning would only repeat it (and under PYTHONWARNINGS=error would fail the read)
-            warnings.filterwarnings("ignore", message=r"(Observation|Variable) names are not unique")
-            adata = ad.read_h5ad(path)
-    except MemoryError:
-        raise InputError(f"{path}: {TOO_LARGE}: ran out of memory while reading it") from None
-    except Exception as exc:  # noqa: BLE001 - anndata raises many types for damaged files
-        raise InputError(f"{path}: corrupt or truncated h5ad ({one_line(exc)})") from None
+    adata, left_out = read_h5ad(path)
     if adata.n_obs == 0:
         raise InputError(f"{path}: no cells (0 observations)")
     if adata.n_vars == 0:
@@ -105,11 +92,18 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     earlier = adata.uns.pop(PROVENANCE_KEY, None)  # an input written by an earlier run: this run keeps its own
     adata = _gene_expression_only(adata, path)
     adata, counts = _select_matrix(adata, path)
-    renamed = keep_author_annotations(adata)
+    # names the run writes for some inputs only: the input's entries of those names are no clash for others
+    # (layers['counts'] is written when counts are normalised, var['gene_ids'] when symbols come from a column)
+    symbols = symbol_column(adata)
+    not_written = {"layers": [] if counts["is_counts"] else ["counts"], "var": [] if symbols else ["gene_ids"]}
+    renamed = keep_author_annotations(adata, not_written=not_written)
     if earlier is not None:  # ... and the earlier run's beside it
         renamed.setdefault("uns", {})[PROVENANCE_KEY] = keep_beside(adata.uns, PROVENANCE_KEY, earlier)
     record = provenance(adata)
     record["input"] = {"file": str(path), "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), **counts}
+    for key, encoding in left_out.items():
+        warn(adata, f"uns['{key}'] was left out: written by a newer anndata, whose encoding {encoding} this one "
+                    "cannot read (update anndata to keep it)")
     if renamed:
         record["input"]["renamed"] = renamed
         warn(adata, renamed_warning(renamed))
@@ -121,7 +115,7 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
         n_dup = int(adata.obs_names.duplicated().sum())
         adata.obs_names_make_unique()
         warn(adata, f"{n_dup} duplicated cell names (obs_names) were made unique (suffix -1, -2, ...)")
-    _use_gene_symbols(adata, path)
+    use_gene_symbols(adata, path, renamed.get("var", {}).get(symbols, symbols))
     if not adata.var_names.is_unique:
         n_dup = int(adata.var_names.duplicated().sum())
         adata.var_names_make_unique()
@@ -163,42 +157,6 @@ def _gene_expression_only(adata: AnnData, path: Path) -> AnnData:
     warn(adata, f"kept the {int(genes.sum())} '{GENE_EXPRESSION}' features of var['feature_types'] and left out "
                 + ", ".join(f"{n} '{kind}'" for kind, n in others.items()))
     return adata
-
-
-def _not_a_symbol(name: str) -> bool:
-    """An Ensembl id, or a name without a letter (an R export's row numbers): not a gene symbol."""
-    return bool(ENSEMBL_ID.match(name)) or not any(c.isalpha() for c in name)
-
-
-def _use_gene_symbols(adata: AnnData, path: Path) -> None:
-    names = adata.var_names.astype(str)
-    id_share = np.mean([_not_a_symbol(n) for n in names[:2000]])
-    record = provenance(adata)["input"]
-    record["symbol_source"] = "var_names"
-    if id_share < 0.5:
-        return
-    columns = {str(column).lower(): column for column in adata.var.columns}
-    for wanted in SYMBOL_COLUMNS:
-        column = columns.get(wanted)
-        if column is None:
-            continue
-        values = adata.var[column]
-        symbols = values.astype(str).to_numpy(dtype=object)
-        missing = values.isna().to_numpy() | np.isin(symbols, ["", "nan", "None", "NaN"])
-        if missing.all() or np.mean([_not_a_symbol(s) for s in symbols[~missing][:2000]]) >= 0.5:
-            continue  # empty, or ids again
-        adata.var["gene_ids"] = names.to_numpy()
-        adata.var_names = np.where(missing, names.to_numpy(dtype=object), symbols)
-        record["symbol_source"] = f"var['{column}']"
-        return
-    ensembl = np.mean([bool(ENSEMBL_ID.match(n)) for n in names[:2000]]) >= 0.5
-    record["symbol_source"] = "ensembl_ids" if ensembl else "not_symbols"
-    warn(
-        adata,
-        f"{path.name}: gene names are {'Ensembl ids' if ensembl else 'not gene symbols (e.g. ' + names[0] + ')'} "
-        f"and no symbol column was found (looked for {', '.join(SYMBOL_COLUMNS)}); marker names will be "
-        "ids and annotation will suffer",
-    )
 
 
 def _value_chunks(matrix):
@@ -282,7 +240,7 @@ def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
         warn(adata, f"layers['counts'] was not used: it holds {NOT_COUNTS[layer['kind']]}")
     raw = matrix_profile(adata.raw.X) if adata.raw is not None else {"kind": "missing"}
     if raw["kind"] == "counts":
-        adata = _from_raw(adata)
+        adata = from_raw(adata)
         return adata, _counts_choice(adata, adata.X, raw, "raw.X", path)
     if x["kind"] == "nonfinite":  # counts elsewhere would have been used: X was the only matrix left
         where = f" (first in cell {adata.obs_names[x['row']]!r}, row {x['row']})" if x.get("row") is not None else ""
@@ -291,7 +249,7 @@ def _select_matrix(adata: AnnData, path: Path) -> tuple[AnnData, dict]:
     if x["kind"] == "lognorm" and not (raw["kind"] == "lognorm" and adata.raw.n_vars > adata.n_vars):
         return adata, {"is_counts": False, "counts_source": "none"}
     if raw["kind"] == "lognorm":  # X scaled, or a gene subset of raw (as after HVG selection)
-        return _from_raw(adata), {"is_counts": False, "counts_source": "none (log-normalised raw.X)"}
+        return from_raw(adata), {"is_counts": False, "counts_source": "none (log-normalised raw.X)"}
     if x["kind"] == "missing":
         raise InputError(f"{path}: no expression matrix (X is empty and there is no counts layer or raw)")
     raise InputError(
@@ -315,25 +273,6 @@ def _counts_choice(adata: AnnData, matrix, profile: dict, source: str, path: Pat
         warn(adata, f"{source} holds non-integer counts (values up to {profile['max']:.4g}, too large for "
                     "log-normalised data), e.g. after ambient-RNA correction: normalised as counts")
     return {"is_counts": True, "counts_source": source, "integer_counts": bool(profile["integer"])}
-
-
-def _from_raw(adata: AnnData) -> AnnData:
-    """``adata`` with ``raw.X`` as ``X`` (and ``raw.var`` as ``var`` when raw holds other genes; the columns
-    of ``var`` that ``raw.var`` lacks are kept, empty for the genes ``X`` did not hold)."""
-    raw = adata.raw
-    if raw.n_vars == adata.n_vars and raw.var_names.equals(adata.var_names):
-        adata.X = raw.X.copy()
-        adata.raw = None
-        return adata
-    from anndata import AnnData
-
-    return AnnData(
-        X=raw.X.copy(),
-        obs=adata.obs,
-        var=raw.var.join(adata.var[adata.var.columns.difference(raw.var.columns)]),
-        uns=dict(adata.uns),
-        obsm=dict(adata.obsm),
-    )
 
 
 def _check_species_case(adata: AnnData, species: str) -> None:
