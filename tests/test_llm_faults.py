@@ -130,6 +130,12 @@ def test_a_400_about_one_request_is_not_remembered_as_a_field_the_endpoint_refus
     assert llm.describe()["max_tokens"] == 4096
 
 
+def test_a_prompt_longer_than_the_models_context_names_the_way_out(llm_env, tmp_path):
+    llm_env.fail_next(100, status=400, error={"error": {"message": CONTEXT_400, "type": "invalid_request_error"}})
+    results = run(tmp_path, clusters=CLUSTERS[:1])
+    assert results[0].main_cell_type == "Unknown" and "lower --llm-max-tokens" in results[0].reason
+
+
 def test_a_refused_length_cap_moves_to_max_completion_tokens_and_is_said_not_sent_when_both_are_refused(
         llm_env, tmp_path):
     def unsupported(field: str) -> dict:

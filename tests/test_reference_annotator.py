@@ -492,6 +492,13 @@ def test_a_sorted_population_cut_into_clusters_says_why_nothing_matched():
                for w in adata.uns["cassia_batch"]["warnings"])
     adata.obs["one"] = "all"  # the way out the warning names: the same cells as one cluster are called
     assert _calls(adata, "one")["all"].main_cell_type != UNKNOWN
+    # mouse symbols read as human: the warning names the species, not a sorted population
+    mouse = _crafted({"T cell": BLOOD_TYPES["T cell"], "B cell": BLOOD_TYPES["B cell"]}, n_cells=300)
+    mouse.var_names = [g[:1] + g[1:].lower() for g in mouse.var_names]
+    mouse.obs["cluster"] = mouse.obs["truth"].astype(str)
+    assert all(c.reason_kind == "no_match" for c in _calls(mouse, "cluster").values())
+    [warning] = [w for w in mouse.uns["cassia_batch"]["warnings"] if "matched no cluster" in w]
+    assert "check --species" in warning and "sorted population" not in warning
 
 
 def test_cd56dim_and_cd56bright_nk_cells_are_told_apart():

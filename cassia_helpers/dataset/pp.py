@@ -55,7 +55,8 @@ def qc(adata: ad.AnnData, *, min_genes: int = 200, min_cells: int = 3, max_pct_m
     thresholds = f"min_genes={min_genes}, max_pct_mt={max_pct_mt}"
     if keep.sum() < 2:  # one cell has no neighbours, no clusters and no markers
         left = "no cells" if not keep.any() else "1 cell only"
-        raise InputError(f"{_file(adata)}: {left} left after QC ({thresholds}; {before[0]} cells before)")
+        raise InputError(f"{_file(adata)}: {left} left after QC ({thresholds}; {before[0]} "
+                         f"cell{'' if before[0] == 1 else 's'} before)")
     distributions = qc_distributions(adata.obs, keep)  # the removed cells' metrics, for the QC figure
     gene_keep = cells_per_gene(adata.X, keep) >= min_cells
     if not gene_keep.any():  # the cells left are too few for any gene to reach min_cells: say who left them

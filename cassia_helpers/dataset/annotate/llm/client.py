@@ -394,4 +394,6 @@ class LLMClient:
         if verdict.action == "drop_option":
             self.mark_unsupported(verdict.option)
             return _Retryable(message, 0.0)
-        return RequestRejected(message, verdict.option) if verdict.action == "rejected" else LLMError(message)
+        if verdict.action == "rejected":
+            return RequestRejected(message + verdict.note, verdict.option)
+        return LLMError(message)

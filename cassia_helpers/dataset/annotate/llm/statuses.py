@@ -90,6 +90,10 @@ def status_verdict(exc: openai.APIStatusError, options: dict, *, has_key: bool) 
     if status in (401, 403):
         return StatusVerdict("fatal", "auth" if has_key else "no_key")
     if status in (400, 422):
+        text = str(exc).lower()
+        too_long = "context length" in text or "maximum context" in text or "context window" in text
         return StatusVerdict("rejected", "rejected", option="response_format" if refuses(exc, "response_format")
+                             else "", note=" (the prompt and the reply cap exceed the model's context: lower "
+                                           "--llm-max-tokens, or use a model with a longer context)" if too_long
                              else "")
     return StatusVerdict("error")

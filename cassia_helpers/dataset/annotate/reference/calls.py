@@ -117,13 +117,27 @@ def annotate_expression(
         else:
             out.append(_annotation(cm, call))
     if len(out) > 1 and all(r.reason_kind == "no_match" for r in out):
-        from cassia_helpers.dataset.record import warn
+        _say_nothing_matched(adata, candidates, species, use_raw=use_raw)
+    return out
 
-        # markers are weighed against the other cells: in a sorted population they stand out nowhere
+
+def _say_nothing_matched(adata: Any, candidates: list[ReferenceCellType], species: str, *, use_raw: bool) -> None:
+    """Warn why no cluster matched: the reference's genes are in the data in another species' case (CD3E for
+    Cd3e), or they are there but stand out nowhere (markers are weighed against the other cells: a sorted
+    population)."""
+    from cassia_helpers.dataset.record import warn
+
+    names = set(map(str, adata.raw.var_names if use_raw else adata.var_names))
+    symbols = {symbol for ct in candidates for symbol in ct.symbols(species)}
+    found = len(symbols & names)
+    in_other_case = len({s.upper() for s in symbols} & {n.upper() for n in names}) - found
+    if in_other_case > found:
+        warn(adata, f"the offline reference matched no cluster: {found} of its {species} marker genes are in "
+                    f"the data as it names them, {in_other_case} more in another case (check --species)")
+    else:
         warn(adata, "the offline reference matched no cluster: it weighs each cluster's markers against the "
                     "dataset's other cells, so a dataset of one cell type (a sorted population) shows none; "
                     "give the dataset as one cluster (--cluster-key of a column with one value) or use the LLM")
-    return out
 
 
 def _percent(share: float) -> str:
