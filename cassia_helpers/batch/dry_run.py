@@ -99,7 +99,8 @@ def where_it_runs(settings: Settings) -> tuple[list[str], str]:
         jobs = settings.slurm_jobs or settings.workers
         said = (f"Datasets run in {jobs} SLURM job(s) at a time in {options['queue'] or 'the default partition'}, "
                 f"each with {options['memory']} and {options['cores']} core(s) for {options['walltime']}")
-        cluster = slurm_cluster(options, name="cassia-dry-run")
+        # no log folder: a dry run writes nothing (the -e/-o lines are not what sbatch --test-only checks)
+        cluster = slurm_cluster({**options, "log_directory": ""}, name="cassia-dry-run")
         try:
             check_job_script(cluster)
         finally:

@@ -29,7 +29,7 @@ from cassia_helpers.batch.execute import REQUIRED_OUTPUTS
 from cassia_helpers.batch.runner import RUNNER_LOCK
 from cassia_helpers.contract import RUN_MANIFEST, SUCCESS, DatasetPaths, input_changed, read_result, read_status
 from cassia_helpers.files import remove_temporary, write_json
-from cassia_helpers.settings import BY_NAME, CLUSTER_GROUP, PER_DATASET, RUN, SETTINGS, UsageError
+from cassia_helpers.settings import BY_NAME, CLUSTER_GROUP, PER_DATASET, RUN, SETTINGS, Settings, UsageError
 
 log = logging.getLogger("cassia_helpers")
 SUPERSEDED = "superseded"
@@ -183,7 +183,7 @@ def unanswered(paths: DatasetPaths) -> str:
             if held else "")
 
 
-def resume_command(run_dir: Path, settings) -> str:
+def resume_command(run_dir: Path, settings: Settings) -> str:
     """The command that finishes the run, as it can be pasted into a shell. Where its datasets run
     (``--cluster``, ``--scheduler``, the SLURM options, ``--workers``) is not kept in the run folder: the flags
     this session was given are repeated, so the resume runs where the run did, not on this machine alone."""

@@ -29,19 +29,16 @@ def read_h5ad(path: Path) -> tuple[AnnData, dict[str, str]]:
         The file cannot be read (:func:`~cassia_helpers.inputs.unreadable` names why), or it does not fit in
         memory.
     """
-    try:
-        return _read(path, tolerant=False)
-    except MemoryError:
-        raise InputError(f"{path}: {TOO_LARGE}: ran out of memory while reading it") from None
-    except Exception as exc:  # noqa: BLE001 - anndata raises many types for damaged files
-        if not (newer_encoding(exc) and failed_element(exc).startswith("uns/")):
-            raise unreadable(path, exc) from None
-    try:
-        return _read(path, tolerant=True)
-    except MemoryError:
-        raise InputError(f"{path}: {TOO_LARGE}: ran out of memory while reading it") from None
-    except Exception as exc:  # noqa: BLE001 - as above
-        raise unreadable(path, exc) from None
+    for tolerant in (False, True):
+        try:
+            return _read(path, tolerant=tolerant)
+        except MemoryError:
+            raise InputError(f"{path}: {TOO_LARGE}: ran out of memory while reading it") from None
+        except Exception as exc:  # noqa: BLE001 - anndata raises many types for damaged files
+            # only an unreadable uns entry is worth a second, tolerant read
+            if tolerant or not (newer_encoding(exc) and failed_element(exc).startswith("uns/")):
+                raise unreadable(path, exc) from None
+    raise AssertionError("unreachable: the tolerant read returns or raises")
 
 
 def _read(path: Path, *, tolerant: bool) -> tuple[AnnData, dict[str, str]]:
