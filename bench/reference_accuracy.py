@@ -288,8 +288,37 @@ def brain_accuracy(annotator: ReferenceAnnotator, *, split: bool = True) -> tupl
     return float(exact.mean()), float(lineage.mean())
 
 
-def stability_datasets() -> list:
-    """The stability table's datasets (see bench/reference_stability.py)."""
+def unlabelled_counts(path: Path):
+    """Real counts without labels, prepared as the clustering needs them: an ``.h5ad`` (X or ``.raw`` holding
+    counts) or a ``.csv`` of cells × genes (cells in rows, gene symbols as columns, as celltypist's sample
+    ``celltypist/data/samples/sample_cell_by_gene.csv``). Genes seen in fewer than 3 cells are dropped; the
+    data are log-normalised (kept in ``.raw``), and PCA (30 components) runs on 2,000 highly variable genes."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    if path.suffix == ".h5ad":
+        adata = ad.read_h5ad(path)
+        adata = adata.raw.to_adata() if adata.raw is not None else adata
+    else:
+        frame = pd.read_csv(path, index_col=0)
+        adata = ad.AnnData(sp.csr_matrix(frame.to_numpy(dtype=np.float32)),
+                           obs=pd.DataFrame(index=frame.index.astype(str)), var=pd.DataFrame(index=frame.columns))
+    adata.var_names_make_unique()
+    sc.pp.filter_genes(adata, min_cells=3)
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, n_top_genes=2000)
+    hvg = adata[:, adata.var["highly_variable"]].copy()
+    hvg.raw = adata
+    sc.pp.pca(hvg, n_comps=30, random_state=0)
+    return hvg
+
+
+def stability_datasets(unlabelled: list[Path] = (), tissue: str = "") -> list:
+    """The stability table's datasets (see bench/reference_stability.py), then each ``unlabelled`` file (real
+    counts without labels, :func:`unlabelled_counts`: agreement only) annotated as ``tissue``."""
+    import functools
+
     from bench.reference_stability import Dataset
 
     def pbmc():
@@ -305,7 +334,15 @@ def stability_datasets() -> list:
         Dataset("synthetic breast (CL term)", "breast",
                 lambda: prepared(synthetic_tissue(BREAST_TRUTH, fixed=BREAST_FIXED)),
                 term_correct(BREAST_TRUTH)),
+        *(Dataset(f"{path.name} (no labels, tissue {tissue or 'not given'})", tissue,
+                  _copies(functools.lru_cache(maxsize=1)(functools.partial(unlabelled_counts, path))),
+                  None, use_raw=True) for path in unlabelled),
     ]
+
+
+def _copies(build):
+    """``build`` prepared once: each call returns a fresh copy (every run clusters its own)."""
+    return lambda: build().copy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,12 +355,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-split-mixed", dest="split", action="store_false",
                         help="annotate the leiden clusters as they are (no split of the clusters that hold "
                              "several populations, as with run_batch.py --no-split-mixed)")
+    parser.add_argument("--unlabelled", type=Path, action="append", default=[], metavar="FILE",
+                        help="also tabulate the stability on real counts without labels (.h5ad, or .csv of "
+                             "cells x genes); repeatable")
+    parser.add_argument("--unlabelled-tissue", default="", metavar="TISSUE",
+                        help="the tissue those files are annotated as (default: not given, every type)")
     args = parser.parse_args(argv)
     if not args.stability_only:
         accuracy(split=args.split)
     from bench.reference_stability import stability
 
-    stability(stability_datasets(), save=args.save, before=args.before, split=args.split)
+    stability(stability_datasets(args.unlabelled, args.unlabelled_tissue), save=args.save, before=args.before,
+              split=args.split)
     return 0
 
 

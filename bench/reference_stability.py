@@ -56,8 +56,8 @@ class Dataset:
 
     name: str
     tissue: str
-    build: Callable[[], object]  # returns a log-normalised AnnData with obs['truth'] and X_pca
-    correct: Callable[[str, str], bool]  # (call, truth) -> right?
+    build: Callable[[], object]  # returns a log-normalised AnnData with X_pca (and obs['truth'] if labelled)
+    correct: Callable[[str, str], bool] | None  # (call, truth) -> right?  None: no labels, agreement only
     use_raw: bool = False
 
 
@@ -91,7 +91,7 @@ def call_cells(adata, annotator: ReferenceAnnotator, *, tissue: str, resolution:
 def run_dataset(ds: Dataset, annotator: ReferenceAnnotator, *, split: bool = True) -> dict[str, dict]:
     """Every run of one dataset: {run name: {"labels": {cell: label}, "accuracy": float | None}}."""
     full = ds.build()
-    truth = full.obs["truth"].astype(str)
+    truth = full.obs["truth"].astype(str) if ds.correct is not None else None
     out: dict[str, dict] = {}
     for name, resolution, seed, sub in _runs():
         adata = full.copy()
@@ -101,13 +101,15 @@ def run_dataset(ds: Dataset, annotator: ReferenceAnnotator, *, split: bool = Tru
             adata = adata[keep].copy()
         labels, groups = call_cells(adata, annotator, tissue=ds.tissue, resolution=resolution, seed=seed,
                                     use_raw=ds.use_raw, split=split)
-        right = [ds.correct(p, truth[c]) for c, p in labels.items()]
-        options = sorted(set(truth) | {ct.name for ct in annotator.reference.cell_types})
-        out[name] = {"labels": labels.to_dict(), "accuracy": float(np.mean(right)),
+        measured, ceiling = None, None
+        if truth is not None:
+            measured = float(np.mean([ds.correct(p, truth[c]) for c, p in labels.items()]))
+            options = sorted(set(truth) | {ct.name for ct in annotator.reference.cell_types})
+            ceiling = accuracy_ceiling(groups, truth, options, ds.correct)
+        out[name] = {"labels": labels.to_dict(), "accuracy": measured,
                      "n_clusters": int(adata.obs["leiden"].nunique()),
                      "n_unsplit": int(adata.obs.get("leiden_unsplit", adata.obs["leiden"]).nunique()),
-                     "accuracy_ceiling": accuracy_ceiling(groups, truth, options, ds.correct),
-                     "clusters": groups.to_dict()}
+                     "accuracy_ceiling": ceiling, "clusters": groups.to_dict()}
     return out
 
 
@@ -149,7 +151,7 @@ def agreement(a: dict[str, str], b: dict[str, str]) -> float:
 
 def print_table(ds: Dataset, runs: dict[str, dict], before: dict[str, dict] | None) -> None:
     """One dataset's stability table, with the before/after columns when a saved run is given."""
-    truth = ds.build().obs["truth"].astype(str) if before else None
+    truth = ds.build().obs["truth"].astype(str) if before and ds.correct is not None else None
     base = runs[BASE]["labels"]
     head = (f"  {'run':22s} {'clusters':>8s} {'split':>5s} {'accuracy':>8s} {'(ceiling)':>9s} {'agreement':>9s} "
             f"{'(ceiling)':>9s} {'consistent':>10s}")
@@ -160,22 +162,30 @@ def print_table(ds: Dataset, runs: dict[str, dict], before: dict[str, dict] | No
     for name, run in runs.items():
         added = run["n_clusters"] - run.get("n_unsplit", run["n_clusters"])  # clusters the split added
         line = (f"  {name:22s} {run['n_clusters']:8d} {added:+5d} "
-                f"{run['accuracy']:8.3f} {run['accuracy_ceiling']:9.3f} "
+                f"{_figure(run['accuracy'], 8)} {_figure(run['accuracy_ceiling'], 9)} "
                 f"{agreement(run['labels'], base):9.3f} {agreement_ceiling(run['clusters'], base):9.3f} "
                 f"{consistent(run['labels'], base):10.3f}")
         if before and name in before:
             old = before[name]["labels"]
             shared = old.keys() & run["labels"].keys()
-            was = {c: ds.correct(old[c], truth[c]) for c in shared}
-            now = {c: ds.correct(run["labels"][c], truth[c]) for c in shared}
-            lost = sum(was[c] and not now[c] for c in shared)
-            won = sum(now[c] and not was[c] for c in shared)
-            line += (f"  {before[name]['accuracy']:15.3f} {agreement(old, before[BASE]['labels']):16.3f} "
-                     f"{lost:12d} {won:12d}")
+            lost = won = "—"
+            if truth is not None:
+                was = {c: ds.correct(old[c], truth[c]) for c in shared}
+                now = {c: ds.correct(run["labels"][c], truth[c]) for c in shared}
+                lost = sum(was[c] and not now[c] for c in shared)
+                won = sum(now[c] and not was[c] for c in shared)
+            line += (f"  {_figure(before[name]['accuracy'], 15)} {agreement(old, before[BASE]['labels']):16.3f} "
+                     f"{lost:>12} {won:>12}")
         print(line)
     others = [agreement(r["labels"], base) for n, r in runs.items() if n != BASE]
-    print(f"  lowest accuracy {min(r['accuracy'] for r in runs.values()):.3f}, "
-          f"lowest agreement {min(others):.3f}")
+    known = [r["accuracy"] for r in runs.values() if r["accuracy"] is not None]
+    lowest = f"lowest accuracy {min(known):.3f}, " if known else "no labels: agreement only, "
+    print(f"  {lowest}lowest agreement {min(others):.3f}")
+
+
+def _figure(value: float | None, width: int) -> str:
+    """A share to three decimals, or a dash where it was not measured (no labels)."""
+    return f"{value:{width}.3f}" if value is not None else f"{'—':>{width}s}"
 
 
 def stability(datasets: list[Dataset], *, save: str | None = None, before: str | None = None,
