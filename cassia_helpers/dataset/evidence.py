@@ -153,6 +153,7 @@ def _reference_checks(label: str, tissue: str, species: str, prof: ClusterProfil
     markers are not enriched, or an unrelated type of the tissue clearly scores higher) and
     ``implausible_for_tissue``."""
     from cassia_helpers.dataset.annotate.reference.catalog import load_reference
+    from cassia_helpers.dataset.annotate.reference.expression import ABSENT_WEIGHT
     from cassia_helpers.dataset.annotate.reference.retrieval import expected_in_tissue, reference_type, related_types
 
     called = reference_type(label)
@@ -165,10 +166,17 @@ def _reference_checks(label: str, tissue: str, species: str, prof: ClusterProfil
                                       "not enriched"))
     related = related_types(called)
     best, best_score = None, 0.0
-    for ct in load_reference().candidates(tissue):
+    reference = load_reference()
+    for ct in reference.candidates(tissue):
         if ct.name in related:
             continue
         score, n, _ = _strength(prof, i, list(ct.symbols(species)))
+        # the rival's defining absences count against it, as in the reference's own calls: B cells carry the
+        # MHC class II genes most dendritic-cell markers are, and also MS4A1 and CD79A, which DCs lack
+        lacking = [g for t in (ct, *map(reference.by_name, reference.ancestors(ct.name)))
+                   for g in t.absent_symbols(species)]  # a subtype lacks what its parent lacks
+        absent, n_absent, _ = _strength(prof, i, list(dict.fromkeys(lacking)))
+        score = max(0.0, score - ABSENT_WEIGHT * absent) if n_absent else score
         if n >= 3 and score > best_score:
             best, best_score = ct, score
     if best is not None and best_score >= RIVAL_RATIO * own and best_score - own >= RIVAL_MARGIN:
