@@ -150,6 +150,13 @@ def test_merge_from_a_reference_hierarchy():
     merge_from_hierarchy(results, parents.get)
     assert results[0].merged_groupings == ["Lymphocyte", "CD8+ T cell", "CD8+ T cell"]
     assert results[1].merged_groupings == ["Unknown"] * 3
+    # a cluster called at the common level because its cells split between two subtypes: fine is not a subtype
+    parents["Dendritic cell"] = None
+    mixed = ClusterAnnotation("2", "Dendritic cell", sub_cell_types=["Plasmacytoid dendritic cell"],
+                              mixed_cell_types=["Plasmacytoid dendritic cell (42% of cells)",
+                                                "Conventional dendritic cell type 1 (26% of cells)"])
+    merge_from_hierarchy([mixed], parents.get)
+    assert mixed.merged_groupings == ["Dendritic cell"] * 3
 
 
 def test_reference_annotator_fills_score_and_levels_from_its_hierarchy():

@@ -97,7 +97,10 @@ def merge_from_hierarchy(results: list[ClusterAnnotation],
                          parent: Callable[[str], str | None]) -> list[ClusterAnnotation]:
     """Merging without an LLM: ``parent(label)`` gives a label's parent type (``None`` at the top).
 
-    broad = the top ancestor of the call, detailed = the call, fine = its best sub type or the call.
+    broad = the top ancestor of the call, detailed = the call, fine = its best sub type or the call. A sub type
+    that is one share of a mixture (also named in ``mixed_cell_types``, ``Plasmacytoid dendritic cell (42% of
+    cells)``) is not a call: the cluster was called at the common level because its cells split, so fine stays
+    the call.
     """
     for r in results:
         if r.main_cell_type == UNKNOWN:
@@ -106,7 +109,8 @@ def merge_from_hierarchy(results: list[ClusterAnnotation],
         chain = [r.main_cell_type]
         while (up := parent(chain[-1])) and up not in chain and len(chain) < 10:
             chain.append(up)
-        fine = r.sub_cell_types[0] if r.sub_cell_types else r.main_cell_type
+        shares = {m.split(" (")[0] for m in r.mixed_cell_types}
+        fine = r.sub_cell_types[0] if r.sub_cell_types and r.sub_cell_types[0] not in shares else r.main_cell_type
         r.merged_groupings = [sanitize_label(x) for x in (chain[-1], r.main_cell_type, fine)]
     return results
 
