@@ -674,3 +674,16 @@ def test_a_lineage_of_one_cluster_is_not_weighed_against_its_own_average():
     call = _calls(adata, "cluster", tissue="brain")["Microglia"]
     assert call.main_cell_type == "Microglia", call.reasoning
     assert call.confidence >= 80 and "of the cells that carry" not in call.reasoning, call.reasoning
+
+
+@pytest.mark.parametrize(("tissue", "macrophage"), [("spleen", True), ("lymph node", True), ("immune cells", True),
+                                                    ("pbmc", False)])
+def test_lymphoid_organs_and_immune_data_have_macrophages_and_blood_has_none(tissue, macrophage):
+    """Spleen, lymph node and tonsil hold macrophages, and so may data a lab calls "immune"; blood does not."""
+    from tests.synthetic import BLOOD_TYPES
+
+    types = {**BLOOD_TYPES, "Macrophage": ["C1QA", "C1QB", "C1QC", "APOE", "CD163", "MRC1", "SELENOP", "MAF"]}
+    adata = _crafted(types, n_cells=600)
+    called = _calls(adata, "truth", tissue=tissue)["Macrophage"].main_cell_type
+    assert (called == "Macrophage") is macrophage, called
+    assert _calls(adata, "truth", tissue=tissue)["B cell"].main_cell_type == "B cell"

@@ -15,6 +15,7 @@ TISSUE_QUALIFIERS = {
     "breast": ("mammary gland",), "lung": ("lung",), "liver": ("liver",), "kidney": ("kidney",),
     "pancreas": ("pancreas",), "intestine": ("small intestine", "colon", "intestine"), "skin": ("epidermis", "skin"),
     "heart": ("heart",), "brain": ("brain",), "bone_marrow": ("bone marrow",), "blood": ("blood",),
+    "lymphoid_organ": ("spleen", "lymph node"),
 }
 
 
