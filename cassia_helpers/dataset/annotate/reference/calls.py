@@ -34,6 +34,10 @@ from cassia_helpers.dataset.annotate.reference.support import CellContext, CellS
 UNCERTAIN = 35.0
 #: a lineage score at or above this counts as full strength
 STRONG_SCORE = 0.4
+#: a cluster whose cells detect PTPRC (CD45, on blood cells and no others) at least this often is called among
+#: the blood lineages only: markers shared with stromal or endothelial types (SPARC, FABP5) cannot carry it there
+BLOOD_SHARE = 0.5
+BLOOD_LINEAGES = frozenset({"T", "B", "NK/ILC", "myeloid", "megakaryocyte/erythroid", "progenitor"})
 
 
 def expression_calls(
@@ -50,20 +54,36 @@ def expression_calls(
     cluster name: what :func:`annotate_expression` reports, before it is worded."""
     from cassia_helpers.dataset.evidence import cluster_profile
 
-    names = adata.raw.var_names if use_raw else adata.var_names
-    scorer = ExpressionScorer(reference, candidates, species, set(map(str, names)))
+    names = set(map(str, adata.raw.var_names if use_raw else adata.var_names))
+    scorer = ExpressionScorer(reference, candidates, species, names)
     needed = scorer.genes_needed()
-    profile = cluster_profile(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
+    cd45 = _cd45(scorer, species)
+    profile = cluster_profile(adata, [*needed, cd45] if cd45 else needed, groupby=groupby, use_raw=use_raw,
+                              layer=layer)
     cells = CellSupport(adata, needed, groupby=groupby, use_raw=use_raw, layer=layer)
     row_of = {c: i for i, c in enumerate(profile.clusters)}
-    first = {c: scorer.call(marker_strength(profile, i)) for c, i in row_of.items()}
+    blood = {c: float(profile.frac_in[i, profile.column(cd45)]) for c, i in row_of.items()} if cd45 else {}
+    blood = {c: share for c, share in blood.items() if share >= BLOOD_SHARE}
+    blood_scorer = ExpressionScorer(reference, [ct for ct in candidates if ct.lineage in BLOOD_LINEAGES], species,
+                                    names) if blood else scorer
+
+    def scorer_of(cluster: str) -> ExpressionScorer:
+        return blood_scorer if cluster in blood else scorer
+
+    # said in the reasoning only where it changed the lineage
+    changed = {c for c in blood if getattr(scorer.call(marker_strength(profile, row_of[c])).cell_type, "lineage",
+                                           None) not in (None, *BLOOD_LINEAGES)}
+
+    first = {c: scorer_of(c).call(marker_strength(profile, i)) for c, i in row_of.items()}
     lineage = {c: (call.cell_type.lineage if call.cell_type is not None else None) for c, call in first.items()}
     out = {}
     for cluster, row in row_of.items():
         same = [c for c, lin in lineage.items() if lin is not None and lin == lineage[cluster]]
         peers = [row_of[c] for c in same if c != cluster]
-        out[cluster] = scorer.call(marker_strength(profile, row), subtype_strength(profile, row, peers),
-                                   cells=CellContext(cells, cluster, tuple(same) or None))
+        out[cluster] = scorer_of(cluster).call(marker_strength(profile, row), subtype_strength(profile, row, peers),
+                                               cells=CellContext(cells, cluster, tuple(same) or None))
+        if cluster in changed:
+            out[cluster].blood_only = blood[cluster]
     return out
 
 
@@ -85,10 +105,15 @@ def expression_data(reference: MarkerReference, candidates: list[ReferenceCellTy
     x, names = matrix_of(adata, use_raw=use_raw, layer=layer)
     scorer = ExpressionScorer(reference, candidates, species, set(names))
     index = {g: i for i, g in enumerate(names)}
-    genes = [g for g in scorer.genes_needed() if g in index]
+    genes = [g for g in dict.fromkeys([*scorer.genes_needed(), _cd45(scorer, species)]) if g in index]
     columns = x[:, [index[g] for g in genes]]
     return ad.AnnData(columns.tocsr() if sp.issparse(columns) else sp.csr_matrix(columns),
                       obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=genes))
+
+
+def _cd45(scorer: ExpressionScorer, species: str) -> str | None:
+    """The data's name of PTPRC (CD45), or ``None`` when it is not measured."""
+    return scorer.resolve("Ptprc" if species == "mouse" else "PTPRC")
 
 
 def annotate_expression(
@@ -192,6 +217,9 @@ def _annotation(cm: ClusterMarkers, call: ExpressionCall) -> ClusterAnnotation:
         if missing:
             text += ", and the data do not measure " + ", ".join(f"{gene} ({of})" for gene, of in missing)
         text += "."
+    if call.blood_only is not None:
+        text += (f" PTPRC (CD45) is detected in {_percent(call.blood_only)} of the cells: only blood-cell lineages "
+                 "were weighed.")
     if call.rival:
         text += f" Next lineage: {call.rival[0]} ({call.rival[1]:.2f})."
     return ClusterAnnotation(

@@ -98,9 +98,9 @@ class ExpressionCall:
     lineage_split: list[tuple[str, float]] = field(default_factory=list)
     #: the most specific markers of the types weighed at the last step that the data do not measure
     unmeasured: list[tuple[str, str]] = field(default_factory=list)  # (gene, type)
-    #: a subtype the cluster's markers point to but too few of its cells carry, while the markers that would
-    #: show its sibling are not measured: (type, fraction of cells, unmeasured (gene, type))
+    #: a subtype its markers point to but too few cells carry, its sibling's markers unmeasured: (type, share, genes)
     declined: tuple[str, float, list[tuple[str, str]]] | None = None
+    blood_only: float | None = None  # the share of cells detecting PTPRC when only blood lineages were weighed
     #: the rows of the cells carrying a sibling of a step taken, in a minority (:meth:`.Support.minority`)
     minority_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
