@@ -704,3 +704,16 @@ def test_a_cd45_positive_cluster_is_never_called_a_non_blood_type():
     assert lineage not in ("endothelial", "stromal", "epithelial"), call.reasoning
     assert "PTPRC (CD45) is detected in" in call.reasoning
     assert "PTPRC" not in _calls(adata, "truth", tissue="lung")["T cell"].reasoning  # said only where it mattered
+
+
+def test_subtype_shares_below_a_lineage_split_say_what_they_are_shares_of():
+    from cassia_helpers.dataset.annotate.reference.calls import _annotation
+    from cassia_helpers.dataset.annotate.reference.expression import ExpressionCall
+
+    ref = load_reference()
+    call = ExpressionCall(ref.by_name("NK cell"), 0.5, {"NK/ILC": 0.5, "T": 0.3},
+                          lineage_split=[("NK cell", 0.71), ("T cell", 0.29)],
+                          mixed=[("CD56bright NK cell", 0.56), ("CD56dim NK cell", 0.44)])
+    mixed = _annotation(cm("0", []), call).mixed_cell_types
+    assert mixed == ["NK cell (71% of cells)", "T cell (29% of cells)", "CD56bright NK cell (56% within NK cell)",
+                     "CD56dim NK cell (44% within NK cell)"]

@@ -183,7 +183,9 @@ def _annotation(cm: ClusterMarkers, call: ExpressionCall) -> ClusterAnnotation:
     if call.unmeasured:
         confidence = min(confidence, UNCERTAIN)
     split = [f"{name} ({_percent(share)} of cells)" for name, share in call.lineage_split]
-    within = [f"{name} ({_percent(share)} of cells)" for name, share in call.mixed]
+    # below a lineage split the subtypes' shares are of the majority lineage's cells: said so, not summed with it
+    whole = "within " + call.cell_type.name if split and call.cell_type is not None else "of cells"
+    within = [f"{name} ({_percent(share)} {whole})" for name, share in call.mixed]
     if split or within:
         mixed = split + within
     else:
