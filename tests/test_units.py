@@ -136,6 +136,30 @@ def test_marker_filters_and_single_cell_clusters(clustered):
     assert any("fewer than 5 markers" in w for w in record.provenance(adata)["warnings"])
 
 
+def test_markers_csv_has_a_row_for_every_gene_sent_to_the_annotator(clustered, tmp_path):
+    from cassia_helpers.dataset.cassia_format import SEURAT_MARKER_COLUMNS
+    from cassia_helpers.dataset.outputs import write_markers
+
+    top = 20  # the CSV's top ranks (100 in a run), fewer than the genes sent, as on real data
+    adata = clustered.copy()
+    full = markers.rank_markers(adata, n_genes=None)
+    sent = markers.cluster_markers(adata, full, n_top=50)
+    paths = DatasetPaths(tmp_path, "blood", "demo")
+    paths.folder.mkdir(parents=True)
+    written = pd.read_csv(write_markers(full, paths, sent=sent, n_genes=top))
+    assert list(written.columns) == SEURAT_MARKER_COLUMNS
+    ranks = full.set_index(["cluster", "gene"])["rank"]
+    assert any(ranks[(c.cluster, g)] > top for c in sent for g in c.genes)  # the case that matters
+    for c in sent:
+        own = written[written["cluster"].astype(str) == c.cluster].set_index("gene")
+        # the statistics of each gene the annotator saw, as it saw them
+        assert set(c.genes) <= set(own.index), sorted(set(c.genes) - set(own.index))
+        np.testing.assert_allclose(own.loc[c.genes, "avg_log2FC"], c.logfoldchanges, atol=1e-3)
+        # still the top ranks first, in the test's order, with no gene twice
+        assert list(own["rank"][:top]) == list(range(1, top + 1))
+        assert own["rank"].is_monotonic_increasing and own.index.is_unique
+
+
 @pytest.mark.slow
 def test_neighbors_beyond_8192_cells():
     # scanpy 1.11 + scipy 1.17 broke here ('csr_array' object has no attribute 'getnnz'); from 8192 cells on,
