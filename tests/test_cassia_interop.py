@@ -46,13 +46,15 @@ def our_outputs(server, folder: Path) -> tuple[list, dict[str, Path]]:
                                         cache_dir=str(folder / "cache"), concurrency=2),
                              ledger_path=folder / "ledger.jsonl")
     pipeline = AnnotationPipeline(annotator, PipelineSettings(), lookup=GeneLookup(full, adata=adata))
-    results = annotate_clusters(adata, cluster_markers(adata, full, n_top=20), annotator=pipeline, tissue="blood")
+    sent = cluster_markers(adata, full, n_top=20)
+    results = annotate_clusters(adata, sent, annotator=pipeline, tissue="blood")
     write_pipeline_columns(adata, results)
     top = top_markers(full, 50)
     store_rank_genes_groups(adata, top)
     paths = {name: folder / f"{DATASET}_{name}" for name in
              ("markers.csv", "cassia.csv", "cassia_conversations.json", "annotated.h5ad")}
-    cf.to_seurat_markers(top).to_csv(paths["markers.csv"], index=False)
+    # as the batch writes it: the top ranks and every gene sent
+    cf.to_seurat_markers(top_markers(full, 50, sent=sent)).to_csv(paths["markers.csv"], index=False)
     paths["cassia.csv"].write_text(cf.cassia_csv(results, tissue="blood", species="human", model="scripted-model",
                                                  provider=server.base_url))
     paths["cassia_conversations.json"].write_text(json.dumps(cf.conversations(results)))

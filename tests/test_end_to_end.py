@@ -126,8 +126,25 @@ def test_annotated_h5ad_and_markers(workspace):
     annotation = (folder / "Data_Filbin2018_Brain_annotation.txt").read_text()
     for cluster in adata.obs["leiden"].cat.categories:
         assert f"Cluster {cluster}:" in annotation
+    # every gene the annotator saw has its statistics in the markers file (for a reader, and CASSIA's boost)
+    rows = set(zip(markers["cluster"].astype(str), markers["gene"].astype(str), strict=True))
+    sent = sent_per_cluster(annotation)
+    assert set(sent) == set(adata.obs["leiden"].cat.categories) and any(sent.values())
+    for cluster, genes in sent.items():
+        assert not [g for g in genes if (cluster, g) not in rows], cluster
     summary = (folder / "Data_Filbin2018_Brain_summary.txt").read_text()
     assert "before QC: 400 cells" in summary and "resolution = 1.0" in summary and "min_genes = 200" in summary
+
+
+def sent_per_cluster(annotation: str) -> dict[str, list[str]]:
+    """The genes sent to the annotator per cluster, as the annotation text lists them."""
+    sent, cluster = {}, None
+    for line in annotation.splitlines():
+        if header := re.match(r"Cluster (.+?): ", line):
+            cluster = header.group(1)
+        elif listed := re.match(r"Markers sent \(\d+\): (.*)", line):
+            sent[cluster] = [] if listed.group(1) == "-" else listed.group(1).split(", ")
+    return sent
 
 
 def test_executed_notebook_records_parameters_and_no_key(workspace):

@@ -535,15 +535,35 @@ def test_row_numbers_as_gene_names_use_the_symbol_column(tmp_path):
 
 def test_antibody_and_peak_features_are_left_out_of_the_genes(tmp_path):
     """A 10x CITE-seq or multiome matrix holds antibodies or peaks beside the genes (var['feature_types']):
-    only the genes go through normalisation, HVG and markers, and the warning says what was left out."""
+    only the genes go through normalisation, HVG and markers; the antibodies' counts are in the annotated
+    h5ad's obsm['protein'], and the warning says the peaks are not in the output."""
+    from cassia_helpers.contract import DatasetPaths
+    from cassia_helpers.dataset.outputs import write_annotated
+
     genes = make_counts()
-    extra = ad.AnnData(sp.csr_matrix(np.full((genes.n_obs, 3), 500, dtype=np.float32)), obs=genes.obs,
-                       var=pd.DataFrame(index=["CD3_TotalSeqB", "CD19_TotalSeqB", "chr1:100-600"]))
+    empty = np.arange(genes.n_obs) < 5  # cells QC removes
+    genes.X = sp.csr_matrix(sp.diags((~empty).astype(np.float32)) @ genes.X)
+    adt = np.random.default_rng(0).poisson(50, size=(genes.n_obs, 2)).astype(np.float32)
+    extra = ad.AnnData(sp.csr_matrix(np.column_stack([adt, np.full(genes.n_obs, 3, dtype=np.float32)])),
+                       obs=genes.obs, var=pd.DataFrame(index=["CD3_TotalSeqB", "CD19_TotalSeqB", "chr1:100-600"]))
     adata = ad.concat([genes, extra], axis=1, merge="first")
     adata.var["feature_types"] = ["Gene Expression"] * genes.n_vars + ["Antibody Capture"] * 2 + ["Peaks"]
     adata = read_dataset(write(adata, tmp_path / "cite.h5ad"))
     assert adata.n_vars == genes.n_vars and "CD3_TotalSeqB" not in adata.var_names
-    assert any("left out 2 'Antibody Capture', 1 'Peaks'" in w for w in warnings_of(adata))
+    [warning] = [w for w in warnings_of(adata) if "feature_types" in w]
+    assert "2 'Antibody Capture' features are in obsm['protein']" in warning
+    assert "left out of the analysis and of the output: 1 'Peaks'" in warning
+    run_pipeline(adata)  # QC removes cells: the antibodies' rows follow
+    paths = DatasetPaths(tmp_path / "run", "blood", "cite")
+    paths.folder.mkdir(parents=True)
+    written = ad.read_h5ad(write_annotated(adata, paths))
+    protein = written.obsm["protein"]
+    assert isinstance(protein, pd.DataFrame) and list(protein.columns) == ["CD3_TotalSeqB", "CD19_TotalSeqB"]
+    assert list(protein.index) == list(written.obs_names) and written.n_obs == genes.n_obs - 5
+    expected = pd.DataFrame(adt, index=genes.obs_names, columns=protein.columns).loc[written.obs_names]
+    pd.testing.assert_frame_equal(protein, expected)  # the counts as given, per cell
+    assert "chr1:100-600" not in written.var_names and all(
+        "chr1:100-600" not in getattr(v, "columns", []) for v in written.obsm.values())
     only = extra.copy()
     only.var["feature_types"] = "Antibody Capture"
     with pytest.raises(InputError, match="no 'Gene Expression' features"):

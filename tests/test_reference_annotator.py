@@ -501,6 +501,19 @@ def test_a_sorted_population_cut_into_clusters_says_why_nothing_matched():
     assert "check --species" in warning and "sorted population" not in warning
 
 
+def test_genes_named_by_ensembl_id_are_not_told_the_sorted_population_advice():
+    from tests.synthetic import BLOOD_TYPES
+
+    adata = _crafted({"T cell": BLOOD_TYPES["T cell"], "B cell": BLOOD_TYPES["B cell"]}, n_cells=300)
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]  # no symbol column: the reference sees none
+    adata.obs["cluster"] = adata.obs["truth"].astype(str)
+    assert all(c.reason_kind == "no_match" for c in _calls(adata, "cluster").values())
+    [warning] = [w for w in adata.uns["cassia_batch"]["warnings"] if "matched no cluster" in w]
+    # the cause is the gene names, not how the clusters compare
+    assert "too few to score any cell type" in warning and "gene symbols" in warning
+    assert "sorted population" not in warning and "--cluster-key" not in warning
+
+
 def test_cd56dim_and_cd56bright_nk_cells_are_told_apart():
     adata = _crafted(PBMC_CRAFTED)
     adata.obs["cluster"] = adata.obs["truth"].astype(str)

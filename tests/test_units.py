@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cassia_helpers.batch.discovery import UsageError, discover
+from cassia_helpers.batch.discovery import UsageError, discover, single_input
 from cassia_helpers.contract import DatasetPaths, new_run_dir, run_label
 from cassia_helpers.dataset import markers, record
 from cassia_helpers.dataset import pp as preprocess
@@ -52,6 +52,25 @@ def test_discovery_names_every_entry_it_skips_and_reads_upper_case_suffixes(tmp_
     for name, reason in [("packed.h5ad.gz", "compressed"), ("store.zarr", "zarr"), ("cells.loom", "loom"),
                          ("trailing.h5ad ", "space"), ("gone.h5ad", "broken symbolic link")]:
         assert any(name in line and reason in line for line in found.skipped), (name, skipped)
+
+
+def test_a_10x_matrix_folder_beside_the_datasets_is_named_with_how_to_convert_it(tmp_path):
+    touch(tmp_path / "blood" / "sample.h5ad")
+    for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):  # Cell Ranger's folder
+        touch(tmp_path / "blood" / "filtered_feature_bc_matrix" / name)
+    for name in ("GSM1_matrix.mtx", "GSM1_barcodes.tsv", "GSM1_genes.tsv"):  # as GEO names them, version 2
+        touch(tmp_path / "blood" / "GSM1" / name)
+    touch(tmp_path / "blood" / "loose.mtx.gz")
+    touch(tmp_path / "blood" / "notes" / "readme.txt")  # any other folder is not a dataset: nothing to say
+    found = discover(tmp_path, ["blood"])
+    assert [d.name for d in found.datasets] == ["sample"]
+    assert len(found.skipped) == 3, found.skipped
+    for name in ("filtered_feature_bc_matrix", "GSM1"):
+        [line] = [s for s in found.skipped if s.startswith(str(tmp_path / "blood" / name) + ":")]
+        assert "10x matrix folder" in line and "scanpy.read_10x_mtx" in line and "write_h5ad" in line
+    assert any("loose.mtx.gz" in s and "scanpy.read_10x_mtx" in s for s in found.skipped)
+    with pytest.raises(UsageError, match="10x matrix folder"):
+        single_input(tmp_path / "blood" / "GSM1", "blood")
 
 
 @pytest.mark.parametrize("tissues", [["lung"], []])
@@ -134,6 +153,30 @@ def test_marker_filters_and_single_cell_clusters(clustered):
     strict = markers.cluster_markers(adata, table, n_top=50, max_pval_adj=1e-300, min_logfc=100.0)
     assert all(len(c.genes) == 30 for c in strict)  # nothing passed: the top ranked genes are sent instead
     assert any("fewer than 5 markers" in w for w in record.provenance(adata)["warnings"])
+
+
+def test_markers_csv_has_a_row_for_every_gene_sent_to_the_annotator(clustered, tmp_path):
+    from cassia_helpers.dataset.cassia_format import SEURAT_MARKER_COLUMNS
+    from cassia_helpers.dataset.outputs import write_markers
+
+    top = 20  # the CSV's top ranks (100 in a run), fewer than the genes sent, as on real data
+    adata = clustered.copy()
+    full = markers.rank_markers(adata, n_genes=None)
+    sent = markers.cluster_markers(adata, full, n_top=50)
+    paths = DatasetPaths(tmp_path, "blood", "demo")
+    paths.folder.mkdir(parents=True)
+    written = pd.read_csv(write_markers(full, paths, sent=sent, n_genes=top))
+    assert list(written.columns) == SEURAT_MARKER_COLUMNS
+    ranks = full.set_index(["cluster", "gene"])["rank"]
+    assert any(ranks[(c.cluster, g)] > top for c in sent for g in c.genes)  # the case that matters
+    for c in sent:
+        own = written[written["cluster"].astype(str) == c.cluster].set_index("gene")
+        # the statistics of each gene the annotator saw, as it saw them
+        assert set(c.genes) <= set(own.index), sorted(set(c.genes) - set(own.index))
+        np.testing.assert_allclose(own.loc[c.genes, "avg_log2FC"], c.logfoldchanges, atol=1e-3)
+        # still the top ranks first, in the test's order, with no gene twice
+        assert list(own["rank"][:top]) == list(range(1, top + 1))
+        assert own["rank"].is_monotonic_increasing and own.index.is_unique
 
 
 @pytest.mark.slow

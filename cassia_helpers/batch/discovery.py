@@ -16,8 +16,11 @@ UNSUPPORTED = {".h5ad.gz": "compressed h5ad (gunzip it first)", ".zarr": "zarr s
                "as .h5ad with anndata)", ".loom": "loom file (not read yet: convert it with scanpy.read_loom and "
                "write_h5ad)", ".h5": "HDF5 file (a 10x .h5? convert it with scanpy.read_10x_h5 and write_h5ad)",
                ".rds": "R object (export it as .h5ad, e.g. with zellkonverter or SeuratDisk)",
-               ".csv": "text matrix (read it with scanpy and write_h5ad)", ".mtx": "matrix market (read it with "
-               "scanpy.read_10x_mtx and write_h5ad)"}
+               ".csv": "text matrix (read it with scanpy and write_h5ad)",
+               (".mtx", ".mtx.gz"): "matrix market (read it with scanpy.read_10x_mtx and write_h5ad)"}
+# Cell Ranger's filtered_feature_bc_matrix/ (matrix.mtx.gz beside barcodes and features), as GEO names it too
+# (GSM..._matrix.mtx.gz): a folder, so no suffix above names it
+MTX_FOLDER = "10x matrix folder (convert it with scanpy.read_10x_mtx and write_h5ad)"
 
 
 # a file name holds at most 255 bytes; the longest the run writes is ".{name}_cassia_conversations.json.XXXXXXXX.tmp"
@@ -87,7 +90,17 @@ def _classify(path: Path) -> tuple[str, str]:
     for suffix, reason in UNSUPPORTED.items():
         if lower.endswith(suffix):
             return "skip", reason
+    if path.is_dir() and _holds_matrix_market(path):
+        return "skip", MTX_FOLDER
     return "ignore", ""
+
+
+def _holds_matrix_market(folder: Path) -> bool:
+    """Whether ``folder`` holds a 10x matrix (``matrix.mtx`` or ``matrix.mtx.gz``, with or without a prefix)."""
+    try:
+        return any(p.name.lower().endswith(("matrix.mtx", "matrix.mtx.gz")) for p in folder.iterdir())
+    except OSError:  # unreadable: nothing to say about it beyond what the user sees listing it
+        return False
 
 
 def scan_tissue(folder: Path, tissue: str) -> Discovery:

@@ -326,9 +326,32 @@ def cluster_markers(
     return result
 
 
-def top_markers(table: pd.DataFrame, n_genes: int = 100) -> pd.DataFrame:
-    """The first ``n_genes`` ranks of every cluster of a full table (``rank_markers(n_genes=None)``)."""
-    return table[table["rank"] <= n_genes].reset_index(drop=True)
+def top_markers(table: pd.DataFrame, n_genes: int = 100, *,
+                sent: list[ClusterMarkers] | None = None) -> pd.DataFrame:
+    """The first ``n_genes`` ranks of every cluster of a full table (``rank_markers(n_genes=None)``).
+
+    Parameters
+    ----------
+    table
+        The full marker table, one row per cluster × gene.
+    n_genes
+        Ranks kept per cluster.
+    sent
+        The lists sent to the annotator (:func:`cluster_markers`): each of their genes keeps its cluster's
+        row too, after the first ``n_genes`` in the order of the test's ranks. The lists are ranked by fold
+        change, so many of their genes rank lower by the test, and a reader checking what the annotator saw
+        (or CASSIA's boost looking a gene up) would otherwise find no row.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The rows kept, in ``table``'s order.
+    """
+    keep = table["rank"] <= n_genes
+    if sent:
+        pairs = pd.MultiIndex.from_tuples([(m.cluster, gene) for m in sent for gene in m.genes])
+        keep |= pd.MultiIndex.from_arrays([table["cluster"].astype(str), table["gene"].astype(str)]).isin(pairs)
+    return table[keep].reset_index(drop=True)
 
 
 def store_rank_genes_groups(

@@ -15,7 +15,7 @@ import anndata as ad
 import pandas as pd
 
 from cassia_helpers.contract import DatasetPaths
-from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation
+from cassia_helpers.dataset.annotate import REFERENCE_NOTE, ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.columns import pipeline_text_lines
 from cassia_helpers.dataset.batches import batch_result, batch_summary_lines
 from cassia_helpers.dataset.counts import write_counts_layer
@@ -42,14 +42,16 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def write_markers(markers: pd.DataFrame, paths: DatasetPaths, *, n_genes: int = MARKERS_CSV_TOP) -> Path:
-    """``{dataset}_markers.csv``: the top ``n_genes`` of every cluster, one row per cluster × gene, with
-    Seurat ``FindAllMarkers`` column names (``cluster, gene, rank, score, avg_log2FC, p_val, p_val_adj,
-    pct.1, pct.2``) so that CASSIA's and Seurat users' tools read it as it is."""
+def write_markers(markers: pd.DataFrame, paths: DatasetPaths, *, sent: list[ClusterMarkers] | None = None,
+                  n_genes: int = MARKERS_CSV_TOP) -> Path:
+    """``{dataset}_markers.csv``: the top ``n_genes`` of every cluster and every gene ``sent`` for it to the
+    annotator (:func:`cassia_helpers.dataset.markers.top_markers`), one row per cluster × gene in the order
+    of the test's ranks, with Seurat ``FindAllMarkers`` column names (``cluster, gene, rank, score,
+    avg_log2FC, p_val, p_val_adj, pct.1, pct.2``) so that CASSIA's and Seurat users' tools read it as it is."""
     from cassia_helpers.dataset.cassia_format import to_seurat_markers
     from cassia_helpers.dataset.markers import top_markers
 
-    write_csv(paths.markers_csv, to_seurat_markers(top_markers(markers, n_genes)))
+    write_csv(paths.markers_csv, to_seurat_markers(top_markers(markers, n_genes, sent=sent)))
     return paths.markers_csv
 
 

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 # the 10x feature type of genes (others: Antibody Capture, CRISPR Guide Capture, Peaks)
 GENE_EXPRESSION = "Gene Expression"
+# CITE-seq antibodies: few (tens to hundreds), so their values are kept per cell in obsm[PROTEIN_KEY], where
+# muon and scanpy users look for them; other feature types (100,000+ multiome peaks) are left out
+ANTIBODY_CAPTURE = "Antibody Capture"
+PROTEIN_KEY = "protein"
 # Deciding counts vs log-normalised vs scaled reads every value, this many at a time (no copy of the matrix).
 BLOCK_VALUES = 4_000_000
 # log1p of any realistic normalised value stays far below this; larger non-integer values are counts
@@ -48,7 +52,9 @@ def read_dataset(path: str | Path, *, species: str = "human", memory_limit: int 
     Finds gene symbols (``var_names``, or a ``var`` column such as ``gene_symbols`` or ``feature_name``
     when ``var_names`` are Ensembl ids), makes gene and cell names unique, and detects whether ``X`` holds
     raw counts or log-normalised values (``.layers['counts']`` or an integer ``.raw`` are used as counts
-    when ``X`` is normalised or scaled). ``X`` is returned as float32, dense or CSR.
+    when ``X`` is normalised or scaled). ``X`` is returned as float32, dense or CSR. Of a matrix with other
+    10x feature types beside the genes, only the genes are kept in ``X``; CITE-seq antibodies go to
+    ``obsm['protein']`` (:func:`_gene_expression_only`).
 
     Before anything is loaded the file is checked from its HDF5 metadata alone: that it is an AnnData
     h5ad, that it has cells and genes, and that reading and processing it fits in memory. The file is
@@ -142,7 +148,15 @@ def _check_sparse_structure(adata: AnnData, path: Path) -> None:
 
 def _gene_expression_only(adata: AnnData, path: Path) -> AnnData:
     """The gene-expression features of a 10x matrix that holds others too (``var['feature_types']``: CITE-seq
-    antibodies, CRISPR guides, multiome peaks), which would otherwise count as genes in every step."""
+    antibodies, CRISPR guides, multiome peaks), which would otherwise count as genes in every step.
+
+    The ``Antibody Capture`` features' values in ``X`` (the ADT counts of a 10x file) are kept as
+    ``obsm['protein']``, a DataFrame of cells × antibody names, unless the input has an ``obsm['protein']``
+    already; every other feature is left out of the analysis and of the output, and a warning says which.
+    """
+    import pandas as pd
+    from anndata.utils import make_index_unique
+
     if "feature_types" not in adata.var.columns:
         return adata
     types = adata.var["feature_types"].astype(str)
@@ -152,10 +166,25 @@ def _gene_expression_only(adata: AnnData, path: Path) -> AnnData:
     if not genes.any():
         raise InputError(f"{path}: no '{GENE_EXPRESSION}' features (var['feature_types'] holds only "
                          f"{', '.join(sorted(set(types)))})")
-    others = types[~genes].value_counts()
+    antibodies = (types == ANTIBODY_CAPTURE).to_numpy() if PROTEIN_KEY not in adata.obsm else np.zeros_like(genes)
+    protein = None
+    if antibodies.any():
+        values = adata.X[:, np.flatnonzero(antibodies)]
+        names = make_index_unique(pd.Index(adata.var_names[antibodies].astype(str)))  # h5ad needs them unique
+        protein = pd.DataFrame(values.toarray() if sp.issparse(values) else np.asarray(values),
+                               index=adata.obs_names.copy(), columns=names)
+    dropped = types[~genes & ~antibodies].value_counts()
     adata = adata[:, genes].copy()
-    warn(adata, f"kept the {int(genes.sum())} '{GENE_EXPRESSION}' features of var['feature_types'] and left out "
-                + ", ".join(f"{n} '{kind}'" for kind, n in others.items()))
+    said = [f"analysed the {int(genes.sum())} '{GENE_EXPRESSION}' features of var['feature_types']"]
+    if protein is not None:
+        adata.obsm[PROTEIN_KEY] = protein
+        said.append(f"the {protein.shape[1]} '{ANTIBODY_CAPTURE}' features are in obsm['{PROTEIN_KEY}']")
+    if len(dropped):
+        said.append("left out of the analysis and of the output: "
+                    + ", ".join(f"{n} '{kind}'" for kind, n in dropped.items())
+                    + (f" (obsm['{PROTEIN_KEY}'] is the input's own)" if PROTEIN_KEY in adata.obsm
+                       and protein is None and ANTIBODY_CAPTURE in dropped.index else ""))
+    warn(adata, "; ".join(said))
     return adata
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.reference.catalog import MarkerReference, ReferenceCellType
 from cassia_helpers.dataset.annotate.reference.expression import (
+    MIN_MEASURED,
     MIN_SCORE,
     MIXED_RATIO,
     ExpressionCall,
@@ -148,17 +149,24 @@ def annotate_expression(
 
 def _say_nothing_matched(adata: Any, candidates: list[ReferenceCellType], species: str, *, use_raw: bool) -> None:
     """Warn why no cluster matched: the reference's genes are in the data in another species' case (CD3E for
-    Cd3e), or they are there but stand out nowhere (markers are weighed against the other cells: a sorted
-    population)."""
+    Cd3e); too few of them are measured to score any cell type (genes named by Ensembl ids, say); or they
+    are there but stand out nowhere (markers are weighed against the other cells: a sorted population)."""
     from cassia_helpers.dataset.record import warn
 
     names = set(map(str, adata.raw.var_names if use_raw else adata.var_names))
     symbols = {symbol for ct in candidates for symbol in ct.symbols(species)}
     found = len(symbols & names)
     in_other_case = len({s.upper() for s in symbols} & {n.upper() for n in names}) - found
+    # the scorer leaves out a type with fewer markers measured: when that is every type, the clusters were
+    # never compared, and advice about how they compare would point the user the wrong way
+    scorable = any(len(set(ct.symbols(species)) & names) >= MIN_MEASURED for ct in candidates)
     if in_other_case > found:
         warn(adata, f"the offline reference matched no cluster: {found} of its {species} marker genes are in "
                     f"the data as it names them, {in_other_case} more in another case (check --species)")
+    elif not scorable:
+        warn(adata, f"the offline reference matched no cluster: only {found} of its {len(symbols)} {species} "
+                    "marker genes are among the data's gene names, too few to score any cell type (the genes "
+                    "need gene symbols as names, or a symbol column)")
     else:
         warn(adata, "the offline reference matched no cluster: it weighs each cluster's markers against the "
                     "dataset's other cells, so a dataset of one cell type (a sorted population) shows none; "
