@@ -730,3 +730,16 @@ def test_subtype_shares_below_a_lineage_split_say_what_they_are_shares_of():
     mixed = _annotation(cm("0", []), call).mixed_cell_types
     assert mixed == ["NK cell (71% of cells)", "T cell (29% of cells)", "CD56bright NK cell (56% within NK cell)",
                      "CD56dim NK cell (44% within NK cell)"]
+
+
+def test_a_subtype_lacks_what_its_parent_lacks():
+    """Activated B cells express CCR7, CD83, FSCN1 and LAMP3, mature regulatory DC markers; dendritic cells are
+    defined not to express MS4A1 and CD79A, and so are their subtypes: the DC lineage, seen through mregDC's
+    markers, is no rival to these B cells."""
+    from tests.synthetic import BLOOD_TYPES
+
+    activated = ["MS4A1", "CD79A", "CCR7", "CD83", "FSCN1", "LAMP3", "CCL22", "IL4I1", "CCL17"]
+    adata = _crafted({**BLOOD_TYPES, "B cell": ["MS4A1", "CD79A"], "Activated B": activated})
+    call = _calls(adata, "truth")["Activated B"]
+    assert call.main_cell_type == "B cell", call.reasoning
+    assert "Next lineage: Dendritic cell" not in call.reasoning and call.confidence >= 60, call.reasoning

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers
 from cassia_helpers.dataset.annotate.reference.catalog import MarkerReference, ReferenceCellType
 from cassia_helpers.dataset.annotate.reference.expression import (
@@ -26,11 +28,11 @@ from cassia_helpers.dataset.annotate.reference.expression import (
     MIXED_RATIO,
     ExpressionCall,
     ExpressionScorer,
-    marker_strength,
-    subtype_strength,
 )
 from cassia_helpers.dataset.annotate.reference.support import CellContext, CellSupport
 
+#: cap of the mean difference (log scale) counted per marker
+MAX_DELTA = 1.0
 #: the confidence of a subtype call whose telling markers the data do not measure is at most this
 UNCERTAIN = 35.0
 #: a lineage score at or above this counts as full strength
@@ -110,6 +112,35 @@ def expression_data(reference: MarkerReference, candidates: list[ReferenceCellTy
     columns = x[:, [index[g] for g in genes]]
     return ad.AnnData(columns.tocsr() if sp.issparse(columns) else sp.csr_matrix(columns),
                       obs=pd.DataFrame(index=adata.obs_names.copy()), var=pd.DataFrame(index=genes))
+
+
+def marker_strength(profile, row: int, peers: list[int] | None = None) -> dict[str, float]:
+    """``m(c, g)`` for every profiled gene of one cluster.
+
+    Against every other cell by default; with ``peers`` (rows of other clusters) against the
+    cell-weighted mean of those clusters only.
+    """
+    if peers:
+        w = profile.n_cells[peers].astype(float)
+        out = (profile.mean_in[peers] * w[:, None]).sum(axis=0) / w.sum()
+    else:
+        out = profile.mean_out[row]
+    delta = np.clip(profile.mean_in[row] - out, 0.0, MAX_DELTA) / MAX_DELTA
+    return {g: float(v) for g, v in zip(profile.genes, profile.frac_in[row] * delta, strict=True)}
+
+
+def subtype_strength(profile, row: int, peers: list[int]) -> dict[str, float]:
+    """Strength used below the root: the mean of the whole-dataset and the same-lineage contrasts.
+
+    A subtype marker must stand out both from the dataset and from the other clusters of the lineage,
+    e.g. CD8A among T-cell clusters; without peers it is the whole-dataset contrast.
+    """
+    overall = marker_strength(profile, row)
+    if not peers:
+        return overall
+    within = marker_strength(profile, row, peers)
+    return {g: 0.5 * (v + within[g]) for g, v in overall.items()}
+
 
 
 def _cd45(scorer: ExpressionScorer, species: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Used by :class:`~cassia_helpers.dataset.annotate.reference.annotator.ReferenceAnnotator` when it is given the AnnData.
 Per cluster and marker gene ``g`` (pseudobulk over the cluster's cells, see
-:func:`cassia_helpers.dataset.evidence.cluster_profile`)::
+:func:`cassia_helpers.dataset.evidence.cluster_profile`; :func:`.calls.marker_strength`)::
 
     m(c, g) = frac_in(c, g) * clip(mean_in(c, g) - mean_out(c, g), 0, 1)
 
@@ -10,9 +10,9 @@ i.e. the share of the cluster's cells expressing the gene, times how much higher
 at 1) its mean is than in the other cells. A type's score is the order-weighted mean of ``m`` over its
 markers measured in the data (weight ``1 / (1 + order / 10)``, the most specific markers first;
 one virtual unexpressed marker of weight :data:`SHRINK` is added, so thin evidence counts less),
-less the mean ``m`` of its ``absent_markers`` (genes that define it by their absence, e.g. CD3 for NK
-cells); markers absent from the data do not count; a type with fewer than two measured markers
-cannot be called.
+less the mean ``m`` of its and its ancestors' ``absent_markers`` (genes that define it by their absence:
+CD3 for NK cells, MS4A1 for dendritic cells and so their subtypes); markers absent from the data do not
+count; a type with fewer than two measured markers cannot be called.
 
 Resolution: (1) the *root* types (no parent) are scored on all their markers and grouped by lineage; a
 root whose own markers are few in the data (fewer than two measured) or too weak to call it is also
@@ -71,8 +71,6 @@ LINEAGE_CONTENDER = 0.3
 LINEAGE_CARRY = 0.5
 #: a subtype call is uncertain when this many first telling markers of it or its closest sibling are not measured
 LEADING = 1
-#: cap of the mean difference (log scale) counted per marker
-MAX_DELTA = 1.0
 ORDER_SCALE = 10.0
 #: weight of the virtual unexpressed marker added to every score's denominator
 SHRINK = 1.0
@@ -105,34 +103,6 @@ class ExpressionCall:
     minority_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
-def marker_strength(profile, row: int, peers: list[int] | None = None) -> dict[str, float]:
-    """``m(c, g)`` for every profiled gene of one cluster.
-
-    Against every other cell by default; with ``peers`` (rows of other clusters) against the
-    cell-weighted mean of those clusters only.
-    """
-    if peers:
-        w = profile.n_cells[peers].astype(float)
-        out = (profile.mean_in[peers] * w[:, None]).sum(axis=0) / w.sum()
-    else:
-        out = profile.mean_out[row]
-    delta = np.clip(profile.mean_in[row] - out, 0.0, MAX_DELTA) / MAX_DELTA
-    return {g: float(v) for g, v in zip(profile.genes, profile.frac_in[row] * delta, strict=True)}
-
-
-def subtype_strength(profile, row: int, peers: list[int]) -> dict[str, float]:
-    """Strength used below the root: the mean of the whole-dataset and the same-lineage contrasts.
-
-    A subtype marker must stand out both from the dataset and from the other clusters of the lineage,
-    e.g. CD8A among T-cell clusters; without peers it is the whole-dataset contrast.
-    """
-    overall = marker_strength(profile, row)
-    if not peers:
-        return overall
-    within = marker_strength(profile, row, peers)
-    return {g: 0.5 * (v + within[g]) for g, v in overall.items()}
-
-
 class ExpressionScorer:
     """Scores reference types on one dataset's cluster profile."""
 
@@ -149,6 +119,7 @@ class ExpressionScorer:
         self._telling: dict[tuple[str, str | None], list[tuple[int, str]]] = {}
         self._foreign: dict[str, set[str]] = {}
         self._resolved: dict[str, str | None] = {}
+        self._lacking: dict[str, list[str]] = {}
         for ct in candidates:
             if ct.lineage not in self._foreign:
                 self._foreign[ct.lineage] = {sym for other in candidates if other.lineage != ct.lineage
@@ -197,7 +168,7 @@ class ExpressionScorer:
 
     def absent_penalty(self, ct: ReferenceCellType, strength: dict[str, float]) -> float:
         """Mean strength of the genes the type is defined not to express (0 when none is measured)."""
-        genes = [g for g in (self.resolve(s) for s in ct.absent_symbols(self.species)) if g is not None]
+        genes = self._lacks(ct)
         return ABSENT_WEIGHT * float(np.mean([strength.get(g, 0.0) for g in genes])) if genes else 0.0
 
     def type_score(self, ct: ReferenceCellType, strength: dict[str, float], *,
@@ -358,8 +329,16 @@ class ExpressionScorer:
                    ) -> tuple[list[tuple[int, str]], list[str]]:
         """(order, data gene) markers and absent data genes of a type, for :mod:`.support`."""
         genes = [(o, g) for o, g in ((o, self.resolve(s)) for o, s in markers) if g is not None]
-        absent = [g for g in (self.resolve(s) for s in ct.absent_symbols(self.species)) if g is not None]
-        return genes, absent
+        return genes, self._lacks(ct)
+
+    def _lacks(self, ct: ReferenceCellType) -> list[str]:
+        """The data's genes the type or an ancestor is defined not to express (a subtype lacks what its parent
+        lacks)."""
+        if ct.name not in self._lacking:
+            symbols = [s for t in (ct, *map(self.reference.by_name, self.reference.ancestors(ct.name)))
+                       for s in t.absent_symbols(self.species)]
+            self._lacking[ct.name] = [g for g in (self.resolve(s) for s in dict.fromkeys(symbols)) if g is not None]
+        return self._lacking[ct.name]
 
     @staticmethod
     def _weighed(chosen: ReferenceCellType, options: list[tuple[float, ReferenceCellType, list[tuple[int, str]]]]
