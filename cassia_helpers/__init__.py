@@ -47,6 +47,7 @@ _EXPORTS = {
     "write_summary": ".dataset.outputs",
     "write_result": ".dataset.outputs",
     "save_dataset_figures": ".dataset.figures",
+    "plain_text_figures": ".canvas",
     "write_cluster_table": ".dataset.cluster_table",
     "run_batch": ".batch.driver",
 }
@@ -57,13 +58,15 @@ __all__ = [
     "annotate_ontology", "annotate_subclusters", "cluster_or_keep", "context_text", "keep_clusters",
     "marker_evidence", "score_against_authors", "umap_or_keep",
     "check_batches", "count_batches", "integrate_batches", "save_batch_figure",
-    "cluster_markers", "explore", "figures", "make_annotator", "pp", "rank_markers", "read_dataset", "run_batch",
+    "cluster_markers", "explore", "figures", "make_annotator", "plain_text_figures", "pp", "rank_markers",
+    "read_dataset", "run_batch",
     "save_dataset_figures", "split_mixed_clusters", "write_annotated", "write_annotation", "write_cluster_table",
     "write_markers", "write_result", "write_summary",
 ]
 
 if TYPE_CHECKING:
     from cassia_helpers.batch.driver import run_batch
+    from cassia_helpers.canvas import plain_text_figures
     from cassia_helpers.contract import DatasetPaths
     from cassia_helpers.dataset import figures, pp
     from cassia_helpers.dataset.annotate import ClusterAnnotation, ClusterMarkers

@@ -15,6 +15,9 @@ from pathlib import Path
 from cassia_helpers.files import atomic_path
 
 DPI = 120
+#: labels, names and titles come from data, models and file names: ``$...$`` in them is text, never TeX (an odd
+#: or stray ``$`` would fail the whole figure)
+PLAIN_TEXT = {"text.parse_math": False}
 
 
 @functools.cache
@@ -24,12 +27,39 @@ def _figure_class():
     class NotebookFigure(Figure):
         """A Figure that shows itself as a PNG in Jupyter whatever matplotlib backend is active."""
 
+        def draw(self, renderer) -> None:
+            import matplotlib
+
+            with matplotlib.rc_context(PLAIN_TEXT):  # tick labels are made when the figure is drawn
+                super().draw(renderer)
+
         def _repr_png_(self) -> bytes:
             buffer = io.BytesIO()
             self.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
             return buffer.getvalue()
 
     return NotebookFigure
+
+
+def plain_text(function):
+    """Decorate a function that draws a figure: the text it draws is plain text (:data:`PLAIN_TEXT`)."""
+
+    @functools.wraps(function)
+    def drawing(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(PLAIN_TEXT):
+            return function(*args, **kwargs)
+
+    return drawing
+
+
+def plain_text_figures() -> None:
+    """Draw every later matplotlib text of this process as plain text (:data:`PLAIN_TEXT`): for the plots a
+    notebook makes itself (``sc.pl.umap`` with labels a model wrote)."""
+    import matplotlib
+
+    matplotlib.rcParams.update(PLAIN_TEXT)
 
 
 def new_figure(width: float, height: float):

@@ -715,3 +715,40 @@ def test_the_clusters_have_the_same_colours_in_our_figures_and_in_scanpys(tiny, 
     assert figures.cluster_palette(adata, "leiden") == stored
     adata.uns["leiden_colors"] = np.array(["#000000"] * len(stored), dtype=object)  # the lab's own colours
     assert figures.cluster_palette(adata, "leiden", store=True) == ["#000000"] * len(stored)
+
+
+def test_explore_tables_escape_what_models_servers_and_file_names_wrote(tiny):
+    """A label, a reason, a warning, a dataset name or a column from a model, a server or a file name is shown
+    as text in JupyterLab, never run: a notebook's own output is trusted there."""
+    from cassia_helpers.summary import explore
+
+    evil = '<img src=x onerror="alert(1)">'
+    page = explore.styled(pd.DataFrame({"dataset": [evil], "n_cells": [3], "score": [0.5], evil: ["x"]})).to_html()
+    assert "<img" not in page and "&lt;img src=x" in page and ">3<" in page and ">0.5<" in page
+    adata = tiny.copy()
+    table = adata.uns["cassia_batch"]["annotation"]["clusters"]
+    table["reason"] = evil
+    adata.uns["cassia_batch"]["warnings"] = [f"dataset {evil} warned"]
+    page = explore.cluster_scores(adata).to_html()
+    assert "<img" not in page and page.count("&lt;img src=x") >= 2
+
+
+def test_labels_and_names_with_dollar_signs_are_drawn_as_text(tiny, tmp_path):
+    """A label a model wrote or a dataset file name with ``$...$`` (``sample $x^{$``) is text: matplotlib would
+    read it as TeX and fail the figure, the dataset or the run's summaries."""
+    from cassia_helpers.summary.crossqc import cell_type_heatmap_figure
+
+    adata = tiny.copy()
+    odd = ["T $x^{$ cell", "B cell $_$", "$\\undefinedcommand{x}$"]
+    adata.obs["cell_type"] = pd.Categorical([odd[i % 3] for i in range(adata.n_obs)])
+    adata.obs["leiden"] = pd.Categorical([str(i % 3) for i in range(adata.n_obs)])
+    adata.uns.pop("cell_type_colors", None)
+    for figure in (figures.umap_figure(adata), figures.cluster_sizes_figure(adata)):
+        figures.save_figure(figure, tmp_path / "f.png")
+        assert (tmp_path / "f.png").stat().st_size > 1000
+        assert figure._repr_png_()[:4] == b"\x89PNG"
+    table = pd.DataFrame({"dataset": ["blood/sample $x^{$ and $_$"] * 3, "cell_type_ontology_term": odd,
+                          "fraction": [0.2, 0.3, 0.5],
+                          "n_cells": [2, 3, 5]})
+    figures.save_figure(cell_type_heatmap_figure(table), tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").stat().st_size > 1000

@@ -921,3 +921,28 @@ def test_a_batch_against_a_server_trickling_its_headers_ends_in_bounded_time(llm
     tracking = json.loads((run_dir / "token_tracking.json").read_text())
     assert tracking["total_calls"] == llm_env.stats()["requests"] > 0
     assert max(call["latency_s"] for call in tracking["api_calls"]) < 3 + 1.0
+
+
+def test_the_key_is_scrubbed_in_the_forms_a_model_echoes_it():
+    from cassia_helpers.dataset.annotate.llm.untrusted import sanitize_text, scrub_secrets, untrusted_reply
+
+    key = "sk-proj-CANARY7x9QzK3mW2pL8vN4bR6tY1uI0oE5aS"
+    wrapped = base64.encodebytes(f"user:{key}".encode() * 2).decode()  # base64 as mail writes it, 76 a line
+    echoes = {
+        "JSON string wrapped over lines": json.dumps(key[:20] + "\n" + key[20:]),
+        "wrapped with an indent": key[:15] + "\n        " + key[15:],
+        "zero-width spaces": "\u200b".join(key),
+        "cut in two around other text": f"T cell {key[:22]} x {key[22:]}",
+        "reversed": key[::-1],
+        "base64 wrapped": wrapped,
+    }
+    for form, text in echoes.items():
+        scrubbed = scrub_secrets(f"The answer: {text} done", [key])
+        assert "[redacted]" in scrubbed, form
+        squeezed = "".join(scrubbed.replace("\\n", "").split()).replace("\u200b", "")
+        assert key not in squeezed and key[::-1] not in squeezed and key[22:] not in squeezed, (form, scrubbed)
+        assert base64.b64encode(f"user:{key}".encode()).decode()[8:-4] not in squeezed, form
+    assert scrub_secrets("CD8A, CD8B, GZMK and sk-proj- keys", [key]) == "CD8A, CD8B, GZMK and sk-proj- keys"
+    # what a person reads is what is there: no terminal escapes, no reversed or invisible text
+    assert untrusted_reply("\x1b[2Jcleared\x1b[31m red\nnext") == " [2Jcleared [31m red\nnext"
+    assert sanitize_label("T\u200bcell") == "Tcell" and "\u202e" not in sanitize_text("NK \u202ecell")

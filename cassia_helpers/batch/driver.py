@@ -389,12 +389,12 @@ def _aggregate(run_dir: Path, kernel_name: str, notebook: AggregationNotebook | 
     if not problem:
         return
     log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)
-    try:
-        from cassia_helpers.summary.aggregate import write_cell_type_heatmap, write_run_summaries
-        from cassia_helpers.summary.report import write_report
+    from cassia_helpers.summary.aggregate import write_cell_type_heatmap, write_run_summaries
+    from cassia_helpers.summary.report import write_report
 
-        write_run_summaries(run_dir)
-        write_cell_type_heatmap(run_dir)
-        write_report(run_dir)
-    except OSError as exc:
-        log.error("%s: could not write the run summaries (%s: %s)", run_dir, type(exc).__name__, exc.strerror or exc)
+    for step in (write_run_summaries, write_cell_type_heatmap, write_report):  # each on its own: the ledger first
+        try:
+            step(run_dir)
+        except Exception as exc:  # noqa: BLE001 - the datasets' outputs and the closing table still stand
+            reason = getattr(exc, "strerror", None) or exc
+            log.error("%s: %s failed (%s: %s)", run_dir, step.__name__, type(exc).__name__, reason)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cassia_helpers.canvas import new_figure, save_figure
+from cassia_helpers.canvas import new_figure, plain_text, save_figure
 from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.batches import BATCH_COLUMN
 from cassia_helpers.dataset.figures import _plain_log_axis as plain_log_axis
@@ -18,6 +18,7 @@ from cassia_helpers.dataset.record import KEY as PROVENANCE_KEY
 MAX_BATCHES = 60  # one row per batch: beyond this the rows would be unreadable; the largest are shown
 
 
+@plain_text
 def batch_qc_figure(adata):
     """Per batch (one row each, the largest ``MAX_BATCHES``): cells kept and removed by QC, and box plots of genes
     per cell, counts per cell and % mitochondrial counts of the cells kept. Reads

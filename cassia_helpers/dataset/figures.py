@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cassia_helpers.canvas import SavedFigures, new_figure, save_figure
+from cassia_helpers.canvas import SavedFigures, new_figure, plain_text, save_figure
 from cassia_helpers.contract import DatasetPaths
 from cassia_helpers.dataset.cluster_table import cluster_label
 from cassia_helpers.dataset.qc_histograms import QC_METRICS, qc_distributions
@@ -54,6 +54,7 @@ LOGNORMALISED_TITLES = {"total_counts": "Sum of log-normalised values per cell",
                         "pct_counts_mt": "Mitochondrial share of that sum (%)"}
 
 
+@plain_text
 def qc_figure(adata, *, distributions: Mapping | None = None):
     """Genes, counts and % mitochondrial counts per cell, before (grey) and after (blue) the QC thresholds.
 
@@ -143,6 +144,7 @@ def cluster_palette(adata, groupby: str = "leiden", *, store: bool = False) -> l
     return colors
 
 
+@plain_text
 def umap_figure(adata, *, color: str = "cell_type", groupby: str = "leiden", basis: str = "X_umap"):
     """UMAP coloured by cell type (labels on the data, ``Unknown`` grey) and by cluster (numbers on the data,
     legend ``"3: NK cell"``).
@@ -218,6 +220,7 @@ def _marker_genes(adata, *, genes, markers, groupby: str, order: list[str], per_
     return {}
 
 
+@plain_text
 def dotplot_figure(
     adata,
     *,
@@ -296,6 +299,7 @@ def dotplot_figure(
     return figure
 
 
+@plain_text
 def cluster_sizes_figure(adata, *, groupby: str = "leiden", key: str = "cell_type"):
     """Cells per cluster, one bar per cluster labelled ``"3: NK cell"`` in the cell type's colour."""
     clusters = adata.obs[groupby].astype(str)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cassia_helpers.canvas import plain_text
+
 __all__ = ["cell_type_heatmap_figure", "cell_type_table", "flagged_datasets", "missing_types",
            "plot_cell_type_heatmap"]
 
@@ -143,6 +145,7 @@ CELL_INCHES = 0.3
 MAX_ANNOTATED_CELLS = 400
 
 
+@plain_text
 def cell_type_heatmap_figure(table: pd.DataFrame, *, value: str = "fraction", max_terms: int = 60):
     """The dataset x CL term table as a heatmap :class:`~matplotlib.figure.Figure`, sized from its content.
 

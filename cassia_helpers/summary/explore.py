@@ -5,6 +5,7 @@ Tables come back with counts as integers (``700``, not ``700.0``) and error mess
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pandas as pd
@@ -55,7 +56,7 @@ def load_summary(run_dir: str | Path) -> pd.DataFrame:
 def summary_table(run_dir: str | Path):
     """The run's datasets (without the long ``file_path``/``output_dir``), errors in full."""
     table = load_summary(run_dir).drop(columns=["file_path", "output_dir"], errors="ignore")
-    return _styled(table)
+    return styled(table)
 
 
 def summary_text(run_dir: str | Path) -> None:
@@ -66,13 +67,16 @@ def summary_text(run_dir: str | Path) -> None:
 def failures(run_dir: str | Path):
     """Datasets that did not succeed, with their one-line reason in full."""
     table = load_summary(run_dir)
-    return _styled(table.loc[table["status"] != "success", ["tissue", "dataset", "status", "error"]])
+    return styled(table.loc[table["status"] != "success", ["tissue", "dataset", "status", "error"]])
 
 
-def _styled(table: pd.DataFrame):
-    """A Styler: no cut-off text, integers without decimals, other numbers to 3 significant digits."""
+def styled(table: pd.DataFrame):
+    """A Styler: no cut-off text, integers without decimals, other numbers to 3 significant digits. Every value
+    and header is HTML-escaped: labels, names and error messages come from models, servers and file names, and
+    a notebook's own output is trusted (its script would run)."""
     floats = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
-    styler = table.style.hide(axis="index").format("{:.3g}", subset=floats, na_rep="–")
+    styler = table.style.hide(axis="index").format(escape="html").format_index(escape="html", axis=1)
+    styler = styler.format("{:.3g}", subset=floats, na_rep="–", escape="html")
     text = [c for c in table.columns if table[c].dtype == object]
     return styler.set_properties(subset=text, **_WRAP) if text else styler
 
@@ -159,7 +163,7 @@ def cluster_scores(adata, *, groupby: str = "leiden", key: str = "cell_type"):
     table = table.drop(columns=["label", "color", "reasoning", "top_markers"], errors="ignore")
     table = table.loc[:, [c for c in table.columns if not (table[c].astype(str).isin(["", "nan", "None"])).all()]]
     warnings = list(adata.uns.get("cassia_batch", {}).get("warnings", []))
-    styler = _styled(table)
+    styler = styled(table)
     if warnings:
-        styler = styler.set_caption("Warnings: " + " · ".join(map(str, warnings)))
+        styler = styler.set_caption(html.escape("Warnings: " + " · ".join(map(str, warnings))))
     return styler

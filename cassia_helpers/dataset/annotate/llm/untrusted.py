@@ -22,6 +22,12 @@ MAX_REASONING_CHARS = 2_000
 # A cell starting with one of these is a formula in spreadsheet programs.
 REDACTED = "[redacted]"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+# Zero-width characters and bidirectional overrides: invisible, they make "T\u200bcell" a label of its own and
+# reverse what a person reads
+_INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# What may stand between two characters of an echoed key: a line wrapped (with its indent, or as a JSON "\n"),
+# invisible characters
+_GAP = r"(?:\s|\\[nrt]|[\u00ad\u200b-\u200f\u2060\ufeff]){0,8}"
 # Keys shorter than this are not scrubbed: replacing a 3-character "key" would mangle ordinary text.
 _MIN_SECRET_CHARS = 8
 
@@ -34,13 +40,14 @@ def secrets_to_scrub() -> list[str]:
 
 def scrub_secrets(text: str, secrets: list[str] | None = None) -> str:
     """``text`` with every occurrence of the API key replaced by ``[redacted]``: as it is, in another case,
-    wrapped over lines, with its characters written as JSON ``\\u0073``, URL ``%2D`` or HTML ``&#115;``
-    escapes, in hex, or in base64 (alone or inside an HTTP Basic credential): a model or proxy echoing the
-    key in any of these gives it away as surely as in plain text."""
+    reversed, wrapped over lines, with invisible characters between its own, with its characters written as
+    JSON ``\\u0073``, URL ``%2D`` or HTML ``&#115;`` escapes, in hex, or in base64 (alone, wrapped, or inside an
+    HTTP Basic credential), and any third of it or more quoted alone (the key cut in two around other text): a
+    model or proxy echoing the key in any of these gives it away as surely as in plain text."""
     for secret in secrets_to_scrub() if secrets is None else secrets:
         if secret:
             text = text.replace(secret, REDACTED)
-            for pattern in _encoded(secret):
+            for pattern in _encoded(secret) + _encoded(secret[::-1]):
                 text = pattern.sub(REDACTED, text)
     return text
 
@@ -51,16 +58,21 @@ def _encoded(secret: str) -> tuple[re.Pattern, ...]:
     base64 of it at each of the three byte alignments (its part that does not depend on the bytes around)."""
     forms = [f"(?:{re.escape(c)}|\\\\u{ord(c):04x}|&#{ord(c)};|&#x{ord(c):x};"
              + (f"|%{ord(c):02x})" if ord(c) < 128 else ")") for c in secret]
-    # a line wrapped inside the key (a model quoting it at its width) breaks it with whitespace
-    patterns = [re.compile(r"\s{0,2}".join(forms), re.IGNORECASE),
+    patterns = [re.compile(_GAP.join(forms), re.IGNORECASE),
                 re.compile(re.escape(secret.encode().hex()), re.IGNORECASE)]
+    # a long piece of the key alone (the key cut in two around other text); the shortest piece is a third of it
+    piece = max(12, len(secret) // 3)
+    if len(secret) >= 2 * piece:
+        starts = "|".join(_GAP.join(forms[i:i + piece]) for i in range(len(secret) - piece + 1))
+        patterns.append(re.compile(f"(?:{starts})(?:{_GAP}[^\\s\"',;]){{0,{len(secret)}}}", re.IGNORECASE))
     raw = secret.encode()
     for offset in range(3):
         encoded = base64.b64encode(b"\0" * offset + raw).decode()
         core = encoded[-(-8 * offset // 6):-3]  # the characters made of the secret's bits only
         if len(core) >= _MIN_SECRET_CHARS:
             url_safe = core.replace("+", "-").replace("/", "_")
-            patterns += [re.compile(re.escape(form)) for form in dict.fromkeys((core, url_safe))]
+            # base64 as mail and PEM write it is wrapped at 64 or 76 characters
+            patterns += [re.compile(r"\s{0,2}".join(map(re.escape, form))) for form in dict.fromkeys((core, url_safe))]
     return tuple(patterns)
 
 
@@ -72,8 +84,10 @@ def cap_text(text: str, limit: int = MAX_REPLY_CHARS) -> str:
 
 
 def untrusted_reply(text: str | None, limit: int = MAX_REPLY_CHARS) -> str:
-    """A model reply as it may be stored: the key scrubbed, the size capped."""
-    return cap_text(scrub_secrets(text or ""), limit)
+    """A model reply as it may be stored: the key scrubbed, the size capped, no terminal escape codes nor invisible
+    characters (``cat`` on an audit file must not clear the screen)."""
+    text = _INVISIBLE.sub("", scrub_secrets(text or ""))
+    return cap_text(_CONTROL.sub(lambda m: m.group() if m.group() in "\n\t" else " ", text), limit)
 
 
 def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
@@ -83,7 +97,7 @@ def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
     characters (``= + - @``) nor surrounding quotes/markdown, at most ``max_chars`` characters
     (cut with ``…``), the API key scrubbed. May return ``""`` when nothing is left.
     """
-    label = scrub_secrets(_CONTROL.sub(" ", str(text or "")))
+    label = scrub_secrets(_CONTROL.sub(" ", _INVISIBLE.sub("", str(text or ""))))
     label = " ".join(label.split())
     label = label.strip("*_`\"' ").lstrip("=+-@ ").strip()
     if len(label) > max_chars:
@@ -94,7 +108,8 @@ def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
 def sanitize_text(text: object, max_chars: int = MAX_REASONING_CHARS) -> str:
     """Free text (reasoning) kept from a model answer: the key scrubbed, control characters removed,
     at most ``max_chars`` characters."""
-    cleaned = _CONTROL.sub(lambda m: "\n" if m.group() == "\n" else " ", scrub_secrets(str(text or "")))
+    cleaned = _CONTROL.sub(lambda m: "\n" if m.group() == "\n" else " ",
+                           _INVISIBLE.sub("", scrub_secrets(str(text or ""))))
     return cap_text(cleaned.strip(), max_chars)
 
 
