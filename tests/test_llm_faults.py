@@ -177,6 +177,7 @@ def test_a_minority_of_failures_is_not_a_dataset_failure():
 # of all-Unknown clusters reported as success is the wrong result this module exists to prevent.
 @pytest.mark.parametrize(("fault", "kind", "says"), [
     ("server_error", "server_error", "answered with errors"),
+    ("rate_limited", "rate_limited", "429 Too Many Requests"),
     ("error_in_body", "unreadable", "upstream provider overloaded"),
     ("no_choices", "unreadable", "not chat completions"),
     ("garbage", "invalid_answer", "named no cell type"),
@@ -185,6 +186,8 @@ def test_a_minority_of_failures_is_not_a_dataset_failure():
 def test_a_server_that_never_gives_a_usable_answer_fails_the_dataset(llm_env, tmp_path, fault, kind, says):
     if fault == "server_error":
         llm_env.fail_next(1000, status=500)
+    elif fault == "rate_limited":
+        llm_env.fail_next(1000, status=429)
     elif fault == "bad_request":
         llm_env.reject_json_schema = llm_env.reject_response_format = True
         llm_env.fail_next(1000, status=400)
@@ -946,3 +949,12 @@ def test_the_key_is_scrubbed_in_the_forms_a_model_echoes_it():
     # what a person reads is what is there: no terminal escapes, no reversed or invisible text
     assert untrusted_reply("\x1b[2Jcleared\x1b[31m red\nnext") == " [2Jcleared [31m red\nnext"
     assert sanitize_label("T\u200bcell") == "Tcell" and "\u202e" not in sanitize_text("NK \u202ecell")
+
+
+def test_a_deadline_passed_while_rate_limited_says_rate_limit_not_timeout(llm_env, tmp_path):
+    """Every request answered at once with a 429 and a Retry-After until the deadline: the reason is the rate
+    limit (what the user can act on: a lower --llm-concurrency, a higher tier), not a server too slow."""
+    llm_env.fail_next(1000, status=429, retry_after=1)
+    results = run(tmp_path, clusters=CLUSTERS[:1], deadline=3.0, max_attempts=50)
+    assert results[0].reason_kind == "rate_limited", results[0].reason
+    assert "deadline" in results[0].reason and "429" in results[0].reason, results[0].reason

@@ -112,6 +112,7 @@ SERVICE_FAILURES = {
     "redirect": "the model server redirected the requests elsewhere (not followed; check --base-url)",
     "certificate": "the model server's TLS certificate was refused",
     "server_error": "the model server answered with errors",
+    "rate_limited": "the model server kept refusing with 429 Too Many Requests (its rate limit)",
     "unreadable": "the model server's replies were not chat completions",
     "rejected": "the model server rejected the requests",
     "invalid_answer": "the model's replies named no cell type",

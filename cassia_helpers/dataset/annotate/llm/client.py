@@ -208,7 +208,7 @@ class LLMClient:
             raise BudgetExceeded(message)
 
         give_up_at = time.monotonic() + self.deadline
-        attempt = 0
+        attempt, last = 0, None  # the last attempt's error says why the deadline passed (a 429 is no timeout)
 
         def send() -> ChatAnswer:
             nonlocal attempt
@@ -222,13 +222,14 @@ class LLMClient:
                 raise BudgetExceeded(f"budget of {format_cost(self.budget.max_cost)} reached")
             left = give_up_at - time.monotonic()
             if left < MIN_ATTEMPT_S:
-                raise LLMError(f"no answer within the {self.deadline:g} s deadline "
-                               f"after {attempt - 1} attempts", "timeout")
+                raise LLMError(f"no answer within the {self.deadline:g} s deadline after {attempt - 1} attempts"
+                               + (f", the last: {last}" if last else ""), getattr(last, "kind", "timeout"))
             return self._send_once(messages, cluster=cluster, agent=agent, response_format=response_format,
                                    attempt=attempt, limit=left)
 
         def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
+            nonlocal last
+            exc = last = state.outcome.exception() if state.outcome else None
             hinted = getattr(exc, "retry_after", None)
             if hinted is not None:
                 delay = min(hinted, self.max_wait_s)

@@ -9,6 +9,7 @@ class LLMError(RuntimeError):
     ``kind`` says why, machine-readably: one of
     :data:`~cassia_helpers.dataset.annotate.SERVICE_FAILURES` (``timeout``, ``unreachable``, ``budget``, ``auth``,
     ``no_key``, ``quota``, ``model_not_found``, ``endpoint_not_found``, ``redirect``, ``certificate``, ``server_error``,
+    ``rate_limited``,
     ``unreadable``, ``rejected``, ``error``).
     """
 

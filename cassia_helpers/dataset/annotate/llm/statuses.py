@@ -79,7 +79,7 @@ def status_verdict(exc: openai.APIStatusError, options: dict, *, has_key: bool) 
         return StatusVerdict("fatal", "quota", note=" (the account's quota or credits are exhausted: add credits "
                                                     "or raise the quota, then --resume)")
     if status in (408, 429) or status >= 500:
-        return StatusVerdict("retry", "timeout" if status in (408, 504) else "server_error")
+        return StatusVerdict("retry", {408: "timeout", 504: "timeout", 429: "rate_limited"}.get(status, "server_error"))
     refused = refused_option(exc, options)
     if refused:
         # e.g. reasoning models accept only the default temperature and max_completion_tokens
