@@ -958,3 +958,19 @@ def test_a_deadline_passed_while_rate_limited_says_rate_limit_not_timeout(llm_en
     results = run(tmp_path, clusters=CLUSTERS[:1], deadline=3.0, max_attempts=50)
     assert results[0].reason_kind == "rate_limited", results[0].reason
     assert "deadline" in results[0].reason and "429" in results[0].reason, results[0].reason
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://[::1:9/v1", "Invalid IPv6 URL"), ("http://localhost:99999/v1", "Port out of range"),
+    ("http://localhost:abc/v1", "Port could not be cast"), ("ftp://host/v1", "expected http(s)://"),
+    ("https://user:secret@host/v1", "must not carry credentials"),
+])
+def test_a_malformed_base_url_is_a_usage_error_before_anything_runs(monkeypatch, capsys, tmp_path, url, says):
+    from cassia_helpers.batch.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    code = main(["--data-dir", str(tmp_path), "--tissues", "all", "--annotator", "llm", "--base-url", url,
+                 "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert "secret" not in err or "must not carry" in err

@@ -114,7 +114,11 @@ def _endpoint(url: str) -> str:
     """The base URL as given, refused when it carries credentials (they belong in ``OPENAI_API_KEY``)."""
     if not url:
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise UsageError(f"--base-url {url!r}: {exc}; expected http(s)://host[:port]/path") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--base-url {url!r}: expected http(s)://host[:port]/path")
     if parts.username or parts.password or parts.query or parts.fragment:
