@@ -63,6 +63,7 @@ class FakeLauncher:
         if self.on_start:
             self.on_start(parameters["dataset"])
         paths = DatasetPaths(Path(parameters["run_dir"]), parameters["tissue"], parameters["dataset"])
+        started_at = now_iso()
         try:
             deadline = time.monotonic() + self.delay
             while time.monotonic() < deadline:
@@ -72,7 +73,7 @@ class FakeLauncher:
             if parameters["dataset"] in self.fail:
                 return write_status(paths, FAILED, error=f"{parameters['input_path']}: broken", error_type="X")
             write_outputs(paths)
-            return write_status(paths, SUCCESS, duration=self.delay)
+            return write_status(paths, SUCCESS, duration=self.delay, started_at=started_at)
         finally:
             with self._lock:
                 self.running -= 1
@@ -228,7 +229,8 @@ def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_re
                 paths.clusters_csv.write_text("cluster,cell_type,reason_kind\n0,T cell,\n1,B cell,\n"
                                               "2,Unknown,unreachable\n")
             if paths.dataset == "A":  # every cluster called, but the budget held back a validator's request
-                paths.llm_calls_jsonl.write_text(json.dumps({"status": "budget", "agent": "validator"}) + "\n")
+                paths.llm_calls_jsonl.write_text(json.dumps({"status": "budget", "agent": "validator",
+                                                             "timestamp": now_iso()}) + "\n")
             return record
 
     caplog.set_level("WARNING", logger="cassia_helpers")
@@ -239,12 +241,18 @@ def test_clusters_the_model_server_never_answered_are_said_and_asked_again_on_re
                     f"run_batch.py --resume {first.run_dir} asks for them again (the answers already given come "
                     "from the cache)"]
     assert any("blood/A: the --max-cost budget held back 1 request(s)" in r.getMessage() for r in caplog.records)
+    time.sleep(1.1)  # the next attempt starts in a later second than this one's records (times are to the second)
     again = FakeLauncher()
     run_batch(Settings(resume=first.run_dir), launcher=again, **FAST)
     assert sorted(j["parameters"]["dataset"] for j in again.jobs) == ["A", "C"]
     # A's earlier files are set aside, but not its ledger: what the first session spent still counts
     ledger = DatasetPaths(first.run_dir, "blood", "A").llm_calls_jsonl
     assert '"validator"' in ledger.read_text() and not list(ledger.parent.glob("superseded/*/*_llm_calls.jsonl"))
+    # the held-back request was answered in the second session: A is complete, a third session leaves it
+    caplog.clear()
+    third = FakeLauncher()
+    run_batch(Settings(resume=first.run_dir), launcher=third, **FAST)
+    assert third.jobs == [] and not any("held back" in r.getMessage() for r in caplog.records)
 
 
 def test_a_dry_run_says_when_the_dask_scheduler_cannot_be_reached():

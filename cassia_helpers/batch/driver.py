@@ -309,7 +309,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         return result
     progress.table(result)
 
-    say_unanswered(run_dir, [key for key, state in result.statuses.items() if state == SUCCESS], resume)
+    say_unanswered(run_dir, [k for k, s in result.statuses.items() if s == SUCCESS], resume, cached=settings.use_cache)
     unfinished = any(status != SUCCESS for status in result.statuses.values())
     if result.cause and unfinished:  # a scheduler lost after every dataset finished stopped nothing
         log.warning("Stopped early: %s. Resume with: %s", result.cause, resume)

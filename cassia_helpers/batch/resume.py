@@ -21,7 +21,7 @@ import fcntl
 import logging
 import shlex
 import shutil
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cassia_helpers.batch.discovery import Dataset, check_name
@@ -178,9 +178,21 @@ def unanswered(paths: DatasetPaths) -> str:
                 f"({', '.join(sorted(set(lost)))})")
     from cassia_helpers.ledger import SKIPPED_BUDGET, read_ledger
 
-    held = sum(record.get("status") == SKIPPED_BUDGET for record in read_ledger(paths.llm_calls_jsonl))
+    # the ledger keeps every attempt's records: only the latest attempt's say what is still missing
+    since = _instant((read_status(paths) or {}).get("started_at"))
+    held = sum(record.get("status") == SKIPPED_BUDGET and _instant(record.get("timestamp")) >= since
+               for record in read_ledger(paths.llm_calls_jsonl))
     return (f"the --max-cost budget held back {held} request(s) (raise it: --resume takes a new --max-cost)"
             if held else "")
+
+
+def _instant(text: object) -> datetime:
+    """An ISO time of the status or the ledger (the earliest time when missing or unreadable)."""
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def resume_command(run_dir: Path, settings: Settings) -> str:
@@ -202,13 +214,13 @@ def resume_command(run_dir: Path, settings: Settings) -> str:
     return shlex.join(words)
 
 
-def say_unanswered(run_dir: Path, finished: list[tuple[str, str]], resume: str) -> None:
+def say_unanswered(run_dir: Path, finished: list[tuple[str, str]], resume: str, *, cached: bool = True) -> None:
     """Name, at the end of a run, the finished datasets with clusters the model server never answered."""
+    again = "the answers already given come from the cache" if cached else "--no-cache: every request is sent again"
     for tissue, name in finished:
         gap = unanswered(DatasetPaths(run_dir, tissue, name))
         if gap:
-            log.warning("%s/%s: %s; %s asks for them again (the answers already given come from the cache)",
-                        tissue, name, gap, resume)
+            log.warning("%s/%s: %s; %s asks for them again (%s)", tissue, name, gap, resume, again)
 
 
 def _unrecorded(paths: DatasetPaths) -> str:
