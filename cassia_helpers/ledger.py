@@ -77,8 +77,12 @@ class Ledger:
     def _write(self, record: CallRecord) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+            line = (json.dumps(asdict(record), ensure_ascii=False) + "\n").encode()
+            with open(self.path, "a+b") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                if size and handle.seek(size - 1) >= 0 and handle.read(1) != b"\n":
+                    line = b"\n" + line  # the last line was torn (a full disk, a kill): this record starts its own
+                handle.write(line)
                 handle.flush()
                 os.fsync(handle.fileno())
 

@@ -441,6 +441,18 @@ def test_pending_lines_resolve_to_one_record_per_request(tmp_path):
                                                                               ("a", "ok", False)]
 
 
+def test_a_line_torn_by_a_full_disk_does_not_swallow_the_next_sessions_first_record(tmp_path):
+    path = tmp_path / "l.jsonl"
+    first = CallRecord("t", "d", "blood", "0", "annotator", "m", 40, 9, 0.004, 0.1, "ok", call_id="a")
+    Ledger(path).add(first)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"timestamp": "2026-12-08T01:09:31+00:00", "dataset": "d", "tis')  # the disk filled here
+    resumed = Ledger(path)
+    resumed.begin(CallRecord("t", "d", "blood", "1", "annotator", "m", 40, 0, 0.004, 0.0, "ok", call_id="b"))
+    raw = read_ledger(path, resolve=False)
+    assert [(r["call_id"], r["status"]) for r in raw] == [("a", "ok"), ("b", "pending")]  # the in-flight call counts
+
+
 def test_a_killed_kernel_still_counts_its_request_in_flight(llm_env, tmp_path):
     llm_env.hang = True
     ledger = tmp_path / "killed.jsonl"
