@@ -508,3 +508,18 @@ def test_a_second_ctrl_c_while_the_summaries_are_written_stops_at_once(data, tmp
     result = _batch(settings_for(tmp_path), FakeLauncher(), slow_summaries, in_process=True)
     assert result.exit_code == 130
     assert any(r.getMessage().startswith("Stopped at once. Resume with:") for r in caplog.records)
+
+
+def test_summaries_that_could_not_be_written_fail_the_run_and_are_not_pointed_at(data, tmp_path, caplog):
+    """A full disk while the run's summaries are written: the folder may hold an earlier session's, so the
+    closing lines do not present them as this run's, and the exit status says something is missing."""
+    def full_disk(run_dir: Path, kernel_name: str) -> str:
+        summaries_only(run_dir, kernel_name)
+        return "write_report: No space left on device"
+
+    caplog.set_level("INFO", logger="cassia_helpers")
+    result = _batch(settings_for(tmp_path), FakeLauncher(), full_disk, in_process=True)
+    assert result.exit_code == 1 and all(s == SUCCESS for s in result.statuses.values() if s != FAILED)
+    closing = next(r.getMessage() for r in caplog.records if "could not all be written" in r.getMessage())
+    assert "No space left on device" in closing and "--resume writes them" in closing
+    assert "Summary:" not in closing and "Report:" not in closing

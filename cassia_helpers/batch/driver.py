@@ -61,10 +61,12 @@ class BatchResult:
     errors: dict[tuple[str, str], str] = field(default_factory=dict)
     interrupted: bool = False
     cause: str = ""  # why the run stopped early without being interrupted (e.g. its scheduler was lost)
+    summaries: str = ""  # which run summaries could not be written, and why (a full disk)
 
     @property
     def exit_code(self) -> int:
-        return 130 if self.interrupted else 0 if all(s == SUCCESS for s in self.statuses.values()) else 1
+        done = all(s == SUCCESS for s in self.statuses.values()) and not self.summaries
+        return 130 if self.interrupted else 0 if done else 1
 
 
 def _lock(run_dir: Path):
@@ -219,7 +221,7 @@ def _discard_unstarted(run_dir: Path) -> None:
 
 
 def _run_locked(settings: Settings, run_dir: Path, datasets: list[Dataset], manifest: dict,
-                launcher: Launcher, aggregate: Callable[[Path, str], None], in_process: bool) -> BatchResult:
+                launcher: Launcher, aggregate: Callable[[Path, str], str | None], in_process: bool) -> BatchResult:
     notebook = None
     if aggregate is _aggregate:
         from cassia_helpers.batch.execute import AggregationNotebook
@@ -300,7 +302,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         late.count = interrupts.count
         try:
             if late.count < 2:
-                aggregate(run_dir, settings.kernel_name)
+                result.summaries = aggregate(run_dir, settings.kernel_name) or ""
         except KeyboardInterrupt:
             late.count = 2
     if late.count >= 2:
@@ -379,22 +381,9 @@ def _check_header(run_dir: Path, dataset: Dataset, settings: Settings) -> dict |
     return None
 
 
-def _aggregate(run_dir: Path, kernel_name: str, notebook: AggregationNotebook | None = None) -> None:
-    """The run-level summaries: through the aggregation notebook (``notebook``, an
-    :class:`~cassia_helpers.batch.execute.AggregationNotebook`, perhaps prepared ahead), else directly; never a
-    traceback."""
+def _aggregate(run_dir: Path, kernel_name: str, notebook: AggregationNotebook | None = None) -> str:
+    """The run-level summaries (:meth:`~cassia_helpers.batch.execute.AggregationNotebook.write`; ``notebook``
+    perhaps prepared ahead): ``""``, or which could not be written and why."""
     from cassia_helpers.batch.execute import AggregationNotebook
 
-    problem = (notebook or AggregationNotebook(run_dir, kernel_name)).run()
-    if not problem:
-        return
-    log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)
-    from cassia_helpers.summary.aggregate import write_cell_type_heatmap, write_run_summaries
-    from cassia_helpers.summary.report import write_report
-
-    for step in (write_run_summaries, write_cell_type_heatmap, write_report):  # each on its own: the ledger first
-        try:
-            step(run_dir)
-        except Exception as exc:  # noqa: BLE001 - the datasets' outputs and the closing table still stand
-            reason = getattr(exc, "strerror", None) or exc
-            log.error("%s: %s failed (%s: %s)", run_dir, step.__name__, type(exc).__name__, reason)
+    return (notebook or AggregationNotebook(run_dir, kernel_name)).write()

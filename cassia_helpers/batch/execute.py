@@ -12,6 +12,7 @@ datasets still run.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -33,6 +34,8 @@ from cassia_helpers.contract import (
     write_status,
 )
 
+log = logging.getLogger("cassia_helpers")
+
 REQUIRED_OUTPUTS = ("markers_csv", "annotated_h5ad", "annotation_txt", "summary_txt", "clusters_csv", "result_json")
 #: how long a stopping kernel or thread is waited for
 STOP_GRACE_S = 10.0
@@ -42,7 +45,7 @@ AGGREGATE_TEMPLATE = "aggregate_run.ipynb"
 # The modules the aggregation notebook's cells import (directly or when called: pandas, matplotlib for the
 # heatmap, Pillow and Jinja2 for the report), imported by its kernel as it starts.
 AGGREGATE_PRELOAD = ("IPython.display", "cassia_helpers.summary.aggregate", "cassia_helpers.summary.report",
-                     "cassia_helpers.summary.crossqc",
+                     "cassia_helpers.summary.crossqc", "cassia_helpers.summary.explore",
                      "matplotlib.figure", "matplotlib.backends.backend_agg", "PIL.Image", "jinja2")
 # What a dataset's kernel runs as it starts ("module:function"): started ahead of its dataset, it imports the
 # analysis modules and warms the pipeline up while it waits; started for its dataset, it only imports them
@@ -317,15 +320,33 @@ class AggregationNotebook:
         try:
             while self._thread.is_alive():
                 self._thread.join(0.2)
-        except KeyboardInterrupt:
-            # as papermill itself does on Ctrl-C: the kernel dies, the notebook fails, the summaries are
-            # then written directly
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once (the kernel dies; --resume writes them)
             self._cancel.set()
             if self._kernel is not None:
                 self._kernel.kill()
             self._thread.join(STOP_GRACE_S)
-            return "interrupted by the user"
+            raise
         return self._problem
+
+    def write(self) -> str:
+        """The run-level summaries: :meth:`run`, else written directly, each file on its own (the ledger's
+        first); ``""`` when every one was written, else which were not and why. Never a traceback."""
+        problem = self.run()
+        if not problem:
+            return ""
+        log.warning("The aggregation notebook failed (%s); writing the summaries directly", problem)
+        from cassia_helpers.summary.aggregate import write_cell_type_heatmap, write_run_summaries
+        from cassia_helpers.summary.report import write_report
+
+        failed = []
+        for step in (write_run_summaries, write_cell_type_heatmap, write_report):
+            try:
+                step(self.run_dir)
+            except Exception as exc:  # noqa: BLE001 - the datasets' outputs and the closing table still stand
+                reason = getattr(exc, "strerror", None) or exc
+                log.error("%s: %s failed (%s: %s)", self.run_dir, step.__name__, type(exc).__name__, reason)
+                failed.append(f"{step.__name__}: {reason}")
+        return "; ".join(failed)
 
     def close(self) -> None:
         """Kill a kernel that was prepared but will not run (no effect after :meth:`run`)."""
