@@ -408,3 +408,21 @@ def test_the_queue_is_empty_once_every_run_ended(runs):
     assert all(run.returncode is not None for run in runs.values())
     wait_for(lambda: not subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True,
                                         text=True).stdout.strip(), 60, "an empty squeue")
+
+
+def test_a_drained_partition_is_not_taken_for_a_refused_job_script(partition, data, tmp_path):
+    """Every node drained for maintenance: sbatch would queue the jobs (only --test-only says 'Requested node
+    configuration is not available'), so the run is not refused as a usage error blaming correct flags."""
+    nodes = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%n"], capture_output=True, text=True).stdout.split()
+    for node in nodes:
+        subprocess.run(["scontrol", "update", f"NodeName={node}", "State=DRAIN", "Reason=maintenance"], check=True)
+    try:
+        result = subprocess.run([*command(partition, data, tmp_path / "out", "--tissues", "blood", "--annotator",
+                                          "reference"), "--dry-run"], env=env(), capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        for node in nodes:
+            subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], check=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"every node of SLURM partition {partition} is drain" in result.stdout, result.stdout
+    assert "the jobs wait in the queue" in result.stdout and "refuses" not in result.stdout + result.stderr

@@ -102,12 +102,12 @@ def where_it_runs(settings: Settings) -> tuple[list[str], str]:
         # no log folder: a dry run writes nothing (the -e/-o lines are not what sbatch --test-only checks)
         cluster = slurm_cluster({**options, "log_directory": ""}, name="cassia-dry-run")
         try:
-            check_job_script(cluster)
+            waits = check_job_script(cluster)
         finally:
             cluster.close()
     except ClusterError as exc:
         return [], str(exc)
-    return [said + " (sbatch --test-only accepts the job script)."], ""
+    return [said + (f"; {waits}." if waits else " (sbatch --test-only accepts the job script).")], ""
 
 
 def dry_run(settings: Settings) -> tuple[str, bool]:

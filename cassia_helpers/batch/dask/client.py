@@ -107,7 +107,9 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
             options = load_cluster_options(overrides=cluster_options)
             jobs = max(1, int(options["jobs"] or workers))
             built = stack.enter_context(slurm_cluster(options, dashboard=dashboard, name=name))
-            check_job_script(built)
+            waits = check_job_script(built)
+            if waits:
+                logging.getLogger("cassia_helpers").warning("%s%s", waits[0].upper(), waits[1:])
             client = stack.enter_context(Client(built, timeout=connect_timeout))
             built.scale(jobs=jobs)
             slurm_jobs = SlurmJobs(built, client, options, jobs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import signal
 import subprocess
@@ -165,11 +166,13 @@ def slurm_cluster(options: Mapping, *, dashboard: bool = False, name: str = "cas
     return cluster
 
 
-def check_job_script(cluster) -> None:
+def check_job_script(cluster) -> str:
     """:class:`ClusterError` when ``sbatch --test-only`` refuses the cluster's job script (an unknown partition,
     a walltime it cannot read, a directive it cannot parse), when there is no ``sbatch`` to submit jobs with, or
     when the SLURM controller cannot be reached: said at once, before any job is submitted, rather than by a
-    queue that never starts one. Nothing is said when sbatch does not answer in time (a busy controller)."""
+    queue that never starts one. Nothing is said when sbatch does not answer in time (a busy controller).
+    Returns ``""``, or, when every node of the partition is out of service (drained for maintenance: the jobs
+    would wait in the queue), a sentence saying so."""
     try:
         out = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True,
                              text=True, timeout=30)
@@ -177,15 +180,36 @@ def check_job_script(cluster) -> None:
         raise ClusterError("sbatch is not on PATH: run on a node with SLURM's commands (a login node), or load "
                            "them first (e.g. module load slurm)") from None
     except (OSError, subprocess.TimeoutExpired):
-        return
+        return ""
     if out.returncode != 0:
         errors = [line.removeprefix("sbatch: error: ").strip() for line in out.stderr.splitlines() if line.strip()]
         said = "; ".join(errors[:2]) or str(out.returncode)
         if "unable to contact slurm controller" in said.lower():
             raise ClusterError(f"the SLURM controller does not answer ({said}): try again once it is back "
                                "(sinfo tells)")
+        if "node configuration is not available" in said.lower():  # also what a drained partition answers
+            partition, states = _out_of_service(cluster.job_script())
+            if states:
+                return (f"every node of SLURM partition {partition} is {states} (sinfo): the jobs wait in the queue "
+                        "until the nodes return (--cluster-timeout bounds the wait for the first)")
         raise ClusterError(f"sbatch refuses the job script: {said} (check --slurm-queue, --slurm-walltime, "
                            "--slurm-memory, --slurm-account, --slurm-job-extra)")
+    return ""
+
+
+def _out_of_service(job_script: str) -> tuple[str, str]:
+    """The job script's partition (or the default one) and, when none of its nodes can take a job now (all
+    drained, down, in maintenance), their states as sinfo names them; ``""`` otherwise or when sinfo cannot tell."""
+    named = re.search(r"^#SBATCH\s+(?:-p\s*|--partition[= ])\s*(\S+)", job_script, re.MULTILINE)
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %t"], capture_output=True, text=True, timeout=15).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "", ""
+    rows = [line.split() for line in out.splitlines() if len(line.split()) == 2]
+    wanted = named.group(1) if named else next((p.rstrip("*") for p, _ in rows if p.endswith("*")), "")
+    states = {state.rstrip("*~#!%$@^-") for p, state in rows if p.rstrip("*") == wanted}
+    usable = {"idle", "mix", "alloc", "comp", "plnd"}  # may run a job now or soon
+    return wanted, ", ".join(sorted(states)) if states and not states & usable else ""
 
 
 def slot_number(name) -> int | str:
