@@ -426,3 +426,27 @@ def test_a_drained_partition_is_not_taken_for_a_refused_job_script(partition, da
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"every node of SLURM partition {partition} is drain" in result.stdout, result.stdout
     assert "the jobs wait in the queue" in result.stdout and "refuses" not in result.stdout + result.stderr
+
+
+def test_jobs_an_earlier_session_of_the_run_left_are_cancelled(partition, tmp_path):
+    """A driver killed with kill -9 cannot cancel its queued jobs: the next session of the run does, and only
+    those (a job of another run, of a run of the same name in another folder, or another job of the user,
+    stays)."""
+    from cassia_helpers.batch.dask.slurm import cancel_leftovers
+
+    def submit(name: str, logs: Path) -> str:
+        logs.mkdir(parents=True, exist_ok=True)
+        return subprocess.run(["sbatch", "--parsable", "--hold", "-p", partition, "-J", name, "-o",
+                               str(logs / "job-%j.out"), "--wrap", "sleep 1"],
+                              capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+
+    logs, elsewhere = tmp_path / "run" / "slurm_logs", tmp_path / "other" / "run" / "slurm_logs"
+    left = [submit("cassia-run_blood_1-0", logs), submit("cassia-run_blood_1-1", logs)]
+    others = [submit("cassia-run_blood_12-0", logs), submit("cassia-run_blood_1-notes", logs),
+              submit("cassia-run_blood_1-0", elsewhere)]
+    try:
+        assert sorted(cancel_leftovers("cassia-run_blood_1", str(logs))) == sorted(left)
+        queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        assert not set(left) & set(queued) and set(others) <= set(queued)
+    finally:
+        subprocess.run(["scancel", *left, *others], capture_output=True)

@@ -101,15 +101,23 @@ def open_client(*, workers: int, scheduler: str | None = None, cluster: str | No
             stack.enter_context(client)
             _wait_for_a_worker(client, scheduler, cluster_timeout, stop)
         elif cluster == "slurm":
-            from cassia_helpers.batch.dask.slurm import check_job_script, load_cluster_options, slurm_cluster
+            from cassia_helpers.batch.dask.slurm import (
+                cancel_leftovers,
+                check_job_script,
+                load_cluster_options,
+                slurm_cluster,
+            )
             from cassia_helpers.batch.dask.slurm_jobs import SlurmJobs
 
             options = load_cluster_options(overrides=cluster_options)
             jobs = max(1, int(options["jobs"] or workers))
             built = stack.enter_context(slurm_cluster(options, dashboard=dashboard, name=name))
-            waits = check_job_script(built)
+            waits, left = check_job_script(built), cancel_leftovers(name, options["log_directory"])
+            said = logging.getLogger("cassia_helpers")
             if waits:
-                logging.getLogger("cassia_helpers").warning("%s%s", waits[0].upper(), waits[1:])
+                said.warning("%s%s", waits[0].upper(), waits[1:])
+            if left:
+                said.warning("Cancelled the SLURM job(s) an earlier session of this run left: %s", " ".join(left))
             client = stack.enter_context(Client(built, timeout=connect_timeout))
             built.scale(jobs=jobs)
             slurm_jobs = SlurmJobs(built, client, options, jobs)

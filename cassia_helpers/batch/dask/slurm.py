@@ -197,6 +197,28 @@ def check_job_script(cluster) -> str:
     return ""
 
 
+def cancel_leftovers(name: str, log_directory: str = "") -> list[str]:
+    """Cancel this user's SLURM jobs named ``{name}-{slot}`` (this run's) that are still queued or running, and
+    whose log is in ``log_directory`` (when given: two runs of the same name in other folders keep theirs): a
+    driver killed with ``kill -9`` could not cancel them, and a queued one would start later, wait for its dead
+    scheduler and fail. Only one driver works on a run at a time (its lock), so they are an earlier session's.
+    Returns their job ids (none when squeue does not answer)."""
+    import getpass
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-O", "JobID:|,Name:|,STDOUT:|"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    pattern = re.compile(re.escape(name) + r"-\d+")
+    rows = [line.split("|")[:3] for line in out.stdout.splitlines() if line.count("|") >= 3]
+    jobs = [job for job, job_name, log in rows if out.returncode == 0 and pattern.fullmatch(job_name.strip())
+            and (not log_directory or log.startswith(log_directory.rstrip("/") + "/"))]
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30, check=False)
+    return jobs
+
+
 def _out_of_service(job_script: str) -> tuple[str, str]:
     """The job script's partition (or the default one) and, when none of its nodes can take a job now (all
     drained, down, in maintenance), their states as sinfo names them; ``""`` otherwise or when sinfo cannot tell."""
