@@ -197,6 +197,9 @@ def test_a_server_that_never_gives_a_usable_answer_fails_the_dataset(llm_env, tm
     assert {r.reason_kind for r in results} == {kind}, [r.reason for r in results]
     reason = annotation_failure(results)
     assert reason and says in reason and "2 of 2" in reason and "\n" not in reason
+    assert "IndexError" not in reason and "TypeError" not in reason and "KeyError" not in reason  # said in words
+    if fault == "no_choices":
+        assert "the reply holds no completion (no choices)" in results[0].reason, results[0].reason
 
 
 def test_a_wrong_address_is_told_apart_from_an_unknown_model(llm_server, monkeypatch, tmp_path):

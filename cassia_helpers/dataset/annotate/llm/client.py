@@ -283,8 +283,7 @@ class LLMClient:
         sent = False
 
         def on_send() -> None:
-            # the write-ahead line goes to disk just before the request's first byte: a request that
-            # never left (refused connection, Ctrl-C while connecting) is never counted as a call
+            # the write-ahead line, just before the first byte: a request never sent is never counted as a call
             nonlocal sent
             self.ledger.mark_sent(call_id)
             sent = True
@@ -345,7 +344,8 @@ class LLMClient:
                     message = scrub_secrets(str(exc))[:300]  # would get it (a wrong --base-url)
                     done(ERROR, message, input_tokens=estimated_input, estimated=True)
                     raise self._fatal_error(message, "endpoint_not_found") from None
-                message = scrub_secrets(f"unreadable response ({type(exc).__name__}: {exc})"[:240])
+                said = exc if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"  # ours say what is wrong
+                message = scrub_secrets(f"unreadable response ({said})"[:240])
                 done(ERROR, message, input_tokens=estimated_input, estimated=True)
                 raise _Retryable(message, kind="unreadable") from None
             except BaseException:

@@ -276,10 +276,16 @@ def reply_fields(data: dict) -> tuple[str, dict | None, str, str]:
     ValueError
         An error object in place of the completion.
     """
+    if not isinstance(data, dict):
+        raise ValueError("the reply is not a JSON object")
     if "choices" not in data and isinstance(data.get("error"), dict):
         # some proxies answer a failed upstream call with status 200 and an error object
         raise ValueError(f"the server answered with an error: {str(data['error'].get('message', ''))[:160]}")
-    message = data["choices"][0]["message"]
+    choices = data.get("choices")
+    message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
+        else None
+    if not isinstance(message, dict):
+        raise ValueError("the reply holds no completion (" + ("no choices" if not choices else "no message") + ")")
     content = message.get("content") or ""
     thoughts = message.get("reasoning_content") or message.get("reasoning")
     if not content and isinstance(thoughts, str) and "</think>" in thoughts:
