@@ -248,7 +248,8 @@ def test_retries_stay_within_the_deadline(llm_env, tmp_path):
     start = time.monotonic()
     results = run(tmp_path, clusters=CLUSTERS[:1], deadline=2.0, max_attempts=100)
     assert time.monotonic() - start < 3.0
-    assert results[0].reason_kind == "timeout" and "deadline" in results[0].reason
+    # the server answered every time, with errors: that is what the user is told, with the deadline that ended it
+    assert results[0].reason_kind == "server_error" and "deadline" in results[0].reason and "503" in results[0].reason
     assert 2 <= llm_env.stats()["requests"] <= 6
     assert len(calls(tmp_path / "ledger.jsonl")) == llm_env.stats()["requests"]
 
