@@ -4,7 +4,8 @@ Used by :class:`~cassia_helpers.dataset.annotate.reference.annotator.ReferenceAn
 AnnData. Pass 1 finds each cluster's lineage on the whole-dataset contrast
 (:mod:`~cassia_helpers.dataset.annotate.reference.expression`); pass 2 calls every cluster again, weighing
 its cells (:mod:`~cassia_helpers.dataset.annotate.reference.support`) against the cells of the clusters of
-the same lineage, so a subtype call does not depend on where the cluster boundaries fall.
+the same lineage, so a subtype call does not depend on where the cluster boundaries fall. A cluster in which
+most cells detect PTPRC (CD45) is called among the blood-cell lineages only (:data:`BLOOD_SHARE`).
 
 Confidence (0-100) is the lineage score's strength (full at 0.4) times its margin over the next lineage
 (``0.5 + 0.5 * margin``), times the smallest cell-level support of the steps taken (the share of the
@@ -140,7 +141,6 @@ def subtype_strength(profile, row: int, peers: list[int]) -> dict[str, float]:
         return overall
     within = marker_strength(profile, row, peers)
     return {g: 0.5 * (v + within[g]) for g, v in overall.items()}
-
 
 
 def _cd45(scorer: ExpressionScorer, species: str) -> str | None:
