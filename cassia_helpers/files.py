@@ -70,9 +70,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 def remove_temporary(folder: str | Path) -> list[Path]:
     """Remove the temporary files :func:`atomic_path` left in ``folder`` (``.{name}.*.tmp``: a write cut short
-    by a killed process); return them. Only a folder no writer is using may be cleaned."""
+    by a killed process), and papermill's (``.{name}.*.tmp.ipynb``: an execution stopped at once); return
+    them. Only a folder no writer is using may be cleaned."""
     removed = []
-    for path in Path(folder).glob(".*.tmp"):
+    for path in [*Path(folder).glob(".*.tmp"), *Path(folder).glob(".*.tmp.ipynb")]:
         try:
             if path.is_file():
                 path.unlink()

@@ -963,7 +963,8 @@ def test_the_key_is_scrubbed_in_the_forms_a_model_echoes_it():
         assert base64.b64encode(f"user:{key}".encode()).decode()[8:-4] not in squeezed, form
     assert scrub_secrets("CD8A, CD8B, GZMK and sk-proj- keys", [key]) == "CD8A, CD8B, GZMK and sk-proj- keys"
     # what a person reads is what is there: no terminal escapes, no reversed or invisible text
-    assert untrusted_reply("\x1b[2Jcleared\x1b[31m red\nnext") == " [2Jcleared [31m red\nnext"
+    assert untrusted_reply("\x1b[2Jcleared\x1b[31m red\x1b[0m\nnext\x1b]0;title\x07") == "cleared red\nnext"
+    assert sanitize_label("T cell \x1b[31mRED\x1b[0m") == "T cell RED"
     assert sanitize_label("T\u200bcell") == "Tcell" and "\u202e" not in sanitize_text("NK \u202ecell")
 
 

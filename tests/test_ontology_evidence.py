@@ -467,3 +467,14 @@ def test_b_cells_with_mhc_class_ii_are_not_contradicted_by_dendritic_cells():
     table = marker_evidence(adata, calls, groupby="truth", tissue="blood")
     assert "Dendritic cell" not in str(table.loc["B cell", "flag_reason"]), table.loc["B cell", "flag_reason"]
     assert not table.loc["B cell", "flag"]
+
+
+def test_no_non_blood_type_is_proposed_for_a_cd45_positive_cluster():
+    """Lipid-laden macrophages express SPARC, CD36, FABP5 and RGCC, which also mark capillary endothelial cells:
+    PTPRC in most of the cluster's cells rules an endothelial 'fits better' out, as it rules the call out."""
+    mono = ["CD14", "LYZ", "FCN1", "S100A8", "S100A9", "CSF1R", "CD68", "PTPRC"]
+    types = {**BLOOD_TYPES, "Monocyte": mono, "Foamy": ["PTPRC", "SPARC", "CD36", "FABP5", "RGCC", "KDR", "CD68"]}
+    adata = _normalised(make_counts(600, cell_types=types, seed=7))
+    calls = {"Foamy": {"main_cell_type": "Classical monocyte", "key_markers": ["CD36", "CD68"]}}
+    table = marker_evidence(adata, calls, groupby="truth", tissue="lung")
+    assert "endothelial" not in str(table.loc["Foamy", "flag_reason"]).lower(), table.loc["Foamy", "flag_reason"]

@@ -459,3 +459,16 @@ def test_a_rejected_input_is_tried_again_after_a_chmod_or_on_a_machine_with_more
     assert not rejected_and_unchanged(record, path)
     record = {**record, "input_file": input_fingerprint(path), "error": f"{path}: {TOO_LARGE}: needs 90 GiB"}
     assert not rejected_and_unchanged(record, path)
+
+
+def test_temporary_files_of_writes_and_executions_cut_short_are_removed_and_nothing_else(tmp_path):
+    """What a killed process or a run stopped at once leaves (an atomic write's ``.tmp``, the aggregation
+    notebook papermill was writing) goes on resume; the outputs stay."""
+    from cassia_helpers.files import remove_temporary
+
+    left = [tmp_path / ".batch_summary.csv.x1y2.tmp", tmp_path / ".aggregate_notebook.ipynb.4242.tmp.ipynb"]
+    kept = [tmp_path / "aggregate_notebook.ipynb", tmp_path / "batch_summary.csv", tmp_path / ".run.lock"]
+    for path in left + kept:
+        path.write_text("x")
+    assert sorted(remove_temporary(tmp_path)) == sorted(left)
+    assert sorted(p for p in tmp_path.iterdir()) == sorted(kept)

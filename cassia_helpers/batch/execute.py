@@ -371,7 +371,7 @@ class AggregationNotebook:
         from cassia_helpers.contract import AGGREGATE_NOTEBOOK
         from cassia_helpers.files import atomic_path
 
-        executed = self.run_dir / f".{AGGREGATE_NOTEBOOK}.{os.getpid()}.ipynb"
+        executed = self.run_dir / f".{AGGREGATE_NOTEBOOK}.{os.getpid()}.tmp.ipynb"  # a run stopped at once leaves it
         try:
             pm.execute_notebook(
                 papermill_path(template_path(AGGREGATE_TEMPLATE)),

@@ -152,6 +152,7 @@ def _reference_checks(label: str, tissue: str, species: str, prof: ClusterProfil
     """``(kind, reason)`` of the reference checks of one call: ``contradicted`` (the called type's canonical
     markers are not enriched, or an unrelated type of the tissue clearly scores higher) and
     ``implausible_for_tissue``."""
+    from cassia_helpers.dataset.annotate.reference.calls import BLOOD_LINEAGES, BLOOD_SHARE, CD45
     from cassia_helpers.dataset.annotate.reference.catalog import load_reference
     from cassia_helpers.dataset.annotate.reference.expression import ABSENT_WEIGHT
     from cassia_helpers.dataset.annotate.reference.retrieval import expected_in_tissue, reference_type, related_types
@@ -167,8 +168,10 @@ def _reference_checks(label: str, tissue: str, species: str, prof: ClusterProfil
     related = related_types(called)
     best, best_score = None, 0.0
     reference = load_reference()
+    cd45 = prof.column(CD45.get(species, CD45["human"]))
+    blood = cd45 is not None and prof.frac_in[i, cd45] >= BLOOD_SHARE  # as the reference calls: no rival of CD45+ cells
     for ct in reference.candidates(tissue):
-        if ct.name in related:
+        if ct.name in related or (blood and ct.lineage not in BLOOD_LINEAGES):
             continue
         score, n, _ = _strength(prof, i, list(ct.symbols(species)))
         # the rival's defining absences count against it, as in the reference's own calls: B cells carry the
@@ -268,6 +271,7 @@ def marker_evidence(
     """
     import pandas as pd
 
+    from cassia_helpers.dataset.annotate.reference.calls import CD45
     from cassia_helpers.dataset.annotate.reference.catalog import load_reference
     from cassia_helpers.dataset.record import KEY, cluster_key
     from cassia_helpers.dataset.record import label_key as annotation_key
@@ -297,7 +301,7 @@ def marker_evidence(
     genes += [g for _, markers in canon.values() for g in markers]
     tissue = tissue if tissue is not None else str(adata.uns.get(KEY, {}).get("annotation", {}).get("tissue", ""))
     ref_species = species if species in ("human", "mouse") else "human"
-    genes += [g for ct in load_reference().candidates(tissue) for g in ct.symbols(ref_species)]
+    genes += [g for ct in load_reference().candidates(tissue) for g in ct.symbols(ref_species)] + [CD45[ref_species]]
     prof = cluster_profile(adata, genes, groupby=groupby, use_raw=use_raw, layer=layer)
     row_of = {c: i for i, c in enumerate(prof.clusters)}
     rows = []

@@ -22,6 +22,8 @@ MAX_REASONING_CHARS = 2_000
 # A cell starting with one of these is a formula in spreadsheet programs.
 REDACTED = "[redacted]"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+# A terminal escape sequence (colours, clearing the screen) goes whole, not only its ESC
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 # Zero-width characters and bidirectional overrides: invisible, they make "T\u200bcell" a label of its own and
 # reverse what a person reads
 _INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
@@ -86,7 +88,7 @@ def cap_text(text: str, limit: int = MAX_REPLY_CHARS) -> str:
 def untrusted_reply(text: str | None, limit: int = MAX_REPLY_CHARS) -> str:
     """A model reply as it may be stored: the key scrubbed, the size capped, no terminal escape codes nor invisible
     characters (``cat`` on an audit file must not clear the screen)."""
-    text = _INVISIBLE.sub("", scrub_secrets(text or ""))
+    text = _INVISIBLE.sub("", _ESCAPE_SEQUENCE.sub("", scrub_secrets(text or "")))
     return cap_text(_CONTROL.sub(lambda m: m.group() if m.group() in "\n\t" else " ", text), limit)
 
 
@@ -97,7 +99,7 @@ def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
     characters (``= + - @``) nor surrounding quotes/markdown, at most ``max_chars`` characters
     (cut with ``…``), the API key scrubbed. May return ``""`` when nothing is left.
     """
-    label = scrub_secrets(_CONTROL.sub(" ", _INVISIBLE.sub("", str(text or ""))))
+    label = scrub_secrets(_CONTROL.sub(" ", _INVISIBLE.sub("", _ESCAPE_SEQUENCE.sub("", str(text or "")))))
     label = " ".join(label.split())
     label = label.strip("*_`\"' ").lstrip("=+-@ ").strip()
     if len(label) > max_chars:
@@ -109,7 +111,7 @@ def sanitize_text(text: object, max_chars: int = MAX_REASONING_CHARS) -> str:
     """Free text (reasoning) kept from a model answer: the key scrubbed, control characters removed,
     at most ``max_chars`` characters."""
     cleaned = _CONTROL.sub(lambda m: "\n" if m.group() == "\n" else " ",
-                           _INVISIBLE.sub("", scrub_secrets(str(text or ""))))
+                           _INVISIBLE.sub("", _ESCAPE_SEQUENCE.sub("", scrub_secrets(str(text or "")))))
     return cap_text(cleaned.strip(), max_chars)
 
 

@@ -41,6 +41,8 @@ STRONG_SCORE = 0.4
 #: a cluster whose cells detect PTPRC (CD45, on blood cells and no others) at least this often is called among
 #: the blood lineages only: markers shared with stromal or endothelial types (SPARC, FABP5) cannot carry it there
 BLOOD_SHARE = 0.5
+#: PTPRC (CD45) as each species names it
+CD45 = {"human": "PTPRC", "mouse": "Ptprc"}
 BLOOD_LINEAGES = frozenset({"T", "B", "NK/ILC", "myeloid", "megakaryocyte/erythroid", "progenitor"})
 
 
@@ -145,7 +147,7 @@ def subtype_strength(profile, row: int, peers: list[int]) -> dict[str, float]:
 
 def _cd45(scorer: ExpressionScorer, species: str) -> str | None:
     """The data's name of PTPRC (CD45), or ``None`` when it is not measured."""
-    return scorer.resolve("Ptprc" if species == "mouse" else "PTPRC")
+    return scorer.resolve(CD45.get(species, CD45["human"]))
 
 
 def annotate_expression(
