@@ -523,3 +523,29 @@ def test_summaries_that_could_not_be_written_fail_the_run_and_are_not_pointed_at
     closing = next(r.getMessage() for r in caplog.records if "could not all be written" in r.getMessage())
     assert "No space left on device" in closing and "--resume writes them" in closing
     assert "Summary:" not in closing and "Report:" not in closing
+
+
+def test_a_dataset_the_budget_held_back_runs_again_only_once_the_budget_is_raised(data, tmp_path, caplog):
+    """Resumed with the budget it already spent, it would be held back again: it stays as it is, and the user
+    is told to raise --max-cost; resumed with a higher one, it runs again."""
+    class BudgetStopsA(FakeLauncher):
+        def __call__(self, job: dict, should_stop) -> dict:
+            record = super().__call__(job, should_stop)
+            paths = DatasetPaths(Path(job["parameters"]["run_dir"]), "blood", job["parameters"]["dataset"])
+            if paths.dataset == "A":  # $0.002 spent against $0.001, then a validator's request held back
+                paths.llm_calls_jsonl.write_text("".join(json.dumps(r) + "\n" for r in (
+                    {"status": "ok", "cost": 0.002, "call_id": "c1", "timestamp": now_iso()},
+                    {"status": "budget", "agent": "validator", "timestamp": now_iso()})))
+            return record
+
+    first = run_batch(settings_for(tmp_path, max_cost=0.001), launcher=BudgetStopsA(), **FAST)
+    time.sleep(1.1)  # the next attempt starts in a later second than this one's records (times are to the second)
+    caplog.set_level("WARNING", logger="cassia_helpers")
+    same = FakeLauncher()
+    run_batch(Settings(resume=first.run_dir), launcher=same, **FAST)
+    assert same.jobs == []
+    assert any("blood/A: the --max-cost budget held back 1 request(s)" in r.getMessage() and "budget is spent"
+               in r.getMessage() and "raises --max-cost" in r.getMessage() for r in caplog.records)
+    raised = FakeLauncher()
+    run_batch(Settings(resume=first.run_dir, max_cost=1.0), launcher=raised, **FAST)
+    assert [j["parameters"]["dataset"] for j in raised.jobs] == ["A"]

@@ -253,7 +253,7 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
     if settings.resume is not None:  # check what the folder says before trusting it
         from cassia_helpers.batch.resume import recheck
 
-        recheck(run_dir, datasets, manifest)
+        recheck(run_dir, datasets, manifest, max_cost=settings.max_cost)
         (run_dir / BREAKER_FILE).unlink(missing_ok=True)  # a resume tries the server again, cool-down or not
     todo = _pending(run_dir, datasets, result)
     for dataset in todo:  # an interrupted session's progress would be shown again as this session's

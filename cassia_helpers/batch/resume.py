@@ -162,6 +162,9 @@ def _busy(folder: Path) -> bool:
     return False
 
 
+HELD_BACK = "the --max-cost budget held back"
+
+
 def unanswered(paths: DatasetPaths) -> str:
     """Why a finished dataset runs again for clusters the model server never answered (down, out of budget,
     refusing), or ``""``: run again, its answered clusters come from the cache, not the server."""
@@ -182,8 +185,7 @@ def unanswered(paths: DatasetPaths) -> str:
     since = _instant((read_status(paths) or {}).get("started_at"))
     held = sum(record.get("status") == SKIPPED_BUDGET and _instant(record.get("timestamp")) >= since
                for record in read_ledger(paths.llm_calls_jsonl))
-    return (f"the --max-cost budget held back {held} request(s) (raise it: --resume takes a new --max-cost)"
-            if held else "")
+    return f"{HELD_BACK} {held} request(s) (raise it: --resume takes a new --max-cost)" if held else ""
 
 
 def _instant(text: object) -> datetime:
@@ -229,13 +231,18 @@ def _unrecorded(paths: DatasetPaths) -> str:
     return f"no status recorded, yet {', '.join(found)} present" if found else ""
 
 
-def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tuple[str, str], str]:
+def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict, *, max_cost: float = 0.0
+            ) -> dict[tuple[str, str], str]:
     """Before a resumed run: remove left-over temporary files, and set aside the files of every dataset
     recorded ``success`` that :func:`verify_complete` finds incomplete (it runs again). The reasons go to the
     manifest's last session (``rerun``: tissue, dataset, reason; the run summary lists them) and are returned
-    by ``(tissue, name)``."""
+    by ``(tissue, name)``. A dataset whose only gap is what the budget held back does not run again while
+    ``max_cost`` (this session's budget) is spent: the same requests would be held back again."""
+    from cassia_helpers.dataset.annotate.llm.throttle import RunBudget
+
     removed = remove_temporary(run_dir)
     reasons = {}
+    budget = RunBudget(max_cost, run_dir)
     for dataset in datasets:
         paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
         if paths.folder.is_dir() and not _busy(paths.folder):
@@ -247,6 +254,10 @@ def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict) -> dict[tupl
             continue
         else:
             reason = verify_complete(paths) or input_changed(status, dataset.path) or unanswered(paths)
+            if reason.startswith(HELD_BACK) and budget.exhausted():
+                log.warning("%s/%s: %s, and the budget is spent ($%.4g of $%.4g): not run again until a --resume "
+                            "raises --max-cost", dataset.tissue, dataset.name, reason, budget.spent(), max_cost)
+                continue
             reason = reason and f"recorded success but {reason}"
         if reason:
             target = set_aside(paths, reason)
