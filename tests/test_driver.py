@@ -549,3 +549,32 @@ def test_a_dataset_the_budget_held_back_runs_again_only_once_the_budget_is_raise
     raised = FakeLauncher()
     run_batch(Settings(resume=first.run_dir, max_cost=1.0), launcher=raised, **FAST)
     assert [j["parameters"]["dataset"] for j in raised.jobs] == ["A"]
+
+
+def test_a_full_disk_stops_the_run_from_starting_more_datasets(data, tmp_path, caplog):
+    """Every dataset after the first 'No space left on device' would fail the same way, one line each: none is
+    started, the closing lines say why and how to resume, and the resume runs them."""
+    class DiskFullAtA(FakeLauncher):
+        def __call__(self, job: dict, should_stop) -> dict:
+            if job["parameters"]["dataset"] != "A":
+                return super().__call__(job, should_stop)
+            with self._lock:
+                self.jobs.append(job)
+            paths = DatasetPaths(Path(job["parameters"]["run_dir"]), "blood", "A")
+            return write_status(paths, FAILED, error="OSError: [Errno 28] No space left on device (notebook "
+                                "cell 24)", error_type="OSError")
+
+    caplog.set_level("WARNING", logger="cassia_helpers")
+    launcher = DiskFullAtA()
+    result = run_batch(settings_for(tmp_path, workers=1), launcher=launcher, **FAST)
+    started = [j["parameters"]["dataset"] for j in launcher.jobs]
+    assert started[-1] == "A" and result.statuses[("blood", "A")] == FAILED
+    unstarted = [key for key in result.statuses if key[1] not in started and key[1] != "not_h5ad"]
+    assert unstarted and all(result.statuses[key] == "interrupted" for key in unstarted), result.statuses
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "No space left on the device of" in said and "no more datasets are started" in said
+    assert "Stopped early: no space left on the device" in said and "--resume" in said
+    assert result.exit_code == 1
+    again = FakeLauncher()
+    run_batch(Settings(resume=result.run_dir), launcher=again, **FAST)
+    assert sorted(j["parameters"]["dataset"] for j in again.jobs) == sorted(["A", *[k[1] for k in unstarted]])

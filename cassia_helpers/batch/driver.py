@@ -266,6 +266,13 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
         if record["status"] != SUCCESS:  # a write cut short (a full disk, a killed kernel) leaves its temporary
             remove_temporary(DatasetPaths(run_dir, dataset.tissue, dataset.name).folder)
         progress.done(dataset, record)
+        if "No space left on device" in str(record.get("error", "")) and not result.cause:
+            # every dataset after it would fail the same way, one line each: stop starting them
+            result.cause = f"no space left on the device of {run_dir} (free space, then resume)"
+            log.error("%s: no more datasets are started", result.cause[0].upper() + result.cause[1:])
+            interrupts.event.set()
+            if interrupts.on_stop is not None:  # the Dask executor's
+                interrupts.on_stop()
 
     with Interrupts() as interrupts:
         try:
@@ -280,19 +287,22 @@ def _run_session(settings: Settings, run_dir: Path, datasets: list[Dataset], man
                 _start_ahead(settings, launcher, [job for _, job in jobs.values()], in_process)
                 run = _run_in_threads if in_process else run_on_dask
                 result.cause = run(settings, run_dir, jobs, launcher, interrupts, progress, finished,
-                                   ahead or _nothing) or ""
+                                   ahead or _nothing) or result.cause
         except KeyboardInterrupt:
             interrupts.count = max(interrupts.count, 2)
-        if interrupts.count:
-            result.interrupted = True
+        if interrupts.count or result.cause:
+            result.interrupted = bool(interrupts.count)
             for dataset in todo:
                 key = (dataset.tissue, dataset.name)
                 if key not in result.statuses:
                     paths = DatasetPaths(run_dir, dataset.tissue, dataset.name)
                     # its kernel had reported a step (this session cleared the files): it was running
                     error = STOPPED_RUNNING if paths.progress_jsonl.exists() else NOT_STARTED
-                    record = read_status(paths) or write_status(paths, INTERRUPTED, error=error,
-                                                                error_type="Interrupted")
+                    try:
+                        record = read_status(paths) or write_status(paths, INTERRUPTED, error=error,
+                                                                    error_type="Interrupted")
+                    except OSError:  # a full disk: the closing table still says it, the resume runs it
+                        record = {"status": INTERRUPTED}
                     result.statuses[key] = record["status"]
     progress.close()
     from cassia_helpers.batch.resume import resume_command, say_unanswered
