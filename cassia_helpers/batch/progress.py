@@ -85,12 +85,12 @@ class Progress:
                                                                           else ""))
         counts = {s: list(result.statuses.values()).count(s) for s in dict.fromkeys(result.statuses.values())}
         summary = self.run_dir / BATCH_SUMMARY_TXT
-        if getattr(result, "summaries", ""):  # what the folder holds may be an earlier session's
+        if result.summaries:  # what the folder holds may be an earlier session's
             ending = f". The run summaries could not all be written ({result.summaries}); --resume writes them."
         else:
             ending = f". Summary: {summary}" if summary.is_file() else ". No summary could be written."
         lines.append(", ".join(f"{n} {s}" for s, n in counts.items()) + ending)
         report = self.run_dir / REPORT_HTML
-        if report.is_file() and not getattr(result, "summaries", ""):
+        if report.is_file() and not result.summaries:
             lines.append(f"Report: {report}")
         log.log(logging.WARNING if self.quiet else logging.INFO, "\n".join(lines))

@@ -254,9 +254,11 @@ def recheck(run_dir: Path, datasets: list[Dataset], manifest: dict, *, max_cost:
             continue
         else:
             reason = verify_complete(paths) or input_changed(status, dataset.path) or unanswered(paths)
-            if reason.startswith(HELD_BACK) and budget.exhausted():
+            held = reason.startswith(HELD_BACK) and budget.enabled
+            spent = budget.spent() if held else 0.0  # every ledger of the run is read: only when it matters
+            if held and spent >= max_cost:
                 log.warning("%s/%s: %s, and the budget is spent ($%.4g of $%.4g): not run again until a --resume "
-                            "raises --max-cost", dataset.tissue, dataset.name, reason, budget.spent(), max_cost)
+                            "raises --max-cost", dataset.tissue, dataset.name, reason, spent, max_cost)
                 continue
             reason = reason and f"recorded success but {reason}"
         if reason:

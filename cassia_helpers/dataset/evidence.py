@@ -168,7 +168,7 @@ def _reference_checks(label: str, tissue: str, species: str, prof: ClusterProfil
     related = related_types(called)
     best, best_score = None, 0.0
     reference = load_reference()
-    cd45 = prof.column(CD45.get(species, CD45["human"]))
+    cd45 = prof.column(CD45[species])
     blood = cd45 is not None and prof.frac_in[i, cd45] >= BLOOD_SHARE  # as the reference calls: no rival of CD45+ cells
     for ct in reference.candidates(tissue):
         if ct.name in related or (blood and ct.lineage not in BLOOD_LINEAGES):

@@ -85,11 +85,16 @@ def cap_text(text: str, limit: int = MAX_REPLY_CHARS) -> str:
     return text[:limit] + f"\n[... {len(text) - limit} more characters not kept]"
 
 
+def _shown(text: str) -> str:
+    """``text`` without terminal escape sequences (``cat`` on an audit file must not clear the screen), the key
+    scrubbed (an escape or invisible character inside it hides it no more), without invisible characters."""
+    return _INVISIBLE.sub("", scrub_secrets(_ESCAPE_SEQUENCE.sub("", text)))
+
+
 def untrusted_reply(text: str | None, limit: int = MAX_REPLY_CHARS) -> str:
-    """A model reply as it may be stored: the key scrubbed, the size capped, no terminal escape codes nor invisible
-    characters (``cat`` on an audit file must not clear the screen)."""
-    text = _INVISIBLE.sub("", _ESCAPE_SEQUENCE.sub("", scrub_secrets(text or "")))
-    return cap_text(_CONTROL.sub(lambda m: m.group() if m.group() in "\n\t" else " ", text), limit)
+    """A model reply as it may be stored (:func:`_shown`), control characters but newlines and tabs turned into
+    spaces, the size capped."""
+    return cap_text(_CONTROL.sub(lambda m: m.group() if m.group() in "\n\t" else " ", _shown(text or "")), limit)
 
 
 def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
@@ -99,7 +104,7 @@ def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
     characters (``= + - @``) nor surrounding quotes/markdown, at most ``max_chars`` characters
     (cut with ``…``), the API key scrubbed. May return ``""`` when nothing is left.
     """
-    label = scrub_secrets(_CONTROL.sub(" ", _INVISIBLE.sub("", _ESCAPE_SEQUENCE.sub("", str(text or "")))))
+    label = _CONTROL.sub(" ", _shown(str(text or "")))
     label = " ".join(label.split())
     label = label.strip("*_`\"' ").lstrip("=+-@ ").strip()
     if len(label) > max_chars:
@@ -110,8 +115,7 @@ def sanitize_label(text: object, max_chars: int = MAX_LABEL_CHARS) -> str:
 def sanitize_text(text: object, max_chars: int = MAX_REASONING_CHARS) -> str:
     """Free text (reasoning) kept from a model answer: the key scrubbed, control characters removed,
     at most ``max_chars`` characters."""
-    cleaned = _CONTROL.sub(lambda m: "\n" if m.group() == "\n" else " ",
-                           _INVISIBLE.sub("", _ESCAPE_SEQUENCE.sub("", scrub_secrets(str(text or "")))))
+    cleaned = _CONTROL.sub(lambda m: "\n" if m.group() == "\n" else " ", _shown(str(text or "")))
     return cap_text(cleaned.strip(), max_chars)
 
 
